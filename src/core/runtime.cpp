@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
+#include <malloc.h>
 #include <sched.h>
 #include <torch/version.h>
 
@@ -117,6 +118,17 @@ RuntimeInfo init_runtime(const RuntimeOptions& options) {
     threads = std::max(1, usable_cores() / local_ranks);
   }
   if (at::get_num_threads() != threads) at::set_num_threads(threads);
+  if (options.reuse_large_allocations) {
+    // glibc serves blocks above 32 MiB (its dynamic mmap threshold's cap)
+    // with fresh mmap()s and unmaps them on free, so every step that
+    // allocates a large activation or communication buffer page-faults it in
+    // again. Keeping such blocks in the heap makes a reused size free.
+    static std::once_flag tuned;
+    std::call_once(tuned, [] {
+      mallopt(M_MMAP_THRESHOLD, 1 << 30);
+      mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    });
+  }
 
   RuntimeInfo info = runtime_info();
   if (options.check_blas && info.blas_is_reference) {

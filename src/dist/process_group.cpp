@@ -269,6 +269,18 @@ Work ProcessGroup::all_gather(at::Tensor& output, const at::Tensor& input) {
                 shape_string(output.sizes()), " must be [", g.size, " * ", input.size(0),
                 ", ...] of the input's dtype for input ", shape_string(input.sizes()));
   at::Tensor in = input.contiguous();
+  if (g.gloo()) {
+    // Gloo's allgather copies through per-peer staging buffers and runs at a
+    // third of its all_to_all's bandwidth for large tensors on loopback
+    // (docs/benchmarks.md); sending the input to every peer with one
+    // all_to_all costs one extra local copy and is faster at every size.
+    std::vector<int64_t> expanded(in.dim() + 1, -1);
+    expanded[0] = g.size;
+    std::vector<int64_t> shape = input.sizes().vec();
+    shape[0] *= g.size;
+    at::Tensor fanout = in.unsqueeze(0).expand(expanded).reshape(shape);
+    return all_to_all(output, fanout);
+  }
   bool copy_back = !output.is_contiguous();
   at::Tensor out = copy_back ? at::empty_like(output, at::MemoryFormat::Contiguous) : output;
   std::vector<at::Tensor> inputs{g.gloo() ? as_bytes(in) : in};

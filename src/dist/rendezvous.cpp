@@ -188,6 +188,12 @@ std::shared_ptr<ProcessGroup> init_process_group(const InitOptions& options) {
       opts.group.gloo_address = "127.0.0.1";
     }
   }
+  if (const char* b = std::getenv("TESSERA_DIST_BACKEND"); b && *b) {
+    std::string name = b;
+    TESSERA_CHECK(name == "gloo" || name == "nccl", InvalidArgument,
+                  "TESSERA_DIST_BACKEND must be gloo or nccl, got '", name, "'");
+    opts.group.backend = name == "nccl" ? Backend::kNccl : Backend::kGloo;
+  }
   if (env.distributed) log::set_rank(env.rank);
   std::shared_ptr<Store> store;
   if (!env.distributed) {

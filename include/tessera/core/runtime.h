@@ -27,6 +27,11 @@ struct RuntimeOptions {
   int num_threads = 0;
   // Warn when LibTorch runs on the reference BLAS.
   bool check_blas = true;
+  // Keep freed large blocks (up to 1 GiB) in the allocator instead of
+  // returning them to the OS, so buffers of a repeated size are not
+  // page-faulted in on every step. Costs resident memory equal to the
+  // largest buffers' high-water mark.
+  bool reuse_large_allocations = true;
   // A TESSERA_LOG_LEVEL-style spec ("info", "warn,dist=debug"); empty keeps
   // the environment's.
   std::string log_level;

@@ -77,6 +77,7 @@ struct InitOptions {
 
 // Rendezvous from the environment and the world process group. Without the
 // variables, a world of one rank. Also sets the log rank prefix.
+// TESSERA_DIST_BACKEND=gloo|nccl overrides options.group.backend.
 std::shared_ptr<ProcessGroup> init_process_group(const InitOptions& options = {});
 
 // Waits until `world_size` ranks have checked in on `store` under `tag`

@@ -1,0 +1,698 @@
+#include "tessera/nn/safetensors.h"
+
+#include <ATen/ATen.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+#include <unordered_map>
+
+#include "tessera/core/error.h"
+#include "tessera/core/tensor.h"
+
+namespace tessera::nn {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using ordered_json = nlohmann::ordered_json;
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "safetensors stores little-endian bytes; a big-endian host would need byte swaps");
+
+namespace {
+
+// The reference implementation refuses headers above this size; a larger
+// length field almost always means the file is not safetensors at all.
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+// Small tensors are gathered into a buffer of this size so a checkpoint of
+// many tiny tensors is still written with large sequential write() calls.
+constexpr size_t kWriteBufferBytes = 8 << 20;
+
+// ---------------------------------------------------------------------------
+// POSIX helpers. The same three small classes live in gguf.cpp; they belong
+// in a shared private header once the build has a place for one.
+
+// Maps errno from a file operation to the Tessera code with the right retry
+// meaning, and throws with `what` (which names the path) and strerror.
+[[noreturn]] void throw_io_error(const std::string& what, int err) {
+  ErrorCode code = ErrorCode::kInternal;
+  switch (err) {
+    case ENOENT:
+    case ENOTDIR: code = ErrorCode::kNotFound; break;
+    case ENOSPC:
+    case EDQUOT:
+    case EMFILE:
+    case ENFILE:
+    case ENOMEM: code = ErrorCode::kResourceExhausted; break;
+    case EACCES:
+    case EPERM:
+    case EISDIR:
+    case EROFS:
+    case ENAMETOOLONG: code = ErrorCode::kInvalidArgument; break;
+    case EIO: code = ErrorCode::kDataLoss; break;
+    default: break;
+  }
+  throw_error(code, what + ": " + std::strerror(err));
+}
+
+// Owns a file descriptor; closes it on destruction.
+class FileDescriptor {
+ public:
+  FileDescriptor() = default;
+  explicit FileDescriptor(int fd) : fd_(fd) {}
+  FileDescriptor(FileDescriptor&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  FileDescriptor& operator=(FileDescriptor&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = std::exchange(other.fd_, -1);
+    }
+    return *this;
+  }
+  FileDescriptor(const FileDescriptor&) = delete;
+  FileDescriptor& operator=(const FileDescriptor&) = delete;
+  ~FileDescriptor() { reset(); }
+
+  int get() const { return fd_; }
+  // Closes now and reports close()'s errno (0 on success), because for a
+  // file just written a failing close can be the only sign of lost data.
+  int close_checked() {
+    int rc = ::close(std::exchange(fd_, -1));
+    return rc == 0 ? 0 : errno;
+  }
+
+ private:
+  void reset() {
+    if (fd_ >= 0) ::close(std::exchange(fd_, -1));
+  }
+  int fd_ = -1;
+};
+
+// A whole file mapped read-only. Shared (via shared_ptr) by the file object
+// and every tensor viewing it, so the mapping outlives all of them.
+class MappedFile {
+ public:
+  // NotFound / InvalidArgument / ... per throw_io_error when the file cannot
+  // be opened or mapped; InvalidArgument when it is not a regular file.
+  explicit MappedFile(const std::string& path) {
+    FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.get() < 0) throw_io_error("cannot open " + path, errno);
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) throw_io_error("cannot stat " + path, errno);
+    TESSERA_CHECK(S_ISREG(st.st_mode), InvalidArgument, path, " is not a regular file");
+    size_ = static_cast<size_t>(st.st_size);
+    if (size_ == 0) return;  // mmap rejects length 0; callers see size() == 0
+    void* addr = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+    if (addr == MAP_FAILED) throw_io_error("cannot mmap " + path, errno);
+    data_ = static_cast<const uint8_t*>(addr);
+    // The descriptor closes here; the mapping keeps the file's pages alive.
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  ~MappedFile() {
+    if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  }
+
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Writes a file atomically: bytes go to "<path>.tmp.<pid>"; commit() fsyncs,
+// renames over `path` and fsyncs the directory. Destroying an uncommitted
+// writer removes the temporary file, so failures leave nothing behind.
+class AtomicFileWriter {
+ public:
+  explicit AtomicFileWriter(std::string path)
+      : path_(std::move(path)), tmp_path_(path_ + ".tmp." + std::to_string(::getpid())) {
+    fd_ = FileDescriptor(
+        ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (fd_.get() < 0) throw_io_error("cannot create " + tmp_path_, errno);
+    buffer_.reserve(kWriteBufferBytes);
+  }
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+  ~AtomicFileWriter() {
+    if (!committed_) ::unlink(tmp_path_.c_str());
+  }
+
+  // Appends bytes; large pieces bypass the buffer and go straight to write().
+  void append(const void* data, size_t n) {
+    if (buffer_.size() + n > kWriteBufferBytes) flush();
+    if (n >= kWriteBufferBytes) {
+      write_all(data, n);
+    } else {
+      const auto* bytes = static_cast<const uint8_t*>(data);
+      buffer_.insert(buffer_.end(), bytes, bytes + n);
+    }
+  }
+
+  void commit() {
+    flush();
+    if (::fsync(fd_.get()) != 0) throw_io_error("cannot fsync " + tmp_path_, errno);
+    if (int err = fd_.close_checked(); err != 0) throw_io_error("cannot close " + tmp_path_, err);
+    if (::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
+      throw_io_error("cannot rename " + tmp_path_ + " to " + path_, errno);
+    }
+    committed_ = true;
+    // Make the rename itself durable. Failure here is not worth an error:
+    // the file is complete and visible, only its crash-durability is weaker.
+    fs::path dir = fs::path(path_).parent_path();
+    FileDescriptor dir_fd(
+        ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (dir_fd.get() >= 0) ::fsync(dir_fd.get());
+  }
+
+ private:
+  void flush() {
+    if (buffer_.empty()) return;
+    write_all(buffer_.data(), buffer_.size());
+    buffer_.clear();
+  }
+  void write_all(const void* data, size_t n) {
+    const auto* p = static_cast<const uint8_t*>(data);
+    while (n > 0) {
+      ssize_t written = ::write(fd_.get(), p, std::min<size_t>(n, size_t{1} << 30));
+      if (written < 0) {
+        if (errno == EINTR) continue;
+        throw_io_error("cannot write " + tmp_path_, errno);
+      }
+      p += written;
+      n -= static_cast<size_t>(written);
+    }
+  }
+
+  std::string path_;
+  std::string tmp_path_;
+  FileDescriptor fd_;
+  std::vector<uint8_t> buffer_;
+  bool committed_ = false;
+};
+
+// ---------------------------------------------------------------------------
+// dtypes
+
+struct DtypeName {
+  const char* name;
+  at::ScalarType dtype;
+};
+constexpr DtypeName kDtypes[] = {
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
+    {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
+    {"U8", at::kByte},    {"BOOL", at::kBool},
+};
+// Defined by the format but with no LibTorch 1.13 dtype to view them as.
+constexpr const char* kUnsupportedDtypes[] = {"U16",     "U32",     "U64",     "F8_E4M3",
+                                              "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2",
+                                              "F4",      "C64"};
+
+// Safetensors name of `dtype`, or nullptr when the format cannot hold it.
+const char* safetensors_dtype_name(at::ScalarType dtype) {
+  for (const auto& d : kDtypes) {
+    if (d.dtype == dtype) return d.name;
+  }
+  return nullptr;
+}
+
+// Throws DataLoss prefixed with the file (and tensor, when given).
+template <typename... Args>
+[[noreturn]] void corrupt(const std::string& path, const std::string& tensor, Args&&... args) {
+  std::string where = "safetensors file " + path;
+  if (!tensor.empty()) where += ", tensor '" + tensor + "'";
+  TESSERA_THROW(DataLoss, where, ": ", std::forward<Args>(args)...);
+}
+
+at::ScalarType parse_entry_dtype(const std::string& path, const std::string& name,
+                                 const json& value) {
+  if (!value.is_string()) corrupt(path, name, "\"dtype\" must be a string, got ", value.dump());
+  const auto& text = value.get_ref<const std::string&>();
+  for (const auto& d : kDtypes) {
+    if (text == d.name) return d.dtype;
+  }
+  for (const char* unsupported : kUnsupportedDtypes) {
+    TESSERA_CHECK(text != unsupported, InvalidArgument, "safetensors file ", path, ", tensor '",
+                  name, "': dtype ", text, " is not supported by this reader");
+  }
+  corrupt(path, name, "unknown dtype '", text, "'");
+}
+
+// A JSON array of non-negative integers, as shape and data_offsets must be.
+std::vector<uint64_t> parse_uint_array(const std::string& path, const std::string& name,
+                                       const char* field, const json& value) {
+  if (!value.is_array()) corrupt(path, name, "\"", field, "\" must be an array, got ", value.dump());
+  std::vector<uint64_t> out;
+  out.reserve(value.size());
+  for (const auto& v : value) {
+    if (!v.is_number_unsigned()) {
+      corrupt(path, name, "\"", field, "\" must hold non-negative integers, got ", value.dump());
+    }
+    out.push_back(v.get<uint64_t>());
+  }
+  return out;
+}
+
+std::string range_string(const SafetensorsTensorInfo& t) {
+  return detail::concat("'", t.name, "' [", t.data_begin, ", ", t.data_end, ")");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// SafetensorsFile
+
+struct SafetensorsFile::Impl {
+  std::string path;
+  std::shared_ptr<const MappedFile> file;
+  uint64_t data_offset = 0;
+  std::vector<SafetensorsTensorInfo> tensors;  // ascending data_begin
+  std::unordered_map<std::string, size_t> index;  // name -> position in tensors
+  std::map<std::string, std::string> metadata;
+
+  const SafetensorsTensorInfo& find(const std::string& name) const {
+    auto it = index.find(name);
+    TESSERA_CHECK(it != index.end(), NotFound, "safetensors file ", path, " has no tensor '",
+                  name, "'");
+    return tensors[it->second];
+  }
+};
+
+SafetensorsFile::SafetensorsFile(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
+
+SafetensorsFile SafetensorsFile::open(const std::string& path) {
+  auto impl = std::make_shared<Impl>();
+  impl->path = path;
+  impl->file = std::make_shared<MappedFile>(path);
+  const MappedFile& file = *impl->file;
+
+  if (file.size() < 8) {
+    corrupt(path, "", "file is ", file.size(), " bytes, too short for the 8-byte header length");
+  }
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, file.data(), 8);
+  if (header_len > file.size() - 8) {
+    corrupt(path, "", "header length ", header_len, " runs past the end of the file (",
+            file.size(), " bytes); truncated or not a safetensors file");
+  }
+  if (header_len > kMaxHeaderBytes) {
+    corrupt(path, "", "header length ", header_len, " exceeds the ", kMaxHeaderBytes,
+            "-byte limit");
+  }
+  impl->data_offset = 8 + header_len;
+  const uint64_t data_size = file.size() - impl->data_offset;
+
+  json header;
+  {
+    const auto* begin = reinterpret_cast<const char*>(file.data()) + 8;
+    try {
+      header = json::parse(begin, begin + header_len);
+    } catch (const json::parse_error& e) {
+      corrupt(path, "", "header is not valid JSON: ", e.what());
+    }
+  }
+  if (!header.is_object()) corrupt(path, "", "header must be a JSON object, got ", header.type_name());
+
+  impl->tensors.reserve(header.size());
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") {
+      if (!entry.is_object()) corrupt(path, "", "\"__metadata__\" must be an object of strings");
+      for (const auto& [key, value] : entry.items()) {
+        if (!value.is_string()) {
+          corrupt(path, "", "\"__metadata__\" value of '", key, "' must be a string, got ",
+                  value.dump());
+        }
+        impl->metadata.emplace(key, value.get<std::string>());
+      }
+      continue;
+    }
+    if (!entry.is_object()) corrupt(path, name, "entry must be an object, got ", entry.dump());
+    for (const char* field : {"dtype", "shape", "data_offsets"}) {
+      if (!entry.contains(field)) corrupt(path, name, "entry has no \"", field, "\"");
+    }
+    SafetensorsTensorInfo info;
+    info.name = name;
+    info.dtype = parse_entry_dtype(path, name, entry["dtype"]);
+    std::vector<uint64_t> shape = parse_uint_array(path, name, "shape", entry["shape"]);
+    std::vector<uint64_t> offsets =
+        parse_uint_array(path, name, "data_offsets", entry["data_offsets"]);
+    if (offsets.size() != 2 || offsets[0] > offsets[1]) {
+      corrupt(path, name, "\"data_offsets\" must be [begin, end] with begin <= end, got ",
+              entry["data_offsets"].dump());
+    }
+    // numel * element size, refusing anything that does not fit in int64 so
+    // that a hostile shape cannot wrap around and pass the length check.
+    uint64_t bytes = dtype_size(info.dtype);
+    for (uint64_t dim : shape) {
+      if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+        corrupt(path, name, "dimension ", dim, " is too large");
+      }
+      if (dim != 0 && bytes > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) / dim) {
+        corrupt(path, name, "shape ", entry["shape"].dump(), " is too large");
+      }
+      bytes *= dim;
+      info.shape.push_back(static_cast<int64_t>(dim));
+    }
+    info.data_begin = offsets[0];
+    info.data_end = offsets[1];
+    if (info.data_end - info.data_begin != bytes) {
+      corrupt(path, name, "data_offsets [", info.data_begin, ", ", info.data_end, ") hold ",
+              info.data_end - info.data_begin, " bytes but dtype ",
+              safetensors_dtype_name(info.dtype), " and shape ", shape_string(info.shape),
+              " need ", bytes);
+    }
+    if (info.data_end > data_size) {
+      corrupt(path, name, "data [", info.data_begin, ", ", info.data_end,
+              ") runs past the end of the data section (", data_size,
+              " bytes); the file is truncated");
+    }
+    impl->tensors.push_back(std::move(info));
+  }
+
+  // The reference format packs tensors back to back from offset 0 to the end
+  // of the file; anything else is an overlap (two tensors sharing bytes), a
+  // gap or trailing bytes, each a sign of corruption.
+  std::sort(impl->tensors.begin(), impl->tensors.end(), [](const auto& a, const auto& b) {
+    return std::tie(a.data_begin, a.data_end) < std::tie(b.data_begin, b.data_end);
+  });
+  uint64_t expected_begin = 0;
+  for (size_t i = 0; i < impl->tensors.size(); ++i) {
+    const auto& t = impl->tensors[i];
+    if (t.data_begin < expected_begin) {
+      corrupt(path, t.name, "data ", range_string(t), " overlaps tensor ",
+              range_string(impl->tensors[i - 1]));
+    }
+    if (t.data_begin > expected_begin) {
+      corrupt(path, t.name, "data ", range_string(t), " leaves a gap of ",
+              t.data_begin - expected_begin, " bytes before it");
+    }
+    expected_begin = t.data_end;
+    impl->index.emplace(t.name, i);
+  }
+  if (expected_begin != data_size) {
+    corrupt(path, "", "data section is ", data_size, " bytes but its tensors cover only ",
+            expected_begin, "; trailing bytes");
+  }
+  return SafetensorsFile(std::move(impl));
+}
+
+const std::string& SafetensorsFile::path() const { return impl_->path; }
+uint64_t SafetensorsFile::data_offset() const { return impl_->data_offset; }
+const std::vector<SafetensorsTensorInfo>& SafetensorsFile::tensors() const {
+  return impl_->tensors;
+}
+bool SafetensorsFile::contains(const std::string& name) const {
+  return impl_->index.count(name) != 0;
+}
+const SafetensorsTensorInfo& SafetensorsFile::info(const std::string& name) const {
+  return impl_->find(name);
+}
+const std::map<std::string, std::string>& SafetensorsFile::metadata() const {
+  return impl_->metadata;
+}
+
+at::Tensor SafetensorsFile::get(const std::string& name) const {
+  const SafetensorsTensorInfo& info = impl_->find(name);
+  const uint8_t* base = impl_->file->data();
+  // An all-empty file has no mapping; any non-null pointer serves numel 0.
+  void* ptr = base == nullptr
+                  ? nullptr
+                  : const_cast<uint8_t*>(base + impl_->data_offset + info.data_begin);
+  auto options = at::TensorOptions().dtype(info.dtype).device(at::kCPU);
+  if (reinterpret_cast<uintptr_t>(ptr) % dtype_size(info.dtype) != 0) {
+    at::Tensor copy = at::empty(info.shape, options);
+    std::memcpy(copy.data_ptr(), ptr, info.data_end - info.data_begin);
+    return copy;
+  }
+  // The deleter owns a reference to the mapping: the tensor (and every view
+  // of it) keeps the file mapped after this SafetensorsFile is gone.
+  std::shared_ptr<const MappedFile> keep_alive = impl_->file;
+  return at::from_blob(ptr, info.shape, [keep_alive](void*) {}, options);
+}
+
+at::Tensor SafetensorsFile::get(const std::string& name, at::ScalarType expected_dtype,
+                                at::IntArrayRef expected_shape) const {
+  const SafetensorsTensorInfo& info = impl_->find(name);
+  const std::string what = "safetensors file " + impl_->path + ", tensor '" + name + "'";
+  TESSERA_CHECK(info.dtype == expected_dtype, InvalidArgument, what, ": expected dtype ",
+                dtype_name(expected_dtype), ", got ", dtype_name(info.dtype));
+  TESSERA_CHECK(at::IntArrayRef(info.shape) == expected_shape, InvalidArgument, what,
+                ": expected shape ", shape_string(expected_shape), ", got ",
+                shape_string(info.shape));
+  return get(name);
+}
+
+// ---------------------------------------------------------------------------
+// save_safetensors
+
+void save_safetensors(const std::string& path, const NamedTensors& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  std::set<std::string> seen;
+  for (const auto& [name, t] : tensors) {
+    TESSERA_CHECK(!name.empty(), InvalidArgument, "saving ", path, ": empty tensor name");
+    TESSERA_CHECK(name != "__metadata__", InvalidArgument, "saving ", path,
+                  ": '__metadata__' is reserved and cannot name a tensor");
+    TESSERA_CHECK(seen.insert(name).second, InvalidArgument, "saving ", path,
+                  ": duplicate tensor name '", name, "'");
+    TESSERA_CHECK(t.defined(), InvalidArgument, "saving ", path, ", tensor '", name,
+                  "': tensor is undefined");
+    TESSERA_CHECK(t.layout() == at::kStrided, InvalidArgument, "saving ", path, ", tensor '",
+                  name, "': only dense (strided) tensors can be saved");
+    TESSERA_CHECK(safetensors_dtype_name(t.scalar_type()) != nullptr, InvalidArgument,
+                  "saving ", path, ", tensor '", name, "': dtype ", dtype_name(t.scalar_type()),
+                  " has no safetensors equivalent supported here");
+  }
+
+  // Descending element size keeps every tensor aligned to its element size,
+  // given that the data section starts 8-aligned (as the reference does).
+  std::vector<size_t> order(tensors.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return tensors[a].second.element_size() > tensors[b].second.element_size();
+  });
+
+  ordered_json header = ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (size_t i : order) {
+    const auto& [name, t] = tensors[i];
+    const uint64_t bytes = static_cast<uint64_t>(tensor_bytes(t));
+    header[name] = {{"dtype", safetensors_dtype_name(t.scalar_type())},
+                    {"shape", t.sizes().vec()},
+                    {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string text;
+  try {
+    text = header.dump();
+  } catch (const json::type_error& e) {
+    TESSERA_THROW(InvalidArgument, "saving ", path,
+                  ": a tensor name or metadata string is not valid UTF-8 (", e.what(), ")");
+  }
+  text.append((8 - text.size() % 8) % 8, ' ');
+
+  AtomicFileWriter out(path);
+  const uint64_t header_len = text.size();
+  out.append(&header_len, 8);
+  out.append(text.data(), text.size());
+  for (size_t i : order) {
+    const auto& [name, t] = tensors[i];
+    at::Tensor cpu = translate_errors(
+        "saving " + path + ", tensor '" + name + "'",
+        [&] { return t.to(at::kCPU).contiguous(); }, ErrorCode::kInternal);
+    out.append(cpu.data_ptr(), static_cast<size_t>(tensor_bytes(cpu)));
+  }
+  out.commit();
+}
+
+// ---------------------------------------------------------------------------
+// SafetensorsFolder
+
+struct SafetensorsFolder::Impl {
+  std::string dir;
+  // The index file, or the single model.safetensors when not sharded; named
+  // in NotFound messages as the place the lookup was made.
+  std::string source;
+  bool sharded = false;
+  std::map<std::string, std::string> weight_map;  // tensor -> shard file name
+  std::map<std::string, SafetensorsFile> shards;  // shard file name -> open file
+
+  const std::string& file_of(const std::string& name) const {
+    auto it = weight_map.find(name);
+    TESSERA_CHECK(it != weight_map.end(), NotFound, "tensor '", name, "' is not in ",
+                  sharded ? "the weight_map of " : "", source);
+    return it->second;
+  }
+  const SafetensorsFile& shard_of(const std::string& name) const {
+    const std::string& file = file_of(name);
+    const SafetensorsFile& shard = shards.at(file);
+    TESSERA_CHECK(shard.contains(name), NotFound, "tensor '", name, "': ", source,
+                  " says it is in '", file, "', but ", shard.path(), " has no such tensor");
+    return shard;
+  }
+};
+
+SafetensorsFolder::SafetensorsFolder(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
+
+SafetensorsFolder SafetensorsFolder::open(const std::string& dir) {
+  auto impl = std::make_shared<Impl>();
+  impl->dir = dir;
+  const fs::path index_path = fs::path(dir) / kSafetensorsIndexFile;
+  const fs::path single_path = fs::path(dir) / kSafetensorsSingleFile;
+
+  std::error_code ec;
+  if (!fs::exists(index_path, ec)) {
+    TESSERA_CHECK(fs::exists(single_path, ec), NotFound, "safetensors folder ", dir, " has neither ",
+                  kSafetensorsIndexFile, " nor ", kSafetensorsSingleFile);
+    impl->source = single_path.string();
+    SafetensorsFile file = SafetensorsFile::open(impl->source);
+    for (const auto& t : file.tensors()) impl->weight_map.emplace(t.name, kSafetensorsSingleFile);
+    impl->shards.emplace(kSafetensorsSingleFile, std::move(file));
+    return SafetensorsFolder(std::move(impl));
+  }
+
+  impl->sharded = true;
+  impl->source = index_path.string();
+  const std::string& source = impl->source;
+  json index;
+  {
+    auto mapped = std::make_shared<MappedFile>(source);
+    const auto* text = reinterpret_cast<const char*>(mapped->data());
+    try {
+      index = json::parse(text, text + mapped->size());
+    } catch (const json::parse_error& e) {
+      TESSERA_THROW(DataLoss, "safetensors index ", source, " is not valid JSON: ", e.what());
+    }
+  }
+  TESSERA_CHECK(index.is_object() && index.contains("weight_map") &&
+                    index["weight_map"].is_object(),
+                DataLoss, "safetensors index ", source,
+                " must be a JSON object with a \"weight_map\" object");
+  for (const auto& [name, file] : index["weight_map"].items()) {
+    TESSERA_CHECK(file.is_string(), DataLoss, "safetensors index ", source, ": weight_map entry '",
+                  name, "' must be a file name string, got ", file.dump());
+    const auto& file_name = file.get_ref<const std::string&>();
+    // Shards are plain names inside the folder; anything else could make a
+    // downloaded index read files elsewhere on the machine.
+    TESSERA_CHECK(!file_name.empty() && file_name.find('/') == std::string::npos &&
+                      file_name != "." && file_name != "..",
+                  DataLoss, "safetensors index ", source, ": tensor '", name, "' names shard '",
+                  file_name, "', which is not a plain file name in the folder");
+    impl->weight_map.emplace(name, file_name);
+  }
+  for (const auto& [name, file_name] : impl->weight_map) {
+    if (impl->shards.count(file_name) != 0) continue;
+    const fs::path shard_path = fs::path(dir) / file_name;
+    TESSERA_CHECK(fs::exists(shard_path, ec), NotFound, "safetensors index ", source,
+                  " names shard '", file_name, "' (for tensor '", name, "' and maybe others), but ",
+                  shard_path.string(), " does not exist");
+    impl->shards.emplace(file_name, SafetensorsFile::open(shard_path.string()));
+  }
+  return SafetensorsFolder(std::move(impl));
+}
+
+const std::string& SafetensorsFolder::dir() const { return impl_->dir; }
+bool SafetensorsFolder::sharded() const { return impl_->sharded; }
+
+std::vector<std::string> SafetensorsFolder::names() const {
+  std::vector<std::string> out;
+  out.reserve(impl_->weight_map.size());
+  for (const auto& entry : impl_->weight_map) out.push_back(entry.first);
+  return out;
+}
+
+bool SafetensorsFolder::contains(const std::string& name) const {
+  return impl_->weight_map.count(name) != 0;
+}
+const std::string& SafetensorsFolder::file_of(const std::string& name) const {
+  return impl_->file_of(name);
+}
+const SafetensorsFile& SafetensorsFolder::shard_of(const std::string& name) const {
+  return impl_->shard_of(name);
+}
+at::Tensor SafetensorsFolder::get(const std::string& name) const {
+  return impl_->shard_of(name).get(name);
+}
+at::Tensor SafetensorsFolder::get(const std::string& name, at::ScalarType expected_dtype,
+                                  at::IntArrayRef expected_shape) const {
+  return impl_->shard_of(name).get(name, expected_dtype, expected_shape);
+}
+
+void save_safetensors_folder(const std::string& dir, const NamedTensors& tensors,
+                             uint64_t max_shard_bytes,
+                             const std::map<std::string, std::string>& metadata) {
+  TESSERA_CHECK(max_shard_bytes > 0, InvalidArgument, "saving safetensors folder ", dir,
+                ": max_shard_bytes must be positive");
+  std::map<std::string, std::string> shard_metadata = metadata;
+  shard_metadata.emplace("format", "pt");  // no-op when the caller set it
+
+  // Greedy packing in the caller's order, as transformers does: a shard is
+  // closed when the next tensor would push it past the limit.
+  std::vector<NamedTensors> shards;
+  uint64_t shard_bytes = 0;
+  uint64_t total_bytes = 0;
+  for (const auto& entry : tensors) {
+    const uint64_t bytes = entry.second.defined() ? static_cast<uint64_t>(tensor_bytes(entry.second)) : 0;
+    if (shards.empty() || (!shards.back().empty() && shard_bytes + bytes > max_shard_bytes)) {
+      shards.emplace_back();
+      shard_bytes = 0;
+    }
+    shards.back().push_back(entry);
+    shard_bytes += bytes;
+    total_bytes += bytes;
+  }
+  if (shards.empty()) shards.emplace_back();  // an empty model is one empty file
+
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw_io_error("cannot create directory " + dir, ec.value());
+
+  std::set<std::string> written;
+  if (shards.size() == 1) {
+    save_safetensors((fs::path(dir) / kSafetensorsSingleFile).string(), shards[0], shard_metadata);
+    written.insert(kSafetensorsSingleFile);
+  } else {
+    ordered_json weight_map = ordered_json::object();
+    std::map<std::string, std::string> sorted_map;  // transformers writes it sorted
+    for (size_t i = 0; i < shards.size(); ++i) {
+      char file_name[64];
+      std::snprintf(file_name, sizeof(file_name), "model-%05zu-of-%05zu.safetensors", i + 1,
+                    shards.size());
+      save_safetensors((fs::path(dir) / file_name).string(), shards[i], shard_metadata);
+      written.insert(file_name);
+      for (const auto& entry : shards[i]) sorted_map.emplace(entry.first, file_name);
+    }
+    for (const auto& [name, file] : sorted_map) weight_map[name] = file;
+    ordered_json index = {{"metadata", {{"total_size", total_bytes}}},
+                          {"weight_map", std::move(weight_map)}};
+    const std::string text = index.dump(2) + "\n";
+    AtomicFileWriter out((fs::path(dir) / kSafetensorsIndexFile).string());
+    out.append(text.data(), text.size());
+    out.commit();
+    written.insert(kSafetensorsIndexFile);
+  }
+
+  // Remove what an earlier save left and this layout does not use, only now
+  // that the new files are complete: until this point a reader still sees
+  // the old, consistent checkpoint. A stale index goes first, so that no
+  // reader finds an index whose shards are being deleted.
+  const fs::path stale_index = fs::path(dir) / kSafetensorsIndexFile;
+  if (written.count(kSafetensorsIndexFile) == 0) fs::remove(stale_index, ec);
+  const std::regex shard_pattern(R"(model-\d{5}-of-\d{5}\.safetensors)");
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    const bool ours = name == kSafetensorsSingleFile || std::regex_match(name, shard_pattern);
+    if (ours && written.count(name) == 0) fs::remove(entry.path(), ec);
+  }
+}
+
+}  // namespace tessera::nn
