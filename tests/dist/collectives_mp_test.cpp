@@ -17,13 +17,22 @@ namespace tessera::dist {
 namespace {
 
 std::shared_ptr<ProcessGroup> g_world;
+// CPU for Gloo; this rank's GPU when the group runs on NCCL
+// (TESSERA_DIST_BACKEND=nccl, scripts/gpu-check.sh).
+at::Device g_device(at::kCPU);
+
+at::TensorOptions dev(at::ScalarType dtype = at::kFloat) {
+  return at::TensorOptions().dtype(dtype).device(g_device);
+}
+
+bool same(const at::Tensor& a, const at::Tensor& b) { return at::equal(a.cpu(), b.cpu()); }
 
 at::Tensor input_of(int rank, at::IntArrayRef shape, at::ScalarType dtype, uint64_t seed) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 7919 + rank);
   if (at::isIntegralType(dtype, /*includeBool=*/false)) {
-    return at::randint(-50, 50, shape, gen, at::kLong).to(dtype);
+    return at::randint(-50, 50, shape, gen, at::kLong).to(dtype).to(g_device);
   }
-  return at::randn(shape, gen, at::kDouble).to(dtype);
+  return at::randn(shape, gen, at::kDouble).to(dtype).to(g_device);
 }
 
 std::vector<at::Tensor> all_inputs(at::IntArrayRef shape, at::ScalarType dtype, uint64_t seed) {
@@ -34,7 +43,7 @@ std::vector<at::Tensor> all_inputs(at::IntArrayRef shape, at::ScalarType dtype, 
 
 // Reference reduction over ranks, in double, cast back.
 at::Tensor reference_reduce(const std::vector<at::Tensor>& inputs, ReduceOp op) {
-  at::Tensor stacked = at::stack(inputs).to(at::kDouble);
+  at::Tensor stacked = at::stack(inputs).to(at::kDouble).cpu();
   at::Tensor r;
   switch (op) {
     case ReduceOp::kSum: r = stacked.sum(0); break;
@@ -47,13 +56,14 @@ at::Tensor reference_reduce(const std::vector<at::Tensor>& inputs, ReduceOp op) 
 }
 
 void expect_close(const at::Tensor& got, const at::Tensor& want, at::ScalarType dtype) {
+  at::Tensor g = got.cpu();
   if (at::isIntegralType(dtype, false)) {
-    ASSERT_TRUE(at::equal(got.to(at::kLong), want.round().to(at::kLong)));
+    ASSERT_TRUE(same(g.to(at::kLong), want.round().to(at::kLong)));
     return;
   }
   double rtol = dtype == at::kBFloat16 ? 1e-2 : dtype == at::kHalf ? 2e-3 : 1e-5;
-  ASSERT_TRUE(at::allclose(got.to(at::kDouble), want.to(dtype).to(at::kDouble), rtol, rtol))
-      << "max diff " << (got.to(at::kDouble) - want).abs().max().item<double>();
+  ASSERT_TRUE(at::allclose(g.to(at::kDouble), want.to(dtype).to(at::kDouble), rtol, rtol))
+      << "max diff " << (g.to(at::kDouble) - want).abs().max().item<double>();
 }
 
 TEST(Collectives, AllReduceEveryOpAndDtype) {
@@ -85,7 +95,7 @@ TEST(Collectives, BroadcastFromEveryRoot) {
       auto inputs = all_inputs({4, 3}, dtype, 200 + root);
       at::Tensor mine = inputs[g_world->rank()].clone();
       g_world->broadcast(mine, root).wait();
-      ASSERT_TRUE(at::equal(mine, inputs[root])) << "root " << root;
+      ASSERT_TRUE(same(mine, inputs[root])) << "root " << root;
     }
   }
 }
@@ -93,12 +103,12 @@ TEST(Collectives, BroadcastFromEveryRoot) {
 TEST(Collectives, AllGather) {
   for (auto dtype : {at::kFloat, at::kBFloat16, at::kInt}) {
     auto inputs = all_inputs({3, 5}, dtype, 300);
-    at::Tensor out = at::empty({3 * g_world->size(), 5}, at::TensorOptions().dtype(dtype));
+    at::Tensor out = at::empty({3 * g_world->size(), 5}, dev(dtype));
     g_world->all_gather(out, inputs[g_world->rank()]).wait();
-    ASSERT_TRUE(at::equal(out, at::cat(inputs, 0)));
+    ASSERT_TRUE(same(out, at::cat(inputs, 0)));
   }
-  at::Tensor wrong = at::empty({1, 5});
-  EXPECT_THROW(g_world->all_gather(wrong, at::zeros({3, 5})), InvalidArgument);
+  at::Tensor wrong = at::empty({1, 5}, dev());
+  EXPECT_THROW(g_world->all_gather(wrong, at::zeros({3, 5}, dev())), InvalidArgument);
 }
 
 TEST(Collectives, ReduceScatter) {
@@ -106,7 +116,7 @@ TEST(Collectives, ReduceScatter) {
   for (auto dtype : {at::kFloat, at::kBFloat16, at::kDouble}) {
     for (auto op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax}) {
       auto inputs = all_inputs({2 * n, 7}, dtype, 400 + int(op));
-      at::Tensor out = at::empty({2, 7}, at::TensorOptions().dtype(dtype));
+      at::Tensor out = at::empty({2, 7}, dev(dtype));
       g_world->reduce_scatter(out, inputs[g_world->rank()], op).wait();
       at::Tensor full = reference_reduce(inputs, op);
       expect_close(out, full.narrow(0, 2 * g_world->rank(), 2), dtype);
@@ -120,11 +130,11 @@ TEST(Collectives, AllToAllEqualAndUneven) {
   // Equal splits, rows of shape [3, 2].
   {
     auto inputs = all_inputs({2 * n, 3, 2}, at::kFloat, 500);
-    at::Tensor out = at::empty({2 * n, 3, 2});
+    at::Tensor out = at::empty({2 * n, 3, 2}, dev());
     g_world->all_to_all(out, inputs[me]).wait();
     std::vector<at::Tensor> expect;
     for (int src = 0; src < n; ++src) expect.push_back(inputs[src].narrow(0, 2 * me, 2));
-    ASSERT_TRUE(at::equal(out, at::cat(expect, 0)));
+    ASSERT_TRUE(same(out, at::cat(expect, 0)));
   }
   // Uneven splits, zeros included, as MoE token dispatch produces:
   // rank s sends split(s, d) = (s * 3 + d * 5) % 4 rows to rank d.
@@ -142,7 +152,7 @@ TEST(Collectives, AllToAllEqualAndUneven) {
     for (int s = 0; s < n; ++s) inputs.push_back(input_of(s, {rows_of(s), 4}, dtype, 600));
     int64_t out_rows = 0;
     for (auto v : out_splits) out_rows += v;
-    at::Tensor out = at::empty({out_rows, 4}, at::TensorOptions().dtype(dtype));
+    at::Tensor out = at::empty({out_rows, 4}, dev(dtype));
     g_world->all_to_all(out, inputs[me], out_splits, in_splits).wait();
     std::vector<at::Tensor> expect;
     for (int s = 0; s < n; ++s) {
@@ -150,10 +160,10 @@ TEST(Collectives, AllToAllEqualAndUneven) {
       for (int d = 0; d < me; ++d) offset += split(s, d);
       expect.push_back(inputs[s].narrow(0, offset, split(s, me)));
     }
-    ASSERT_TRUE(at::equal(out, at::cat(expect, 0))) << c10::toString(dtype);
+    ASSERT_TRUE(same(out, at::cat(expect, 0))) << c10::toString(dtype);
   }
-  at::Tensor out = at::empty({n, 1});
-  EXPECT_THROW(g_world->all_to_all(out, at::zeros({n, 1}), {}, std::vector<int64_t>(n, 2)),
+  at::Tensor out = at::empty({n, 1}, dev());
+  EXPECT_THROW(g_world->all_to_all(out, at::zeros({n, 1}, dev()), {}, std::vector<int64_t>(n, 2)),
                InvalidArgument);
 }
 
@@ -162,7 +172,7 @@ TEST(Collectives, SendRecvRing) {
   const int me = g_world->rank();
   if (n < 2) GTEST_SKIP();
   auto inputs = all_inputs({8}, at::kBFloat16, 700);
-  at::Tensor got = at::empty({8}, at::kBFloat16);
+  at::Tensor got = at::empty({8}, dev(at::kBFloat16));
   // Even ranks send first; odd ranks receive first: no deadlock on any n.
   int next = (me + 1) % n, prev = (me + n - 1) % n;
   if (me % 2 == 0) {
@@ -172,7 +182,7 @@ TEST(Collectives, SendRecvRing) {
     g_world->recv(got, prev, 1).wait();
     g_world->send(inputs[me], next, 1).wait();
   }
-  ASSERT_TRUE(at::equal(got, inputs[prev]));
+  ASSERT_TRUE(same(got, inputs[prev]));
   g_world->barrier().wait();
 }
 
@@ -193,9 +203,9 @@ TEST(Subgroups, EvenRanksAndMeshAxes) {
     for (int r : evens) members.push_back(inputs[r]);
     expect_close(mine, reference_reduce(members, ReduceOp::kSum), at::kFloat);
     // all_to_all inside the sub-group too.
-    at::Tensor out = at::empty({group->size(), 10});
+    at::Tensor out = at::empty({group->size(), 10}, dev());
     group->all_to_all(out, mine.repeat({group->size(), 1})).wait();
-    EXPECT_TRUE(at::allclose(out, mine.expand({group->size(), 10})));
+    EXPECT_TRUE(at::allclose(out.cpu(), mine.cpu().expand({group->size(), 10})));
   }
   // Every 2-axis mesh of this world: each axis group's sum is the sum over
   // the ranks along that axis.
@@ -242,9 +252,10 @@ TEST(Redistribute, RandomLayoutsOnRealRanks) {
     for (auto& d : shape) d = uniform(1, 13);
     auto dtype = iter % 3 == 0 ? at::kBFloat16 : at::kFloat;
     Layout from = random_layout(shape), to = random_layout(shape);
-    at::Tensor full = input_of(0, shape, dtype, 900 + iter);
-    at::Tensor moved = redistribute(*g_world, extract_local(from, me, full), from, to);
-    ASSERT_TRUE(at::equal(moved, extract_local(to, me, full)))
+    at::Tensor full = input_of(0, shape, dtype, 900 + iter).cpu();
+    at::Tensor moved =
+        redistribute(*g_world, extract_local(from, me, full).to(g_device), from, to);
+    ASSERT_TRUE(same(moved, extract_local(to, me, full)))
         << "from " << from.to_string() << " to " << to.to_string();
   }
 }
@@ -253,7 +264,7 @@ TEST(Redistribute, RejectsWrongLocalShape) {
   const int n = g_world->size();
   auto from = Layout::sharded({4 * n, 3}, MeshShape{{n}, {"tp"}}, {Placement::Shard(0)});
   auto to = Layout::replicated({4 * n, 3}, n);
-  EXPECT_THROW(redistribute(*g_world, at::zeros({3, 3}), from, to), InvalidArgument);
+  EXPECT_THROW(redistribute(*g_world, at::zeros({3, 3}, dev()), from, to), InvalidArgument);
 }
 
 }  // namespace
@@ -265,6 +276,11 @@ int main(int argc, char** argv) {
   tessera::dist::InitOptions options;
   options.group.timeout = std::chrono::seconds(60);
   tessera::dist::g_world = tessera::dist::init_process_group(options);
+  if (tessera::dist::g_world->backend() == tessera::dist::Backend::kNccl) {
+    tessera::dist::g_device =
+        at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(
+                                  tessera::dist::EnvInfo::from_env().local_rank));
+  }
   int result = RUN_ALL_TESTS();
   // Keep rank 0's store alive until everyone is done.
   tessera::dist::g_world->barrier().wait();

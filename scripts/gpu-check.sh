@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The one command to run on a lent GPU machine (one NVIDIA GPU, no network,
+# PyTorch 2.x with CUDA and NCCL installed for python3, CMake, ninja, nvcc).
+#
+#   scripts/fetch-gpu-debs.sh            # first, on a Debian machine with network
+#   scripts/gpu-check.sh [OUT_DIR]       # then, on the GPU machine
+#
+# Unpacks the carried .deb files (.deps/debs) under /tmp (never over /),
+# configures against PyTorch's LibTorch with CUDA on, builds, runs the tests
+# labelled gpu, the unit tests, the multi-rank tests on Gloo and on NCCL
+# (one rank per GPU: NCCL refuses two ranks on one device), the GPU
+# benchmarks, and writes a summary to OUT_DIR/gpu-check-summary.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-build/gpu-check}}
+mkdir -p "$out"
+summary="$out/gpu-check-summary.md"
+log="$out/gpu-check.log"
+: > "$log"
+step() { echo "== $*" | tee -a "$log"; }
+status=0
+record() {  # record NAME RC
+  local mark=PASS
+  [ "$2" -ne 0 ] && mark="FAIL (exit $2)" && status=1
+  echo "| $1 | $mark |" >> "$summary"
+}
+
+{
+  echo "# GPU check"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  echo "- nvcc: $(nvcc --version 2>/dev/null | tail -1)"
+  echo "- PyTorch: $(python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)' 2>/dev/null)"
+  echo
+  echo "| step | result |"
+  echo "|---|---|"
+} > "$summary"
+
+deps=/tmp/tessera-deps
+step "unpacking carried packages into $deps"
+mkdir -p "$deps"
+for f in .deps/debs/*.deb; do [ -e "$f" ] && dpkg-deb -x "$f" "$deps"; done
+torch_cmake=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+export CPATH="$deps/usr/include${CPATH:+:$CPATH}"
+export LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu:$(dirname "$torch_cmake")/../lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+prefix="$torch_cmake;$deps/usr/lib/x86_64-linux-gnu/cmake;$deps/usr/share/cmake"
+
+step "configure (CUDA on, LibTorch from $torch_cmake)"
+cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DTESSERA_CUDA=ON \
+  -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_CUDA_ARCHITECTURES="80;90" >> "$log" 2>&1
+rc=$?; record "configure" $rc
+if [ $rc -eq 0 ]; then
+  step "build"
+  cmake --build build/gpu -j "$(nproc)" >> "$log" 2>&1
+  rc=$?; record "build" $rc
+fi
+if [ $rc -eq 0 ]; then
+  step "tests labelled gpu"
+  ctest --test-dir build/gpu -L gpu --output-on-failure >> "$log" 2>&1; record "ctest -L gpu" $?
+  step "unit tests"
+  ctest --test-dir build/gpu -L unit --output-on-failure >> "$log" 2>&1; record "ctest -L unit" $?
+  step "multi-rank tests on Gloo"
+  ctest --test-dir build/gpu -L multi_rank --output-on-failure >> "$log" 2>&1; record "ctest -L multi_rank (gloo)" $?
+  step "collectives on NCCL, one rank per GPU"
+  ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+  TESSERA_DIST_BACKEND=nccl build/gpu/bin/tessera-launch --nproc "${ngpu:-1}" -- \
+    build/gpu/bin/dist_collectives_mp_test >> "$log" 2>&1
+  record "collectives on NCCL ($ngpu rank(s))" $?
+  step "GPU benchmarks"
+  echo >> "$summary"
+  echo "## MoE permutation kernels" >> "$summary"
+  echo >> "$summary"
+  echo "| shape | GPU | CPU ATen | speed-up |" >> "$summary"
+  echo "|---|---|---|---|" >> "$summary"
+  for shape in "4096 2 8 1024" "16384 2 64 4096" "65536 1 16 2048"; do
+    # shellcheck disable=SC2086
+    build/gpu/bin/moe_permute_bench $shape >> "$summary" 2>> "$log"
+  done
+fi
+cat "$summary"
+exit $status
