@@ -203,6 +203,16 @@ ConfigObject ConfigObject::get_object(std::string_view key) const {
   return ConfigObject(std::move(child));
 }
 
+bool ConfigObject::is_null(std::string_view key) const {
+  auto it = node_->value.find(std::string(key));
+  return it != node_->value.end() && it->is_null();
+}
+
+std::string ConfigObject::get_raw(std::string_view key) const {
+  TESSERA_CONFIG_REQUIRE(key)
+  return found->dump();
+}
+
 void ConfigObject::ignore(std::string_view key) const { node_->used.emplace(key); }
 
 void ConfigObject::check_no_unknown_keys() const {

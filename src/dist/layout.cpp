@@ -249,8 +249,8 @@ void Layout::validate() const {
   }
   Box all = whole_box(global_shape_);
   for (size_t r = 0; r < chunks_.size(); ++r) {
-    TESSERA_CHECK(flat_ || chunks_[r].size() == 1, InvalidArgument,
-                  "layout: a regular layout holds exactly one box per rank (rank ", r, ")");
+    TESSERA_CHECK(flat_ || chunks_[r].size() <= 1, InvalidArgument,
+                  "layout: a regular layout holds at most one box per rank (rank ", r, ")");
     int64_t expected_offset = 0;
     for (const Chunk& c : chunks_[r]) {
       TESSERA_CHECK(c.box.offset.size() == global_shape_.size() &&
@@ -278,6 +278,9 @@ const std::vector<Chunk>& Layout::chunks(int rank) const {
 std::vector<int64_t> Layout::local_shape(int rank) const {
   const auto& c = chunks(rank);
   if (flat_) return {local_numel(rank)};
+  // A rank holding nothing (an expert another rank owns) has an empty
+  // tensor of the same rank.
+  if (c.empty()) return std::vector<int64_t>(std::max<size_t>(global_shape_.size(), 1), 0);
   return c.front().box.length;
 }
 

@@ -14,8 +14,8 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
-#include <set>
 #include <unordered_map>
+#include <utility>
 
 #include "tessera/core/error.h"
 #include "tessera/core/tensor.h"
@@ -312,8 +312,8 @@ class Cursor {
 
 struct KvEntry {
   std::string key;
-  GgufType type;
-  GgufType element_type;  // arrays only
+  GgufType type = GgufType::kUint8;
+  GgufType element_type = GgufType::kUint8;  // arrays only
   uint64_t count = 0;     // arrays only
   // Offset of the value in the file: the scalar, the string's length
   // prefix, or an array's first element.
@@ -634,9 +634,10 @@ namespace {
 // Block layouts: Q8_0 {fp16 d; int8 qs[32]}; Q4_0 {fp16 d; uint8 qs[16]};
 // Q4_1 {fp16 d; fp16 m; uint8 qs[16]}. In the 4-bit types byte j holds
 // element j in its low nibble and element j + 16 in its high nibble.
-// The multiply and the add are kept as separate float operations, as in
-// ggml's C; a build that contracts them into FMAs (e.g. -march=native with
-// -ffp-contract=fast) would round Q4_1 differently in the last bit.
+// Results are bit-exact whatever the compiler flags: a product of an fp16
+// scale (11 significant bits) and a quant of at most 8 bits is exact in
+// float32, so only Q4_1's add rounds, and contracting q * d + m into an FMA
+// (as -march=native may) cannot change it.
 void dequant_q8_0(const uint8_t* src, float* dst) {
   const float d = fp16_to_float(src);
   const auto* qs = reinterpret_cast<const int8_t*>(src + 2);

@@ -15,6 +15,7 @@
 #include <regex>
 #include <set>
 #include <unordered_map>
+#include <utility>
 
 #include "tessera/core/error.h"
 #include "tessera/core/tensor.h"
@@ -422,11 +423,8 @@ const std::map<std::string, std::string>& SafetensorsFile::metadata() const {
 
 at::Tensor SafetensorsFile::get(const std::string& name) const {
   const SafetensorsTensorInfo& info = impl_->find(name);
-  const uint8_t* base = impl_->file->data();
-  // An all-empty file has no mapping; any non-null pointer serves numel 0.
-  void* ptr = base == nullptr
-                  ? nullptr
-                  : const_cast<uint8_t*>(base + impl_->data_offset + info.data_begin);
+  // const_cast: ATen wants void*; the pages are read-only (see the header).
+  void* ptr = const_cast<uint8_t*>(impl_->file->data() + impl_->data_offset + info.data_begin);
   auto options = at::TensorOptions().dtype(info.dtype).device(at::kCPU);
   if (reinterpret_cast<uintptr_t>(ptr) % dtype_size(info.dtype) != 0) {
     at::Tensor copy = at::empty(info.shape, options);

@@ -81,8 +81,8 @@ std::string quote_token(std::string_view s) {
 
 // ---------------------------------------------------------------------------
 // (left id, right id) -> (rank, merged id), open addressing with linear
-// probing. BPE asks it for every adjacent pair of every word, so it is the
-// hot lookup; std::unordered_map was measurably slower here.
+// probing over one flat array. BPE asks it for every adjacent pair of every
+// word, so it is the hot lookup; a probe is usually one cache line.
 
 class MergeTable {
  public:
@@ -135,8 +135,10 @@ class MergeTable {
   size_t mask_ = 0;
 };
 
-// Scratch memory for BPE, reused across the words of one encode() call.
-struct BpeScratch {
+// Per-call state of encode(): BPE scratch memory, and a cache of the words
+// already encoded in this call. Prose repeats words, so the cache more than
+// halves the time of long texts; being per call, it needs no lock.
+struct EncodeState {
   struct Symbol {
     int32_t id;  // -1 once merged into its left neighbour
     int32_t prev;
@@ -158,6 +160,10 @@ struct BpeScratch {
   }
   std::vector<Symbol> symbols;
   std::vector<Candidate> heap;
+  std::vector<std::string_view> words;
+  // Word -> (offset, count) of its ids in the output. Keys view the caller's
+  // text, which outlives the call; words of NFC-normalized copies are not cached.
+  std::unordered_map<std::string_view, std::pair<size_t, size_t>> cache;
 };
 
 // ---------------------------------------------------------------------------
@@ -408,9 +414,8 @@ struct Tokenizer::Impl {
     }
     return nullptr;
   }
-  void encode_plain(std::string_view text, std::vector<int32_t>& ids,
-                    std::vector<std::string_view>& words, BpeScratch& scratch) const;
-  void encode_word(std::string_view word, std::vector<int32_t>& ids, BpeScratch& scratch) const;
+  void encode_plain(std::string_view text, std::vector<int32_t>& ids, EncodeState& state) const;
+  void encode_word(std::string_view word, std::vector<int32_t>& ids, EncodeState& state) const;
   int32_t byte_id(unsigned char byte) const {
     const int32_t id = byte_ids[byte];
     if (id >= 0) return id;
@@ -453,6 +458,9 @@ std::shared_ptr<const Tokenizer::Impl> Tokenizer::Impl::build(TokenizerSpec spec
   TESSERA_CHECK(total <= size_t(std::numeric_limits<int32_t>::max()), InvalidArgument, source,
                 ": too many tokens (", total, ")");
 
+  // Sized once, before any view into the strings is taken: a reallocation
+  // would move short strings, whose bytes live inside the string object.
+  impl->tokens.resize(total);
   impl->token_ids.reserve(total);
   for (size_t id = 0; id < vocab_count; ++id) {
     impl->token_ids.emplace(impl->tokens[id], int32_t(id));  // the first of duplicates wins
@@ -477,7 +485,6 @@ std::shared_ptr<const Tokenizer::Impl> Tokenizer::Impl::build(TokenizerSpec spec
   spec.merges.clear();
   spec.merges.shrink_to_fit();
 
-  impl->tokens.resize(total);
   impl->special.assign(total, 0);
   for (const AddedToken& t : spec.added) {
     std::string& slot = impl->tokens[t.id];
@@ -529,7 +536,7 @@ std::shared_ptr<const Tokenizer::Impl> Tokenizer::Impl::build(TokenizerSpec spec
 }
 
 void Tokenizer::Impl::encode_word(std::string_view word, std::vector<int32_t>& ids,
-                                  BpeScratch& scratch) const {
+                                  EncodeState& state) const {
   if (word.size() == 1) {
     ids.push_back(byte_id(static_cast<unsigned char>(word[0])));
     return;
@@ -541,8 +548,8 @@ void Tokenizer::Impl::encode_word(std::string_view word, std::vector<int32_t>& i
       return;
     }
   }
-  auto& symbols = scratch.symbols;
-  auto& heap = scratch.heap;
+  auto& symbols = state.symbols;
+  auto& heap = state.heap;
   const int32_t n = int32_t(word.size());
   symbols.resize(word.size());
   for (int32_t i = 0; i < n; ++i) {
@@ -555,12 +562,12 @@ void Tokenizer::Impl::encode_word(std::string_view word, std::vector<int32_t>& i
     const MergeTable::Entry* e = merges.find(symbols[pos].id, symbols[next].id);
     if (e == nullptr) return;
     heap.push_back({e->rank, pos, symbols[pos].id, symbols[next].id, e->merged});
-    std::push_heap(heap.begin(), heap.end(), BpeScratch::later);
+    std::push_heap(heap.begin(), heap.end(), EncodeState::later);
   };
   for (int32_t i = 0; i + 1 < n; ++i) consider(i);
   while (!heap.empty()) {
-    std::pop_heap(heap.begin(), heap.end(), BpeScratch::later);
-    const BpeScratch::Candidate c = heap.back();
+    std::pop_heap(heap.begin(), heap.end(), EncodeState::later);
+    const EncodeState::Candidate c = heap.back();
     heap.pop_back();
     auto& left = symbols[c.pos];
     if (left.id != c.left || left.next < 0 || symbols[left.next].id != c.right) continue;
@@ -576,17 +583,34 @@ void Tokenizer::Impl::encode_word(std::string_view word, std::vector<int32_t>& i
 }
 
 void Tokenizer::Impl::encode_plain(std::string_view text, std::vector<int32_t>& ids,
-                                   std::vector<std::string_view>& words,
-                                   BpeScratch& scratch) const {
+                                   EncodeState& state) const {
   if (text.empty()) return;
   std::string normalized;
-  if (normalizer == NormalizerKind::kNfc && !unicode::is_nfc_quick(text)) {
+  const bool cacheable = normalizer != NormalizerKind::kNfc || unicode::is_nfc_quick(text);
+  if (!cacheable) {
     normalized = unicode::to_nfc(text);
     text = normalized;
   }
-  words.clear();
-  detail::split_words(text, pre, words);
-  for (std::string_view word : words) encode_word(word, ids, scratch);
+  state.words.clear();
+  detail::split_words(text, pre, state.words);
+  for (std::string_view word : state.words) {
+    if (!cacheable) {
+      encode_word(word, ids, state);
+      continue;
+    }
+    auto [it, fresh] = state.cache.try_emplace(word);
+    if (!fresh) {
+      const auto [offset, count] = it->second;
+      for (size_t k = offset; k < offset + count; ++k) {
+        const int32_t id = ids[k];  // a copy: push_back may reallocate
+        ids.push_back(id);
+      }
+      continue;
+    }
+    const size_t offset = ids.size();
+    encode_word(word, ids, state);
+    it->second = {offset, ids.size() - offset};
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -781,8 +805,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool parse_special
   const Impl& impl = *impl_;
   std::vector<int32_t> ids;
   ids.reserve(text.size() / 3 + 4);
-  std::vector<std::string_view> words;
-  BpeScratch scratch;
+  EncodeState state;
   size_t plain_start = 0;
   if (!impl.added.empty()) {
     for (size_t pos = 0; pos < text.size();) {
@@ -811,12 +834,12 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool parse_special
           end += c.size;
         }
       }
-      impl.encode_plain(text.substr(plain_start, start - plain_start), ids, words, scratch);
+      impl.encode_plain(text.substr(plain_start, start - plain_start), ids, state);
       ids.push_back(t->id);
       pos = plain_start = end;
     }
   }
-  impl.encode_plain(text.substr(plain_start), ids, words, scratch);
+  impl.encode_plain(text.substr(plain_start), ids, state);
   return ids;
 }
 

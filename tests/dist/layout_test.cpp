@@ -88,7 +88,9 @@ TEST(Planner, ReplicasAreReadOnceAndFromSelfFirst) {
   EXPECT_EQ(plan.moved_elements(), 4 * 16);
   for (const auto& t : plan.transfers) {
     // Sources are spread: each rank sends exactly one 16-element piece.
-    if (t.src_rank != t.dst_rank) EXPECT_EQ(t.box.numel(), 16);
+    if (t.src_rank != t.dst_rank) {
+      EXPECT_EQ(t.box.numel(), 16);
+    }
   }
   auto sends = plan.send_elements(4);
   for (int64_t s : sends) EXPECT_EQ(s, 16);

@@ -239,6 +239,34 @@ TEST_F(SafetensorsTest, TruncatedDataNamesTheTensor) {
   EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
 }
 
+TEST_F(SafetensorsTest, EveryTruncationAndCorruptByteIsATypedError) {
+  const std::string p = path("src.safetensors");
+  save_safetensors(p, {{"a", at::ones({3}, at::kHalf)}, {"b", at::arange(4, at::kInt)}},
+                   {{"format", "pt"}});
+  const std::string bytes = read_bytes(p);
+  const std::string bad = path("bad.safetensors");
+  // Every proper prefix loses bytes the header accounts for.
+  for (size_t n = 0; n < bytes.size(); ++n) {
+    std::ofstream(bad, std::ios::binary | std::ios::trunc) << bytes.substr(0, n);
+    EXPECT_THROW(SafetensorsFile::open(bad), DataLoss) << "truncated to " << n;
+  }
+  // Any byte of the length field or header overwritten: a typed error or a
+  // file that still validates, never a crash or a foreign exception.
+  const uint64_t header_end = SafetensorsFile::open(p).data_offset();
+  for (size_t i = 0; i < header_end; ++i) {
+    for (char value : {'\0', '\xff', '9', '"', '}'}) {
+      std::string corrupt = bytes;
+      corrupt[i] = value;
+      std::ofstream(bad, std::ios::binary | std::ios::trunc) << corrupt;
+      try {
+        auto file = SafetensorsFile::open(bad);
+        for (const auto& t : file.tensors()) file.get(t.name).sum();
+      } catch (const Error&) {
+      }
+    }
+  }
+}
+
 TEST_F(SafetensorsTest, RangeErrorsAreDataLoss) {
   const std::string data(16, '\0');
   // Overlap: b starts inside a.

@@ -58,6 +58,10 @@ class ConfigObject {
   std::vector<double> get_double_list(std::string_view key) const;
   std::vector<std::string> get_string_list(std::string_view key) const;
   ConfigObject get_object(std::string_view key) const;
+  // True when the key is present with the value null.
+  bool is_null(std::string_view key) const;
+  // The value as JSON text (any type); marks the key read.
+  std::string get_raw(std::string_view key) const;
   // Marks a key as known without reading it (fields kept for other tools).
   void ignore(std::string_view key) const;
 

@@ -118,8 +118,8 @@ class Layout {
   const std::vector<int64_t>& global_shape() const { return global_shape_; }
   int64_t global_numel() const;
   const std::vector<Chunk>& chunks(int rank) const;
-  // Local tensor shape on `rank`: the box's shape for a regular layout,
-  // {n} for a flat one.
+  // Local tensor shape on `rank`: the box's shape for a regular layout
+  // (all zeros when the rank holds nothing), {n} for a flat one.
   std::vector<int64_t> local_shape(int rank) const;
   int64_t local_numel(int rank) const;
   bool is_flat() const { return flat_; }

@@ -117,9 +117,14 @@ class SafetensorsFile {
 // Atomic: the bytes go to "<path>.tmp.<pid>", which is fsynced and renamed
 // over `path`, and the directory is fsynced; a crash leaves either the old
 // file or the new one, never a partial one (the temporary file is removed
-// on failure). InvalidArgument for duplicate or empty names, the reserved
-// name "__metadata__" or an unsupported dtype; Internal for I/O failures,
-// naming the path and errno text.
+// on failure). Not safe to call for the same path from two threads of one
+// process (they would share the temporary name). InvalidArgument for
+// duplicate or empty names, the reserved name "__metadata__", an unsupported
+// dtype or layout; for I/O failures, an error naming the path and the errno
+// text whose code follows the errno: NotFound (missing directory),
+// ResourceExhausted (disk full, quota), InvalidArgument (permission denied,
+// read-only file system), Internal otherwise, also for a failing copy of a
+// tensor to CPU.
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 

@@ -90,7 +90,8 @@ struct TokenizerSpec {
   // ignored in favour of AddedToken::content.
   std::vector<std::string> vocab;
   // BPE merges, highest priority first. Both halves and their concatenation
-  // must be in `vocab`. A pair listed twice keeps its first (best) rank.
+  // must be in `vocab`. A pair listed twice keeps its first (best) rank, as
+  // in llama.cpp (Hugging Face keeps the last; trained files have no repeats).
   std::vector<std::pair<std::string, std::string>> merges;
   // Added tokens. Ids may lie inside `vocab` or extend it; together they must
   // cover 0..N-1 without holes.
@@ -123,7 +124,9 @@ class Tokenizer {
   // fallback, dropout, subword prefixes, single_word) throws InvalidArgument
   // naming it rather than tokenizing differently from the reference. When a
   // tokenizer_config.json sits in the same directory, its bos_token,
-  // eos_token and pad_token set the corresponding ids.
+  // eos_token and pad_token set the corresponding ids (InvalidArgument when
+  // one names no token). Added tokens are matched in the raw text, also
+  // those marked normalized=true; the two differ only for text that NFC changes.
   // Throws NotFound when the file cannot be opened and InvalidArgument with
   // line and column for malformed JSON.
   [[nodiscard]] static Tokenizer from_tokenizer_json(const std::string& path);

@@ -1,0 +1,57 @@
+// tessera/nn/generate.h — batched text generation with a KV cache.
+//
+// Prompts of different lengths run as one batch: the prefill pads them on
+// the right and records each sequence's real length in the cache, so every
+// later step appends at each sequence's own position. Sampling is greedy
+// (temperature 0) or temperature / top-k / top-p with a seeded generator, so
+// runs repeat exactly.
+//
+//   tessera::nn::SamplingOptions opts;
+//   opts.max_new_tokens = 32;
+//   opts.stop_tokens = {eos};
+//   auto result = tessera::nn::generate(model, {{1, 2, 3}, {4, 5}}, opts);
+//   // result.tokens[i]: the new tokens of prompt i (stop token included)
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tessera/nn/model.h"
+
+namespace tessera::nn {
+
+struct SamplingOptions {
+  double temperature = 0.0;  // 0: greedy (argmax)
+  int64_t top_k = 0;         // 0: no top-k filter
+  double top_p = 1.0;        // 1: no nucleus filter
+  uint64_t seed = 0;
+  int64_t max_new_tokens = 64;
+  std::vector<int64_t> stop_tokens;  // generation of a sequence ends after one of these
+  // false: recompute the whole sequence every step (a reference for tests;
+  // quadratic cost).
+  bool use_cache = true;
+};
+
+struct GenerationResult {
+  std::vector<std::vector<int64_t>> tokens;  // new tokens per prompt
+  std::vector<std::string> finish_reason;    // "stop" or "length"
+  int64_t new_tokens = 0;                    // summed over prompts
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+  int64_t cache_bytes = 0;
+};
+
+// Collective under tensor/expert parallelism (every rank of the replica
+// calls it with the same prompts and options).
+GenerationResult generate(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
+                          const SamplingOptions& options);
+
+// Next token per row of logits [B, V] under `options` (greedy when
+// temperature is 0). `generator` must be a CPU generator.
+at::Tensor sample_next(const at::Tensor& logits, const SamplingOptions& options,
+                       at::Generator& generator);
+
+}  // namespace tessera::nn

@@ -1,0 +1,171 @@
+// tessera/nn/model.h — the decoder-only transformer (Llama / Qwen2 / Mixtral /
+// Qwen2-MoE), dense or sparse, on one rank or tensor/expert parallel.
+//
+// Parameters carry Hugging Face names ("model.layers.0.self_attn.q_proj.weight",
+// "model.layers.3.block_sparse_moe.experts.5.w1.weight", ...), so a model
+// folder downloaded from the Hub maps onto it by name. Under tensor
+// parallelism (Megatron style) each rank holds a shard: q/k/v/gate/up and the
+// vocabulary dimension of the embedding and LM head split by rows
+// (column-parallel), o/down by columns (row-parallel), norms and routers
+// replicated; under expert parallelism each rank of the ep group holds
+// num_experts / ep experts and tokens travel to them with one uneven
+// all_to_all each way. layout_of(name) states each parameter's layout, and
+// the loaders cut full Hugging Face tensors into shards through dist's
+// layout planner.
+//
+//   auto model = tessera::nn::Transformer(cfg);          // one rank, fp32
+//   model.init_random(/*seed=*/0);
+//   auto out = model.forward(input_ids);                 // logits [B, T, V]
+//
+// Forward is differentiable (LibTorch autograd, including through the
+// tensor- and expert-parallel collectives). Not thread-safe: one forward at a
+// time per model object.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tessera/dist/layout.h"
+#include "tessera/dist/process_group.h"
+#include "tessera/nn/config.h"
+
+namespace tessera::nn {
+
+// The groups one model replica spans. Null groups mean size 1. For MoE with
+// both tp and ep, the ep group must join ranks of equal tp rank.
+struct ParallelGroups {
+  std::shared_ptr<dist::ProcessGroup> tp;
+  std::shared_ptr<dist::ProcessGroup> ep;
+
+  int tp_size() const { return tp ? tp->size() : 1; }
+  int tp_rank() const { return tp ? tp->rank() : 0; }
+  int ep_size() const { return ep ? ep->size() : 1; }
+  int ep_rank() const { return ep ? ep->rank() : 0; }
+};
+
+// Per-layer key/value cache, preallocated: [batch, kv_heads_local, max_len,
+// head_dim] per layer, and each sequence's filled length. Sequences of one
+// batch may hold different lengths.
+class KVCache {
+ public:
+  KVCache(const ModelConfig& config, int64_t batch, int64_t max_length,
+          at::TensorOptions options, int tp_size = 1);
+
+  int64_t batch() const { return batch_; }
+  int64_t max_length() const { return max_length_; }
+  // [batch] int64, tokens stored per sequence.
+  const at::Tensor& lengths() const { return lengths_; }
+  at::Tensor& key(int64_t layer) { return keys_[layer]; }
+  at::Tensor& value(int64_t layer) { return values_[layer]; }
+  // Sets every sequence's length (after a forward appended tokens, or to
+  // roll back rejected speculative tokens). Entries past a length are
+  // garbage that the next write overwrites.
+  void set_lengths(const at::Tensor& lengths);
+  void reset();
+  int64_t bytes() const;
+
+ private:
+  int64_t batch_, max_length_;
+  std::vector<at::Tensor> keys_, values_;
+  at::Tensor lengths_;
+};
+
+// One MoE layer's routing decisions for one forward (traces for the
+// serverless-MoE planner and for load statistics).
+struct RoutingRecord {
+  int64_t layer = 0;
+  at::Tensor experts;  // [tokens, top_k] int64, tokens in [B*T] order
+  at::Tensor weights;  // [tokens, top_k] float
+  at::Tensor router_probs;  // [tokens, num_experts] float (after softmax)
+};
+
+struct ForwardOptions {
+  // With a cache, input_ids [B, T] are appended at each sequence's current
+  // length (right-padded prompts: set `lengths` to the real lengths so the
+  // cache records them; padded positions are never attended to).
+  KVCache* cache = nullptr;
+  at::Tensor lengths;  // [B] real tokens in input_ids; empty: all T
+  bool record_routing = false;
+  // Tensor parallel: gather the vocabulary-sharded logits into full ones.
+  bool gather_logits = true;
+  // Only compute logits for the last real position of each sequence.
+  bool last_logits_only = false;
+};
+
+struct ForwardOutput {
+  at::Tensor logits;    // [B, T, V] (or [B, 1, V] with last_logits_only; V local when not gathered)
+  at::Tensor aux_loss;  // scalar: load-balancing + z-loss terms, already weighted (0 for dense)
+  std::vector<RoutingRecord> routing;
+  at::Tensor expert_load;  // [num_layers_moe, num_experts] tokens routed per expert (float)
+};
+
+class Transformer {
+ public:
+  explicit Transformer(ModelConfig config, ParallelGroups groups = {},
+                       at::ScalarType dtype = at::kFloat);
+  ~Transformer();
+  Transformer(Transformer&&) noexcept;
+  Transformer& operator=(Transformer&&) noexcept;
+
+  const ModelConfig& config() const;
+  const ParallelGroups& groups() const;
+
+  // This rank's parameters by Hugging Face name, in a stable order.
+  const std::vector<std::pair<std::string, at::Tensor>>& named_parameters() const;
+  at::Tensor& parameter(const std::string& name);  // NotFound
+  bool has_parameter(const std::string& name) const;
+  // Every parameter name of the full model (all experts), in order.
+  std::vector<std::string> full_parameter_names() const;
+  // Global shape of a parameter (InvalidArgument for unknown names).
+  std::vector<int64_t> full_shape(const std::string& name) const;
+  // Layout over the tp x ep ranks of one replica (rank = ep_rank * tp + tp_rank).
+  dist::Layout layout_of(const std::string& name) const;
+  int replica_rank() const;
+
+  // Normal(0, 0.02) weights, unit norms, same full tensors for any layout
+  // given the seed (each shard is cut from the full random tensor).
+  void init_random(uint64_t seed);
+  // Sets this rank's shard of `name` from the full tensor (any float dtype).
+  void load_full(const std::string& name, const at::Tensor& full);
+  void set_requires_grad(bool requires_grad);
+  int64_t num_local_parameters() const;
+
+  ForwardOutput forward(const at::Tensor& input_ids, const ForwardOptions& options = {});
+
+  // Mean next-token cross-entropy over labels != -100 (vocabulary-parallel
+  // under tp, never materialising full logits), plus the MoE aux loss.
+  // labels: [B, T], aligned with input_ids (shift is done by the caller).
+  struct Loss {
+    at::Tensor total;  // ce + aux, for backward
+    at::Tensor ce;     // detached
+    at::Tensor aux;    // detached
+    int64_t tokens = 0;
+    at::Tensor expert_load;
+  };
+  Loss loss(const at::Tensor& input_ids, const at::Tensor& labels);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Byte-for-byte the same model as `dense`, with every MLP copied into
+// `num_experts` experts behind a new router (sparse upcycling, as the
+// serverless-MoE paper does with dense models). Router weights are small
+// random values (seeded), so experts start identical and diverge in
+// fine-tuning. Returns the MoE config and full tensors by Hugging Face name
+// (Mixtral naming).
+struct UpcycledModel {
+  ModelConfig config;
+  std::map<std::string, at::Tensor> weights;
+};
+UpcycledModel upcycle_to_moe(const ModelConfig& dense,
+                             const std::map<std::string, at::Tensor>& dense_weights,
+                             int64_t num_experts, int64_t top_k, uint64_t seed);
+
+}  // namespace tessera::nn

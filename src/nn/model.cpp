@@ -1,0 +1,688 @@
+#include "tessera/nn/model.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <cmath>
+#include <numeric>
+
+#include "parallel_ops.h"
+#include "tessera/core/error.h"
+#include "tessera/core/tensor.h"
+#include "tessera/dist/redistribute.h"
+
+namespace tessera::nn {
+
+using detail::all_to_all_rows;
+using detail::copy_to_group;
+using detail::gather_last_dim;
+using detail::reduce_from_group;
+
+// ---------------------------------------------------------------------------
+// KVCache
+
+KVCache::KVCache(const ModelConfig& config, int64_t batch, int64_t max_length,
+                 at::TensorOptions options, int tp_size)
+    : batch_(batch), max_length_(max_length) {
+  TESSERA_CHECK(batch >= 1 && max_length >= 1, InvalidArgument,
+                "KV cache: batch and max_length must be positive");
+  TESSERA_CHECK(config.num_key_value_heads % tp_size == 0, InvalidArgument, "KV cache: ",
+                config.num_key_value_heads, " kv heads do not split over tp=", tp_size);
+  const int64_t heads = config.num_key_value_heads / tp_size;
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    keys_.push_back(at::zeros({batch, heads, max_length, config.head_size()}, options));
+    values_.push_back(at::zeros({batch, heads, max_length, config.head_size()}, options));
+  }
+  lengths_ = at::zeros({batch}, at::kLong);
+}
+
+void KVCache::set_lengths(const at::Tensor& lengths) {
+  TESSERA_CHECK(lengths.numel() == batch_, InvalidArgument, "KV cache: ", lengths.numel(),
+                " lengths for a batch of ", batch_);
+  TESSERA_CHECK(lengths.max().item<int64_t>() <= max_length_ && lengths.min().item<int64_t>() >= 0,
+                ResourceExhausted, "KV cache: length beyond max_length ", max_length_);
+  lengths_ = lengths.to(at::kLong).cpu().contiguous().clone();
+}
+
+void KVCache::reset() { lengths_.zero_(); }
+
+int64_t KVCache::bytes() const {
+  int64_t n = 0;
+  for (size_t l = 0; l < keys_.size(); ++l) n += tensor_bytes(keys_[l]) + tensor_bytes(values_[l]);
+  return n;
+}
+
+// ---------------------------------------------------------------------------
+// Parameter naming and layouts
+
+namespace {
+
+struct ExpertWeights {
+  at::Tensor gate, up, down;  // [I_local, H], [I_local, H], [H, I_local]
+};
+
+struct LayerWeights {
+  at::Tensor input_norm, post_norm;
+  at::Tensor q, k, v, o, q_bias, k_bias, v_bias;
+  bool moe = false;
+  at::Tensor gate, up, down;            // dense MLP
+  at::Tensor router;                    // [E, H]
+  std::vector<ExpertWeights> experts;   // local experts, in order
+  ExpertWeights shared;                 // Qwen2-MoE shared expert
+  at::Tensor shared_gate;               // [1, H]
+};
+
+enum class Split { kReplicate, kRows, kCols };
+
+struct ParamSpec {
+  std::string name;
+  std::vector<int64_t> shape;  // full
+  Split split = Split::kReplicate;
+  int64_t expert = -1;  // owning expert for expert weights
+};
+
+std::string layer_prefix(int64_t l) { return "model.layers." + std::to_string(l) + "."; }
+
+// Hugging Face names of one MoE layer's pieces.
+struct MoeNames {
+  std::string router, expert_gate, expert_up, expert_down;  // expert_* contain "{j}"
+  std::string shared_gate_proj, shared_up_proj, shared_down_proj, shared_gate;
+};
+
+MoeNames moe_names(const ModelConfig& c, int64_t l) {
+  const std::string p = layer_prefix(l);
+  MoeNames n;
+  if (c.model_type == "qwen2_moe") {
+    n.router = p + "mlp.gate.weight";
+    n.expert_gate = p + "mlp.experts.{j}.gate_proj.weight";
+    n.expert_up = p + "mlp.experts.{j}.up_proj.weight";
+    n.expert_down = p + "mlp.experts.{j}.down_proj.weight";
+    n.shared_gate_proj = p + "mlp.shared_expert.gate_proj.weight";
+    n.shared_up_proj = p + "mlp.shared_expert.up_proj.weight";
+    n.shared_down_proj = p + "mlp.shared_expert.down_proj.weight";
+    n.shared_gate = p + "mlp.shared_expert_gate.weight";
+  } else {
+    n.router = p + "block_sparse_moe.gate.weight";
+    n.expert_gate = p + "block_sparse_moe.experts.{j}.w1.weight";
+    n.expert_up = p + "block_sparse_moe.experts.{j}.w3.weight";
+    n.expert_down = p + "block_sparse_moe.experts.{j}.w2.weight";
+  }
+  return n;
+}
+
+std::string with_expert(std::string pattern, int64_t j) {
+  pattern.replace(pattern.find("{j}"), 3, std::to_string(j));
+  return pattern;
+}
+
+std::vector<ParamSpec> param_specs(const ModelConfig& c) {
+  const int64_t H = c.hidden_size, hd = c.head_size();
+  const int64_t nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
+  std::vector<ParamSpec> specs;
+  specs.push_back({"model.embed_tokens.weight", {c.vocab_size, H}, Split::kRows});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = layer_prefix(l);
+    specs.push_back({p + "input_layernorm.weight", {H}, Split::kReplicate});
+    specs.push_back({p + "self_attn.q_proj.weight", {nq, H}, Split::kRows});
+    specs.push_back({p + "self_attn.k_proj.weight", {nkv, H}, Split::kRows});
+    specs.push_back({p + "self_attn.v_proj.weight", {nkv, H}, Split::kRows});
+    if (c.attention_bias) {
+      specs.push_back({p + "self_attn.q_proj.bias", {nq}, Split::kRows});
+      specs.push_back({p + "self_attn.k_proj.bias", {nkv}, Split::kRows});
+      specs.push_back({p + "self_attn.v_proj.bias", {nkv}, Split::kRows});
+    }
+    specs.push_back({p + "self_attn.o_proj.weight", {H, nq}, Split::kCols});
+    specs.push_back({p + "post_attention_layernorm.weight", {H}, Split::kReplicate});
+    if (c.is_moe_layer(l)) {
+      MoeNames n = moe_names(c, l);
+      const int64_t I = c.expert_intermediate();
+      specs.push_back({n.router, {c.num_experts, H}, Split::kReplicate});
+      for (int64_t j = 0; j < c.num_experts; ++j) {
+        specs.push_back({with_expert(n.expert_gate, j), {I, H}, Split::kRows, j});
+        specs.push_back({with_expert(n.expert_up, j), {I, H}, Split::kRows, j});
+        specs.push_back({with_expert(n.expert_down, j), {H, I}, Split::kCols, j});
+      }
+      if (c.shared_expert_intermediate_size > 0) {
+        const int64_t S = c.shared_expert_intermediate_size;
+        specs.push_back({n.shared_gate_proj, {S, H}, Split::kRows});
+        specs.push_back({n.shared_up_proj, {S, H}, Split::kRows});
+        specs.push_back({n.shared_down_proj, {H, S}, Split::kCols});
+        specs.push_back({n.shared_gate, {1, H}, Split::kReplicate});
+      }
+    } else {
+      const int64_t I = c.intermediate_size;
+      specs.push_back({p + "mlp.gate_proj.weight", {I, H}, Split::kRows});
+      specs.push_back({p + "mlp.up_proj.weight", {I, H}, Split::kRows});
+      specs.push_back({p + "mlp.down_proj.weight", {H, I}, Split::kCols});
+    }
+  }
+  specs.push_back({"model.norm.weight", {H}, Split::kReplicate});
+  if (!c.tie_word_embeddings) specs.push_back({"lm_head.weight", {c.vocab_size, H}, Split::kRows});
+  return specs;
+}
+
+// RoPE inverse frequencies [head_dim / 2] with the configured scaling.
+at::Tensor rope_inv_freq(const ModelConfig& c) {
+  const int64_t hd = c.head_size();
+  at::Tensor inv = 1.0 / at::pow(c.rope_theta, at::arange(0, hd, 2, at::kDouble) / hd);
+  if (c.rope_scaling == RopeScaling::kLinear) {
+    inv = inv / c.rope_factor;
+  } else if (c.rope_scaling == RopeScaling::kLlama3) {
+    const double old_len = static_cast<double>(c.rope_original_max_position);
+    const double low_wavelen = old_len / c.rope_low_freq_factor;
+    const double high_wavelen = old_len / c.rope_high_freq_factor;
+    auto acc = inv.accessor<double, 1>();
+    for (int64_t i = 0; i < inv.size(0); ++i) {
+      double freq = acc[i], wavelen = 2 * M_PI / freq;
+      if (wavelen > low_wavelen) {
+        acc[i] = freq / c.rope_factor;
+      } else if (wavelen >= high_wavelen) {
+        double smooth = (old_len / wavelen - c.rope_low_freq_factor) /
+                        (c.rope_high_freq_factor - c.rope_low_freq_factor);
+        acc[i] = (1 - smooth) * freq / c.rope_factor + smooth * freq;
+      }
+    }
+  }
+  return inv.to(at::kFloat);
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  at::Tensor xf = x.to(at::kFloat);
+  at::Tensor normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return normed.to(x.scalar_type()) * w;
+}
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+}
+
+at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {}) {
+  return b.defined() ? at::linear(x, w, b) : at::matmul(x, w.t());
+}
+
+at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
+                  const at::Tensor& down) {
+  return dense(at::silu(dense(x, gate)) * dense(x, up), down);
+}
+
+std::pair<int64_t, int64_t> split_range(int64_t n, int64_t parts, int64_t index) {
+  int64_t base = n / parts, extra = n % parts;
+  return {index * base + std::min(index, extra), base + (index < extra ? 1 : 0)};
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Transformer
+
+struct Transformer::Impl {
+  ModelConfig config;
+  ParallelGroups groups;
+  at::ScalarType dtype;
+  std::vector<ParamSpec> specs;                        // full model
+  std::map<std::string, size_t> spec_index;
+  std::vector<std::pair<std::string, at::Tensor>> params;  // this rank's
+  std::map<std::string, size_t> param_index;
+  at::Tensor embed, final_norm, lm_head;
+  std::vector<LayerWeights> layers;
+  at::Tensor inv_freq;
+  int64_t experts_per_rank = 0, first_expert = 0;
+  int64_t vocab_start = 0, vocab_local = 0;
+  std::vector<int64_t> vocab_sizes;  // per tp rank
+
+  bool owns(const ParamSpec& s) const {
+    return s.expert < 0 || (s.expert >= first_expert && s.expert < first_expert + experts_per_rank);
+  }
+
+  dist::Layout layout_for(const ParamSpec& s) const {
+    const int tp = groups.tp_size(), ep = groups.ep_size();
+    dist::MeshShape mesh{{ep, tp}, {"ep", "tp"}};
+    std::vector<dist::Placement> placements{dist::Placement::Replicate(),
+                                            s.split == Split::kRows   ? dist::Placement::Shard(0)
+                                            : s.split == Split::kCols ? dist::Placement::Shard(1)
+                                                                      : dist::Placement::Replicate()};
+    dist::Layout full = dist::Layout::sharded(s.shape, mesh, placements);
+    if (s.expert < 0) return full;
+    // An expert lives only on the ep rank that owns it.
+    const int64_t owner = s.expert / experts_per_rank;
+    std::vector<std::vector<dist::Chunk>> chunks(ep * tp);
+    for (int r = 0; r < ep * tp; ++r) {
+      if (r / tp == owner) chunks[r] = full.chunks(r);
+    }
+    return dist::Layout::from_chunks(s.shape, chunks, /*flat=*/false);
+  }
+
+  at::Tensor& param(const std::string& name) {
+    auto it = param_index.find(name);
+    TESSERA_CHECK(it != param_index.end(), NotFound, "model has no parameter '", name,
+                  "' on this rank");
+    return params[it->second].second;
+  }
+
+  void bind() {
+    const ModelConfig& c = config;
+    embed = param("model.embed_tokens.weight");
+    final_norm = param("model.norm.weight");
+    lm_head = c.tie_word_embeddings ? embed : param("lm_head.weight");
+    layers.assign(c.num_hidden_layers, {});
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const std::string p = layer_prefix(l);
+      LayerWeights& w = layers[l];
+      w.input_norm = param(p + "input_layernorm.weight");
+      w.post_norm = param(p + "post_attention_layernorm.weight");
+      w.q = param(p + "self_attn.q_proj.weight");
+      w.k = param(p + "self_attn.k_proj.weight");
+      w.v = param(p + "self_attn.v_proj.weight");
+      w.o = param(p + "self_attn.o_proj.weight");
+      if (c.attention_bias) {
+        w.q_bias = param(p + "self_attn.q_proj.bias");
+        w.k_bias = param(p + "self_attn.k_proj.bias");
+        w.v_bias = param(p + "self_attn.v_proj.bias");
+      }
+      w.moe = c.is_moe_layer(l);
+      if (w.moe) {
+        MoeNames n = moe_names(c, l);
+        w.router = param(n.router);
+        for (int64_t j = first_expert; j < first_expert + experts_per_rank; ++j) {
+          w.experts.push_back({param(with_expert(n.expert_gate, j)), param(with_expert(n.expert_up, j)),
+                               param(with_expert(n.expert_down, j))});
+        }
+        if (c.shared_expert_intermediate_size > 0) {
+          w.shared = {param(n.shared_gate_proj), param(n.shared_up_proj), param(n.shared_down_proj)};
+          w.shared_gate = param(n.shared_gate);
+        }
+      } else {
+        w.gate = param(p + "mlp.gate_proj.weight");
+        w.up = param(p + "mlp.up_proj.weight");
+        w.down = param(p + "mlp.down_proj.weight");
+      }
+    }
+  }
+
+  // Self-attention of one layer; returns the row-parallel partial output.
+  at::Tensor attention(const LayerWeights& w, const at::Tensor& h, const at::Tensor& cos,
+                       const at::Tensor& sin, const at::Tensor& mask, KVCache* cache,
+                       int64_t layer, const at::Tensor& starts, int64_t kv_len) {
+    const ModelConfig& c = config;
+    const int64_t B = h.size(0), T = h.size(1), hd = c.head_size();
+    const int64_t nh = c.num_attention_heads / groups.tp_size();
+    const int64_t nkv = c.num_key_value_heads / groups.tp_size();
+    at::Tensor q = dense(h, w.q, w.q_bias).view({B, T, nh, hd}).transpose(1, 2);
+    at::Tensor k = dense(h, w.k, w.k_bias).view({B, T, nkv, hd}).transpose(1, 2);
+    at::Tensor v = dense(h, w.v, w.v_bias).view({B, T, nkv, hd}).transpose(1, 2);
+    q = q * cos + rotate_half(q) * sin;
+    k = k * cos + rotate_half(k) * sin;
+    if (cache) {
+      at::Tensor& kc = cache->key(layer);
+      at::Tensor& vc = cache->value(layer);
+      // Write each sequence's new entries at its own offset.
+      auto st = starts.accessor<int64_t, 1>();
+      for (int64_t b = 0; b < B; ++b) {
+        kc[b].narrow(1, st[b], T).copy_(k[b]);
+        vc[b].narrow(1, st[b], T).copy_(v[b]);
+      }
+      k = kc.narrow(2, 0, kv_len);
+      v = vc.narrow(2, 0, kv_len);
+    }
+    const int64_t rep = nh / nkv;
+    if (rep > 1) {
+      const int64_t L = k.size(2);
+      k = k.unsqueeze(2).expand({B, nkv, rep, L, hd}).reshape({B, nh, L, hd});
+      v = v.unsqueeze(2).expand({B, nkv, rep, L, hd}).reshape({B, nh, L, hd});
+    }
+    at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(hd)));
+    scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
+    at::Tensor probs = at::softmax(scores.to(at::kFloat), -1).to(q.scalar_type());
+    at::Tensor out = at::matmul(probs, v).transpose(1, 2).reshape({B, T, nh * hd});
+    return dense(out, w.o);
+  }
+
+  // MoE MLP over flattened tokens x [N, H] (replicated over tp). Returns the
+  // tp-partial output and adds the layer's aux loss / load / routing.
+  at::Tensor moe(const LayerWeights& w, const at::Tensor& x, int64_t layer, ForwardOutput& out,
+                 bool record, std::vector<at::Tensor>& loads) {
+    const ModelConfig& c = config;
+    const int64_t N = x.size(0), E = c.num_experts, K = c.num_experts_per_tok;
+    at::Tensor logits = dense(x, w.router).to(at::kFloat);  // [N, E]
+    at::Tensor probs = at::softmax(logits, -1);
+    auto [top_w, top_e] = probs.topk(K, -1);
+    if (c.norm_topk_prob) top_w = top_w / top_w.sum(-1, true);
+    top_w = top_w.to(x.scalar_type());
+
+    // Load statistics and auxiliary losses (Switch load balancing, ST-MoE z-loss).
+    at::Tensor counts = at::zeros({E}, at::kFloat).index_add_(
+        0, top_e.reshape({-1}), at::ones({N * K}, at::kFloat));
+    loads.push_back(counts);
+    if (N > 0 && (c.router_aux_loss_coef > 0 || c.router_z_loss_coef > 0)) {
+      at::Tensor frac = counts / static_cast<double>(N * K);
+      at::Tensor mean_prob = probs.mean(0);
+      at::Tensor aux = (frac * mean_prob).sum() * static_cast<double>(E) * c.router_aux_loss_coef;
+      if (c.router_z_loss_coef > 0) aux = aux + logits.logsumexp(-1).pow(2).mean() * c.router_z_loss_coef;
+      out.aux_loss = out.aux_loss.defined() ? out.aux_loss + aux : aux;
+    }
+    if (record) {
+      out.routing.push_back({layer, top_e.detach().clone(), top_w.detach().to(at::kFloat).clone(),
+                             probs.detach().clone()});
+    }
+
+    // Sort assignments by expert (stable: token order within an expert).
+    at::Tensor flat_e = top_e.reshape({-1});
+    at::Tensor order = std::get<1>(flat_e.sort(/*stable=*/true, 0, false));
+    at::Tensor sorted_e = flat_e.index_select(0, order);
+    at::Tensor keep;  // capacity: drop assignments past each expert's capacity
+    if (c.capacity_factor > 0) {
+      const int64_t capacity = static_cast<int64_t>(std::ceil(c.capacity_factor * N * K / E));
+      at::Tensor per_expert = at::zeros({E}, at::kLong).index_add_(0, flat_e, at::ones_like(flat_e));
+      at::Tensor starts = per_expert.cumsum(0) - per_expert;
+      at::Tensor rank_in_expert = at::arange(N * K, at::kLong) - starts.index_select(0, sorted_e);
+      keep = rank_in_expert < capacity;
+      order = order.masked_select(keep);
+      sorted_e = sorted_e.masked_select(keep);
+    }
+    at::Tensor expert_counts = at::zeros({E}, at::kLong).index_add_(0, sorted_e, at::ones_like(sorted_e));
+    at::Tensor rows = x.index_select(0, order.div(K, "floor"));
+
+    // Expert parallel: send each expert's rows to its owner.
+    const int ep = groups.ep_size();
+    std::vector<int64_t> send_splits(ep, 0), recv_splits(ep, 0);
+    at::Tensor count_matrix = expert_counts.view({1, E});
+    if (ep > 1) {
+      auto ec = expert_counts.accessor<int64_t, 1>();
+      for (int64_t j = 0; j < E; ++j) send_splits[j / experts_per_rank] += ec[j];
+      count_matrix = at::empty({ep, E}, at::kLong);
+      groups.ep->all_gather(count_matrix, expert_counts.view({1, E})).wait();
+      auto cm = count_matrix.accessor<int64_t, 2>();
+      for (int s = 0; s < ep; ++s) {
+        for (int64_t j = first_expert; j < first_expert + experts_per_rank; ++j) recv_splits[s] += cm[s][j];
+      }
+      rows = all_to_all_rows(rows, groups.ep, recv_splits, send_splits);
+    }
+
+    // Rows arrive grouped by source rank, then by expert: run each local
+    // expert once on its rows from every source, then put the results back
+    // in arrival order for the return trip.
+    const int sources = ep;
+    auto cm = count_matrix.accessor<int64_t, 2>();
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> spans(experts_per_rank);  // (offset, rows)
+    int64_t offset = 0;
+    for (int s = 0; s < sources; ++s) {
+      for (int64_t j = first_expert; j < first_expert + experts_per_rank; ++j) {
+        spans[j - first_expert].push_back({offset, cm[s][j]});
+        offset += cm[s][j];
+      }
+    }
+    std::vector<at::Tensor> ordered(sources * experts_per_rank);
+    for (int64_t e = 0; e < experts_per_rank; ++e) {
+      std::vector<at::Tensor> ins;
+      for (auto [off, n] : spans[e]) ins.push_back(rows.narrow(0, off, n));
+      at::Tensor in = ins.size() == 1 ? ins[0] : at::cat(ins, 0);
+      const ExpertWeights& ew = w.experts[e];
+      at::Tensor y = swiglu(in, ew.gate, ew.up, ew.down);
+      int64_t pos = 0;
+      for (int s = 0; s < sources; ++s) {
+        int64_t n = spans[e][s].second;
+        ordered[s * experts_per_rank + e] = y.narrow(0, pos, n);
+        pos += n;
+      }
+    }
+    at::Tensor back = at::cat(ordered, 0);
+    if (ep > 1) back = all_to_all_rows(back, groups.ep, send_splits, recv_splits);
+
+    // Combine: each kept assignment's output times its weight, summed per token.
+    at::Tensor weights = top_w.reshape({-1}).index_select(0, order).unsqueeze(1);
+    at::Tensor result = at::zeros({N, x.size(1)}, x.options())
+                            .index_add(0, order.div(K, "floor"), back * weights);
+    if (c.shared_expert_intermediate_size > 0) {
+      at::Tensor shared = swiglu(x, w.shared.gate, w.shared.up, w.shared.down);
+      // The sigmoid gate is replicated; the shared expert's output is
+      // tp-partial like the experts', so the gate applies to each part.
+      result = result + at::sigmoid(dense(x, w.shared_gate)) * shared;
+    }
+    return result;
+  }
+};
+
+Transformer::Transformer(ModelConfig config, ParallelGroups groups, at::ScalarType dtype)
+    : impl_(std::make_unique<Impl>()) {
+  config.validate();
+  Impl& m = *impl_;
+  m.config = std::move(config);
+  m.groups = std::move(groups);
+  m.dtype = dtype;
+  const ModelConfig& c = m.config;
+  const int tp = m.groups.tp_size(), ep = m.groups.ep_size();
+  TESSERA_CHECK(c.num_key_value_heads % tp == 0 && c.num_attention_heads % tp == 0,
+                InvalidArgument, "tensor parallel size ", tp, " must divide the ",
+                c.num_attention_heads, " attention and ", c.num_key_value_heads, " kv heads");
+  if (c.num_experts > 0) {
+    TESSERA_CHECK(c.num_experts % ep == 0, InvalidArgument, "expert parallel size ", ep,
+                  " must divide num_experts=", c.num_experts);
+    m.experts_per_rank = c.num_experts / ep;
+    m.first_expert = m.groups.ep_rank() * m.experts_per_rank;
+  } else {
+    TESSERA_CHECK(ep == 1, InvalidArgument, "expert parallelism needs a MoE model");
+  }
+  for (int r = 0; r < tp; ++r) m.vocab_sizes.push_back(split_range(c.vocab_size, tp, r).second);
+  std::tie(m.vocab_start, m.vocab_local) = split_range(c.vocab_size, tp, m.groups.tp_rank());
+  m.specs = param_specs(c);
+  const int me = replica_rank();
+  for (size_t i = 0; i < m.specs.size(); ++i) {
+    const ParamSpec& s = m.specs[i];
+    m.spec_index[s.name] = i;
+    if (!m.owns(s)) continue;
+    auto shape = m.layout_for(s).local_shape(me);
+    m.param_index[s.name] = m.params.size();
+    m.params.push_back({s.name, at::zeros(shape, at::TensorOptions().dtype(dtype))});
+  }
+  m.inv_freq = rope_inv_freq(c);
+  m.bind();
+}
+
+Transformer::~Transformer() = default;
+Transformer::Transformer(Transformer&&) noexcept = default;
+Transformer& Transformer::operator=(Transformer&&) noexcept = default;
+
+const ModelConfig& Transformer::config() const { return impl_->config; }
+const ParallelGroups& Transformer::groups() const { return impl_->groups; }
+const std::vector<std::pair<std::string, at::Tensor>>& Transformer::named_parameters() const {
+  return impl_->params;
+}
+at::Tensor& Transformer::parameter(const std::string& name) { return impl_->param(name); }
+bool Transformer::has_parameter(const std::string& name) const {
+  return impl_->param_index.count(name) > 0;
+}
+int Transformer::replica_rank() const {
+  return impl_->groups.ep_rank() * impl_->groups.tp_size() + impl_->groups.tp_rank();
+}
+
+std::vector<std::string> Transformer::full_parameter_names() const {
+  std::vector<std::string> names;
+  for (const auto& s : impl_->specs) names.push_back(s.name);
+  return names;
+}
+
+std::vector<int64_t> Transformer::full_shape(const std::string& name) const {
+  auto it = impl_->spec_index.find(name);
+  TESSERA_CHECK(it != impl_->spec_index.end(), InvalidArgument, "model (", impl_->config.model_type,
+                ") has no parameter named '", name, "'");
+  return impl_->specs[it->second].shape;
+}
+
+dist::Layout Transformer::layout_of(const std::string& name) const {
+  auto it = impl_->spec_index.find(name);
+  TESSERA_CHECK(it != impl_->spec_index.end(), InvalidArgument, "model has no parameter named '",
+                name, "'");
+  return impl_->layout_for(impl_->specs[it->second]);
+}
+
+void Transformer::load_full(const std::string& name, const at::Tensor& full) {
+  auto shape = full_shape(name);
+  TESSERA_CHECK(full.sizes() == at::IntArrayRef(shape), InvalidArgument, "parameter '", name,
+                "': expected shape ", shape_string(shape), ", got ", shape_string(full.sizes()));
+  if (!has_parameter(name)) return;  // an expert another ep rank owns
+  at::NoGradGuard no_grad;
+  at::Tensor local = dist::extract_local(layout_of(name), replica_rank(), full.to(impl_->dtype));
+  parameter(name).copy_(local);
+}
+
+void Transformer::init_random(uint64_t seed) {
+  at::NoGradGuard no_grad;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  for (const auto& s : impl_->specs) {
+    // Every rank draws every full tensor in the same order, so shards of
+    // any layout come from the same full model.
+    bool norm = s.name.find("norm.weight") != std::string::npos;
+    at::Tensor full = norm ? at::ones(s.shape) : at::normal(0.0, 0.02, s.shape, gen);
+    if (s.name.find(".bias") != std::string::npos) full.zero_();
+    load_full(s.name, full);
+  }
+}
+
+void Transformer::set_requires_grad(bool requires_grad) {
+  for (auto& [name, t] : impl_->params) t.requires_grad_(requires_grad);
+}
+
+int64_t Transformer::num_local_parameters() const {
+  int64_t n = 0;
+  for (const auto& [name, t] : impl_->params) n += t.numel();
+  return n;
+}
+
+ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOptions& options) {
+  Impl& m = *impl_;
+  const ModelConfig& c = m.config;
+  TESSERA_CHECK(input_ids.dim() == 2 && input_ids.scalar_type() == at::kLong, InvalidArgument,
+                "forward: input_ids must be int64 [batch, tokens], got ",
+                dtype_name(input_ids.scalar_type()), " ", shape_string(input_ids.sizes()));
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  TESSERA_CHECK(T >= 1, InvalidArgument, "forward: empty input");
+  KVCache* cache = options.cache;
+  at::Tensor lengths = options.lengths.defined() ? options.lengths.to(at::kLong).cpu()
+                                                 : at::full({B}, T, at::kLong);
+  at::Tensor starts = cache ? cache->lengths().clone() : at::zeros({B}, at::kLong);
+  if (cache) {
+    TESSERA_CHECK(cache->batch() == B, InvalidArgument, "forward: cache holds ", cache->batch(),
+                  " sequences, input has ", B);
+    TESSERA_CHECK((starts + T).max().item<int64_t>() <= cache->max_length(), ResourceExhausted,
+                  "forward: ", T, " more tokens overflow the KV cache of ", cache->max_length());
+  }
+  const int64_t kv_len = cache ? (starts + T).max().item<int64_t>() : T;
+
+  // Positions [B, T] and RoPE tables [B, 1, T, hd].
+  at::Tensor positions = starts.unsqueeze(1) + at::arange(T, at::kLong).unsqueeze(0);
+  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * m.inv_freq;  // [B, T, hd/2]
+  at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
+  at::Tensor cos = emb.cos().to(m.dtype), sin = emb.sin().to(m.dtype);
+  // Mask [B, 1, T, kv_len]: key j is hidden from query i when j is beyond
+  // the query's own position, or beyond the sequence's real tokens.
+  at::Tensor key_pos = at::arange(kv_len, at::kLong).view({1, 1, kv_len});
+  at::Tensor end = (starts + lengths).view({B, 1, 1});
+  at::Tensor mask = ((key_pos > positions.unsqueeze(-1)) | (key_pos >= end)).unsqueeze(1);
+
+  // Vocabulary-parallel embedding: each rank looks up its shard's ids.
+  at::Tensor x;
+  if (m.groups.tp_size() > 1) {
+    at::Tensor local = input_ids - m.vocab_start;
+    at::Tensor inside = (local >= 0) & (local < m.vocab_local);
+    at::Tensor part = at::embedding(m.embed, at::where(inside, local, at::zeros_like(local)));
+    part = part * inside.unsqueeze(-1).to(part.scalar_type());
+    x = reduce_from_group(part, m.groups.tp);
+  } else {
+    TESSERA_CHECK(input_ids.numel() == 0 ||
+                      (input_ids.min().item<int64_t>() >= 0 &&
+                       input_ids.max().item<int64_t>() < c.vocab_size),
+                  InvalidArgument, "forward: token id outside the vocabulary of ", c.vocab_size);
+    x = at::embedding(m.embed, input_ids);
+  }
+
+  ForwardOutput out;
+  std::vector<at::Tensor> loads;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerWeights& w = m.layers[l];
+    at::Tensor h = copy_to_group(rms_norm(x, w.input_norm, c.rms_norm_eps), m.groups.tp);
+    x = x + reduce_from_group(m.attention(w, h, cos, sin, mask, cache, l, starts, kv_len), m.groups.tp);
+    h = copy_to_group(rms_norm(x, w.post_norm, c.rms_norm_eps), m.groups.tp);
+    at::Tensor mlp;
+    if (w.moe) {
+      mlp = m.moe(w, h.reshape({B * T, c.hidden_size}), l, out, options.record_routing, loads)
+                .view({B, T, c.hidden_size});
+    } else {
+      mlp = swiglu(h, w.gate, w.up, w.down);
+    }
+    x = x + reduce_from_group(mlp, m.groups.tp);
+  }
+  if (cache) cache->set_lengths(starts + lengths);
+
+  at::Tensor h = rms_norm(x, m.final_norm, c.rms_norm_eps);
+  if (options.last_logits_only) {
+    at::Tensor last = (lengths - 1).clamp_min(0);
+    h = h.gather(1, last.view({B, 1, 1}).expand({B, 1, h.size(2)}).to(h.device()));
+  }
+  at::Tensor logits = dense(copy_to_group(h, m.groups.tp), m.lm_head);
+  if (options.gather_logits) logits = gather_last_dim(logits, m.groups.tp, m.vocab_sizes);
+  out.logits = logits;
+  if (!out.aux_loss.defined()) out.aux_loss = at::zeros({}, at::kFloat);
+  if (!loads.empty()) out.expert_load = at::stack(loads);
+  return out;
+}
+
+Transformer::Loss Transformer::loss(const at::Tensor& input_ids, const at::Tensor& labels) {
+  Impl& m = *impl_;
+  check_shape(labels, input_ids.sizes(), "loss: labels");
+  ForwardOptions opts;
+  opts.gather_logits = false;
+  ForwardOutput out = forward(input_ids, opts);
+  at::Tensor flat_logits = out.logits.reshape({-1, out.logits.size(-1)});
+  at::Tensor targets = labels.reshape({-1}).to(at::kLong);
+  at::Tensor per_token =
+      detail::vocab_parallel_cross_entropy(flat_logits, targets, m.vocab_start, m.groups.tp);
+  int64_t n = (targets != -100).sum().item<int64_t>();
+  Loss result;
+  at::Tensor ce = per_token.sum() / static_cast<double>(std::max<int64_t>(n, 1));
+  result.total = ce + out.aux_loss;
+  result.ce = ce.detach();
+  result.aux = out.aux_loss.detach();
+  result.tokens = n;
+  result.expert_load = out.expert_load;
+  return result;
+}
+
+UpcycledModel upcycle_to_moe(const ModelConfig& dense,
+                             const std::map<std::string, at::Tensor>& dense_weights,
+                             int64_t num_experts, int64_t top_k, uint64_t seed) {
+  TESSERA_CHECK(dense.num_experts == 0, InvalidArgument, "upcycle_to_moe: model is already MoE");
+  TESSERA_CHECK(dense.model_type == "llama", InvalidArgument,
+                "upcycle_to_moe: only llama-style dense models are upcycled (got ",
+                dense.model_type, ")");
+  UpcycledModel up;
+  up.config = dense;
+  up.config.model_type = "mixtral";
+  up.config.num_experts = num_experts;
+  up.config.num_experts_per_tok = top_k;
+  up.config.norm_topk_prob = true;
+  up.config.validate();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  for (const auto& [name, t] : dense_weights) {
+    auto pos = name.find(".mlp.");
+    if (pos == std::string::npos) {
+      up.weights[name] = t;
+      continue;
+    }
+    const std::string prefix = name.substr(0, pos) + ".block_sparse_moe.";
+    const std::string which = name.substr(pos + 5);  // gate_proj.weight, ...
+    const std::string target = which == "gate_proj.weight" ? "w1.weight"
+                               : which == "up_proj.weight" ? "w3.weight"
+                                                           : "w2.weight";
+    for (int64_t j = 0; j < num_experts; ++j) {
+      up.weights[prefix + "experts." + std::to_string(j) + "." + target] = t;
+    }
+    if (which == "gate_proj.weight") {
+      up.weights[prefix + "gate.weight"] =
+          at::normal(0.0, 0.02, {num_experts, dense.hidden_size}, gen).to(t.scalar_type());
+    }
+  }
+  return up;
+}
+
+}  // namespace tessera::nn
