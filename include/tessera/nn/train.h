@@ -1,0 +1,151 @@
+// tessera/nn/train.h — optimiser, data and the training loop.
+//
+// AdamW (decoupled weight decay) runs either plainly or as ZeRO-1: each
+// data-parallel rank keeps the optimiser state (and fp32 master copy) of
+// one contiguous slice of the flattened parameters, gradients arrive by
+// reduce_scatter, and updated parameters return by all_gather. Both give
+// the same parameters after every step (the update is elementwise).
+// Data-parallel gradients are averaged in buckets (one all_reduce per
+// ~25 MiB) rather than per tensor.
+//
+//   tessera::nn::Trainer trainer(model, opts, {dp_group});
+//   for (int64_t step = 0; step < opts.steps; ++step) {
+//     auto batch = data.batch(step, dp_rank, dp_size);
+//     auto stats = trainer.step(batch.input_ids, batch.labels);
+//   }
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tessera/dist/process_group.h"
+#include "tessera/nn/model.h"
+
+namespace tessera::nn {
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;  // applied to matrices only (dim >= 2), not norms or biases
+};
+
+class AdamW {
+ public:
+  // `params` must have gradients when step() runs. With `zero_group`, state
+  // is sharded over that group (ZeRO-1) and step() is collective over it;
+  // gradients must NOT have been averaged already (step() reduce-scatters
+  // and averages them).
+  //
+  // The gradient norm for clipping is global: with a model-parallel
+  // `norm_group` (tensor parallel), squared norms are summed over it, each
+  // parameter weighted by `norm_weights[i]` (1 for sharded parameters, 1/tp
+  // for ones replicated over tp, so they count once). Empty: all 1.
+  AdamW(std::vector<at::Tensor> params, AdamWOptions options,
+        std::shared_ptr<dist::ProcessGroup> zero_group = nullptr,
+        std::shared_ptr<dist::ProcessGroup> norm_group = nullptr,
+        std::vector<double> norm_weights = {});
+  ~AdamW();
+  AdamW(AdamW&&) noexcept;
+
+  // One update with learning rate `lr`. Returns the global gradient norm
+  // before clipping; gradients are clipped to `max_grad_norm` (0: off).
+  double step(double lr, double max_grad_norm = 0.0);
+  void zero_grad();
+  int64_t steps() const;
+  // Bytes of optimiser state held by this rank (m, v and, under ZeRO, the
+  // master slice).
+  int64_t state_bytes() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Averages gradients over `group` in buckets of about `bucket_bytes`.
+void all_reduce_gradients(const std::vector<at::Tensor>& params, dist::ProcessGroup& group,
+                          int64_t bucket_bytes = int64_t{25} << 20);
+
+// Linear warm-up to `max_lr` over `warmup` steps, then cosine decay to
+// `min_lr` at `total` steps (and `min_lr` after).
+double warmup_cosine_lr(int64_t step, int64_t warmup, int64_t total, double max_lr, double min_lr);
+
+// A file of token ids (uint16 or uint32, little-endian), memory-mapped.
+// Batches are windows of seq_len + 1 tokens at offsets drawn from a seeded
+// permutation: batch(step, rank, world) gives every data-parallel rank
+// disjoint windows, and the union over ranks equals batch(step, 0, 1) of a
+// world_size-times larger batch, so dp=N training sees the same data as one
+// rank with the global batch.
+class TokenDataset {
+ public:
+  static TokenDataset open(const std::string& path, int bytes_per_token = 2);
+  // Writes ids as a token file (atomically).
+  static void write(const std::string& path, const std::vector<int64_t>& ids, int bytes_per_token = 2);
+  int64_t num_tokens() const;
+
+  struct Batch {
+    at::Tensor input_ids;  // [batch, seq_len] int64
+    at::Tensor labels;     // [batch, seq_len] int64, input shifted by one
+  };
+  // `global_batch` windows per step, split evenly over `world` ranks.
+  Batch batch(int64_t step, int64_t global_batch, int64_t seq_len, int rank = 0, int world = 1,
+              uint64_t seed = 0) const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+};
+
+// Synthetic arithmetic questions with checkable answers, e.g.
+// "Q: 37+48=? A: 85\n". Deterministic given the seed.
+struct ArithmeticExample {
+  std::string prompt;  // "Q: 37+48=? A: "
+  std::string answer;  // "85"
+};
+std::vector<ArithmeticExample> arithmetic_examples(int64_t count, uint64_t seed, int max_operand = 99);
+// Checks a completion: the first number in it equals the answer.
+bool arithmetic_correct(const ArithmeticExample& example, const std::string& completion);
+
+struct TrainerOptions {
+  int64_t steps = 100;
+  double lr = 3e-3;
+  double min_lr = 3e-4;
+  int64_t warmup = 10;
+  double max_grad_norm = 1.0;
+  int64_t grad_accumulation = 1;  // micro-batches per step
+  bool zero1 = false;
+  AdamWOptions adamw;
+};
+
+struct StepStats {
+  int64_t step = 0;
+  double loss = 0;       // mean cross-entropy over the global batch
+  double aux_loss = 0;
+  double grad_norm = 0;
+  double lr = 0;
+  double tokens_per_second = 0;  // global
+  at::Tensor expert_load;        // [moe layers, experts], summed over the global batch
+};
+
+class Trainer {
+ public:
+  // `dp` (may be null) is the data-parallel group; model parallel groups
+  // come from the model.
+  Trainer(Transformer& model, TrainerOptions options,
+          std::shared_ptr<dist::ProcessGroup> dp = nullptr);
+  ~Trainer();
+  // One optimiser step over `input_ids`/`labels` [B, T] (this rank's part of
+  // the global batch; split into grad_accumulation micro-batches).
+  StepStats step(const at::Tensor& input_ids, const at::Tensor& labels);
+  AdamW& optimizer();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tessera::nn
