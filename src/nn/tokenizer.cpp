@@ -621,6 +621,21 @@ Tokenizer Tokenizer::from_spec(TokenizerSpec spec) {
   return Tokenizer(Impl::build(std::move(spec), "TokenizerSpec"));
 }
 
+Tokenizer Tokenizer::bytes(const std::vector<std::string>& specials) {
+  TokenizerSpec spec;
+  for (int b = 0; b < 256; ++b) spec.vocab.push_back(byte_symbol(static_cast<uint8_t>(b)));
+  for (size_t i = 0; i < specials.size(); ++i) {
+    AddedToken t;
+    t.content = specials[i];
+    t.id = static_cast<int32_t>(256 + i);
+    t.special = true;
+    spec.added.push_back(t);
+  }
+  spec.pre = PreTokenizerKind::kNone;
+  if (!specials.empty()) spec.bos_id = spec.eos_id = 256;
+  return from_spec(std::move(spec));
+}
+
 Tokenizer Tokenizer::from_gpt2_files(const std::string& encoder_json,
                                      const std::string& vocab_bpe) {
   const json encoder = parse_json(read_file(encoder_json, "GPT-2 encoder.json"), encoder_json);

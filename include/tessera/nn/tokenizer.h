@@ -135,6 +135,10 @@ class Tokenizer {
   // vocab.bpe (a "#version" line, then one "a b" merge per line). Uses the
   // GPT-2 pre-tokenizer; "<|endoftext|>", when present, becomes a special
   // added token and the BOS and EOS id.
+  // A byte-level tokenizer without merges: ids 0..255 are the bytes, then
+  // `specials` as special added tokens (256, 257, ...). The first special,
+  // if any, is BOS and EOS. For small models trained from scratch.
+  [[nodiscard]] static Tokenizer bytes(const std::vector<std::string>& specials = {});
   [[nodiscard]] static Tokenizer from_gpt2_files(const std::string& encoder_json,
                                                  const std::string& vocab_bpe);
 

