@@ -19,6 +19,10 @@ packages=(
   libspdlog-dev libfmt-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  # Debian's PyTorch for /usr/bin/python3: the independent reference forward
+  # the model tests compare against, and the PyTorch-eager side of the
+  # benchmarks (same LibTorch, same BLAS, same threads).
+  python3-torch
 )
 
 sudo_cmd=()

@@ -9,7 +9,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 
 #include "tessera/core/error.h"
 #include "tessera/nn/generate.h"
@@ -163,6 +165,61 @@ TEST(SmolLM2, AnswersSimplePromptsGreedily) {
     for (auto& ch : want) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
     EXPECT_NE(lower.find(want), std::string::npos) << cases[i].prompt << " -> " << text;
   }
+}
+
+}  // namespace
+}  // namespace tessera::nn
+
+namespace tessera::nn {
+namespace {
+
+// SmolLM2's tokenizer.json uses Sequence[Digits(individual), ByteLevel]; its
+// GGUF file says pre = "smollm". Build the tokenizer.json form from the
+// GGUF's vocabulary and merges and check both paths encode alike.
+TEST(SmolLM2, GgufTokenizerEncodesLikeItsTokenizerJson) {
+  std::string path = smollm2_path();
+  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not installed";
+  GgufModel g = read_gguf_model(path);
+  nlohmann::json vocab = nlohmann::json::object(), merges = nlohmann::json::array(),
+                 added = nlohmann::json::array();
+  for (size_t i = 0; i < g.tokenizer.vocab.size(); ++i) vocab[g.tokenizer.vocab[i]] = i;
+  for (const auto& [a, b] : g.tokenizer.merges) merges.push_back(a + " " + b);
+  for (const auto& t : g.tokenizer.added) {
+    added.push_back({{"id", t.id}, {"content", t.content}, {"single_word", false}, {"lstrip", false},
+                     {"rstrip", false}, {"normalized", false}, {"special", t.special}});
+  }
+  nlohmann::json tj = {
+      {"version", "1.0"},
+      {"added_tokens", added},
+      {"normalizer", nullptr},
+      {"pre_tokenizer",
+       {{"type", "Sequence"},
+        {"pretokenizers",
+         {{{"type", "Digits"}, {"individual_digits", true}},
+          {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}}}}},
+      {"post_processor", nullptr},
+      {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
+      {"model",
+       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
+        {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false},
+        {"vocab", vocab}, {"merges", merges}}}};
+  std::string file = ::testing::TempDir() + "/tessera_smollm2_tokenizer_" + std::to_string(getpid()) + ".json";
+  {
+    std::ofstream out(file);
+    out << tj.dump();
+  }
+  auto from_json = Tokenizer::from_tokenizer_json(file);
+  auto from_gguf = Tokenizer::from_spec(g.tokenizer);
+  std::remove(file.c_str());
+  for (const std::string text :
+       {std::string("What is 1234+5678? Answer in 3 words."),
+        format_chat(g.chat_template, {{"user", "Hello there!\n  How are you?  "}}),
+        std::string("Ünïcödé — naïve café, 我哋去飲茶 🍵, tabs\tand\r\nnewlines"),
+        std::string("   leading spaces and trailing   ")}) {
+    EXPECT_EQ(from_json.encode(text), from_gguf.encode(text)) << text;
+  }
+  EXPECT_EQ(from_gguf.token_to_id("<|im_start|>"), 1);
+  EXPECT_EQ(from_gguf.token_to_id("<|im_end|>"), 2);
 }
 
 }  // namespace

@@ -1,0 +1,12 @@
+# Fails unless DOC contains SNIPPET's text verbatim, then runs PROGRAM.
+file(READ "${DOC}" doc)
+file(READ "${SNIPPET}" snippet)
+string(FIND "${doc}" "${snippet}" at)
+if(at EQUAL -1)
+  message(FATAL_ERROR "${DOC} does not show ${SNIPPET} verbatim; copy the file into the page")
+endif()
+execute_process(COMMAND "${PROGRAM}" RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message("${out}${err}")
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "${PROGRAM} exited with ${rc}")
+endif()
