@@ -176,10 +176,10 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   model.init_random(/*seed=*/7);
 
   tn::TrainerOptions opts;
-  opts.steps = 150;
+  opts.steps = 320;
   opts.lr = 3e-3;
   opts.min_lr = 3e-4;
-  opts.warmup = 15;
+  opts.warmup = 20;
   tn::Trainer trainer(model, opts, groups.ep ? nullptr : world);
   const int64_t global_batch = 16 * n, seq_len = 64;
   if (me == 0) {
@@ -195,7 +195,7 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
     auto stats = trainer.step(batch.input_ids, batch.labels);
     if (step == 0) first_loss = stats.loss;
     last_loss = stats.loss;
-    if (me == 0 && (step % 25 == 0 || step + 1 == opts.steps)) {
+    if (me == 0 && (step % 40 == 0 || step + 1 == opts.steps)) {
       at::Tensor load = stats.expert_load.sum(0);
       load = load / load.sum() * 100;
       std::printf("      step %3lld/%lld  loss %.3f  aux %.4f  lr %.1e  %6.0f tok/s  expert load %%:",
@@ -208,7 +208,7 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   }
 
   // Generate answers to questions the corpus never held (another seed).
-  auto questions = tn::arithmetic_examples(8, /*seed=*/99);
+  auto questions = tn::arithmetic_examples(32, /*seed=*/99);
   std::vector<std::vector<int64_t>> prompts;
   for (const auto& q : questions) {
     auto ids = tokenizer.encode(q.prompt);
