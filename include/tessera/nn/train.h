@@ -118,6 +118,13 @@ struct TrainerOptions {
   double max_grad_norm = 1.0;
   int64_t grad_accumulation = 1;  // micro-batches per step
   bool zero1 = false;
+  // Run forward and backward under LibTorch's CPU autocast in bfloat16
+  // (matmuls in bf16, parameters and optimiser state stay fp32). Uses the
+  // AVX-512 BF16 instructions where the CPU has them.
+  bool bf16_autocast = false;
+  // Log a progress line (loss, grad norm, lr, tokens/s, expert load) every
+  // this many steps on logger "nn" (0: never).
+  int64_t log_every = 0;
   AdamWOptions adamw;
 };
 

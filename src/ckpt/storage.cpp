@@ -1,0 +1,197 @@
+// Local POSIX storage: one fd per open file (RAII), pread/pwrite so I/O
+// threads share a file without a seek position.
+#include "tessera/ckpt/storage.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <system_error>
+
+#include "tessera/core/error.h"
+
+namespace tessera::ckpt {
+namespace {
+
+[[noreturn]] void throw_errno(int err, const std::string& what, const std::string& path) {
+  std::string msg = what + " '" + path + "': " + std::strerror(err);
+  switch (err) {
+    case ENOENT:
+    case ENOTDIR:
+      throw NotFound(msg);
+    case ENOSPC:
+    case EDQUOT:
+      throw ResourceExhausted(msg);
+    case EACCES:
+    case EPERM:
+    case EROFS:
+      throw InvalidArgument(msg);
+    default:
+      throw Internal(msg);
+  }
+}
+
+// Owns a file descriptor; closes it once.
+class Fd {
+ public:
+  explicit Fd(int fd = -1) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+  // Gives up ownership.
+  int release() {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+  // Closes and reports the error close(2) gives (NFS reports write errors here).
+  int close() {
+    int rc = fd_ >= 0 ? ::close(fd_) : 0;
+    fd_ = -1;
+    return rc;
+  }
+
+ private:
+  int fd_;
+};
+
+class PosixWritableFile : public WritableFile {
+ public:
+  PosixWritableFile(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  void write_at(uint64_t offset, const void* data, size_t size) override {
+    const char* p = static_cast<const char*>(data);
+    while (size > 0) {
+      // Linux writes at most ~2 GiB per call.
+      size_t n = std::min<size_t>(size, size_t{1} << 30);
+      ssize_t w = ::pwrite(fd_.get(), p, n, static_cast<off_t>(offset));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        throw_errno(errno, "writing", path_);
+      }
+      p += w;
+      offset += static_cast<uint64_t>(w);
+      size -= static_cast<size_t>(w);
+    }
+  }
+  void sync() override {
+    if (::fsync(fd_.get()) != 0) throw_errno(errno, "fsync of", path_);
+  }
+  void close() override {
+    if (fd_.close() != 0) throw_errno(errno, "closing", path_);
+  }
+  const std::string& path() const override { return path_; }
+
+ private:
+  std::string path_;
+  Fd fd_;
+};
+
+class PosixReadableFile : public ReadableFile {
+ public:
+  PosixReadableFile(std::string path, int fd, uint64_t size)
+      : path_(std::move(path)), fd_(fd), size_(size) {}
+  void read_at(uint64_t offset, size_t size, void* out) const override {
+    char* p = static_cast<char*>(out);
+    const uint64_t begin = offset;
+    while (size > 0) {
+      size_t n = std::min<size_t>(size, size_t{1} << 30);
+      ssize_t r = ::pread(fd_.get(), p, n, static_cast<off_t>(offset));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        throw_errno(errno, "reading", path_);
+      }
+      if (r == 0) {
+        TESSERA_THROW(DataLoss, "file '", path_, "' is truncated: reading bytes [", begin, ", ",
+                      begin + (offset - begin) + size, ") but the file has ", size_, " bytes");
+      }
+      p += r;
+      offset += static_cast<uint64_t>(r);
+      size -= static_cast<size_t>(r);
+    }
+  }
+  uint64_t size() const override { return size_; }
+  const std::string& path() const override { return path_; }
+
+ private:
+  std::string path_;
+  Fd fd_;
+  uint64_t size_;
+};
+
+class PosixStorage : public Storage {
+ public:
+  std::unique_ptr<WritableFile> create(const std::string& path) override {
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) throw_errno(errno, "creating", path);
+    return std::make_unique<PosixWritableFile>(path, fd);
+  }
+  std::unique_ptr<ReadableFile> open(const std::string& path) override {
+    int raw = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (raw < 0) throw_errno(errno, "opening", path);
+    Fd fd(raw);
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) throw_errno(errno, "stat of", path);
+    return std::make_unique<PosixReadableFile>(path, fd.release(),
+                                               static_cast<uint64_t>(st.st_size));
+  }
+  std::string read_all(const std::string& path) override {
+    auto file = open(path);
+    std::string text(file->size(), '\0');
+    file->read_at(0, text.size(), text.data());
+    return text;
+  }
+  void create_dirs(const std::string& path) override {
+    std::error_code ec;
+    std::filesystem::create_directories(path, ec);
+    if (ec) throw_errno(ec.value(), "creating directory", path);
+  }
+  void rename(const std::string& from, const std::string& to) override {
+    if (::rename(from.c_str(), to.c_str()) != 0) {
+      throw_errno(errno, "renaming '" + from + "' to", to);
+    }
+  }
+  void sync_dir(const std::string& path) override {
+    Fd fd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (fd.get() < 0) throw_errno(errno, "opening directory", path);
+    if (::fsync(fd.get()) != 0) throw_errno(errno, "fsync of directory", path);
+  }
+  std::vector<std::string> list(const std::string& dir) override {
+    std::vector<std::string> names;
+    std::error_code ec;
+    std::filesystem::directory_iterator it(dir, ec);
+    if (ec) throw_errno(ec.value(), "listing", dir);
+    for (const auto& entry : it) names.push_back(entry.path().filename().string());
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+  bool exists(const std::string& path) override {
+    struct stat st {};
+    return ::stat(path.c_str(), &st) == 0;
+  }
+  bool is_dir(const std::string& path) override {
+    struct stat st {};
+    return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+  }
+  void remove_all(const std::string& path) override {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+    if (ec) throw_errno(ec.value(), "removing", path);
+  }
+  void remove_file(const std::string& path) override {
+    if (::unlink(path.c_str()) != 0) throw_errno(errno, "removing", path);
+  }
+};
+
+}  // namespace
+
+std::shared_ptr<Storage> Storage::local() { return std::make_shared<PosixStorage>(); }
+
+}  // namespace tessera::ckpt
