@@ -1,0 +1,1216 @@
+// Save planning, asynchronous save with a collective commit, and box-wise
+// parallel loading. The format is described in docs/ckpt.md.
+#include "tessera/ckpt/checkpoint.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <future>
+#include <iomanip>
+#include <mutex>
+#include <random>
+#include <sstream>
+
+#include "crc32c.h"
+#include "tessera/core/error.h"
+#include "tessera/core/log.h"
+#include "tessera/core/metrics.h"
+#include "tessera/core/tensor.h"
+#include "tessera/core/thread_pool.h"
+
+namespace tessera::ckpt {
+
+using dist::Box;
+using detail::crc32c;
+
+// ---------------------------------------------------------------------------
+// State
+
+void State::add(const std::string& name, at::Tensor local, dist::Layout layout,
+                std::map<std::string, std::string> attrs) {
+  TESSERA_CHECK(!name.empty(), InvalidArgument, "checkpoint state: empty tensor name");
+  TESSERA_CHECK(local.defined(), InvalidArgument, "checkpoint state: tensor '", name,
+                "' is undefined; pass an empty tensor of the right dtype when this rank holds "
+                "nothing");
+  bool added =
+      entries.emplace(name, Entry{std::move(local), std::move(layout), std::move(attrs)}).second;
+  TESSERA_CHECK(added, InvalidArgument, "checkpoint state: tensor '", name, "' added twice");
+}
+
+void State::add_replicated(const std::string& name, at::Tensor tensor, int world_size) {
+  auto shape = tensor.sizes().vec();
+  add(name, std::move(tensor), dist::Layout::replicated(shape, world_size));
+}
+
+namespace {
+
+constexpr double kProgressSeconds = 10.0;
+
+std::string mib(uint64_t bytes) {
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(1) << static_cast<double>(bytes) / (1 << 20) << " MiB";
+  return out.str();
+}
+
+std::string rank_file_name(int rank) {
+  std::ostringstream out;
+  out << "rank_" << std::setw(5) << std::setfill('0') << rank << ".bin";
+  return out.str();
+}
+
+std::string parent_of(const std::string& dir) {
+  std::string d = dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  auto slash = d.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : d.substr(0, slash);
+}
+
+std::string strip_slash(std::string d) {
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  return d;
+}
+
+std::string join_ranks(const std::vector<int>& ranks) {
+  std::ostringstream out;
+  for (size_t i = 0; i < ranks.size(); ++i) out << (i ? ", " : "") << ranks[i];
+  return out.str();
+}
+
+int rank_of(const std::shared_ptr<dist::ProcessGroup>& g) { return g ? g->rank() : 0; }
+int size_of(const std::shared_ptr<dist::ProcessGroup>& g) { return g ? g->size() : 1; }
+
+// Every rank's `mine` (same length everywhere), concatenated in rank order.
+std::vector<int64_t> all_gather_ints(const std::shared_ptr<dist::ProcessGroup>& g,
+                                     const std::vector<int64_t>& mine) {
+  if (!g || g->size() == 1) return mine;
+  at::Tensor in = at::from_blob(const_cast<int64_t*>(mine.data()),
+                                {static_cast<int64_t>(mine.size())}, at::kLong)
+                      .clone();
+  at::Tensor out = at::empty({static_cast<int64_t>(mine.size()) * g->size()}, at::kLong);
+  g->all_gather(out, in).wait();
+  return std::vector<int64_t>(out.data_ptr<int64_t>(), out.data_ptr<int64_t>() + out.numel());
+}
+
+int64_t broadcast_int(const std::shared_ptr<dist::ProcessGroup>& g, int64_t value) {
+  if (!g || g->size() == 1) return value;
+  at::Tensor t = at::full({1}, value, at::kLong);
+  g->broadcast(t, 0).wait();
+  return t.item<int64_t>();
+}
+
+// FNV-1a over 64-bit words: a fingerprint of what every rank is about to
+// save, compared across ranks before anything is written.
+struct Fingerprint {
+  uint64_t h = 1469598103934665603ull;
+  void add(uint64_t v) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= (v >> (8 * i)) & 0xFF;
+      h *= 1099511628211ull;
+    }
+  }
+  void add(const std::string& s) {
+    add(s.size());
+    for (unsigned char c : s) {
+      h ^= c;
+      h *= 1099511628211ull;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Save plan: which rank writes which distinct box where. A pure function of
+// the layouts, so every rank computes the same plan without talking.
+
+struct PlanBox {
+  int entry = 0;  // index into SavePlan::names
+  Box box;
+  std::vector<int> ranks;  // holders
+  int writer = 0;
+  int64_t writer_local_offset = 0;  // element offset in the writer's local tensor
+  uint64_t bytes = 0;
+  uint64_t byte_offset = 0;  // in the writer's file
+  int first_block = 0;       // index into the writer's checksum list
+  int num_blocks = 0;
+};
+
+struct SavePlan {
+  std::vector<std::string> names;
+  std::vector<at::ScalarType> dtypes;
+  std::vector<std::vector<int64_t>> shapes;
+  std::vector<PlanBox> boxes;        // in (writer, entry, box) order: file order
+  std::vector<uint64_t> file_bytes;  // tensor bytes per rank's file
+  std::vector<int> blocks;           // checksum blocks per rank
+  int max_blocks = 0;
+};
+
+int64_t blocks_of(uint64_t bytes, uint64_t block) {
+  return static_cast<int64_t>((bytes + block - 1) / block);
+}
+
+std::shared_ptr<const SavePlan> build_plan(const State& state, int world, uint64_t block) {
+  auto plan = std::make_shared<SavePlan>();
+  struct Candidate {
+    int entry;
+    Box box;
+    std::vector<std::pair<int, int64_t>> holders;  // (rank, local offset), rank order
+    uint64_t bytes;
+  };
+  std::vector<Candidate> cands;
+  int e = 0;
+  for (const auto& [name, entry] : state.entries) {
+    const dist::Layout& layout = entry.layout;
+    TESSERA_CHECK(layout.covers_exactly(), InvalidArgument, "checkpoint save: tensor '", name,
+                  "': its layout does not tile the tensor (some element has no holder or two "
+                  "holders' boxes partially overlap): ",
+                  layout.to_string());
+    plan->names.push_back(name);
+    plan->dtypes.push_back(entry.local.scalar_type());
+    plan->shapes.push_back(layout.global_shape());
+    const uint64_t es = dtype_size(entry.local.scalar_type());
+    std::map<Box, std::vector<std::pair<int, int64_t>>> distinct;
+    for (int r = 0; r < world; ++r) {
+      for (const auto& c : layout.chunks(r)) {
+        if (c.box.numel() > 0) distinct[c.box].emplace_back(r, c.local_offset);
+      }
+    }
+    for (auto& [box, holders] : distinct) {
+      cands.push_back({e, box, std::move(holders), static_cast<uint64_t>(box.numel()) * es});
+    }
+    ++e;
+  }
+  // Largest first, each to the holder with the fewest bytes so far (ties:
+  // the lowest rank): replicated boxes are written once, spread evenly.
+  std::stable_sort(cands.begin(), cands.end(), [](const Candidate& a, const Candidate& b) {
+    if (a.bytes != b.bytes) return a.bytes > b.bytes;
+    if (a.entry != b.entry) return a.entry < b.entry;
+    return a.box < b.box;
+  });
+  std::vector<uint64_t> load(world, 0);
+  for (auto& c : cands) {
+    size_t best = 0;
+    for (size_t i = 1; i < c.holders.size(); ++i) {
+      if (load[c.holders[i].first] < load[c.holders[best].first]) best = i;
+    }
+    PlanBox pb;
+    pb.entry = c.entry;
+    pb.box = c.box;
+    for (const auto& h : c.holders) pb.ranks.push_back(h.first);
+    pb.writer = c.holders[best].first;
+    pb.writer_local_offset = c.holders[best].second;
+    pb.bytes = c.bytes;
+    load[pb.writer] += c.bytes;
+    plan->boxes.push_back(std::move(pb));
+  }
+  std::sort(plan->boxes.begin(), plan->boxes.end(), [](const PlanBox& a, const PlanBox& b) {
+    if (a.writer != b.writer) return a.writer < b.writer;
+    if (a.entry != b.entry) return a.entry < b.entry;
+    return a.box < b.box;
+  });
+  plan->file_bytes.assign(world, 0);
+  plan->blocks.assign(world, 0);
+  for (auto& pb : plan->boxes) {
+    pb.byte_offset = plan->file_bytes[pb.writer];
+    pb.first_block = plan->blocks[pb.writer];
+    pb.num_blocks = static_cast<int>(blocks_of(pb.bytes, block));
+    plan->file_bytes[pb.writer] += pb.bytes;
+    plan->blocks[pb.writer] += pb.num_blocks;
+  }
+  plan->max_blocks = *std::max_element(plan->blocks.begin(), plan->blocks.end());
+  return plan;
+}
+
+// Validates this rank's entries and fingerprints every rank's layouts.
+uint64_t fingerprint_state(const State& state, int rank, int world, uint64_t block) {
+  Fingerprint f;
+  f.add(static_cast<uint64_t>(world));
+  f.add(block);
+  for (const auto& [name, entry] : state.entries) {
+    const dist::Layout& l = entry.layout;
+    TESSERA_CHECK(entry.local.defined(), InvalidArgument, "checkpoint: tensor '", name,
+                  "' on rank ", rank, " is undefined");
+    TESSERA_CHECK(l.world_size() == world, InvalidArgument, "checkpoint: tensor '", name,
+                  "' has a layout over ", l.world_size(), " ranks but the group has ", world,
+                  " (rank ", rank, ")");
+    TESSERA_CHECK(entry.local.numel() == l.local_numel(rank), InvalidArgument,
+                  "checkpoint: tensor '", name, "' on rank ", rank, " has ", entry.local.numel(),
+                  " elements but its layout gives this rank ", l.local_numel(rank));
+    f.add(name);
+    f.add(dtype_name(entry.local.scalar_type()));
+    f.add(static_cast<uint64_t>(l.is_flat()));
+    for (int64_t s : l.global_shape()) f.add(static_cast<uint64_t>(s));
+    for (int r = 0; r < world; ++r) {
+      f.add(0xC0FFEEull + static_cast<uint64_t>(r));
+      for (const auto& c : l.chunks(r)) {
+        for (int64_t v : c.box.offset) f.add(static_cast<uint64_t>(v));
+        for (int64_t v : c.box.length) f.add(static_cast<uint64_t>(v));
+        f.add(static_cast<uint64_t>(c.local_offset));
+      }
+    }
+  }
+  return f.h;
+}
+
+// RNG states: [u32 count] then per entry [u32 name length][name][u64 size][bytes].
+std::string encode_blob(const std::map<std::string, std::string>& rng) {
+  std::string out;
+  auto put = [&out](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
+  uint32_t count = static_cast<uint32_t>(rng.size());
+  put(&count, 4);
+  for (const auto& [name, bytes] : rng) {
+    uint32_t n = static_cast<uint32_t>(name.size());
+    uint64_t b = bytes.size();
+    put(&n, 4);
+    put(name.data(), n);
+    put(&b, 8);
+    put(bytes.data(), bytes.size());
+  }
+  return out;
+}
+
+std::map<std::string, std::string> decode_blob(const std::string& blob, const std::string& where) {
+  std::map<std::string, std::string> rng;
+  size_t pos = 0;
+  auto take = [&](void* p, size_t n) {
+    TESSERA_CHECK(pos + n <= blob.size(), DataLoss, where, ": RNG state blob is truncated");
+    std::memcpy(p, blob.data() + pos, n);
+    pos += n;
+  };
+  uint32_t count = 0;
+  take(&count, 4);
+  for (uint32_t i = 0; i < count; ++i) {
+    uint32_t n = 0;
+    take(&n, 4);
+    std::string name(n, '\0');
+    take(name.data(), n);
+    uint64_t b = 0;
+    take(&b, 8);
+    TESSERA_CHECK(b <= blob.size() - pos, DataLoss, where, ": RNG state blob is truncated");
+    std::string bytes(b, '\0');
+    take(bytes.data(), b);
+    rng.emplace(std::move(name), std::move(bytes));
+  }
+  return rng;
+}
+
+// Logs progress at most every kProgressSeconds; thread-safe.
+class Progress {
+ public:
+  Progress(std::string what, uint64_t total) : what_(std::move(what)), total_(total) {}
+  void add(uint64_t bytes) {
+    uint64_t done = done_.fetch_add(bytes) + bytes;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (last_.seconds() < kProgressSeconds) return;
+    last_.reset();
+    TESSERA_LOG(Info, "ckpt") << what_ << ": " << mib(done) << " of " << mib(total_) << " ("
+                              << static_cast<int>(100.0 * done / std::max<uint64_t>(total_, 1))
+                              << "%, " << mib(static_cast<uint64_t>(done / watch_.seconds()))
+                              << "/s)";
+  }
+  uint64_t done() const { return done_.load(); }
+
+ private:
+  std::string what_;
+  uint64_t total_;
+  std::atomic<uint64_t> done_{0};
+  Stopwatch watch_;
+  std::mutex mu_;
+  Stopwatch last_;  // guarded by mu_
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Staging buffers: at most two (ping-pong), reused across saves.
+
+struct Staging {
+  at::Tensor bytes;  // kByte, capacity
+  bool in_use = false;
+};
+
+struct Checkpointer::Impl {
+  std::mutex mu;
+  std::condition_variable freed;
+  std::vector<std::unique_ptr<Staging>> staging;  // guarded by mu
+  std::map<uint64_t, std::shared_ptr<const SavePlan>> plans;  // used by the caller's thread only
+  // The coordinator runs each save's write phase (and, with a control
+  // group, its commit) in submission order. Declared last: destroyed first,
+  // finishing queued saves while the members above still exist.
+  ThreadPool coordinator{1};
+
+  // A buffer of at least `bytes`; blocks while two are in use.
+  std::shared_ptr<uint8_t> acquire(uint64_t bytes, bool pinned) {
+    std::unique_lock<std::mutex> lock(mu);
+    Staging* got = nullptr;
+    freed.wait(lock, [&] {
+      for (auto& s : staging) {
+        if (!s->in_use) return true;
+      }
+      return staging.size() < 2;
+    });
+    for (auto& s : staging) {
+      if (!s->in_use && (!got || s->bytes.numel() > got->bytes.numel())) got = s.get();
+    }
+    if (!got) {
+      staging.push_back(std::make_unique<Staging>());
+      got = staging.back().get();
+    }
+    if (static_cast<uint64_t>(got->bytes.numel()) < bytes || !got->bytes.defined()) {
+      got->bytes = at::Tensor();  // free the old one first
+      auto opts = at::TensorOptions().dtype(at::kByte).pinned_memory(pinned);
+      got->bytes = at::empty({static_cast<int64_t>(std::max<uint64_t>(bytes, 1))}, opts);
+    }
+    got->in_use = true;
+    uint8_t* ptr = got->bytes.data_ptr<uint8_t>();
+    // Returned to the pool when the last user (the write phase) lets go.
+    return std::shared_ptr<uint8_t>(ptr, [this, got](uint8_t*) {
+      std::lock_guard<std::mutex> l(mu);
+      got->in_use = false;
+      freed.notify_all();
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------
+// SaveHandle
+
+struct SaveHandle::Impl {
+  std::string dir, tmp_dir, file;
+  int rank = 0, world = 1;
+  std::shared_ptr<dist::ProcessGroup> group;
+  SaveOptions options;
+  std::shared_ptr<Storage> storage;
+  std::shared_ptr<const SavePlan> plan;
+  uint64_t nonce = 0;
+  // What rank 0 writes into the metadata (copied at save_async).
+  int64_t step = 0, data_position = 0;
+  std::map<std::string, std::string> user;
+  std::vector<std::map<std::string, std::string>> attrs;  // per plan entry
+
+  std::shared_ptr<uint8_t> staging;  // released when written
+  uint64_t rng_bytes = 0;
+
+  // Written by the write phase, read after io completes.
+  bool io_ok = false;
+  std::exception_ptr io_error;
+  std::vector<uint32_t> crcs;  // this rank's blocks, in file order
+  uint32_t rng_crc = 0;
+
+  std::shared_future<void> io;  // write phase (+ commit with a control group)
+  std::mutex mu;
+  bool finished = false;            // guarded by mu
+  std::exception_ptr outcome;       // guarded by mu
+  SaveStats stats;                  // guarded by mu after save_async returns
+  Stopwatch total;
+
+  void phase(SavePhase p) {
+    if (options.on_phase) options.on_phase(p);
+  }
+  void write_phase();
+  void commit(const std::shared_ptr<dist::ProcessGroup>& g);
+  void commit_rank0(const std::vector<int64_t>& gathered, int64_t per_rank);
+};
+
+void SaveHandle::Impl::write_phase() {
+  Stopwatch watch;
+  try {
+    storage->create_dirs(tmp_dir);
+    auto out = storage->create(tmp_dir + "/" + file);
+    const uint64_t tensor_bytes = plan->file_bytes[rank];
+    const uint64_t total = tensor_bytes + rng_bytes;
+    const uint64_t block = options.checksum_block;
+    // This rank's checksum blocks in file order: (file offset, length).
+    std::vector<std::pair<uint64_t, uint64_t>> blocks;
+    for (const auto& pb : plan->boxes) {
+      if (pb.writer != rank) continue;
+      for (uint64_t b = 0; b < pb.bytes; b += block) {
+        blocks.emplace_back(pb.byte_offset + b, std::min(block, pb.bytes - b));
+      }
+    }
+    crcs.assign(blocks.size(), 0);
+    Progress progress("saving " + dir, total);
+    {
+      ThreadPool pool(std::max<size_t>(1, options.io_threads));
+      std::vector<std::future<void>> done;
+      const uint64_t step_bytes = std::max(options.write_bytes, block);
+      size_t next_block = 0;
+      for (uint64_t begin = 0; begin < total; begin += step_bytes) {
+        const uint64_t end = std::min(total, begin + step_bytes);
+        // Blocks that start inside [begin, end) are checksummed by this task.
+        size_t first = next_block;
+        while (next_block < blocks.size() && blocks[next_block].first < end) ++next_block;
+        size_t last = next_block;
+        done.push_back(pool.submit([&, begin, end, first, last] {
+          const uint8_t* base = staging.get();
+          for (size_t k = first; k < last; ++k) {
+            crcs[k] = crc32c(base + blocks[k].first, blocks[k].second);
+          }
+          out->write_at(begin, base + begin, end - begin);
+          progress.add(end - begin);
+        }));
+      }
+      std::exception_ptr first_error;
+      for (auto& f : done) {
+        try {
+          f.get();
+        } catch (...) {
+          if (!first_error) first_error = std::current_exception();
+        }
+      }
+      if (first_error) std::rethrow_exception(first_error);
+    }
+    rng_crc = crc32c(staging.get() + tensor_bytes, rng_bytes);
+    staging.reset();  // back to the pool: the next save may stage now
+    phase(SavePhase::kFileWritten);
+    out->sync();
+    out->close();
+    phase(SavePhase::kFileSynced);
+    io_ok = true;
+  } catch (...) {
+    io_error = std::current_exception();
+    staging.reset();
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  stats.write_seconds = watch.seconds();
+  stats.bytes_written = io_ok ? plan->file_bytes[rank] + rng_bytes : 0;
+}
+
+void SaveHandle::Impl::commit_rank0(const std::vector<int64_t>& gathered, int64_t per_rank) {
+  phase(SavePhase::kBeforeCommit);
+  Metadata m;
+  m.world_size = world;
+  m.step = step;
+  m.data_position = data_position;
+  m.checksum_block = options.checksum_block;
+  m.user = user;
+  for (int r = 0; r < world; ++r) {
+    const int64_t* row = gathered.data() + r * per_rank;
+    const uint64_t rng_len = static_cast<uint64_t>(row[1]);
+    m.files.push_back({rank_file_name(r), plan->file_bytes[r] + rng_len});
+    m.rank_state.push_back({rank_file_name(r), plan->file_bytes[r], rng_len,
+                            static_cast<uint32_t>(row[2])});
+  }
+  for (size_t e = 0; e < plan->names.size(); ++e) {
+    TensorMeta tm;
+    tm.dtype = dtype_name(plan->dtypes[e]);
+    tm.shape = plan->shapes[e];
+    tm.attrs = attrs[e];
+    m.tensors.emplace(plan->names[e], std::move(tm));
+  }
+  for (const auto& pb : plan->boxes) {
+    SavedBox sb;
+    sb.box = pb.box;
+    sb.ranks = pb.ranks;
+    sb.file = rank_file_name(pb.writer);
+    sb.byte_offset = pb.byte_offset;
+    sb.byte_length = pb.bytes;
+    const int64_t* row = gathered.data() + pb.writer * per_rank + 3;
+    for (int k = 0; k < pb.num_blocks; ++k) {
+      sb.crc32c.push_back(static_cast<uint32_t>(row[pb.first_block + k]));
+    }
+    m.tensors.at(plan->names[pb.entry]).boxes.push_back(std::move(sb));
+  }
+  const std::string text = m.to_json(1);
+  auto meta = storage->create(tmp_dir + "/" + kMetadataFile);
+  meta->write_at(0, text.data(), text.size());
+  meta->sync();
+  meta->close();
+  storage->sync_dir(tmp_dir);
+  std::string old;
+  if (storage->exists(dir)) {
+    TESSERA_CHECK(options.overwrite, FailedPrecondition, "checkpoint '", dir,
+                  "' already exists (set SaveOptions::overwrite to replace it)");
+    old = dir + ".old-" + std::to_string(nonce);
+    storage->rename(dir, old);
+  }
+  storage->rename(tmp_dir, dir);
+  storage->sync_dir(parent_of(dir));
+  phase(SavePhase::kCommitted);
+  if (!old.empty()) storage->remove_all(old);
+  if (options.keep_last > 0) {
+    try {
+      apply_retention(parent_of(dir), options.keep_last, storage);
+    } catch (const std::exception& e) {
+      // The checkpoint is committed; a failed cleanup must not fail the save.
+      TESSERA_LOG(Warn, "ckpt") << "retention in '" << parent_of(dir) << "' failed: " << e.what();
+    }
+  }
+}
+
+void SaveHandle::Impl::commit(const std::shared_ptr<dist::ProcessGroup>& g) {
+  // One all_gather tells rank 0 who succeeded and every box's checksums:
+  // [ok, rng bytes, rng crc, block crcs..., padding] per rank.
+  const int64_t per_rank = 3 + plan->max_blocks;
+  std::vector<int64_t> mine(per_rank, 0);
+  mine[0] = io_ok ? 1 : 0;
+  mine[1] = static_cast<int64_t>(rng_bytes);
+  mine[2] = rng_crc;
+  for (size_t k = 0; k < crcs.size(); ++k) mine[3 + k] = crcs[k];
+  std::vector<int64_t> gathered = all_gather_ints(g, mine);
+  std::vector<int> failed;
+  for (int r = 0; r < world; ++r) {
+    if (gathered[r * per_rank] != 1) failed.push_back(r);
+  }
+  // 0: committed; 1: some rank failed to write; 2: rank 0 failed to commit.
+  int64_t result = failed.empty() ? 0 : 1;
+  std::exception_ptr commit_error;
+  if (rank == 0) {
+    if (failed.empty()) {
+      try {
+        commit_rank0(gathered, per_rank);
+      } catch (...) {
+        commit_error = std::current_exception();
+        result = 2;
+      }
+    }
+    if (result != 0) {
+      try {
+        storage->remove_all(tmp_dir);
+      } catch (const std::exception& e) {
+        TESSERA_LOG(Warn, "ckpt") << "could not remove '" << tmp_dir << "': " << e.what();
+      }
+    }
+  }
+  result = broadcast_int(g, result);
+  if (io_error) std::rethrow_exception(io_error);
+  if (commit_error) std::rethrow_exception(commit_error);
+  TESSERA_CHECK(result != 1, Aborted, "checkpoint '", dir, "' was not saved: rank(s) ",
+                join_ranks(failed),
+                " failed to write their data files (see their errors); earlier checkpoints are "
+                "unchanged");
+  TESSERA_CHECK(result != 2, Aborted, "checkpoint '", dir,
+                "' was not saved: rank 0 failed to commit it (see its error); earlier "
+                "checkpoints are unchanged");
+  std::lock_guard<std::mutex> lock(mu);
+  stats.total_seconds = total.seconds();
+  if (rank == 0) {
+    const bool slow = stats.total_seconds >= 1.0;
+    if (log::enabled("ckpt", slow ? log::Level::kInfo : log::Level::kDebug)) {
+      log::write("ckpt", slow ? log::Level::kInfo : log::Level::kDebug,
+                 ::tessera::detail::concat("saved '", dir, "': ", plan->names.size(), " tensors, ",
+                                mib(stats.bytes_total), " on ", world, " rank(s); blocked ",
+                                stats.blocked_seconds, " s, total ", stats.total_seconds, " s"));
+    }
+  }
+}
+
+SaveHandle::SaveHandle() = default;
+SaveHandle::SaveHandle(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+SaveHandle::SaveHandle(SaveHandle&&) noexcept = default;
+SaveHandle& SaveHandle::operator=(SaveHandle&& other) noexcept {
+  if (this != &other) {
+    if (impl_ && impl_->io.valid()) impl_->io.wait();
+    impl_ = std::move(other.impl_);
+  }
+  return *this;
+}
+SaveHandle::~SaveHandle() {
+  if (impl_ && impl_->io.valid()) impl_->io.wait();
+}
+
+bool SaveHandle::io_done() const {
+  return !impl_ || !impl_->io.valid() ||
+         impl_->io.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+}
+
+const std::string& SaveHandle::dir() const {
+  static const std::string kNone;  // immutable
+  return impl_ ? impl_->dir : kNone;
+}
+
+SaveStats SaveHandle::stats() const {
+  if (!impl_) return {};
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->stats;
+}
+
+void SaveHandle::wait(std::chrono::milliseconds timeout) {
+  TESSERA_CHECK(impl_ != nullptr, FailedPrecondition, "SaveHandle::wait on an empty handle");
+  Impl& s = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (s.finished) {
+      if (s.outcome) std::rethrow_exception(s.outcome);
+      return;
+    }
+  }
+  if (timeout.count() > 0 && s.io.wait_for(timeout) != std::future_status::ready) {
+    TESSERA_THROW(DeadlineExceeded, "checkpoint '", s.dir, "' (rank ", s.rank,
+                  "): I/O not finished after ", timeout.count(), " ms");
+  }
+  std::exception_ptr outcome;
+  try {
+    s.io.get();  // with a control group, this also carries the commit's outcome
+    if (!s.options.control_group) s.commit(s.group);
+  } catch (...) {
+    outcome = std::current_exception();
+  }
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.finished = true;
+  s.outcome = outcome;
+  if (outcome) std::rethrow_exception(outcome);
+}
+
+// ---------------------------------------------------------------------------
+// Checkpointer: save
+
+Checkpointer::Checkpointer() : impl_(std::make_unique<Impl>()) {}
+Checkpointer::~Checkpointer() = default;
+
+SaveHandle Checkpointer::save_async(const std::string& dir_in, const State& state,
+                                    const std::shared_ptr<dist::ProcessGroup>& group,
+                                    const SaveOptions& options) {
+  Stopwatch blocked;
+  auto s = std::make_shared<SaveHandle::Impl>();
+  s->dir = strip_slash(dir_in);
+  s->rank = rank_of(group);
+  s->world = size_of(group);
+  s->group = group;
+  s->options = options;
+  s->storage = options.storage ? options.storage : Storage::local();
+  s->file = rank_file_name(s->rank);
+  TESSERA_CHECK(!s->dir.empty(), InvalidArgument, "checkpoint save: empty directory name");
+  TESSERA_CHECK(options.checksum_block > 0 && options.checksum_block % 8 == 0, InvalidArgument,
+                "checkpoint save: checksum_block must be a positive multiple of 8, got ",
+                options.checksum_block);
+  if (options.control_group) {
+    TESSERA_CHECK(options.control_group->size() == s->world &&
+                      options.control_group->rank() == s->rank,
+                  InvalidArgument, "checkpoint save: the control group (rank ",
+                  options.control_group->rank(), " of ", options.control_group->size(),
+                  ") must have the same ranks as the save group (rank ", s->rank, " of ", s->world,
+                  ")");
+  }
+
+  // Validate locally, then agree: every rank learns whether all are
+  // consistent before anything touches the disk.
+  uint64_t fp = 0;
+  std::exception_ptr local_error;
+  try {
+    fp = fingerprint_state(state, s->rank, s->world, options.checksum_block);
+  } catch (...) {
+    local_error = std::current_exception();
+  }
+  std::random_device rd;
+  const uint64_t nonce = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  const bool exists = s->rank == 0 && s->storage->exists(s->dir);
+  std::vector<int64_t> all = all_gather_ints(
+      group, {local_error ? 0 : 1, static_cast<int64_t>(fp), static_cast<int64_t>(nonce >> 1),
+              exists ? 1 : 0});
+  if (local_error) std::rethrow_exception(local_error);
+  for (int r = 0; r < s->world; ++r) {
+    TESSERA_CHECK(all[4 * r] == 1, InvalidArgument, "checkpoint '", s->dir, "': rank ", r,
+                  " rejected its state (see its error); nothing was written");
+    TESSERA_CHECK(all[4 * r + 1] == all[1], InvalidArgument, "checkpoint '", s->dir, "': rank ",
+                  r, "'s state differs from rank 0's (tensor names, dtypes or layouts)");
+  }
+  TESSERA_CHECK(all[3] == 0 || options.overwrite, FailedPrecondition, "checkpoint '", s->dir,
+                "' already exists (set SaveOptions::overwrite to replace it)");
+  s->nonce = static_cast<uint64_t>(all[2]);
+  std::ostringstream tmp;
+  tmp << s->dir << ".tmp-" << std::hex << s->nonce;
+  s->tmp_dir = tmp.str();
+
+  auto& cached = impl_->plans[fp];
+  if (!cached) cached = build_plan(state, s->world, options.checksum_block);
+  s->plan = cached;
+  const SavePlan& plan = *s->plan;
+
+  s->step = state.step;
+  s->data_position = state.data_position;
+  s->user = state.user;
+  for (const auto& [name, entry] : state.entries) s->attrs.push_back(entry.attrs);
+
+  // Snapshot: this rank's boxes, then its RNG blob, into one host buffer
+  // laid out exactly as the data file.
+  const std::string blob = encode_blob(state.rng);
+  s->rng_bytes = blob.size();
+  bool any_cuda = false;
+  for (const auto& [name, entry] : state.entries) any_cuda |= !entry.local.device().is_cpu();
+  s->staging = impl_->acquire(plan.file_bytes[s->rank] + blob.size(), any_cuda && cuda_available());
+  uint8_t* base = s->staging.get();
+  std::vector<at::Tensor> flats;
+  for (const auto& [name, entry] : state.entries) flats.push_back(entry.local.reshape({-1}));
+  translate_errors("checkpoint '" + s->dir + "': copying tensors to host", [&] {
+    at::NoGradGuard no_grad;
+    for (const auto& pb : plan.boxes) {
+      if (pb.writer != s->rank) continue;
+      at::Tensor& flat = flats[pb.entry];
+      if (flat.device().is_cpu() && flat.is_contiguous()) {
+        const auto* src = static_cast<const uint8_t*>(flat.data_ptr());
+        std::memcpy(base + pb.byte_offset,
+                    src + pb.writer_local_offset * static_cast<int64_t>(flat.element_size()),
+                    pb.bytes);
+      } else {
+        at::Tensor dst = at::from_blob(base + pb.byte_offset, {pb.box.numel()},
+                                       at::TensorOptions().dtype(flat.scalar_type()));
+        dst.copy_(flat.narrow(0, pb.writer_local_offset, pb.box.numel()));
+      }
+    }
+  });
+  std::memcpy(base + plan.file_bytes[s->rank], blob.data(), blob.size());
+  s->phase(SavePhase::kStaged);
+  {
+    std::lock_guard<std::mutex> lock(s->mu);
+    s->stats.blocked_seconds = blocked.seconds();
+    for (uint64_t b : plan.file_bytes) s->stats.bytes_total += b;
+  }
+  auto control = options.control_group;
+  s->io = impl_->coordinator
+              .submit([s, control] {
+                s->write_phase();
+                if (control) s->commit(control);
+              })
+              .share();
+  return SaveHandle(s);
+}
+
+void Checkpointer::save(const std::string& dir, const State& state,
+                        const std::shared_ptr<dist::ProcessGroup>& group,
+                        const SaveOptions& options) {
+  save_async(dir, state, group, options).wait();
+}
+
+// ---------------------------------------------------------------------------
+// Checkpointer: load
+
+namespace {
+
+std::vector<int64_t> strides_of(const std::vector<int64_t>& length) {
+  std::vector<int64_t> s(length.size(), 1);
+  for (int d = static_cast<int>(length.size()) - 2; d >= 0; --d) s[d] = s[d + 1] * length[d + 1];
+  return s;
+}
+
+// Row-major element index within `box` of global index `idx`.
+int64_t linear_in(const Box& box, const std::vector<int64_t>& strides,
+                  const std::vector<int64_t>& idx) {
+  int64_t e = 0;
+  for (size_t d = 0; d < idx.size(); ++d) e += (idx[d] - box.offset[d]) * strides[d];
+  return e;
+}
+
+// [first, last) elements of `region` in `box`'s row-major order (a span that
+// may include elements outside the region).
+std::pair<int64_t, int64_t> span_in(const Box& box, const Box& region) {
+  auto st = strides_of(box.length);
+  std::vector<int64_t> hi(region.offset.size());
+  for (size_t d = 0; d < hi.size(); ++d) hi[d] = region.offset[d] + region.length[d] - 1;
+  return {linear_in(box, st, region.offset), linear_in(box, st, hi) + 1};
+}
+
+// Copies `region` (global coordinates) from a row-major `src_box` whose
+// element `src_origin` sits at src[0], into a row-major `dst_box` whose
+// element 0 sits at dst[dst_origin]. Elements of `es` bytes.
+void copy_region(const uint8_t* src, const Box& src_box, int64_t src_origin, uint8_t* dst,
+                 const Box& dst_box, int64_t dst_origin, const Box& region, int64_t es) {
+  const int nd = static_cast<int>(region.offset.size());
+  if (nd == 0) {
+    std::memcpy(dst + dst_origin * es, src - src_origin * es, es);
+    return;
+  }
+  auto ss = strides_of(src_box.length);
+  auto ds = strides_of(dst_box.length);
+  // The innermost run contiguous in both boxes.
+  int j = nd - 1;
+  int64_t run = region.length[nd - 1];
+  while (j > 0 && region.length[j] == src_box.length[j] && region.length[j] == dst_box.length[j]) {
+    --j;
+    run *= region.length[j];
+  }
+  std::vector<int64_t> idx = region.offset;
+  while (true) {
+    int64_t se = linear_in(src_box, ss, idx) - src_origin;
+    int64_t de = linear_in(dst_box, ds, idx) + dst_origin;
+    std::memcpy(dst + de * es, src + se * es, run * es);
+    int d = j - 1;
+    for (; d >= 0; --d) {
+      if (++idx[d] < region.offset[d] + region.length[d]) break;
+      idx[d] = region.offset[d];
+    }
+    if (d < 0) break;
+  }
+}
+
+// Cuts `region` so that each piece's span in `box` is at most `max_bytes`.
+void split_region(const Box& box, const Box& region, int64_t es, uint64_t max_bytes,
+                  std::vector<Box>& out) {
+  auto [first, last] = span_in(box, region);
+  const int nd = static_cast<int>(region.offset.size());
+  if (static_cast<uint64_t>((last - first) * es) <= max_bytes || nd == 0) {
+    out.push_back(region);
+    return;
+  }
+  int d = 0;
+  while (d < nd && region.length[d] == 1) ++d;
+  if (d == nd) {
+    out.push_back(region);
+    return;
+  }
+  const int64_t stride = strides_of(box.length)[d] * es;
+  const int64_t per = std::max<int64_t>(1, static_cast<int64_t>(max_bytes) / std::max<int64_t>(stride, 1));
+  for (int64_t i = 0; i < region.length[d]; i += per) {
+    Box piece = region;
+    piece.offset[d] += i;
+    piece.length[d] = std::min(per, region.length[d] - i);
+    if (piece.length[d] == region.length[d]) {
+      out.push_back(piece);  // cannot cut this dimension finer
+    } else {
+      split_region(box, piece, es, max_bytes, out);
+    }
+  }
+}
+
+struct ReadTask {
+  const ReadableFile* file;
+  const std::string* tensor;
+  const SavedBox* saved;
+  Box region;      // global coordinates
+  Box chunk;       // destination chunk's box
+  int64_t chunk_origin;  // element offset of the chunk in the local flat tensor
+  uint8_t* dest;   // local flat tensor's bytes
+  int64_t es;
+};
+
+}  // namespace
+
+LoadResult Checkpointer::load(const std::string& dir_in, State& state,
+                              const std::shared_ptr<dist::ProcessGroup>& group,
+                              const LoadOptions& options) {
+  Stopwatch watch;
+  const std::string dir = strip_slash(dir_in);
+  const int rank = rank_of(group), world = size_of(group);
+  auto storage = options.storage ? options.storage : Storage::local();
+  LoadResult result;
+  std::exception_ptr error;
+  try {
+    Metadata meta = read_metadata(dir, storage);
+    const uint64_t block = meta.checksum_block;
+    std::map<std::string, std::unique_ptr<ReadableFile>> files;
+    std::map<std::string, std::string> first_user;  // file -> a tensor that needs it
+    auto file_for = [&](const std::string& name, const std::string& tensor) -> ReadableFile* {
+      auto& f = files[name];
+      if (!f) {
+        try {
+          f = storage->open(dir + "/" + name);
+        } catch (const NotFound&) {
+          TESSERA_THROW(DataLoss, "checkpoint '", dir, "': data file '", name,
+                        "' is missing (needed for tensor '", tensor, "' on rank ", rank, ")");
+        }
+      }
+      return f.get();
+    };
+    std::vector<ReadTask> tasks;
+    // Destination tensors that need a copy back (not CPU, not contiguous, or
+    // another dtype than saved): (entry tensor, staging tensor).
+    std::vector<std::pair<at::Tensor*, at::Tensor>> copy_back;
+    uint64_t total_bytes = 0;
+    for (auto& [name, entry] : state.entries) {
+      const dist::Layout& layout = entry.layout;
+      TESSERA_CHECK(entry.local.defined(), InvalidArgument, "checkpoint load: tensor '", name,
+                    "' on rank ", rank, " is undefined");
+      TESSERA_CHECK(layout.world_size() == world, InvalidArgument, "checkpoint load: tensor '",
+                    name, "' has a layout over ", layout.world_size(),
+                    " ranks but the group has ", world);
+      TESSERA_CHECK(entry.local.numel() == layout.local_numel(rank), InvalidArgument,
+                    "checkpoint load: tensor '", name, "' on rank ", rank, " has ",
+                    entry.local.numel(), " elements but its layout gives this rank ",
+                    layout.local_numel(rank));
+      auto it = meta.tensors.find(name);
+      if (it == meta.tensors.end()) {
+        TESSERA_CHECK(options.allow_missing, NotFound, "checkpoint '", dir, "' has no tensor '",
+                      name, "'");
+        result.missing.push_back(name);
+        continue;
+      }
+      const TensorMeta& tm = it->second;
+      TESSERA_CHECK(tm.shape == layout.global_shape(), InvalidArgument, "checkpoint '", dir,
+                    "': tensor '", name, "' was saved with shape ", shape_string(tm.shape),
+                    " but is loaded with shape ", shape_string(layout.global_shape()));
+      const at::ScalarType saved_dtype = parse_dtype(tm.dtype);
+      const int64_t es = static_cast<int64_t>(dtype_size(saved_dtype));
+      at::Tensor dest = entry.local;
+      if (!(dest.device().is_cpu() && dest.is_contiguous() && dest.scalar_type() == saved_dtype)) {
+        dest = at::empty({entry.local.numel()}, at::TensorOptions().dtype(saved_dtype));
+        copy_back.emplace_back(&entry.local, dest);
+      }
+      auto* dest_bytes = static_cast<uint8_t*>(dest.data_ptr());
+      for (const auto& chunk : layout.chunks(rank)) {
+        int64_t covered = 0;
+        for (const auto& sb : tm.boxes) {
+          Box inter = dist::intersect(chunk.box, sb.box);
+          if (inter.numel() == 0) continue;
+          covered += inter.numel();
+          TESSERA_CHECK(sb.byte_length == static_cast<uint64_t>(sb.box.numel() * es) &&
+                            sb.crc32c.size() == static_cast<size_t>(blocks_of(sb.byte_length, block)),
+                        DataLoss, "checkpoint '", dir, "': metadata of tensor '", name, "' box ",
+                        sb.box.to_string(), " is inconsistent (byte length or checksum count)");
+          ReadableFile* f = file_for(sb.file, name);
+          std::vector<Box> pieces;
+          split_region(sb.box, inter, es, options.max_read_bytes, pieces);
+          for (auto& p : pieces) {
+            auto [a, b] = span_in(sb.box, p);
+            total_bytes += static_cast<uint64_t>((b - a) * es);
+            tasks.push_back({f, &it->first, &sb, std::move(p), chunk.box, chunk.local_offset,
+                             dest_bytes, es});
+          }
+        }
+        TESSERA_CHECK(covered == chunk.box.numel(), DataLoss, "checkpoint '", dir, "': tensor '",
+                      name, "': the saved boxes cover ", covered, " of the ", chunk.box.numel(),
+                      " elements of ", chunk.box.to_string(), " that rank ", rank, " needs");
+      }
+    }
+
+    Progress progress("loading " + dir, total_bytes);
+    std::atomic<uint64_t> bytes_read{0};
+    {
+      ThreadPool pool(std::max<size_t>(1, options.io_threads));
+      std::vector<std::future<void>> done;
+      done.reserve(tasks.size());
+      for (const ReadTask& t : tasks) {
+        done.push_back(pool.submit([&, t] {
+          const SavedBox& sb = *t.saved;
+          auto [first, last] = span_in(sb.box, t.region);
+          // Round out to whole checksum blocks so every byte used is verified.
+          const uint64_t lo = static_cast<uint64_t>(first * t.es) / block * block;
+          const uint64_t hi = std::min(sb.byte_length,
+                                       (static_cast<uint64_t>(last * t.es) + block - 1) / block * block);
+          auto buf = std::make_unique<uint8_t[]>(hi - lo);
+          try {
+            t.file->read_at(sb.byte_offset + lo, hi - lo, buf.get());
+          } catch (const DataLoss& e) {
+            TESSERA_THROW(DataLoss, e.message(), " (tensor '", *t.tensor, "', box ",
+                          sb.box.to_string(), ")");
+          }
+          if (options.verify_checksums) {
+            for (uint64_t off = lo; off < hi; off += block) {
+              const uint64_t n = std::min(block, sb.byte_length - off);
+              const uint32_t got = crc32c(buf.get() + (off - lo), n);
+              const uint32_t want = sb.crc32c[off / block];
+              TESSERA_CHECK(got == want, DataLoss, "checkpoint '", dir, "': checksum mismatch in '",
+                            sb.file, "' at bytes [", sb.byte_offset + off, ", ",
+                            sb.byte_offset + off + n, ") of tensor '", *t.tensor, "' box ",
+                            sb.box.to_string(), ": stored crc32c ", want, ", computed ", got,
+                            "; the file is corrupt");
+            }
+          }
+          copy_region(buf.get(), sb.box, static_cast<int64_t>(lo) / t.es, t.dest, t.chunk,
+                      t.chunk_origin, t.region, t.es);
+          bytes_read += hi - lo;
+          progress.add(hi - lo);
+        }));
+      }
+      std::exception_ptr first_error;
+      for (auto& f : done) {
+        try {
+          f.get();
+        } catch (...) {
+          if (!first_error) first_error = std::current_exception();
+        }
+      }
+      if (first_error) std::rethrow_exception(first_error);
+    }
+    translate_errors("checkpoint '" + dir + "': copying loaded tensors into place", [&] {
+      at::NoGradGuard no_grad;
+      for (auto& [local, staged] : copy_back) local->copy_(staged.view(local->sizes()));
+    });
+
+    // Non-tensor state.
+    state.step = meta.step;
+    state.data_position = meta.data_position;
+    state.user = meta.user;
+    if (meta.world_size == world && rank < static_cast<int>(meta.rank_state.size())) {
+      const RankBlob& rb = meta.rank_state[rank];
+      std::string blob(rb.byte_length, '\0');
+      file_for(rb.file, "<rng state>")->read_at(rb.byte_offset, rb.byte_length, blob.data());
+      TESSERA_CHECK(crc32c(blob.data(), blob.size()) == rb.crc32c, DataLoss, "checkpoint '", dir,
+                    "': checksum mismatch in the RNG state of rank ", rank, " in '", rb.file, "'");
+      state.rng = decode_blob(blob, dir + "/" + rb.file);
+      result.rng_restored = true;
+      bytes_read += rb.byte_length;
+    }
+    result.bytes_read = bytes_read.load();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  // All-or-nothing: every rank learns whether every other rank succeeded.
+  std::vector<int64_t> oks = all_gather_ints(group, {error ? 0 : 1});
+  if (error) std::rethrow_exception(error);
+  std::vector<int> failed;
+  for (int r = 0; r < world; ++r) {
+    if (oks[r] != 1) failed.push_back(r);
+  }
+  TESSERA_CHECK(failed.empty(), Aborted, "loading checkpoint '", dir, "' failed on rank(s) ",
+                join_ranks(failed), " (see their errors)");
+  result.seconds = watch.seconds();
+  if (rank == 0) {
+    const bool slow = result.seconds >= 1.0;
+    if (log::enabled("ckpt", slow ? log::Level::kInfo : log::Level::kDebug)) {
+      log::write("ckpt", slow ? log::Level::kInfo : log::Level::kDebug,
+                 ::tessera::detail::concat("loaded '", dir, "': ", state.entries.size(), " tensors, ",
+                                mib(result.bytes_read), " read by rank 0 in ", result.seconds,
+                                " s"));
+    }
+  }
+  return result;
+}
+
+void save(const std::string& dir, const State& state,
+          const std::shared_ptr<dist::ProcessGroup>& group, const SaveOptions& options) {
+  Checkpointer().save(dir, state, group, options);
+}
+
+LoadResult load(const std::string& dir, State& state,
+                const std::shared_ptr<dist::ProcessGroup>& group, const LoadOptions& options) {
+  return Checkpointer().load(dir, state, group, options);
+}
+
+// ---------------------------------------------------------------------------
+// Roots, retention, verification
+
+std::string step_dir(const std::string& root, int64_t step) {
+  std::ostringstream out;
+  out << strip_slash(root) << "/step_" << std::setw(9) << std::setfill('0') << step;
+  return out.str();
+}
+
+std::vector<std::string> list_checkpoints(const std::string& root_in,
+                                          const std::shared_ptr<Storage>& storage) {
+  auto st = storage ? storage : Storage::local();
+  const std::string root = strip_slash(root_in);
+  if (!st->is_dir(root)) return {};
+  std::vector<std::pair<int64_t, std::string>> found;
+  for (const auto& name : st->list(root)) {
+    if (name.rfind("step_", 0) != 0 || name.size() == 5) continue;
+    if (!std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      continue;  // "step_100.tmp-..." and "step_100.old-..." are not checkpoints
+    }
+    const std::string path = root + "/" + name;
+    if (!st->exists(path + "/" + kMetadataFile)) continue;
+    found.emplace_back(std::stoll(name.substr(5)), path);
+  }
+  std::sort(found.begin(), found.end());
+  std::vector<std::string> out;
+  for (auto& f : found) out.push_back(std::move(f.second));
+  return out;
+}
+
+std::optional<std::string> latest(const std::string& root,
+                                  const std::shared_ptr<Storage>& storage) {
+  auto all = list_checkpoints(root, storage);
+  if (all.empty()) return std::nullopt;
+  return all.back();
+}
+
+void apply_retention(const std::string& root, int keep_last,
+                     const std::shared_ptr<Storage>& storage) {
+  TESSERA_CHECK(keep_last >= 1, InvalidArgument, "checkpoint retention in '", root,
+                "': keep_last must be at least 1, got ", keep_last);
+  auto st = storage ? storage : Storage::local();
+  auto all = list_checkpoints(root, st);
+  if (static_cast<int>(all.size()) <= keep_last) return;
+  for (size_t i = 0; i + keep_last < all.size(); ++i) {
+    // Metadata first: from then on the directory is no checkpoint at all.
+    st->remove_file(all[i] + "/" + kMetadataFile);
+    st->sync_dir(all[i]);
+    st->remove_all(all[i]);
+    TESSERA_LOG(Info, "ckpt") << "removed old checkpoint '" << all[i] << "' (keep_last "
+                              << keep_last << ")";
+  }
+}
+
+VerifyReport verify(const std::string& dir_in, const std::shared_ptr<Storage>& storage,
+                    size_t io_threads) {
+  auto st = storage ? storage : Storage::local();
+  const std::string dir = strip_slash(dir_in);
+  Metadata meta = read_metadata(dir, st);
+  VerifyReport report;
+  std::mutex mu;  // guards report
+  auto problem = [&](std::string text) {
+    std::lock_guard<std::mutex> lock(mu);
+    report.errors.push_back(std::move(text));
+  };
+  std::map<std::string, std::unique_ptr<ReadableFile>> files;
+  for (const auto& f : meta.files) {
+    try {
+      auto file = st->open(dir + "/" + f.name);
+      if (file->size() != f.bytes) {
+        problem(::tessera::detail::concat("'", f.name, "' has ", file->size(), " bytes; the metadata says ",
+                               f.bytes, (file->size() < f.bytes ? " (truncated)" : "")));
+      }
+      files[f.name] = std::move(file);
+      ++report.files;
+    } catch (const std::exception& e) {
+      problem(::tessera::detail::concat("data file '", f.name, "' cannot be opened: ", e.what()));
+    }
+  }
+  const uint64_t block = meta.checksum_block;
+  ThreadPool pool(std::max<size_t>(1, io_threads));
+  std::vector<std::future<void>> done;
+  for (const auto& [name, tm] : meta.tensors) {
+    for (const auto& sb : tm.boxes) {
+      ++report.boxes;
+      auto it = files.find(sb.file);
+      if (it == files.end()) {
+        problem(::tessera::detail::concat("tensor '", name, "' box ", sb.box.to_string(), ": data file '",
+                               sb.file, "' is missing"));
+        continue;
+      }
+      const ReadableFile* file = it->second.get();
+      done.push_back(pool.submit([&, file, name = name, sbp = &sb] {
+        const SavedBox& b = *sbp;
+        if (b.crc32c.size() != static_cast<size_t>(blocks_of(b.byte_length, block))) {
+          problem(::tessera::detail::concat("tensor '", name, "' box ", b.box.to_string(),
+                                 ": wrong number of checksums in the metadata"));
+          return;
+        }
+        const uint64_t step = std::max<uint64_t>(block, (uint64_t{32} << 20) / block * block);
+        auto buf = std::make_unique<uint8_t[]>(std::min(step, std::max<uint64_t>(b.byte_length, 1)));
+        for (uint64_t off = 0; off < b.byte_length; off += step) {
+          const uint64_t n = std::min(step, b.byte_length - off);
+          try {
+            file->read_at(b.byte_offset + off, n, buf.get());
+          } catch (const std::exception& e) {
+            problem(::tessera::detail::concat("tensor '", name, "' box ", b.box.to_string(), ": ", e.what()));
+            return;
+          }
+          for (uint64_t k = 0; k < n; k += block) {
+            const uint64_t len = std::min(block, n - k);
+            const uint32_t got = crc32c(buf.get() + k, len);
+            const uint32_t want = b.crc32c[(off + k) / block];
+            if (got != want) {
+              problem(::tessera::detail::concat("checksum mismatch in '", b.file, "' at bytes [",
+                                     b.byte_offset + off + k, ", ", b.byte_offset + off + k + len,
+                                     ") of tensor '", name, "' box ", b.box.to_string()));
+            }
+          }
+          std::lock_guard<std::mutex> lock(mu);
+          report.bytes += n;
+        }
+      }));
+    }
+  }
+  for (size_t r = 0; r < meta.rank_state.size(); ++r) {
+    const RankBlob& rb = meta.rank_state[r];
+    auto it = files.find(rb.file);
+    if (it == files.end()) continue;  // reported above
+    try {
+      std::string blob(rb.byte_length, '\0');
+      it->second->read_at(rb.byte_offset, rb.byte_length, blob.data());
+      if (crc32c(blob.data(), blob.size()) != rb.crc32c) {
+        problem(::tessera::detail::concat("checksum mismatch in the RNG state of rank ", r, " in '", rb.file,
+                               "'"));
+      }
+    } catch (const std::exception& e) {
+      problem(::tessera::detail::concat("RNG state of rank ", r, ": ", e.what()));
+    }
+  }
+  for (auto& f : done) f.get();
+  std::sort(report.errors.begin(), report.errors.end());
+  return report;
+}
+
+}  // namespace tessera::ckpt
