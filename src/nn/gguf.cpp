@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "tessera/core/error.h"
+#include "tessera/core/file_io.h"
 #include "tessera/core/tensor.h"
 
 namespace tessera::nn {
@@ -36,141 +37,6 @@ constexpr int64_t kQuantBlock = 32;          // QK4_0 == QK4_1 == QK8_0
 // Blocks per at::parallel_for task: 2048 blocks = 64K values, enough work to
 // amortise scheduling while still splitting a 576x576 matrix across threads.
 constexpr int64_t kDequantGrain = 2048;
-
-// ---------------------------------------------------------------------------
-// POSIX helpers. The same three small classes live in safetensors.cpp; they
-// belong in a shared private header once the build has a place for one.
-
-[[noreturn]] void throw_io_error(const std::string& what, int err) {
-  ErrorCode code = ErrorCode::kInternal;
-  switch (err) {
-    case ENOENT:
-    case ENOTDIR: code = ErrorCode::kNotFound; break;
-    case ENOSPC:
-    case EDQUOT:
-    case EMFILE:
-    case ENFILE:
-    case ENOMEM: code = ErrorCode::kResourceExhausted; break;
-    case EACCES:
-    case EPERM:
-    case EISDIR:
-    case EROFS:
-    case ENAMETOOLONG: code = ErrorCode::kInvalidArgument; break;
-    case EIO: code = ErrorCode::kDataLoss; break;
-    default: break;
-  }
-  throw_error(code, what + ": " + std::strerror(err));
-}
-
-class FileDescriptor {
- public:
-  FileDescriptor() = default;
-  explicit FileDescriptor(int fd) : fd_(fd) {}
-  FileDescriptor(FileDescriptor&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  FileDescriptor& operator=(FileDescriptor&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  ~FileDescriptor() { reset(); }
-
-  int get() const { return fd_; }
-  // Closes now and reports close()'s errno (0 on success): for a file just
-  // written a failing close can be the only sign of lost data.
-  int close_checked() {
-    int rc = ::close(std::exchange(fd_, -1));
-    return rc == 0 ? 0 : errno;
-  }
-
- private:
-  void reset() {
-    if (fd_ >= 0) ::close(std::exchange(fd_, -1));
-  }
-  int fd_ = -1;
-};
-
-// A whole file mapped read-only, shared by the GgufFile and its copies.
-class MappedFile {
- public:
-  explicit MappedFile(const std::string& path) {
-    FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd.get() < 0) throw_io_error("cannot open " + path, errno);
-    struct stat st {};
-    if (::fstat(fd.get(), &st) != 0) throw_io_error("cannot stat " + path, errno);
-    TESSERA_CHECK(S_ISREG(st.st_mode), InvalidArgument, path, " is not a regular file");
-    size_ = static_cast<size_t>(st.st_size);
-    if (size_ == 0) return;  // mmap rejects length 0; callers see size() == 0
-    void* addr = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd.get(), 0);
-    if (addr == MAP_FAILED) throw_io_error("cannot mmap " + path, errno);
-    data_ = static_cast<const uint8_t*>(addr);
-  }
-  MappedFile(const MappedFile&) = delete;
-  MappedFile& operator=(const MappedFile&) = delete;
-  ~MappedFile() {
-    if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
-  }
-
-  const uint8_t* data() const { return data_; }
-  size_t size() const { return size_; }
-
- private:
-  const uint8_t* data_ = nullptr;
-  size_t size_ = 0;
-};
-
-// Writes "<path>.tmp.<pid>", then commit() fsyncs and renames it over
-// `path`; an uncommitted writer removes its temporary file.
-class AtomicFileWriter {
- public:
-  explicit AtomicFileWriter(std::string path)
-      : path_(std::move(path)), tmp_path_(path_ + ".tmp." + std::to_string(::getpid())) {
-    fd_ = FileDescriptor(
-        ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-    if (fd_.get() < 0) throw_io_error("cannot create " + tmp_path_, errno);
-  }
-  AtomicFileWriter(const AtomicFileWriter&) = delete;
-  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
-  ~AtomicFileWriter() {
-    if (!committed_) ::unlink(tmp_path_.c_str());
-  }
-
-  void append(const void* data, size_t n) {
-    const auto* p = static_cast<const uint8_t*>(data);
-    while (n > 0) {
-      ssize_t written = ::write(fd_.get(), p, std::min<size_t>(n, size_t{1} << 30));
-      if (written < 0) {
-        if (errno == EINTR) continue;
-        throw_io_error("cannot write " + tmp_path_, errno);
-      }
-      p += written;
-      n -= static_cast<size_t>(written);
-    }
-  }
-
-  void commit() {
-    if (::fsync(fd_.get()) != 0) throw_io_error("cannot fsync " + tmp_path_, errno);
-    if (int err = fd_.close_checked(); err != 0) throw_io_error("cannot close " + tmp_path_, err);
-    if (::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
-      throw_io_error("cannot rename " + tmp_path_ + " to " + path_, errno);
-    }
-    committed_ = true;
-    // Durability of the rename; the file is complete either way.
-    fs::path dir = fs::path(path_).parent_path();
-    FileDescriptor dir_fd(
-        ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (dir_fd.get() >= 0) ::fsync(dir_fd.get());
-  }
-
- private:
-  std::string path_;
-  std::string tmp_path_;
-  FileDescriptor fd_;
-  bool committed_ = false;
-};
 
 // ---------------------------------------------------------------------------
 // Type tables

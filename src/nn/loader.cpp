@@ -4,9 +4,9 @@
 #include <ATen/core/grad_mode.h>
 
 #include <filesystem>
-#include <fstream>
 
 #include "tessera/core/error.h"
+#include "tessera/core/file_io.h"
 #include "tessera/core/tensor.h"
 #include "tessera/dist/redistribute.h"
 #include "tessera/nn/gguf.h"
@@ -18,16 +18,9 @@ namespace tessera::nn {
 namespace {
 
 void write_text_atomically(const fs::path& path, const std::string& text) {
-  fs::path tmp = path;
-  tmp += ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    TESSERA_CHECK(out.good(), Unavailable, "cannot write ", tmp.string());
-    out << text;
-    out.flush();
-    TESSERA_CHECK(out.good(), Unavailable, "short write to ", tmp.string());
-  }
-  fs::rename(tmp, path);
+  AtomicFileWriter out(path.string());
+  out.append(text.data(), text.size());
+  out.commit();
 }
 
 }  // namespace

@@ -3,18 +3,14 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <random>
 #include <sstream>
 
 #include "tessera/core/error.h"
+#include "tessera/core/file_io.h"
 #include "tessera/core/log.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/tensor.h"
@@ -211,18 +207,13 @@ struct TokenDataset::Impl {
   std::string path;
   int bytes_per_token = 2;
   int64_t tokens = 0;
-  void* data = nullptr;
-  size_t size = 0;
-  ~Impl() {
-    if (data && data != MAP_FAILED) munmap(data, size);
-  }
+  std::unique_ptr<MappedFile> file;
+
   int64_t at(int64_t i) const {
-    const auto* p = static_cast<const uint8_t*>(data) + i * bytes_per_token;
-    return bytes_per_token == 2 ? static_cast<int64_t>(p[0] | (p[1] << 8))
-                                : static_cast<int64_t>(static_cast<uint32_t>(p[0]) |
-                                                       (static_cast<uint32_t>(p[1]) << 8) |
-                                                       (static_cast<uint32_t>(p[2]) << 16) |
-                                                       (static_cast<uint32_t>(p[3]) << 24));
+    const uint8_t* p = file->data() + i * bytes_per_token;
+    int64_t v = 0;
+    for (int b = bytes_per_token - 1; b >= 0; --b) v = (v << 8) | p[b];
+    return v;
   }
 };
 
@@ -232,20 +223,11 @@ TokenDataset TokenDataset::open(const std::string& path, int bytes_per_token) {
   auto impl = std::make_shared<Impl>();
   impl->path = path;
   impl->bytes_per_token = bytes_per_token;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  TESSERA_CHECK(fd >= 0, NotFound, "cannot open token file '", path, "': ", std::strerror(errno));
-  struct stat st {};
-  fstat(fd, &st);
-  impl->size = static_cast<size_t>(st.st_size);
-  if (impl->size == 0 || impl->size % bytes_per_token != 0) {
-    ::close(fd);
-    TESSERA_THROW(DataLoss, "token file '", path, "' has ", impl->size,
-                  " bytes, not a positive multiple of ", bytes_per_token, " (truncated?)");
-  }
-  impl->data = mmap(nullptr, impl->size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  TESSERA_CHECK(impl->data != MAP_FAILED, Unavailable, "cannot map token file '", path, "'");
-  impl->tokens = static_cast<int64_t>(impl->size) / bytes_per_token;
+  impl->file = std::make_unique<MappedFile>(path);
+  const size_t size = impl->file->size();
+  TESSERA_CHECK(size > 0 && size % bytes_per_token == 0, DataLoss, "token file '", path, "' has ",
+                size, " bytes, not a positive multiple of ", bytes_per_token, " (truncated?)");
+  impl->tokens = static_cast<int64_t>(size) / bytes_per_token;
   TokenDataset d;
   d.impl_ = std::move(impl);
   return d;
@@ -261,13 +243,9 @@ void TokenDataset::write(const std::string& path, const std::vector<int64_t>& id
                   " does not fit in ", bytes_per_token, " bytes");
     for (int b = 0; b < bytes_per_token; ++b) bytes[i * bytes_per_token + b] = (ids[i] >> (8 * b)) & 0xff;
   }
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    TESSERA_CHECK(out.good(), Unavailable, "cannot write token file '", tmp, "'");
-  }
-  TESSERA_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, Unavailable, "cannot rename ", tmp);
+  AtomicFileWriter out(path);
+  out.append(bytes.data(), bytes.size());
+  out.commit();
 }
 
 int64_t TokenDataset::num_tokens() const { return impl_->tokens; }
