@@ -79,7 +79,11 @@ GenerationResult generate(Transformer& model, const std::vector<std::vector<int6
         std::vector<int64_t> seq = prompts[b];
         seq.insert(seq.end(), result.tokens[b].begin(), result.tokens[b].end());
         at::Tensor ids = at::tensor(seq, at::kLong).view({1, -1});
-        at::Tensor logits = model.forward(ids).logits.select(1, ids.size(1) - 1);
+        ForwardOptions one;
+        if (!options.sequence_adapters.empty()) {
+          one.sequence_adapters = at::full({1}, options.sequence_adapters[b], at::kLong);
+        }
+        at::Tensor logits = model.forward(ids, one).logits.select(1, ids.size(1) - 1);
         next[b] = sample_next(logits, options, gen).item<int64_t>();
       }
       accept(at::tensor(next, at::kLong));
@@ -102,6 +106,11 @@ GenerationResult generate(Transformer& model, const std::vector<std::vector<int6
   fwd.cache = &cache;
   fwd.lengths = at::tensor(lens, at::kLong);
   fwd.last_logits_only = true;
+  if (!options.sequence_adapters.empty()) {
+    TESSERA_CHECK(static_cast<int64_t>(options.sequence_adapters.size()) == B, InvalidArgument,
+                  "generate: ", options.sequence_adapters.size(), " adapter ids for ", B, " prompts");
+    fwd.sequence_adapters = at::tensor(options.sequence_adapters, at::kLong);
+  }
   at::Tensor logits = model.forward(ids, fwd).logits.select(1, 0);
   if (!all_done()) accept(sample_next(logits, options, gen));
   result.prefill_seconds = watch.seconds();

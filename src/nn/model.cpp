@@ -62,6 +62,7 @@ struct ExpertWeights {
 };
 
 struct LayerWeights {
+  std::string prefix;  // "model.layers.3."
   at::Tensor input_norm, post_norm;
   at::Tensor q, k, v, o, q_bias, k_bias, v_bias;
   bool moe = false;
@@ -230,6 +231,21 @@ struct Transformer::Impl {
   int64_t experts_per_rank = 0, first_expert = 0;
   int64_t vocab_start = 0, vocab_local = 0;
   std::vector<int64_t> vocab_sizes;  // per tp rank
+  std::shared_ptr<LinearAdapter> adapter;
+  AdapterContext adapter_context;  // of the forward in progress
+
+  // A linear layer by Hugging Face module name, with the adapter applied.
+  at::Tensor proj(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                  const std::string& name) {
+    at::Tensor y = dense(x, w, b);
+    return adapter ? adapter->apply(name, x, y, adapter_context) : y;
+  }
+
+  at::Tensor mlp(const at::Tensor& x, const ExpertWeights& e, const std::string& gate,
+                 const std::string& up, const std::string& down) {
+    if (!adapter) return swiglu(x, e.gate, e.up, e.down);
+    return proj(at::silu(proj(x, e.gate, {}, gate)) * proj(x, e.up, {}, up), e.down, {}, down);
+  }
 
   bool owns(const ParamSpec& s) const {
     return s.expert < 0 || (s.expert >= first_expert && s.expert < first_expert + experts_per_rank);
@@ -269,6 +285,7 @@ struct Transformer::Impl {
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const std::string p = layer_prefix(l);
       LayerWeights& w = layers[l];
+      w.prefix = p;
       w.input_norm = param(p + "input_layernorm.weight");
       w.post_norm = param(p + "post_attention_layernorm.weight");
       w.q = param(p + "self_attn.q_proj.weight");
@@ -308,9 +325,10 @@ struct Transformer::Impl {
     const int64_t B = h.size(0), T = h.size(1), hd = c.head_size();
     const int64_t nh = c.num_attention_heads / groups.tp_size();
     const int64_t nkv = c.num_key_value_heads / groups.tp_size();
-    at::Tensor q = dense(h, w.q, w.q_bias).view({B, T, nh, hd}).transpose(1, 2);
-    at::Tensor k = dense(h, w.k, w.k_bias).view({B, T, nkv, hd}).transpose(1, 2);
-    at::Tensor v = dense(h, w.v, w.v_bias).view({B, T, nkv, hd}).transpose(1, 2);
+    const std::string a = w.prefix + "self_attn.";
+    at::Tensor q = proj(h, w.q, w.q_bias, a + "q_proj").view({B, T, nh, hd}).transpose(1, 2);
+    at::Tensor k = proj(h, w.k, w.k_bias, a + "k_proj").view({B, T, nkv, hd}).transpose(1, 2);
+    at::Tensor v = proj(h, w.v, w.v_bias, a + "v_proj").view({B, T, nkv, hd}).transpose(1, 2);
     q = q * cos + rotate_half(q) * sin;
     k = k * cos + rotate_half(k) * sin;
     if (cache) {
@@ -335,7 +353,7 @@ struct Transformer::Impl {
     scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
     at::Tensor probs = at::softmax(scores.to(at::kFloat), -1).to(q.scalar_type());
     at::Tensor out = at::matmul(probs, v).transpose(1, 2).reshape({B, T, nh * hd});
-    return dense(out, w.o);
+    return proj(out, w.o, {}, a + "o_proj");
   }
 
   // MoE MLP over flattened tokens x [N, H] (replicated over tp). Returns the
@@ -418,7 +436,16 @@ struct Transformer::Impl {
       for (auto [off, n] : spans[e]) ins.push_back(rows.narrow(0, off, n));
       at::Tensor in = ins.size() == 1 ? ins[0] : at::cat(ins, 0);
       const ExpertWeights& ew = w.experts[e];
-      at::Tensor y = swiglu(in, ew.gate, ew.up, ew.down);
+      at::Tensor y;
+      if (adapter) {
+        MoeNames names = moe_names(c, layer);
+        auto strip = [](std::string n) { return n.substr(0, n.size() - 7); };  // ".weight"
+        const int64_t j = first_expert + e;
+        y = mlp(in, ew, strip(with_expert(names.expert_gate, j)), strip(with_expert(names.expert_up, j)),
+                strip(with_expert(names.expert_down, j)));
+      } else {
+        y = swiglu(in, ew.gate, ew.up, ew.down);
+      }
       int64_t pos = 0;
       for (int s = 0; s < sources; ++s) {
         int64_t n = spans[e][s].second;
@@ -543,6 +570,14 @@ void Transformer::set_requires_grad(bool requires_grad) {
   for (auto& [name, t] : impl_->params) t.requires_grad_(requires_grad);
 }
 
+void Transformer::set_adapter(std::shared_ptr<LinearAdapter> adapter) {
+  TESSERA_CHECK(!adapter || (impl_->groups.tp_size() == 1 && impl_->groups.ep_size() == 1),
+                InvalidArgument, "adapters run on single-rank model replicas (tp = ep = 1)");
+  impl_->adapter = std::move(adapter);
+}
+
+const std::shared_ptr<LinearAdapter>& Transformer::adapter() const { return impl_->adapter; }
+
 int64_t Transformer::num_local_parameters() const {
   int64_t n = 0;
   for (const auto& [name, t] : impl_->params) n += t.numel();
@@ -598,6 +633,7 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
 
   ForwardOutput out;
   std::vector<at::Tensor> loads;
+  m.adapter_context.sequence_adapters = options.sequence_adapters;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& w = m.layers[l];
     at::Tensor h = copy_to_group(rms_norm(x, w.input_norm, c.rms_norm_eps), m.groups.tp);
@@ -608,7 +644,8 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
       mlp = m.moe(w, h.reshape({B * T, c.hidden_size}), l, out, options.record_routing, loads)
                 .view({B, T, c.hidden_size});
     } else {
-      mlp = swiglu(h, w.gate, w.up, w.down);
+      mlp = m.mlp(h, {w.gate, w.up, w.down}, w.prefix + "mlp.gate_proj", w.prefix + "mlp.up_proj",
+                  w.prefix + "mlp.down_proj");
     }
     x = x + reduce_from_group(mlp, m.groups.tp);
   }

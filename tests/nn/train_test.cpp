@@ -243,7 +243,7 @@ TEST(SmolLM2, GgufTokenizerEncodesLikeItsTokenizerJson) {
   auto from_json = Tokenizer::from_tokenizer_json(file);
   auto from_gguf = Tokenizer::from_spec(g.tokenizer);
   std::remove(file.c_str());
-  for (const std::string text :
+  for (const std::string& text :
        {std::string("What is 1234+5678? Answer in 3 words."),
         format_chat(g.chat_template, {{"user", "Hello there!\n  How are you?  "}}),
         std::string("Ünïcödé — naïve café, 我哋去飲茶 🍵, tabs\tand\r\nnewlines"),

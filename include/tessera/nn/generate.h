@@ -30,6 +30,9 @@ struct SamplingOptions {
   uint64_t seed = 0;
   int64_t max_new_tokens = 64;
   std::vector<int64_t> stop_tokens;  // generation of a sequence ends after one of these
+  // Per prompt: which adapter of the model's LinearAdapter to use (-1:
+  // none). Empty: the adapter's default.
+  std::vector<int64_t> sequence_adapters;
   // false: recompute the whole sequence every step (a reference for tests;
   // quadratic cost).
   bool use_cache = true;

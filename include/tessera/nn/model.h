@@ -84,6 +84,28 @@ struct RoutingRecord {
   at::Tensor router_probs;  // [tokens, num_experts] float (after softmax)
 };
 
+// What an adapter may know about the current forward.
+struct AdapterContext {
+  // [batch] int64: which adapter each sequence uses (-1: none). Undefined:
+  // the adapter's default for every sequence.
+  at::Tensor sequence_adapters;
+};
+
+// Extra computation on the output of named linear layers: LoRA-style
+// adapters (tessera::lora) implement it. `name` is the layer's Hugging Face
+// module name ("model.layers.3.self_attn.q_proj",
+// "model.layers.1.block_sparse_moe.experts.2.w1"); x is the layer's input
+// ([B, T, in], or [rows, in] inside MoE experts, where rows are tokens
+// grouped by expert), y the base output. Returns y plus the adapter's
+// contribution, or y itself for layers it does not adapt. Must be
+// differentiable (training) and must not modify y in place.
+class LinearAdapter {
+ public:
+  virtual ~LinearAdapter() = default;
+  virtual at::Tensor apply(const std::string& name, const at::Tensor& x, const at::Tensor& y,
+                           const AdapterContext& context) = 0;
+};
+
 struct ForwardOptions {
   // With a cache, input_ids [B, T] are appended at each sequence's current
   // length (right-padded prompts: set `lengths` to the real lengths so the
@@ -95,6 +117,8 @@ struct ForwardOptions {
   bool gather_logits = true;
   // Only compute logits for the last real position of each sequence.
   bool last_logits_only = false;
+  // Per-sequence adapter choice, passed to the model's adapter (if any).
+  at::Tensor sequence_adapters;
 };
 
 struct ForwardOutput {
@@ -133,6 +157,10 @@ class Transformer {
   // Sets this rank's shard of `name` from the full tensor (any float dtype).
   void load_full(const std::string& name, const at::Tensor& full);
   void set_requires_grad(bool requires_grad);
+  // Installs (or, with nullptr, removes) an adapter applied after every
+  // linear layer; single-rank models only (InvalidArgument under tp/ep).
+  void set_adapter(std::shared_ptr<LinearAdapter> adapter);
+  const std::shared_ptr<LinearAdapter>& adapter() const;
   int64_t num_local_parameters() const;
 
   ForwardOutput forward(const at::Tensor& input_ids, const ForwardOptions& options = {});
