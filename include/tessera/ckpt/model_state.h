@@ -1,0 +1,105 @@
+// tessera/ckpt/model_state.h — checkpoints of nn::Transformer models and
+// their optimizer state, Hugging Face export/import, offline resharding.
+//
+// A training job's ranks form a (dp, replica) mesh: replica = the tp x ep
+// ranks of one model copy (numbered by Transformer::replica_rank()), dp
+// copies of it. Checkpoint rank = dp_rank * replica_size + replica_rank.
+// Parameters are replicated over dp; ZeRO-1 optimizer state is a flat slice
+// of the concatenation of each replica rank's local parameters (as
+// nn::AdamW keeps it), split evenly over dp — saved per parameter as
+// irregular flat boxes, so it reloads at any tp, ep or dp.
+//
+//   ckpt::ModelState ms{dp_rank, dp_size};
+//   ckpt::State state;
+//   ckpt::add_model(state, model, ms);
+//   ckpt::add_zero1_optimizer(state, model, ms, {{"exp_avg", m}, {"exp_avg_sq", v}});
+//   checkpointer.save(ckpt::step_dir(root, step), state, world);
+//
+// Every tensor carries attrs ("role", "split", "expert") and the state the
+// model config (user["tessera.model_config"]), so tools can rebuild layouts
+// for other parallel degrees without the training code.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tessera/ckpt/checkpoint.h"
+#include "tessera/nn/config.h"
+#include "tessera/nn/model.h"
+
+namespace tessera::ckpt {
+
+// Where this rank sits in the (dp, replica) world.
+struct ModelState {
+  int dp_rank = 0;
+  int dp_size = 1;
+};
+
+// How a parameter is split under tensor parallelism (as nn::Transformer does).
+enum class Split { kReplicate, kRows, kCols };
+const char* split_name(Split split);
+Split parse_split(const std::string& name);  // InvalidArgument naming the text
+
+// The split and expert index (-1: none) of a parameter, from its Hugging
+// Face name, following nn's rules (q/k/v/gate/up/w1/w3/embed/lm_head by
+// rows, o/down/w2 by columns, the rest replicated). add_model() checks
+// these against Transformer::layout_of, so a drift is caught at save time.
+Split parameter_split(const std::string& name);
+int64_t parameter_expert(const std::string& name);
+
+// A parameter's layout over one replica of tp x ep ranks (rank = ep_rank *
+// tp + tp_rank); experts live only on the ep rank owning them
+// (num_experts / ep per rank). Equals Transformer::layout_of.
+dist::Layout replica_layout(const std::vector<int64_t>& shape, Split split, int64_t expert,
+                            int64_t num_experts, int tp, int ep);
+
+// `replica` replicated over dp copies: world rank = dp_rank * R + r.
+dist::Layout over_dp(const dist::Layout& replica, int dp_size);
+
+// ZeRO-1 layouts: replica rank r's local parameters (names in order, those
+// it holds) are concatenated, padded to a multiple of dp_size and split
+// evenly over the dp ranks; each parameter's share on each world rank is a
+// flat range of its local shard. `replica_layouts` in model parameter order.
+std::map<std::string, dist::Layout> zero1_layouts(
+    const std::vector<std::pair<std::string, dist::Layout>>& replica_layouts, int dp_size);
+
+// Adds every parameter of the full model (an empty tensor for experts this
+// rank does not hold) in its (dp, replica) layout, with attrs role=param,
+// split, expert; sets user["tessera.model_config"], "tessera.tp", "tessera.ep",
+// "tessera.dp". The local tensors alias the model's (no copy).
+void add_model(State& state, const nn::Transformer& model, const ModelState& where);
+
+// Adds optimizer state kept ZeRO-1 style: each value of `flat` is this
+// rank's [shard] slice of the padded concatenation of the model's local
+// parameters (model.named_parameters() order), e.g. AdamW's exp_avg. Saved
+// per parameter as "optim.<key>/<param>" with attrs role=optim, zero1=1.
+// InvalidArgument when a slice has the wrong size.
+void add_zero1_optimizer(State& state, const nn::Transformer& model, const ModelState& where,
+                         const std::map<std::string, at::Tensor>& flat);
+
+// Adds per-parameter optimizer state (plain, non-ZeRO AdamW): per key, one
+// tensor per model.named_parameters() entry, shaped like it.
+void add_optimizer(State& state, const nn::Transformer& model, const ModelState& where,
+                   const std::map<std::string, std::vector<at::Tensor>>& per_param);
+
+// Writes the model parameters of checkpoint `dir` as a Hugging Face folder
+// (config.json + safetensors) at `out`; one process, one full tensor at a
+// time is assembled. NotFound when the checkpoint has no model config.
+void export_hf(const std::string& dir, const std::string& out,
+               int64_t max_shard_bytes = int64_t{5} << 30);
+
+// Fills every entry of `state` whose name the Hugging Face folder `hf_dir`
+// has (this rank's part of each, read through the memory map, so only the
+// needed pages are touched). Returns the names filled.
+std::vector<std::string> import_hf(const std::string& hf_dir, State& state, int rank);
+
+// Rewrites checkpoint `dir` (saved with add_model / add_*optimizer) at `out`
+// for tp x ep x dp ranks, in one process: the target ranks run as threads,
+// each loading its part and saving it. Memory: the whole state once.
+void reshard(const std::string& dir, const std::string& out, int tp, int dp, int ep = 1);
+
+}  // namespace tessera::ckpt

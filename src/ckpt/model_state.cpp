@@ -1,0 +1,414 @@
+// Model and optimizer checkpoints, Hugging Face interop, offline resharding.
+#include "tessera/ckpt/model_state.h"
+
+#include <ATen/ATen.h>
+
+#include <regex>
+#include <thread>
+
+#include "tessera/core/error.h"
+#include "tessera/core/tensor.h"
+#include "tessera/dist/redistribute.h"
+#include "tessera/dist/rendezvous.h"
+#include "tessera/nn/loader.h"
+#include "tessera/nn/safetensors.h"
+
+namespace tessera::ckpt {
+
+using dist::Box;
+using dist::Chunk;
+using dist::Layout;
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+bool same_layout(const Layout& a, const Layout& b) {
+  if (a.world_size() != b.world_size() || a.global_shape() != b.global_shape()) return false;
+  for (int r = 0; r < a.world_size(); ++r) {
+    const auto& ca = a.chunks(r);
+    const auto& cb = b.chunks(r);
+    if (ca.size() != cb.size()) return false;
+    for (size_t i = 0; i < ca.size(); ++i) {
+      if (!(ca[i].box == cb[i].box) || ca[i].local_offset != cb[i].local_offset) return false;
+    }
+  }
+  return true;
+}
+
+std::string optim_name(const std::string& key, const std::string& param) {
+  return "optim." + key + "/" + param;
+}
+
+}  // namespace
+
+const char* split_name(Split split) {
+  switch (split) {
+    case Split::kRows:
+      return "rows";
+    case Split::kCols:
+      return "cols";
+    default:
+      return "replicate";
+  }
+}
+
+Split parse_split(const std::string& name) {
+  if (name == "rows") return Split::kRows;
+  if (name == "cols") return Split::kCols;
+  if (name == "replicate") return Split::kReplicate;
+  TESSERA_THROW(InvalidArgument, "unknown split '", name, "' (rows, cols or replicate)");
+}
+
+Split parameter_split(const std::string& name) {
+  for (const char* s : {"q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias",
+                        "k_proj.bias", "v_proj.bias", "gate_proj.weight", "up_proj.weight",
+                        ".w1.weight", ".w3.weight", "embed_tokens.weight", "lm_head.weight"}) {
+    if (ends_with(name, s)) return Split::kRows;
+  }
+  for (const char* s : {"o_proj.weight", "down_proj.weight", ".w2.weight"}) {
+    if (ends_with(name, s)) return Split::kCols;
+  }
+  return Split::kReplicate;
+}
+
+int64_t parameter_expert(const std::string& name) {
+  static const std::regex kExpert(R"(\.experts\.(\d+)\.)");  // immutable
+  std::smatch m;
+  return std::regex_search(name, m, kExpert) ? std::stoll(m[1].str()) : -1;
+}
+
+Layout replica_layout(const std::vector<int64_t>& shape, Split split, int64_t expert,
+                      int64_t num_experts, int tp, int ep) {
+  dist::MeshShape mesh{{ep, tp}, {"ep", "tp"}};
+  std::vector<dist::Placement> pl{dist::Placement::Replicate(),
+                                  split == Split::kRows   ? dist::Placement::Shard(0)
+                                  : split == Split::kCols ? dist::Placement::Shard(1)
+                                                          : dist::Placement::Replicate()};
+  Layout full = Layout::sharded(shape, mesh, pl);
+  if (expert < 0) return full;
+  TESSERA_CHECK(num_experts % ep == 0, InvalidArgument, num_experts,
+                " experts cannot be split over ep=", ep);
+  const int64_t owner = expert / (num_experts / ep);
+  std::vector<std::vector<Chunk>> chunks(ep * tp);
+  for (int r = 0; r < ep * tp; ++r) {
+    if (r / tp == owner) chunks[r] = full.chunks(r);
+  }
+  return Layout::from_chunks(shape, chunks, /*flat=*/false);
+}
+
+Layout over_dp(const Layout& replica, int dp_size) {
+  const int R = replica.world_size();
+  std::vector<std::vector<Chunk>> chunks(R * dp_size);
+  for (int d = 0; d < dp_size; ++d) {
+    for (int r = 0; r < R; ++r) chunks[d * R + r] = replica.chunks(r);
+  }
+  return Layout::from_chunks(replica.global_shape(), chunks, replica.is_flat());
+}
+
+std::map<std::string, Layout> zero1_layouts(
+    const std::vector<std::pair<std::string, Layout>>& replica_layouts, int dp_size) {
+  TESSERA_CHECK(!replica_layouts.empty(), InvalidArgument, "zero1_layouts: no parameters");
+  const int R = replica_layouts.front().second.world_size();
+  std::map<std::string, std::vector<std::vector<Chunk>>> chunks;
+  for (const auto& [name, l] : replica_layouts) chunks[name].resize(R * dp_size);
+  for (int r = 0; r < R; ++r) {
+    int64_t total = 0;
+    for (const auto& [name, l] : replica_layouts) total += l.local_numel(r);
+    const int64_t shard = (total + dp_size - 1) / dp_size;
+    int64_t off = 0;
+    for (const auto& [name, l] : replica_layouts) {
+      const int64_t n = l.local_numel(r);
+      if (n > 0) {
+        TESSERA_CHECK(l.chunks(r).size() == 1 && !l.is_flat(), InvalidArgument,
+                      "zero1_layouts: parameter '", name,
+                      "' must have one regular chunk per rank");
+        const Box& box = l.chunks(r)[0].box;
+        for (int d = 0; d < dp_size; ++d) {
+          const int64_t a = std::max(off, d * shard), b = std::min(off + n, (d + 1) * shard);
+          if (a >= b) continue;
+          int64_t local = 0;
+          for (Box piece : dist::decompose_flat_range(box.length, a - off, b - off)) {
+            for (size_t k = 0; k < piece.offset.size(); ++k) piece.offset[k] += box.offset[k];
+            const int64_t numel = piece.numel();
+            chunks[name][d * R + r].push_back({std::move(piece), local});
+            local += numel;
+          }
+        }
+      }
+      off += n;
+    }
+  }
+  std::map<std::string, Layout> out;
+  for (const auto& [name, l] : replica_layouts) {
+    out.emplace(name, Layout::from_chunks(l.global_shape(), chunks[name], /*flat=*/true));
+  }
+  return out;
+}
+
+namespace {
+
+std::map<std::string, std::string> param_attrs(const std::string& name, int64_t order) {
+  return {{"split", split_name(parameter_split(name))},
+          {"expert", std::to_string(parameter_expert(name))},
+          {"order", std::to_string(order)}};
+}
+
+void set_model_user(State& state, const nn::Transformer& model, const ModelState& where) {
+  state.user["tessera.model_config"] = model.config().to_json();
+  state.user["tessera.tp"] = std::to_string(model.groups().tp_size());
+  state.user["tessera.ep"] = std::to_string(model.groups().ep_size());
+  state.user["tessera.dp"] = std::to_string(where.dp_size);
+}
+
+// Replica layouts of every parameter, in model order, checked against the
+// model's own.
+std::vector<std::pair<std::string, Layout>> model_replica_layouts(const nn::Transformer& model) {
+  std::vector<std::pair<std::string, Layout>> out;
+  const auto& g = model.groups();
+  for (const auto& name : model.full_parameter_names()) {
+    Layout l = model.layout_of(name);
+    Layout rebuilt = replica_layout(model.full_shape(name), parameter_split(name),
+                                    parameter_expert(name), model.config().num_experts,
+                                    g.tp_size(), g.ep_size());
+    TESSERA_CHECK(same_layout(l, rebuilt), Internal, "checkpoint: the layout rules for '", name,
+                  "' differ from nn::Transformer::layout_of (", l.to_string(), " vs ",
+                  rebuilt.to_string(),
+                  "); update ckpt::parameter_split to match nn");
+    out.emplace_back(name, std::move(l));
+  }
+  return out;
+}
+
+std::map<std::string, at::Tensor> local_params(const nn::Transformer& model) {
+  std::map<std::string, at::Tensor> m;
+  for (const auto& [name, t] : model.named_parameters()) m[name] = t;
+  return m;
+}
+
+}  // namespace
+
+void add_model(State& state, const nn::Transformer& model, const ModelState& where) {
+  auto layouts = model_replica_layouts(model);
+  auto locals = local_params(model);
+  int64_t order = 0;
+  for (auto& [name, l] : layouts) {
+    auto it = locals.find(name);
+    at::Tensor local = it != locals.end() ? it->second.detach()
+                                          : at::empty({0}, locals.begin()->second.options());
+    auto attrs = param_attrs(name, order++);
+    attrs["role"] = "param";
+    state.add(name, local, over_dp(l, where.dp_size), std::move(attrs));
+  }
+  set_model_user(state, model, where);
+}
+
+void add_zero1_optimizer(State& state, const nn::Transformer& model, const ModelState& where,
+                         const std::map<std::string, at::Tensor>& flat) {
+  auto layouts = model_replica_layouts(model);
+  auto zero = zero1_layouts(layouts, where.dp_size);
+  const int R = layouts.front().second.world_size();
+  const int me = where.dp_rank * R + model.replica_rank();
+  // This rank's slice [begin, begin + shard) of its replica rank's concatenation.
+  int64_t total = 0;
+  for (const auto& [name, t] : model.named_parameters()) total += t.numel();
+  const int64_t shard = (total + where.dp_size - 1) / where.dp_size;
+  for (const auto& [key, buffer] : flat) {
+    TESSERA_CHECK(buffer.dim() == 1 && buffer.numel() == shard, InvalidArgument,
+                  "checkpoint: ZeRO-1 optimizer state '", key, "' on dp rank ", where.dp_rank,
+                  " has shape ", shape_string(buffer.sizes()), ", expected [", shard, "]");
+  }
+  int64_t order = 0;
+  for (const auto& [name, l] : layouts) {
+    const Layout& zl = zero.at(name);
+    const int64_t n = zl.local_numel(me);
+    // The parameter's share starts where its first chunk's flat range does.
+    int64_t start = 0;
+    if (n > 0) {
+      int64_t off = 0;
+      for (const auto& [pname, t] : model.named_parameters()) {
+        if (pname == name) break;
+        off += t.numel();
+      }
+      start = std::max<int64_t>(off, where.dp_rank * shard) - where.dp_rank * shard;
+    }
+    for (const auto& [key, buffer] : flat) {
+      auto attrs = param_attrs(name, order);
+      attrs["role"] = "optim";
+      attrs["key"] = key;
+      attrs["param"] = name;
+      attrs["zero1"] = "1";
+      at::Tensor local = n > 0 ? buffer.detach().narrow(0, start, n) : buffer.detach().narrow(0, 0, 0);
+      state.add(optim_name(key, name), local, zl, std::move(attrs));
+    }
+    ++order;
+  }
+  set_model_user(state, model, where);
+  state.user["tessera.zero1"] = "1";
+}
+
+void add_optimizer(State& state, const nn::Transformer& model, const ModelState& where,
+                   const std::map<std::string, std::vector<at::Tensor>>& per_param) {
+  auto layouts = model_replica_layouts(model);
+  std::map<std::string, size_t> index;
+  const auto& params = model.named_parameters();
+  for (size_t i = 0; i < params.size(); ++i) index[params[i].first] = i;
+  int64_t order = 0;
+  for (const auto& [name, l] : layouts) {
+    for (const auto& [key, tensors] : per_param) {
+      TESSERA_CHECK(tensors.size() == params.size(), InvalidArgument, "checkpoint: optimizer state '",
+                    key, "' has ", tensors.size(), " tensors for ", params.size(), " parameters");
+      auto it = index.find(name);
+      at::Tensor local = it != index.end() ? tensors[it->second].detach()
+                                           : at::empty({0}, tensors.front().options());
+      auto attrs = param_attrs(name, order);
+      attrs["role"] = "optim";
+      attrs["key"] = key;
+      attrs["param"] = name;
+      state.add(optim_name(key, name), local, over_dp(l, where.dp_size), std::move(attrs));
+    }
+    ++order;
+  }
+  set_model_user(state, model, where);
+}
+
+namespace {
+
+nn::ModelConfig config_of(const Metadata& meta, const std::string& dir) {
+  auto it = meta.user.find("tessera.model_config");
+  TESSERA_CHECK(it != meta.user.end(), NotFound, "checkpoint '", dir,
+                "' has no model config (user key 'tessera.model_config'); was it saved with "
+                "ckpt::add_model?");
+  return nn::ModelConfig::parse(it->second, dir + " (tessera.model_config)");
+}
+
+int64_t attr_int(const TensorMeta& tm, const std::string& key, int64_t fallback) {
+  auto it = tm.attrs.find(key);
+  return it == tm.attrs.end() ? fallback : std::stoll(it->second);
+}
+
+std::string attr(const TensorMeta& tm, const std::string& key) {
+  auto it = tm.attrs.find(key);
+  return it == tm.attrs.end() ? std::string() : it->second;
+}
+
+}  // namespace
+
+void export_hf(const std::string& dir, const std::string& out, int64_t max_shard_bytes) {
+  Metadata meta = read_metadata(dir);
+  nn::ModelConfig config = config_of(meta, dir);
+  State st;
+  for (const auto& [name, tm] : meta.tensors) {
+    if (attr(tm, "role") != "param") continue;
+    st.add(name, at::empty(tm.shape, at::TensorOptions().dtype(parse_dtype(tm.dtype))),
+           Layout::replicated(tm.shape, 1));
+  }
+  load(dir, st, nullptr);
+  nn::WeightMap weights;
+  for (auto& [name, e] : st.entries) weights[name] = e.local;
+  nn::save_hf_model(out, config, weights, max_shard_bytes);
+}
+
+std::vector<std::string> import_hf(const std::string& hf_dir, State& state, int rank) {
+  auto folder = nn::SafetensorsFolder::open(hf_dir);
+  std::vector<std::string> filled;
+  at::NoGradGuard no_grad;
+  for (auto& [name, e] : state.entries) {
+    if (!folder.contains(name)) continue;
+    at::Tensor full = folder.get(name);
+    TESSERA_CHECK(full.sizes().vec() == e.layout.global_shape(), InvalidArgument, "'", hf_dir,
+                  "': tensor '", name, "' has shape ", shape_string(full.sizes()),
+                  ", the state expects ", shape_string(e.layout.global_shape()));
+    at::Tensor local = dist::extract_local(e.layout, rank, full);
+    e.local.copy_(local.reshape(e.local.sizes()));
+    filled.push_back(name);
+  }
+  return filled;
+}
+
+void reshard(const std::string& dir, const std::string& out, int tp, int dp, int ep) {
+  TESSERA_CHECK(tp >= 1 && dp >= 1 && ep >= 1, InvalidArgument, "reshard: tp, dp and ep must be >= 1");
+  Metadata meta = read_metadata(dir);
+  nn::ModelConfig config = config_of(meta, dir);
+  const int R = tp * ep, world = R * dp;
+  const bool zero1 = meta.user.count("tessera.zero1") > 0 && dp > 1;
+  // Target layouts, in model order for ZeRO.
+  std::vector<std::pair<int64_t, std::string>> params;
+  for (const auto& [name, tm] : meta.tensors) {
+    if (attr(tm, "role") == "param") params.emplace_back(attr_int(tm, "order", 0), name);
+  }
+  std::sort(params.begin(), params.end());
+  std::vector<std::pair<std::string, Layout>> replica;
+  for (const auto& [order, name] : params) {
+    const TensorMeta& tm = meta.tensors.at(name);
+    replica.emplace_back(name, replica_layout(tm.shape, parse_split(attr(tm, "split")),
+                                              attr_int(tm, "expert", -1), config.num_experts, tp, ep));
+  }
+  std::map<std::string, Layout> replica_by_name(replica.begin(), replica.end());
+  std::map<std::string, Layout> zero = zero1 ? zero1_layouts(replica, dp) : std::map<std::string, Layout>{};
+  std::map<std::string, Layout> target;
+  std::map<std::string, std::map<std::string, std::string>> attrs;
+  for (const auto& [name, tm] : meta.tensors) {
+    const std::string role = attr(tm, "role");
+    attrs[name] = tm.attrs;
+    if (role == "param") {
+      target.emplace(name, over_dp(replica_by_name.at(name), dp));
+    } else if (role == "optim") {
+      const std::string param = attr(tm, "param");
+      if (zero1) {
+        target.emplace(name, zero.at(param));
+      } else {
+        attrs[name].erase("zero1");
+        target.emplace(name, over_dp(replica_by_name.at(param), dp));
+      }
+    } else {
+      target.emplace(name, Layout::replicated(tm.shape, world));
+    }
+  }
+  auto run_rank = [&](std::shared_ptr<dist::ProcessGroup> g) {
+    const int rank = g ? g->rank() : 0;
+    State st;
+    for (const auto& [name, l] : target) {
+      const TensorMeta& tm = meta.tensors.at(name);
+      st.add(name, at::empty(l.local_shape(rank), at::TensorOptions().dtype(parse_dtype(tm.dtype))),
+             l, attrs.at(name));
+    }
+    load(dir, st, g);
+    st.user["tessera.tp"] = std::to_string(tp);
+    st.user["tessera.ep"] = std::to_string(ep);
+    st.user["tessera.dp"] = std::to_string(dp);
+    if (zero1) {
+      st.user["tessera.zero1"] = "1";
+    } else {
+      st.user.erase("tessera.zero1");
+    }
+    save(out, st, g);
+  };
+  if (world == 1) {
+    run_rank(nullptr);
+    return;
+  }
+  // Target ranks as threads of this process over an in-memory store.
+  auto store = dist::Store::in_memory();
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(world);
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        auto g = dist::ProcessGroup::create(store, r, world);
+        run_rank(g);
+        g->barrier().wait();
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+}  // namespace tessera::ckpt

@@ -1,0 +1,200 @@
+// One rank of a checkpoint job, run by tests/ckpt/ckpt_launch_test.cpp under
+// tessera-launch. Modes:
+//
+//   save ROOT STEP TYPE TP EP DP [KILL_RANK]
+//       a model of TYPE (llama | mixtral) on a (dp, ep, tp) mesh, weights from
+//       init_random(kSeed), ZeRO-1 flat optimizer state (dp > 1) or plain
+//       per-parameter state, saved at step_dir(ROOT, STEP). With KILL_RANK,
+//       that rank dies (_exit) after writing its data file, before the commit.
+//   load DIR TYPE TP EP DP
+//       loads DIR into a fresh model and optimizer state of that layout and
+//       checks every local tensor bit for bit against the reference.
+//
+// Exit code 0 on success; a failed check prints what differs and exits 1.
+#include <ATen/ATen.h>
+#include <unistd.h>
+
+#include <iostream>
+
+#include "tessera/ckpt/checkpoint.h"
+#include "tessera/ckpt/model_state.h"
+#include "tessera/core/runtime.h"
+#include "tessera/dist/device_mesh.h"
+#include "tessera/dist/redistribute.h"
+#include "tessera/dist/rendezvous.h"
+#include "tessera/nn/model.h"
+
+namespace {
+
+using namespace tessera;
+
+constexpr uint64_t kSeed = 1234;
+
+nn::ModelConfig tiny(const std::string& type) {
+  nn::ModelConfig c;
+  c.model_type = type;
+  c.vocab_size = 101;  // uneven vocabulary shards
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 4;  // tp up to 4
+  if (type == "mixtral") {
+    c.num_experts = 4;
+    c.num_experts_per_tok = 2;
+  }
+  return c;
+}
+
+// The optimizer state the test saves: a fixed function of the full
+// parameter, so every layout's expected values are known.
+at::Tensor fake_state(const at::Tensor& param, const std::string& key) {
+  return key == "exp_avg" ? param * 2 + 1 : param * param + 0.5;
+}
+
+struct Job {
+  std::shared_ptr<dist::ProcessGroup> world;
+  std::unique_ptr<nn::Transformer> model;
+  ckpt::ModelState where;
+};
+
+Job make_job(const std::string& type, int tp, int ep, int dp) {
+  Job job;
+  job.world = dist::init_process_group();
+  auto mesh = dist::DeviceMesh::create(job.world, {{"dp", dp}, {"ep", ep}, {"tp", tp}});
+  nn::ParallelGroups groups{tp > 1 ? mesh.group("tp") : nullptr, ep > 1 ? mesh.group("ep") : nullptr};
+  job.model = std::make_unique<nn::Transformer>(tiny(type), groups);
+  job.where = {static_cast<int>(mesh.coord("dp")), dp};
+  return job;
+}
+
+// Full reference weights of the model.
+std::map<std::string, at::Tensor> reference(const std::string& type) {
+  nn::Transformer single(tiny(type));
+  single.init_random(kSeed);
+  std::map<std::string, at::Tensor> m;
+  for (const auto& [name, t] : single.named_parameters()) m[name] = t.detach().clone();
+  return m;
+}
+
+// This rank's ZeRO-1 slice of fake_state over its local parameters.
+at::Tensor zero1_slice(const nn::Transformer& model, const ckpt::ModelState& where,
+                       const std::string& key) {
+  std::vector<at::Tensor> flat;
+  for (const auto& [name, t] : model.named_parameters()) {
+    flat.push_back(fake_state(t.detach(), key).reshape({-1}));
+  }
+  at::Tensor all = at::cat(flat);
+  const int64_t shard = (all.numel() + where.dp_size - 1) / where.dp_size;
+  all = at::cat({all, at::zeros({shard * where.dp_size - all.numel()})});
+  return all.narrow(0, where.dp_rank * shard, shard).clone();
+}
+
+void add_optimizer_state(ckpt::State& st, const Job& job, bool fill) {
+  const std::vector<std::string> keys{"exp_avg", "exp_avg_sq"};
+  if (job.where.dp_size > 1) {
+    std::map<std::string, at::Tensor> flat;
+    for (const auto& k : keys) {
+      at::Tensor s = zero1_slice(*job.model, job.where, k);
+      flat[k] = fill ? s : at::full_like(s, -7);
+    }
+    ckpt::add_zero1_optimizer(st, *job.model, job.where, flat);
+  } else {
+    std::map<std::string, std::vector<at::Tensor>> per;
+    for (const auto& k : keys) {
+      for (const auto& [name, t] : job.model->named_parameters()) {
+        per[k].push_back(fill ? fake_state(t.detach(), k) : at::full_like(t.detach(), -7));
+      }
+    }
+    ckpt::add_optimizer(st, *job.model, job.where, per);
+  }
+}
+
+int save_mode(const std::string& root, int64_t step, const std::string& type, int tp, int ep, int dp,
+              int kill_rank) {
+  Job job = make_job(type, tp, ep, dp);
+  job.model->init_random(kSeed);
+  ckpt::State st;
+  ckpt::add_model(st, *job.model, job.where);
+  add_optimizer_state(st, job, true);
+  st.step = step;
+  st.data_position = step * 64;
+  st.rng["cpu"] = "rank" + std::to_string(job.world->rank());
+  ckpt::SaveOptions opts;
+  opts.io_threads = 2;
+  opts.checksum_block = 256;
+  const int me = job.world->rank();
+  if (kill_rank >= 0) {
+    opts.on_phase = [me, kill_rank](ckpt::SavePhase p) {
+      if (p == ckpt::SavePhase::kFileWritten && me == kill_rank) {
+        std::cerr << "rank " << me << ": dying in the middle of the save\n";
+        _exit(9);
+      }
+    };
+  }
+  ckpt::Checkpointer ck;
+  ckpt::SaveHandle h = ck.save_async(ckpt::step_dir(root, step), st, job.world, opts);
+  h.wait();
+  job.world->barrier().wait();
+  return 0;
+}
+
+int load_mode(const std::string& dir, const std::string& type, int tp, int ep, int dp) {
+  Job job = make_job(type, tp, ep, dp);
+  const int rank = job.world->rank();
+  ckpt::State st;
+  ckpt::add_model(st, *job.model, job.where);
+  add_optimizer_state(st, job, false);
+  ckpt::LoadOptions opts;
+  opts.io_threads = 3;
+  opts.max_read_bytes = 1000;
+  ckpt::LoadResult r = ckpt::load(dir, st, job.world, opts);
+  auto ref = reference(type);
+  int bad = 0;
+  for (const auto& [name, e] : st.entries) {
+    const std::string param = e.attrs.count("param") ? e.attrs.at("param") : name;
+    at::Tensor full = ref.at(param);
+    if (e.attrs.count("key")) full = fake_state(full, e.attrs.at("key"));
+    at::Tensor want = dist::extract_local(e.layout, rank, full);
+    if (!at::equal(e.local.reshape({-1}), want.reshape({-1}))) {
+      std::cerr << "rank " << rank << ": tensor '" << name << "' differs from the reference\n";
+      ++bad;
+    }
+  }
+  if (st.step <= 0 || st.data_position != st.step * 64) {
+    std::cerr << "rank " << rank << ": step " << st.step << " / data position "
+              << st.data_position << " not restored\n";
+    ++bad;
+  }
+  // A resharded checkpoint has no RNG states to restore.
+  if (r.rng_restored && st.rng.count("cpu") && st.rng.at("cpu") != "rank" + std::to_string(rank)) {
+    std::cerr << "rank " << rank << ": wrong RNG state\n";
+    ++bad;
+  }
+  std::cout << "rank " << rank << ": " << st.entries.size() << " tensors checked, " << bad
+            << " differ; read " << r.bytes_read << " bytes\n";
+  job.world->barrier().wait();
+  return bad == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  tessera::init_runtime();
+  std::vector<std::string> a(argv + 1, argv + argc);
+  try {
+    if (a.size() >= 7 && a[0] == "save") {
+      return save_mode(a[1], std::stoll(a[2]), a[3], std::stoi(a[4]), std::stoi(a[5]),
+                       std::stoi(a[6]), a.size() > 7 ? std::stoi(a[7]) : -1);
+    }
+    if (a.size() == 6 && a[0] == "load") {
+      return load_mode(a[1], a[2], std::stoi(a[3]), std::stoi(a[4]), std::stoi(a[5]));
+    }
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 3;
+  }
+  std::cerr << "usage: ckpt_rank_program save ROOT STEP TYPE TP EP DP [KILL_RANK] | "
+               "load DIR TYPE TP EP DP\n";
+  return 2;
+}

@@ -1,0 +1,514 @@
+// Checkpoint save/load in one process: the format, resharding between
+// layouts and world sizes (ranks as threads over an in-memory store), fault
+// handling and retention. tests/ckpt/ckpt_launch_test.cpp runs the same
+// logic with real processes.
+#include "tessera/ckpt/checkpoint.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "../../src/ckpt/crc32c.h"
+#include "tessera/core/error.h"
+#include "tessera/dist/redistribute.h"
+#include "tessera/dist/rendezvous.h"
+
+namespace fs = std::filesystem;
+
+namespace tessera::ckpt {
+namespace {
+
+using dist::Layout;
+using dist::MeshShape;
+using dist::Placement;
+
+class CkptTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = fs::path(::testing::TempDir()) /
+            ("tessera_ckpt_" + std::to_string(getpid()) + "_" +
+             ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(root_);
+    fs::create_directories(root_);
+  }
+  void TearDown() override { fs::remove_all(root_); }
+  std::string path(const std::string& name) const { return (root_ / name).string(); }
+  fs::path root_;
+};
+
+// Runs fn(group) on `world` threads, each a rank of one in-process group.
+void run_ranks(int world, const std::function<void(std::shared_ptr<dist::ProcessGroup>)>& fn) {
+  if (world == 1) {
+    fn(nullptr);
+    return;
+  }
+  auto store = dist::Store::in_memory();
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(world);
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        dist::ProcessGroupOptions opts;
+        opts.timeout = std::chrono::seconds(30);
+        auto g = dist::ProcessGroup::create(store, r, world, opts);
+        fn(g);
+        g->barrier().wait();
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+at::Tensor full_tensor(int seed, std::vector<int64_t> shape, at::ScalarType dtype = at::kFloat) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randn(shape, gen).to(dtype);
+}
+
+// The tensors of the test state: global values and how each is laid out.
+struct Spec {
+  std::string name;
+  at::Tensor full;
+};
+
+std::vector<Spec> specs() {
+  return {{"a.weight", full_tensor(1, {10, 6})},
+          {"b.weight", full_tensor(2, {7, 5}, at::kBFloat16)},
+          {"c.bias", full_tensor(3, {9})},
+          {"d.count", at::arange(12, at::kLong).view({3, 4})}};
+}
+
+// A tp x dp world: rows/cols sharded over tp, replicated over dp, or ZeRO
+// flat over dp of each tp shard (the optimizer-state layout).
+Layout layout_for(const Spec& s, int tp, int dp, bool flat) {
+  MeshShape mesh{{dp, tp}, {"dp", "tp"}};
+  auto shape = s.full.sizes().vec();
+  Placement split = shape.size() == 2 && s.name[0] == 'b' ? Placement::Shard(1) : Placement::Shard(0);
+  std::vector<Placement> pl{Placement::Replicate(), split};
+  return flat ? Layout::sharded_flat(shape, mesh, pl, "dp") : Layout::sharded(shape, mesh, pl);
+}
+
+State make_state(int rank, int tp, int dp, bool flat, bool fill) {
+  State st;
+  for (const auto& s : specs()) {
+    Layout l = layout_for(s, tp, dp, flat);
+    at::Tensor local = fill ? dist::extract_local(l, rank, s.full)
+                            : at::full(l.local_shape(rank), 99, s.full.scalar_type());
+    st.add(s.name, local, l, {{"kind", "test"}});
+  }
+  return st;
+}
+
+void expect_state_equals_reference(const State& st, int rank) {
+  for (const auto& s : specs()) {
+    const Entry& e = st.entries.at(s.name);
+    at::Tensor want = dist::extract_local(e.layout, rank, s.full);
+    EXPECT_TRUE(at::equal(e.local.reshape({-1}), want.reshape({-1})))
+        << s.name << " on rank " << rank;
+  }
+}
+
+TEST(Crc32c, KnownVectors) {
+  const char* digits = "123456789";
+  EXPECT_EQ(detail::crc32c(digits, 9), 0xE3069283u);
+  EXPECT_EQ(detail::crc32c("", 0), 0u);
+  // Incremental equals one-shot.
+  std::string text(1000, 'x');
+  for (size_t i = 0; i < text.size(); ++i) text[i] = static_cast<char>(i * 7);
+  uint32_t part = detail::crc32c(text.data(), 333);
+  EXPECT_EQ(detail::crc32c(text.data() + 333, text.size() - 333, part),
+            detail::crc32c(text.data(), text.size()));
+}
+
+TEST_F(CkptTest, SingleRankRoundTripOfEveryKindOfState) {
+  State st;
+  at::Tensor w = full_tensor(5, {4, 3});
+  at::Tensor h = full_tensor(6, {5}, at::kHalf);
+  at::Tensor scalar = at::full({}, 42, at::kLong);
+  at::Tensor empty = at::empty({0, 3});
+  st.add_replicated("w", w, 1);
+  st.add_replicated("h", h, 1);
+  st.add_replicated("scalar", scalar, 1);
+  st.add_replicated("empty", empty, 1);
+  st.add_replicated("strided", w.t(), 1);  // non-contiguous source
+  st.step = 1234;
+  st.data_position = 98765;
+  st.rng = {{"cpu", std::string("\x01\x00\x02", 3)}, {"cuda", "zz"}};
+  st.user = {{"run", "abc"}};
+  const std::string dir = step_dir(path("root"), 1234);
+  save(dir, st, nullptr);
+
+  State got;
+  got.add_replicated("w", at::zeros({4, 3}), 1);
+  got.add_replicated("h", at::zeros({5}, at::kHalf), 1);
+  got.add_replicated("scalar", at::zeros({}, at::kLong), 1);
+  got.add_replicated("empty", at::zeros({0, 3}), 1);
+  got.add_replicated("strided", at::zeros({4, 3}).t(), 1);  // non-contiguous destination
+  LoadResult r = load(dir, got, nullptr);
+  EXPECT_TRUE(at::equal(got.entries.at("w").local, w));
+  EXPECT_TRUE(at::equal(got.entries.at("h").local, h));
+  EXPECT_EQ(got.entries.at("scalar").local.item<int64_t>(), 42);
+  EXPECT_TRUE(at::equal(got.entries.at("strided").local, w.t()));
+  EXPECT_EQ(got.step, 1234);
+  EXPECT_EQ(got.data_position, 98765);
+  EXPECT_EQ(got.rng, st.rng);
+  EXPECT_TRUE(r.rng_restored);
+  EXPECT_EQ(got.user.at("run"), "abc");
+  EXPECT_EQ(latest(path("root")).value(), dir);
+
+  Metadata m = read_metadata(dir);
+  EXPECT_EQ(m.format_version, 1);
+  EXPECT_EQ(m.tensors.at("h").dtype, "float16");
+  EXPECT_TRUE(verify(dir).ok());
+}
+
+TEST_F(CkptTest, LoadConvertsDtypeAndReportsMissingTensors) {
+  State st;
+  at::Tensor w = full_tensor(7, {6, 2});
+  st.add_replicated("w", w, 1);
+  save(path("c"), st, nullptr);
+  State got;
+  got.add_replicated("w", at::zeros({6, 2}, at::kDouble), 1);
+  got.add_replicated("not_there", at::zeros({1}), 1);
+  try {
+    load(path("c"), got, nullptr);
+    FAIL() << "no throw";
+  } catch (const NotFound& e) {
+    EXPECT_NE(e.message().find("'not_there'"), std::string::npos) << e.message();
+  }
+  LoadOptions opts;
+  opts.allow_missing = true;
+  LoadResult r = load(path("c"), got, nullptr, opts);
+  EXPECT_EQ(r.missing, std::vector<std::string>{"not_there"});
+  EXPECT_TRUE(at::equal(got.entries.at("w").local, w.to(at::kDouble)));
+  // Shape mismatch names the tensor.
+  State bad;
+  bad.add_replicated("w", at::zeros({3, 4}), 1);
+  EXPECT_THROW(load(path("c"), bad, nullptr), InvalidArgument);
+}
+
+// Save at world 4 (tp2 x dp2), regular and ZeRO flat; load at 1, 2 (as tp1 x
+// dp2 flat and as tp2 regular) and 3 ranks: bit-identical to the reference.
+TEST_F(CkptTest, ReshardsBetweenWorldSizesAndLayouts) {
+  for (bool flat_save : {false, true}) {
+    SCOPED_TRACE(flat_save ? "saved flat" : "saved regular");
+    const std::string dir = path(flat_save ? "flat" : "regular");
+    run_ranks(4, [&](std::shared_ptr<dist::ProcessGroup> g) {
+      State st = make_state(g->rank(), 2, 2, flat_save, true);
+      st.step = 7;
+      SaveOptions opts;
+      opts.io_threads = 2;
+      opts.checksum_block = 64;  // many blocks even for tiny tensors
+      save(dir, st, g, opts);
+    });
+    struct Target {
+      int tp, dp;
+      bool flat;
+    };
+    for (Target t : {Target{1, 1, false}, Target{1, 2, true}, Target{2, 1, false},
+                     Target{1, 3, true}, Target{3, 1, false}, Target{2, 2, true}}) {
+      SCOPED_TRACE("tp" + std::to_string(t.tp) + " dp" + std::to_string(t.dp) +
+                   (t.flat ? " flat" : ""));
+      run_ranks(t.tp * t.dp, [&](std::shared_ptr<dist::ProcessGroup> g) {
+        int rank = g ? g->rank() : 0;
+        State st = make_state(rank, t.tp, t.dp, t.flat, false);
+        LoadOptions opts;
+        opts.io_threads = 3;
+        opts.max_read_bytes = 48;  // force split reads
+        LoadResult r = load(dir, st, g, opts);
+        EXPECT_EQ(st.step, 7);
+        EXPECT_EQ(r.rng_restored, t.tp * t.dp == 4);
+        expect_state_equals_reference(st, rank);
+      });
+    }
+  }
+}
+
+TEST_F(CkptTest, ReplicatedBoxesAreWrittenOnceAndSpreadOverRanks) {
+  const std::string dir = path("rep");
+  run_ranks(4, [&](std::shared_ptr<dist::ProcessGroup> g) {
+    State st;
+    // Eight equal tensors replicated on all four ranks: two per rank.
+    for (int i = 0; i < 8; ++i) {
+      st.add_replicated("t" + std::to_string(i), full_tensor(i, {16, 16}), 4);
+    }
+    save(dir, st, g);
+  });
+  Metadata m = read_metadata(dir);
+  std::map<std::string, uint64_t> per_file;
+  for (const auto& [name, t] : m.tensors) {
+    ASSERT_EQ(t.boxes.size(), 1u) << name;
+    EXPECT_EQ(t.boxes[0].ranks, (std::vector<int>{0, 1, 2, 3}));
+    per_file[t.boxes[0].file] += t.boxes[0].byte_length;
+  }
+  ASSERT_EQ(per_file.size(), 4u);
+  for (const auto& [file, bytes] : per_file) EXPECT_EQ(bytes, 2u * 16 * 16 * 4) << file;
+}
+
+TEST_F(CkptTest, PartialLoadReadsOnlyOverlappingBlocks) {
+  State st;
+  at::Tensor big = full_tensor(9, {256, 64});  // 64 KiB
+  st.add_replicated("big", big, 1);
+  SaveOptions so;
+  so.checksum_block = 1024;
+  save(path("p"), st, nullptr, so);
+  // One of 8 row shards: 8 KiB of the 64 KiB.
+  run_ranks(8, [&](std::shared_ptr<dist::ProcessGroup> g) {
+    State want;
+    Layout rows = Layout::sharded({256, 64}, MeshShape{{8}, {"tp"}}, {Placement::Shard(0)});
+    want.add("big", at::zeros(rows.local_shape(g->rank())), rows);
+    LoadResult r = load(path("p"), want, g);
+    EXPECT_EQ(r.bytes_read, 8192u);
+    EXPECT_TRUE(at::equal(want.entries.at("big").local, dist::extract_local(rows, g->rank(), big)));
+  });
+}
+
+TEST_F(CkptTest, InconsistentStatesAcrossRanksAreRejectedBeforeWriting) {
+  const std::string dir = path("bad");
+  std::atomic<int> rejected{0};
+  run_ranks(2, [&](std::shared_ptr<dist::ProcessGroup> g) {
+    State st;
+    st.add_replicated(g->rank() == 0 ? "x" : "y", at::zeros({2}), 2);
+    try {
+      save(dir, st, g);
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(e.message().find("rank 1"), std::string::npos) << e.message();
+      rejected++;
+    }
+  });
+  EXPECT_EQ(rejected.load(), 2);
+  EXPECT_FALSE(fs::exists(dir));
+}
+
+TEST_F(CkptTest, AsyncSaveSnapshotsAndReusesStaging) {
+  Checkpointer ck;
+  at::Tensor w = full_tensor(11, {32, 8});
+  State st;
+  st.add_replicated("w", w, 1);
+  std::vector<SaveHandle> handles;
+  std::vector<at::Tensor> snapshots;
+  for (int step = 0; step < 4; ++step) {
+    st.step = step;
+    snapshots.push_back(w.clone());
+    handles.push_back(ck.save_async(step_dir(path("root"), step), st, nullptr));
+    w.add_(1);  // training continues: the save must have its own copy
+  }
+  for (auto& h : handles) h.wait();
+  EXPECT_GE(handles[0].stats().bytes_total, 32u * 8 * 4);
+  for (int step = 0; step < 4; ++step) {
+    State got;
+    got.add_replicated("w", at::zeros({32, 8}), 1);
+    load(step_dir(path("root"), step), got, nullptr);
+    EXPECT_TRUE(at::equal(got.entries.at("w").local, snapshots[step])) << step;
+    EXPECT_EQ(got.step, step);
+  }
+}
+
+TEST_F(CkptTest, AsyncSaveWithControlGroupCommitsInBackground) {
+  const std::string dir = path("ctl");
+  run_ranks(2, [&](std::shared_ptr<dist::ProcessGroup> g) {
+    auto control = g->new_subgroup({0, 1}, "ckpt");
+    Checkpointer ck;
+    State st = make_state(g->rank(), 2, 1, false, true);
+    SaveOptions opts;
+    opts.control_group = control;
+    SaveHandle h = ck.save_async(dir, st, g, opts);
+    // The main group stays free for training collectives meanwhile.
+    at::Tensor x = at::ones({4});
+    g->all_reduce(x).wait();
+    EXPECT_EQ(x[0].item<float>(), 2.0f);
+    h.wait();
+  });
+  run_ranks(1, [&](std::shared_ptr<dist::ProcessGroup> g) {
+    State st = make_state(0, 1, 1, false, false);
+    load(dir, st, g);
+    expect_state_equals_reference(st, 0);
+  });
+}
+
+TEST_F(CkptTest, CrashDuringSaveLeavesPreviousCheckpointAndNothingNew) {
+  const std::string root = path("root");
+  State st = make_state(0, 1, 1, false, true);
+  save(step_dir(root, 100), st, nullptr);
+  for (SavePhase fail_at : {SavePhase::kStaged, SavePhase::kFileWritten, SavePhase::kFileSynced,
+                            SavePhase::kBeforeCommit}) {
+    SaveOptions opts;
+    opts.on_phase = [fail_at](SavePhase p) {
+      if (p == fail_at) throw Unavailable("injected failure");
+    };
+    EXPECT_THROW(save(step_dir(root, 200), st, nullptr, opts), Error);
+    EXPECT_FALSE(fs::exists(step_dir(root, 200)));
+    EXPECT_EQ(latest(root).value(), step_dir(root, 100));
+  }
+  State got = make_state(0, 1, 1, false, false);
+  load(*latest(root), got, nullptr);
+  expect_state_equals_reference(got, 0);
+}
+
+TEST_F(CkptTest, FailureOnOneRankAbortsTheSaveOnAll) {
+  const std::string dir = path("one_fails");
+  std::atomic<int> aborted{0}, own{0};
+  run_ranks(3, [&](std::shared_ptr<dist::ProcessGroup> g) {
+    State st = make_state(g->rank(), 1, 3, true, true);
+    SaveOptions opts;
+    if (g->rank() == 2) {
+      opts.on_phase = [](SavePhase p) {
+        if (p == SavePhase::kFileWritten) throw ResourceExhausted("injected: disk full");
+      };
+    }
+    try {
+      save(dir, st, g, opts);
+    } catch (const Aborted& e) {
+      EXPECT_NE(e.message().find("rank(s) 2"), std::string::npos) << e.message();
+      aborted++;
+    } catch (const ResourceExhausted&) {
+      own++;
+    }
+  });
+  EXPECT_EQ(aborted.load(), 2);
+  EXPECT_EQ(own.load(), 1);
+  EXPECT_FALSE(fs::exists(dir));
+  for (const auto& e : fs::directory_iterator(root_)) ADD_FAILURE() << "left behind: " << e.path();
+}
+
+TEST_F(CkptTest, ExistingCheckpointIsNotOverwrittenUnlessAsked) {
+  State st;
+  st.add_replicated("w", at::ones({3}), 1);
+  save(path("x"), st, nullptr);
+  EXPECT_THROW(save(path("x"), st, nullptr), FailedPrecondition);
+  st.entries.at("w").local.fill_(5);
+  SaveOptions opts;
+  opts.overwrite = true;
+  save(path("x"), st, nullptr, opts);
+  State got;
+  got.add_replicated("w", at::zeros({3}), 1);
+  load(path("x"), got, nullptr);
+  EXPECT_EQ(got.entries.at("w").local[0].item<float>(), 5.0f);
+}
+
+TEST_F(CkptTest, RetentionKeepsTheNewestCompleteCheckpoints) {
+  const std::string root = path("root");
+  State st;
+  st.add_replicated("w", at::ones({3}), 1);
+  SaveOptions opts;
+  opts.keep_last = 2;
+  for (int64_t s : {10, 20, 30, 40}) save(step_dir(root, s), st, nullptr, opts);
+  fs::create_directories(root + "/step_000000050.tmp-abc");  // an interrupted save
+  fs::create_directories(root + "/step_000000060");          // no metadata: incomplete
+  auto all = list_checkpoints(root);
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all[0], step_dir(root, 30));
+  EXPECT_EQ(latest(root).value(), step_dir(root, 40));
+  EXPECT_FALSE(latest(path("nothing_here")).has_value());
+  EXPECT_THROW(apply_retention(root, 0), InvalidArgument);
+}
+
+// Corruption is reported by name: flipped byte, truncated file, missing
+// data file, missing metadata, unknown format version.
+class CorruptionTest : public CkptTest {
+ protected:
+  void SetUp() override {
+    CkptTest::SetUp();
+    dir_ = path("c");
+    State st = make_state(0, 1, 1, false, true);
+    SaveOptions opts;
+    opts.checksum_block = 64;
+    save(dir_, st, nullptr, opts);
+    meta_ = read_metadata(dir_);
+  }
+  // The file and byte offset of tensor a.weight's first box.
+  std::pair<std::string, uint64_t> where(const std::string& tensor) {
+    const SavedBox& b = meta_.tensors.at(tensor).boxes.at(0);
+    return {dir_ + "/" + b.file, b.byte_offset};
+  }
+  void expect_load_fails_naming(const std::string& needle, const std::string& needle2) {
+    State got = make_state(0, 1, 1, false, false);
+    try {
+      load(dir_, got, nullptr);
+      FAIL() << "no throw";
+    } catch (const DataLoss& e) {
+      EXPECT_NE(e.message().find(needle), std::string::npos) << e.message();
+      EXPECT_NE(e.message().find(needle2), std::string::npos) << e.message();
+    }
+  }
+  std::string dir_;
+  Metadata meta_;
+};
+
+TEST_F(CorruptionTest, FlippedByteIsDataLossNamingFileAndTensor) {
+  auto [file, offset] = where("c.bias");
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(offset + 5));
+    char c;
+    f.get(c);
+    f.seekp(static_cast<std::streamoff>(offset + 5));
+    f.put(static_cast<char>(c ^ 0x10));
+  }
+  expect_load_fails_naming("rank_00000.bin", "'c.bias'");
+  VerifyReport report = verify(dir_);
+  ASSERT_EQ(report.errors.size(), 1u);
+  EXPECT_NE(report.errors[0].find("c.bias"), std::string::npos) << report.errors[0];
+}
+
+TEST_F(CorruptionTest, TruncatedFileIsDataLossNamingFileAndTensor) {
+  auto [file, offset] = where("a.weight");
+  (void)offset;
+  // a.weight sorts first, so it sits at the start of the file; cut into the
+  // last tensor instead.
+  fs::resize_file(file, fs::file_size(file) - 100);
+  State got = make_state(0, 1, 1, false, false);
+  try {
+    load(dir_, got, nullptr);
+    FAIL() << "no throw";
+  } catch (const DataLoss& e) {
+    EXPECT_NE(e.message().find("rank_00000.bin"), std::string::npos) << e.message();
+    EXPECT_NE(e.message().find("truncated"), std::string::npos) << e.message();
+    EXPECT_NE(e.message().find("tensor '"), std::string::npos) << e.message();
+  }
+  EXPECT_FALSE(verify(dir_).ok());
+}
+
+TEST_F(CorruptionTest, MissingDataFileIsDataLoss) {
+  fs::remove(where("a.weight").first);
+  expect_load_fails_naming("rank_00000.bin", "tensor '");
+}
+
+TEST_F(CorruptionTest, MissingMetadataIsNotFoundNamingTheDirectory) {
+  fs::remove(dir_ + "/metadata.json");
+  State got = make_state(0, 1, 1, false, false);
+  try {
+    load(dir_, got, nullptr);
+    FAIL() << "no throw";
+  } catch (const NotFound& e) {
+    EXPECT_NE(e.message().find(dir_), std::string::npos) << e.message();
+  }
+  EXPECT_FALSE(latest(path("")).has_value());
+}
+
+TEST_F(CorruptionTest, UnknownFormatVersionIsRefused) {
+  std::ifstream in(dir_ + "/metadata.json");
+  auto j = nlohmann::json::parse(in);
+  in.close();
+  j["format_version"] = 2;
+  std::ofstream(dir_ + "/metadata.json") << j.dump();
+  State got = make_state(0, 1, 1, false, false);
+  try {
+    load(dir_, got, nullptr);
+    FAIL() << "no throw";
+  } catch (const FailedPrecondition& e) {
+    EXPECT_NE(e.message().find("format_version 2"), std::string::npos) << e.message();
+  }
+}
+
+}  // namespace
+}  // namespace tessera::ckpt
