@@ -187,8 +187,11 @@ at::Tensor rope_inv_freq(const ModelConfig& c) {
   return inv.to(at::kFloat);
 }
 
+// Reductions (norms, softmax) run in at least fp32; fp64 models stay fp64.
+at::ScalarType accumulate_type(at::ScalarType t) { return at::promote_types(t, at::kFloat); }
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  at::Tensor xf = x.to(at::kFloat);
+  at::Tensor xf = x.to(accumulate_type(x.scalar_type()));
   at::Tensor normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
   return normed.to(x.scalar_type()) * w;
 }
@@ -351,7 +354,7 @@ struct Transformer::Impl {
     }
     at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(hd)));
     scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
-    at::Tensor probs = at::softmax(scores.to(at::kFloat), -1).to(q.scalar_type());
+    at::Tensor probs = at::softmax(scores.to(accumulate_type(scores.scalar_type())), -1).to(q.scalar_type());
     at::Tensor out = at::matmul(probs, v).transpose(1, 2).reshape({B, T, nh * hd});
     return proj(out, w.o, {}, a + "o_proj");
   }
@@ -362,7 +365,7 @@ struct Transformer::Impl {
                  bool record, std::vector<at::Tensor>& loads) {
     const ModelConfig& c = config;
     const int64_t N = x.size(0), E = c.num_experts, K = c.num_experts_per_tok;
-    at::Tensor logits = dense(x, w.router).to(at::kFloat);  // [N, E]
+    at::Tensor logits = dense(x, w.router).to(accumulate_type(x.scalar_type()));  // [N, E]
     at::Tensor probs = at::softmax(logits, -1);
     auto [top_w, top_e] = probs.topk(K, -1);
     if (c.norm_topk_prob) top_w = top_w / top_w.sum(-1, true);
@@ -606,7 +609,9 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
 
   // Positions [B, T] and RoPE tables [B, 1, T, hd].
   at::Tensor positions = starts.unsqueeze(1) + at::arange(T, at::kLong).unsqueeze(0);
-  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * m.inv_freq;  // [B, T, hd/2]
+  // In fp32 like Hugging Face's rotary embedding (fp64 for fp64 models).
+  const at::ScalarType rope_type = accumulate_type(m.dtype);
+  at::Tensor freqs = positions.to(rope_type).unsqueeze(-1) * m.inv_freq.to(rope_type);  // [B, T, hd/2]
   at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
   at::Tensor cos = emb.cos().to(m.dtype), sin = emb.sin().to(m.dtype);
   // Mask [B, 1, T, kv_len]: key j is hidden from query i when j is beyond

@@ -168,10 +168,10 @@ at::Tensor all_to_all_rows(const at::Tensor& x, const GroupPtr& group,
 at::Tensor vocab_parallel_cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
                                         int64_t vocab_start, const GroupPtr& group) {
   if (trivial(group)) {
-    at::Tensor lp = logits.to(at::kFloat).log_softmax(-1);
+    at::Tensor lp = logits.to(at::promote_types(logits.scalar_type(), at::kFloat)).log_softmax(-1);
     at::Tensor valid = targets != -100;
     at::Tensor safe = at::where(valid, targets, at::zeros_like(targets));
-    return -lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid.to(at::kFloat);
+    return -lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid.to(lp.scalar_type());
   }
   return VocabParallelCE::apply(logits, targets, vocab_start, group.get());
 }

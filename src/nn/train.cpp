@@ -94,6 +94,27 @@ AdamW::AdamW(AdamW&&) noexcept = default;
 
 int64_t AdamW::steps() const { return impl_->step; }
 
+void AdamW::set_steps(int64_t steps) {
+  TESSERA_CHECK(steps >= 0, InvalidArgument, "AdamW: step count must be >= 0, got ", steps);
+  impl_->step = steps;
+}
+
+bool AdamW::zero1() const { return impl_->zero != nullptr; }
+
+std::vector<std::pair<std::string, at::Tensor>> AdamW::state_tensors() {
+  Impl& s = *impl_;
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  if (s.zero) {
+    out.emplace_back("master", s.master);
+    out.emplace_back("exp_avg", s.m_flat);
+    out.emplace_back("exp_avg_sq", s.v_flat);
+    return out;
+  }
+  for (size_t i = 0; i < s.m.size(); ++i) out.emplace_back("exp_avg." + std::to_string(i), s.m[i]);
+  for (size_t i = 0; i < s.v.size(); ++i) out.emplace_back("exp_avg_sq." + std::to_string(i), s.v[i]);
+  return out;
+}
+
 int64_t AdamW::state_bytes() const {
   const Impl& s = *impl_;
   if (s.zero) return (s.master.numel() + s.m_flat.numel() + s.v_flat.numel()) * 4;
@@ -344,8 +365,13 @@ struct Trainer::Impl {
 };
 
 Trainer::Trainer(Transformer& model, TrainerOptions options, std::shared_ptr<dist::ProcessGroup> dp)
+    : Trainer(model, std::move(options), std::move(dp), {}) {}
+
+Trainer::Trainer(Transformer& model, TrainerOptions options, std::shared_ptr<dist::ProcessGroup> dp,
+                 std::vector<at::Tensor> params)
     : impl_(std::make_unique<Impl>()) {
   Impl& t = *impl_;
+  t.params = std::move(params);
   t.model = &model;
   t.options = options;
   t.dp = dp && dp->size() > 1 ? dp : nullptr;
@@ -356,6 +382,13 @@ Trainer::Trainer(Transformer& model, TrainerOptions options, std::shared_ptr<dis
                 "supported yet");
   TESSERA_CHECK(!options.zero1 || t.dp, InvalidArgument,
                 "trainer: ZeRO-1 needs a data-parallel group of more than one rank");
+  if (!t.params.empty()) {
+    // Only the given tensors train (adapters); the base model is frozen.
+    model.set_requires_grad(false);
+    for (auto& p : t.params) p.requires_grad_(true);
+    t.optimizer = std::make_unique<AdamW>(t.params, options.adamw, options.zero1 ? t.dp : nullptr);
+    return;
+  }
   model.set_requires_grad(true);
   std::vector<double> norm_weights;
   const int tp = model.groups().tp_size();
@@ -372,6 +405,14 @@ Trainer::Trainer(Transformer& model, TrainerOptions options, std::shared_ptr<dis
 
 Trainer::~Trainer() = default;
 AdamW& Trainer::optimizer() { return *impl_->optimizer; }
+Transformer& Trainer::model() { return *impl_->model; }
+int64_t Trainer::steps() const { return impl_->step; }
+
+void Trainer::set_steps(int64_t steps) {
+  TESSERA_CHECK(steps >= 0, InvalidArgument, "trainer: step count must be >= 0, got ", steps);
+  impl_->step = steps;
+  impl_->optimizer->set_steps(steps);
+}
 
 StepStats Trainer::step(const at::Tensor& input_ids, const at::Tensor& labels) {
   Impl& t = *impl_;

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tessera/dist/process_group.h"
@@ -56,10 +57,29 @@ class AdamW {
   // before clipping; gradients are clipped to `max_grad_norm` (0: off).
   double step(double lr, double max_grad_norm = 0.0);
   void zero_grad();
+  // Updates taken so far (the bias-correction step count).
   int64_t steps() const;
+  // Sets the step count, e.g. after restoring the state from a checkpoint;
+  // the next step() uses steps + 1 for bias correction. InvalidArgument
+  // when negative.
+  void set_steps(int64_t steps);
   // Bytes of optimiser state held by this rank (m, v and, under ZeRO, the
   // master slice).
   int64_t state_bytes() const;
+  // True when the state is sharded over a ZeRO group of more than one rank.
+  bool zero1() const;
+
+  // The live optimiser state, by name: the tensors alias it, so writing into
+  // them (e.g. a checkpoint load) restores the optimiser in place. Valid
+  // while this AdamW lives; all float32 CPU, contiguous.
+  //   ZeRO-1: "master", "exp_avg", "exp_avg_sq", each [shard]: this rank's
+  //     slice of the padded concatenation of the flattened parameters
+  //     (constructor order), shard = ceil(total / zero size). "master" is
+  //     the float32 copy the update is applied to; parameters are copied
+  //     from it after every step.
+  //   plain: "exp_avg.<i>" and "exp_avg_sq.<i>" for parameter i (constructor
+  //     order), shaped like it.
+  std::vector<std::pair<std::string, at::Tensor>> state_tensors();
 
  private:
   struct Impl;
@@ -144,11 +164,22 @@ class Trainer {
   // come from the model.
   Trainer(Transformer& model, TrainerOptions options,
           std::shared_ptr<dist::ProcessGroup> dp = nullptr);
+  // Trains only `params` (adapters: the model's own weights are frozen).
+  Trainer(Transformer& model, TrainerOptions options, std::shared_ptr<dist::ProcessGroup> dp,
+          std::vector<at::Tensor> params);
   ~Trainer();
   // One optimiser step over `input_ids`/`labels` [B, T] (this rank's part of
   // the global batch; split into grad_accumulation micro-batches).
   StepStats step(const at::Tensor& input_ids, const at::Tensor& labels);
   AdamW& optimizer();
+  // The model being trained (borrowed at construction).
+  Transformer& model();
+  // Steps taken so far: the index of the next step's learning-rate schedule
+  // position (StepStats::step of the next step()).
+  int64_t steps() const;
+  // Sets the step count of the trainer and its optimiser, e.g. when resuming
+  // from a checkpoint. InvalidArgument when negative.
+  void set_steps(int64_t steps);
 
  private:
   struct Impl;
