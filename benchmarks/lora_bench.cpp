@@ -5,18 +5,20 @@
 //   lora_bench [--steps N] [--smollm2 PATH]
 //
 // The task: the base is a small byte-level Llama pretrained here for a few
-// hundred steps on arithmetic text (it knows bytes, digits and the
-// "Q: ... A:" format, not this task), then frozen; adapters alone learn a
-// secret letter substitution ("c=q;h=a;..."). Eval loss is measured on the
-// substituted letters of held-out examples (ln 26 = 3.26 is chance).
+// hundred steps on arithmetic text, then frozen; adapters alone adapt it to
+// English prose (Moby-Dick, --corpus). Eval loss (nats per byte) on
+// held-out text.
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
 #include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <algorithm>
 #include <random>
 #include <string>
 
+#include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
 #include "tessera/lora/lora.h"
@@ -33,33 +35,34 @@ struct Batch {
   at::Tensor ids, labels;
 };
 
-// A secret letter substitution: "c=q;h=a;..." where the letter after '='
-// is a fixed random permutation of the one before it. Labels only on the
-// substituted letters.
-Batch make_batch(int64_t n, uint64_t seed) {
-  static const std::string kCipher = [] {
-    std::string letters = "abcdefghijklmnopqrstuvwxyz";
-    std::mt19937_64 perm(42);
-    std::shuffle(letters.begin(), letters.end(), perm);
-    return letters;
-  }();
-  std::mt19937_64 rng(seed);
-  const int64_t pairs = 6, len = pairs * 4;
-  at::Tensor ids = at::zeros({n, len}, at::kLong), labels = at::full({n, len}, -100, at::kLong);
-  auto ia = ids.accessor<int64_t, 2>();
-  auto la = labels.accessor<int64_t, 2>();
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < pairs; ++j) {
-      char c = static_cast<char>('a' + rng() % 26);
-      char mapped = kCipher[c - 'a'];
-      ia[i][4 * j] = c;
-      ia[i][4 * j + 1] = '=';
-      ia[i][4 * j + 2] = mapped;
-      ia[i][4 * j + 3] = ';';
-      la[i][4 * j + 1] = mapped;  // predicted at '='
-    }
-  }
-  return {ids, labels};
+// The fine-tuning task: English prose (Moby-Dick, bytes) for a base that
+// only ever saw arithmetic. Training windows come from the first 95% of
+// the text, evaluation windows from the last 5%.
+struct Corpus {
+  at::Tensor bytes;  // [n] int64
+  int64_t split = 0;
+};
+
+Corpus load_corpus(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  TESSERA_CHECK(in.good(), NotFound, "lora_bench: cannot open the corpus '", path, "'");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  Corpus c;
+  c.bytes = at::empty({static_cast<int64_t>(text.size())}, at::kLong);
+  auto acc = c.bytes.accessor<int64_t, 1>();
+  for (size_t i = 0; i < text.size(); ++i) acc[i] = static_cast<uint8_t>(text[i]);
+  c.split = static_cast<int64_t>(text.size() * 0.95);
+  return c;
+}
+
+Batch make_batch(const Corpus& c, int64_t n, uint64_t seed, bool eval) {
+  const int64_t len = 64;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::Tensor starts = eval ? c.split + at::arange(n, at::kLong) * ((c.bytes.size(0) - c.split - len - 1) / n)
+                           : at::randint(0, c.split - len - 1, {n}, gen, at::kLong);
+  at::Tensor idx = starts.unsqueeze(1) + at::arange(len + 1, at::kLong).unsqueeze(0);
+  at::Tensor window = c.bytes.index_select(0, idx.reshape({-1})).view({n, len + 1});
+  return {window.narrow(1, 0, len).contiguous(), window.narrow(1, 1, len).contiguous()};
 }
 
 tn::ModelConfig base_config() {
@@ -78,22 +81,23 @@ struct Result {
   double eval_loss;
 };
 
-Result fine_tune(const std::shared_ptr<tl::Adapter>& adapter, tn::Transformer& model, int64_t steps) {
+Result fine_tune(const std::shared_ptr<tl::Adapter>& adapter, tn::Transformer& model, int64_t steps,
+                 const Corpus& corpus) {
   model.set_adapter(adapter);
   tn::TrainerOptions o;
   o.steps = steps;
-  o.lr = 2e-2;
-  o.min_lr = 2e-3;
+  o.lr = 1e-2;
+  o.min_lr = 1e-3;
   o.warmup = steps / 20;
   o.adamw.weight_decay = 0;
   tn::Trainer trainer(model, o, nullptr, adapter->trainable());
   for (int64_t s = 0; s < steps; ++s) {
-    Batch b = make_batch(32, 1000 + s);
+    Batch b = make_batch(corpus, 16, 1000 + s, false);
     trainer.step(b.ids, b.labels);
   }
   at::NoGradGuard no_grad;
   adapter->set_training(false);
-  Batch eval = make_batch(256, 7);
+  Batch eval = make_batch(corpus, 128, 7, true);
   double loss = model.loss(eval.ids, eval.labels).ce.item<double>();
   model.set_adapter(nullptr);
   return {adapter->report().trainable, loss};
@@ -107,11 +111,14 @@ const std::vector<std::string> kTargets{"q_proj", "k_proj", "v_proj", "o_proj",
 int main(int argc, char** argv) {
   int64_t steps = 300;
   std::string smollm2;
+  std::string corpus_path = "../shared/testdata/text/moby-dick.txt";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--steps" && i + 1 < argc) steps = std::atoll(argv[++i]);
     if (a == "--smollm2" && i + 1 < argc) smollm2 = argv[++i];
+    if (a == "--corpus" && i + 1 < argc) corpus_path = argv[++i];
   }
+  Corpus corpus = load_corpus(corpus_path);
   auto info = tessera::init_runtime();
   std::printf("# LoRA / MoS benchmark: %s\n\n", info.summary().c_str());
   tn::Transformer model(base_config());
@@ -140,13 +147,13 @@ int main(int argc, char** argv) {
   }
   model.set_requires_grad(false);
 
-  std::printf("## Quality per parameter (%lld steps, batch 32, eval loss on 256 held-out answers)\n\n",
+  std::printf("## Quality per parameter: fine-tune on Moby-Dick (%lld steps, batch 16 x 64 bytes; eval loss on 128 held-out windows)\n\n",
               static_cast<long long>(steps));
   std::printf("| adapter | trainable | eval loss |\n|---|---|---|\n");
   double lora64 = 0;
   int64_t lora64_params = 0;
   for (int64_t r : {2, 4, 8, 16, 32, 64}) {
-    auto res = fine_tune(tl::make_lora(model, {r, 2.0 * r, 0.0, false, kTargets}, r), model, steps);
+    auto res = fine_tune(tl::make_lora(model, {r, 2.0 * r, 0.0, false, kTargets}, r), model, steps, corpus);
     if (r == 64) {
       lora64 = res.eval_loss;
       lora64_params = res.trainable;
@@ -164,7 +171,7 @@ int main(int argc, char** argv) {
     c.public_fraction = fraction;
     c.private_shards = 1;
     tweak(c);
-    return fine_tune(tl::make_mos(model, c), model, steps);
+    return fine_tune(tl::make_mos(model, c), model, steps, corpus);
   };
   for (auto [rank, fraction] : std::vector<std::pair<int64_t, double>>{{64, 1.0 / 16}, {64, 1.0 / 8}, {32, 1.0 / 4}}) {
     auto res = mos(rank, fraction, [](tl::MosConfig&) {});

@@ -978,9 +978,21 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
           const uint64_t lo = static_cast<uint64_t>(first * t.es) / block * block;
           const uint64_t hi = std::min(sb.byte_length,
                                        (static_cast<uint64_t>(last * t.es) + block - 1) / block * block);
-          auto buf = std::make_unique<uint8_t[]>(hi - lo);
+          // When the block-rounded span is exactly the region and the region
+          // is one contiguous run of the destination chunk too (same layout,
+          // whole rows), read straight into the destination: no staging
+          // buffer, no second copy. Otherwise read into a buffer and scatter.
+          uint8_t* direct = nullptr;
+          if (lo == static_cast<uint64_t>(first * t.es) && hi == static_cast<uint64_t>(last * t.es) &&
+              last - first == t.region.numel()) {
+            auto [dfirst, dlast] = span_in(t.chunk, t.region);
+            if (dlast - dfirst == t.region.numel()) direct = t.dest + (t.chunk_origin + dfirst) * t.es;
+          }
+          std::unique_ptr<uint8_t[]> owned;
+          if (!direct) owned = std::make_unique<uint8_t[]>(hi - lo);
+          uint8_t* buf_ptr = direct ? direct : owned.get();
           try {
-            t.file->read_at(sb.byte_offset + lo, hi - lo, buf.get());
+            t.file->read_at(sb.byte_offset + lo, hi - lo, buf_ptr);
           } catch (const DataLoss& e) {
             TESSERA_THROW(DataLoss, e.message(), " (tensor '", *t.tensor, "', box ",
                           sb.box.to_string(), ")");
@@ -988,7 +1000,7 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
           if (options.verify_checksums) {
             for (uint64_t off = lo; off < hi; off += block) {
               const uint64_t n = std::min(block, sb.byte_length - off);
-              const uint32_t got = crc32c(buf.get() + (off - lo), n);
+              const uint32_t got = crc32c(buf_ptr + (off - lo), n);
               const uint32_t want = sb.crc32c[off / block];
               TESSERA_CHECK(got == want, DataLoss, "checkpoint '", dir, "': checksum mismatch in '",
                             sb.file, "' at bytes [", sb.byte_offset + off, ", ",
@@ -997,8 +1009,10 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
                             "; the file is corrupt");
             }
           }
-          copy_region(buf.get(), sb.box, static_cast<int64_t>(lo) / t.es, t.dest, t.chunk,
-                      t.chunk_origin, t.region, t.es);
+          if (!direct) {
+            copy_region(buf_ptr, sb.box, static_cast<int64_t>(lo) / t.es, t.dest, t.chunk,
+                        t.chunk_origin, t.region, t.es);
+          }
           bytes_read += hi - lo;
           progress.add(hi - lo);
         }));

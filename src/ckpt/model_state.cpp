@@ -276,6 +276,108 @@ void add_optimizer(State& state, const nn::Transformer& model, const ModelState&
 
 namespace {
 
+// ZeRO-1 slice length for `model`'s local parameters over where.dp_size ranks.
+int64_t zero1_shard(const nn::Transformer& model, const ModelState& where) {
+  int64_t total = 0;
+  for (const auto& [name, t] : model.named_parameters()) total += t.numel();
+  return (total + where.dp_size - 1) / where.dp_size;
+}
+
+bool has_master(const State& state) {
+  auto it = state.entries.lower_bound(optim_name("master", ""));
+  return it != state.entries.end() && it->first.rfind(optim_name("master", ""), 0) == 0;
+}
+
+}  // namespace
+
+void add_optimizer(State& state, const nn::Transformer& model, const ModelState& where,
+                   nn::AdamW& optimizer) {
+  const auto& params = model.named_parameters();
+  auto tensors = optimizer.state_tensors();
+  if (optimizer.zero1()) {
+    bool all_fp32 = true;
+    for (const auto& [name, t] : params) all_fp32 &= t.scalar_type() == at::kFloat;
+    std::map<std::string, at::Tensor> flat;
+    for (auto& [key, t] : tensors) {
+      TESSERA_CHECK(t.numel() == zero1_shard(model, where), InvalidArgument,
+                    "checkpoint: the optimizer's ZeRO-1 slice '", key, "' has ", t.numel(),
+                    " elements, but the model's local parameters split over dp=", where.dp_size,
+                    " give ", zero1_shard(model, where),
+                    "; the optimizer must be built over model.named_parameters() (not an "
+                    "adapter Trainer) and where.dp_size must be its ZeRO group's size");
+      if (key == "master" && all_fp32) continue;  // rebuilt from the parameters
+      flat[key] = t;
+    }
+    add_zero1_optimizer(state, model, where, flat);
+    return;
+  }
+  std::map<std::string, std::vector<at::Tensor>> per_param;
+  for (auto& [name, t] : tensors) {
+    // "<key>.<parameter index>"
+    const auto dot = name.rfind('.');
+    TESSERA_CHECK(dot != std::string::npos, Internal, "checkpoint: unexpected AdamW state name '",
+                  name, "'");
+    const size_t i = std::stoul(name.substr(dot + 1));
+    auto& list = per_param[name.substr(0, dot)];
+    TESSERA_CHECK(i < params.size(), InvalidArgument, "checkpoint: the optimizer has state for ",
+                  "parameter ", i, " but the model has ", params.size(),
+                  " local parameters; it must be built over model.named_parameters() (not an "
+                  "adapter Trainer)");
+    if (list.size() <= i) list.resize(params.size());
+    list[i] = t;
+  }
+  for (const auto& [key, list] : per_param) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      TESSERA_CHECK(list[i].defined() && list[i].numel() == params[i].second.numel(),
+                    InvalidArgument, "checkpoint: optimizer state '", key, "' of parameter ", i,
+                    " ('", params[i].first, "') does not match it; the optimizer must be built ",
+                    "over model.named_parameters() (not an adapter Trainer)");
+    }
+  }
+  add_optimizer(state, model, where, per_param);
+}
+
+void add_trainer(State& state, nn::Trainer& trainer, const ModelState& where) {
+  add_model(state, trainer.model(), where);
+  add_optimizer(state, trainer.model(), where, trainer.optimizer());
+  state.step = trainer.steps();
+}
+
+void restore_master(const nn::Transformer& model, const ModelState& where, nn::AdamW& optimizer) {
+  if (!optimizer.zero1()) return;
+  at::Tensor master;
+  for (auto& [key, t] : optimizer.state_tensors()) {
+    if (key == "master") master = t;
+  }
+  TESSERA_CHECK(master.defined(), Internal, "checkpoint: the ZeRO-1 optimizer has no master slice");
+  const int64_t shard = zero1_shard(model, where);
+  TESSERA_CHECK(master.numel() == shard, InvalidArgument, "checkpoint: the optimizer's master ",
+                "slice has ", master.numel(), " elements, but dp rank ", where.dp_rank, " of ",
+                where.dp_size, " should hold ", shard);
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> flat;
+  for (const auto& [name, t] : model.named_parameters()) {
+    flat.push_back(t.detach().reshape({-1}).to(at::kFloat));
+  }
+  at::Tensor all = at::cat(flat);
+  const int64_t padded = shard * where.dp_size;
+  if (padded > all.numel()) all = at::cat({all, at::zeros({padded - all.numel()})});
+  master.copy_(all.narrow(0, where.dp_rank * shard, shard));
+}
+
+void restore_trainer(const State& state, nn::Trainer& trainer, const ModelState& where,
+                     const LoadResult& loaded) {
+  trainer.set_steps(state.step);
+  if (!trainer.optimizer().zero1()) return;
+  bool rebuild = !has_master(state);
+  for (const auto& name : loaded.missing) {
+    rebuild |= name.rfind(optim_name("master", ""), 0) == 0;
+  }
+  if (rebuild) restore_master(trainer.model(), where, trainer.optimizer());
+}
+
+namespace {
+
 nn::ModelConfig config_of(const Metadata& meta, const std::string& dir) {
   auto it = meta.user.find("tessera.model_config");
   TESSERA_CHECK(it != meta.user.end(), NotFound, "checkpoint '", dir,

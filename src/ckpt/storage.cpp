@@ -1,5 +1,5 @@
-// Local POSIX storage: one fd per open file (RAII), pread/pwrite so I/O
-// threads share a file without a seek position.
+// Local POSIX storage: one fd per open file (tessera::FileDescriptor),
+// pread/pwrite so I/O threads share a file without a seek position.
 #include "tessera/ckpt/storage.h"
 
 #include <dirent.h>
@@ -14,58 +14,21 @@
 #include <system_error>
 
 #include "tessera/core/error.h"
+#include "tessera/core/file_io.h"
 
 namespace tessera::ckpt {
 namespace {
 
+// "<what> '<path>': <reason>", with the code tessera::throw_io_error gives
+// the errno (NotFound, ResourceExhausted, InvalidArgument, DataLoss, ...).
 [[noreturn]] void throw_errno(int err, const std::string& what, const std::string& path) {
-  std::string msg = what + " '" + path + "': " + std::strerror(err);
-  switch (err) {
-    case ENOENT:
-    case ENOTDIR:
-      throw NotFound(msg);
-    case ENOSPC:
-    case EDQUOT:
-      throw ResourceExhausted(msg);
-    case EACCES:
-    case EPERM:
-    case EROFS:
-      throw InvalidArgument(msg);
-    default:
-      throw Internal(msg);
-  }
+  throw_io_error(what + " '" + path + "'", err);
 }
-
-// Owns a file descriptor; closes it once.
-class Fd {
- public:
-  explicit Fd(int fd = -1) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-  // Gives up ownership.
-  int release() {
-    int fd = fd_;
-    fd_ = -1;
-    return fd;
-  }
-  // Closes and reports the error close(2) gives (NFS reports write errors here).
-  int close() {
-    int rc = fd_ >= 0 ? ::close(fd_) : 0;
-    fd_ = -1;
-    return rc;
-  }
-
- private:
-  int fd_;
-};
 
 class PosixWritableFile : public WritableFile {
  public:
-  PosixWritableFile(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  PosixWritableFile(std::string path, FileDescriptor fd)
+      : path_(std::move(path)), fd_(std::move(fd)) {}
   void write_at(uint64_t offset, const void* data, size_t size) override {
     const char* p = static_cast<const char*>(data);
     while (size > 0) {
@@ -85,19 +48,21 @@ class PosixWritableFile : public WritableFile {
     if (::fsync(fd_.get()) != 0) throw_errno(errno, "fsync of", path_);
   }
   void close() override {
-    if (fd_.close() != 0) throw_errno(errno, "closing", path_);
+    if (fd_.get() < 0) return;  // already closed
+    // NFS reports write errors at close.
+    if (int err = fd_.close_checked(); err != 0) throw_errno(err, "closing", path_);
   }
   const std::string& path() const override { return path_; }
 
  private:
   std::string path_;
-  Fd fd_;
+  FileDescriptor fd_;
 };
 
 class PosixReadableFile : public ReadableFile {
  public:
-  PosixReadableFile(std::string path, int fd, uint64_t size)
-      : path_(std::move(path)), fd_(fd), size_(size) {}
+  PosixReadableFile(std::string path, FileDescriptor fd, uint64_t size)
+      : path_(std::move(path)), fd_(std::move(fd)), size_(size) {}
   void read_at(uint64_t offset, size_t size, void* out) const override {
     char* p = static_cast<char*>(out);
     const uint64_t begin = offset;
@@ -122,7 +87,7 @@ class PosixReadableFile : public ReadableFile {
 
  private:
   std::string path_;
-  Fd fd_;
+  FileDescriptor fd_;
   uint64_t size_;
 };
 
@@ -131,16 +96,15 @@ class PosixStorage : public Storage {
   std::unique_ptr<WritableFile> create(const std::string& path) override {
     int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) throw_errno(errno, "creating", path);
-    return std::make_unique<PosixWritableFile>(path, fd);
+    return std::make_unique<PosixWritableFile>(path, FileDescriptor(fd));
   }
   std::unique_ptr<ReadableFile> open(const std::string& path) override {
-    int raw = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (raw < 0) throw_errno(errno, "opening", path);
-    Fd fd(raw);
+    FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.get() < 0) throw_errno(errno, "opening", path);
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0) throw_errno(errno, "stat of", path);
-    return std::make_unique<PosixReadableFile>(path, fd.release(),
-                                               static_cast<uint64_t>(st.st_size));
+    const auto size = static_cast<uint64_t>(st.st_size);
+    return std::make_unique<PosixReadableFile>(path, std::move(fd), size);
   }
   std::string read_all(const std::string& path) override {
     auto file = open(path);
@@ -159,7 +123,7 @@ class PosixStorage : public Storage {
     }
   }
   void sync_dir(const std::string& path) override {
-    Fd fd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     if (fd.get() < 0) throw_errno(errno, "opening directory", path);
     if (::fsync(fd.get()) != 0) throw_errno(errno, "fsync of directory", path);
   }

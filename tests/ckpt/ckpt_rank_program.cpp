@@ -9,11 +9,22 @@
 //   load DIR TYPE TP EP DP
 //       loads DIR into a fresh model and optimizer state of that layout and
 //       checks every local tensor bit for bit against the reference.
+//   train ROOT DATA TP DP ZERO1 FIRST LAST SAVE_AT
+//       trains a llama model (fp32, init_random(kSeed)) with nn::Trainer on
+//       a tp x dp mesh (ZeRO1 = 1: ZeRO-1 AdamW) over the token file DATA,
+//       steps [FIRST, LAST) of a kTrainSteps-step schedule, global batch
+//       kGlobalBatch split over dp. FIRST > 0 resumes from latest(ROOT)
+//       (model, AdamW state, step, data position), whatever layout saved it.
+//       SAVE_AT >= 0: save_async at that step (before running it), then
+//       keep training and wait for the save one step later, so the snapshot
+//       is taken while the parameters go on changing. Rank 0 prints
+//       "ckpt-loss <step> <loss>" per step (%.17g).
 //
 // Exit code 0 on success; a failed check prints what differs and exits 1.
 #include <ATen/ATen.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <iostream>
 
 #include "tessera/ckpt/checkpoint.h"
@@ -23,6 +34,7 @@
 #include "tessera/dist/redistribute.h"
 #include "tessera/dist/rendezvous.h"
 #include "tessera/nn/model.h"
+#include "tessera/nn/train.h"
 
 namespace {
 
@@ -177,6 +189,69 @@ int load_mode(const std::string& dir, const std::string& type, int tp, int ep, i
   return bad == 0 ? 0 : 1;
 }
 
+constexpr int64_t kTrainSteps = 12;
+constexpr int64_t kGlobalBatch = 8;
+constexpr int64_t kSeqLen = 16;
+
+int train_mode(const std::string& root, const std::string& data, int tp, int dp, bool zero1,
+               int64_t first, int64_t last, int64_t save_at) {
+  auto world = dist::init_process_group();
+  auto mesh = dist::DeviceMesh::create(world, {{"dp", dp}, {"tp", tp}});
+  nn::Transformer model(tiny("llama"), {tp > 1 ? mesh.group("tp") : nullptr, nullptr});
+  model.init_random(kSeed);
+  const ckpt::ModelState where{static_cast<int>(mesh.coord("dp")), dp};
+  const int rank = world->rank();
+  nn::TrainerOptions opts;
+  opts.steps = kTrainSteps;
+  opts.lr = 1e-2;
+  opts.min_lr = 1e-3;
+  opts.warmup = 2;
+  opts.max_grad_norm = 1.0;
+  opts.zero1 = zero1;
+  nn::Trainer trainer(model, opts, dp > 1 ? mesh.group("dp") : nullptr);
+  auto dataset = nn::TokenDataset::open(data);
+
+  // One State, built once: its tensors alias the model and the optimizer,
+  // so it serves every save and the load.
+  ckpt::State state;
+  ckpt::add_trainer(state, trainer, where);
+  ckpt::Checkpointer ck;
+  if (first > 0) {
+    auto dir = ckpt::latest(root);
+    if (!dir) {
+      std::cerr << "rank " << rank << ": no checkpoint in " << root << "\n";
+      return 1;
+    }
+    ckpt::LoadResult r = ck.load(*dir, state, world);
+    ckpt::restore_trainer(state, trainer, where, r);
+    if (trainer.steps() != first || state.data_position != first * kGlobalBatch) {
+      std::cerr << "rank " << rank << ": resumed at step " << trainer.steps()
+                << ", data position " << state.data_position << "; expected step " << first
+                << "\n";
+      return 1;
+    }
+  }
+  // Samples consumed, over all dp ranks: what picks the next global batch,
+  // whatever the layout (each dp rank takes its share of it).
+  int64_t position = first > 0 ? state.data_position : 0;
+  ckpt::SaveHandle pending;
+  for (int64_t step = first; step < last; ++step) {
+    if (step == save_at) {
+      state.step = trainer.steps();
+      state.data_position = position;
+      pending = ck.save_async(ckpt::step_dir(root, step), state, world);
+    }
+    auto batch = dataset.batch(position / kGlobalBatch, kGlobalBatch, kSeqLen, where.dp_rank, dp);
+    position += kGlobalBatch;
+    nn::StepStats stats = trainer.step(batch.input_ids, batch.labels);
+    if (rank == 0) std::printf("ckpt-loss %lld %.17g\n", static_cast<long long>(stats.step), stats.loss);
+    if (step == save_at) pending.wait();  // one step later: the snapshot was taken before it
+  }
+  std::fflush(stdout);
+  world->barrier().wait();
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -190,11 +265,15 @@ int main(int argc, char** argv) {
     if (a.size() == 6 && a[0] == "load") {
       return load_mode(a[1], a[2], std::stoi(a[3]), std::stoi(a[4]), std::stoi(a[5]));
     }
+    if (a.size() == 9 && a[0] == "train") {
+      return train_mode(a[1], a[2], std::stoi(a[3]), std::stoi(a[4]), std::stoi(a[5]) != 0,
+                        std::stoll(a[6]), std::stoll(a[7]), std::stoll(a[8]));
+    }
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 3;
   }
   std::cerr << "usage: ckpt_rank_program save ROOT STEP TYPE TP EP DP [KILL_RANK] | "
-               "load DIR TYPE TP EP DP\n";
+               "load DIR TYPE TP EP DP | train ROOT DATA TP DP ZERO1 FIRST LAST SAVE_AT\n";
   return 2;
 }

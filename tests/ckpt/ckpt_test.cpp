@@ -3,6 +3,7 @@
 // handling and retention. tests/ckpt/ckpt_launch_test.cpp runs the same
 // logic with real processes.
 #include "tessera/ckpt/checkpoint.h"
+#include "tessera/ckpt/model_state.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -17,6 +18,7 @@
 #include "tessera/core/error.h"
 #include "tessera/dist/redistribute.h"
 #include "tessera/dist/rendezvous.h"
+#include "tessera/nn/train.h"
 
 namespace fs = std::filesystem;
 
@@ -410,6 +412,119 @@ TEST_F(CkptTest, RetentionKeepsTheNewestCompleteCheckpoints) {
   EXPECT_EQ(latest(root).value(), step_dir(root, 40));
   EXPECT_FALSE(latest(path("nothing_here")).has_value());
   EXPECT_THROW(apply_retention(root, 0), InvalidArgument);
+}
+
+// nn::Trainer state through add_trainer / restore_trainer: a ZeRO-1 trainer
+// at dp2 (ranks as threads) saves after 3 steps; a plain one-rank trainer
+// and a fresh dp2 ZeRO-1 trainer (other initial weights) load it. The AdamW
+// state and step counts arrive exactly; the ZeRO master slice (not saved for
+// fp32 parameters) is rebuilt from the loaded parameters.
+TEST_F(CkptTest, TrainerStateMovesBetweenZero1AndPlainAdamW) {
+  nn::ModelConfig cfg;
+  cfg.vocab_size = 37;
+  cfg.hidden_size = 16;
+  cfg.intermediate_size = 24;
+  cfg.num_hidden_layers = 1;
+  cfg.num_attention_heads = 2;
+  cfg.num_key_value_heads = 2;
+  nn::TrainerOptions opts;
+  opts.steps = 3;
+  opts.lr = 1e-2;
+  opts.warmup = 1;
+  const at::Tensor ids = at::arange(0, 4 * 9, at::kLong).remainder(cfg.vocab_size).view({4, 9});
+  const std::string dir = path("trainer");
+  std::vector<at::Tensor> saved_m(2);  // each rank's exp_avg slice
+  std::map<std::string, at::Tensor> saved_params;
+  run_ranks(2, [&](std::shared_ptr<dist::ProcessGroup> g) {
+    nn::Transformer model(cfg);
+    model.init_random(5);
+    nn::TrainerOptions o = opts;
+    o.zero1 = true;
+    nn::Trainer trainer(model, o, g);
+    const at::Tensor mine = ids.narrow(0, 2 * g->rank(), 2);
+    for (int i = 0; i < 3; ++i) trainer.step(mine.narrow(1, 0, 8), mine.narrow(1, 1, 8));
+    ModelState where{g->rank(), 2};
+    State st;
+    add_trainer(st, trainer, where);
+    EXPECT_EQ(st.step, 3);
+    int masters = 0, moments = 0;
+    for (const auto& [name, e] : st.entries) {
+      masters += name.rfind("optim.master/", 0) == 0;
+      moments += name.rfind("optim.exp_avg/", 0) == 0;
+    }
+    EXPECT_EQ(masters, 0);  // fp32 parameters: rebuilt from them, not saved
+    EXPECT_EQ(moments, static_cast<int>(model.named_parameters().size()));
+    st.data_position = 3 * 4;
+    save(dir, st, g);
+    for (auto& [key, t] : trainer.optimizer().state_tensors()) {
+      if (key == "exp_avg") saved_m[g->rank()] = t.clone();
+    }
+    if (g->rank() == 0) {
+      for (const auto& [name, p] : model.named_parameters()) saved_params[name] = p.detach().clone();
+    }
+  });
+
+  // Plain AdamW on one rank: exp_avg.<i> is parameter i's part of the
+  // concatenated ZeRO slices.
+  {
+    nn::Transformer model(cfg);
+    model.init_random(6);
+    nn::Trainer trainer(model, opts);
+    State st;
+    add_trainer(st, trainer, {0, 1});
+    LoadResult r = load(dir, st, nullptr);
+    restore_trainer(st, trainer, {0, 1}, r);
+    EXPECT_EQ(trainer.steps(), 3);
+    EXPECT_EQ(trainer.optimizer().steps(), 3);
+    EXPECT_EQ(st.data_position, 12);
+    at::Tensor all_m = at::cat(saved_m);
+    int64_t off = 0;
+    auto state = trainer.optimizer().state_tensors();
+    const auto& params = model.named_parameters();
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto& [name, p] = params[i];
+      EXPECT_TRUE(at::equal(p.detach(), saved_params.at(name))) << name;
+      ASSERT_EQ(state[i].first, "exp_avg." + std::to_string(i));
+      EXPECT_TRUE(at::equal(state[i].second.reshape({-1}), all_m.narrow(0, off, p.numel())))
+          << name;
+      off += p.numel();
+    }
+  }
+
+  // A trainer over adapter parameters is refused, not saved half-right.
+  {
+    nn::Transformer model(cfg);
+    nn::Trainer adapters(model, opts, nullptr, {at::zeros({3})});
+    State st;
+    EXPECT_THROW(add_trainer(st, adapters, {0, 1}), InvalidArgument);
+  }
+
+  // A fresh ZeRO-1 trainer: its master slice follows the loaded parameters.
+  run_ranks(2, [&](std::shared_ptr<dist::ProcessGroup> g) {
+    nn::Transformer model(cfg);
+    model.init_random(7);
+    nn::TrainerOptions o = opts;
+    o.zero1 = true;
+    nn::Trainer trainer(model, o, g);
+    ModelState where{g->rank(), 2};
+    State st;
+    add_trainer(st, trainer, where);
+    LoadResult r = load(dir, st, g);
+    restore_trainer(st, trainer, where, r);
+    EXPECT_EQ(trainer.optimizer().steps(), 3);
+    std::vector<at::Tensor> flat;
+    for (const auto& [name, p] : model.named_parameters()) flat.push_back(p.detach().reshape({-1}));
+    at::Tensor all = at::cat(flat);
+    for (auto& [key, t] : trainer.optimizer().state_tensors()) {
+      if (key == "exp_avg") {
+        EXPECT_TRUE(at::equal(t, saved_m[g->rank()]));
+      }
+      if (key == "master") {
+        const int64_t n = std::min<int64_t>(t.numel(), all.numel() - g->rank() * t.numel());
+        EXPECT_TRUE(at::equal(t.narrow(0, 0, n), all.narrow(0, g->rank() * t.numel(), n)));
+      }
+    }
+  });
 }
 
 // Corruption is reported by name: flipped byte, truncated file, missing

@@ -11,9 +11,15 @@
 //
 //   ckpt::ModelState ms{dp_rank, dp_size};
 //   ckpt::State state;
-//   ckpt::add_model(state, model, ms);
-//   ckpt::add_zero1_optimizer(state, model, ms, {{"exp_avg", m}, {"exp_avg_sq", v}});
+//   ckpt::add_trainer(state, trainer, ms);      // parameters, AdamW state, step
+//   state.data_position = samples_seen;
 //   checkpointer.save(ckpt::step_dir(root, step), state, world);
+//
+//   // Resuming, at any tp / dp / ZeRO setting:
+//   ckpt::State want;
+//   ckpt::add_trainer(want, trainer, ms);
+//   ckpt::LoadResult r = checkpointer.load(*ckpt::latest(root), want, world);
+//   ckpt::restore_trainer(want, trainer, ms, r);  // step counts, ZeRO master
 //
 // Every tensor carries attrs ("role", "split", "expert") and the state the
 // model config (user["tessera.model_config"]), so tools can rebuild layouts
@@ -30,6 +36,7 @@
 #include "tessera/ckpt/checkpoint.h"
 #include "tessera/nn/config.h"
 #include "tessera/nn/model.h"
+#include "tessera/nn/train.h"
 
 namespace tessera::ckpt {
 
@@ -85,6 +92,42 @@ void add_zero1_optimizer(State& state, const nn::Transformer& model, const Model
 // tensor per model.named_parameters() entry, shaped like it.
 void add_optimizer(State& state, const nn::Transformer& model, const ModelState& where,
                    const std::map<std::string, std::vector<at::Tensor>>& per_param);
+
+// Adds `optimizer`'s live state (nn::AdamW::state_tensors: aliases, so a
+// load restores the optimizer in place, and a State built once can be saved
+// again after more steps). The optimizer must have been built over
+// model.named_parameters() in that order (as nn::Trainer does).
+//   ZeRO-1 (optimizer.zero1()): exp_avg and exp_avg_sq as
+//     add_zero1_optimizer; `where.dp_size` must be the ZeRO group's size.
+//     The float32 master slice is added as "master" only when some
+//     parameter is not float32: otherwise it equals the parameters bit for
+//     bit and restore_trainer / restore_master rebuild it from them.
+//   plain: exp_avg and exp_avg_sq per parameter, as add_optimizer.
+// Either loads into the other, at any tp, ep or dp. InvalidArgument when
+// the optimizer's state does not match the model's parameters (e.g. an
+// nn::Trainer over adapter parameters: not supported here).
+void add_optimizer(State& state, const nn::Transformer& model, const ModelState& where,
+                   nn::AdamW& optimizer);
+
+// Everything needed to resume training with `trainer` (built over the whole
+// model, not over adapter parameters): add_model,
+// add_optimizer(trainer.optimizer()) and state.step = trainer.steps(). The
+// caller sets state.data_position (and updates step and data_position
+// before each later save of the same State).
+void add_trainer(State& state, nn::Trainer& trainer, const ModelState& where);
+
+// After Checkpointer::load into a State built by add_trainer: sets the
+// trainer's and its optimizer's step count to state.step, and rebuilds the
+// ZeRO-1 master slice from the loaded parameters unless the state held the
+// master and `loaded` does not list it as missing. Local; not collective.
+void restore_trainer(const State& state, nn::Trainer& trainer, const ModelState& where,
+                     const LoadResult& loaded = {});
+
+// Rebuilds a ZeRO-1 optimizer's master slice from the model's current
+// parameters (rank where.dp_rank's slice of their float32 concatenation).
+// No-op for a plain optimizer. InvalidArgument when the slice size does not
+// match `where`.
+void restore_master(const nn::Transformer& model, const ModelState& where, nn::AdamW& optimizer);
 
 // Writes the model parameters of checkpoint `dir` as a Hugging Face folder
 // (config.json + safetensors) at `out`; one process, one full tensor at a

@@ -8,10 +8,12 @@
 //   file->sync();
 //
 // Paths are plain strings; a Storage interprets them. Every failure is a
-// tessera::Error naming the path and the system's reason, with a code that
-// follows the errno: NotFound (ENOENT), ResourceExhausted (ENOSPC, EDQUOT),
-// InvalidArgument (EACCES, EPERM, EROFS), DataLoss (a short read: the file
-// is shorter than its metadata says), Internal otherwise.
+// tessera::Error naming the path and the system's reason, with the code
+// tessera::throw_io_error (core/file_io.h) gives the errno: NotFound
+// (ENOENT, ENOTDIR), ResourceExhausted (ENOSPC, EDQUOT, EMFILE, ENFILE,
+// ENOMEM), InvalidArgument (EACCES, EPERM, EISDIR, EROFS, ENAMETOOLONG),
+// DataLoss (EIO, or a short read: the file is shorter than its metadata
+// says), Internal otherwise.
 //
 // Implementations must be thread-safe: checkpoint I/O threads call them
 // concurrently (distinct files, or distinct ranges of one file).
