@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 mkdir -p .deps/debs
 cd .deps/debs
 pkgs=(libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 nlohmann-json3-dev
-      libgtest-dev libgmock-dev libbenchmark-dev libbenchmark1debian)
+      libgtest-dev libgmock-dev libbenchmark-dev libbenchmark1debian libgloo-dev)
 missing=()
 for p in "${pkgs[@]}"; do ls "${p}"_*.deb >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
