@@ -71,11 +71,10 @@ if [ $rc -ne 0 ]; then
   # references: they need only nvcc and GoogleTest.
   step "fallback: kernels and their tests alone"
   mkdir -p build/gpu-kernels
-  gtest_inc="$deps/usr/include" gtest_src="$deps/usr/src/googletest/googletest"
-  if nvcc -O2 -std=c++17 -arch=sm_90 -Ikernels -I"$gtest_inc" -I"$gtest_src" \
-       kernels/moe/permute.cu kernels/lora/bgmv.cu -x cu tests/kernels/moe_permute_test.cpp \
-       -x cu tests/kernels/lora_bgmv_test.cpp -x cu "$gtest_src/src/gtest-all.cc" \
-       -x cu "$gtest_src/src/gtest_main.cc" -o build/gpu-kernels/kernel_tests >> "$log" 2>&1; then
+  if nvcc -O2 -std=c++17 -arch=sm_90 -Ikernels -I"$deps/usr/include" \
+       kernels/moe/permute.cu kernels/lora/bgmv.cu tests/kernels/moe_permute_test.cpp \
+       tests/kernels/lora_bgmv_test.cpp -L"$deps/usr/lib/x86_64-linux-gnu" -lgtest_main -lgtest \
+       -o build/gpu-kernels/kernel_tests >> "$log" 2>&1; then
     build/gpu-kernels/kernel_tests >> "$log" 2>&1; record "kernel tests (fallback build)" $?
   else
     record "kernel tests (fallback build)" 1
