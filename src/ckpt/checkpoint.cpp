@@ -3,6 +3,7 @@
 #include "tessera/ckpt/checkpoint.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include <algorithm>
 #include <atomic>

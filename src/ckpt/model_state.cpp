@@ -2,6 +2,7 @@
 #include "tessera/ckpt/model_state.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include <regex>
 #include <thread>
