@@ -380,8 +380,8 @@ Work ProcessGroup::all_to_all(at::Tensor& output, const at::Tensor& input,
     out_wire = as_bytes(out);
   } else {
     // Flatten rows so that splits count rows of any trailing shape.
-    in_wire = in.view({in.size(0), -1});
-    out_wire = out.view({out.size(0), -1});
+    in_wire = in.view({in.size(0), row_elements(in)});
+    out_wire = out.view({out.size(0), row_elements(out)});
   }
   ::c10d::AllToAllOptions opts;
   auto work = translate_errors(
