@@ -117,13 +117,14 @@ int main(int argc, char** argv) {
     if (a == "--steps" && i + 1 < argc) steps = std::atoll(argv[++i]);
     if (a == "--smollm2" && i + 1 < argc) smollm2 = argv[++i];
     if (a == "--corpus" && i + 1 < argc) corpus_path = argv[++i];
+    if (a == "--serving-only") steps = 0;
   }
-  Corpus corpus = load_corpus(corpus_path);
+  Corpus corpus = steps > 0 ? load_corpus(corpus_path) : Corpus{};
   auto info = tessera::init_runtime();
   std::printf("# LoRA / MoS benchmark: %s\n\n", info.summary().c_str());
   tn::Transformer model(base_config());
   model.init_random(0);
-  {
+  if (steps > 0) {
     // Pretrain the base on arithmetic text (bytes), then freeze it.
     std::string text;
     for (const auto& e : tn::arithmetic_examples(20000, 5)) text += e.prompt + e.answer + "\n";
@@ -146,7 +147,7 @@ int main(int argc, char** argv) {
                 model.config().summary().c_str(), static_cast<long long>(o.steps), loss, w.seconds());
   }
   model.set_requires_grad(false);
-
+  if (steps > 0) {
   std::printf("## Quality per parameter: fine-tune on Moby-Dick (%lld steps, batch 16 x 64 bytes; eval loss on 128 held-out windows)\n\n",
               static_cast<long long>(steps));
   std::printf("| adapter | trainable | eval loss |\n|---|---|---|\n");
@@ -196,6 +197,8 @@ int main(int argc, char** argv) {
     std::printf("| %s | %lld | %.4f |\n", v.name, static_cast<long long>(res.trainable), res.eval_loss);
     std::fflush(stdout);
   }
+
+  }  // steps > 0
 
   // Serving: 16 sequences, 16 different adapters.
   {
