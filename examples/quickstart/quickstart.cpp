@@ -14,10 +14,16 @@
 // about a minute; shows the loss falling and the load per expert; then
 // generates answers to held-out questions and saves the model as a Hugging
 // Face folder (QUICKSTART_DIR, default /tmp/tessera-quickstart).
+//
+// Stage 3 (adapters): every rank loads that folder, freezes it, and
+// fine-tunes adapters data parallel on a task the model never saw
+// (multiplication), once with LoRA and once with Mixture-of-Shards at a
+// fraction of LoRA's trainable parameters, and prints both side by side.
 #include <ATen/ATen.h>
 #include <unistd.h>
 
 #include <climits>
+#include <random>
 #include <filesystem>
 #include <cstdio>
 #include <cstdlib>
@@ -30,6 +36,7 @@
 #include "tessera/dist/launcher.h"
 #include "tessera/dist/redistribute.h"
 #include "tessera/dist/rendezvous.h"
+#include "tessera/lora/lora.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
@@ -60,7 +67,7 @@ void stage_distributed(td::ProcessGroup& world, const std::shared_ptr<td::Proces
   const int64_t tp = n % 2 == 0 ? 2 : 1;
   auto mesh = td::DeviceMesh::create(world_ptr, {{"dp", n / tp}, {"tp", tp}});
   if (me == 0) {
-    std::cout << "[1/2] distributed runtime: " << n << " ranks on a mesh dp=" << n / tp
+    std::cout << "[1/3] distributed runtime: " << n << " ranks on a mesh dp=" << n / tp
               << " x tp=" << tp << " (" << td::backend_name(world.backend()) << ")\n";
   }
 
@@ -183,7 +190,7 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   tn::Trainer trainer(model, opts, groups.ep ? nullptr : world);
   const int64_t global_batch = 16 * n, seq_len = 64;
   if (me == 0) {
-    std::cout << "[2/2] pretrain " << cfg.summary() << "\n      on " << data.num_tokens()
+    std::cout << "[2/3] pretrain " << cfg.summary() << "\n      on " << data.num_tokens()
               << " tokens of arithmetic text, " << (groups.ep ? "experts" : "data")
               << " parallel over " << n << " ranks, " << opts.steps << " steps of "
               << global_batch * seq_len << " tokens\n";
@@ -238,6 +245,65 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
                 first_loss, " -> ", last_loss, ")");
 }
 
+// Stage 3: LoRA vs MoS fine-tuning of the pretrained model, data parallel.
+void stage_adapters(const std::shared_ptr<td::ProcessGroup>& world) {
+  const int me = world->rank(), n = world->size();
+  auto tokenizer = tn::Tokenizer::bytes({"<|endoftext|>"});
+  // Multiplication questions, "Q: 7*8=? A: 56\n", as byte windows.
+  auto batch_of = [&](int64_t step, int64_t count) {
+    std::mt19937_64 rng(static_cast<uint64_t>(step) * 7919 + 17);
+    at::Tensor ids = at::zeros({count, 24}, at::kLong), labels = at::full({count, 24}, -100, at::kLong);
+    for (int64_t i = 0; i < count; ++i) {
+      int a = static_cast<int>(rng() % 10), b = static_cast<int>(rng() % 10);
+      std::string q = "Q: " + std::to_string(a) + "*" + std::to_string(b) + "=? A: ";
+      std::string text = q + std::to_string(a * b) + "\n";
+      auto t = tokenizer.encode(text);
+      for (size_t j = 0; j < t.size() && j < 24; ++j) ids[i][static_cast<int64_t>(j)] = t[j];
+      // Loss on the answer and the newline only.
+      for (size_t j = q.size() - 1; j + 1 < t.size() && j < 23; ++j) labels[i][static_cast<int64_t>(j)] = t[j + 1];
+    }
+    return std::make_pair(ids, labels);
+  };
+  const std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"};
+  auto run = [&](const char* name, const std::shared_ptr<tessera::lora::Adapter>& adapter,
+                 tn::Transformer& model) {
+    model.set_adapter(adapter);
+    tn::TrainerOptions opts;
+    opts.steps = 80;
+    opts.lr = 1e-2;
+    opts.min_lr = 1e-3;
+    opts.warmup = 5;
+    opts.adamw.weight_decay = 0;
+    tn::Trainer trainer(model, opts, world, adapter->trainable());
+    double first = 0, last = 0;
+    for (int64_t step = 0; step < opts.steps; ++step) {
+      auto [ids, labels] = batch_of(step, 16 * n);
+      auto stats = trainer.step(ids.narrow(0, me * 16, 16), labels.narrow(0, me * 16, 16));
+      if (step == 0) first = stats.loss;
+      last = stats.loss;
+    }
+    model.set_adapter(nullptr);
+    if (me == 0) {
+      std::printf("      %-5s %7lld trainable (LoRA-equivalent rank %5.2f): loss %.3f -> %.3f\n", name,
+                  static_cast<long long>(adapter->report().trainable), adapter->report().equivalent_rank,
+                  first, last);
+      std::fflush(stdout);
+    }
+  };
+  tn::Transformer base = tn::load_hf_model(output_dir() + "/pretrained");
+  if (me == 0) {
+    std::cout << "[3/3] adapters: the pretrained model frozen, multiplication (never seen) learnt by "
+                 "adapters, data parallel over " << n << " ranks\n";
+  }
+  run("LoRA", tessera::lora::make_lora(base, {16, 32, 0.0, false, targets}, 1), base);
+  tessera::lora::MosConfig mos;
+  mos.rank = 16;
+  mos.alpha = 32;
+  mos.target_modules = targets;
+  mos.public_fraction = 0.125;
+  run("MoS", tessera::lora::make_mos(base, mos), base);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -248,6 +314,7 @@ int main(int argc, char** argv) {
     if (world->rank() == 0) std::cout << "runtime: " << info.summary() << "\n";
     stage_distributed(*world, world);
     stage_pretrain(world);
+    stage_adapters(world);
     world->barrier().wait();
     if (world->rank() == 0) std::cout << "quickstart: done" << std::endl;
     return 0;
