@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command to run on a lent GPU machine (one NVIDIA GPU, no network,
+# The one command to run on a GPU machine (one NVIDIA GPU, no network,
 # PyTorch 2.x with CUDA and NCCL installed for python3, CMake, ninja, nvcc).
 #
 #   scripts/fetch-gpu-debs.sh            # first, on a Debian machine with network
