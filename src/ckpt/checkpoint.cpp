@@ -48,6 +48,20 @@ void State::add_replicated(const std::string& name, at::Tensor tensor, int world
 
 namespace {
 
+// Waits for every task (none may outlive the buffers they use), then
+// rethrows the first failure.
+void wait_all(std::vector<std::future<void>>& tasks) {
+  std::exception_ptr first_error;
+  for (auto& f : tasks) {
+    try {
+      f.get();
+    } catch (...) {
+      if (!first_error) first_error = std::current_exception();
+    }
+  }
+  if (first_error) std::rethrow_exception(first_error);
+}
+
 constexpr double kProgressSeconds = 10.0;
 
 std::string mib(uint64_t bytes) {
@@ -453,15 +467,7 @@ void SaveHandle::Impl::write_phase() {
           progress.add(end - begin);
         }));
       }
-      std::exception_ptr first_error;
-      for (auto& f : done) {
-        try {
-          f.get();
-        } catch (...) {
-          if (!first_error) first_error = std::current_exception();
-        }
-      }
-      if (first_error) std::rethrow_exception(first_error);
+      wait_all(done);
     }
     rng_crc = crc32c(staging.get() + tensor_bytes, rng_bytes);
     staging.reset();  // back to the pool: the next save may stage now
@@ -1018,15 +1024,7 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
           progress.add(hi - lo);
         }));
       }
-      std::exception_ptr first_error;
-      for (auto& f : done) {
-        try {
-          f.get();
-        } catch (...) {
-          if (!first_error) first_error = std::current_exception();
-        }
-      }
-      if (first_error) std::rethrow_exception(first_error);
+      wait_all(done);
     }
     translate_errors("checkpoint '" + dir + "': copying loaded tensors into place", [&] {
       at::NoGradGuard no_grad;

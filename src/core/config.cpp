@@ -27,7 +27,10 @@ struct ConfigObject::Node {
 
 namespace {
 
-// Line and column (1-based) of a byte offset in `text`.
+const char* type_name(const json& v) { return v.type_name(); }
+
+}  // namespace
+
 std::pair<size_t, size_t> line_column(std::string_view text, size_t offset) {
   size_t line = 1, column = 1;
   for (size_t i = 0; i < offset && i < text.size(); ++i) {
@@ -40,10 +43,6 @@ std::pair<size_t, size_t> line_column(std::string_view text, size_t offset) {
   }
   return {line, column};
 }
-
-const char* type_name(const json& v) { return v.type_name(); }
-
-}  // namespace
 
 ConfigObject::ConfigObject(std::shared_ptr<Node> node) : node_(std::move(node)) {}
 ConfigObject::ConfigObject(const ConfigObject&) = default;

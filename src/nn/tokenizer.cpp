@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "pre_tokenizer.h"
+#include "tessera/core/config.h"
 #include "tessera/core/error.h"
 #include "unicode.h"
 
@@ -176,19 +177,6 @@ std::string read_file(const std::string& path, const char* what) {
   buffer << in.rdbuf();
   TESSERA_CHECK(!in.bad(), DataLoss, "error reading ", what, " '", path, "'");
   return buffer.str();
-}
-
-std::pair<size_t, size_t> line_column(std::string_view text, size_t offset) {
-  size_t line = 1, column = 1;
-  for (size_t i = 0; i < offset && i < text.size(); ++i) {
-    if (text[i] == '\n') {
-      ++line;
-      column = 1;
-    } else {
-      ++column;
-    }
-  }
-  return {line, column};
 }
 
 json parse_json(const std::string& text, const std::string& path) {

@@ -21,9 +21,14 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace tessera {
+
+// 1-based line and column of byte `offset` in `text`, for messages about
+// malformed JSON (nlohmann reports byte offsets). Shared by every JSON reader.
+std::pair<size_t, size_t> line_column(std::string_view text, size_t offset);
 
 class ConfigObject {
  public:
