@@ -29,14 +29,12 @@
 //     one all_gather, copy to the reused staging buffer) — what a training
 //     step waits for — then the time until that save is committed.
 //   * baseline save: each tensor gathered whole to rank 0 (send/recv), which
-//     writes it into one file as raw bytes after a small text header
-//     (name, dtype, shape, byte offset), then fsync. No torch::save: only
-//     ATen is linked; the layout is what torch.save would write minus the
-//     pickle.
-//   * baseline load: rank 0 reads that file (cold cache) and sends each rank
-//     its rows.
+//     writes them all into one file with torch::save, then fsync.
+//   * baseline load: rank 0 reads that file with torch::load (cold cache)
+//     and sends each rank its rows.
 // Times are the slowest rank's, between barriers.
 #include <ATen/ATen.h>
+#include <torch/serialize.h>  // the baseline's torch::save / torch::load
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -260,26 +258,13 @@ tessera::ckpt::State make_state(const BenchState& b, int rank, bool fill) {
   return st;
 }
 
-// Baseline: every tensor gathered whole to rank 0, written to one file
-// after a text header. Returns the file's size.
+// Baseline: what a LibTorch user writes without a checkpoint library: every
+// tensor gathered whole to rank 0 (send/recv), which writes them all with
+// torch::save into one file and fsyncs it. Returns the file's size.
 uint64_t baseline_save(const std::string& path, const BenchState& b,
                        const tessera::ckpt::State& st, td::ProcessGroup& world) {
   const int rank = world.rank(), n = world.size();
-  std::ostringstream header;
-  uint64_t offset = 0;
-  for (size_t t = 0; t < b.names.size(); ++t) {
-    header << b.names[t] << " float32 " << b.shapes[t][0] << "," << b.shapes[t][1] << " "
-           << offset << "\n";
-    offset += static_cast<uint64_t>(b.shapes[t][0] * b.shapes[t][1]) * 4;
-  }
-  std::string head = header.str();
-  head = std::to_string(head.size()) + "\n" + head;
-  tessera::FileDescriptor fd;
-  if (rank == 0) {
-    fd = tessera::FileDescriptor(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-    if (fd.get() < 0) tessera::throw_io_error("creating " + path, errno);
-    write_all(fd.get(), reinterpret_cast<const uint8_t*>(head.data()), head.size(), path);
-  }
+  std::vector<at::Tensor> full_tensors;
   for (size_t t = 0; t < b.names.size(); ++t) {
     const at::Tensor& local = st.entries.at(b.names[t]).local;
     if (rank != 0) {
@@ -293,38 +278,32 @@ uint64_t baseline_save(const std::string& path, const BenchState& b,
       at::Tensor part = full.narrow(0, r * rows, rows);
       world.recv(part, r, static_cast<int>(t)).wait();
     }
-    write_all(fd.get(), static_cast<const uint8_t*>(full.data_ptr()), full.nbytes(), path);
+    full_tensors.push_back(std::move(full));
   }
-  if (rank == 0) {
-    if (::fsync(fd.get()) != 0) tessera::throw_io_error("fsync of " + path, errno);
-    if (int err = fd.close_checked()) tessera::throw_io_error("closing " + path, err);
-  }
-  return head.size() + offset;
+  if (rank != 0) return 0;
+  torch::save(full_tensors, path);
+  tessera::FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) tessera::throw_io_error("opening " + path, errno);
+  if (::fsync(fd.get()) != 0) tessera::throw_io_error("fsync of " + path, errno);
+  struct stat sb {};
+  ::fstat(fd.get(), &sb);
+  return static_cast<uint64_t>(sb.st_size);
 }
 
-// Baseline load: rank 0 reads the file tensor by tensor and sends each rank
+// Baseline load: rank 0 reads the file with torch::load and sends each rank
 // its rows.
 void baseline_load(const std::string& path, const BenchState& b, tessera::ckpt::State& st,
                    td::ProcessGroup& world) {
   const int rank = world.rank(), n = world.size();
-  tessera::FileDescriptor fd;
-  if (rank == 0) {
-    fd = tessera::FileDescriptor(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd.get() < 0) tessera::throw_io_error("opening " + path, errno);
-    std::string len;
-    char c;
-    while (::read(fd.get(), &c, 1) == 1 && c != '\n') len += c;
-    std::string head(std::stoul(len), '\0');
-    read_all(fd.get(), reinterpret_cast<uint8_t*>(head.data()), head.size(), path);
-  }
+  std::vector<at::Tensor> full_tensors;
+  if (rank == 0) torch::load(full_tensors, path);
   for (size_t t = 0; t < b.names.size(); ++t) {
     at::Tensor& local = st.entries.at(b.names[t]).local;
     if (rank != 0) {
       world.recv(local, 0, static_cast<int>(t)).wait();
       continue;
     }
-    at::Tensor full = at::empty(b.shapes[t]);
-    read_all(fd.get(), static_cast<uint8_t*>(full.data_ptr()), full.nbytes(), path);
+    const at::Tensor& full = full_tensors.at(t);
     const int64_t rows = b.shapes[t][0] / n;
     local.copy_(full.narrow(0, 0, rows));
     for (int r = 1; r < n; ++r) {
@@ -489,9 +468,9 @@ int run(const Options& o) {
         load, gb, seq_r);
     row("ckpt::save_async: caller blocked (plan + snapshot to staging)", blocked, gb, 0);
     row("ckpt::save_async: until committed", async_total, gb, seq_w);
-    row("baseline save: each tensor gathered to rank 0, one file (raw bytes + text header), fsync",
+    row("baseline save: each tensor gathered to rank 0, torch::save, fsync",
         base_save, one_bytes / 1e9, seq_w);
-    row(std::string("baseline load: rank 0 reads the file (cache dropped), sends each rank its rows (values ") +
+    row(std::string("baseline load: rank 0 torch::load (cache dropped), sends each rank its rows (values ") +
             (base_ok ? "equal" : "DIFFER") + ")",
         base_load, one_bytes / 1e9, seq_r);
     std::printf("\nsave_async blocks the training step for %.1f%% of the synchronous save time "

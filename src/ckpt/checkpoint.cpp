@@ -405,8 +405,25 @@ struct SaveHandle::Impl {
   std::map<std::string, std::string> user;
   std::vector<std::map<std::string, std::string>> attrs;  // per plan entry
 
-  std::shared_ptr<uint8_t> staging;  // released when written
+  // What the data file holds, in file order: each segment's bytes are at
+  // `data` (the staging buffer, or a tensor's memory in a synchronous save).
+  struct Segment {
+    uint64_t offset = 0, bytes = 0;
+    const uint8_t* data = nullptr;
+  };
+  std::vector<Segment> segments;
+  std::shared_ptr<uint8_t> staging;  // released when written; null if direct
+  std::vector<at::Tensor> sources;   // keeps direct segments' tensors alive
+  std::string rng_blob;              // direct saves write the blob from here
   uint64_t rng_bytes = 0;
+
+  // The byte at file offset `off` (inside some segment).
+  const uint8_t* byte_at(uint64_t off) const {
+    auto it = std::upper_bound(segments.begin(), segments.end(), off,
+                               [](uint64_t o, const Segment& g) { return o < g.offset; });
+    --it;
+    return it->data + (off - it->offset);
+  }
 
   // Written by the write phase, read after io completes.
   bool io_ok = false;
@@ -459,18 +476,27 @@ void SaveHandle::Impl::write_phase() {
         while (next_block < blocks.size() && blocks[next_block].first < end) ++next_block;
         size_t last = next_block;
         done.push_back(pool.submit([&, begin, end, first, last] {
-          const uint8_t* base = staging.get();
+          // A checksum block never crosses a segment (both follow boxes).
           for (size_t k = first; k < last; ++k) {
-            crcs[k] = crc32c(base + blocks[k].first, blocks[k].second);
+            crcs[k] = crc32c(byte_at(blocks[k].first), blocks[k].second);
           }
-          out->write_at(begin, base + begin, end - begin);
+          // One write per segment piece inside [begin, end).
+          for (uint64_t at = begin; at < end;) {
+            auto it = std::upper_bound(segments.begin(), segments.end(), at,
+                                       [](uint64_t o, const Segment& g) { return o < g.offset; });
+            --it;
+            const uint64_t n = std::min(end, it->offset + it->bytes) - at;
+            out->write_at(at, it->data + (at - it->offset), n);
+            at += n;
+          }
           progress.add(end - begin);
         }));
       }
       wait_all(done);
     }
-    rng_crc = crc32c(staging.get() + tensor_bytes, rng_bytes);
+    rng_crc = crc32c(byte_at(tensor_bytes), rng_bytes);
     staging.reset();  // back to the pool: the next save may stage now
+    sources.clear();
     phase(SavePhase::kFileWritten);
     out->sync();
     out->close();
@@ -479,6 +505,7 @@ void SaveHandle::Impl::write_phase() {
   } catch (...) {
     io_error = std::current_exception();
     staging.reset();
+    sources.clear();
   }
   std::lock_guard<std::mutex> lock(mu);
   stats.write_seconds = watch.seconds();
@@ -667,9 +694,15 @@ void SaveHandle::wait(std::chrono::milliseconds timeout) {
 Checkpointer::Checkpointer() : impl_(std::make_unique<Impl>()) {}
 Checkpointer::~Checkpointer() = default;
 
-SaveHandle Checkpointer::save_async(const std::string& dir_in, const State& state,
+SaveHandle Checkpointer::save_async(const std::string& dir, const State& state,
                                     const std::shared_ptr<dist::ProcessGroup>& group,
                                     const SaveOptions& options) {
+  return start_save(dir, state, group, options, /*direct=*/false);
+}
+
+SaveHandle Checkpointer::start_save(const std::string& dir_in, const State& state,
+                                    const std::shared_ptr<dist::ProcessGroup>& group,
+                                    const SaveOptions& options, bool direct) {
   Stopwatch blocked;
   auto s = std::make_shared<SaveHandle::Impl>();
   s->dir = strip_slash(dir_in);
@@ -732,33 +765,56 @@ SaveHandle Checkpointer::save_async(const std::string& dir_in, const State& stat
   for (const auto& [name, entry] : state.entries) s->attrs.push_back(entry.attrs);
 
   // Snapshot: this rank's boxes, then its RNG blob, into one host buffer
-  // laid out exactly as the data file.
-  const std::string blob = encode_blob(state.rng);
+  // laid out exactly as the data file. A direct (synchronous) save of CPU
+  // tensors skips the copy: the write phase reads the tensors' memory.
+  std::string blob = encode_blob(state.rng);
   s->rng_bytes = blob.size();
+  const uint64_t tensor_bytes = plan.file_bytes[s->rank];
   bool any_cuda = false;
   for (const auto& [name, entry] : state.entries) any_cuda |= !entry.local.device().is_cpu();
-  s->staging = impl_->acquire(plan.file_bytes[s->rank] + blob.size(), any_cuda && cuda_available());
-  uint8_t* base = s->staging.get();
   std::vector<at::Tensor> flats;
   for (const auto& [name, entry] : state.entries) flats.push_back(entry.local.reshape({-1}));
-  translate_errors("checkpoint '" + s->dir + "': copying tensors to host", [&] {
-    at::NoGradGuard no_grad;
+  if (direct && !any_cuda) {
+    for (const at::Tensor& flat : flats) direct &= flat.is_contiguous();
+  } else {
+    direct = false;
+  }
+  if (direct) {
     for (const auto& pb : plan.boxes) {
-      if (pb.writer != s->rank) continue;
-      at::Tensor& flat = flats[pb.entry];
-      if (flat.device().is_cpu() && flat.is_contiguous()) {
-        const auto* src = static_cast<const uint8_t*>(flat.data_ptr());
-        std::memcpy(base + pb.byte_offset,
-                    src + pb.writer_local_offset * static_cast<int64_t>(flat.element_size()),
-                    pb.bytes);
-      } else {
-        at::Tensor dst = at::from_blob(base + pb.byte_offset, {pb.box.numel()},
-                                       at::TensorOptions().dtype(flat.scalar_type()));
-        dst.copy_(flat.narrow(0, pb.writer_local_offset, pb.box.numel()));
-      }
+      if (pb.writer != s->rank || pb.bytes == 0) continue;
+      const at::Tensor& flat = flats[pb.entry];
+      const auto* src = static_cast<const uint8_t*>(flat.data_ptr());
+      s->segments.push_back(
+          {pb.byte_offset, pb.bytes,
+           src + pb.writer_local_offset * static_cast<int64_t>(flat.element_size())});
     }
-  });
-  std::memcpy(base + plan.file_bytes[s->rank], blob.data(), blob.size());
+    s->sources = std::move(flats);
+    s->rng_blob = std::move(blob);
+    s->segments.push_back({tensor_bytes, s->rng_bytes,
+                           reinterpret_cast<const uint8_t*>(s->rng_blob.data())});
+  } else {
+    s->staging = impl_->acquire(tensor_bytes + blob.size(), any_cuda && cuda_available());
+    uint8_t* base = s->staging.get();
+    s->segments.push_back({0, tensor_bytes + blob.size(), base});
+    translate_errors("checkpoint '" + s->dir + "': copying tensors to host", [&] {
+      at::NoGradGuard no_grad;
+      for (const auto& pb : plan.boxes) {
+        if (pb.writer != s->rank) continue;
+        at::Tensor& flat = flats[pb.entry];
+        if (flat.device().is_cpu() && flat.is_contiguous()) {
+          const auto* src = static_cast<const uint8_t*>(flat.data_ptr());
+          std::memcpy(base + pb.byte_offset,
+                      src + pb.writer_local_offset * static_cast<int64_t>(flat.element_size()),
+                      pb.bytes);
+        } else {
+          at::Tensor dst = at::from_blob(base + pb.byte_offset, {pb.box.numel()},
+                                         at::TensorOptions().dtype(flat.scalar_type()));
+          dst.copy_(flat.narrow(0, pb.writer_local_offset, pb.box.numel()));
+        }
+      }
+    });
+    std::memcpy(base + tensor_bytes, blob.data(), blob.size());
+  }
   s->phase(SavePhase::kStaged);
   {
     std::lock_guard<std::mutex> lock(s->mu);
@@ -778,7 +834,7 @@ SaveHandle Checkpointer::save_async(const std::string& dir_in, const State& stat
 void Checkpointer::save(const std::string& dir, const State& state,
                         const std::shared_ptr<dist::ProcessGroup>& group,
                         const SaveOptions& options) {
-  save_async(dir, state, group, options).wait();
+  start_save(dir, state, group, options, /*direct=*/true).wait();
 }
 
 // ---------------------------------------------------------------------------

@@ -278,6 +278,9 @@ class Checkpointer {
   SaveHandle save_async(const std::string& dir, const State& state,
                         const std::shared_ptr<dist::ProcessGroup>& group,
                         const SaveOptions& options = {});
+  // Synchronous save: returns once committed. CPU tensors are written
+  // straight from their memory (no staging copy: the caller is waiting
+  // anyway); other tensors go through a staging buffer.
   void save(const std::string& dir, const State& state,
             const std::shared_ptr<dist::ProcessGroup>& group, const SaveOptions& options = {});
 
@@ -296,6 +299,10 @@ class Checkpointer {
                   const LoadOptions& options = {});
 
  private:
+  SaveHandle start_save(const std::string& dir, const State& state,
+                        const std::shared_ptr<dist::ProcessGroup>& group,
+                        const SaveOptions& options, bool direct);
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
