@@ -1,10 +1,13 @@
 #include "tessera/nn/model.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 
 #include <cmath>
+#include <limits>
 #include <numeric>
+#include <vector>
 
 #include "parallel_ops.h"
 #include "tessera/core/error.h"
@@ -196,6 +199,83 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return normed.to(x.scalar_type()) * w;
 }
 
+// rms_norm with one fixed summation order per row (batch-invariant).
+at::Tensor rms_norm_invariant(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TESSERA_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), InvalidArgument,
+                "batch_invariant forward: fp32 CPU models only");
+  at::Tensor xc = x.contiguous();
+  const int64_t H = xc.size(-1), rows = xc.numel() / std::max<int64_t>(H, 1);
+  at::Tensor out = at::empty_like(xc);
+  at::Tensor wc = w.to(at::kFloat).contiguous();
+  const float* src = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* v = src + r * H;
+      float ss = 0.f;
+      for (int64_t i = 0; i < H; ++i) ss += v[i] * v[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
+      for (int64_t i = 0; i < H; ++i) dst[r * H + i] = v[i] * inv * wp[i];
+    }
+  });
+  return out;
+}
+
+// Causal attention with fixed-order loops (batch-invariant): q [B, nh, T,
+// hd], k and v [B, nkv, L, hd] (any strides), mask [B, 1, T, L] (true:
+// hidden). Returns [B, nh, T, hd].
+at::Tensor attention_invariant(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& mask) {
+  TESSERA_CHECK(q.scalar_type() == at::kFloat && q.device().is_cpu(), InvalidArgument,
+                "batch_invariant forward: fp32 CPU models only");
+  at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  at::Tensor mc = mask.to(at::kBool).contiguous();
+  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hd = q.size(3);
+  const int64_t nkv = k.size(1), L = k.size(2), rep = nh / nkv;
+  at::Tensor out = at::zeros({B, nh, T, hd}, at::kFloat);
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  const bool* mp = mc.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, B * nh, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(L);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / nh, h = i % nh, kvh = h / rep;
+      const float* kb = kp + (b * nkv + kvh) * L * hd;
+      const float* vb = vp + (b * nkv + kvh) * L * hd;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* qr = qp + ((b * nh + h) * T + t) * hd;
+        const bool* mr = mp + (b * T + t) * L;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < L; ++j) {
+          if (mr[j]) continue;
+          float d = 0.f;
+          for (int64_t e = 0; e < hd; ++e) d += qr[e] * kb[j * hd + e];
+          scores[j] = d * scale;
+          mx = std::max(mx, scores[j]);
+        }
+        float denom = 0.f;
+        for (int64_t j = 0; j < L; ++j) {
+          if (mr[j]) continue;
+          scores[j] = std::exp(scores[j] - mx);
+          denom += scores[j];
+        }
+        float* orow = op + ((b * nh + h) * T + t) * hd;
+        if (denom == 0.f) continue;
+        for (int64_t j = 0; j < L; ++j) {
+          if (mr[j]) continue;
+          const float p = scores[j] / denom;
+          for (int64_t e = 0; e < hd; ++e) orow[e] += p * vb[j * hd + e];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 at::Tensor rotate_half(const at::Tensor& x) {
   const int64_t half = x.size(-1) / 2;
   return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
@@ -235,18 +315,26 @@ struct Transformer::Impl {
   int64_t vocab_start = 0, vocab_local = 0;
   std::vector<int64_t> vocab_sizes;  // per tp rank
   std::shared_ptr<LinearAdapter> adapter;
+  std::shared_ptr<LinearOverride> linear_override;
   AdapterContext adapter_context;  // of the forward in progress
 
-  // A linear layer by Hugging Face module name, with the adapter applied.
+  // A linear layer by Hugging Face module name, with the override and the
+  // adapter applied.
   at::Tensor proj(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                   const std::string& name) {
-    at::Tensor y = dense(x, w, b);
+    at::Tensor y;
+    if (linear_override) y = linear_override->linear(name, x);
+    if (!y.defined()) {
+      y = dense(x, w, b);
+    } else if (b.defined()) {
+      y = y + b;
+    }
     return adapter ? adapter->apply(name, x, y, adapter_context) : y;
   }
 
   at::Tensor mlp(const at::Tensor& x, const ExpertWeights& e, const std::string& gate,
                  const std::string& up, const std::string& down) {
-    if (!adapter) return swiglu(x, e.gate, e.up, e.down);
+    if (!adapter && !linear_override) return swiglu(x, e.gate, e.up, e.down);
     return proj(at::silu(proj(x, e.gate, {}, gate)) * proj(x, e.up, {}, up), e.down, {}, down);
   }
 
@@ -323,7 +411,8 @@ struct Transformer::Impl {
   // Self-attention of one layer; returns the row-parallel partial output.
   at::Tensor attention(const LayerWeights& w, const at::Tensor& h, const at::Tensor& cos,
                        const at::Tensor& sin, const at::Tensor& mask, KVCache* cache,
-                       int64_t layer, const at::Tensor& starts, int64_t kv_len) {
+                       int64_t layer, const at::Tensor& starts, int64_t kv_len,
+                       bool invariant) {
     const ModelConfig& c = config;
     const int64_t B = h.size(0), T = h.size(1), hd = c.head_size();
     const int64_t nh = c.num_attention_heads / groups.tp_size();
@@ -347,6 +436,10 @@ struct Transformer::Impl {
       v = vc.narrow(2, 0, kv_len);
     }
     const int64_t rep = nh / nkv;
+    if (invariant) {
+      at::Tensor out = attention_invariant(q, k, v, mask).transpose(1, 2).reshape({B, T, nh * hd});
+      return proj(out, w.o, {}, a + "o_proj");
+    }
     if (rep > 1) {
       const int64_t L = k.size(2);
       k = k.unsqueeze(2).expand({B, nkv, rep, L, hd}).reshape({B, nh, L, hd});
@@ -440,7 +533,7 @@ struct Transformer::Impl {
       at::Tensor in = ins.size() == 1 ? ins[0] : at::cat(ins, 0);
       const ExpertWeights& ew = w.experts[e];
       at::Tensor y;
-      if (adapter) {
+      if (adapter || linear_override) {
         MoeNames names = moe_names(c, layer);
         auto strip = [](std::string n) { return n.substr(0, n.size() - 7); };  // ".weight"
         const int64_t j = first_expert + e;
@@ -581,6 +674,16 @@ void Transformer::set_adapter(std::shared_ptr<LinearAdapter> adapter) {
 
 const std::shared_ptr<LinearAdapter>& Transformer::adapter() const { return impl_->adapter; }
 
+void Transformer::set_linear_override(std::shared_ptr<LinearOverride> override_) {
+  TESSERA_CHECK(!override_ || (impl_->groups.tp_size() == 1 && impl_->groups.ep_size() == 1),
+                InvalidArgument, "linear overrides run on single-rank model replicas (tp = ep = 1)");
+  impl_->linear_override = std::move(override_);
+}
+
+const std::shared_ptr<LinearOverride>& Transformer::linear_override() const {
+  return impl_->linear_override;
+}
+
 int64_t Transformer::num_local_parameters() const {
   int64_t n = 0;
   for (const auto& [name, t] : impl_->params) n += t.numel();
@@ -636,14 +739,19 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
     x = at::embedding(m.embed, input_ids);
   }
 
+  const bool invariant = options.batch_invariant;
+  auto norm = [&](const at::Tensor& v, const at::Tensor& weight) {
+    return invariant ? rms_norm_invariant(v, weight, c.rms_norm_eps) : rms_norm(v, weight, c.rms_norm_eps);
+  };
   ForwardOutput out;
   std::vector<at::Tensor> loads;
   m.adapter_context.sequence_adapters = options.sequence_adapters;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& w = m.layers[l];
-    at::Tensor h = copy_to_group(rms_norm(x, w.input_norm, c.rms_norm_eps), m.groups.tp);
-    x = x + reduce_from_group(m.attention(w, h, cos, sin, mask, cache, l, starts, kv_len), m.groups.tp);
-    h = copy_to_group(rms_norm(x, w.post_norm, c.rms_norm_eps), m.groups.tp);
+    at::Tensor h = copy_to_group(norm(x, w.input_norm), m.groups.tp);
+    x = x + reduce_from_group(m.attention(w, h, cos, sin, mask, cache, l, starts, kv_len, invariant),
+                              m.groups.tp);
+    h = copy_to_group(norm(x, w.post_norm), m.groups.tp);
     at::Tensor mlp;
     if (w.moe) {
       mlp = m.moe(w, h.reshape({B * T, c.hidden_size}), l, out, options.record_routing, loads)
@@ -656,12 +764,14 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
   }
   if (cache) cache->set_lengths(starts + lengths);
 
-  at::Tensor h = rms_norm(x, m.final_norm, c.rms_norm_eps);
+  at::Tensor h = norm(x, m.final_norm);
   if (options.last_logits_only) {
     at::Tensor last = (lengths - 1).clamp_min(0);
     h = h.gather(1, last.view({B, 1, 1}).expand({B, 1, h.size(2)}).to(h.device()));
   }
-  at::Tensor logits = dense(copy_to_group(h, m.groups.tp), m.lm_head);
+  at::Tensor logits;
+  if (m.linear_override) logits = m.linear_override->linear("lm_head", h);
+  if (!logits.defined()) logits = dense(copy_to_group(h, m.groups.tp), m.lm_head);
   if (options.gather_logits) logits = gather_last_dim(logits, m.groups.tp, m.vocab_sizes);
   out.logits = logits;
   if (!out.aux_loss.defined()) out.aux_loss = at::zeros({}, at::kFloat);

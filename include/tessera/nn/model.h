@@ -106,6 +106,18 @@ class LinearAdapter {
                            const AdapterContext& context) = 0;
 };
 
+// Replaces the matrix product of linear layers: quantized kernels
+// (tessera::quant) implement it. `name` is the module name as for
+// LinearAdapter, or "lm_head" for the output projection (tied or not).
+// Returns x W^T without the bias (the model adds it), or an undefined tensor
+// to let the model multiply by its own weight. MoE routers and shared-expert
+// gates always use the model's weights.
+class LinearOverride {
+ public:
+  virtual ~LinearOverride() = default;
+  virtual at::Tensor linear(const std::string& name, const at::Tensor& x) = 0;
+};
+
 struct ForwardOptions {
   // With a cache, input_ids [B, T] are appended at each sequence's current
   // length (right-padded prompts: set `lengths` to the real lengths so the
@@ -119,6 +131,13 @@ struct ForwardOptions {
   bool last_logits_only = false;
   // Per-sequence adapter choice, passed to the model's adapter (if any).
   at::Tensor sequence_adapters;
+  // Attention and norms computed so that each token's result does not
+  // depend on how many tokens run in the same forward (fixed-order loops
+  // instead of BLAS, whose blocking changes with the shape). With a
+  // batch-invariant LinearOverride (tessera::quant), verifying k tokens in
+  // one forward gives bit-identical logits to decoding them one at a time.
+  // fp32 CPU models only; slower than the default for long contexts.
+  bool batch_invariant = false;
 };
 
 struct ForwardOutput {
@@ -161,6 +180,10 @@ class Transformer {
   // linear layer; single-rank models only (InvalidArgument under tp/ep).
   void set_adapter(std::shared_ptr<LinearAdapter> adapter);
   const std::shared_ptr<LinearAdapter>& adapter() const;
+  // Installs (or removes) a replacement for the linear layers' products;
+  // single-rank models only. An adapter, if any, applies on top.
+  void set_linear_override(std::shared_ptr<LinearOverride> override_);
+  const std::shared_ptr<LinearOverride>& linear_override() const;
   int64_t num_local_parameters() const;
 
   ForwardOutput forward(const at::Tensor& input_ids, const ForwardOptions& options = {});

@@ -1,0 +1,159 @@
+#include "tessera/quant/model.h"
+
+#include <ATen/ATen.h>
+
+#include "tessera/core/error.h"
+#include "tessera/nn/safetensors.h"
+
+namespace tessera::quant {
+
+namespace {
+
+constexpr const char* kFormat = "tessera-quant";
+constexpr const char* kVersion = "1";
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The linear layer a parameter belongs to ("" if it is not packed).
+std::string packed_layer_of(const std::string& param, const nn::ModelConfig& c) {
+  if (param == "lm_head.weight") return "lm_head";
+  if (param == "model.embed_tokens.weight") return "";
+  if (!ends_with(param, ".weight") || param.find("norm") != std::string::npos) return "";
+  // Routers and the shared expert stay in floating point.
+  if (ends_with(param, ".gate.weight") || param.find("shared_expert") != std::string::npos) return "";
+  return param.substr(0, param.size() - 7);
+}
+
+}  // namespace
+
+std::shared_ptr<QuantizedModel> QuantizedModel::pack(const nn::Transformer& model,
+                                                     const QuantConfig& config) {
+  TESSERA_CHECK(model.groups().tp_size() == 1 && model.groups().ep_size() == 1, InvalidArgument,
+                "QuantizedModel::pack: single-rank models only (tp = ep = 1)");
+  auto q = std::make_shared<QuantizedModel>();
+  q->config_ = config;
+  const nn::ModelConfig& c = model.config();
+  for (const auto& [name, param] : model.named_parameters()) {
+    std::string layer = packed_layer_of(name, c);
+    if (layer.empty() || param.dim() != 2) continue;
+    try {
+      q->weights_.emplace(layer, quantize(param, config));
+    } catch (const Error& e) {
+      TESSERA_THROW(InvalidArgument, "QuantizedModel::pack: layer '", layer, "': ", e.what());
+    }
+  }
+  if (c.tie_word_embeddings) {
+    q->weights_.emplace("lm_head",
+                        quantize(const_cast<nn::Transformer&>(model).parameter("model.embed_tokens.weight"),
+                                 config));
+  }
+  return q;
+}
+
+void QuantizedModel::set_isa(Isa isa) {
+  TESSERA_CHECK(isa_supported(isa), InvalidArgument, "QuantizedModel: this CPU cannot run the ",
+                isa_name(isa), " kernels");
+  isa_ = isa;
+}
+
+at::Tensor QuantizedModel::linear(const std::string& name, const at::Tensor& x) {
+  const Mode m = mode();
+  if (m == Mode::kFloat) return {};  // the model's own weights
+  auto it = weights_.find(name);
+  if (it == weights_.end()) return {};
+  return quant::linear(x, it->second, m, isa_);
+}
+
+const QuantizedWeight& QuantizedModel::weight(const std::string& name) const {
+  auto it = weights_.find(name);
+  TESSERA_CHECK(it != weights_.end(), NotFound, "QuantizedModel: no packed layer '", name, "'");
+  return it->second;
+}
+
+int64_t QuantizedModel::bytes() const {
+  int64_t total = 0;
+  for (const auto& [name, w] : weights_) total += w.bytes();
+  return total;
+}
+
+void QuantizedModel::save(const std::string& path, const nn::Transformer& model) const {
+  nn::NamedTensors tensors;
+  for (const auto& [name, w] : weights_) {
+    tensors.emplace_back(name + ".codes", w.codes);
+    tensors.emplace_back(name + ".scales", w.scales);
+    tensors.emplace_back(name + ".zeros", w.zeros);
+  }
+  for (const auto& [name, param] : model.named_parameters()) {
+    const std::string layer = packed_layer_of(name, model.config());
+    if (!layer.empty() && weights_.count(layer)) continue;
+    tensors.emplace_back(name, param);
+  }
+  nn::save_safetensors(path, tensors,
+                       {{"format", kFormat},
+                        {"version", kVersion},
+                        {"group_size", std::to_string(config_.group_size)},
+                        {"symmetric", config_.symmetric ? "true" : "false"},
+                        {"model_config", model.config().to_json()}});
+}
+
+QuantizedModel::Loaded QuantizedModel::load(const std::string& path) {
+  nn::SafetensorsFile file = nn::SafetensorsFile::open(path);
+  const auto& meta = file.metadata();
+  auto field = [&](const char* key) -> const std::string& {
+    auto it = meta.find(key);
+    TESSERA_CHECK(it != meta.end(), InvalidArgument, "'", path,
+                  "' is not a packed Tessera model (no '", key, "' in its metadata)");
+    return it->second;
+  };
+  TESSERA_CHECK(field("format") == kFormat, InvalidArgument, "'", path,
+                "' is not a packed Tessera model (format '", field("format"), "')");
+  TESSERA_CHECK(field("version") == kVersion, InvalidArgument, "'", path,
+                "': packed model format version ", field("version"),
+                " is not supported (this build reads version ", kVersion, ")");
+  QuantConfig qc;
+  qc.group_size = std::stoll(field("group_size"));
+  qc.symmetric = field("symmetric") == "true";
+  nn::ModelConfig config = nn::ModelConfig::parse(field("model_config"), path);
+  Loaded out{nn::Transformer(config), std::make_shared<QuantizedModel>()};
+  out.packed->config_ = qc;
+  for (const std::string& name : out.model.full_parameter_names()) {
+    const std::string layer = packed_layer_of(name, config);
+    if (!layer.empty() && file.contains(layer + ".codes")) continue;
+    TESSERA_CHECK(file.contains(name), InvalidArgument, "'", path, "' lacks parameter '", name, "'");
+    out.model.load_full(name, file.get(name));
+  }
+  for (const auto& info : file.tensors()) {
+    if (!ends_with(info.name, ".codes")) continue;
+    const std::string layer = info.name.substr(0, info.name.size() - 6);
+    QuantizedWeight w;
+    w.config = qc;
+    w.codes = file.get(layer + ".codes").contiguous();
+    w.scales = file.get(layer + ".scales").to(at::kFloat).contiguous();
+    w.zeros = file.get(layer + ".zeros").contiguous();
+    TESSERA_CHECK(w.codes.dim() == 2 && w.codes.scalar_type() == at::kByte && w.zeros.scalar_type() == at::kByte,
+                  InvalidArgument, "'", path, "': layer '", layer, "' has malformed codes");
+    w.out_features = w.codes.size(0);
+    w.in_features = w.codes.size(1) * 2;
+    TESSERA_CHECK(w.in_features % qc.group_size == 0 && w.scales.sizes() == w.zeros.sizes() &&
+                      w.scales.dim() == 2 && w.scales.size(0) == w.out_features &&
+                      w.scales.size(1) == w.in_features / qc.group_size,
+                  InvalidArgument, "'", path, "': layer '", layer, "': codes ",
+                  w.codes.sizes(), ", scales ", w.scales.sizes(), " and zeros ", w.zeros.sizes(),
+                  " disagree with group size ", qc.group_size);
+    const std::string param = layer == "lm_head" && config.tie_word_embeddings
+                                  ? "model.embed_tokens.weight"
+                                  : layer + ".weight";
+    if (!(layer == "lm_head" && config.tie_word_embeddings)) {
+      TESSERA_CHECK(out.model.has_parameter(param), InvalidArgument, "'", path,
+                    "': packed layer '", layer, "' is not part of the model");
+      out.model.load_full(param, dequantize(w));
+    }
+    out.packed->weights_.emplace(layer, std::move(w));
+  }
+  out.model.set_linear_override(out.packed);
+  return out;
+}
+
+}  // namespace tessera::quant

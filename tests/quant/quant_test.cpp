@@ -1,0 +1,227 @@
+// Int4 packing and the quantized GEMM kernels: every instruction-set path
+// against an fp64 computation of what the codes stand for, batch
+// invariance, accuracy ordering of the modes, bad input, packed models.
+#include "tessera/quant/quant.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "tessera/core/error.h"
+#include "tessera/quant/model.h"
+
+namespace fs = std::filesystem;
+
+namespace tessera::quant {
+namespace {
+
+std::vector<Isa> isas() {
+  std::vector<Isa> out;
+  for (Isa i : {Isa::kReference, Isa::kAvx2, Isa::kAvx512}) {
+    if (isa_supported(i)) out.push_back(i);
+  }
+  return out;
+}
+
+// y = x W^T in fp64 from the codes, with activations treated as each mode
+// treats them: bf16-rounded (W4A16) or quantized per token and group.
+at::Tensor expected(const at::Tensor& x, const QuantizedWeight& w, Mode mode) {
+  at::Tensor wd = dequantize(w).to(at::kDouble);
+  if (mode == Mode::kW4A16) return at::matmul(x.to(at::kBFloat16).to(at::kDouble), wd.t());
+  QuantizedActivations qa = quantize_activations(x, w.config.group_size, mode);
+  const int64_t G = w.groups();
+  at::Tensor xd = (qa.codes.to(at::kDouble).view({x.size(0), G, -1}) *
+                   qa.scales.to(at::kDouble).unsqueeze(-1))
+                      .view({x.size(0), -1});
+  return at::matmul(xd, wd.t());
+}
+
+// Bound on fp32 accumulation error: a few ulps of the sum of |terms|.
+at::Tensor bound(const at::Tensor& x, const QuantizedWeight& w) {
+  return at::matmul(x.abs().to(at::kDouble), dequantize(w).abs().to(at::kDouble).t()) * 2e-6 + 1e-30;
+}
+
+TEST(Kernels, EveryPathMatchesTheCodesOnRandomAndRaggedShapes) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  const std::vector<std::array<int64_t, 4>> shapes = {  // M, N, K, group
+      {1, 1, 64, 64},   {3, 7, 128, 64},  {5, 33, 192, 64}, {17, 9, 256, 128},
+      {4, 16, 384, 128}, {9, 5, 640, 64}, {2, 70, 128, 128}, {31, 3, 64, 64}};
+  for (const auto& [M, N, K, group] : shapes) {
+    for (bool symmetric : {true, false}) {
+      at::Tensor wt = at::randn({N, K}, gen) * 0.05 + (symmetric ? 0.0 : 0.01);
+      at::Tensor x = at::randn({M, K}, gen);
+      x.select(1, 0).mul_(8);  // an outlier channel
+      QuantizedWeight q = quantize(wt, {group, symmetric});
+      for (Mode mode : {Mode::kW4A16, Mode::kW4A8, Mode::kW4A4}) {
+        at::Tensor want = expected(x, q, mode);
+        at::Tensor tol = bound(x, q);
+        for (Isa isa : isas()) {
+          at::Tensor got = linear(x, q, mode, isa).to(at::kDouble);
+          at::Tensor err = (got - want).abs();
+          EXPECT_TRUE((err <= tol * 4 + 1e-6).all().item<bool>())
+              << isa_name(isa) << " " << mode_name(mode) << " M" << M << " N" << N << " K" << K
+              << " g" << group << (symmetric ? " sym" : " asym")
+              << ": max error " << err.max().item<double>();
+        }
+      }
+    }
+  }
+}
+
+TEST(Kernels, EachTokenIsIndependentOfItsBatch) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  QuantizedWeight q = quantize(at::randn({37, 256}, gen), {64, false});
+  at::Tensor x = at::randn({11, 256}, gen);
+  for (Isa isa : isas()) {
+    for (Mode mode : {Mode::kW4A16, Mode::kW4A8, Mode::kW4A4}) {
+      at::Tensor all = linear(x, q, mode, isa);
+      for (int64_t m = 0; m < 11; ++m) {
+        at::Tensor one = linear(x.narrow(0, m, 1), q, mode, isa);
+        EXPECT_TRUE(at::equal(one, all.narrow(0, m, 1))) << isa_name(isa) << " " << mode_name(mode)
+                                                         << " token " << m;
+        at::Tensor three = linear(x.narrow(0, std::max<int64_t>(0, m - 2), std::min<int64_t>(3, m + 1)), q, mode, isa);
+        EXPECT_TRUE(at::equal(three.narrow(0, three.size(0) - 1, 1), all.narrow(0, m, 1)));
+      }
+    }
+  }
+}
+
+TEST(Quantize, CodesStayWithinHalfAStepAndPackAsDocumented) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  at::Tensor w = at::randn({6, 128}, gen);
+  for (bool symmetric : {true, false}) {
+    QuantizedWeight q = quantize(w, {64, symmetric});
+    ASSERT_EQ(q.codes.sizes(), (std::vector<int64_t>{6, 64}));
+    ASSERT_EQ(q.scales.sizes(), (std::vector<int64_t>{6, 2}));
+    at::Tensor step = q.scales.repeat_interleave(64, 1);
+    EXPECT_TRUE(((dequantize(q) - w).abs() <= step * 0.5 + 1e-6).all().item<bool>());
+    if (symmetric) EXPECT_TRUE((q.zeros == 8).all().item<bool>());
+  }
+  // Byte j of a 64-block: input j low, input j + 32 high.
+  at::Tensor ramp = (at::arange(64, at::kFloat) % 16 - 8).view({1, 64});
+  QuantizedWeight q = quantize(ramp, {64, true});
+  const float s = q.scales.item<float>();
+  EXPECT_FLOAT_EQ(s, 8.f / 7.f);
+  at::Tensor d = dequantize(q);
+  EXPECT_TRUE(((d - ramp).abs() <= s / 2 + 1e-6).all().item<bool>());
+  const uint8_t b0 = q.codes[0][0].item<uint8_t>();
+  const int code0 = static_cast<int>(std::lround(-8 / s)) + 8, code32 = code0;
+  EXPECT_EQ(b0 & 0x0F, std::clamp(code0, 0, 15));
+  EXPECT_EQ(b0 >> 4, std::clamp(code32, 0, 15));
+}
+
+TEST(Quantize, BadShapesAndGroupSizesAreNamed) {
+  auto expect_error = [](auto fn, const std::string& needle) {
+    try {
+      fn();
+      ADD_FAILURE() << "no error, expected one mentioning '" << needle << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error([] { quantize(at::zeros({4, 128}), {48, true}); }, "multiple of 64");
+  expect_error([] { quantize(at::zeros({4, 100}), {64, true}); }, "does not divide the 100");
+  expect_error([] { quantize(at::zeros({4, 192}), {128, true}); }, "does not divide the 192");
+  expect_error([] { quantize(at::zeros({128}), {64, true}); }, "2-D");
+  QuantizedWeight q = quantize(at::zeros({4, 128}), {64, true});
+  expect_error([&] { linear(at::zeros({2, 64}), q, Mode::kW4A16); }, "128 input features");
+  expect_error([] { parse_mode("w3a3"); }, "w3a3");
+}
+
+TEST(Accuracy, ModesOrderAsExpectedOnAStructuredLayer) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  at::Tensor w = at::randn({64, 512}, gen) * 0.02;
+  at::Tensor x = at::randn({32, 512}, gen);
+  at::Tensor ref = at::matmul(x, w.t());
+  QuantizedWeight q = quantize(w, {64, false});
+  auto rel = [&](Mode m) { return ((linear(x, q, m) - ref).norm() / ref.norm()).item<double>(); };
+  const double e16 = rel(Mode::kW4A16), e8 = rel(Mode::kW4A8), e4 = rel(Mode::kW4A4);
+  EXPECT_LT(e16, 0.12);
+  EXPECT_LE(e16, e8 * 1.01);
+  EXPECT_LT(e8, e4);
+  EXPECT_LT(e4, 0.35);
+}
+
+nn::ModelConfig tiny() {
+  nn::ModelConfig c;
+  c.model_type = "llama";
+  c.vocab_size = 96;
+  c.hidden_size = 64;
+  c.intermediate_size = 128;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  return c;
+}
+
+fs::path scratch(const std::string& name) {
+  fs::path p = fs::path(::testing::TempDir()) / ("tessera_quant_" + std::to_string(getpid()) + "_" + name);
+  fs::remove_all(p);
+  return p;
+}
+
+TEST(PackedModel, SaveLoadGivesTheSameLogitsInEveryMode) {
+  nn::Transformer model(tiny());
+  model.init_random(4);
+  auto packed = QuantizedModel::pack(model, {64, false});
+  EXPECT_EQ(packed->weights().size(), 2u * 7u + 1u);  // 7 linears per layer + lm_head
+  model.set_linear_override(packed);
+  at::Tensor ids = at::randint(96, {2, 9}, at::kLong);
+  const fs::path file = scratch("model.safetensors");
+  packed->save(file.string(), model);
+  auto loaded = QuantizedModel::load(file.string());
+  for (Mode m : {Mode::kW4A16, Mode::kW4A8, Mode::kW4A4, Mode::kFloat}) {
+    packed->set_mode(m);
+    loaded.packed->set_mode(m);
+    at::Tensor a = model.forward(ids).logits, b = loaded.model.forward(ids).logits;
+    if (m == Mode::kFloat) {
+      // The loaded model's fp weights are the dequantized codes.
+      packed->set_mode(Mode::kW4A16);
+      EXPECT_TRUE(at::allclose(b, loaded.model.forward(ids).logits, 0.05, 0.05));
+    } else {
+      EXPECT_TRUE(at::equal(a, b)) << mode_name(m);
+    }
+  }
+  // A modified version and a truncated file are refused by name.
+  const fs::path v9 = scratch("v9.safetensors"), cut = scratch("cut.safetensors");
+  {
+    std::ifstream in(file, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), {});
+    std::string v2 = bytes;
+    auto at = v2.find("\"version\":\"1\"");
+    ASSERT_NE(at, std::string::npos);
+    v2[at + 11] = '9';
+    std::ofstream(v9, std::ios::binary) << v2;
+    std::ofstream(cut, std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  }
+  try {
+    QuantizedModel::load(v9.string());
+    ADD_FAILURE() << "version 9 accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("version 9"), std::string::npos) << e.what();
+  }
+  try {
+    QuantizedModel::load(cut.string());
+    ADD_FAILURE() << "truncated file accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cut.safetensors"), std::string::npos) << e.what();
+  }
+}
+
+TEST(PackedModel, GroupSizeThatDoesNotFitALayerNamesIt) {
+  nn::Transformer model(tiny());
+  try {
+    QuantizedModel::pack(model, {128, true});
+    ADD_FAILURE();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.0.self_attn.q_proj"), std::string::npos)
+        << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace tessera::quant
