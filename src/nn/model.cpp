@@ -276,6 +276,29 @@ at::Tensor attention_invariant(const at::Tensor& q, const at::Tensor& k, const a
   return out;
 }
 
+// x [N, K] times w [E, K]^T with one fixed summation order per output
+// (batch-invariant; for small layers such as MoE routers).
+at::Tensor linear_invariant(const at::Tensor& x, const at::Tensor& w) {
+  TESSERA_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), InvalidArgument,
+                "batch_invariant forward: fp32 CPU models only");
+  at::Tensor xc = x.contiguous(), wc = w.to(at::kFloat).contiguous();
+  const int64_t N = xc.size(0), K = xc.size(1), E = wc.size(0);
+  at::Tensor out = at::empty({N, E}, at::kFloat);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t e = 0; e < E; ++e) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += xp[n * K + k] * wp[e * K + k];
+        op[n * E + e] = acc;
+      }
+    }
+  });
+  return out;
+}
+
 at::Tensor rotate_half(const at::Tensor& x) {
   const int64_t half = x.size(-1) / 2;
   return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
@@ -317,6 +340,7 @@ struct Transformer::Impl {
   std::shared_ptr<LinearAdapter> adapter;
   std::shared_ptr<LinearOverride> linear_override;
   AdapterContext adapter_context;  // of the forward in progress
+  bool invariant = false;          // ForwardOptions::batch_invariant of the forward in progress
 
   // A linear layer by Hugging Face module name, with the override and the
   // adapter applied.
@@ -458,7 +482,9 @@ struct Transformer::Impl {
                  bool record, std::vector<at::Tensor>& loads) {
     const ModelConfig& c = config;
     const int64_t N = x.size(0), E = c.num_experts, K = c.num_experts_per_tok;
-    at::Tensor logits = dense(x, w.router).to(accumulate_type(x.scalar_type()));  // [N, E]
+    // [N, E]; the batch-invariant path multiplies row by row in a fixed order.
+    at::Tensor logits = invariant ? linear_invariant(x, w.router)
+                                  : dense(x, w.router).to(accumulate_type(x.scalar_type()));
     at::Tensor probs = at::softmax(logits, -1);
     auto [top_w, top_e] = probs.topk(K, -1);
     if (c.norm_topk_prob) top_w = top_w / top_w.sum(-1, true);
@@ -485,7 +511,9 @@ struct Transformer::Impl {
     at::Tensor order = std::get<1>(flat_e.sort(/*stable=*/true, 0, false));
     at::Tensor sorted_e = flat_e.index_select(0, order);
     at::Tensor keep;  // capacity: drop assignments past each expert's capacity
-    if (c.capacity_factor > 0) {
+    // Capacity drops depend on the whole batch; batch-invariant (inference)
+    // forwards keep every assignment.
+    if (c.capacity_factor > 0 && !invariant) {
       const int64_t capacity = static_cast<int64_t>(std::ceil(c.capacity_factor * N * K / E));
       at::Tensor per_expert = at::zeros({E}, at::kLong).index_add_(0, flat_e, at::ones_like(flat_e));
       at::Tensor starts = per_expert.cumsum(0) - per_expert;
@@ -740,6 +768,7 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
   }
 
   const bool invariant = options.batch_invariant;
+  m.invariant = invariant;
   auto norm = [&](const at::Tensor& v, const at::Tensor& weight) {
     return invariant ? rms_norm_invariant(v, weight, c.rms_norm_eps) : rms_norm(v, weight, c.rms_norm_eps);
   };

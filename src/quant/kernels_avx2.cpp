@@ -35,76 +35,97 @@ inline __m256 codes_to_float(__m256i v, __m256 z) {
   return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part)), z);
 }
 
+template <int MB>
+inline void w4a16_rows(const float* xf, int64_t m0, const Packed& w, float* out, int64_t n) {
+  const int64_t G = w.K / w.group, K = w.K;
+  const uint8_t* row = w.codes + n * (K / 2);
+  __m256 acc[MB];
+  for (int t = 0; t < MB; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 z = _mm256_set1_ps(static_cast<float>(w.zeros[n * G + g]));
+    __m256 gacc[MB];
+    for (int t = 0; t < MB; ++t) gacc[t] = _mm256_setzero_ps();
+    for (int64_t k0 = g * w.group; k0 < (g + 1) * w.group; k0 += 64) {
+      __m256i lo, hi;
+      unpack(row + k0 / 2, lo, hi);
+      const __m256 wv[8] = {codes_to_float<0>(lo, z), codes_to_float<1>(lo, z),
+                            codes_to_float<2>(lo, z), codes_to_float<3>(lo, z),
+                            codes_to_float<0>(hi, z), codes_to_float<1>(hi, z),
+                            codes_to_float<2>(hi, z), codes_to_float<3>(hi, z)};
+      for (int t = 0; t < MB; ++t) {
+        const float* x = xf + (m0 + t) * K + k0;
+        for (int c = 0; c < 8; ++c) gacc[t] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + 8 * c), gacc[t]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(w.scales[n * G + g]);
+    for (int t = 0; t < MB; ++t) acc[t] = _mm256_fmadd_ps(gacc[t], s, acc[t]);
+  }
+  for (int t = 0; t < MB; ++t) out[(m0 + t) * w.N + n] = hsum(acc[t]);
+}
+
+template <int MB>
+inline void w4ax_rows(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m0,
+                      const Packed& w, float* out, int64_t n) {
+  const int64_t G = w.K / w.group, K = w.K;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* row = w.codes + n * (K / 2);
+  __m256 acc[MB];
+  for (int t = 0; t < MB; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i iacc[MB];
+    for (int t = 0; t < MB; ++t) iacc[t] = _mm256_setzero_si256();
+    for (int64_t k0 = g * w.group; k0 < (g + 1) * w.group; k0 += 64) {
+      __m256i lo, hi;
+      unpack(row + k0 / 2, lo, hi);
+      for (int t = 0; t < MB; ++t) {
+        const int8_t* x = xq + (m0 + t) * K + k0;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+        // u8 codes (<= 15) x s8 activations: pair sums stay far from the
+        // int16 limits (2 * 15 * 127 per pair, two pairs added).
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+        iacc[t] = _mm256_add_epi32(iacc[t], _mm256_madd_epi16(s16, ones));
+      }
+    }
+    const int32_t z = w.zeros[n * G + g];
+    const float s = w.scales[n * G + g];
+    for (int t = 0; t < MB; ++t) {
+      const int64_t mg = (m0 + t) * G + g;
+      const __m256i fixed = _mm256_sub_epi32(iacc[t], _mm256_setr_epi32(z * xsum[mg], 0, 0, 0, 0, 0, 0, 0));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fixed), _mm256_set1_ps(s * xs[mg]), acc[t]);
+    }
+  }
+  for (int t = 0; t < MB; ++t) out[(m0 + t) * w.N + n] = hsum(acc[t]);
+}
+
 }  // namespace
 
+// Full blocks of kTokens tokens, then the remainder, with the same
+// per-output operations (batch-invariant).
 void w4a16_avx2(const uint16_t* /*x*/, const float* xf, int64_t M, const Packed& w, float* out,
                 int64_t n0, int64_t n1) {
-  const int64_t G = w.K / w.group, K = w.K;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.codes + n * (K / 2);
-    for (int64_t m0 = 0; m0 < M; m0 += kTokens) {
-      const int mb = static_cast<int>(std::min<int64_t>(kTokens, M - m0));
-      __m256 acc[kTokens];
-      for (int t = 0; t < kTokens; ++t) acc[t] = _mm256_setzero_ps();
-      for (int64_t g = 0; g < G; ++g) {
-        const __m256 z = _mm256_set1_ps(static_cast<float>(w.zeros[n * G + g]));
-        __m256 gacc[kTokens];
-        for (int t = 0; t < kTokens; ++t) gacc[t] = _mm256_setzero_ps();
-        for (int64_t k0 = g * w.group; k0 < (g + 1) * w.group; k0 += 64) {
-          __m256i lo, hi;
-          unpack(row + k0 / 2, lo, hi);
-          const __m256 wv[8] = {codes_to_float<0>(lo, z), codes_to_float<1>(lo, z),
-                                codes_to_float<2>(lo, z), codes_to_float<3>(lo, z),
-                                codes_to_float<0>(hi, z), codes_to_float<1>(hi, z),
-                                codes_to_float<2>(hi, z), codes_to_float<3>(hi, z)};
-          for (int t = 0; t < mb; ++t) {
-            const float* x = xf + (m0 + t) * K + k0;
-            for (int c = 0; c < 8; ++c) gacc[t] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + 8 * c), gacc[t]);
-          }
-        }
-        const __m256 s = _mm256_set1_ps(w.scales[n * G + g]);
-        for (int t = 0; t < mb; ++t) acc[t] = _mm256_fmadd_ps(gacc[t], s, acc[t]);
-      }
-      for (int t = 0; t < mb; ++t) out[(m0 + t) * w.N + n] = hsum(acc[t]);
+    int64_t m0 = 0;
+    for (; m0 + kTokens <= M; m0 += kTokens) w4a16_rows<kTokens>(xf, m0, w, out, n);
+    switch (M - m0) {
+      case 3: w4a16_rows<3>(xf, m0, w, out, n); break;
+      case 2: w4a16_rows<2>(xf, m0, w, out, n); break;
+      case 1: w4a16_rows<1>(xf, m0, w, out, n); break;
+      default: break;
     }
   }
 }
 
 void w4ax_avx2(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t M, const Packed& w,
                float* out, int64_t n0, int64_t n1) {
-  const int64_t G = w.K / w.group, K = w.K;
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.codes + n * (K / 2);
-    for (int64_t m0 = 0; m0 < M; m0 += kTokens) {
-      const int mb = static_cast<int>(std::min<int64_t>(kTokens, M - m0));
-      __m256 acc[kTokens];
-      for (int t = 0; t < kTokens; ++t) acc[t] = _mm256_setzero_ps();
-      for (int64_t g = 0; g < G; ++g) {
-        __m256i iacc[kTokens];
-        for (int t = 0; t < kTokens; ++t) iacc[t] = _mm256_setzero_si256();
-        for (int64_t k0 = g * w.group; k0 < (g + 1) * w.group; k0 += 64) {
-          __m256i lo, hi;
-          unpack(row + k0 / 2, lo, hi);
-          for (int t = 0; t < mb; ++t) {
-            const int8_t* x = xq + (m0 + t) * K + k0;
-            const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-            const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
-            // u8 codes (<= 15) x s8 activations: pair sums stay far from the
-            // int16 limits (2 * 15 * 127 per pair, two pairs added).
-            const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
-            iacc[t] = _mm256_add_epi32(iacc[t], _mm256_madd_epi16(s16, ones));
-          }
-        }
-        const int32_t z = w.zeros[n * G + g];
-        const float s = w.scales[n * G + g];
-        for (int t = 0; t < mb; ++t) {
-          const int64_t mg = (m0 + t) * G + g;
-          const __m256i fixed = _mm256_sub_epi32(iacc[t], _mm256_setr_epi32(z * xsum[mg], 0, 0, 0, 0, 0, 0, 0));
-          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fixed), _mm256_set1_ps(s * xs[mg]), acc[t]);
-        }
-      }
-      for (int t = 0; t < mb; ++t) out[(m0 + t) * w.N + n] = hsum(acc[t]);
+    int64_t m0 = 0;
+    for (; m0 + kTokens <= M; m0 += kTokens) w4ax_rows<kTokens>(xq, xs, xsum, m0, w, out, n);
+    switch (M - m0) {
+      case 3: w4ax_rows<3>(xq, xs, xsum, m0, w, out, n); break;
+      case 2: w4ax_rows<2>(xq, xs, xsum, m0, w, out, n); break;
+      case 1: w4ax_rows<1>(xq, xs, xsum, m0, w, out, n); break;
+      default: break;
     }
   }
 }

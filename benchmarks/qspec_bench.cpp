@@ -1,0 +1,181 @@
+// Decode throughput of fp32, W4A16, W4A4 and QSPEC at several batch sizes,
+// measured in one run, with QSPEC's acceptance rate, mean accepted length
+// and peak memory next to W4A16's.
+//
+//   qspec_bench --smollm2 PATH [--tokens 32] [--batches 1,4,16,32] [--gamma 3]
+//               [--random] [--draft w4a4|w4a8]
+//
+// Models: SmolLM2-135M-Instruct from its GGUF (dequantized to fp32, then
+// packed to int4 with group 64) on chat prompts, and with --random a larger
+// randomly initialised llama (hidden 1024, 12 layers, intermediate 4096,
+// vocabulary 32000) on random prompts. Every sequence generates exactly
+// --tokens new tokens (no stop tokens) so all modes do the same work.
+// tokens/s = new tokens / (prefill + decode) wall time. fp32 runs
+// nn::generate (BLAS); the packed modes run specdec::generate (batch-invariant
+// forwards). Peak memory: the process's resident high-water mark (VmHWM,
+// reset through /proc/self/clear_refs before each run), so it includes the
+// model; "extra" is QSPEC's peak minus W4A16's at the same batch.
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "tessera/core/error.h"
+#include "tessera/core/metrics.h"
+#include "tessera/core/runtime.h"
+#include "tessera/nn/generate.h"
+#include "tessera/nn/loader.h"
+#include "tessera/specdec/qspec.h"
+
+namespace tn = tessera::nn;
+namespace tq = tessera::quant;
+namespace ts = tessera::specdec;
+
+namespace {
+
+void reset_peak() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+double peak_mib() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  }
+  return 0;
+}
+
+struct Row {
+  std::string mode;
+  int64_t batch;
+  double tokens_per_s, mib;
+  double acceptance = -1, per_verify = -1;
+};
+
+void run_model(const std::string& title, tn::Transformer& model, tq::QuantizedModel& packed,
+               const std::vector<std::vector<int64_t>>& pool, const std::vector<int64_t>& batches,
+               int64_t tokens, int64_t gamma, tq::Mode draft) {
+  std::printf("\n### %s\n\n", title.c_str());
+  std::printf("packed weights %.1f MiB; group %lld; draft %s, verify w4a16, gamma %lld\n\n",
+              packed.bytes() / 1048576.0, static_cast<long long>(packed.config().group_size),
+              tq::mode_name(draft), static_cast<long long>(gamma));
+  std::printf("| batch | fp32 tok/s | W4A16 tok/s | W4A4 tok/s | QSPEC tok/s | QSPEC / W4A16 | acceptance | tokens per verify | peak MiB W4A16 | peak MiB QSPEC | extra |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (int64_t B : batches) {
+    std::vector<std::vector<int64_t>> prompts;
+    for (int64_t i = 0; i < B; ++i) prompts.push_back(pool[i % pool.size()]);
+    double tps[4] = {0, 0, 0, 0}, mib[4] = {0, 0, 0, 0};
+    ts::SpecStats stats;
+    for (int mode = 0; mode < 4; ++mode) {
+      reset_peak();
+      tessera::Stopwatch watch;
+      int64_t produced = 0;
+      if (mode == 0) {
+        auto saved = model.linear_override();
+        model.set_linear_override(nullptr);
+        tn::SamplingOptions so;
+        so.max_new_tokens = tokens;
+        produced = tn::generate(model, prompts, so).new_tokens;
+        model.set_linear_override(saved);
+      } else {
+        ts::GenerateOptions o;
+        o.mode = mode == 1 ? ts::Mode::kW4A16 : mode == 2 ? ts::Mode::kW4A4 : ts::Mode::kQSpec;
+        o.sampling.max_new_tokens = tokens;
+        o.qspec.gamma = gamma;
+        o.qspec.draft_mode = draft;
+        auto r = ts::generate(model, packed, prompts, o);
+        produced = r.new_tokens;
+        if (mode == 3) stats = r.stats;
+      }
+      tps[mode] = produced / watch.seconds();
+      mib[mode] = peak_mib();
+    }
+    std::printf("| %lld | %.1f | %.1f | %.1f | %.1f | %.2fx | %.3f | %.2f | %.0f | %.0f | %+.1f%% |\n",
+                static_cast<long long>(B), tps[0], tps[1], tps[2], tps[3], tps[3] / tps[1],
+                stats.acceptance_rate(), stats.tokens_per_verify(), mib[1], mib[3],
+                100.0 * (mib[3] - mib[1]) / mib[1]);
+    std::fflush(stdout);
+  }
+}
+
+std::vector<int64_t> parse_list(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(std::stoll(item));
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  {
+    auto info = tessera::init_runtime();
+    std::string smollm2;
+    std::vector<int64_t> batches = {1, 4, 16, 32};
+    int64_t tokens = 32, gamma = 3;
+    bool random = false;
+    tq::Mode draft = tq::Mode::kW4A4;
+    for (int i = 1; i < argc; ++i) {
+      std::string a = argv[i];
+      auto next = [&]() -> std::string {
+        TESSERA_CHECK(i + 1 < argc, InvalidArgument, a, " needs a value");
+        return argv[++i];
+      };
+      if (a == "--smollm2") smollm2 = next();
+      else if (a == "--tokens") tokens = std::stoll(next());
+      else if (a == "--batches") batches = parse_list(next());
+      else if (a == "--gamma") gamma = std::stoll(next());
+      else if (a == "--random") random = true;
+      else if (a == "--draft") draft = tq::parse_mode(next());
+      else TESSERA_THROW(InvalidArgument, "unknown option '", a, "'");
+    }
+    std::printf("qspec_bench: %d threads, BLAS %s, quant kernels %s, %lld new tokens per sequence\n",
+                info.num_threads, info.blas_name.c_str(), tq::isa_name(tq::best_isa()),
+                static_cast<long long>(tokens));
+    if (!smollm2.empty()) {
+      auto loaded = tn::load_gguf_model(smollm2);
+      auto packed = tq::QuantizedModel::pack(*loaded.model, {64, true});
+      loaded.model->set_linear_override(packed);
+      const char* questions[] = {"What is the capital of France?", "Name three colors.",
+                                 "What is 2+2?", "Write a haiku about the sea.",
+                                 "How many legs does a dog have?", "What is the opposite of hot?",
+                                 "Explain gravity in one sentence.", "List the days of the week."};
+      std::vector<std::vector<int64_t>> pool;
+      for (const char* q : questions) {
+        auto ids = loaded.tokenizer.encode(tn::format_chat(loaded.chat_template, {{"user", q}}));
+        pool.emplace_back(ids.begin(), ids.end());
+      }
+      run_model("SmolLM2-135M-Instruct", *loaded.model, *packed, pool, batches, tokens, gamma, draft);
+    }
+    if (random) {
+      tn::ModelConfig c;
+      c.model_type = "llama";
+      c.vocab_size = 32000;
+      c.hidden_size = 1024;
+      c.intermediate_size = 4096;
+      c.num_hidden_layers = 12;
+      c.num_attention_heads = 16;
+      c.num_key_value_heads = 4;
+      tn::Transformer model(c);
+      model.init_random(1);
+      auto packed = tq::QuantizedModel::pack(model, {128, true});
+      model.set_linear_override(packed);
+      std::mt19937_64 rng(3);
+      std::vector<std::vector<int64_t>> pool(8);
+      for (auto& p : pool) {
+        p.resize(16 + rng() % 16);
+        for (auto& t : p) t = static_cast<int64_t>(rng() % c.vocab_size);
+      }
+      run_model("random llama, 1024 hidden x 12 layers (" + std::to_string(c.num_parameters() / 1000000) + "M parameters)",
+                model, *packed, pool, batches, tokens, gamma, draft);
+    }
+  }
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "qspec_bench: %s\n", e.what());
+  return 1;
+}
