@@ -3,22 +3,32 @@
 // and peak memory next to W4A16's.
 //
 //   qspec_bench --smollm2 PATH [--tokens 32] [--batches 1,4,16,32] [--gamma 3]
-//               [--random] [--draft w4a4|w4a8]
+//               [--random] [--draft w4a4|w4a8] [--llama-cpp BIN_DIR]
 //
 // Models: SmolLM2-135M-Instruct from its GGUF (dequantized to fp32, then
 // packed to int4 with group 64) on chat prompts, and with --random a larger
 // randomly initialised llama (hidden 1024, 12 layers, intermediate 4096,
 // vocabulary 32000) on random prompts. Every sequence generates exactly
 // --tokens new tokens (no stop tokens) so all modes do the same work.
-// tokens/s = new tokens / (prefill + decode) wall time. fp32 runs
+// tokens/s = decode throughput: tokens after the first (which the prefill
+// yields) / decode wall time. fp32 runs
 // nn::generate (BLAS); the packed modes run specdec::generate (batch-invariant
 // forwards). Peak memory: the process's resident high-water mark (VmHWM,
 // reset through /proc/self/clear_refs before each run), so it includes the
-// model; "extra" is QSPEC's peak minus W4A16's at the same batch.
+// model; "extra" is QSPEC's peak minus W4A16's at the same batch. "adaptive"
+// lets QSPEC pick gamma in [0, gamma + 1] from measured throughput (0 is
+// plain W4A16 decoding).
+//
+// --llama-cpp BIN_DIR (from scripts/build-llama-cpp.sh) also runs llama.cpp's
+// llama-batched-bench on the same SmolLM2 Q4_1 GGUF in this run, same thread
+// count, prompts of 32 tokens, --tokens generated per sequence, and prints
+// its decode tokens/s (S_TG) per batch next to ours.
 #include <ATen/ATen.h>
 
 #include <cstdio>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -48,6 +58,10 @@ double peak_mib() {
   return 0;
 }
 
+// Per batch size, from the last run_model: W4A16 and the fastest mode.
+std::map<int64_t, double> g_w4a16;
+std::map<int64_t, std::pair<std::string, double>> g_best;
+
 struct Row {
   std::string mode;
   int64_t batch;
@@ -62,23 +76,26 @@ void run_model(const std::string& title, tn::Transformer& model, tq::QuantizedMo
   std::printf("packed weights %.1f MiB; group %lld; draft %s, verify w4a16, gamma %lld\n\n",
               packed.bytes() / 1048576.0, static_cast<long long>(packed.config().group_size),
               tq::mode_name(draft), static_cast<long long>(gamma));
-  std::printf("| batch | fp32 tok/s | W4A16 tok/s | W4A4 tok/s | QSPEC tok/s | QSPEC / W4A16 | acceptance | tokens per verify | peak MiB W4A16 | peak MiB QSPEC | extra |\n");
-  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  std::printf("| batch | fp32 tok/s | W4A16 tok/s | W4A4 tok/s | QSPEC tok/s | QSPEC / W4A16 | acceptance | tokens per verify | adaptive QSPEC tok/s | adaptive / W4A16 | adaptive steps per gamma 0..%lld | peak MiB W4A16 | peak MiB QSPEC | extra |\n",
+              static_cast<long long>(gamma + 1));
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n");
   for (int64_t B : batches) {
     std::vector<std::vector<int64_t>> prompts;
     for (int64_t i = 0; i < B; ++i) prompts.push_back(pool[i % pool.size()]);
-    double tps[4] = {0, 0, 0, 0}, mib[4] = {0, 0, 0, 0};
-    ts::SpecStats stats;
-    for (int mode = 0; mode < 4; ++mode) {
+    double tps[5] = {0, 0, 0, 0, 0}, mib[5] = {0, 0, 0, 0, 0};
+    ts::SpecStats stats, adaptive;
+    for (int mode = 0; mode < 5; ++mode) {
       reset_peak();
-      tessera::Stopwatch watch;
       int64_t produced = 0;
+      double seconds = 0;
       if (mode == 0) {
         auto saved = model.linear_override();
         model.set_linear_override(nullptr);
         tn::SamplingOptions so;
         so.max_new_tokens = tokens;
-        produced = tn::generate(model, prompts, so).new_tokens;
+        auto r = tn::generate(model, prompts, so);
+        produced = r.new_tokens - B;
+        seconds = r.decode_seconds;
         model.set_linear_override(saved);
       } else {
         ts::GenerateOptions o;
@@ -86,19 +103,64 @@ void run_model(const std::string& title, tn::Transformer& model, tq::QuantizedMo
         o.sampling.max_new_tokens = tokens;
         o.qspec.gamma = gamma;
         o.qspec.draft_mode = draft;
+        if (mode == 4) {  // gamma chosen by measured throughput, 0 (plain) allowed
+          o.qspec.adaptive_gamma = true;
+          o.qspec.min_gamma = 0;
+          o.qspec.max_gamma = gamma + 1;
+        }
         auto r = ts::generate(model, packed, prompts, o);
-        produced = r.new_tokens;
+        produced = r.new_tokens - B;
+        seconds = r.decode_seconds;
         if (mode == 3) stats = r.stats;
+        if (mode == 4) adaptive = r.stats;
       }
-      tps[mode] = produced / watch.seconds();
+      tps[mode] = produced / seconds;
       mib[mode] = peak_mib();
     }
-    std::printf("| %lld | %.1f | %.1f | %.1f | %.1f | %.2fx | %.3f | %.2f | %.0f | %.0f | %+.1f%% |\n",
+    g_w4a16[B] = tps[1];
+    const char* names[5] = {"fp32", "W4A16", "W4A4", "QSPEC", "adaptive QSPEC"};
+    int best = 0;
+    for (int i = 1; i < 5; ++i) best = tps[i] > tps[best] ? i : best;
+    g_best[B] = {names[best], tps[best]};
+    std::string per_gamma;
+    for (size_t g = 0; g < adaptive.steps_per_gamma.size(); ++g) {
+      per_gamma += (g ? "/" : "") + std::to_string(adaptive.steps_per_gamma[g]);
+    }
+    std::printf("| %lld | %.1f | %.1f | %.1f | %.1f | %.2fx | %.3f | %.2f | %.1f | %.2fx | %s | %.0f | %.0f | %+.1f%% |\n",
                 static_cast<long long>(B), tps[0], tps[1], tps[2], tps[3], tps[3] / tps[1],
-                stats.acceptance_rate(), stats.tokens_per_verify(), mib[1], mib[3],
-                100.0 * (mib[3] - mib[1]) / mib[1]);
+                stats.acceptance_rate(), stats.tokens_per_verify(), tps[4], tps[4] / tps[1],
+                per_gamma.c_str(), mib[1], mib[3], 100.0 * (mib[3] - mib[1]) / mib[1]);
     std::fflush(stdout);
   }
+}
+
+// llama-batched-bench's decode tokens/s (S_TG) per batch size.
+std::map<int64_t, double> llama_cpp_decode(const std::string& bin_dir, const std::string& gguf,
+                                           const std::vector<int64_t>& batches, int64_t tokens,
+                                           int threads) {
+  std::string npl;
+  for (int64_t b : batches) npl += (npl.empty() ? "" : ",") + std::to_string(b);
+  const std::string cmd = bin_dir + "/llama-batched-bench -m '" + gguf + "' -c 16384 -b 2048 -ub 512 -npp 32 -ntg " +
+                          std::to_string(tokens) + " -npl " + npl + " -t " + std::to_string(threads) +
+                          " 2>/dev/null";
+  std::map<int64_t, double> out;
+  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
+  TESSERA_CHECK(pipe != nullptr, Internal, "cannot run ", cmd);
+  char line[1024];
+  while (std::fgets(line, sizeof line, pipe.get())) {
+    // |    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s | ...
+    std::vector<std::string> cells;
+    std::stringstream ss(line);
+    std::string cell;
+    while (std::getline(ss, cell, '|')) cells.push_back(cell);
+    if (cells.size() < 9) continue;
+    try {
+      out[std::stoll(cells[3])] = std::stod(cells[8]);
+    } catch (const std::exception&) {
+      // header and separator rows
+    }
+  }
+  return out;
 }
 
 std::vector<int64_t> parse_list(const std::string& s) {
@@ -118,6 +180,7 @@ int main(int argc, char** argv) try {
     std::vector<int64_t> batches = {1, 4, 16, 32};
     int64_t tokens = 32, gamma = 3;
     bool random = false;
+    std::string llama_cpp;
     tq::Mode draft = tq::Mode::kW4A4;
     for (int i = 1; i < argc; ++i) {
       std::string a = argv[i];
@@ -131,6 +194,7 @@ int main(int argc, char** argv) try {
       else if (a == "--gamma") gamma = std::stoll(next());
       else if (a == "--random") random = true;
       else if (a == "--draft") draft = tq::parse_mode(next());
+      else if (a == "--llama-cpp") llama_cpp = next();
       else TESSERA_THROW(InvalidArgument, "unknown option '", a, "'");
     }
     std::printf("qspec_bench: %d threads, BLAS %s, quant kernels %s, %lld new tokens per sequence\n",
@@ -150,6 +214,21 @@ int main(int argc, char** argv) try {
         pool.emplace_back(ids.begin(), ids.end());
       }
       run_model("SmolLM2-135M-Instruct", *loaded.model, *packed, pool, batches, tokens, gamma, draft);
+      if (!llama_cpp.empty()) {
+        auto llama = llama_cpp_decode(llama_cpp, smollm2, batches, tokens, info.num_threads);
+        std::printf("\nllama.cpp (llama-batched-bench, same GGUF, Q4_1 weights, %d threads, 32-token prompts), decode tokens/s:\n\n",
+                    info.num_threads);
+        std::printf("| batch | llama.cpp | ours W4A16 | ours / llama.cpp | ours best mode | best / llama.cpp |\n|---:|---:|---:|---:|---|---:|\n");
+        for (int64_t b : batches) {
+          auto it = llama.find(b);
+          auto ours = g_w4a16.find(b);
+          auto best = g_best.find(b);
+          if (it == llama.end() || ours == g_w4a16.end()) continue;
+          std::printf("| %lld | %.1f | %.1f | %.2fx | %s %.1f | %.2fx |\n", static_cast<long long>(b),
+                      it->second, ours->second, ours->second / it->second, best->second.first.c_str(),
+                      best->second.second, best->second.second / it->second);
+        }
+      }
     }
     if (random) {
       tn::ModelConfig c;

@@ -229,7 +229,11 @@ at::Tensor attention_invariant(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& mask) {
   TESSERA_CHECK(q.scalar_type() == at::kFloat && q.device().is_cpu(), InvalidArgument,
                 "batch_invariant forward: fp32 CPU models only");
-  at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  // k and v are usually views of the KV cache: read them in place (rows of
+  // head_dim contiguous), copying only if the innermost stride is not 1.
+  at::Tensor qc = q.contiguous();
+  at::Tensor kc = k.stride(3) == 1 ? k : k.contiguous();
+  at::Tensor vc = v.stride(3) == 1 ? v : v.contiguous();
   at::Tensor mc = mask.to(at::kBool).contiguous();
   const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hd = q.size(3);
   const int64_t nkv = k.size(1), L = k.size(2), rep = nh / nkv;
@@ -237,6 +241,8 @@ at::Tensor attention_invariant(const at::Tensor& q, const at::Tensor& k, const a
   const float* qp = qc.data_ptr<float>();
   const float* kp = kc.data_ptr<float>();
   const float* vp = vc.data_ptr<float>();
+  const int64_t ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = kc.stride(2);
+  const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2);
   const bool* mp = mc.data_ptr<bool>();
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
@@ -244,8 +250,8 @@ at::Tensor attention_invariant(const at::Tensor& q, const at::Tensor& k, const a
     std::vector<float> scores(L);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nh, h = i % nh, kvh = h / rep;
-      const float* kb = kp + (b * nkv + kvh) * L * hd;
-      const float* vb = vp + (b * nkv + kvh) * L * hd;
+      const float* kb = kp + b * ks0 + kvh * ks1;
+      const float* vb = vp + b * vs0 + kvh * vs1;
       for (int64_t t = 0; t < T; ++t) {
         const float* qr = qp + ((b * nh + h) * T + t) * hd;
         const bool* mr = mp + (b * T + t) * L;
@@ -253,7 +259,7 @@ at::Tensor attention_invariant(const at::Tensor& q, const at::Tensor& k, const a
         for (int64_t j = 0; j < L; ++j) {
           if (mr[j]) continue;
           float d = 0.f;
-          for (int64_t e = 0; e < hd; ++e) d += qr[e] * kb[j * hd + e];
+          for (int64_t e = 0; e < hd; ++e) d += qr[e] * kb[j * ks2 + e];
           scores[j] = d * scale;
           mx = std::max(mx, scores[j]);
         }
@@ -268,7 +274,7 @@ at::Tensor attention_invariant(const at::Tensor& q, const at::Tensor& k, const a
         for (int64_t j = 0; j < L; ++j) {
           if (mr[j]) continue;
           const float p = scores[j] / denom;
-          for (int64_t e = 0; e < hd; ++e) orow[e] += p * vb[j * hd + e];
+          for (int64_t e = 0; e < hd; ++e) orow[e] += p * vb[j * vs2 + e];
         }
       }
     }
@@ -450,12 +456,12 @@ struct Transformer::Impl {
     if (cache) {
       at::Tensor& kc = cache->key(layer);
       at::Tensor& vc = cache->value(layer);
-      // Write each sequence's new entries at its own offset.
-      auto st = starts.accessor<int64_t, 1>();
-      for (int64_t b = 0; b < B; ++b) {
-        kc[b].narrow(1, st[b], T).copy_(k[b]);
-        vc[b].narrow(1, st[b], T).copy_(v[b]);
-      }
+      // Write each sequence's new entries at its own offset: one indexed
+      // write per cache, through a [B, max_len, kv_heads, head_dim] view.
+      at::Tensor rows = at::arange(B, at::kLong).view({B, 1}).expand({B, T});
+      at::Tensor cols = starts.view({B, 1}) + at::arange(T, at::kLong).view({1, T});
+      kc.permute({0, 2, 1, 3}).index_put_({rows, cols}, k.transpose(1, 2));
+      vc.permute({0, 2, 1, 3}).index_put_({rows, cols}, v.transpose(1, 2));
       k = kc.narrow(2, 0, kv_len);
       v = vc.narrow(2, 0, kv_len);
     }

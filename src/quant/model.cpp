@@ -66,6 +66,10 @@ at::Tensor QuantizedModel::linear(const std::string& name, const at::Tensor& x) 
   return quant::linear(x, it->second, m, isa_);
 }
 
+void QuantizedModel::to(const at::Device& device) {
+  for (auto& [name, w] : weights_) w = w.to(device);
+}
+
 const QuantizedWeight& QuantizedModel::weight(const std::string& name) const {
   auto it = weights_.find(name);
   TESSERA_CHECK(it != weights_.end(), NotFound, "QuantizedModel: no packed layer '", name, "'");

@@ -8,6 +8,9 @@
 #include <cstring>
 
 #include "kernels.h"
+#ifdef TESSERA_QUANT_CUDA
+#include "quant/w4.h"
+#endif
 #include "tessera/core/error.h"
 #include "tessera/core/tensor.h"
 
@@ -73,6 +76,14 @@ Isa best_isa() {
 
 int64_t QuantizedWeight::bytes() const {
   return codes.defined() ? codes.nbytes() + scales.nbytes() + zeros.nbytes() : 0;
+}
+
+QuantizedWeight QuantizedWeight::to(const at::Device& device) const {
+  QuantizedWeight out = *this;
+  out.codes = codes.to(device);
+  out.scales = scales.to(device);
+  out.zeros = zeros.to(device);
+  return out;
 }
 
 namespace {
@@ -182,18 +193,63 @@ QuantizedActivations quantize_activations(const at::Tensor& x, int64_t group_siz
   return out;
 }
 
+namespace {
+
+// CUDA inputs: kernels/quant, activations quantized with ATen on the device.
+at::Tensor linear_cuda(const at::Tensor& x, const QuantizedWeight& w, Mode mode) {
+#ifdef TESSERA_QUANT_CUDA
+  const int64_t K = w.in_features, N = w.out_features, group = w.config.group_size;
+  at::Tensor x2 = x.reshape({-1, K});
+  const int64_t M = x2.size(0);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  cudaError_t err;
+  if (mode == Mode::kW4A16) {
+    at::Tensor xb = x2.to(at::kBFloat16).contiguous();
+    err = ::tessera::kernels::invoke_w4a16_gemm(reinterpret_cast<const uint16_t*>(xb.data_ptr()), M,
+                                     w.codes.data_ptr<uint8_t>(), w.scales.data_ptr<float>(),
+                                     w.zeros.data_ptr<uint8_t>(), N, K, group,
+                                     out.data_ptr<float>(), nullptr);
+  } else {
+    const double qmax = mode == Mode::kW4A8 ? 127.0 : 7.0;
+    at::Tensor xg = x2.to(at::kFloat).view({M, K / group, group});
+    at::Tensor amax = xg.abs().amax(-1);
+    at::Tensor inv = at::where(amax > 0, qmax / amax, at::zeros_like(amax));
+    at::Tensor codes = (xg * inv.unsqueeze(-1)).round().clamp(-qmax, qmax).to(at::kChar).contiguous();
+    at::Tensor scales = (amax / qmax).contiguous();
+    err = ::tessera::kernels::invoke_w4ax_gemm(codes.data_ptr<int8_t>(), scales.data_ptr<float>(), M,
+                                    w.codes.data_ptr<uint8_t>(), w.scales.data_ptr<float>(),
+                                    w.zeros.data_ptr<uint8_t>(), N, K, group,
+                                    out.data_ptr<float>(), nullptr);
+  }
+  TESSERA_CHECK(err == cudaSuccess, Internal, "quant::linear: CUDA kernel failed: ",
+                cudaGetErrorString(err));
+  return out;
+#else
+  (void)w;
+  (void)mode;
+  TESSERA_THROW(InvalidArgument, "quant::linear: input on ", x.device().str(),
+                ", but this build has no CUDA kernels (configure with TESSERA_CUDA=ON)");
+#endif
+}
+
+}  // namespace
+
 at::Tensor linear(const at::Tensor& x, const QuantizedWeight& w, Mode mode, Isa isa) {
   TESSERA_CHECK(w.codes.defined(), InvalidArgument, "quant::linear: empty weight");
   TESSERA_CHECK(x.dim() >= 1 && x.size(-1) == w.in_features, InvalidArgument,
                 "quant::linear: input ", shape_string(x.sizes()), " does not end in the weight's ",
                 w.in_features, " input features");
-  TESSERA_CHECK(x.device().is_cpu(), InvalidArgument,
-                "quant::linear: the CPU kernels take CPU tensors (got ", x.device().str(), ")");
-  TESSERA_CHECK(isa_supported(isa), InvalidArgument, "quant::linear: this CPU cannot run the ",
-                isa_name(isa), " kernels");
+  TESSERA_CHECK(w.codes.device() == x.device(), InvalidArgument, "quant::linear: input on ",
+                x.device().str(), ", packed weight on ", w.codes.device().str(),
+                " (QuantizedWeight::to moves the weight)");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.out_features;
   if (mode == Mode::kFloat) return at::matmul(x, dequantize(w).to(x.scalar_type()).t());
+  if (x.is_cuda()) return linear_cuda(x, w, mode).to(x.scalar_type()).view(out_shape);
+  TESSERA_CHECK(x.device().is_cpu(), InvalidArgument, "quant::linear: unsupported device ",
+                x.device().str());
+  TESSERA_CHECK(isa_supported(isa), InvalidArgument, "quant::linear: this CPU cannot run the ",
+                isa_name(isa), " kernels");
 
   const int64_t K = w.in_features, N = w.out_features;
   at::Tensor x2 = x.reshape({-1, K});
@@ -207,9 +263,10 @@ at::Tensor linear(const at::Tensor& x, const QuantizedWeight& w, Mode mode, Isa 
     // Activations in bf16 (the "A16"), also kept as fp32 values for the
     // kernels that multiply in fp32.
     at::Tensor xb = x2.to(at::kBFloat16).contiguous();
-    at::Tensor xf = xb.to(at::kFloat).contiguous();
+    at::Tensor xf;  // only the fp32 kernels read it
+    if (isa != Isa::kAvx512) xf = xb.to(at::kFloat).contiguous();
     const auto* xbp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
-    const float* xfp = xf.data_ptr<float>();
+    const float* xfp = xf.defined() ? xf.data_ptr<float>() : nullptr;
     kernels::W4A16Fn fn = isa == Isa::kAvx512 ? kernels::w4a16_avx512
                           : isa == Isa::kAvx2 ? kernels::w4a16_avx2
                                               : kernels::w4a16_reference;

@@ -134,10 +134,14 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
                 "specdec::generate: install the packed weights first (model.set_linear_override)");
   const bool spec = options.mode == Mode::kQSpec;
   if (spec) {
-    TESSERA_CHECK(qo.min_gamma >= 1 && qo.min_gamma <= qo.max_gamma && qo.gamma >= qo.min_gamma &&
-                      qo.gamma <= qo.max_gamma,
-                  InvalidArgument, "specdec::generate: need 1 <= min_gamma <= gamma <= max_gamma (got ",
+    TESSERA_CHECK(qo.min_gamma >= 0 && qo.min_gamma <= qo.max_gamma && qo.gamma >= qo.min_gamma &&
+                      qo.gamma <= qo.max_gamma && (qo.gamma >= 1 || qo.adaptive_gamma),
+                  InvalidArgument,
+                  "specdec::generate: need 0 <= min_gamma <= gamma <= max_gamma and gamma >= 1 "
+                  "unless adaptive (got ",
                   qo.min_gamma, " <= ", qo.gamma, " <= ", qo.max_gamma, ")");
+    TESSERA_CHECK(!qo.adaptive_gamma || qo.explore_every >= 2, InvalidArgument,
+                  "specdec::generate: explore_every must be >= 2");
     TESSERA_CHECK(qo.draft_mode != quant::Mode::kFloat && qo.verify_mode != quant::Mode::kFloat,
                   InvalidArgument, "specdec::generate: draft and verify modes must be packed modes");
   }
@@ -225,7 +229,14 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
 
   int64_t gamma = qo.gamma;
   SpecStats& st = result.stats;
+  st.steps_per_gamma.assign(qo.max_gamma + 1, 0);
+  // Adaptive gamma: running tokens per second per gamma (negative: untried).
+  std::vector<double> rate(qo.max_gamma + 1, -1.0);
+  int64_t step_index = 0;
+  bool explore_up = true;
   while (!all_done()) {
+    Stopwatch step_watch;
+    ++st.steps_per_gamma[gamma];
     // Cache lengths before the step: every kept entry is the verifier's.
     at::Tensor base = cache->lengths().clone();
     // Draft gamma tokens per sequence in the draft mode.
@@ -268,12 +279,15 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
     at::Tensor vlogits = model.forward(block, fwd).logits;  // [B, gamma + 1, V]
     at::Tensor vprobs = greedy ? at::Tensor() : sampling_probs(vlogits.reshape({B * (gamma + 1), -1}), so)
                                                     .view({B, gamma + 1, -1});
-    at::Tensor qprobs = greedy || gamma == 0 ? at::Tensor() : at::stack(draft_probs, 1);  // [B, gamma, V]
+    at::Tensor qprobs;  // [B, gamma, V]
+    if (!greedy) {
+      qprobs = gamma == 0 ? at::empty({B, 0, vprobs.size(2)}, vprobs.options()) : at::stack(draft_probs, 1);
+    }
     st.verify_seconds += verify_watch.seconds();
 
     std::vector<int64_t> new_len(B);
     auto base_acc = base.accessor<int64_t, 1>();
-    int64_t step_drafted = 0, step_accepted = 0;
+    const int64_t emitted_before = st.emitted;
     for (int64_t b = 0; b < B; ++b) {
       if (done[b]) {
         new_len[b] = base_acc[b];  // finished: keep its cache as it was
@@ -284,8 +298,6 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
       ++st.verify_steps;
       st.drafted += gamma;
       st.accepted += a.accepted;
-      step_drafted += gamma;
-      step_accepted += a.accepted;
       // Emit the accepted drafts and the next token (fewer when the
       // sequence ends among them).
       int64_t emitted = 0;
@@ -305,12 +317,29 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
       pending[b] = a.next_token;
     }
     cache->set_lengths(at::tensor(new_len, at::kLong));
-    if (qo.adaptive_gamma && step_drafted > 0) {
-      // Lengthen the draft while nearly everything is accepted, shorten it
-      // when most of it is thrown away.
-      const double rate = static_cast<double>(step_accepted) / step_drafted;
-      if (rate >= 0.8) gamma = std::min(qo.max_gamma, gamma + 1);
-      else if (rate < 0.5) gamma = std::max(qo.min_gamma, gamma - 1);
+    if (qo.adaptive_gamma) {
+      const double seconds = std::max(step_watch.seconds(), 1e-9);
+      const double r = static_cast<double>(st.emitted - emitted_before) / seconds;
+      rate[gamma] = rate[gamma] < 0 ? r : 0.7 * rate[gamma] + 0.3 * r;
+      int64_t best = gamma;
+      for (int64_t g = qo.min_gamma; g <= qo.max_gamma; ++g) {
+        if (rate[g] > rate[best]) best = g;
+      }
+      ++step_index;
+      gamma = best;
+      // Untried neighbours of the best first (a short walk towards the
+      // better side), then every explore_every-th step a neighbour.
+      const bool below = best - 1 >= qo.min_gamma && rate[best - 1] < 0;
+      const bool above = best + 1 <= qo.max_gamma && rate[best + 1] < 0;
+      if (below || above) {
+        gamma = below ? best - 1 : best + 1;
+      } else if (step_index % qo.explore_every == 0) {
+        // Try a neighbour of the best, alternating up and down.
+        int64_t next = best + (explore_up ? 1 : -1);
+        if (next < qo.min_gamma || next > qo.max_gamma) next = best + (explore_up ? -1 : 1);
+        if (next >= qo.min_gamma && next <= qo.max_gamma) gamma = next;
+        explore_up = !explore_up;
+      }
     }
   }
   result.decode_seconds = watch.seconds();

@@ -99,7 +99,9 @@ TEST(Quantize, CodesStayWithinHalfAStepAndPackAsDocumented) {
     ASSERT_EQ(q.scales.sizes(), (std::vector<int64_t>{6, 2}));
     at::Tensor step = q.scales.repeat_interleave(64, 1);
     EXPECT_TRUE(((dequantize(q) - w).abs() <= step * 0.5 + 1e-6).all().item<bool>());
-    if (symmetric) EXPECT_TRUE((q.zeros == 8).all().item<bool>());
+    if (symmetric) {
+      EXPECT_TRUE((q.zeros == 8).all().item<bool>());
+    }
   }
   // Byte j of a 64-block: input j low, input j + 32 high.
   at::Tensor ramp = (at::arange(64, at::kFloat) % 16 - 8).view({1, 64});

@@ -98,6 +98,11 @@ TEST(QSpecGreedy, EqualsW4A16TokenForTokenOnARandomModel) {
     offset += 40;
     GenerateOptions spec = greedy(Mode::kQSpec, 10, 1 + batch % 4);
     spec.qspec.adaptive_gamma = batch % 2 == 1;
+    if (spec.qspec.adaptive_gamma) {
+      spec.qspec.min_gamma = 0;  // may fall back to plain decoding
+      spec.qspec.max_gamma = 5;
+      spec.qspec.explore_every = 2;
+    }
     spec.sampling.stop_tokens = {7};
     expect_same_tokens(*m.model, *m.packed, part, batch, spec, &total);
   }
@@ -168,6 +173,28 @@ TEST(QSpecGreedy, EqualsW4A16OnATrainedModelAndAcceptsMost) {
   std::printf("trained model: acceptance %.3f, tokens per verify %.2f\n", total.acceptance_rate(),
               total.tokens_per_verify());
   EXPECT_GT(total.acceptance_rate(), 0.5);
+}
+
+TEST(QSpecGreedy, AdaptiveGammaVisitsSeveralValuesAndStaysExact) {
+  Packed m = random_model(6);
+  auto prompts = random_prompts(8, 96, 12);
+  GenerateOptions spec = greedy(Mode::kQSpec, 40, 2);
+  spec.qspec.adaptive_gamma = true;
+  spec.qspec.min_gamma = 0;
+  spec.qspec.max_gamma = 4;
+  spec.qspec.explore_every = 2;
+  GenerateOptions plain = greedy(Mode::kW4A16, 40);
+  auto want = generate(*m.model, *m.packed, prompts, plain);
+  auto got = generate(*m.model, *m.packed, prompts, spec);
+  EXPECT_EQ(got.tokens, want.tokens);
+  int visited = 0;
+  for (int64_t n : got.stats.steps_per_gamma) visited += n > 0;
+  EXPECT_GE(visited, 2);
+  ASSERT_EQ(got.stats.steps_per_gamma.size(), 5u);
+  // Sampling with gamma 0 steps mixed in works too.
+  spec.sampling.temperature = 0.8;
+  auto sampled = generate(*m.model, *m.packed, prompts, spec);
+  for (const auto& t : sampled.tokens) EXPECT_EQ(t.size(), 40u);
 }
 
 TEST(QSpecCache, AfterRejectionsEqualsW4A16DecodingOfTheAcceptedTokens) {

@@ -38,6 +38,9 @@ class QuantizedModel final : public nn::LinearOverride {
 
   at::Tensor linear(const std::string& name, const at::Tensor& x) override;
 
+  // Moves every packed weight to `device` (CUDA models run kernels/quant).
+  void to(const at::Device& device);
+
   const QuantConfig& config() const { return config_; }
   const std::map<std::string, QuantizedWeight>& weights() const { return weights_; }
   const QuantizedWeight& weight(const std::string& name) const;  // NotFound

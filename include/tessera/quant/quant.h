@@ -65,6 +65,8 @@ struct QuantizedWeight {
 
   int64_t groups() const { return in_features / config.group_size; }
   int64_t bytes() const;  // codes + scales + zeros
+  // The same weight on another device (CUDA inputs need CUDA weights).
+  QuantizedWeight to(const at::Device& device) const;
 };
 
 // Packs W [N, K] (fp32, bf16, fp16 or fp64). InvalidArgument for a group size
@@ -76,7 +78,9 @@ at::Tensor dequantize(const QuantizedWeight& weight);
 
 // y = x W^T for x [..., K] (any float dtype); y has x's dtype and shape
 // [..., N]. kFloat multiplies by the dequantized weight (a reference for
-// accuracy, not a fast path).
+// accuracy, not a fast path). CUDA inputs run kernels/quant on the default
+// stream (builds with CUDA kernels; the weight must be on x's device; `isa`
+// is ignored there, and results are not batch-invariant).
 at::Tensor linear(const at::Tensor& x, const QuantizedWeight& weight, Mode mode,
                   Isa isa = best_isa());
 

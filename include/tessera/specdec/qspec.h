@@ -44,9 +44,18 @@ const char* mode_name(Mode mode);
 Mode parse_mode(const std::string& name);  // fp, w4a16, w4a8, w4a4, qspec
 
 struct QSpecOptions {
-  int64_t gamma = 3;              // tokens drafted per step (the starting value when adaptive)
-  bool adaptive_gamma = false;    // raise/lower gamma from the running acceptance rate
+  int64_t gamma = 3;  // tokens drafted per step (the starting value when adaptive)
+  // Choose gamma in [min_gamma, max_gamma] step by step from the measured
+  // throughput of each value (tokens emitted per second of draft + verify,
+  // a running average per gamma): untried neighbours of the best so far
+  // first, then mostly the best, every `explore_every`-th step a neighbour. gamma = 0 is plain decoding
+  // in the verify mode, so with min_gamma = 0 QSPEC falls back to W4A16
+  // where drafting does not pay (as on CPUs where a draft forward costs what
+  // a verify forward does). Greedy output stays equal to W4A16's whatever
+  // gamma runs.
+  bool adaptive_gamma = false;
   int64_t min_gamma = 1, max_gamma = 8;
+  int64_t explore_every = 8;
   quant::Mode draft_mode = quant::Mode::kW4A4;
   quant::Mode verify_mode = quant::Mode::kW4A16;
 };
@@ -63,6 +72,7 @@ struct SpecStats {
   int64_t accepted = 0;         // draft tokens the verifier accepted
   int64_t emitted = 0;          // tokens produced by verify steps (accepted + one each)
   double draft_seconds = 0, verify_seconds = 0;
+  std::vector<int64_t> steps_per_gamma;  // batch steps run with each gamma (index = gamma)
   double acceptance_rate() const { return drafted ? static_cast<double>(accepted) / drafted : 0.0; }
   double tokens_per_verify() const {
     return verify_steps ? static_cast<double>(emitted) / verify_steps : 0.0;
