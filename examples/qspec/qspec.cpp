@@ -13,6 +13,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <random>
 #include <string>
@@ -242,8 +243,9 @@ int main(int argc, char** argv) try {
     for (int i = 0; i < 6; ++i) r2[i].name = names[i];
     for (int i = 1; i < 4; ++i) r2[i].layer_err = layer_error(*loaded.model, *p2, modes[i]);
     r2[0].layer_err = 0;
-    compare(*loaded.model, *p2, chat, 24, {*loaded.tokenizer.eos_id()}, r2, nullptr);
-    std::printf("\n%s, 4 chat prompts in one batch, greedy:\n", gguf.c_str());
+    compare(*loaded.model, *p2, chat, 24, {}, r2, nullptr);
+    std::printf("\n%s, 4 chat prompts in one batch, 24 new tokens each, greedy:\n",
+                std::filesystem::path(gguf).filename().c_str());
     print_table(r2);
   }
   return 0;

@@ -52,6 +52,79 @@ std::shared_ptr<QuantizedModel> QuantizedModel::pack(const nn::Transformer& mode
   return q;
 }
 
+namespace {
+
+// Records each linear layer's largest |input| per channel; the model keeps
+// using its own weights.
+class InputRecorder final : public nn::LinearOverride {
+ public:
+  at::Tensor linear(const std::string& name, const at::Tensor& x) override {
+    at::Tensor m = x.detach().abs().reshape({-1, x.size(-1)}).amax(0).to(at::kFloat);
+    auto it = amax.find(name);
+    if (it == amax.end()) {
+      amax.emplace(name, m);
+    } else {
+      it->second = at::maximum(it->second, m);
+    }
+    return {};
+  }
+  std::map<std::string, at::Tensor> amax;
+};
+
+}  // namespace
+
+std::shared_ptr<QuantizedModel> QuantizedModel::pack(
+    nn::Transformer& model, const QuantConfig& config,
+    const std::vector<std::vector<int64_t>>& calibration, double alpha) {
+  TESSERA_CHECK(!calibration.empty(), InvalidArgument,
+                "QuantizedModel::pack: smoothing needs calibration sequences");
+  TESSERA_CHECK(alpha >= 0 && alpha <= 1, InvalidArgument,
+                "QuantizedModel::pack: smoothing alpha must be in [0, 1], got ", alpha);
+  auto recorder = std::make_shared<InputRecorder>();
+  auto previous = model.linear_override();
+  model.set_linear_override(recorder);
+  try {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < calibration.size(); ++i) {
+      TESSERA_CHECK(!calibration[i].empty(), InvalidArgument, "QuantizedModel::pack: calibration sequence ",
+                    i, " is empty");
+      model.forward(at::tensor(calibration[i], at::kLong).view({1, -1}));
+    }
+  } catch (...) {
+    model.set_linear_override(previous);
+    throw;
+  }
+  model.set_linear_override(previous);
+
+  auto q = std::make_shared<QuantizedModel>();
+  q->config_ = config;
+  const nn::ModelConfig& c = model.config();
+  auto smooth_and_pack = [&](const std::string& layer, const at::Tensor& param) {
+    at::Tensor w = param.detach().to(at::kFloat);
+    auto it = recorder->amax.find(layer);
+    try {
+      if (it == recorder->amax.end()) {  // never ran (an unused expert): plain packing
+        q->weights_.emplace(layer, quantize(w, config));
+        return;
+      }
+      at::Tensor xmax = it->second.clamp_min(1e-5);
+      at::Tensor wmax = w.abs().amax(0).clamp_min(1e-5);
+      at::Tensor m = (xmax.pow(alpha) / wmax.pow(1.0 - alpha)).clamp(1e-2, 1e2);
+      q->weights_.emplace(layer, quantize(w * m.unsqueeze(0), config));
+      q->smooth_.emplace(layer, (1.0 / m).contiguous());
+    } catch (const Error& e) {
+      TESSERA_THROW(InvalidArgument, "QuantizedModel::pack: layer '", layer, "': ", e.what());
+    }
+  };
+  for (const auto& [name, param] : model.named_parameters()) {
+    std::string layer = packed_layer_of(name, c);
+    if (layer.empty() || param.dim() != 2) continue;
+    smooth_and_pack(layer, param);
+  }
+  if (c.tie_word_embeddings) smooth_and_pack("lm_head", model.parameter("model.embed_tokens.weight"));
+  return q;
+}
+
 void QuantizedModel::set_isa(Isa isa) {
   TESSERA_CHECK(isa_supported(isa), InvalidArgument, "QuantizedModel: this CPU cannot run the ",
                 isa_name(isa), " kernels");
@@ -63,11 +136,15 @@ at::Tensor QuantizedModel::linear(const std::string& name, const at::Tensor& x) 
   if (m == Mode::kFloat) return {};  // the model's own weights
   auto it = weights_.find(name);
   if (it == weights_.end()) return {};
-  return quant::linear(x, it->second, m, isa_);
+  auto sm = smooth_.find(name);
+  if (sm == smooth_.end()) return quant::linear(x, it->second, m, isa_);
+  if (sm->second.device() != x.device()) sm->second = sm->second.to(x.device());
+  return quant::linear(x * sm->second.to(x.scalar_type()), it->second, m, isa_);
 }
 
 void QuantizedModel::to(const at::Device& device) {
   for (auto& [name, w] : weights_) w = w.to(device);
+  for (auto& [name, s] : smooth_) s = s.to(device);
 }
 
 const QuantizedWeight& QuantizedModel::weight(const std::string& name) const {
@@ -88,6 +165,8 @@ void QuantizedModel::save(const std::string& path, const nn::Transformer& model)
     tensors.emplace_back(name + ".codes", w.codes);
     tensors.emplace_back(name + ".scales", w.scales);
     tensors.emplace_back(name + ".zeros", w.zeros);
+    auto sm = smooth_.find(name);
+    if (sm != smooth_.end()) tensors.emplace_back(name + ".smooth", sm->second);
   }
   for (const auto& [name, param] : model.named_parameters()) {
     const std::string layer = packed_layer_of(name, model.config());
@@ -129,7 +208,7 @@ QuantizedModel::Loaded QuantizedModel::load(const std::string& path) {
     out.model.load_full(name, file.get(name));
   }
   for (const auto& info : file.tensors()) {
-    if (!ends_with(info.name, ".codes")) continue;
+    if (!ends_with(info.name, ".codes")) continue;  // .scales, .zeros, .smooth follow their codes
     const std::string layer = info.name.substr(0, info.name.size() - 6);
     QuantizedWeight w;
     w.config = qc;
@@ -146,14 +225,24 @@ QuantizedModel::Loaded QuantizedModel::load(const std::string& path) {
                   InvalidArgument, "'", path, "': layer '", layer, "': codes ",
                   w.codes.sizes(), ", scales ", w.scales.sizes(), " and zeros ", w.zeros.sizes(),
                   " disagree with group size ", qc.group_size);
+    at::Tensor smooth;
+    if (file.contains(layer + ".smooth")) {
+      smooth = file.get(layer + ".smooth").to(at::kFloat).contiguous();
+      TESSERA_CHECK(smooth.dim() == 1 && smooth.size(0) == w.in_features, InvalidArgument, "'", path,
+                    "': layer '", layer, "': smoothing of ", smooth.sizes(), " for ", w.in_features,
+                    " inputs");
+    }
     const std::string param = layer == "lm_head" && config.tie_word_embeddings
                                   ? "model.embed_tokens.weight"
                                   : layer + ".weight";
     if (!(layer == "lm_head" && config.tie_word_embeddings)) {
       TESSERA_CHECK(out.model.has_parameter(param), InvalidArgument, "'", path,
                     "': packed layer '", layer, "' is not part of the model");
-      out.model.load_full(param, dequantize(w));
+      at::Tensor full = dequantize(w);
+      if (smooth.defined()) full = full * smooth.unsqueeze(0);  // undo W diag(m)
+      out.model.load_full(param, full);
     }
+    if (smooth.defined()) out.packed->smooth_.emplace(layer, smooth);
     out.packed->weights_.emplace(layer, std::move(w));
   }
   out.model.set_linear_override(out.packed);

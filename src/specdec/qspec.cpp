@@ -232,8 +232,9 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
   st.steps_per_gamma.assign(qo.max_gamma + 1, 0);
   // Adaptive gamma: running tokens per second per gamma (negative: untried).
   std::vector<double> rate(qo.max_gamma + 1, -1.0);
-  int64_t step_index = 0;
-  bool explore_up = true;
+  int64_t since_explore = 0, explore_interval = qo.explore_every;
+  bool explore_up = true, exploring = false;
+  int64_t best_before = gamma;
   while (!all_done()) {
     Stopwatch step_watch;
     ++st.steps_per_gamma[gamma];
@@ -325,15 +326,25 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
       for (int64_t g = qo.min_gamma; g <= qo.max_gamma; ++g) {
         if (rate[g] > rate[best]) best = g;
       }
-      ++step_index;
+      // An exploration that did not change the best doubles the wait before
+      // the next one (up to 32x): a settled choice costs little.
+      if (exploring) {
+        explore_interval = best == best_before ? std::min(explore_interval * 2, qo.explore_every * 32)
+                                               : qo.explore_every;
+        exploring = false;
+      }
+      best_before = best;
+      ++since_explore;
       gamma = best;
       // Untried neighbours of the best first (a short walk towards the
-      // better side), then every explore_every-th step a neighbour.
+      // better side), then now and then a neighbour.
       const bool below = best - 1 >= qo.min_gamma && rate[best - 1] < 0;
       const bool above = best + 1 <= qo.max_gamma && rate[best + 1] < 0;
       if (below || above) {
         gamma = below ? best - 1 : best + 1;
-      } else if (step_index % qo.explore_every == 0) {
+      } else if (since_explore >= explore_interval) {
+        since_explore = 0;
+        exploring = true;
         // Try a neighbour of the best, alternating up and down.
         int64_t next = best + (explore_up ? 1 : -1);
         if (next < qo.min_gamma || next > qo.max_gamma) next = best + (explore_up ? -1 : 1);

@@ -214,6 +214,59 @@ TEST(PackedModel, SaveLoadGivesTheSameLogitsInEveryMode) {
   }
 }
 
+TEST(PackedModel, SmoothingMovesOutliersIntoTheWeights) {
+  nn::Transformer model(tiny());
+  model.init_random(9);
+  {
+    // Outlier channels: a few norm weights far above the rest.
+    at::NoGradGuard g;
+    for (int64_t l = 0; l < 2; ++l) {
+      for (const char* n : {"input_layernorm", "post_attention_layernorm"}) {
+        at::Tensor w = model.parameter("model.layers." + std::to_string(l) + "." + n + ".weight");
+        w.narrow(0, 3, 2).fill_(25.0);
+      }
+    }
+  }
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(2);
+  std::vector<std::vector<int64_t>> calib;
+  for (int i = 0; i < 8; ++i) {
+    at::Tensor ids = at::randint(96, {24}, gen, at::kLong);
+    calib.emplace_back(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + 24);
+  }
+  at::Tensor ids = at::randint(96, {4, 16}, gen, at::kLong);
+  at::Tensor ref = model.forward(ids).logits;
+  auto plain = QuantizedModel::pack(model, {64, false});
+  auto smooth = QuantizedModel::pack(model, {64, false}, calib, 0.5);
+  EXPECT_EQ(smooth->smoothing().size(), smooth->weights().size());
+  auto error = [&](const std::shared_ptr<QuantizedModel>& q, Mode m) {
+    model.set_linear_override(q);
+    ScopedMode mode(*q, m);
+    at::Tensor got = model.forward(ids).logits;
+    model.set_linear_override(nullptr);
+    return ((got - ref).norm() / ref.norm()).item<double>();
+  };
+  const double plain4 = error(plain, Mode::kW4A4), smooth4 = error(smooth, Mode::kW4A4);
+  std::printf("W4A4 logits error: plain %.4f, smoothed %.4f; W4A16: plain %.4f, smoothed %.4f\n",
+              plain4, smooth4, error(plain, Mode::kW4A16), error(smooth, Mode::kW4A16));
+  EXPECT_LT(smooth4, plain4);
+  // Smoothing survives a save/load round trip.
+  model.set_linear_override(smooth);
+  const fs::path file = scratch("smooth.safetensors");
+  smooth->save(file.string(), model);
+  auto loaded = QuantizedModel::load(file.string());
+  EXPECT_EQ(loaded.packed->smoothing().size(), smooth->smoothing().size());
+  for (Mode m : {Mode::kW4A16, Mode::kW4A4}) {
+    smooth->set_mode(m);
+    loaded.packed->set_mode(m);
+    EXPECT_TRUE(at::equal(model.forward(ids).logits, loaded.model.forward(ids).logits)) << mode_name(m);
+  }
+  // The loaded model's own fp32 weights are the dequantized ones, smoothing undone.
+  loaded.packed->set_mode(Mode::kFloat);
+  EXPECT_LT(((loaded.model.forward(ids).logits - ref).norm() / ref.norm()).item<double>(), 0.35);  // about the W4A16 error above
+  EXPECT_THROW(QuantizedModel::pack(model, {64, false}, {}, 0.5), InvalidArgument);
+  EXPECT_THROW(QuantizedModel::pack(model, {64, false}, calib, 1.5), InvalidArgument);
+}
+
 TEST(PackedModel, GroupSizeThatDoesNotFitALayerNamesIt) {
   nn::Transformer model(tiny());
   try {

@@ -31,6 +31,17 @@ class QuantizedModel final : public nn::LinearOverride {
   static std::shared_ptr<QuantizedModel> pack(const nn::Transformer& model,
                                               const QuantConfig& config = {});
 
+  // The same, with outlier smoothing (SmoothQuant): the model first runs
+  // `calibration` (token sequences) in fp32 recording each packed layer's
+  // largest |input| per channel; each layer then packs W diag(m) and divides
+  // its inputs by m at run time, m_j = max|x_j|^alpha / max|W_:j|^(1-alpha).
+  // The product is unchanged in exact arithmetic; activation outliers move
+  // into the weights, which the integer modes quantize better. Every mode
+  // (W4A16 included) runs the smoothed weights.
+  static std::shared_ptr<QuantizedModel> pack(nn::Transformer& model, const QuantConfig& config,
+                                              const std::vector<std::vector<int64_t>>& calibration,
+                                              double alpha = 0.5);
+
   void set_mode(Mode mode) { mode_.store(mode); }
   Mode mode() const { return mode_.load(); }
   void set_isa(Isa isa);  // InvalidArgument if this CPU cannot run it
@@ -43,6 +54,8 @@ class QuantizedModel final : public nn::LinearOverride {
 
   const QuantConfig& config() const { return config_; }
   const std::map<std::string, QuantizedWeight>& weights() const { return weights_; }
+  // Per packed layer with smoothing: 1 / m per input channel (else absent).
+  const std::map<std::string, at::Tensor>& smoothing() const { return smooth_; }
   const QuantizedWeight& weight(const std::string& name) const;  // NotFound
   int64_t bytes() const;  // packed bytes of all layers
 
@@ -66,6 +79,7 @@ class QuantizedModel final : public nn::LinearOverride {
  private:
   QuantConfig config_;
   std::map<std::string, QuantizedWeight> weights_;
+  std::map<std::string, at::Tensor> smooth_;
   std::atomic<Mode> mode_{Mode::kW4A16};
   Isa isa_ = best_isa();
 };
