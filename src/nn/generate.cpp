@@ -31,17 +31,31 @@ at::Tensor sample_next(const at::Tensor& logits, const SamplingOptions& options,
   return at::multinomial(probs, 1, /*replacement=*/false, generator).squeeze(-1);
 }
 
+PaddedPrompts pad_prompts(const std::vector<std::vector<int64_t>>& prompts) {
+  TESSERA_CHECK(!prompts.empty(), InvalidArgument, "generate: no prompts");
+  PaddedPrompts out;
+  const int64_t B = static_cast<int64_t>(prompts.size());
+  std::vector<int64_t> lens(B);
+  for (int64_t b = 0; b < B; ++b) {
+    TESSERA_CHECK(!prompts[b].empty(), InvalidArgument, "generate: prompt ", b, " is empty");
+    lens[b] = static_cast<int64_t>(prompts[b].size());
+    out.longest = std::max(out.longest, lens[b]);
+  }
+  out.ids = at::zeros({B, out.longest}, at::kLong);
+  for (int64_t b = 0; b < B; ++b) {
+    out.ids[b].narrow(0, 0, lens[b]).copy_(at::tensor(prompts[b], at::kLong));
+  }
+  out.lengths = at::tensor(lens, at::kLong);
+  return out;
+}
+
 GenerationResult generate(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
                           const SamplingOptions& options) {
-  TESSERA_CHECK(!prompts.empty(), InvalidArgument, "generate: no prompts");
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    TESSERA_CHECK(!prompts[i].empty(), InvalidArgument, "generate: prompt ", i, " is empty");
-  }
+  const PaddedPrompts padded = pad_prompts(prompts);
   TESSERA_CHECK(options.max_new_tokens >= 0, InvalidArgument, "generate: max_new_tokens < 0");
   at::NoGradGuard no_grad;
   const int64_t B = static_cast<int64_t>(prompts.size());
-  int64_t longest = 0;
-  for (const auto& p : prompts) longest = std::max<int64_t>(longest, p.size());
+  const int64_t longest = padded.longest;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
 
   GenerationResult result;
@@ -95,23 +109,17 @@ GenerationResult generate(Transformer& model, const std::vector<std::vector<int6
   KVCache cache(model.config(), B, longest + std::max<int64_t>(options.max_new_tokens, 1),
                 at::TensorOptions().dtype(dtype), model.groups().tp_size());
   result.cache_bytes = cache.bytes();
-  at::Tensor ids = at::zeros({B, longest}, at::kLong);
-  std::vector<int64_t> lens(B);
-  for (int64_t b = 0; b < B; ++b) {
-    lens[b] = static_cast<int64_t>(prompts[b].size());
-    ids[b].narrow(0, 0, lens[b]).copy_(at::tensor(prompts[b], at::kLong));
-  }
   Stopwatch watch;
   ForwardOptions fwd;
   fwd.cache = &cache;
-  fwd.lengths = at::tensor(lens, at::kLong);
+  fwd.lengths = padded.lengths;
   fwd.last_logits_only = true;
   if (!options.sequence_adapters.empty()) {
     TESSERA_CHECK(static_cast<int64_t>(options.sequence_adapters.size()) == B, InvalidArgument,
                   "generate: ", options.sequence_adapters.size(), " adapter ids for ", B, " prompts");
     fwd.sequence_adapters = at::tensor(options.sequence_adapters, at::kLong);
   }
-  at::Tensor logits = model.forward(ids, fwd).logits.select(1, 0);
+  at::Tensor logits = model.forward(padded.ids, fwd).logits.select(1, 0);
   if (!all_done()) accept(sample_next(logits, options, gen));
   result.prefill_seconds = watch.seconds();
   watch.reset();

@@ -4,8 +4,25 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace tessera::quant::kernels {
+
+// Calls f(std::integral_constant<int, MB>{}, m0) for blocks of four tokens
+// starting at m0, then once for the remaining 1-3: the kernels get MB at
+// compile time (accumulators in registers) and do the same operations for
+// every output whatever the block, which keeps them batch-invariant.
+template <typename F>
+inline void for_token_blocks(int64_t M, F&& f) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) f(std::integral_constant<int, 4>{}, m0);
+  switch (M - m0) {
+    case 3: f(std::integral_constant<int, 3>{}, m0); break;
+    case 2: f(std::integral_constant<int, 2>{}, m0); break;
+    case 1: f(std::integral_constant<int, 1>{}, m0); break;
+    default: break;
+  }
+}
 
 // A packed weight as raw pointers (see QuantizedWeight).
 struct Packed {

@@ -10,7 +10,6 @@ namespace tessera::quant::kernels {
 
 namespace {
 
-constexpr int kTokens = 4;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -100,33 +99,19 @@ inline void w4ax_rows(const int8_t* xq, const float* xs, const int32_t* xsum, in
 
 }  // namespace
 
-// Full blocks of kTokens tokens, then the remainder, with the same
+// Blocks of four tokens, then the remainder, with the same
 // per-output operations (batch-invariant).
 void w4a16_avx2(const uint16_t* /*x*/, const float* xf, int64_t M, const Packed& w, float* out,
                 int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    int64_t m0 = 0;
-    for (; m0 + kTokens <= M; m0 += kTokens) w4a16_rows<kTokens>(xf, m0, w, out, n);
-    switch (M - m0) {
-      case 3: w4a16_rows<3>(xf, m0, w, out, n); break;
-      case 2: w4a16_rows<2>(xf, m0, w, out, n); break;
-      case 1: w4a16_rows<1>(xf, m0, w, out, n); break;
-      default: break;
-    }
+    for_token_blocks(M, [&](auto mb, int64_t m0) { w4a16_rows<decltype(mb)::value>(xf, m0, w, out, n); });
   }
 }
 
 void w4ax_avx2(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t M, const Packed& w,
                float* out, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    int64_t m0 = 0;
-    for (; m0 + kTokens <= M; m0 += kTokens) w4ax_rows<kTokens>(xq, xs, xsum, m0, w, out, n);
-    switch (M - m0) {
-      case 3: w4ax_rows<3>(xq, xs, xsum, m0, w, out, n); break;
-      case 2: w4ax_rows<2>(xq, xs, xsum, m0, w, out, n); break;
-      case 1: w4ax_rows<1>(xq, xs, xsum, m0, w, out, n); break;
-      default: break;
-    }
+    for_token_blocks(M, [&](auto mb, int64_t m0) { w4ax_rows<decltype(mb)::value>(xq, xs, xsum, m0, w, out, n); });
   }
 }
 

@@ -12,7 +12,6 @@ namespace tessera::quant::kernels {
 
 namespace {
 
-constexpr int kTokens = 4;
 
 // The 64 codes of one block in input order (u8 lanes).
 inline __m512i unpack64(const uint8_t* p) {
@@ -107,28 +106,14 @@ void w4a16_avx512(const uint16_t* x, const float* /*xf*/, int64_t M, const Packe
                   int64_t n0, int64_t n1) {
   const Bf16Tables& tab = tables();
   for (int64_t n = n0; n < n1; ++n) {
-    int64_t m0 = 0;
-    for (; m0 + kTokens <= M; m0 += kTokens) w4a16_rows<kTokens>(x, m0, w, out, n, tab);
-    switch (M - m0) {
-      case 3: w4a16_rows<3>(x, m0, w, out, n, tab); break;
-      case 2: w4a16_rows<2>(x, m0, w, out, n, tab); break;
-      case 1: w4a16_rows<1>(x, m0, w, out, n, tab); break;
-      default: break;
-    }
+    for_token_blocks(M, [&](auto mb, int64_t m0) { w4a16_rows<decltype(mb)::value>(x, m0, w, out, n, tab); });
   }
 }
 
 void w4ax_avx512(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t M,
                  const Packed& w, float* out, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    int64_t m0 = 0;
-    for (; m0 + kTokens <= M; m0 += kTokens) w4ax_rows<kTokens>(xq, xs, xsum, m0, w, out, n);
-    switch (M - m0) {
-      case 3: w4ax_rows<3>(xq, xs, xsum, m0, w, out, n); break;
-      case 2: w4ax_rows<2>(xq, xs, xsum, m0, w, out, n); break;
-      case 1: w4ax_rows<1>(xq, xs, xsum, m0, w, out, n); break;
-      default: break;
-    }
+    for_token_blocks(M, [&](auto mb, int64_t m0) { w4ax_rows<decltype(mb)::value>(xq, xs, xsum, m0, w, out, n); });
   }
 }
 

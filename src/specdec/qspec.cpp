@@ -124,10 +124,7 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
                           const GenerateOptions& options, std::unique_ptr<nn::KVCache>* cache_out) {
   const nn::SamplingOptions& so = options.sampling;
   const QSpecOptions& qo = options.qspec;
-  TESSERA_CHECK(!prompts.empty(), InvalidArgument, "specdec::generate: no prompts");
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    TESSERA_CHECK(!prompts[i].empty(), InvalidArgument, "specdec::generate: prompt ", i, " is empty");
-  }
+  const nn::PaddedPrompts padded = nn::pad_prompts(prompts);
   TESSERA_CHECK(so.max_new_tokens >= 0, InvalidArgument, "specdec::generate: max_new_tokens < 0");
   TESSERA_CHECK(options.mode == Mode::kFloat || model.linear_override().get() == &packed,
                 InvalidArgument,
@@ -149,8 +146,7 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
   quant::ScopedMode scoped(packed, spec ? qo.verify_mode : packed_mode(options.mode));
 
   const int64_t B = static_cast<int64_t>(prompts.size());
-  int64_t longest = 0;
-  for (const auto& p : prompts) longest = std::max<int64_t>(longest, p.size());
+  const int64_t longest = padded.longest;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(so.seed);
   const bool greedy = so.temperature <= 0;
 
@@ -186,19 +182,13 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
   result.cache_bytes = cache->bytes();
 
   // Prefill (in the verify mode for QSPEC): right-padded prompts.
-  at::Tensor ids = at::zeros({B, longest}, at::kLong);
-  std::vector<int64_t> lens(B);
-  for (int64_t b = 0; b < B; ++b) {
-    lens[b] = static_cast<int64_t>(prompts[b].size());
-    ids[b].narrow(0, 0, lens[b]).copy_(at::tensor(prompts[b], at::kLong));
-  }
   Stopwatch watch;
   nn::ForwardOptions fwd;
   fwd.cache = cache.get();
   fwd.batch_invariant = true;
-  fwd.lengths = at::tensor(lens, at::kLong);
+  fwd.lengths = padded.lengths;
   fwd.last_logits_only = true;
-  at::Tensor first = next_tokens(model.forward(ids, fwd).logits.select(1, 0));
+  at::Tensor first = next_tokens(model.forward(padded.ids, fwd).logits.select(1, 0));
   std::vector<int64_t> pending(B, 0);  // the last emitted token, not yet in the cache
   {
     auto f = first.accessor<int64_t, 1>();

