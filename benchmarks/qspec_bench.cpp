@@ -77,9 +77,9 @@ void run_model(const std::string& title, tn::Transformer& model, tq::QuantizedMo
   std::printf("packed weights %.1f MiB; group %lld; draft %s, verify w4a16, gamma %lld\n\n",
               packed.bytes() / 1048576.0, static_cast<long long>(packed.config().group_size),
               tq::mode_name(draft), static_cast<long long>(gamma));
-  std::printf("| batch | fp32 tok/s | W4A16 tok/s | W4A4 tok/s | QSPEC tok/s | QSPEC / W4A16 | acceptance | tokens per verify | adaptive QSPEC tok/s | adaptive / W4A16 | adaptive steps per gamma 0..%lld | peak MiB W4A16 | peak MiB QSPEC | extra |\n",
+  std::printf("| batch | fp32 tok/s | W4A16 tok/s | W4A4 tok/s | QSPEC tok/s | QSPEC / W4A16 | acceptance | mean accepted | tokens per verify | adaptive QSPEC tok/s | adaptive / W4A16 | adaptive steps per gamma 0..%lld | peak MiB W4A16 | peak MiB QSPEC | extra |\n",
               static_cast<long long>(gamma + 1));
-  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n");
   for (int64_t B : batches) {
     std::vector<std::vector<int64_t>> prompts;
     for (int64_t i = 0; i < B; ++i) prompts.push_back(pool[i % pool.size()]);
@@ -127,9 +127,9 @@ void run_model(const std::string& title, tn::Transformer& model, tq::QuantizedMo
     for (size_t g = 0; g < adaptive.steps_per_gamma.size(); ++g) {
       per_gamma += (g ? "/" : "") + std::to_string(adaptive.steps_per_gamma[g]);
     }
-    std::printf("| %lld | %.1f | %.1f | %.1f | %.1f | %.2fx | %.3f | %.2f | %.1f | %.2fx | %s | %.0f | %.0f | %+.1f%% |\n",
+    std::printf("| %lld | %.1f | %.1f | %.1f | %.1f | %.2fx | %.3f | %.2f | %.2f | %.1f | %.2fx | %s | %.0f | %.0f | %+.1f%% |\n",
                 static_cast<long long>(B), tps[0], tps[1], tps[2], tps[3], tps[3] / tps[1],
-                stats.acceptance_rate(), stats.tokens_per_verify(), tps[4], tps[4] / tps[1],
+                stats.acceptance_rate(), stats.mean_accepted(), stats.tokens_per_verify(), tps[4], tps[4] / tps[1],
                 per_gamma.c_str(), mib[1], mib[3], 100.0 * (mib[3] - mib[1]) / mib[1]);
     std::fflush(stdout);
   }

@@ -224,7 +224,7 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
   std::vector<double> rate(qo.max_gamma + 1, -1.0);
   int64_t since_explore = 0, explore_interval = qo.explore_every;
   bool explore_up = true, exploring = false;
-  int64_t best_before = gamma;
+  int64_t best_before = gamma, adaptive_steps = 0;
   while (!all_done()) {
     Stopwatch step_watch;
     ++st.steps_per_gamma[gamma];
@@ -308,7 +308,9 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
       pending[b] = a.next_token;
     }
     cache->set_lengths(at::tensor(new_len, at::kLong));
-    if (qo.adaptive_gamma) {
+    // The first step also pays one-time costs (first touch of the cache and
+    // of scratch buffers): it is not a measurement.
+    if (qo.adaptive_gamma && ++adaptive_steps > 1) {
       const double seconds = std::max(step_watch.seconds(), 1e-9);
       const double r = static_cast<double>(st.emitted - emitted_before) / seconds;
       rate[gamma] = rate[gamma] < 0 ? r : 0.7 * rate[gamma] + 0.3 * r;

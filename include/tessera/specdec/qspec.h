@@ -79,6 +79,10 @@ struct SpecStats {
   double tokens_per_verify() const {
     return verify_steps ? static_cast<double>(emitted) / verify_steps : 0.0;
   }
+  // Mean number of draft tokens kept per verify step.
+  double mean_accepted() const {
+    return verify_steps ? static_cast<double>(accepted) / verify_steps : 0.0;
+  }
 };
 
 struct GenerationResult : nn::GenerationResult {
