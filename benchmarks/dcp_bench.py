@@ -20,7 +20,9 @@ Times are the slowest rank's, between barriers; GB = 1e9 bytes; median of
   python3 benchmarks/dcp_bench.py --nproc 4 --gib 2          # spawns the ranks
   torchrun --nproc-per-node 4 benchmarks/dcp_bench.py --gib 2
 
-Needs torch >= 2.0 with torch.distributed (DTensor + DCP). Without it the
+Needs torch >= 2.0 with torch.distributed (DTensor + DCP) and numpy, e.g.
+`python3 -m pip install torch==2.5.1 numpy` into the pip interpreter (PyPI's
+wheel; the measurements in docs/benchmarks.md used 2.5.1). Without it the
 script prints why it is skipped and exits 0: Debian's torch 1.13 has a
 torch.distributed.checkpoint module, but no DTensor it can save.
 """

@@ -3,7 +3,8 @@
 // and peak memory next to W4A16's.
 //
 //   qspec_bench --smollm2 PATH [--tokens 32] [--batches 1,4,16,32] [--gamma 3]
-//               [--random] [--draft w4a4|w4a8] [--smooth ALPHA] [--llama-cpp BIN_DIR]
+//               [--random] [--draft w4a4|w4a8] [--smooth ALPHA] [--rotate]
+//               [--llama-cpp BIN_DIR]
 //
 // Models: SmolLM2-135M-Instruct from its GGUF (dequantized to fp32, then
 // packed to int4 with group 64) on chat prompts, and with --random a larger
@@ -18,7 +19,8 @@
 // model; "extra" is QSPEC's peak minus W4A16's at the same batch. "adaptive"
 // lets QSPEC pick gamma in [0, gamma + 1] from measured throughput (0 is
 // plain W4A16 decoding). --smooth ALPHA packs SmolLM2 with outlier smoothing
-// calibrated on four other chat prompts.
+// calibrated on four other chat prompts; --rotate packs it with Hadamard
+// rotation of every 64-input block (QuantConfig::rotate).
 //
 // --llama-cpp BIN_DIR (from scripts/build-llama-cpp.sh) also runs llama.cpp's
 // llama-batched-bench on the same SmolLM2 Q4_1 GGUF in this run, same thread
@@ -183,6 +185,7 @@ int main(int argc, char** argv) try {
     bool random = false;
     std::string llama_cpp;
     double smooth = -1;
+    bool rotate = false;
     tq::Mode draft = tq::Mode::kW4A4;
     for (int i = 1; i < argc; ++i) {
       std::string a = argv[i];
@@ -198,6 +201,7 @@ int main(int argc, char** argv) try {
       else if (a == "--draft") draft = tq::parse_mode(next());
       else if (a == "--llama-cpp") llama_cpp = next();
       else if (a == "--smooth") smooth = std::stod(next());
+      else if (a == "--rotate") rotate = true;
       else TESSERA_THROW(InvalidArgument, "unknown option '", a, "'");
     }
     std::printf("qspec_bench: %d threads, BLAS %s, quant kernels %s, %lld new tokens per sequence\n",
@@ -211,8 +215,9 @@ int main(int argc, char** argv) try {
         auto ids = loaded.tokenizer.encode(tn::format_chat(loaded.chat_template, {{"user", q}}));
         calibration.emplace_back(ids.begin(), ids.end());
       }
-      auto packed = smooth < 0 ? tq::QuantizedModel::pack(*loaded.model, {64, true})
-                               : tq::QuantizedModel::pack(*loaded.model, {64, true}, calibration, smooth);
+      const tq::QuantConfig qc{64, true, rotate};
+      auto packed = smooth < 0 ? tq::QuantizedModel::pack(*loaded.model, qc)
+                               : tq::QuantizedModel::pack(*loaded.model, qc, calibration, smooth);
       loaded.model->set_linear_override(packed);
       const char* questions[] = {"What is the capital of France?", "Name three colors.",
                                  "What is 2+2?", "Write a haiku about the sea.",
@@ -223,7 +228,10 @@ int main(int argc, char** argv) try {
         auto ids = loaded.tokenizer.encode(tn::format_chat(loaded.chat_template, {{"user", q}}));
         pool.emplace_back(ids.begin(), ids.end());
       }
-      run_model(smooth < 0 ? "SmolLM2-135M-Instruct" : "SmolLM2-135M-Instruct, smoothed (alpha " + std::to_string(smooth).substr(0, 4) + ")", *loaded.model, *packed, pool, batches, tokens, gamma, draft);
+      std::string title = "SmolLM2-135M-Instruct";
+      if (smooth >= 0) title += ", smoothed (alpha " + std::to_string(smooth).substr(0, 4) + ")";
+      if (rotate) title += ", Hadamard-rotated";
+      run_model(title, *loaded.model, *packed, pool, batches, tokens, gamma, draft);
       if (!llama_cpp.empty()) {
         auto llama = llama_cpp_decode(llama_cpp, smollm2, batches, tokens, info.num_threads);
         std::printf("\nllama.cpp (llama-batched-bench, same GGUF, Q4_1 weights, %d threads, 32-token prompts), decode tokens/s:\n\n",

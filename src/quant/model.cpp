@@ -178,6 +178,7 @@ void QuantizedModel::save(const std::string& path, const nn::Transformer& model)
                         {"version", kVersion},
                         {"group_size", std::to_string(config_.group_size)},
                         {"symmetric", config_.symmetric ? "true" : "false"},
+                        {"rotate", config_.rotate ? "true" : "false"},
                         {"model_config", model.config().to_json()}});
 }
 
@@ -198,6 +199,7 @@ QuantizedModel::Loaded QuantizedModel::load(const std::string& path) {
   QuantConfig qc;
   qc.group_size = std::stoll(field("group_size"));
   qc.symmetric = field("symmetric") == "true";
+  qc.rotate = meta.count("rotate") && meta.at("rotate") == "true";
   nn::ModelConfig config = nn::ModelConfig::parse(field("model_config"), path);
   Loaded out{nn::Transformer(config), std::make_shared<QuantizedModel>()};
   out.packed->config_ = qc;

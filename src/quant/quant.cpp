@@ -107,6 +107,44 @@ int64_t grain_for(int64_t M, int64_t K) {
 
 }  // namespace
 
+namespace {
+
+// Normalized Walsh-Hadamard transform of 64 values, in place.
+inline void fwht64(float* v) {
+  for (int len = 1; len < 64; len <<= 1) {
+    for (int i = 0; i < 64; i += 2 * len) {
+      for (int j = i; j < i + len; ++j) {
+        const float a = v[j], b = v[j + len];
+        v[j] = a + b;
+        v[j + len] = a - b;
+      }
+    }
+  }
+  for (int k = 0; k < 64; ++k) v[k] *= 0.125f;  // 1 / sqrt(64)
+}
+
+}  // namespace
+
+at::Tensor hadamard_rotate(const at::Tensor& x) {
+  TESSERA_CHECK(x.dim() >= 1 && x.size(-1) % 64 == 0, InvalidArgument,
+                "hadamard_rotate: the last dimension (", x.dim() ? x.size(-1) : 0,
+                ") must be a multiple of 64");
+  if (x.is_cuda()) {
+    // Sylvester's construction, normalized.
+    at::Tensor h = at::ones({1, 1}, x.options().dtype(at::kFloat));
+    while (h.size(0) < 64) h = at::cat({at::cat({h, h}, 1), at::cat({h, -h}, 1)}, 0);
+    at::Tensor blocks = x.to(at::kFloat).reshape({-1, 64});
+    return at::matmul(blocks, h * 0.125).view(x.sizes());
+  }
+  at::Tensor out = x.to(at::kFloat).contiguous().clone();
+  float* p = out.data_ptr<float>();
+  const int64_t blocks = out.numel() / 64;
+  at::parallel_for(0, blocks, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fwht64(p + b * 64);
+  });
+  return out;
+}
+
 QuantizedWeight quantize(const at::Tensor& weight, const QuantConfig& config) {
   TESSERA_CHECK(weight.defined() && weight.dim() == 2, InvalidArgument,
                 "quantize: expected a 2-D weight [out, in], got ",
@@ -116,7 +154,9 @@ QuantizedWeight quantize(const at::Tensor& weight, const QuantConfig& config) {
   const int64_t N = weight.size(0), K = weight.size(1);
   check_group(config.group_size, K, "quantize");
   const int64_t G = K / config.group_size;
-  at::Tensor w = weight.detach().to(at::kCPU, at::kFloat).contiguous().view({N, G, config.group_size});
+  at::Tensor w = weight.detach().to(at::kCPU, at::kFloat).contiguous();
+  if (config.rotate) w = hadamard_rotate(w);
+  w = w.view({N, G, config.group_size});
   at::Tensor scale, zero, q;
   if (config.symmetric) {
     at::Tensor amax = w.abs().amax(-1);  // [N, G]
@@ -152,8 +192,10 @@ at::Tensor dequantize(const QuantizedWeight& w) {
   at::Tensor packed = w.codes.view({N, K / 64, 1, 32});
   at::Tensor codes = at::cat({at::bitwise_and(packed, 0x0F), packed.div(16, "floor")}, 2)
                          .view({N, G, w.config.group_size});
-  return ((codes.to(at::kFloat) - w.zeros.to(at::kFloat).unsqueeze(-1)) * w.scales.unsqueeze(-1))
-      .view({N, K});
+  at::Tensor full = ((codes.to(at::kFloat) - w.zeros.to(at::kFloat).unsqueeze(-1)) *
+                     w.scales.unsqueeze(-1))
+                        .view({N, K});
+  return w.config.rotate ? hadamard_rotate(full) : full;
 }
 
 QuantizedActivations quantize_activations(const at::Tensor& x, int64_t group_size, Mode mode) {
@@ -194,6 +236,14 @@ QuantizedActivations quantize_activations(const at::Tensor& x, int64_t group_siz
 }
 
 namespace {
+
+// The same codes, marked as not rotated (for the kernels, which only see
+// codes, scales and zeros).
+QuantizedWeight unrotated_view(const QuantizedWeight& w) {
+  QuantizedWeight v = w;
+  v.config.rotate = false;
+  return v;
+}
 
 // CUDA inputs: kernels/quant, activations quantized with ATen on the device.
 at::Tensor linear_cuda(const at::Tensor& x, const QuantizedWeight& w, Mode mode) {
@@ -245,6 +295,10 @@ at::Tensor linear(const at::Tensor& x, const QuantizedWeight& w, Mode mode, Isa 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = w.out_features;
   if (mode == Mode::kFloat) return at::matmul(x, dequantize(w).to(x.scalar_type()).t());
+  if (w.config.rotate) {
+    // The codes live in the rotated basis: rotate the activations too.
+    return linear(hadamard_rotate(x).to(x.scalar_type()), unrotated_view(w), mode, isa);
+  }
   if (x.is_cuda()) return linear_cuda(x, w, mode).to(x.scalar_type()).view(out_shape);
   TESSERA_CHECK(x.device().is_cpu(), InvalidArgument, "quant::linear: unsupported device ",
                 x.device().str());

@@ -220,7 +220,8 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
   int64_t gamma = qo.gamma;
   SpecStats& st = result.stats;
   st.steps_per_gamma.assign(qo.max_gamma + 1, 0);
-  // Adaptive gamma: running tokens per second per gamma (negative: untried).
+  // Adaptive gamma: tokens and seconds summed per gamma (rate < 0: untried).
+  std::vector<double> tokens_at(qo.max_gamma + 1, 0.0), seconds_at(qo.max_gamma + 1, 0.0);
   std::vector<double> rate(qo.max_gamma + 1, -1.0);
   int64_t since_explore = 0, explore_interval = qo.explore_every;
   bool explore_up = true, exploring = false;
@@ -312,8 +313,9 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
     // of scratch buffers): it is not a measurement.
     if (qo.adaptive_gamma && ++adaptive_steps > 1) {
       const double seconds = std::max(step_watch.seconds(), 1e-9);
-      const double r = static_cast<double>(st.emitted - emitted_before) / seconds;
-      rate[gamma] = rate[gamma] < 0 ? r : 0.7 * rate[gamma] + 0.3 * r;
+      tokens_at[gamma] += static_cast<double>(st.emitted - emitted_before);
+      seconds_at[gamma] += seconds;
+      rate[gamma] = tokens_at[gamma] / seconds_at[gamma];
       int64_t best = gamma;
       for (int64_t g = qo.min_gamma; g <= qo.max_gamma; ++g) {
         if (rate[g] > rate[best]) best = g;
@@ -328,11 +330,14 @@ GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
       best_before = best;
       ++since_explore;
       gamma = best;
-      // Untried neighbours of the best first (a short walk towards the
-      // better side), then now and then a neighbour.
+      // The smallest gamma first (with min_gamma 0: plain decoding, the
+      // baseline), then untried neighbours of the best (a short walk towards
+      // the better side), then now and then a neighbour.
       const bool below = best - 1 >= qo.min_gamma && rate[best - 1] < 0;
       const bool above = best + 1 <= qo.max_gamma && rate[best + 1] < 0;
-      if (below || above) {
+      if (rate[qo.min_gamma] < 0) {
+        gamma = qo.min_gamma;
+      } else if (below || above) {
         gamma = below ? best - 1 : best + 1;
       } else if (since_explore >= explore_interval) {
         since_explore = 0;

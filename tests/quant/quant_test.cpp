@@ -90,6 +90,48 @@ TEST(Kernels, EachTokenIsIndependentOfItsBatch) {
   }
 }
 
+TEST(Rotation, HadamardIsItsOwnInverseAndKeepsNorms) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(4);
+  at::Tensor x = at::randn({5, 192}, gen);
+  at::Tensor r = hadamard_rotate(x);
+  EXPECT_TRUE(at::allclose(hadamard_rotate(r), x, 1e-5, 1e-5));
+  EXPECT_NEAR(r.norm().item<double>(), x.norm().item<double>(), 1e-3);
+  // A spike becomes flat: e_0 H = (1/8, ..., 1/8) in its block.
+  at::Tensor e = at::zeros({1, 64});
+  e[0][0] = 1;
+  EXPECT_TRUE(at::allclose(hadamard_rotate(e), at::full({1, 64}, 0.125f)));
+  EXPECT_THROW(hadamard_rotate(at::zeros({2, 96})), InvalidArgument);
+}
+
+TEST(Rotation, RotatedWeightsRunOnEveryPathAndHelpWithOutliers) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(8);
+  at::Tensor w = at::randn({48, 256}, gen) * 0.05;
+  at::Tensor x = at::randn({9, 256}, gen);
+  x.select(1, 5).mul_(20);  // an outlier channel inside a group
+  x.select(1, 130).mul_(-15);
+  at::Tensor ref = at::matmul(x, w.t());
+  QuantizedWeight plain = quantize(w, {64, true, false});
+  QuantizedWeight rot = quantize(w, {64, true, true});
+  // dequantize returns the original basis.
+  EXPECT_LT(((dequantize(rot) - w).norm() / w.norm()).item<double>(), 0.2);
+  for (Mode mode : {Mode::kW4A16, Mode::kW4A8, Mode::kW4A4}) {
+    at::Tensor want = linear(x, rot, mode, Isa::kReference);
+    for (Isa isa : isas()) {
+      at::Tensor got = linear(x, rot, mode, isa);
+      EXPECT_TRUE(at::allclose(got, want, 1e-4, 1e-3)) << isa_name(isa) << " " << mode_name(mode);
+      EXPECT_TRUE(at::equal(linear(x.narrow(0, 2, 1), rot, mode, isa), got.narrow(0, 2, 1)))
+          << "batch invariance, " << isa_name(isa) << " " << mode_name(mode);
+    }
+  }
+  auto err = [&](const QuantizedWeight& q, Mode m) {
+    return ((linear(x, q, m) - ref).norm() / ref.norm()).item<double>();
+  };
+  std::printf("W4A4 error: plain %.4f, rotated %.4f; W4A16: plain %.4f, rotated %.4f\n",
+              err(plain, Mode::kW4A4), err(rot, Mode::kW4A4), err(plain, Mode::kW4A16),
+              err(rot, Mode::kW4A16));
+  EXPECT_LT(err(rot, Mode::kW4A4), err(plain, Mode::kW4A4));
+}
+
 TEST(Quantize, CodesStayWithinHalfAStepAndPackAsDocumented) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
   at::Tensor w = at::randn({6, 128}, gen);

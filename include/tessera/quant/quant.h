@@ -51,6 +51,12 @@ bool isa_supported(Isa isa);
 struct QuantConfig {
   int64_t group_size = 128;  // a positive multiple of 64 dividing K
   bool symmetric = true;
+  // Rotate every block of 64 inputs by the normalized 64x64 Hadamard matrix
+  // H before quantizing, weights at packing and activations at run time
+  // (x W^T = (x H)(W H)^T since H H^T = I), as QuaRot does: an outlier is
+  // spread over its block, so both the weight and the activation codes
+  // lose less. Costs one fast Walsh-Hadamard transform per activation row.
+  bool rotate = false;
 };
 
 // A packed int4 weight [N, K].
@@ -73,8 +79,13 @@ struct QuantizedWeight {
 // that is not a positive multiple of 64 or does not divide K, or a weight that
 // is not 2-D.
 QuantizedWeight quantize(const at::Tensor& weight, const QuantConfig& config);
-// The fp32 weight the codes stand for: s * (q - z).
+// The fp32 weight the codes stand for: s * (q - z) (rotated back when the
+// weight was packed with `rotate`).
 at::Tensor dequantize(const QuantizedWeight& weight);
+
+// x [..., K] with each block of 64 values multiplied by the normalized
+// Hadamard matrix (its own inverse), in a fixed order (batch-invariant).
+at::Tensor hadamard_rotate(const at::Tensor& x);
 
 // y = x W^T for x [..., K] (any float dtype); y has x's dtype and shape
 // [..., N]. kFloat multiplies by the dequantized weight (a reference for

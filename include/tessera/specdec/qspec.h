@@ -47,10 +47,10 @@ struct QSpecOptions {
   int64_t gamma = 3;  // tokens drafted per step (the starting value when adaptive)
   // Choose gamma in [min_gamma, max_gamma] step by step from the measured
   // throughput of each value (tokens emitted per second of draft + verify,
-  // a running average per gamma): untried neighbours of the best so far
-  // first, then the best, with a neighbour tried after `explore_every`
-  // steps; each try that does not change the best doubles that wait (up to
-  // 32x). gamma = 0 is plain decoding
+  // summed over the steps run with it): min_gamma early, untried neighbours
+  // of the best so far next, then the best, with a neighbour tried after
+  // `explore_every` steps; each try that does not change the best doubles
+  // that wait (up to 32x). gamma = 0 is plain decoding
   // in the verify mode, so with min_gamma = 0 QSPEC falls back to W4A16
   // where drafting does not pay (as on CPUs where a draft forward costs what
   // a verify forward does). Greedy output stays equal to W4A16's whatever
