@@ -10,18 +10,19 @@
 #include "tessera/core/error.h"
 #include "tessera/rlhf/algorithms.h"
 #include "tessera/rlhf/hybrid_engine.h"
+#include "tessera/rlhf/protocol.h"
 
 namespace tessera::rlhf {
 namespace {
 
-struct Batch {
+struct Tokens {
   at::Tensor mask, rewards, values, logp, old_logp, ref_logp, adv;
 };
 
 // Three sequences with responses of 5, 3 and 6 tokens, right-padded to 6.
-Batch batch() {
+Tokens batch() {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(11);
-  Batch b;
+  Tokens b;
   b.mask = at::zeros({3, 6});
   b.mask[0].narrow(0, 0, 5).fill_(1);
   b.mask[1].narrow(0, 0, 3).fill_(1);
@@ -38,7 +39,7 @@ Batch batch() {
 double at2(const at::Tensor& t, int64_t i, int64_t j) { return t[i][j].item<double>(); }
 
 TEST(Gae, MatchesTheRecursionPerSequence) {
-  Batch b = batch();
+  Tokens b = batch();
   const double gamma = 0.99, lam = 0.9;
   Gae g = gae(b.rewards, b.values, b.mask, gamma, lam);
   for (int64_t s = 0; s < 3; ++s) {
@@ -58,7 +59,7 @@ TEST(Gae, MatchesTheRecursionPerSequence) {
 }
 
 TEST(Ppo, ClippedLossKlAndClipFractionMatchDirectComputation) {
-  Batch b = batch();
+  Tokens b = batch();
   at::Tensor logp = b.logp.clone().requires_grad_(true);
   const double eps = 0.2;
   PolicyLoss pl = ppo_policy_loss(logp, b.old_logp, b.adv, b.mask, eps);
@@ -83,7 +84,7 @@ TEST(Ppo, ClippedLossKlAndClipFractionMatchDirectComputation) {
 }
 
 TEST(Ppo, ValueLossAndKlEstimators) {
-  Batch b = batch();
+  Tokens b = batch();
   at::Tensor ret = b.values + at::randn({3, 6}) * b.mask;
   at::Tensor v = b.values + 0.5 * at::randn({3, 6});
   const double eps = 0.2;
@@ -106,7 +107,7 @@ TEST(Ppo, ValueLossAndKlEstimators) {
 }
 
 TEST(Rewards, KlPenaltyOnEveryTokenScoreOnTheLast) {
-  Batch b = batch();
+  Tokens b = batch();
   at::Tensor kl = kl_divergence(b.logp, b.ref_logp, KlEstimator::kK1);
   at::Tensor scores = at::tensor({1.0f, -2.0f, 0.5f});
   at::Tensor r = kl_penalized_rewards(scores, kl, b.mask, 0.1);
@@ -159,6 +160,70 @@ TEST(HybridEngine, PaperExampleEightRanks) {
   EXPECT_EQ(hybrid_engine_bytes_per_rank(1 << 20, 4, 4), 0);
   EXPECT_THROW(hybrid_engine_groups(8, 4, 3), InvalidArgument);
   EXPECT_THROW(hybrid_engine_groups(6, 4, 2), InvalidArgument);
+}
+
+// A worker's computation in these tests: every tensor doubled, plus a tag
+// of which worker ran it.
+Batch work(const Batch& in, int worker) {
+  Batch out;
+  for (const auto& [name, t] : in) out[name] = t * 2;
+  out["worker"] = at::full({batch_rows(in)}, worker, at::kLong);
+  return out;
+}
+
+std::vector<Batch> run_all(const Dispatched& d) {
+  std::vector<Batch> results;
+  for (size_t w = 0; w < d.per_worker.size(); ++w) results.push_back(work(d.per_worker[w], static_cast<int>(w)));
+  return results;
+}
+
+TEST(Protocols, DpComputeSplitsPadsAndCollectsFromTpRankZero) {
+  const WorkerMesh mesh{4, 2};  // 8 workers
+  Batch batch{{"ids", at::arange(30, at::kLong).view({10, 3})}, {"score", at::arange(10, at::kFloat)}};
+  Dispatched d = dispatch(Protocol::kDpCompute, mesh, batch);
+  EXPECT_EQ(d.pad, 2);  // 10 rows -> 12 = 4 chunks of 3
+  ASSERT_EQ(d.per_worker.size(), 8u);
+  for (int w = 0; w < 8; ++w) {
+    const int r = mesh.dp_rank(w);
+    EXPECT_EQ(batch_rows(d.per_worker[w]), 3);
+    // tp peers get the same chunk; chunk r starts at row 3r.
+    EXPECT_TRUE(at::equal(d.per_worker[w].at("score"), d.per_worker[r * 2].at("score")));
+    if (r < 3) {
+      EXPECT_EQ(d.per_worker[w].at("score")[0].item<float>(), 3.0f * r);
+    }
+  }
+  // The padding repeats the last row.
+  EXPECT_EQ(d.per_worker[6].at("score")[2].item<float>(), 9.0f);
+  Batch out = collect(Protocol::kDpCompute, mesh, run_all(d), d.pad);
+  EXPECT_EQ(batch_rows(out), 10);
+  EXPECT_TRUE(at::equal(out.at("ids"), batch.at("ids") * 2));
+  EXPECT_TRUE(at::equal(out.at("score"), batch.at("score") * 2));
+  // Only tp-rank-0 workers' results, in dp order.
+  EXPECT_TRUE(at::equal(out.at("worker"), at::tensor({0, 0, 0, 2, 2, 2, 4, 4, 4, 6}, at::kLong)));
+  // No padding when dp divides the batch.
+  EXPECT_EQ(dispatch(Protocol::kDpCompute, WorkerMesh{2, 1}, batch).pad, 0);
+}
+
+TEST(Protocols, OneToAllRankZeroAndAllToAll) {
+  const WorkerMesh mesh{1, 3};
+  Batch batch{{"x", at::arange(4, at::kFloat)}};
+  Dispatched d = dispatch(Protocol::kOneToAll, mesh, batch);
+  ASSERT_EQ(d.per_worker.size(), 3u);
+  for (const Batch& b : d.per_worker) EXPECT_TRUE(at::equal(b.at("x"), batch.at("x")));
+  Batch all = collect(Protocol::kOneToAll, mesh, run_all(d));
+  EXPECT_EQ(batch_rows(all), 12);
+  EXPECT_EQ(all.at("worker")[11].item<int64_t>(), 2);
+  Batch zero = collect(Protocol::kRankZero, mesh, run_all(dispatch(Protocol::kRankZero, mesh, batch)));
+  EXPECT_TRUE(at::equal(zero.at("worker"), at::zeros({4}, at::kLong)));
+  std::vector<Batch> inputs{{{"x", at::ones({1})}}, {{"x", at::ones({2})}}, {{"x", at::ones({3})}}};
+  Dispatched a = dispatch(Protocol::kAllToAll, mesh, {}, inputs);
+  Batch gathered = collect(Protocol::kAllToAll, mesh, run_all(a));
+  EXPECT_TRUE(at::equal(gathered.at("worker"), at::tensor({0, 1, 1, 2, 2, 2}, at::kLong)));
+  // Bad input is named.
+  EXPECT_THROW(dispatch(Protocol::kAllToAll, mesh, {}, {inputs[0]}), InvalidArgument);
+  EXPECT_THROW(collect(Protocol::kOneToAll, mesh, {run_all(d)[0]}), InvalidArgument);
+  EXPECT_THROW(batch_rows({{"a", at::ones({2})}, {"b", at::ones({3})}}), InvalidArgument);
+  EXPECT_THROW(dispatch(Protocol::kDpCompute, mesh, {}), InvalidArgument);
 }
 
 }  // namespace
