@@ -4,6 +4,8 @@
 
 #include "tessera/core/error.h"
 #include "tessera/core/tensor.h"
+#include "tessera/nn/model.h"
+#include "tessera/nn/train.h"
 
 namespace tessera::rlhf {
 
@@ -130,6 +132,22 @@ at::Tensor remax_advantages(const at::Tensor& scores, const at::Tensor& baseline
                     mask.size(0) == scores.size(0),
                 InvalidArgument, "remax_advantages: expected scores and baselines [B] and mask [B, T]");
   return ((scores - baseline_scores).to(at::kFloat).unsqueeze(1) * mask.to(at::kFloat));
+}
+
+at::Tensor token_logprobs(nn::Transformer& model, const at::Tensor& sequences) {
+  TESSERA_CHECK(sequences.dim() == 2 && sequences.size(1) >= 2 && sequences.scalar_type() == at::kLong,
+                InvalidArgument, "token_logprobs: expected int64 sequences [batch, length >= 2], got ",
+                shape_string(sequences.sizes()));
+  const int64_t L = sequences.size(1);
+  at::Tensor logits = model.forward(sequences.narrow(1, 0, L - 1)).logits.to(at::kFloat);
+  at::Tensor logp = at::log_softmax(logits, -1);
+  return logp.gather(-1, sequences.narrow(1, 1, L - 1).unsqueeze(-1)).squeeze(-1);
+}
+
+double arithmetic_reward(const std::string& answer, const std::string& completion) {
+  nn::ArithmeticExample ex;
+  ex.answer = answer;
+  return nn::arithmetic_correct(ex, completion) ? 1.0 : 0.0;
 }
 
 }  // namespace tessera::rlhf

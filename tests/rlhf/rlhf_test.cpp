@@ -11,6 +11,7 @@
 #include "tessera/rlhf/algorithms.h"
 #include "tessera/rlhf/hybrid_engine.h"
 #include "tessera/rlhf/protocol.h"
+#include "tessera/nn/model.h"
 
 namespace tessera::rlhf {
 namespace {
@@ -160,6 +161,34 @@ TEST(HybridEngine, PaperExampleEightRanks) {
   EXPECT_EQ(hybrid_engine_bytes_per_rank(1 << 20, 4, 4), 0);
   EXPECT_THROW(hybrid_engine_groups(8, 4, 3), InvalidArgument);
   EXPECT_THROW(hybrid_engine_groups(6, 4, 2), InvalidArgument);
+}
+
+TEST(LogProbs, TokenLogprobsMatchLogSoftmaxPerPosition) {
+  nn::ModelConfig c;
+  c.model_type = "llama";
+  c.vocab_size = 40;
+  c.hidden_size = 32;
+  c.intermediate_size = 64;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  nn::Transformer model(c);
+  model.init_random(3);
+  at::Tensor seq = at::randint(40, {2, 7}, at::kLong);
+  at::Tensor lp = token_logprobs(model, seq);
+  ASSERT_EQ(lp.sizes(), (std::vector<int64_t>{2, 6}));
+  // Position by position: the prefix alone gives the same next-token log-prob.
+  for (int64_t j = 0; j < 6; ++j) {
+    at::Tensor logits = model.forward(seq.narrow(1, 0, j + 1)).logits;
+    at::Tensor want = at::log_softmax(logits.select(1, j), -1);
+    for (int64_t b = 0; b < 2; ++b) {
+      EXPECT_NEAR(lp[b][j].item<double>(), want[b][seq[b][j + 1].item<int64_t>()].item<double>(), 1e-5);
+    }
+  }
+  EXPECT_THROW(token_logprobs(model, seq.narrow(1, 0, 1)), InvalidArgument);
+  EXPECT_EQ(arithmetic_reward("85", " 85\n"), 1.0);
+  EXPECT_EQ(arithmetic_reward("85", " 58"), 0.0);
+  EXPECT_EQ(arithmetic_reward("-3", "-3 and more"), 1.0);
 }
 
 // A worker's computation in these tests: every tensor doubled, plus a tag

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 
 namespace tessera::rlhf {
 
@@ -67,5 +68,24 @@ at::Tensor grpo_advantages(const at::Tensor& scores, int64_t group_size, const a
 // prompt (the baseline), on every response token.
 at::Tensor remax_advantages(const at::Tensor& scores, const at::Tensor& baseline_scores,
                             const at::Tensor& mask);
+
+}  // namespace tessera::rlhf
+
+namespace tessera::nn {
+class Transformer;
+}
+
+namespace tessera::rlhf {
+
+// Log-probabilities under `model` of each token given the ones before it:
+// sequences [B, L] (prompt + response, right-padded), result [B, L - 1]
+// where column j is log p(sequences[:, j + 1] | sequences[:, :j + 1]) in
+// fp32. Differentiable in the model's parameters (for the actor's loss);
+// call under at::NoGradGuard for the reference policy and old log-probs.
+at::Tensor token_logprobs(nn::Transformer& model, const at::Tensor& sequences);
+
+// Rule reward for the synthetic arithmetic task: 1 when the completion's
+// first number equals the answer (nn::arithmetic_correct), else 0.
+double arithmetic_reward(const std::string& answer, const std::string& completion);
 
 }  // namespace tessera::rlhf
