@@ -4,6 +4,9 @@
 #include <tessera/dist/layout.h>
 #include <tessera/dist/redistribute.h>
 #include <tessera/dist/rendezvous.h>
+#include <tessera/quant/quant.h>
+#include <tessera/rlhf/hybrid_engine.h>
+#include <tessera/specdec/qspec.h>
 
 #include <iostream>
 
@@ -17,7 +20,13 @@ int main() {
   at::Tensor y = tessera::dist::redistribute(*world, x, rows, cols);
   at::Tensor sum = y.clone();
   world->all_reduce(sum).wait();
-  bool ok = at::equal(x, y) && at::equal(sum, x);
+  // The quant, specdec and rlhf headers and libraries are installed too.
+  auto q = tessera::quant::quantize(at::randn({8, 64}), {64, true});
+  at::Tensor out = tessera::quant::linear(at::randn({2, 64}), q, tessera::quant::Mode::kW4A16);
+  auto groups = tessera::rlhf::hybrid_engine_groups(8, 4, 2);
+  bool ok = at::equal(x, y) && at::equal(sum, x) && out.size(1) == 8 &&
+            groups.micro_dp_groups.size() == 4 &&
+            tessera::specdec::parse_mode("qspec") == tessera::specdec::Mode::kQSpec;
   std::cout << "consumer: " << (ok ? "ok" : "MISMATCH") << std::endl;
   return ok ? 0 : 1;
 }
