@@ -61,18 +61,14 @@ double peak_mib() {
   return 0;
 }
 
-// Per batch size, from the last run_model: W4A16 and the fastest mode.
-std::map<int64_t, double> g_w4a16;
-std::map<int64_t, std::pair<std::string, double>> g_best;
-
-struct Row {
-  std::string mode;
-  int64_t batch;
-  double tokens_per_s, mib;
-  double acceptance = -1, per_verify = -1;
+// Per batch size: W4A16's decode tokens/s and the fastest mode's.
+struct BatchSpeed {
+  double w4a16 = 0;
+  std::string best_mode;
+  double best = 0;
 };
 
-void run_model(const std::string& title, tn::Transformer& model, tq::QuantizedModel& packed,
+std::map<int64_t, BatchSpeed> run_model(const std::string& title, tn::Transformer& model, tq::QuantizedModel& packed,
                const std::vector<std::vector<int64_t>>& pool, const std::vector<int64_t>& batches,
                int64_t tokens, int64_t gamma, tq::Mode draft) {
   std::printf("\n### %s\n\n", title.c_str());
@@ -82,6 +78,7 @@ void run_model(const std::string& title, tn::Transformer& model, tq::QuantizedMo
   std::printf("| batch | fp32 tok/s | W4A16 tok/s | W4A4 tok/s | QSPEC tok/s | QSPEC / W4A16 | acceptance | mean accepted | tokens per verify | adaptive QSPEC tok/s | adaptive / W4A16 | adaptive steps per gamma 0..%lld | peak MiB W4A16 | peak MiB QSPEC | extra |\n",
               static_cast<long long>(gamma + 1));
   std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n");
+  std::map<int64_t, BatchSpeed> speeds;
   for (int64_t B : batches) {
     std::vector<std::vector<int64_t>> prompts;
     for (int64_t i = 0; i < B; ++i) prompts.push_back(pool[i % pool.size()]);
@@ -120,11 +117,10 @@ void run_model(const std::string& title, tn::Transformer& model, tq::QuantizedMo
       tps[mode] = produced / seconds;
       mib[mode] = peak_mib();
     }
-    g_w4a16[B] = tps[1];
     const char* names[5] = {"fp32", "W4A16", "W4A4", "QSPEC", "adaptive QSPEC"};
     int best = 0;
     for (int i = 1; i < 5; ++i) best = tps[i] > tps[best] ? i : best;
-    g_best[B] = {names[best], tps[best]};
+    speeds[B] = {tps[1], names[best], tps[best]};
     std::string per_gamma;
     for (size_t g = 0; g < adaptive.steps_per_gamma.size(); ++g) {
       per_gamma += (g ? "/" : "") + std::to_string(adaptive.steps_per_gamma[g]);
@@ -135,6 +131,7 @@ void run_model(const std::string& title, tn::Transformer& model, tq::QuantizedMo
                 per_gamma.c_str(), mib[1], mib[3], 100.0 * (mib[3] - mib[1]) / mib[1]);
     std::fflush(stdout);
   }
+  return speeds;
 }
 
 // llama-batched-bench's decode tokens/s (S_TG) per batch size.
@@ -231,7 +228,7 @@ int main(int argc, char** argv) try {
       std::string title = "SmolLM2-135M-Instruct";
       if (smooth >= 0) title += ", smoothed (alpha " + std::to_string(smooth).substr(0, 4) + ")";
       if (rotate) title += ", Hadamard-rotated";
-      run_model(title, *loaded.model, *packed, pool, batches, tokens, gamma, draft);
+      auto speeds = run_model(title, *loaded.model, *packed, pool, batches, tokens, gamma, draft);
       if (!llama_cpp.empty()) {
         auto llama = llama_cpp_decode(llama_cpp, smollm2, batches, tokens, info.num_threads);
         std::printf("\nllama.cpp (llama-batched-bench, same GGUF, Q4_1 weights, %d threads, 32-token prompts), decode tokens/s:\n\n",
@@ -239,12 +236,11 @@ int main(int argc, char** argv) try {
         std::printf("| batch | llama.cpp | ours W4A16 | ours / llama.cpp | ours best mode | best / llama.cpp |\n|---:|---:|---:|---:|---|---:|\n");
         for (int64_t b : batches) {
           auto it = llama.find(b);
-          auto ours = g_w4a16.find(b);
-          auto best = g_best.find(b);
-          if (it == llama.end() || ours == g_w4a16.end()) continue;
+          if (it == llama.end()) continue;
+          const BatchSpeed& ours = speeds.at(b);
           std::printf("| %lld | %.1f | %.1f | %.2fx | %s %.1f | %.2fx |\n", static_cast<long long>(b),
-                      it->second, ours->second, ours->second / it->second, best->second.first.c_str(),
-                      best->second.second, best->second.second / it->second);
+                      it->second, ours.w4a16, ours.w4a16 / it->second, ours.best_mode.c_str(),
+                      ours.best, ours.best / it->second);
         }
       }
     }

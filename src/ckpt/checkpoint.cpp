@@ -417,12 +417,15 @@ struct SaveHandle::Impl {
   std::string rng_blob;              // direct saves write the blob from here
   uint64_t rng_bytes = 0;
 
-  // The byte at file offset `off` (inside some segment).
-  const uint8_t* byte_at(uint64_t off) const {
+  // The segment holding file offset `off`, and the byte there.
+  const Segment& segment_at(uint64_t off) const {
     auto it = std::upper_bound(segments.begin(), segments.end(), off,
                                [](uint64_t o, const Segment& g) { return o < g.offset; });
-    --it;
-    return it->data + (off - it->offset);
+    return *std::prev(it);
+  }
+  const uint8_t* byte_at(uint64_t off) const {
+    const Segment& g = segment_at(off);
+    return g.data + (off - g.offset);
   }
 
   // Written by the write phase, read after io completes.
@@ -482,11 +485,9 @@ void SaveHandle::Impl::write_phase() {
           }
           // One write per segment piece inside [begin, end).
           for (uint64_t at = begin; at < end;) {
-            auto it = std::upper_bound(segments.begin(), segments.end(), at,
-                                       [](uint64_t o, const Segment& g) { return o < g.offset; });
-            --it;
-            const uint64_t n = std::min(end, it->offset + it->bytes) - at;
-            out->write_at(at, it->data + (at - it->offset), n);
+            const Segment& g = segment_at(at);
+            const uint64_t n = std::min(end, g.offset + g.bytes) - at;
+            out->write_at(at, g.data + (at - g.offset), n);
             at += n;
           }
           progress.add(end - begin);

@@ -489,29 +489,8 @@ void reshard(const std::string& dir, const std::string& out, int tp, int dp, int
     }
     save(out, st, g);
   };
-  if (world == 1) {
-    run_rank(nullptr);
-    return;
-  }
   // Target ranks as threads of this process over an in-memory store.
-  auto store = dist::Store::in_memory();
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(world);
-  for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        auto g = dist::ProcessGroup::create(store, r, world);
-        run_rank(g);
-        g->barrier().wait();
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
+  dist::run_thread_ranks(world, run_rank);
 }
 
 }  // namespace tessera::ckpt

@@ -208,4 +208,31 @@ std::shared_ptr<ProcessGroup> init_process_group(const InitOptions& options) {
   return group;
 }
 
+void run_thread_ranks(int world, const std::function<void(std::shared_ptr<ProcessGroup>)>& fn,
+                      const ProcessGroupOptions& options) {
+  TESSERA_CHECK(world >= 1, InvalidArgument, "run_thread_ranks: world must be >= 1, got ", world);
+  if (world == 1) {
+    fn(nullptr);
+    return;
+  }
+  auto store = Store::in_memory();
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(world);
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        auto group = ProcessGroup::create(store, r, world, options);
+        fn(group);
+        group->barrier().wait();
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
 }  // namespace tessera::dist

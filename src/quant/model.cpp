@@ -30,24 +30,42 @@ std::string packed_layer_of(const std::string& param, const nn::ModelConfig& c) 
 
 std::shared_ptr<QuantizedModel> QuantizedModel::pack(const nn::Transformer& model,
                                                      const QuantConfig& config) {
+  return pack_layers(model, config, nullptr, 0.0);
+}
+
+std::shared_ptr<QuantizedModel> QuantizedModel::pack_layers(
+    const nn::Transformer& model, const QuantConfig& config,
+    const std::map<std::string, at::Tensor>* amax, double alpha) {
   TESSERA_CHECK(model.groups().tp_size() == 1 && model.groups().ep_size() == 1, InvalidArgument,
                 "QuantizedModel::pack: single-rank models only (tp = ep = 1)");
   auto q = std::make_shared<QuantizedModel>();
   q->config_ = config;
   const nn::ModelConfig& c = model.config();
-  for (const auto& [name, param] : model.named_parameters()) {
-    std::string layer = packed_layer_of(name, c);
-    if (layer.empty() || param.dim() != 2) continue;
+  auto pack_one = [&](const std::string& layer, const at::Tensor& param) {
     try {
-      q->weights_.emplace(layer, quantize(param, config));
+      const at::Tensor* stats = nullptr;
+      if (amax) {
+        auto it = amax->find(layer);
+        if (it != amax->end()) stats = &it->second;
+      }
+      if (!stats) {  // no smoothing (or a layer that never ran)
+        q->weights_.emplace(layer, quantize(param, config));
+        return;
+      }
+      at::Tensor w = param.detach().to(at::kFloat);
+      at::Tensor xmax = stats->clamp_min(1e-5);
+      at::Tensor wmax = w.abs().amax(0).clamp_min(1e-5);
+      at::Tensor m = (xmax.pow(alpha) / wmax.pow(1.0 - alpha)).clamp(1e-2, 1e2);
+      q->weights_.emplace(layer, quantize(w * m.unsqueeze(0), config));
+      q->smooth_.emplace(layer, (1.0 / m).contiguous());
     } catch (const Error& e) {
       TESSERA_THROW(InvalidArgument, "QuantizedModel::pack: layer '", layer, "': ", e.what());
     }
-  }
-  if (c.tie_word_embeddings) {
-    q->weights_.emplace("lm_head",
-                        quantize(const_cast<nn::Transformer&>(model).parameter("model.embed_tokens.weight"),
-                                 config));
+  };
+  for (const auto& [name, param] : model.named_parameters()) {
+    if (name == "model.embed_tokens.weight" && c.tie_word_embeddings) pack_one("lm_head", param);
+    const std::string layer = packed_layer_of(name, c);
+    if (!layer.empty() && param.dim() == 2) pack_one(layer, param);
   }
   return q;
 }
@@ -96,33 +114,7 @@ std::shared_ptr<QuantizedModel> QuantizedModel::pack(
   }
   model.set_linear_override(previous);
 
-  auto q = std::make_shared<QuantizedModel>();
-  q->config_ = config;
-  const nn::ModelConfig& c = model.config();
-  auto smooth_and_pack = [&](const std::string& layer, const at::Tensor& param) {
-    at::Tensor w = param.detach().to(at::kFloat);
-    auto it = recorder->amax.find(layer);
-    try {
-      if (it == recorder->amax.end()) {  // never ran (an unused expert): plain packing
-        q->weights_.emplace(layer, quantize(w, config));
-        return;
-      }
-      at::Tensor xmax = it->second.clamp_min(1e-5);
-      at::Tensor wmax = w.abs().amax(0).clamp_min(1e-5);
-      at::Tensor m = (xmax.pow(alpha) / wmax.pow(1.0 - alpha)).clamp(1e-2, 1e2);
-      q->weights_.emplace(layer, quantize(w * m.unsqueeze(0), config));
-      q->smooth_.emplace(layer, (1.0 / m).contiguous());
-    } catch (const Error& e) {
-      TESSERA_THROW(InvalidArgument, "QuantizedModel::pack: layer '", layer, "': ", e.what());
-    }
-  };
-  for (const auto& [name, param] : model.named_parameters()) {
-    std::string layer = packed_layer_of(name, c);
-    if (layer.empty() || param.dim() != 2) continue;
-    smooth_and_pack(layer, param);
-  }
-  if (c.tie_word_embeddings) smooth_and_pack("lm_head", model.parameter("model.embed_tokens.weight"));
-  return q;
+  return pack_layers(model, config, &recorder->amax, alpha);
 }
 
 void QuantizedModel::set_isa(Isa isa) {
@@ -138,7 +130,8 @@ at::Tensor QuantizedModel::linear(const std::string& name, const at::Tensor& x) 
   if (it == weights_.end()) return {};
   auto sm = smooth_.find(name);
   if (sm == smooth_.end()) return quant::linear(x, it->second, m, isa_);
-  if (sm->second.device() != x.device()) sm->second = sm->second.to(x.device());
+  // QuantizedModel::to() moves the smoothing with the weights; this .to()
+  // only converts the dtype when x is not fp32.
   return quant::linear(x * sm->second.to(x.scalar_type()), it->second, m, isa_);
 }
 

@@ -136,7 +136,8 @@ at::Tensor hadamard_rotate(const at::Tensor& x) {
     at::Tensor blocks = x.to(at::kFloat).reshape({-1, 64});
     return at::matmul(blocks, h * 0.125).view(x.sizes());
   }
-  at::Tensor out = x.to(at::kFloat).contiguous().clone();
+  // One fresh fp32 contiguous copy, transformed in place.
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat)).copy_(x);
   float* p = out.data_ptr<float>();
   const int64_t blocks = out.numel() / 64;
   at::parallel_for(0, blocks, 256, [&](int64_t b0, int64_t b1) {

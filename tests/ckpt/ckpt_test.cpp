@@ -45,30 +45,9 @@ class CkptTest : public ::testing::Test {
 
 // Runs fn(group) on `world` threads, each a rank of one in-process group.
 void run_ranks(int world, const std::function<void(std::shared_ptr<dist::ProcessGroup>)>& fn) {
-  if (world == 1) {
-    fn(nullptr);
-    return;
-  }
-  auto store = dist::Store::in_memory();
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(world);
-  for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        dist::ProcessGroupOptions opts;
-        opts.timeout = std::chrono::seconds(30);
-        auto g = dist::ProcessGroup::create(store, r, world, opts);
-        fn(g);
-        g->barrier().wait();
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
+  dist::ProcessGroupOptions opts;
+  opts.timeout = std::chrono::seconds(30);
+  dist::run_thread_ranks(world, fn, opts);
 }
 
 at::Tensor full_tensor(int seed, std::vector<int64_t> shape, at::ScalarType dtype = at::kFloat) {

@@ -16,6 +16,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -79,6 +80,13 @@ struct InitOptions {
 // variables, a world of one rank. Also sets the log rank prefix.
 // TESSERA_DIST_BACKEND=gloo|nccl overrides options.group.backend.
 std::shared_ptr<ProcessGroup> init_process_group(const InitOptions& options = {});
+
+// Runs fn(group) on `world` threads of this process, each a rank of one
+// group over an in-memory store, ending with a barrier (world 1: fn(nullptr)
+// on the calling thread). After every thread finished, rethrows the lowest
+// failing rank's error. For offline tools (checkpoint resharding) and tests.
+void run_thread_ranks(int world, const std::function<void(std::shared_ptr<ProcessGroup>)>& fn,
+                      const ProcessGroupOptions& options = {});
 
 // Waits until `world_size` ranks have checked in on `store` under `tag`
 // (each calling this once with its rank). DeadlineExceeded lists the missing

@@ -77,6 +77,13 @@ class QuantizedModel final : public nn::LinearOverride {
   static Loaded load(const std::string& path);
 
  private:
+  // Packs every linear layer; with per-layer input maxima (`amax`), smooths
+  // each layer that has them first.
+  static std::shared_ptr<QuantizedModel> pack_layers(const nn::Transformer& model,
+                                                     const QuantConfig& config,
+                                                     const std::map<std::string, at::Tensor>* amax,
+                                                     double alpha);
+
   QuantConfig config_;
   std::map<std::string, QuantizedWeight> weights_;
   std::map<std::string, at::Tensor> smooth_;
