@@ -47,7 +47,7 @@ int parse_int(const std::string& flag, const std::string& value, int min, int ma
                 value, "'\n", kUsage);
 }
 
-int free_port(const std::string& addr) {
+int pick_free_port(const std::string& addr) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   TESSERA_CHECK(fd >= 0, Unavailable, "tessera-launch: socket(): ", std::strerror(errno));
   sockaddr_in sa{};
@@ -225,7 +225,7 @@ LaunchOptions parse_launch_args(const std::vector<std::string>& args) {
 int launch(const LaunchOptions& o, std::ostream& log) {
   TESSERA_CHECK(o.nproc >= 1 && !o.command.empty(), InvalidArgument,
                 "tessera-launch: nothing to launch");
-  int port = o.master_port != 0 ? o.master_port : free_port(o.master_addr);
+  int port = o.master_port != 0 ? o.master_port : pick_free_port(o.master_addr);
 
   TESSERA_CHECK(pipe2(g_signal_pipe, O_CLOEXEC | O_NONBLOCK) == 0, Unavailable,
                 "tessera-launch: pipe(): ", std::strerror(errno));
@@ -379,5 +379,7 @@ int launch(const LaunchOptions& o, std::ostream& log) {
   }
   return result;
 }
+
+int free_port(const std::string& address) { return pick_free_port(address); }
 
 }  // namespace tessera::dist

@@ -41,4 +41,8 @@ LaunchOptions parse_launch_args(const std::vector<std::string>& args);
 // Status lines go to `log` (stderr in tessera-launch).
 int launch(const LaunchOptions& options, std::ostream& log);
 
+// A TCP port that is free on `address` right now (the kernel's choice for
+// port 0), for a rendezvous store started shortly after.
+int free_port(const std::string& address = "127.0.0.1");
+
 }  // namespace tessera::dist
