@@ -804,13 +804,17 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
     at::Tensor last = (lengths - 1).clamp_min(0);
     h = h.gather(1, last.view({B, 1, 1}).expand({B, 1, h.size(2)}).to(h.device()));
   }
+  if (!out.aux_loss.defined()) out.aux_loss = at::zeros({}, at::kFloat);
+  if (!loads.empty()) out.expert_load = at::stack(loads);
+  if (options.hidden_only) {
+    out.hidden = h;
+    return out;
+  }
   at::Tensor logits;
   if (m.linear_override) logits = m.linear_override->linear("lm_head", h);
   if (!logits.defined()) logits = dense(copy_to_group(h, m.groups.tp), m.lm_head);
   if (options.gather_logits) logits = gather_last_dim(logits, m.groups.tp, m.vocab_sizes);
   out.logits = logits;
-  if (!out.aux_loss.defined()) out.aux_loss = at::zeros({}, at::kFloat);
-  if (!loads.empty()) out.expert_load = at::stack(loads);
   return out;
 }
 

@@ -718,8 +718,15 @@ Batch Driver::get(const BatchRef& ref) {
   if (pieces.empty()) return out;
   for (const auto& [k, t] : pieces.front()) {
     std::vector<at::Tensor> parts;
-    for (const Batch& b : pieces) parts.push_back(b.at(k));
-    out[k] = parts.size() == 1 ? parts[0] : at::cat(parts, 0);
+    for (const Batch& b : pieces) {
+      auto it = b.find(k);
+      TESSERA_CHECK(it != b.end(), InvalidArgument, "batch '", ref.name, "': tensor '", k,
+                    "' missing from some workers' rows");
+      parts.push_back(it->second);
+    }
+    out[k] = translate_errors("batch '" + ref.name + "', tensor '" + k + "'",
+                              [&] { return parts.size() == 1 ? parts[0] : at::cat(parts, 0); },
+                              ErrorCode::kInvalidArgument);
   }
   return out;
 }

@@ -67,9 +67,10 @@ std::shared_ptr<dist::ProcessGroup> make_micro_dp_group(dist::ProcessGroup& worl
 
 at::Tensor gather_generation_shard(const at::Tensor& local,
                                    const std::shared_ptr<dist::ProcessGroup>& micro_dp_group,
-                                   int64_t* bytes_received) {
-  TESSERA_CHECK(local.defined() && local.dim() >= 1, InvalidArgument,
-                "gather_generation_shard: expected a training shard with at least one dimension");
+                                   int64_t* bytes_received, int64_t dim) {
+  TESSERA_CHECK(local.defined() && local.dim() >= 1 && dim >= 0 && dim < local.dim(), InvalidArgument,
+                "gather_generation_shard: expected a training shard with at least one dimension and a "
+                "dimension inside it");
   const int n = micro_dp_group ? micro_dp_group->size() : 1;
   if (n == 1) return local;
   std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());
@@ -78,7 +79,9 @@ at::Tensor gather_generation_shard(const at::Tensor& local,
   at::Tensor in = local.contiguous();
   micro_dp_group->all_gather(out, in).wait();
   if (bytes_received) *bytes_received += static_cast<int64_t>(in.nbytes()) * (n - 1);
-  return out;
+  if (dim == 0) return out;
+  // Blocks were gathered along rows; put them side by side along `dim`.
+  return at::cat(out.chunk(n, 0), dim);
 }
 
 }  // namespace tessera::rlhf

@@ -138,6 +138,10 @@ struct ForwardOptions {
   // one forward gives bit-identical logits to decoding them one at a time.
   // fp32 CPU models only; slower than the default for long contexts.
   bool batch_invariant = false;
+  // Skip the LM head: ForwardOutput::hidden gets the final-normed hidden
+  // states [B, T, H] (or [B, 1, H] with last_logits_only) and logits stay
+  // undefined. For value heads (critics, reward models).
+  bool hidden_only = false;
 };
 
 struct ForwardOutput {
@@ -145,6 +149,7 @@ struct ForwardOutput {
   at::Tensor aux_loss;  // scalar: load-balancing + z-loss terms, already weighted (0 for dense)
   std::vector<RoutingRecord> routing;
   at::Tensor expert_load;  // [num_layers_moe, num_experts] tokens routed per expert (float)
+  at::Tensor hidden;       // with ForwardOptions::hidden_only
 };
 
 class Transformer {

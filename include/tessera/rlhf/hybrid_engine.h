@@ -53,12 +53,12 @@ std::shared_ptr<dist::ProcessGroup> make_micro_dp_group(dist::ProcessGroup& worl
                                                         const HybridEngineGroups& g);
 
 // The transition for one weight: `local` is this rank's training shard (a
-// weight split into train_tp equal row blocks, shard = tp rank); returns
-// its generation shard (train_tp / gen_tp consecutive blocks), gathered
-// inside `micro_dp_group` with one all_gather. Adds the bytes this rank
-// received to *bytes_received when given.
+// weight split into train_tp equal blocks along `dim`, shard = tp rank);
+// returns its generation shard (train_tp / gen_tp consecutive blocks),
+// gathered inside `micro_dp_group` with one all_gather. Adds the bytes this
+// rank received to *bytes_received when given.
 at::Tensor gather_generation_shard(const at::Tensor& local,
                                    const std::shared_ptr<dist::ProcessGroup>& micro_dp_group,
-                                   int64_t* bytes_received = nullptr);
+                                   int64_t* bytes_received = nullptr, int64_t dim = 0);
 
 }  // namespace tessera::rlhf

@@ -1,0 +1,218 @@
+// Shared by examples/rlhf_grpo and examples/rlhf_ppo: command line, model
+// preparation, worker placement and the progress table.
+#pragma once
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "tessera/core/error.h"
+#include "tessera/nn/generate.h"
+#include "tessera/nn/loader.h"
+#include "tessera/nn/train.h"
+#include "tessera/rlhf/driver.h"
+#include "tessera/rlhf/pipeline.h"
+#include "tessera/rlhf/roles.h"
+
+namespace rlhf_example {
+
+namespace tn = tessera::nn;
+namespace tr = tessera::rlhf;
+
+struct Options {
+  std::string model = "smollm2";    // smollm2 | small
+  std::string gguf;                 // SmolLM2 file (default: scripts/smollm2-path.sh)
+  std::string small_dir = "/tmp/tessera-rlhf-small";
+  std::string placement = "colocated";  // colocated | split
+  int processes = 4, tp = 0, gen_tp = 1;  // tp 0: per-model default (SmolLM2's 9 heads allow 1 or 3)
+  double lr = 0;                    // 0: per-model default
+  std::string ckpt;                 // checkpoint root ("" : none)
+  int64_t checkpoint_every = 1;
+  bool resume = false;
+  tr::PipelineOptions run;
+};
+
+inline void usage_error(const std::string& what) {
+  throw tessera::InvalidArgument(
+      what + "\nusage: [--model smollm2|small] [--gguf FILE] [--iterations N] [--prompts N] [--samples N]"
+             " [--placement colocated|split] [--tp N] [--gen-tp N] [--lr X] [--ckpt DIR]"
+             " [--checkpoint-every N] [--resume] [--stop-after N] [--max-operand N]");
+}
+
+inline Options parse(int argc, char** argv, int64_t default_iterations) {
+  Options o;
+  o.run.iterations = -1;
+  o.run.prompts_per_iteration = -1;
+  o.run.samples = -1;
+  o.run.max_operand = 9;  // single-digit sums: hard enough for 135M parameters
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) usage_error(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--model") o.model = value();
+    else if (a == "--gguf") o.gguf = value();
+    else if (a == "--iterations") o.run.iterations = std::stoll(value());
+    else if (a == "--prompts") o.run.prompts_per_iteration = std::stoll(value());
+    else if (a == "--samples") o.run.samples = std::stoll(value());
+    else if (a == "--placement") o.placement = value();
+    else if (a == "--tp") o.tp = std::stoi(value());
+    else if (a == "--gen-tp") o.gen_tp = std::stoi(value());
+    else if (a == "--lr") o.lr = std::stod(value());
+    else if (a == "--ckpt") o.ckpt = value();
+    else if (a == "--checkpoint-every") o.checkpoint_every = std::stoll(value());
+    else if (a == "--resume") o.resume = true;
+    else if (a == "--stop-after") o.run.stop_after = std::stoll(value());
+    else if (a == "--max-operand") o.run.max_operand = std::stoi(value());
+    else usage_error("unknown option '" + a + "'");
+  }
+  if (o.model != "smollm2" && o.model != "small") usage_error("--model: smollm2 or small");
+  // Defaults per model: SmolLM2 iterations cost ~15 s on 2 cores, the small
+  // model's ~0.4 s, so it takes more and larger iterations in the same time.
+  const bool small = o.model == "small";
+  if (o.run.iterations < 0) o.run.iterations = small ? 5 * default_iterations : default_iterations;
+  if (o.run.prompts_per_iteration < 0) o.run.prompts_per_iteration = small ? 16 : 8;
+  if (o.run.samples < 0) o.run.samples = small ? 8 : 4;
+  if (o.placement != "colocated" && o.placement != "split") usage_error("--placement: colocated or split");
+  o.run.checkpoint_dir = o.ckpt;
+  o.run.checkpoint_every = o.ckpt.empty() ? 0 : o.checkpoint_every;
+  o.run.resume = o.resume;
+  return o;
+}
+
+inline std::string smollm2_path(const std::string& given) {
+  if (!given.empty()) return given;
+  if (const char* env = std::getenv("TESSERA_SMOLLM2_GGUF")) return env;
+  const std::string script = std::string(TESSERA_SOURCE_DIR) + "/scripts/smollm2-path.sh";
+  FILE* pipe = popen((script + " 2>/dev/null").c_str(), "r");
+  std::string out;
+  char buf[4096];
+  while (pipe && std::fgets(buf, sizeof(buf), pipe)) out += buf;
+  if (pipe) pclose(pipe);
+  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+  if (out.empty() || !std::filesystem::exists(out)) {
+    usage_error("SmolLM2-135M-Instruct not found: run scripts/install-deps.sh, pass --gguf, or use --model small");
+  }
+  return out;
+}
+
+// A small byte-level model that has seen some arithmetic (a few hundred
+// steps of next-token training, as the quickstart's pretraining stage
+// does), written once as a Hugging Face folder and reused.
+inline std::string small_model(const std::string& dir) {
+  if (std::filesystem::exists(dir + "/config.json")) return dir;
+  std::printf("pretraining the small model (once, into %s)...\n", dir.c_str());
+  auto tokenizer = tn::Tokenizer::bytes({"<|endoftext|>"});
+  std::vector<int64_t> ids;
+  for (const auto& e : tn::arithmetic_examples(20000, /*seed=*/1)) {
+    for (int32_t id : tokenizer.encode(e.prompt + e.answer + "\n")) ids.push_back(id);
+  }
+  std::filesystem::create_directories(dir);
+  tn::TokenDataset::write(dir + "/arithmetic.tokens", ids);
+  auto data = tn::TokenDataset::open(dir + "/arithmetic.tokens");
+  tn::ModelConfig cfg;
+  cfg.vocab_size = tokenizer.vocab_size();
+  cfg.hidden_size = 128;
+  cfg.intermediate_size = 256;
+  cfg.num_hidden_layers = 4;
+  cfg.num_attention_heads = 4;
+  cfg.num_key_value_heads = 2;
+  cfg.max_position_embeddings = 256;
+  cfg.bos_token_id = cfg.vocab_size - 1;
+  cfg.eos_token_ids = {cfg.vocab_size - 1};
+  tn::Transformer model(cfg);
+  model.init_random(/*seed=*/7);
+  tn::TrainerOptions to;
+  to.steps = 500;
+  to.lr = 3e-3;
+  to.min_lr = 3e-4;
+  to.warmup = 15;
+  tn::Trainer trainer(model, to);
+  for (int64_t s = 0; s < to.steps; ++s) {
+    auto batch = data.batch(s, /*global_batch=*/32, /*seq_len=*/64);
+    trainer.step(batch.input_ids, batch.labels);
+  }
+  tn::save_hf_model(dir, cfg, tn::gather_full_weights(model));
+  return dir;
+}
+
+// Pools and roles for the chosen placement: colocated puts every role on
+// all processes (time-shared); split gives the actor half the processes
+// and the other roles the other half.
+inline tr::DriverOptions placement(const Options& o, const std::string& model_json, const std::string& tokenizer,
+                                   double lr, bool with_critic) {
+  tr::DriverOptions d;
+  const bool split = o.placement == "split";
+  const int actor_procs = split ? o.processes / 2 : o.processes;
+  const std::string other = split ? "others" : "all";
+  d.pools = {{split ? "actor" : "all", actor_procs}};
+  if (split) d.pools.push_back({"others", o.processes - actor_procs});
+  const int tp = std::min(o.tp, actor_procs);
+  const std::string actor = "{\"model\": " + model_json + ", \"tp\": " + std::to_string(tp) +
+                            ", \"gen_tp\": " + std::to_string(std::min(o.gen_tp, tp)) +
+                            ", \"lr\": " + std::to_string(lr) +
+                            ", \"temperature\": 1.0, \"max_new_tokens\": 8, \"micro_batch\": 16, \"seed\": 1}";
+  d.roles.push_back({"actor", "actor", d.pools[0].name, actor});
+  d.roles.push_back({"reference", "reference", other, "{\"model\": " + model_json + ", \"micro_batch\": 16}"});
+  d.roles.push_back({"reward", "reward_rule", other, "{\"tokenizer\": \"" + tokenizer + "\"}"});
+  if (with_critic) {
+    d.roles.push_back({"critic", "critic", other,
+                       "{\"model\": " + model_json + ", \"lr\": " + std::to_string(lr) + ", \"micro_batch\": 16}"});
+  }
+  return d;
+}
+
+// Sets up model, tokenizer and prompt format; returns the driver options.
+struct Prepared {
+  tr::DriverOptions driver;
+  tn::Tokenizer tokenizer;
+};
+inline Prepared prepare(Options& o, bool with_critic) {
+  std::string model_json, tokenizer_spec;
+  double lr = o.lr;
+  if (o.model == "smollm2") {
+    const std::string path = smollm2_path(o.gguf);
+    model_json = "{\"gguf\": \"" + path + "\"}";
+    tokenizer_spec = "gguf:" + path;
+    auto gguf = tn::read_gguf_model(path);
+    o.run.prompt_format = "chat";
+    o.run.chat_template = gguf.chat_template;
+    if (lr == 0) lr = 2e-6;
+    if (o.tp == 0) o.tp = 1;
+  } else {
+    model_json = "{\"hf\": \"" + small_model(o.small_dir) + "\"}";
+    tokenizer_spec = "bytes";
+    if (lr == 0) lr = 1e-4;
+    if (o.tp == 0) o.tp = 2;
+  }
+  Prepared p{placement(o, model_json, tokenizer_spec, lr, with_critic), tr::load_tokenizer(tokenizer_spec)};
+  return p;
+}
+
+inline void print_header() {
+  std::printf("%5s %8s %9s %8s %7s %8s %9s %12s %11s\n", "iter", "reward", "pg_loss", "kl", "clip", "sec",
+              "tok/s", "reshard MB", "gen wts MB");
+}
+
+inline void print_row(const tr::IterationStats& s) {
+  std::printf("%5lld %8.3f %9.4f %8.4f %7.3f %8.2f %9.1f %12.2f %11.2f\n", static_cast<long long>(s.iteration),
+              s.mean_score, s.pg_loss, s.kl, s.clip_fraction, s.seconds, s.tokens_per_second,
+              s.transition_bytes / 1e6, s.generation_weight_bytes / 1e6);
+  std::fflush(stdout);
+}
+
+inline void print_summary(const std::vector<tr::IterationStats>& stats) {
+  if (stats.size() < 2) return;
+  const size_t k = std::max<size_t>(1, stats.size() / 3);
+  double first = 0, last = 0;
+  for (size_t i = 0; i < k; ++i) {
+    first += stats[i].mean_score / k;
+    last += stats[stats.size() - 1 - i].mean_score / k;
+  }
+  std::printf("mean reward: first %zu iterations %.3f -> last %zu iterations %.3f\n", k, first, k, last);
+}
+
+}  // namespace rlhf_example
