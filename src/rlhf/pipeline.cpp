@@ -226,7 +226,8 @@ std::vector<IterationStats> run_ppo(Driver& driver, const nn::Tokenizer& tokeniz
     at::Tensor var = masked_mean((gae_out.advantages - mean).pow(2), mask);
     at::Tensor adv = (gae_out.advantages - mean) * at::rsqrt(var + 1e-8) * mask;
     BatchRef extra = driver.put(tag + "adv", {{"advantages", adv}, {"returns", gae_out.returns}});
-    auto up_f = actor.call("update", {gen.output, old.output, extra}, Args().set("iteration", it), named(it, "update", o));
+    auto up_f = actor.call("update", {gen.output, old.output, ref.output, extra}, Args().set("iteration", it),
+                           named(it, "update", o));
     auto crit_f = critic.call("update", {gen.output, values.output, extra}, {}, named(it, "critic_update", o));
     CallResult up = up_f.get(), crit = crit_f.get();
     s.pg_loss = up.metric("pg_loss");
