@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -202,6 +203,10 @@ struct Driver::Impl final : public rpc::Driver::Service {
   // --- Processes -------------------------------------------------------------
   void spawn_all() {
     int index = 0;
+    int total = 0;
+    for (const PoolSpec& pool : opt.pools) total += pool.processes;
+    const int cpus = std::max(1, static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)));
+    int first_cpu = 0;
     for (const PoolSpec& pool : opt.pools) {
       TESSERA_CHECK(pool.processes >= 1, InvalidArgument, "pool '", pool.name, "' needs at least one process");
       nlohmann::json roles = nlohmann::json::array();
@@ -213,6 +218,7 @@ struct Driver::Impl final : public rpc::Driver::Service {
       }
       TESSERA_CHECK(!role_names.empty(), InvalidArgument, "pool '", pool.name, "' hosts no role");
       const int port = dist::free_port("127.0.0.1");
+      const int pool_cpus = std::max(1, cpus * pool.processes / total);
       for (int rank = 0; rank < pool.processes; ++rank, ++index) {
         Process p;
         p.info.process = index;
@@ -235,15 +241,16 @@ struct Driver::Impl final : public rpc::Driver::Service {
             "MASTER_ADDR=127.0.0.1",
             "MASTER_PORT=" + std::to_string(port)};
         for (const std::string& e : opt.worker_env) env.push_back(e);
-        p.pid = spawn(env);
+        p.pid = spawn(env, opt.pin_cpus ? (first_cpu + rank % pool_cpus) % cpus : -1);
         p.info.pid = p.pid;
         procs.push_back(std::move(p));
       }
+      first_cpu += pool_cpus;
     }
     next_seq.assign(procs.size(), 0);
   }
 
-  pid_t spawn(const std::vector<std::string>& extra_env) {
+  pid_t spawn(const std::vector<std::string>& extra_env, int cpu) {
     // Everything the child needs is prepared before fork(): after it, only
     // async-signal-safe calls.
     std::set<std::string> overridden;
@@ -261,12 +268,16 @@ struct Driver::Impl final : public rpc::Driver::Service {
     argv.push_back(nullptr);
     for (auto& s : env_strings) envp.push_back(s.data());
     envp.push_back(nullptr);
+    cpu_set_t cpu_set;
+    CPU_ZERO(&cpu_set);
+    if (cpu >= 0) CPU_SET(cpu, &cpu_set);
     const pid_t parent = getpid();
     const pid_t pid = fork();
     TESSERA_CHECK(pid >= 0, Unavailable, "fork failed: ", std::strerror(errno));
     if (pid == 0) {
       prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the driver
       if (getppid() != parent) _exit(127);
+      if (cpu >= 0) sched_setaffinity(0, sizeof(cpu_set), &cpu_set);
       execve(argv[0], argv.data(), envp.data());
       _exit(127);
     }

@@ -64,6 +64,10 @@ struct DriverOptions {
   int max_message_bytes = 4 << 20;     // control-plane message limit
   // Extra environment for the workers ("KEY=VALUE").
   std::vector<std::string> worker_env;
+  // Give each pool its own CPUs (a share proportional to its processes,
+  // each process pinned to one of them), as pools own their accelerators
+  // on a cluster. Off: the kernel schedules every process on every CPU.
+  bool pin_cpus = false;
 };
 
 // Rows [begin, end) of a batch, held by a process (-1: by the driver) as its
