@@ -27,6 +27,12 @@
 // once and decodes held-out questions with W4A16 (weight-only) and with
 // QSPEC (draft in W4A4, verify in W4A16, one KV cache), checks that the two
 // agree token for token and prints speed and acceptance.
+//
+// Stage 5 (RLHF): once the ranks are done, this process becomes a
+// single-controller driver: it starts 2 worker processes hosting the actor
+// (trained tensor parallel, generating through the 3D-HybridEngine), the
+// reference policy and a rule reward, and runs a few GRPO iterations on the
+// pretrained MoE, printing the mean reward per iteration.
 #include <ATen/ATen.h>
 #include <unistd.h>
 
@@ -50,6 +56,8 @@
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
+#include "tessera/rlhf/driver.h"
+#include "tessera/rlhf/pipeline.h"
 #include "tessera/specdec/qspec.h"
 
 namespace td = tessera::dist;
@@ -408,11 +416,54 @@ void stage_qspec(const std::shared_ptr<td::ProcessGroup>& world) {
                "QSPEC does not beat W4A16 here; docs/qspec.md says why)\n";
 }
 
+// Stage 5: GRPO on the pretrained MoE, driver here, 2 worker processes.
+int stage_grpo() {
+  namespace tr = tessera::rlhf;
+  const std::string model = "{\"hf\": \"" + output_dir() + "/pretrained\"}";
+  tr::DriverOptions d;
+  d.pools = {{"all", 2}};
+  d.roles = {{"actor", "actor", "all",
+              "{\"model\": " + model + ", \"tp\": 2, \"gen_tp\": 1, \"lr\": 1e-4, \"max_new_tokens\": 6}"},
+             {"reference", "reference", "all", "{\"model\": " + model + "}"},
+             {"reward", "reward_rule", "all", "{\"tokenizer\": \"bytes\"}"}};
+  std::cout << "\n[5] RLHF: GRPO on the pretrained MoE (1 driver + 2 worker processes; actor trains tp 2,\n"
+               "    generates tp 1 via the 3D-HybridEngine; reference and rule reward colocated)\n";
+  tr::Driver driver(d);
+  tr::PipelineOptions o;
+  o.iterations = 12;
+  o.prompts_per_iteration = 16;
+  o.samples = 8;
+  o.data_seed = 1234;
+  o.max_operand = 9;  // single-digit questions: the 2-digit ones are mostly beyond this small model
+  std::vector<double> rewards;
+  tr::run_grpo(driver, tn::Tokenizer::bytes({"<|endoftext|>"}), o, [&](const tr::IterationStats& s) {
+    rewards.push_back(s.mean_score);
+    std::printf("    iteration %2lld  mean reward %.3f  kl %.4f  %.2f s  reshard %.2f MB/rank\n",
+                static_cast<long long>(s.iteration), s.mean_score, s.kl, s.seconds, s.transition_bytes / 1e6);
+  });
+  const double first = (rewards[0] + rewards[1] + rewards[2]) / 3;
+  const double last = (rewards[rewards.size() - 1] + rewards[rewards.size() - 2] + rewards[rewards.size() - 3]) / 3;
+  std::printf("    mean reward, first 3 iterations %.3f -> last 3 %.3f (examples/rlhf_grpo runs longer)\n", first, last);
+  driver.shutdown();
+  std::cout << "quickstart: done" << std::endl;
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
-    if (!td::EnvInfo::from_env().distributed) return relaunch_self(argc, argv, 2);
+    // Worker processes started by stage 5's driver run their roles here.
+    if (std::getenv("TESSERA_RLHF_DRIVER")) {
+      tessera::init_runtime();
+      if (auto code = tessera::rlhf::run_worker_if_spawned(tessera::rlhf::RoleRegistry::builtin())) return *code;
+    }
+    if (!td::EnvInfo::from_env().distributed) {
+      const int code = relaunch_self(argc, argv, 2);
+      if (code != 0) return code;
+      tessera::init_runtime();
+      return stage_grpo();
+    }
     auto info = tessera::init_runtime();
     auto world = td::init_process_group();
     if (world->rank() == 0) std::cout << "runtime: " << info.summary() << "\n";
@@ -421,7 +472,7 @@ int main(int argc, char** argv) {
     stage_adapters(world);
     stage_qspec(world);
     world->barrier().wait();
-    if (world->rank() == 0) std::cout << "quickstart: done" << std::endl;
+    if (world->rank() == 0) std::cout << "quickstart: stages 1-4 done" << std::endl;
     return 0;
   } catch (const tessera::Error& e) {
     std::cerr << "quickstart failed: " << e.what() << std::endl;
