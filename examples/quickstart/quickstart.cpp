@@ -86,7 +86,7 @@ void stage_distributed(td::ProcessGroup& world, const std::shared_ptr<td::Proces
   const int64_t tp = n % 2 == 0 ? 2 : 1;
   auto mesh = td::DeviceMesh::create(world_ptr, {{"dp", n / tp}, {"tp", tp}});
   if (me == 0) {
-    std::cout << "[1/4] distributed runtime: " << n << " ranks on a mesh dp=" << n / tp
+    std::cout << "[1/5] distributed runtime: " << n << " ranks on a mesh dp=" << n / tp
               << " x tp=" << tp << " (" << td::backend_name(world.backend()) << ")\n";
   }
 
@@ -209,7 +209,7 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   tn::Trainer trainer(model, opts, groups.ep ? nullptr : world);
   const int64_t global_batch = 16 * n, seq_len = 64;
   if (me == 0) {
-    std::cout << "[2/4] pretrain " << cfg.summary() << "\n      on " << data.num_tokens()
+    std::cout << "[2/5] pretrain " << cfg.summary() << "\n      on " << data.num_tokens()
               << " tokens of arithmetic text, " << (groups.ep ? "experts" : "data")
               << " parallel over " << n << " ranks, " << opts.steps << " steps of "
               << global_batch * seq_len << " tokens\n";
@@ -360,7 +360,7 @@ void stage_adapters(const std::shared_ptr<td::ProcessGroup>& world) {
   };
   tn::Transformer base = tn::load_hf_model(output_dir() + "/pretrained");
   if (me == 0) {
-    std::cout << "[3/4] adapters: the pretrained model frozen, multiplication (never seen) learnt by "
+    std::cout << "[3/5] adapters: the pretrained model frozen, multiplication (never seen) learnt by "
                  "adapters, data parallel over " << n << " ranks\n";
   }
   run("LoRA", tessera::lora::make_lora(base, {16, 32, 0.0, false, targets}, 1), base);
@@ -381,7 +381,7 @@ void stage_qspec(const std::shared_ptr<td::ProcessGroup>& world) {
   tn::Transformer model = tn::load_hf_model(output_dir() + "/pretrained");
   auto packed = tq::QuantizedModel::pack(model, {64, true});
   model.set_linear_override(packed);
-  std::cout << "[4/4] QSPEC: " << packed->weights().size() << " linear layers packed to int4 ("
+  std::cout << "[4/5] QSPEC: " << packed->weights().size() << " linear layers packed to int4 ("
             << packed->bytes() / 1024 << " KiB; fp32 " << model.num_local_parameters() * 4 / 1024
             << " KiB), kernels " << tq::isa_name(tq::best_isa()) << "\n";
   std::vector<std::vector<int64_t>> prompts;
@@ -426,8 +426,8 @@ int stage_grpo() {
               "{\"model\": " + model + ", \"tp\": 2, \"gen_tp\": 1, \"lr\": 1e-4, \"max_new_tokens\": 6}"},
              {"reference", "reference", "all", "{\"model\": " + model + "}"},
              {"reward", "reward_rule", "all", "{\"tokenizer\": \"bytes\"}"}};
-  std::cout << "\n[5] RLHF: GRPO on the pretrained MoE (1 driver + 2 worker processes; actor trains tp 2,\n"
-               "    generates tp 1 via the 3D-HybridEngine; reference and rule reward colocated)\n";
+  std::cout << "[5/5] RLHF: GRPO on the pretrained MoE (1 driver + 2 worker processes; actor trains tp 2,\n"
+               "      generates tp 1 via the 3D-HybridEngine; reference and rule reward colocated)" << std::endl;
   tr::Driver driver(d);
   tr::PipelineOptions o;
   o.iterations = 12;
@@ -438,12 +438,12 @@ int stage_grpo() {
   std::vector<double> rewards;
   tr::run_grpo(driver, tn::Tokenizer::bytes({"<|endoftext|>"}), o, [&](const tr::IterationStats& s) {
     rewards.push_back(s.mean_score);
-    std::printf("    iteration %2lld  mean reward %.3f  kl %.4f  %.2f s  reshard %.2f MB/rank\n",
+    std::printf("      iteration %2lld  mean reward %.3f  kl %.4f  %.2f s  reshard %.2f MB/rank\n",
                 static_cast<long long>(s.iteration), s.mean_score, s.kl, s.seconds, s.transition_bytes / 1e6);
   });
   const double first = (rewards[0] + rewards[1] + rewards[2]) / 3;
   const double last = (rewards[rewards.size() - 1] + rewards[rewards.size() - 2] + rewards[rewards.size() - 3]) / 3;
-  std::printf("    mean reward, first 3 iterations %.3f -> last 3 %.3f (examples/rlhf_grpo runs longer)\n", first, last);
+  std::printf("      mean reward, first 3 iterations %.3f -> last 3 %.3f (examples/rlhf_grpo runs longer)\n", first, last);
   driver.shutdown();
   std::cout << "quickstart: done" << std::endl;
   return 0;
