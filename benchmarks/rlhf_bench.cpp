@@ -10,7 +10,7 @@
 //  3. driver overhead per call as the batch grows (the batch stays on the
 //     workers; requests carry references).
 //
-//   build/release/bin/rlhf_bench [--iterations 6] [--hidden 256]
+//   build/release/bin/rlhf_bench [--iterations 12] [--hidden 256]
 #include <ATen/ATen.h>
 
 #include <chrono>
@@ -192,7 +192,7 @@ int main(int argc, char** argv) {
   auto registry = tr::RoleRegistry::builtin();
   registry.add("noop", [] { return std::make_unique<NoopRole>(); });
   if (auto code = tr::run_worker_if_spawned(registry)) return *code;
-  int64_t iterations = 6, hidden = 256;
+  int64_t iterations = 12, hidden = 256;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--iterations") iterations = std::stoll(argv[i + 1]);
