@@ -347,6 +347,8 @@ struct Transformer::Impl {
   std::shared_ptr<LinearOverride> linear_override;
   AdapterContext adapter_context;  // of the forward in progress
   bool invariant = false;          // ForwardOptions::batch_invariant of the forward in progress
+  bool record_attention = false;   // keep the last attention's argmax key per query (routing records)
+  at::Tensor last_attention_argmax;
 
   // A linear layer by Hugging Face module name, with the override and the
   // adapter applied.
@@ -478,6 +480,7 @@ struct Transformer::Impl {
     at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(hd)));
     scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
     at::Tensor probs = at::softmax(scores.to(accumulate_type(scores.scalar_type())), -1).to(q.scalar_type());
+    if (record_attention) last_attention_argmax = probs.detach().sum(1).argmax(-1).reshape({B * T});
     at::Tensor out = at::matmul(probs, v).transpose(1, 2).reshape({B, T, nh * hd});
     return proj(out, w.o, {}, a + "o_proj");
   }
@@ -509,7 +512,7 @@ struct Transformer::Impl {
     }
     if (record) {
       out.routing.push_back({layer, top_e.detach().clone(), top_w.detach().to(at::kFloat).clone(),
-                             probs.detach().clone()});
+                             probs.detach().clone(), last_attention_argmax});
     }
 
     // Sort assignments by expert (stable: token order within an expert).
@@ -775,6 +778,8 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
 
   const bool invariant = options.batch_invariant;
   m.invariant = invariant;
+  m.record_attention = options.record_routing;
+  m.last_attention_argmax = at::Tensor();
   auto norm = [&](const at::Tensor& v, const at::Tensor& weight) {
     return invariant ? rms_norm_invariant(v, weight, c.rms_norm_eps) : rms_norm(v, weight, c.rms_norm_eps);
   };

@@ -82,6 +82,11 @@ struct RoutingRecord {
   at::Tensor experts;  // [tokens, top_k] int64, tokens in [B*T] order
   at::Tensor weights;  // [tokens, top_k] float
   at::Tensor router_probs;  // [tokens, num_experts] float (after softmax)
+  // Per token, the position (within its sequence) of the key that received
+  // the most attention from it in this layer's attention, summed over heads
+  // (the serverless-MoE paper's "attention id" is the token there). Local
+  // heads only under tensor parallelism; empty on the batch-invariant path.
+  at::Tensor attention_argmax;  // [tokens] int64
 };
 
 // What an adapter may know about the current forward.
