@@ -24,7 +24,9 @@
 // died, stopped answering, a call failed or timed out) is recorded with the
 // role and rank it concerns, every pending and later call fails with it
 // (tessera::Error), and all workers are stopped (SIGTERM, then SIGKILL).
-// Workers also die with the driver's process (PR_SET_PDEATHSIG). Thread-safe.
+// Workers also die with the driver (PR_SET_PDEATHSIG, which Linux ties to
+// the thread that started them: construct the Driver on a thread that
+// outlives it, such as main's). Thread-safe.
 #pragma once
 
 #include <cstdint>
