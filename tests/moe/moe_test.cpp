@@ -12,6 +12,7 @@
 #include "tessera/core/error.h"
 #include "tessera/moe/deploy.h"
 #include "tessera/moe/prediction.h"
+#include "tessera/moe/search.h"
 
 namespace tessera::moe {
 namespace {
@@ -116,6 +117,54 @@ TEST(Deployment, LimitsAreRespected) {
   p.memory_mb = {128};
   p.t_cal = {1e-3};
   EXPECT_THROW(optimal_deployment(p, prices, {{1000.0}}, 10.0), InvalidArgument);
+}
+
+
+TEST(Simulator, OverflowsAreCorrectedAndCounted) {
+  const PriceSheet prices = PriceSheet::aws_lambda();
+  const PlatformProfile p = small_profile();
+  // Planned for 100 tokens per expert; the batch brings 5000 to expert 1.
+  Deployment plan = optimal_deployment(p, prices, {{100, 100}}, 10.0);
+  ASSERT_TRUE(plan.feasible);
+  Simulation same = simulate(p, prices, plan, {{100, 100}});
+  EXPECT_NEAR(same.cost, plan.cost, 1e-12);
+  EXPECT_EQ(same.memory_overflows + same.payload_overflows, 0);
+  Simulation big = simulate(p, prices, plan, {{100, 5000}});
+  EXPECT_GT(big.memory_overflows + big.payload_overflows, 0);
+  EXPECT_GT(big.cost, same.cost);
+  EXPECT_TRUE(big.memory_factor[0][1] > 1 || big.payload_factor[0][1] > 1);
+  EXPECT_EQ(big.memory_factor[0][0], 1.0);
+}
+
+TEST(BayesianOptimisation, ConvergesOnTheSimulatorAndBeatsThePrediction) {
+  const PriceSheet prices = PriceSheet::aws_lambda();
+  const PlatformProfile p = small_profile();
+  // The real popularity; the predictor underestimates the two hot experts.
+  const Loads real_mean = {{900, 120, 60, 20}, {500, 500, 30, 10}};
+  Loads predicted = real_mean;
+  predicted[0][0] *= 0.3;
+  predicted[1][1] *= 0.3;
+  std::mt19937 rng(3);
+  std::normal_distribution<double> noise(1.0, 0.05);
+  auto real = [&](int) {
+    Loads r = real_mean;
+    for (auto& l : r)
+      for (double& t : l) t = std::round(t * noise(rng));
+    return r;
+  };
+  BoOptions o;
+  o.slo_seconds = 2.5;
+  o.space.max_replicas = 3;
+  o.space.betas = {32, 128};
+  BoTrace t = bayesian_optimisation(p, prices, predicted, real, o);
+  EXPECT_TRUE(t.converged) << t.iterations << " iterations";
+  EXPECT_LT(t.iterations, o.max_iterations);
+  ASSERT_FALSE(t.best.empty());
+  for (size_t i = 1; i < t.best.size(); ++i) EXPECT_LE(t.best[i], t.best[i - 1]);
+  EXPECT_LE(t.best.back(), t.cost.front());
+  // Planning with the true loads is the floor the search approaches.
+  const double oracle = simulate(p, prices, optimal_deployment(p, prices, real_mean, o.slo_seconds, o.space), real_mean).cost;
+  EXPECT_LE(t.best.back(), 1.5 * oracle);
 }
 
 TEST(Prediction, BayesianAndTokenOnlyBeatHistoricalOnARealRouter) {
