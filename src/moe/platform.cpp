@@ -566,4 +566,56 @@ at::Tensor ServerlessMoE::forward(const at::Tensor& x, const Routing& routing, S
   return out;
 }
 
+PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer& layer, int64_t hidden,
+                                   int64_t intermediate) {
+  const PriceSheet& prices = platform.options().prices;
+  PlatformProfile p;
+  p.memory_mb = prices.memory_sizes_mb;
+  p.input_bytes_per_token = p.output_bytes_per_token = hidden * 4;
+  p.expert_weight_bytes = 3 * hidden * intermediate * 4;
+  p.intermediate_bytes_per_token = 2 * intermediate * 4;
+  const std::string prefix = layer.prefix + "experts.0.";
+  const at::Tensor tokens = at::randn({512, hidden});
+  const at::Tensor one = at::randn({1, hidden});
+  double head = 0;
+  for (int64_t m : p.memory_mb) {
+    const std::string fn = "calibrate." + std::to_string(m);
+    platform.deploy(fn, {layer.weights, prefix, m});
+    platform.invoke(fn, {one, {}, 0});  // cold start
+    double compute = 1e30;
+    for (int r = 0; r < 3; ++r) compute = std::min(compute, platform.invoke(fn, {tokens, {}, 0}).compute_seconds);
+    p.t_cal.push_back(compute / 512.0);
+    if (m == p.memory_mb.back()) {
+      double best = 1e30;
+      for (int r = 0; r < 5; ++r) {
+        auto res = platform.invoke(fn, {one, {}, 0});
+        best = std::min(best, res.seconds - res.compute_seconds);
+      }
+      head = best;
+      // Call bandwidth: a large direct payload, minus the small one's time.
+      const int64_t n = std::max<int64_t>(1, prices.payload_limit_bytes / (hidden * 4) / 2);
+      auto big = platform.invoke(fn, {at::randn({n, hidden}), {}, 0});
+      const double transfer = std::max(1e-6, big.seconds - big.compute_seconds - head);
+      p.call_bandwidth = static_cast<double>(2 * n * hidden * 4) / transfer;
+    }
+  }
+  p.t_head = head;
+  // Storage channel: a tiny object's round trip is the latency, a large
+  // one's the bandwidth.
+  const std::string key = platform.storage_key("calibrate.storage");
+  Stopwatch small;
+  for (int r = 0; r < 10; ++r) {
+    platform.put(key, one);
+    platform.get(key);
+  }
+  p.t_dl = small.seconds() / 20;
+  const at::Tensor big = at::randn({int64_t{1} << 20, 16});  // 64 MiB
+  Stopwatch large;
+  platform.put(key, big);
+  platform.get(key);
+  p.storage_bandwidth = 2.0 * static_cast<double>(big.nbytes()) / std::max(1e-6, large.seconds() - 2 * p.t_dl);
+  std::filesystem::remove(key);
+  return p;
+}
+
 }  // namespace tessera::moe

@@ -348,6 +348,7 @@ struct Transformer::Impl {
   AdapterContext adapter_context;  // of the forward in progress
   bool invariant = false;          // ForwardOptions::batch_invariant of the forward in progress
   bool record_attention = false;   // keep the last attention's argmax key per query (routing records)
+  const ForwardOptions* options = nullptr;  // of the forward in progress
   at::Tensor last_attention_argmax;
 
   // A linear layer by Hugging Face module name, with the override and the
@@ -513,6 +514,17 @@ struct Transformer::Impl {
     if (record) {
       out.routing.push_back({layer, top_e.detach().clone(), top_w.detach().to(at::kFloat).clone(),
                              probs.detach().clone(), last_attention_argmax});
+    }
+
+    if (options && options->expert_override) {
+      TESSERA_CHECK(groups.tp_size() == 1 && groups.ep_size() == 1, InvalidArgument,
+                    "ForwardOptions::expert_override needs a single-rank model (no tp / ep)");
+      at::Tensor result = options->expert_override(layer, x, top_e, top_w);
+      check_shape(result, x.sizes(), "expert_override result");
+      if (c.shared_expert_intermediate_size > 0) {
+        result = result + at::sigmoid(dense(x, w.shared_gate)) * swiglu(x, w.shared.gate, w.shared.up, w.shared.down);
+      }
+      return result;
     }
 
     // Sort assignments by expert (stable: token order within an expert).
@@ -779,6 +791,7 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
   const bool invariant = options.batch_invariant;
   m.invariant = invariant;
   m.record_attention = options.record_routing;
+  m.options = &options;
   m.last_attention_argmax = at::Tensor();
   auto norm = [&](const at::Tensor& v, const at::Tensor& weight) {
     return invariant ? rms_norm_invariant(v, weight, c.rms_norm_eps) : rms_norm(v, weight, c.rms_norm_eps);

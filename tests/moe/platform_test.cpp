@@ -107,6 +107,30 @@ TEST(Platform, ServedOutputsEqualTheInProcessLayerForEveryMethod) {
   EXPECT_GT(platform.stats().warm_starts, 0);
 }
 
+
+TEST(Platform, ModelServedThroughTheGateEqualsTheInProcessModel) {
+  FunctionPlatform platform(options());
+  nn::Transformer model = nn::load_hf_model(g_model->dir);
+  ServerlessMoE gate(platform, g_model->layer, "layer0");
+  at::manual_seed(4);
+  at::Tensor ids = at::randint(0, 64, {4, 24}, at::kLong);
+  at::NoGradGuard no_grad;
+  at::Tensor local = model.forward(ids).logits;
+  for (const LayerPlan& p : {plan(Method::kDirect, 0, {1, 2, 1, 1}), plan(Method::kPipelined, 8, {1, 1, 1, 2})}) {
+    gate.configure(p, profile());
+    nn::ForwardOptions fo;
+    int calls = 0;
+    fo.expert_override = [&](int64_t layer, const at::Tensor& x, const at::Tensor& e, const at::Tensor& w) {
+      ++calls;
+      EXPECT_EQ(layer, 0);
+      return gate.forward(x, {e, w.to(at::kFloat)});
+    };
+    at::Tensor served = model.forward(ids, fo).logits;
+    EXPECT_EQ(calls, 1);
+    EXPECT_LT(relative_error(served, local), 1e-5) << method_name(p.method);
+  }
+}
+
 TEST(Platform, PayloadLimitIsEnforcedAndTheGateFallsBackToStorage) {
   PlatformOptions o = options();
   o.prices.payload_limit_bytes = 8 << 10;  // 8 KiB: 32 tokens of 64 floats

@@ -141,4 +141,13 @@ class ServerlessMoE {
   uint64_t calls_ = 0;
 };
 
+// Calibrates a cost-model profile from real invocations on `platform`: the
+// expert's per-token time at every memory size of the price sheet (one
+// function per size, timed inside the function), the warm-invocation
+// overhead (t_head), storage latency and bandwidth of the storage channel,
+// and the call bandwidth of direct payloads. Sizes (D_in, D_o, weights,
+// intermediates) come from the layer's tensors.
+PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer& layer, int64_t hidden_size,
+                                   int64_t intermediate_size);
+
 }  // namespace tessera::moe

@@ -25,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -147,6 +148,13 @@ struct ForwardOptions {
   // states [B, T, H] (or [B, 1, H] with last_logits_only) and logits stay
   // undefined. For value heads (critics, reward models).
   bool hidden_only = false;
+  // Computes the routed experts of every MoE layer elsewhere (a serverless
+  // platform, a simulator): called with the layer index, the layer's tokens
+  // [N, H], the chosen experts [N, k] and their weights [N, k]; returns the
+  // weighted mixture [N, H] (shared experts are still added here).
+  // Single-rank models only (no tp / ep); no capacity drops.
+  std::function<at::Tensor(int64_t layer, const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights)>
+      expert_override;
 };
 
 struct ForwardOutput {
