@@ -8,6 +8,10 @@
 
 namespace tessera::moe {
 
+namespace {
+constexpr double kShrinkage = 4.0;
+}  // namespace
+
 at::Tensor RoutingTrace::loads() const {
   const int64_t L = num_layers();
   at::Tensor out = at::zeros({L, num_experts}, at::kFloat);
@@ -132,8 +136,12 @@ std::vector<double> CountTable::expert_distribution(int64_t layer, int64_t token
     auto f = token_frequency_.find(key.second);
     const double w = p_position * (f == token_frequency_.end() ? 0.0 : f->second / token_total_);
     if (w <= 0) continue;
-    const std::vector<double> q = normalised(cell.experts);
-    for (int64_t e = 0; e < experts_; ++e) p[e] += w * q[e];
+    // A sparsely observed cell is shrunk toward P(e | f1) (kShrinkage
+    // pseudo-observations of top_k choices each).
+    double n = 0;
+    for (double c : cell.experts) n += c;
+    const double m = kShrinkage * static_cast<double>(top_k_);
+    for (int64_t e = 0; e < experts_; ++e) p[e] += w * (cell.experts[e] + m * token_only[e]) / (n + m);
     seen += w;
   }
   for (int64_t e = 0; e < experts_; ++e) p[e] += (1.0 - seen) * token_only[e];

@@ -123,7 +123,9 @@ BoTrace bayesian_optimisation(const PlatformProfile& p, const PriceSheet& prices
   TESSERA_CHECK(!predicted.empty() && o.max_iterations > 0 && o.lambda > 0, InvalidArgument,
                 "bayesian_optimisation: need predicted loads and positive iteration counts");
   const size_t L = predicted.size(), E = predicted.front().size();
-  const size_t dims = L * E;
+  // One dimension per (layer, expert), plus one scaling every entry (the
+  // headroom a deployment keeps against load noise).
+  const size_t dims = L * E + 1;
   std::mt19937_64 rng(o.seed);
   std::uniform_real_distribution<double> unit(0, 1);
   std::vector<double> tau(dims, 0.0), log_c(dims, 0.0), best_x(dims, 0.0);
@@ -133,7 +135,7 @@ BoTrace bayesian_optimisation(const PlatformProfile& p, const PriceSheet& prices
   auto loads_for = [&](const std::vector<double>& x) {
     Loads out = predicted;
     for (size_t l = 0; l < L; ++l)
-      for (size_t e = 0; e < E; ++e) out[l][e] = predicted[l][e] * std::exp(x[l * E + e]);
+      for (size_t e = 0; e < E; ++e) out[l][e] = predicted[l][e] * std::exp(x[l * E + e] + x[dims - 1]);
     return out;
   };
   int since_improvement = 0;
@@ -186,7 +188,7 @@ BoTrace bayesian_optimisation(const PlatformProfile& p, const PriceSheet& prices
           // incumbent's correction halfway to what the batch showed.
           tau[k] = 0;
           if (predicted[l][e] > 0 && real[l][e] > 0) {
-            best_x[k] += 0.5 * (std::log(real[l][e] / predicted[l][e]) - best_x[k]);
+            best_x[k] += 0.5 * (std::log(real[l][e] / predicted[l][e]) - best_x[k] - x[dims - 1]);
           }
         }
         if (sim.memory_factor[l][e] > 1) best_x[k] = std::max(best_x[k], x[k] + std::log(sim.memory_factor[l][e]));
@@ -208,7 +210,7 @@ BoTrace bayesian_optimisation(const PlatformProfile& p, const PriceSheet& prices
   }
   trace.corrections.assign(L, std::vector<double>(E, 1.0));
   for (size_t l = 0; l < L; ++l)
-    for (size_t e = 0; e < E; ++e) trace.corrections[l][e] = std::exp(best_x[l * E + e]);
+    for (size_t e = 0; e < E; ++e) trace.corrections[l][e] = std::exp(best_x[l * E + e] + best_x[dims - 1]);
   return trace;
 }
 

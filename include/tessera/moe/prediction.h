@@ -9,7 +9,8 @@
 // expert and layer:
 //   * kBayesian   — P(e | f1) = sum over (f2, f3) of P(e | f1, f2, f3) P(f2) P(f3),
 //                   f2 uniform over positions, P(f3) the token-id frequency;
-//                   cells never seen fall back to P(e | f1), then P(e);
+//                   cells never seen fall back to P(e | f1), then P(e), and
+//                   sparse cells are shrunk toward P(e | f1) (4 pseudo-tokens);
 //   * kTokenOnly  — the empirical P(e | f1) (falling back to P(e));
 //   * kHistorical — the historical expert frequencies P(e), ignoring tokens.
 // Loads are top-k aware: a token contributes k * P(e | f1) to expert e.

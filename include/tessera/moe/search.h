@@ -9,7 +9,7 @@
 //
 // bayesian_optimisation() searches over per-(layer, expert) corrections of
 // the predicted loads — the count-table entries those experts' tokens map
-// to, scaled — with a Gaussian-process surrogate of billed cost and a
+// to, scaled — and one correction scaling all of them (headroom), with a Gaussian-process surrogate of billed cost and a
 // multi-dimensional epsilon-greedy proposal: each dimension k is perturbed
 // with its own probability eps0 / (1 + rho tau_k), tau_k counting how often
 // it was explored. After each deployment (the three corrective cases):
