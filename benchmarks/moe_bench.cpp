@@ -3,13 +3,14 @@
 //     of per-expert loads): Bayesian vs token-id-only vs historical average,
 //     on a small MoE trained on arithmetic text and (with --smollm2) on
 //     SmolLM2-135M-Instruct upcycled to 4 experts and briefly fine-tuned;
-//  2. the cost/time model as a simulator at cloud scale (12 MoE layers x 16
+//  2. local real runs: that small MoE served through the function platform
+//     (tessera-function processes, billed by the meter) under the three
+//     policies, with its outputs checked against the in-process model;
+//  3. the cost/time model as a simulator at cloud scale (12 MoE layers x 16
 //     experts, 10,240-token batches, the price sheet's 14 memory sizes, <= 8
 //     replicas), expert compute calibrated on this machine: billed cost and
 //     throughput of an always-on CPU cluster, a LambdaML-style deployment
 //     and ours (predicted loads + optimal search, then the BO loop).
-// The local real runs through the function platform are
-// examples/serverless_moe.
 //
 //   build/release/bin/moe_bench [--smollm2] [--gguf FILE]
 #include <ATen/ATen.h>
@@ -25,6 +26,7 @@
 #include "tessera/moe/deploy.h"
 #include "tessera/moe/prediction.h"
 #include "tessera/moe/search.h"
+#include "tessera/moe/serving.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
 
@@ -71,6 +73,8 @@ int main(int argc, char** argv) {
     else if (a == "--gguf" && i + 1 < argc) gguf = argv[++i];
   }
 
+  std::string small_dir;
+  std::function<at::Tensor(int64_t)> local_batch;
   // --- 1. Prediction error ----------------------------------------------------
   std::printf("1. expert-load prediction error (relative L1, lower is better)\n");
   std::printf("%-44s %10s %12s %12s\n", "model", "bayesian", "token-only", "historical");
@@ -106,7 +110,13 @@ int main(int argc, char** argv) {
     }
     auto batch = [&](int64_t b) { return data.batch(1000 + b, 32, 64).input_ids; };
     print_errors("small MoE (8 experts top-2), arithmetic text", prediction_errors(model, batch, 100, 10), 100, 10, 2048);
-    std::filesystem::remove(path);
+    // Kept for the local runs below.
+    small_dir = (std::filesystem::temp_directory_path() / "tessera-moe-bench-model").string();
+    tn::save_hf_model(small_dir, cfg, tn::gather_full_weights(model));
+    local_batch = [path](int64_t b) {
+      static auto d = tn::TokenDataset::open(path);
+      return d.batch(2000 + b, 32, 64).input_ids;
+    };
   }
   if (smollm2) {
     if (gguf.empty()) {
@@ -143,7 +153,29 @@ int main(int argc, char** argv) {
     std::filesystem::remove(path);
   }
 
-  // --- 2. Simulator at cloud scale ---------------------------------------------
+  // --- 2. Local real runs ---------------------------------------------------------
+  {
+    tn::Transformer model = tn::load_hf_model(small_dir);
+    tmoe::LocalComparisonOptions lo;
+    lo.batches = 4;
+    const tmoe::LocalComparison c = tmoe::compare_policies_locally(model, small_dir + "/model.safetensors", local_batch, lo);
+    std::printf("\n2. local real runs: the small MoE's %lld layers x %lld experts as tessera-function processes on this\n"
+                "   machine, %lld timed batches of %lld tokens, billed by the AWS Lambda sheet\n",
+                static_cast<long long>(model.config().num_hidden_layers), static_cast<long long>(model.config().num_experts),
+                static_cast<long long>(lo.batches), static_cast<long long>(c.tokens_per_batch));
+    std::printf("%-46s %14s %12s %14s\n", "policy", "$ (timed)", "tokens/s", "max rel. err");
+    for (const auto& p : c.policies) {
+      std::printf("%-46s %14.8f %12.0f %14.1e\n", p.name.c_str(), p.cost, p.tokens_per_second, p.max_error);
+    }
+    const auto& lm = c.policies[1];
+    const auto& ours = c.policies[2];
+    std::printf("ours vs lambdaml: cost %+.1f%%, throughput %+.1f%% (predicted latency %.3f s/batch, SLO %.3f)\n",
+                100 * (ours.cost / lm.cost - 1), 100 * (ours.tokens_per_second / lm.tokens_per_second - 1), c.ours.seconds,
+                c.slo_seconds);
+    std::filesystem::remove_all(small_dir);
+  }
+
+  // --- 3. Simulator at cloud scale ---------------------------------------------
   const tmoe::PriceSheet prices = tmoe::PriceSheet::aws_lambda();
   // BERT-base-sized experts (the paper turns BERT/GPT-2 into MoE), compute
   // measured on this machine; cloud storage and call parameters assumed.
@@ -210,7 +242,7 @@ int main(int argc, char** argv) {
   const double cluster_cost = prices.cpu_cluster_per_hour * interval / 3600.0;
   const double tokens = static_cast<double>(batch_tokens) * L;
 
-  std::printf("\n2. simulator: %d MoE layers x %d experts (top %d), %lld-token batches, %zu memory sizes, <= 8 replicas;\n"
+  std::printf("\n3. simulator: %d MoE layers x %d experts (top %d), %lld-token batches, %zu memory sizes, <= 8 replicas;\n"
               "   expert 768 -> 3072 -> 768 (%.2f us/token measured here at one vCPU), storage %.0f MB/s + %.0f ms,\n"
               "   calls %.0f MB/s, warm start %.0f ms (assumed); prices: %s\n",
               L, E, K, static_cast<long long>(batch_tokens), p.memory_mb.size(), p.t_cal.back() * 1e6 *

@@ -178,7 +178,9 @@ BoTrace bayesian_optimisation(const PlatformProfile& p, const PriceSheet& prices
       trace.deployment = d;
     }
     trace.best.push_back(best);
-    // The three corrective cases, applied to the incumbent.
+    // The corrective cases, applied to the incumbent. A deployment that
+    // missed the SLO on the real batch also raises the headroom by the miss.
+    if (miss > 0) best_x[dims - 1] = std::max(best_x[dims - 1], x[dims - 1] + std::log1p(miss));
     const Loads used = loads_for(x);
     for (size_t l = 0; l < L; ++l) {
       for (size_t e = 0; e < E; ++e) {

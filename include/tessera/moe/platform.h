@@ -147,7 +147,11 @@ class ServerlessMoE {
 // overhead (t_head), storage latency and bandwidth of the storage channel,
 // and the call bandwidth of direct payloads. Sizes (D_in, D_o, weights,
 // intermediates) come from the layer's tensors.
+// With `concurrency` > 1 the per-token time is measured while that many
+// functions compute at once (local processes share the machine's cores, as
+// a layer's experts will when served), and the storage latency from a
+// pipelined invocation (per minibatch, as the function sees it).
 PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer& layer, int64_t hidden_size,
-                                   int64_t intermediate_size);
+                                   int64_t intermediate_size, int concurrency = 1);
 
 }  // namespace tessera::moe

@@ -16,7 +16,8 @@
 // experts whose predicted load missed the real one by more than alpha get
 // tau reset (explored longer) and their correction moved halfway to the
 // ratio the batch showed; memory overflows raise the correction by the
-// overflow factor; payload overflows likewise by ceil(R / D_p). A deployment
+// overflow factor; payload overflows likewise by ceil(R / D_p); an SLO miss
+// on the real batch raises the headroom by the relative miss. A deployment
 // that misses the SLO counts as its cost times 1 + slo_penalty * (relative
 // miss). It stops when
 // the best cost improved by less than zeta (relative) over lambda iterations.
