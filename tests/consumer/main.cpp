@@ -5,7 +5,10 @@
 #include <tessera/dist/redistribute.h>
 #include <tessera/dist/rendezvous.h>
 #include <tessera/quant/quant.h>
+#include <tessera/moe/deploy.h>
+#include <tessera/rlhf/driver.h>
 #include <tessera/rlhf/hybrid_engine.h>
+#include <tessera/rpc/rpc.h>
 #include <tessera/specdec/qspec.h>
 
 #include <iostream>
@@ -20,11 +23,16 @@ int main() {
   at::Tensor y = tessera::dist::redistribute(*world, x, rows, cols);
   at::Tensor sum = y.clone();
   world->all_reduce(sum).wait();
-  // The quant, specdec and rlhf headers and libraries are installed too.
+  // The quant, specdec, rlhf, rpc and moe headers and libraries (with the
+  // generated protobuf headers) are installed too.
   auto q = tessera::quant::quantize(at::randn({8, 64}), {64, true});
   at::Tensor out = tessera::quant::linear(at::randn({2, 64}), q, tessera::quant::Mode::kW4A16);
   auto groups = tessera::rlhf::hybrid_engine_groups(8, 4, 2);
-  bool ok = at::equal(x, y) && at::equal(sum, x) && out.size(1) == 8 &&
+  const auto prices = tessera::moe::PriceSheet::aws_lambda();
+  tessera::rpc::TensorProto proto;
+  tessera::rpc::to_proto(x, "x", &proto);
+  bool ok = at::equal(x, y) && at::equal(sum, x) && out.size(1) == 8 && prices.memory_sizes_mb.size() == 14 &&
+            at::equal(tessera::rpc::from_proto(proto), x) && tessera::rlhf::Args().set("k", 1.0).json() == "{\"k\":1.0}" &&
             groups.micro_dp_groups.size() == 4 &&
             tessera::specdec::parse_mode("qspec") == tessera::specdec::Mode::kQSpec;
   std::cout << "consumer: " << (ok ? "ok" : "MISMATCH") << std::endl;
