@@ -19,6 +19,8 @@ packages=(
   libspdlog-dev libfmt-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  # The serverless-MoE platform's optional Redis storage channel (tests start a server).
+  libhiredis-dev redis-server
   # Debian's PyTorch for /usr/bin/python3: the independent reference forward
   # the model tests compare against, and the PyTorch-eager side of the
   # benchmarks (same LibTorch, same BLAS, same threads).

@@ -1,4 +1,5 @@
 #include "tessera/moe/platform.h"
+#include "tessera/moe/storage.h"
 
 #include <ATen/ATen.h>
 #include <signal.h>
@@ -45,7 +46,8 @@ std::string default_program() {
 
 struct FunctionPlatform::Impl {
   PlatformOptions opt;
-  bool own_storage = false;
+  std::string own_dir;  // the files directory this platform created ("" : none)
+  std::shared_ptr<StorageChannel> channel;
   std::unique_ptr<BillingMeter> meter;
 
   struct Instance {
@@ -120,7 +122,8 @@ struct FunctionPlatform::Impl {
                                      "--weights", spec.weights,
                                      "--prefix", spec.prefix,
                                      "--payload-limit", std::to_string(opt.prices.payload_limit_bytes),
-                                     "--mb-per-vcpu", std::to_string(opt.prices.memory_mb_per_vcpu)};
+                                     "--mb-per-vcpu", std::to_string(opt.prices.memory_mb_per_vcpu),
+                                     "--storage", channel->url()};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -260,13 +263,13 @@ FunctionPlatform::FunctionPlatform(PlatformOptions options) : impl_(std::make_un
   Impl& d = *impl_;
   d.opt = std::move(options);
   if (d.opt.program.empty()) d.opt.program = default_program();
-  if (d.opt.storage_dir.empty()) {
+  if (d.opt.storage.empty()) {
     std::random_device rd;
     const std::string base = std::filesystem::exists("/dev/shm") ? "/dev/shm" : std::filesystem::temp_directory_path().string();
-    d.opt.storage_dir = detail::concat(base, "/tessera-functions-", getpid(), "-", std::hex, rd());
-    d.own_storage = true;
+    d.own_dir = detail::concat(base, "/tessera-functions-", getpid(), "-", std::hex, rd());
+    d.opt.storage = "files:" + d.own_dir;
   }
-  std::filesystem::create_directories(d.opt.storage_dir);
+  d.channel = StorageChannel::open(d.opt.storage);
   d.meter = std::make_unique<BillingMeter>(d.opt.prices);
   d.spawner = std::thread([&d] { d.spawner_loop(); });
   d.reaper = std::thread([&d] {
@@ -298,9 +301,9 @@ FunctionPlatform::~FunctionPlatform() {
   for (auto& [name, f] : d.functions) {
     for (auto& in : f.instances) Impl::stop(*in);
   }
-  if (d.own_storage) {
+  if (!d.own_dir.empty()) {
     std::error_code ec;
-    std::filesystem::remove_all(d.opt.storage_dir, ec);
+    std::filesystem::remove_all(d.own_dir, ec);
   }
 }
 
@@ -378,24 +381,15 @@ FunctionPlatform::Result FunctionPlatform::invoke(const std::string& name, const
                                    " instances (last: ", last_error, ")"));
 }
 
-std::string FunctionPlatform::storage_key(const std::string& name) const {
-  std::string safe;
-  for (char c : name) safe += (c == '/' ? '_' : c);
-  return impl_->opt.storage_dir + "/" + safe;
-}
+std::string FunctionPlatform::storage_key(const std::string& name) const { return name; }
 
-void FunctionPlatform::put(const std::string& key, const at::Tensor& x) {
-  nn::save_safetensors(key, {{"x", x}});
-}
+void FunctionPlatform::put(const std::string& key, const at::Tensor& x) { impl_->channel->put(key, x); }
 
 at::Tensor FunctionPlatform::get(const std::string& key, double wait_seconds) {
-  const auto until = Clock::now() + std::chrono::duration<double>(wait_seconds);
-  while (!std::filesystem::exists(key)) {
-    TESSERA_CHECK(Clock::now() < until, NotFound, "storage key ", key, " is missing");
-    std::this_thread::sleep_for(std::chrono::microseconds(500));
-  }
-  return nn::SafetensorsFile::open(key).get("x").clone();
+  return impl_->channel->get(key, wait_seconds);
 }
+
+void FunctionPlatform::remove(const std::string& key) { impl_->channel->remove(key); }
 
 BillingMeter& FunctionPlatform::meter() { return *impl_->meter; }
 
@@ -510,8 +504,8 @@ at::Tensor ServerlessMoE::forward(const at::Tensor& x, const Routing& routing, S
           platform_.put(key, xe);
           platform_.invoke(fn, {at::Tensor(), {key}, 30});
           at::Tensor y = platform_.get(key + ".out");
-          std::filesystem::remove(key);
-          std::filesystem::remove(key + ".out");
+          platform_.remove(key);
+          platform_.remove(key + ".out");
           return y;
         };
         if (method == Method::kDirect) {
@@ -536,8 +530,8 @@ at::Tensor ServerlessMoE::forward(const at::Tensor& x, const Routing& routing, S
         std::vector<at::Tensor> ys;
         for (const auto& k : keys) ys.push_back(platform_.get(k + ".out"));
         for (const auto& k : keys) {
-          std::filesystem::remove(k);
-          std::filesystem::remove(k + ".out");
+          platform_.remove(k);
+          platform_.remove(k + ".out");
         }
         return at::cat(ys, 0);
       });
@@ -623,7 +617,7 @@ PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer
   platform.put(key, big);
   platform.get(key);
   p.storage_bandwidth = 2.0 * static_cast<double>(big.nbytes()) / std::max(1e-6, large.seconds() - 2 * p.t_dl);
-  std::filesystem::remove(key);
+  platform.remove(key);
   // Per-minibatch latency as a pipelined function sees it (waiting for the
   // object, reading, writing its output): 16 minibatches of one token.
   {
@@ -634,8 +628,8 @@ PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer
     auto res = platform.invoke(fn, {at::Tensor(), keys, 5});
     p.t_dl = std::max(p.t_dl, (res.seconds - res.compute_seconds - p.t_head) / (2.0 * keys.size()));
     for (const auto& k : keys) {
-      std::filesystem::remove(k);
-      std::filesystem::remove(k + ".out");
+      platform.remove(k);
+      platform.remove(k + ".out");
     }
   }
   return p;

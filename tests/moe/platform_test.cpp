@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -15,7 +17,9 @@
 
 #include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
+#include "tessera/dist/launcher.h"
 #include "tessera/moe/platform.h"
+#include "tessera/moe/storage.h"
 #include "tessera/nn/loader.h"
 
 namespace tessera::moe {
@@ -129,6 +133,72 @@ TEST(Platform, ModelServedThroughTheGateEqualsTheInProcessModel) {
     EXPECT_EQ(calls, 1);
     EXPECT_LT(relative_error(served, local), 1e-5) << method_name(p.method);
   }
+}
+
+
+// A real redis-server on a free loopback port for the Redis storage channel.
+class RedisServer {
+ public:
+  RedisServer() {
+    const char* candidates[] = {"/usr/bin/redis-server", "/usr/local/bin/redis-server"};
+    for (const char* c : candidates) {
+      if (fs::exists(c)) binary_ = c;
+    }
+    if (binary_.empty()) return;
+    port_ = dist::free_port("127.0.0.1");
+    pid_ = fork();
+    if (pid_ == 0) {
+      const std::string port = std::to_string(port_);
+      execl(binary_.c_str(), binary_.c_str(), "--port", port.c_str(), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    for (int i = 0; i < 100; ++i) {  // wait until it answers
+      try {
+        StorageChannel::open(url())->remove("probe");
+        return;
+      } catch (const Error&) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    }
+  }
+  ~RedisServer() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGTERM);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  bool available() const { return !binary_.empty(); }
+  std::string url() const { return "redis://127.0.0.1:" + std::to_string(port_); }
+
+ private:
+  std::string binary_;
+  int port_ = 0;
+  pid_t pid_ = -1;
+};
+
+TEST(Platform, RedisStorageChannelServesIndirectAndPipelinedTransfers) {
+  RedisServer redis;
+  if (!redis.available()) GTEST_SKIP() << "redis-server is not installed (scripts/install-deps.sh installs it)";
+  auto channel = StorageChannel::open(redis.url());
+  at::Tensor t = at::randn({3, 5});
+  channel->put("k", t);
+  EXPECT_TRUE(at::equal(channel->get("k"), t));
+  channel->remove("k");
+  EXPECT_THROW(channel->get("k", 0.05), NotFound);
+  PlatformOptions o = options();
+  o.storage = redis.url();
+  FunctionPlatform platform(o);
+  at::manual_seed(6);
+  at::Tensor x = at::randn({150, 64});
+  Routing r = route(g_model->layer, x);
+  at::Tensor ref = moe_layer_reference(g_model->layer, x, r);
+  ServerlessMoE gate(platform, g_model->layer, "layer0");
+  for (const LayerPlan& p : {plan(Method::kIndirect, 0, {1, 2, 1, 1}), plan(Method::kPipelined, 16, {1, 1, 2, 1})}) {
+    gate.configure(p, profile());
+    EXPECT_LT(relative_error(gate.forward(x, r), ref), 1e-5) << method_name(p.method);
+  }
+  EXPECT_THROW(StorageChannel::open("ftp://nowhere"), InvalidArgument);
 }
 
 TEST(Platform, PayloadLimitIsEnforcedAndTheGateFallsBackToStorage) {

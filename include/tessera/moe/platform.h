@@ -12,8 +12,8 @@
 // and the request retried on another instance (`retries` times), then
 // reported (tessera::Unavailable naming the function) — never dropped.
 //
-// Indirect transfers go through a storage channel: local files (one
-// safetensors object per key, written atomically).
+// Indirect transfers go through a storage channel (storage.h): local files
+// by default, or Redis.
 //
 // ServerlessMoE is one MoE layer's gate: each expert's tokens go to its
 // replicas by the layer's method — direct (in the payload; a payload the
@@ -44,7 +44,9 @@ struct FunctionSpec {
 struct PlatformOptions {
   std::string program;           // tessera-function; default: next to this program, then PATH
   PriceSheet prices = PriceSheet::aws_lambda();
-  std::string storage_dir;       // default: a fresh directory under /dev/shm (or the temp dir)
+  // Storage channel of indirect transfers (storage.h): "files:<dir>",
+  // "redis://host:port", or "" for files in a fresh directory under /dev/shm.
+  std::string storage;
   double keep_alive_seconds = 60;
   int concurrency_limit = 8;     // instances per function
   double start_timeout_seconds = 30;
@@ -80,10 +82,11 @@ class FunctionPlatform {
   // payload or memory limit) propagate; Unavailable after the retries.
   Result invoke(const std::string& name, const Request& request);
 
-  // Storage channel.
+  // Storage channel (keys are plain names).
   std::string storage_key(const std::string& name) const;
   void put(const std::string& key, const at::Tensor& x);
   at::Tensor get(const std::string& key, double wait_seconds = 0);
+  void remove(const std::string& key);
 
   BillingMeter& meter();
   struct Stats {

@@ -6,7 +6,7 @@
 //   tessera-function --port P (or --port-fd FD: listen on a free port and
 //                    write its number to FD) --memory-mb M --weights model.safetensors
 //                    --prefix model.layers.0.block_sparse_moe.experts.3.
-//                    --storage DIR --payload-limit BYTES
+//                    --storage files:DIR|redis://HOST:PORT --payload-limit BYTES
 //
 // Threads follow the memory size as on AWS Lambda (one vCPU per 1769 MB,
 // at least one). A request whose working set would not fit the memory size
@@ -26,6 +26,7 @@
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/tensor.h"
+#include "tessera/moe/storage.h"
 #include "tessera/nn/safetensors.h"
 #include "tessera/rpc/function.grpc.pb.h"
 #include "tessera/rpc/rpc.h"
@@ -34,20 +35,12 @@ namespace {
 
 namespace rpc = tessera::rpc;
 
-at::Tensor read_key(const std::string& path, double wait_seconds) {
-  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(wait_seconds);
-  while (!std::filesystem::exists(path)) {
-    TESSERA_CHECK(std::chrono::steady_clock::now() < until, NotFound, "storage key ", path,
-                  " did not appear within ", wait_seconds, " s");
-    std::this_thread::sleep_for(std::chrono::microseconds(500));
-  }
-  return tessera::nn::SafetensorsFile::open(path).get("x").clone();
-}
-
 class Function final : public rpc::ExpertFunction::Service {
  public:
-  Function(at::Tensor w1, at::Tensor w2, at::Tensor w3, int64_t memory_mb, int threads)
-      : w1_(std::move(w1)), w2_(std::move(w2)), w3_(std::move(w3)), memory_mb_(memory_mb), threads_(threads) {
+  Function(at::Tensor w1, at::Tensor w2, at::Tensor w3, int64_t memory_mb, int threads,
+           std::shared_ptr<tessera::moe::StorageChannel> storage)
+      : w1_(std::move(w1)), w2_(std::move(w2)), w3_(std::move(w3)), memory_mb_(memory_mb), threads_(threads),
+        storage_(std::move(storage)) {
     weight_bytes_ = static_cast<int64_t>(w1_.nbytes() + w2_.nbytes() + w3_.nbytes());
   }
 
@@ -80,7 +73,9 @@ class Function final : public rpc::ExpertFunction::Service {
         // is ready.
         std::future<at::Tensor> next;
         auto fetch = [&](int i) {
-          return std::async(std::launch::async, read_key, req->input_keys(i), std::max(req->wait_seconds(), 1.0));
+          return std::async(std::launch::async, [this, key = req->input_keys(i), wait = std::max(req->wait_seconds(), 1.0)] {
+            return storage_->get(key, wait);
+          });
         };
         next = fetch(0);
         for (int i = 0; i < req->input_keys_size(); ++i) {
@@ -90,7 +85,7 @@ class Function final : public rpc::ExpertFunction::Service {
           io += w.seconds();
           at::Tensor y = run(x);
           tessera::Stopwatch wo;
-          tessera::nn::save_safetensors(req->input_keys(i) + ".out", {{"x", y}});
+          storage_->put(req->input_keys(i) + ".out", y);
           io += wo.seconds();
         }
       }
@@ -112,6 +107,7 @@ class Function final : public rpc::ExpertFunction::Service {
   at::Tensor w1_, w2_, w3_;
   int64_t memory_mb_, weight_bytes_ = 0;
   int threads_;
+  std::shared_ptr<tessera::moe::StorageChannel> storage_;
   std::mutex mu_;
 };
 
@@ -121,7 +117,7 @@ int main(int argc, char** argv) {
   try {
     int port = 0, port_fd = -1;
     int64_t memory_mb = 0, payload_limit = 6 << 20;
-    std::string weights, prefix;
+    std::string weights, prefix, storage = "files:/tmp";
     double mb_per_vcpu = 1769;
     for (int i = 1; i + 1 < argc; i += 2) {
       const std::string a = argv[i], v = argv[i + 1];
@@ -132,6 +128,7 @@ int main(int argc, char** argv) {
       else if (a == "--prefix") prefix = v;
       else if (a == "--payload-limit") payload_limit = std::stoll(v);
       else if (a == "--mb-per-vcpu") mb_per_vcpu = std::stod(v);
+      else if (a == "--storage") storage = v;
       else TESSERA_THROW(InvalidArgument, "unknown option ", a);
     }
     TESSERA_CHECK((port > 0 || port_fd >= 0) && memory_mb > 0 && !weights.empty(), InvalidArgument,
@@ -145,7 +142,8 @@ int main(int argc, char** argv) {
     const int64_t weight_bytes = static_cast<int64_t>(w1.nbytes() + w2.nbytes() + w3.nbytes());
     TESSERA_CHECK(weight_bytes <= memory_mb * (int64_t{1} << 20), ResourceExhausted, "expert ", prefix,
                   " needs ", weight_bytes >> 20, " MB of weights, the function has ", memory_mb, " MB");
-    Function function(std::move(w1), std::move(w2), std::move(w3), memory_mb, threads);
+    Function function(std::move(w1), std::move(w2), std::move(w3), memory_mb, threads,
+                      tessera::moe::StorageChannel::open(storage));
     rpc::ServerOptions so;
     so.port = port;
     so.max_message_bytes = static_cast<int>(payload_limit);
