@@ -113,8 +113,8 @@ int main(int argc, char** argv) {
     const tmoe::LocalComparison c = tmoe::compare_policies_locally(
         model, model_dir + "/model.safetensors", [&](int64_t b) { return data.batch(b, rows, seq).input_ids; }, lo);
     const tmoe::PlatformProfile& profile = c.profile;
-    std::printf("  t_head %.1f ms, storage %.2f ms + %.0f MB/s, calls %.0f MB/s, expert %.2f us/token at %lld MB\n",
-                profile.t_head * 1e3, profile.t_dl * 1e3, profile.storage_bandwidth / 1e6, profile.call_bandwidth / 1e6,
+    std::printf("  cold start %.0f ms, t_head %.1f ms, storage %.2f ms + %.0f MB/s, calls %.0f MB/s, expert %.2f us/token at %lld MB\n",
+                profile.cold_start * 1e3, profile.t_head * 1e3, profile.t_dl * 1e3, profile.storage_bandwidth / 1e6, profile.call_bandwidth / 1e6,
                 profile.t_cal.back() * 1e6, static_cast<long long>(profile.memory_mb.back()));
     std::printf("\n%lld batches of %lld tokens through %lld MoE layers x %lld experts (top %lld)\n",
                 static_cast<long long>(batches), static_cast<long long>(c.tokens_per_batch),

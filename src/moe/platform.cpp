@@ -575,7 +575,12 @@ PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer
   for (int64_t m : p.memory_mb) {
     const std::string fn = "calibrate." + std::to_string(m);
     platform.deploy(fn, {layer.weights, prefix, m});
+    Stopwatch cold;
     platform.invoke(fn, {one, {}, 0});  // cold start
+    const double cold_seconds = cold.seconds();
+    Stopwatch warm;
+    platform.invoke(fn, {one, {}, 0});
+    p.cold_start = std::max(p.cold_start, cold_seconds - warm.seconds());
     double compute = 1e30;
     for (int r = 0; r < 3; ++r) {
       // `concurrency` invocations at once (instances of the same function).

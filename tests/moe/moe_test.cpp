@@ -13,6 +13,11 @@
 #include "tessera/moe/deploy.h"
 #include "tessera/moe/prediction.h"
 #include "tessera/moe/search.h"
+#include "tessera/nn/loader.h"
+#include "tessera/nn/train.h"
+
+#include <cstdio>
+#include <filesystem>
 
 namespace tessera::moe {
 namespace {
@@ -211,6 +216,53 @@ TEST(Prediction, BayesianAndTokenOnlyBeatHistoricalOnARealRouter) {
   RoutingTrace wrong = trace_batch(model, batch());
   CountTable other(3, 8, 2);
   EXPECT_THROW(other.add(wrong), InvalidArgument);
+}
+
+
+std::string run_tool(const std::string& args, int* status) {
+  FILE* pipe = popen((std::string(TESSERA_MOE_PLAN_BIN) + " " + args + " 2>&1").c_str(), "r");
+  std::string out;
+  char buf[4096];
+  while (pipe && std::fgets(buf, sizeof(buf), pipe)) out += buf;
+  *status = pipe ? pclose(pipe) : -1;
+  return out;
+}
+
+TEST(MoePlanTool, PlansADeploymentAndRefusesADenseModel) {
+  namespace fs = std::filesystem;
+  const std::string dir = (fs::temp_directory_path() / ("tessera-moe-plan-test-" + std::to_string(getpid()))).string();
+  nn::ModelConfig c;
+  c.model_type = "mixtral";
+  c.vocab_size = 64;
+  c.hidden_size = 32;
+  c.intermediate_size = 64;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.num_experts = 4;
+  c.num_experts_per_tok = 2;
+  nn::write_random_model(dir + "/moe", c, 1);
+  std::vector<int64_t> ids(20000);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int64_t>((i * 7919) % 64);
+  nn::TokenDataset::write(dir + "/data.tokens", ids);
+  int status = 0;
+  std::string out = run_tool("--model " + dir + "/moe --tokens " + dir + "/data.tokens --batches 5 --batch-tokens 256 "
+                             "--seq 32 --slo 5",
+                             &status);
+  EXPECT_EQ(status, 0) << out;
+  EXPECT_NE(out.find("2 MoE layers x 4 experts"), std::string::npos) << out;
+  EXPECT_NE(out.find("predicted: $"), std::string::npos) << out;
+  EXPECT_NE(out.find("on the batch's real routing"), std::string::npos) << out;
+  c.num_experts = 0;
+  c.model_type = "llama";
+  nn::write_random_model(dir + "/dense", c, 1);
+  out = run_tool("--model " + dir + "/dense --tokens " + dir + "/data.tokens", &status);
+  EXPECT_NE(status, 0);
+  EXPECT_NE(out.find("is not an MoE model"), std::string::npos) << out;
+  out = run_tool("--model " + dir + "/moe --tokens " + dir + "/data.tokens --slp 1", &status);
+  EXPECT_NE(status, 0);
+  EXPECT_NE(out.find("unknown option '--slp'"), std::string::npos) << out;
+  fs::remove_all(dir);
 }
 
 }  // namespace

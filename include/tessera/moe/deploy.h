@@ -84,6 +84,10 @@ struct PlatformProfile {
   int64_t expert_weight_bytes = 0;
   int64_t intermediate_bytes_per_token = 0;
   int64_t runtime_overhead_bytes = 64 << 20;  // the function's own footprint
+  // A cold start (new instance, weights loaded) beyond a warm invocation:
+  // measured by calibrate_platform and reported; deployments are priced
+  // warm, as a served model's functions stay warm between batches.
+  double cold_start = 0;
 };
 
 enum class Method { kPipelined, kIndirect, kDirect };
