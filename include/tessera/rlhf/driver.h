@@ -87,6 +87,11 @@ struct BatchRef {
   bool empty() const { return name.empty(); }
 };
 
+// What a call collects, by protocol: DP_COMPUTE — the rows of the tp-rank-0
+// workers in dp order (padding rows dropped: a method returns k rows per
+// input row, in order) and their metrics; ALL_TO_ALL — every worker's rows
+// and metrics in worker order; RANK_ZERO — worker 0's; ONE_TO_ALL — every
+// worker's metrics and worker 0's rows.
 struct CallResult {
   BatchRef output;  // empty when the method returns no rows
   // Metrics of the workers the protocol collects from, in worker order.
