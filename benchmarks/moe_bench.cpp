@@ -55,6 +55,19 @@ Errors prediction_errors(tn::Transformer& model, const std::function<at::Tensor(
   return e;
 }
 
+// `steps` optimiser steps of next-token training on consecutive batches.
+void train(tn::Transformer& model, const tn::TokenDataset& data, int64_t steps, double lr, int64_t rows, int64_t seq) {
+  tn::TrainerOptions to;
+  to.steps = steps;
+  to.lr = lr;
+  to.warmup = std::max<int64_t>(1, steps / 10);
+  tn::Trainer trainer(model, to);
+  for (int64_t s = 0; s < steps; ++s) {
+    auto b = data.batch(s, rows, seq);
+    trainer.step(b.input_ids, b.labels);
+  }
+}
+
 void print_errors(const char* name, const Errors& e, int64_t profile, int64_t held_out, int64_t tokens) {
   std::printf("%-44s %10.4f %12.4f %12.4f   (%lld profiling + %lld held-out batches of %lld tokens)\n", name, e.bayes,
               e.token, e.hist, static_cast<long long>(profile), static_cast<long long>(held_out),
@@ -80,12 +93,8 @@ int main(int argc, char** argv) {
   std::printf("%-44s %10s %12s %12s\n", "model", "bayesian", "token-only", "historical");
   {
     auto tokenizer = tn::Tokenizer::bytes({"<|endoftext|>"});
-    std::vector<int64_t> ids;
-    for (const auto& e : tn::arithmetic_examples(40000, 1)) {
-      for (int32_t id : tokenizer.encode(e.prompt + e.answer + "\n")) ids.push_back(id);
-    }
     const std::string path = (std::filesystem::temp_directory_path() / "tessera-moe-bench.tokens").string();
-    tn::TokenDataset::write(path, ids);
+    tn::TokenDataset::write(path, tn::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
     auto data = tn::TokenDataset::open(path);
     tn::ModelConfig cfg;
     cfg.model_type = "mixtral";
@@ -99,15 +108,7 @@ int main(int argc, char** argv) {
     cfg.num_experts_per_tok = 2;
     tn::Transformer model(cfg);
     model.init_random(7);
-    tn::TrainerOptions to;
-    to.steps = 150;
-    to.lr = 3e-3;
-    to.warmup = 15;
-    tn::Trainer trainer(model, to);
-    for (int64_t s = 0; s < to.steps; ++s) {
-      auto b = data.batch(s, 32, 64);
-      trainer.step(b.input_ids, b.labels);
-    }
+    train(model, data, 150, 3e-3, 32, 64);
     auto batch = [&](int64_t b) { return data.batch(1000 + b, 32, 64).input_ids; };
     print_errors("small MoE (8 experts top-2), arithmetic text", prediction_errors(model, batch, 100, 10), 100, 10, 2048);
     // Kept for the local runs below.
@@ -138,16 +139,7 @@ int main(int argc, char** argv) {
     const std::string path = (std::filesystem::temp_directory_path() / "tessera-moe-bench-smollm2.tokens").string();
     tn::TokenDataset::write(path, ids);
     auto data = tn::TokenDataset::open(path);
-    // Brief fine-tuning so the experts and routers diverge.
-    tn::TrainerOptions to;
-    to.steps = 10;
-    to.lr = 1e-4;
-    to.warmup = 2;
-    tn::Trainer trainer(model, to);
-    for (int64_t s = 0; s < to.steps; ++s) {
-      auto b = data.batch(s, 8, 128);
-      trainer.step(b.input_ids, b.labels);
-    }
+    train(model, data, 10, 1e-4, 8, 128);  // brief fine-tuning: experts and routers diverge
     auto batch = [&](int64_t b) { return data.batch(100 + b, 8, 128).input_ids; };
     print_errors("SmolLM2-135M upcycled to 4 experts top-2", prediction_errors(model, batch, 40, 8), 40, 8, 1024);
     std::filesystem::remove(path);

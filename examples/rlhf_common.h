@@ -106,12 +106,8 @@ inline std::string small_model(const std::string& dir) {
   if (std::filesystem::exists(dir + "/config.json")) return dir;
   std::printf("pretraining the small model (once, into %s)...\n", dir.c_str());
   auto tokenizer = tn::Tokenizer::bytes({"<|endoftext|>"});
-  std::vector<int64_t> ids;
-  for (const auto& e : tn::arithmetic_examples(20000, /*seed=*/1)) {
-    for (int32_t id : tokenizer.encode(e.prompt + e.answer + "\n")) ids.push_back(id);
-  }
   std::filesystem::create_directories(dir);
-  tn::TokenDataset::write(dir + "/arithmetic.tokens", ids);
+  tn::TokenDataset::write(dir + "/arithmetic.tokens", tn::arithmetic_corpus(tokenizer, 20000, /*seed=*/1));
   auto data = tn::TokenDataset::open(dir + "/arithmetic.tokens");
   tn::ModelConfig cfg;
   cfg.vocab_size = tokenizer.vocab_size();
@@ -213,6 +209,29 @@ inline void print_summary(const std::vector<tr::IterationStats>& stats) {
     last += stats[stats.size() - 1 - i].mean_score / k;
   }
   std::printf("mean reward: first %zu iterations %.3f -> last %zu iterations %.3f\n", k, first, k, last);
+}
+
+// The examples' main(): spawned copies run their roles; the driver parses
+// the flags, starts the workers and runs `algorithm` (run_grpo, run_ppo).
+template <typename Algorithm>
+int example_main(int argc, char** argv, const char* name, bool with_critic, Algorithm&& algorithm,
+                 const tr::IterationCallback& on_iteration = print_row) {
+  if (auto code = tr::run_worker_if_spawned(tr::RoleRegistry::builtin())) return *code;
+  try {
+    auto o = parse(argc, argv, /*default_iterations=*/12);
+    auto prepared = prepare(o, with_critic);
+    tr::Driver driver(prepared.driver);
+    std::printf("%s, %s model, %s placement on %d processes, %lld prompts x %lld samples per iteration\n", name,
+                o.model.c_str(), o.placement.c_str(), o.processes, static_cast<long long>(o.run.prompts_per_iteration),
+                static_cast<long long>(o.run.samples));
+    print_header();
+    print_summary(algorithm(driver, prepared.tokenizer, o.run, on_iteration));
+    driver.shutdown();
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", argv[0], e.what());
+    return 1;
+  }
 }
 
 }  // namespace rlhf_example

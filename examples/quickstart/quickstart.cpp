@@ -174,11 +174,7 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   // The corpus: 40,000 arithmetic questions with answers, as bytes.
   if (me == 0) {
     std::filesystem::create_directories(dir);
-    std::vector<int64_t> ids;
-    for (const auto& e : tn::arithmetic_examples(40000, /*seed=*/1)) {
-      for (int32_t id : tokenizer.encode(e.prompt + e.answer + "\n")) ids.push_back(id);
-    }
-    tn::TokenDataset::write(dir + "/arithmetic.tokens", ids);
+    tn::TokenDataset::write(dir + "/arithmetic.tokens", tn::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
   }
   world->barrier().wait();
   auto data = tn::TokenDataset::open(dir + "/arithmetic.tokens");

@@ -46,11 +46,7 @@ std::string prepare(const std::string& dir, std::string* model_dir) {
   const std::string tokens = dir + "/arithmetic.tokens";
   auto tokenizer = tn::Tokenizer::bytes({"<|endoftext|>"});
   if (!std::filesystem::exists(tokens)) {
-    std::vector<int64_t> ids;
-    for (const auto& e : tn::arithmetic_examples(40000, /*seed=*/1)) {
-      for (int32_t id : tokenizer.encode(e.prompt + e.answer + "\n")) ids.push_back(id);
-    }
-    tn::TokenDataset::write(tokens, ids);
+    tn::TokenDataset::write(tokens, tn::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
   }
   if (model_dir->empty()) {
     *model_dir = dir + "/model";

@@ -1,5 +1,7 @@
 #include "tessera/nn/train.h"
 
+#include "tessera/nn/tokenizer.h"
+
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
@@ -319,6 +321,14 @@ bool arithmetic_correct(const ArithmeticExample& example, const std::string& com
   if (j < completion.size() && completion[j] == '-') ++j;
   while (j < completion.size() && std::isdigit(static_cast<unsigned char>(completion[j]))) ++j;
   return j > i && completion.substr(i, j - i) == example.answer;
+}
+
+std::vector<int64_t> arithmetic_corpus(const Tokenizer& tokenizer, int64_t count, uint64_t seed, int max_operand) {
+  std::vector<int64_t> ids;
+  for (const auto& e : arithmetic_examples(count, seed, max_operand)) {
+    for (int32_t id : tokenizer.encode(e.prompt + e.answer + "\n")) ids.push_back(id);
+  }
+  return ids;
 }
 
 // ---------------------------------------------------------------------------

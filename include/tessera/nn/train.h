@@ -130,6 +130,12 @@ std::vector<ArithmeticExample> arithmetic_examples(int64_t count, uint64_t seed,
 // Checks a completion: the first number in it equals the answer.
 bool arithmetic_correct(const ArithmeticExample& example, const std::string& completion);
 
+class Tokenizer;
+// A pretraining corpus: `count` seeded examples written as text one after
+// another ("Q: 37+48=? A: 85\n..."), as `tokenizer`'s token ids.
+std::vector<int64_t> arithmetic_corpus(const Tokenizer& tokenizer, int64_t count, uint64_t seed,
+                                       int max_operand = 99);
+
 struct TrainerOptions {
   int64_t steps = 100;
   double lr = 3e-3;
