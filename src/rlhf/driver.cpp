@@ -172,14 +172,11 @@ struct Driver::Impl final : public rpc::Driver::Service {
                           p.info.rank, others.empty() ? "" : "; also hosts " + others, ")");
   }
 
-  // The call in flight on a process, for messages ("" when none). mu held.
-  const Pending* running_on(int process, const Inflight** owner) const {
+  // The call in flight on a process (null when none), for messages. mu held.
+  const Inflight* running_on(int process) const {
     for (const Inflight* f : inflight) {
       for (const auto& c : f->calls) {
-        if (c->process == process) {
-          *owner = f;
-          return c.get();
-        }
+        if (c->process == process) return f;
       }
     }
     return nullptr;
@@ -297,14 +294,12 @@ struct Driver::Impl final : public rpc::Driver::Service {
           int status = 0;
           if (p.exited || waitpid(p.pid, &status, WNOHANG) != p.pid) continue;
           p.exited = true;
-          const Inflight* owner = nullptr;
-          const Pending* call = running_on(p.info.process, &owner);
+          const Inflight* owner = running_on(p.info.process);
           fail_locked(ErrorCode::kUnavailable,
                       detail::concat("worker ", describe(p.info.process, owner ? owner->role : ""), " ",
                                      describe_exit(status),
                                      owner ? " during " + owner->role + "." + owner->method : std::string(),
                                      "; stopping the run"));
-          (void)call;
           break;
         }
         if (!failure_message.empty()) break;
@@ -436,17 +431,11 @@ struct Driver::Impl final : public rpc::Driver::Service {
       int64_t begin = 0, end = rows, repeat = 0, padding = 0;
       const MethodMesh& mesh = f->mesh[w];
       if (f->protocol == Protocol::kDpCompute && rows > 0) {
-        const int64_t chunk = (rows + mesh.dp_size - 1) / mesh.dp_size;
-        begin = mesh.dp_rank * chunk;
-        end = std::min(begin + chunk, rows);
-        if (begin >= rows) {  // a chunk of padding only: repeat the batch's last row
-          begin = rows - 1;
-          end = rows;
-          padding = chunk;
-        } else {
-          padding = chunk - (end - begin);
-        }
-        repeat = chunk - (end - begin);
+        const DpChunk c = dp_compute_chunk(rows, mesh.dp_size, mesh.dp_rank);
+        begin = c.begin;
+        end = c.end;
+        repeat = c.repeat;
+        padding = c.padding;
       } else if (f->protocol == Protocol::kAllToAll) {
         begin = w * (rows / n);
         end = begin + rows / n;

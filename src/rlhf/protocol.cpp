@@ -1,5 +1,7 @@
 #include "tessera/rlhf/protocol.h"
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 
 #include "tessera/core/error.h"
@@ -28,6 +30,24 @@ int64_t batch_rows(const Batch& batch) {
                   " rows, the others ", rows);
   }
   return rows;
+}
+
+DpChunk dp_compute_chunk(int64_t rows, int dp, int dp_rank) {
+  TESSERA_CHECK(rows >= 1 && dp >= 1 && dp_rank >= 0 && dp_rank < dp, InvalidArgument, "DP_COMPUTE: ", rows,
+                " rows over dp rank ", dp_rank, " of ", dp);
+  const int64_t chunk = (rows + dp - 1) / dp;
+  DpChunk c;
+  c.begin = dp_rank * chunk;
+  c.end = std::min(c.begin + chunk, rows);
+  if (c.begin >= rows) {  // a chunk of padding only
+    c.begin = rows - 1;
+    c.end = rows;
+    c.padding = chunk;
+  } else {
+    c.padding = chunk - (c.end - c.begin);
+  }
+  c.repeat = chunk - (c.end - c.begin);
+  return c;
 }
 
 namespace {
@@ -73,18 +93,20 @@ Dispatched dispatch(Protocol protocol, const WorkerMesh& mesh, const Batch& batc
     case Protocol::kDpCompute: {
       const int64_t rows = batch_rows(batch);
       TESSERA_CHECK(rows >= 1, InvalidArgument, "dispatch DP_COMPUTE: empty batch");
-      out.pad = (mesh.dp - rows % mesh.dp) % mesh.dp;
-      const int64_t chunk = (rows + out.pad) / mesh.dp;
       std::vector<Batch> chunks(mesh.dp);
-      for (const auto& [name, t] : batch) {
-        at::Tensor padded = t;
-        if (out.pad > 0) {
-          // Repeat the last row: valid input for the workers, dropped on collect.
-          std::vector<int64_t> reps(t.dim(), 1);
-          reps[0] = out.pad;
-          padded = at::cat({t, t.narrow(0, rows - 1, 1).repeat(reps)}, 0);
+      for (int r = 0; r < mesh.dp; ++r) {
+        const DpChunk c = dp_compute_chunk(rows, mesh.dp, r);
+        out.pad += c.padding;
+        for (const auto& [name, t] : batch) {
+          at::Tensor part = t.narrow(0, c.begin, c.end - c.begin);
+          if (c.repeat > 0) {
+            // Repeat the last row: valid input for the workers, dropped on collect.
+            std::vector<int64_t> reps(t.dim(), 1);
+            reps[0] = c.repeat;
+            part = at::cat({part, t.narrow(0, c.end - 1, 1).repeat(reps)}, 0);
+          }
+          chunks[r][name] = part;
         }
-        for (int r = 0; r < mesh.dp; ++r) chunks[r][name] = padded.narrow(0, r * chunk, chunk);
       }
       for (int w = 0; w < n; ++w) out.per_worker.push_back(chunks[mesh.dp_rank(w)]);
       return out;

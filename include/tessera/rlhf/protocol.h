@@ -42,6 +42,15 @@ struct WorkerMesh {
   int tp_rank(int worker) const { return worker % tp; }
 };
 
+// DP_COMPUTE's split of `rows` over `dp` ranks: chunks of ceil(rows / dp)
+// rows; dp rank r reads rows [begin, end) and then the last of them
+// `repeat` more times; `padding` of its chunk's rows are not real (dropped
+// on collect). A rank past the end gets only the batch's last row, repeated.
+struct DpChunk {
+  int64_t begin = 0, end = 0, repeat = 0, padding = 0;
+};
+DpChunk dp_compute_chunk(int64_t rows, int dp, int dp_rank);
+
 // What the workers receive. `pad` (kDpCompute) is how many rows were added
 // to make the batch divisible by dp; collect() drops them.
 struct Dispatched {
