@@ -12,6 +12,10 @@
 //   --io-threads T  I/O threads per rank for save and load (default 4)
 //   --repeat R      rounds of every measurement; the table shows the median
 //                   and the range (default 3)
+//   --step-seconds S  the compute phase of the defer_copy measurement
+//                   (default 1.0: a 2 GiB state with AdamW moments is a
+//                   model of ~170M parameters, whose forward and backward
+//                   pass over 256 tokens takes longer than that on 2 cores)
 //   --keep          leave the files in --dir
 //
 // Rows of the printed Markdown table (rank 0; GB = 1e9 bytes):
@@ -28,6 +32,14 @@
 //   * save_async blocked: the time save_async() keeps the caller (plan,
 //     one all_gather, copy to the reused staging buffer) — what a training
 //     step waits for — then the time until that save is committed.
+//   * save_async with defer_copy: the caller is blocked in save_async and in
+//     release_tensors(), which it calls after a compute phase that stands
+//     in for the next step's forward and backward passes (fp32 matmuls on
+//     every rank, calibrated in the same run to take --step-seconds when
+//     nothing else runs); release_tensors() copies what the writes have not
+//     reached yet. Also printed: that share of the bytes, and how much the
+//     compute phase slowed while the save was writing (the CPU time the
+//     I/O threads take from training on a machine without a GPU).
 //   * baseline save: each tensor gathered whole to rank 0 (send/recv), which
 //     writes them all into one file with torch::save, then fsync.
 //   * baseline load: rank 0 reads that file with torch::load (cold cache)
@@ -75,6 +87,7 @@ struct Options {
   std::string dir = "/tmp/tessera_ckpt_bench";
   size_t io_threads = 4;
   int repeat = 3;
+  double step_seconds = 1.0;
   bool keep = false;
 };
 
@@ -96,14 +109,19 @@ Options parse(int argc, char** argv) {
       o.io_threads = std::stoul(value());
     } else if (a == "--repeat") {
       o.repeat = std::stoi(value());
+    } else if (a == "--step-seconds") {
+      o.step_seconds = std::stod(value());
     } else if (a == "--keep") {
       o.keep = true;
     } else {
       TESSERA_THROW(InvalidArgument, "ckpt_bench: unknown option '", a,
-                    "' (--gib G --tensors K --dir PATH --io-threads T --repeat R --keep)");
+                    "' (--gib G --tensors K --dir PATH --io-threads T --repeat R --step-seconds S "
+                    "--keep)");
     }
   }
-  TESSERA_CHECK(o.gib > 0 && o.tensors > 0 && o.io_threads > 0 && o.repeat > 0, InvalidArgument,
+  TESSERA_CHECK(o.gib > 0 && o.tensors > 0 && o.io_threads > 0 && o.repeat > 0 &&
+                    o.step_seconds > 0,
+                InvalidArgument,
                 "ckpt_bench: sizes must be positive");
   return o;
 }
@@ -121,6 +139,17 @@ double timed(td::ProcessGroup& world, const std::function<void()>& fn) {
   Stopwatch w;
   fn();
   return max_over(world, w.seconds());
+}
+
+// The stand-in for a forward and backward pass: `count` fp32 matmuls of
+// 384 x 384 (about 0.11 GFLOP each), on this rank's intra-op threads.
+double compute_phase(int64_t count) {
+  static const at::Tensor a = at::randn({384, 384}), b = at::randn({384, 384});
+  Stopwatch w;
+  at::Tensor acc = at::zeros({384, 384});
+  for (int64_t i = 0; i < count; ++i) acc.add_(at::mm(a, b));
+  (void)acc.sum().item<float>();
+  return w.seconds();
 }
 
 // Fraction of `path`'s pages in the page cache (mincore), or -1 if unknown.
@@ -374,7 +403,14 @@ int run(const Options& o) {
   tessera::ckpt::LoadOptions lo;
   lo.io_threads = o.io_threads;
 
+  // Matmuls that take --step-seconds with every rank computing at once.
+  world.barrier().wait();
+  compute_phase(5);  // warm up
+  const double per_mm = max_over(world, compute_phase(40) / 40);
+  const int64_t step_mms = std::max<int64_t>(1, static_cast<int64_t>(o.step_seconds / per_mm));
+
   Samples seq_write, seq_read, save, load, blocked, async_total, base_save, base_load;
+  Samples deferred_blocked, deferred_total, deferred_copied, compute_alone, compute_saving;
   double seq_resident = 0, ckpt_resident = 0, one_resident = 0;  // worst over rounds
   bool load_ok = true, base_ok = true;
   uint64_t one_bytes = 0;
@@ -411,6 +447,31 @@ int run(const Options& o) {
       async_total.v.push_back(max_over(world, t_s));
     }
 
+    // 4b. save_async with defer_copy around a compute phase; the same
+    //     compute phase alone right before, for the slowdown.
+    const std::string deferred_dir = dir + "/deferred";
+    {
+      compute_alone.v.push_back(timed(world, [&] { compute_phase(step_mms); }));
+      tessera::ckpt::SaveOptions dso = so;
+      dso.defer_copy = true;
+      world.barrier().wait();
+      Stopwatch w;
+      tessera::ckpt::SaveHandle h = ck.save_async(deferred_dir, state, world_ptr, dso);
+      const double in_save = w.seconds();
+      const double c_s = compute_phase(step_mms);
+      Stopwatch r;
+      h.release_tensors();
+      const double in_release = r.seconds();
+      h.wait();
+      const double t_s = w.seconds();
+      deferred_blocked.v.push_back(max_over(world, in_save + in_release));
+      deferred_total.v.push_back(max_over(world, t_s));
+      compute_saving.v.push_back(max_over(world, c_s));
+      const double copied = static_cast<double>(h.stats().bytes_copied) /
+                            std::max<uint64_t>(1, h.stats().bytes_written);
+      deferred_copied.v.push_back(max_over(world, copied));
+    }
+
     // 5. Baseline: gather to rank 0, one file; read back and scatter.
     const std::string one_file = dir + "/one_file.bin";
     base_save.v.push_back(timed(world, [&] { one_bytes = baseline_save(one_file, b, state, world); }));
@@ -423,6 +484,7 @@ int run(const Options& o) {
     if (rank == 0) {
       fs::remove_all(sync_dir);
       fs::remove_all(async_dir);
+      fs::remove_all(deferred_dir);
       fs::remove(one_file);
     }
     world.barrier().wait();
@@ -468,14 +530,26 @@ int run(const Options& o) {
         load, gb, seq_r);
     row("ckpt::save_async: caller blocked (plan + snapshot to staging)", blocked, gb, 0);
     row("ckpt::save_async: until committed", async_total, gb, seq_w);
+    row("ckpt::save_async, defer_copy: caller blocked (save_async + release_tensors after the "
+        "compute phase)",
+        deferred_blocked, gb, 0);
+    row("ckpt::save_async, defer_copy: until committed", deferred_total, gb, seq_w);
     row("baseline save: each tensor gathered to rank 0, torch::save, fsync",
         base_save, one_bytes / 1e9, seq_w);
     row(std::string("baseline load: rank 0 torch::load (cache dropped), sends each rank its rows (values ") +
             (base_ok ? "equal" : "DIFFER") + ")",
         base_load, one_bytes / 1e9, seq_r);
-    std::printf("\nsave_async blocks the training step for %.1f%% of the synchronous save time "
-                "(medians).\n",
-                100.0 * blocked.median() / save.median());
+    std::printf("\nsave_async blocks the training step for %.1f%% of the synchronous save time; "
+                "with defer_copy, %.1f%% (medians).\n",
+                100.0 * blocked.median() / save.median(),
+                100.0 * deferred_blocked.median() / save.median());
+    std::printf("defer_copy: compute phase of %lld matmuls (384x384 fp32) on every rank: %.3f s "
+                "alone, %.3f s while the save was writing (+%.0f%%, medians); release_tensors "
+                "copied %.0f%% of a rank's bytes (median; %.0f–%.0f%%).\n",
+                static_cast<long long>(step_mms), compute_alone.median(), compute_saving.median(),
+                100.0 * (compute_saving.median() / compute_alone.median() - 1),
+                100.0 * deferred_copied.median(), 100.0 * deferred_copied.min(),
+                100.0 * deferred_copied.max());
     std::fflush(stdout);
   }
   world.barrier().wait();

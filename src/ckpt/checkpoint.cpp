@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "crc32c.h"
+#include "host_memory.h"
 #include "tessera/core/error.h"
 #include "tessera/core/log.h"
 #include "tessera/core/metrics.h"
@@ -26,6 +27,8 @@ namespace tessera::ckpt {
 
 using dist::Box;
 using detail::crc32c;
+using detail::HugeBuffer;
+using detail::stream_copy;
 
 // ---------------------------------------------------------------------------
 // State
@@ -63,6 +66,32 @@ void wait_all(std::vector<std::future<void>>& tasks) {
 }
 
 constexpr double kProgressSeconds = 10.0;
+constexpr uint64_t kBounceChunkBytes = uint64_t{1} << 20;
+// Where copies for writing are placed relative to their file offset: the
+// largest direct-I/O alignment a Storage reports (4 KiB for local files).
+constexpr uint64_t kDirectAlign = 4096;
+
+uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+// Writes [off, off + n) of `out` from `data`. When `data` sits at an
+// address congruent to `off` modulo the file's direct-I/O alignment, the
+// aligned middle goes as one direct write and the unaligned ends (at most
+// one alignment unit each) through the page cache.
+void write_range(WritableFile& out, uint64_t off, const uint8_t* data, uint64_t n) {
+  const uint64_t align = out.direct_alignment();
+  if (align == 0 || (reinterpret_cast<uintptr_t>(data) - off) % align != 0) {
+    out.write_at(off, data, n);
+    return;
+  }
+  const uint64_t a = round_up(off, align), b = (off + n) / align * align;
+  if (b <= a) {
+    out.write_at(off, data, n);
+    return;
+  }
+  if (a > off) out.write_at(off, data, a - off);
+  out.write_at(a, data + (a - off), b - a);
+  if (off + n > b) out.write_at(b, data + (b - off), off + n - b);
+}
 
 std::string mib(uint64_t bytes) {
   std::ostringstream out;
@@ -342,19 +371,22 @@ class Progress {
 // Staging buffers: at most two (ping-pong), reused across saves.
 
 struct Staging {
-  at::Tensor bytes;  // kByte, capacity
+  at::Tensor pinned;  // kByte, capacity: page-locked, for device tensors
+  HugeBuffer host;    // capacity: huge pages, for host tensors
   bool in_use = false;
+
+  uint64_t capacity(bool want_pinned) const {
+    return want_pinned ? static_cast<uint64_t>(pinned.defined() ? pinned.numel() : 0)
+                       : host.size();
+  }
 };
 
-struct Checkpointer::Impl {
+// The pool of staging buffers. Shared by the Checkpointer and its handles
+// (a handle may copy into a buffer after the Checkpointer is gone).
+struct StagingPool {
   std::mutex mu;
   std::condition_variable freed;
   std::vector<std::unique_ptr<Staging>> staging;  // guarded by mu
-  std::map<uint64_t, std::shared_ptr<const SavePlan>> plans;  // used by the caller's thread only
-  // The coordinator runs each save's write phase (and, with a control
-  // group, its commit) in submission order. Declared last: destroyed first,
-  // finishing queued saves while the members above still exist.
-  ThreadPool coordinator{1};
 
   // A buffer of at least `bytes`; blocks while two are in use.
   std::shared_ptr<uint8_t> acquire(uint64_t bytes, bool pinned) {
@@ -367,26 +399,46 @@ struct Checkpointer::Impl {
       return staging.size() < 2;
     });
     for (auto& s : staging) {
-      if (!s->in_use && (!got || s->bytes.numel() > got->bytes.numel())) got = s.get();
+      if (!s->in_use && (!got || s->capacity(pinned) > got->capacity(pinned))) got = s.get();
     }
     if (!got) {
       staging.push_back(std::make_unique<Staging>());
       got = staging.back().get();
     }
-    if (static_cast<uint64_t>(got->bytes.numel()) < bytes || !got->bytes.defined()) {
-      got->bytes = at::Tensor();  // free the old one first
-      auto opts = at::TensorOptions().dtype(at::kByte).pinned_memory(pinned);
-      got->bytes = at::empty({static_cast<int64_t>(std::max<uint64_t>(bytes, 1))}, opts);
+    bytes = std::max<uint64_t>(bytes, 1);
+    uint8_t* ptr = nullptr;
+    if (pinned) {
+      if (got->capacity(true) < bytes) {
+        got->pinned = at::Tensor();  // free the old one first
+        got->pinned = at::empty({static_cast<int64_t>(bytes)},
+                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+      }
+      ptr = got->pinned.data_ptr<uint8_t>();
+    } else {
+      if (got->capacity(false) < bytes) {
+        got->host = HugeBuffer();  // free the old one first
+        got->host = HugeBuffer(bytes);
+      }
+      ptr = got->host.data();
     }
     got->in_use = true;
-    uint8_t* ptr = got->bytes.data_ptr<uint8_t>();
-    // Returned to the pool when the last user (the write phase) lets go.
+    // Returned to the pool when the last user (the write phase) lets go;
+    // every holder of a buffer also holds the pool.
     return std::shared_ptr<uint8_t>(ptr, [this, got](uint8_t*) {
       std::lock_guard<std::mutex> l(mu);
       got->in_use = false;
       freed.notify_all();
     });
   }
+};
+
+struct Checkpointer::Impl {
+  std::shared_ptr<StagingPool> pool = std::make_shared<StagingPool>();
+  std::map<uint64_t, std::shared_ptr<const SavePlan>> plans;  // used by the caller's thread only
+  // The coordinator runs each save's write phase (and, with a control
+  // group, its commit) in submission order. Declared last: destroyed first,
+  // finishing queued saves while the members above still exist.
+  ThreadPool coordinator{1};
 };
 
 // ---------------------------------------------------------------------------
@@ -417,6 +469,36 @@ struct SaveHandle::Impl {
   std::string rng_blob;              // direct saves write the blob from here
   uint64_t rng_bytes = 0;
 
+  // Writing from the tensors (a synchronous save, or SaveOptions::defer_copy
+  // of CPU tensors): each write task copies its chunk out of the tensors'
+  // memory into a bounce buffer placed for direct I/O and writes from
+  // there. With defer_copy, release_tensors() copies the chunks no task has
+  // started into a staging buffer; tasks for those chunks then read there.
+  enum class Chunk : uint8_t {
+    kPending,  // not started; reads the tensors when it starts
+    kReading,  // a task is reading the tensors
+    kCopying,  // release_tensors() is copying it to staging; tasks wait
+    kStaged,   // in staging at staged_at[k]
+    kLost,     // release_tensors() failed before copying it
+    kDone,
+  };
+  struct ChunkRange {
+    uint64_t begin = 0, end = 0;  // file offsets
+    size_t first_block = 0, last_block = 0;  // blocks starting in [begin, end)
+  };
+  bool from_tensors = false;
+  std::shared_ptr<StagingPool> pool;  // where release_tensors() gets a buffer
+  // Set in save_async (plan_chunks), read-only afterwards.
+  std::vector<std::pair<uint64_t, uint64_t>> blocks;  // (file offset, length) in file order
+  std::vector<ChunkRange> chunk_ranges;
+  std::mutex chunk_mu;
+  std::condition_variable chunk_cv;
+  std::vector<Chunk> chunks;                 // guarded by chunk_mu
+  std::vector<const uint8_t*> staged_at;     // guarded by chunk_mu
+  std::shared_ptr<uint8_t> released_staging;  // guarded by chunk_mu
+  bool write_done = false;                    // guarded by chunk_mu
+  bool released = false;                      // caller's thread only
+
   // The segment holding file offset `off`, and the byte there.
   const Segment& segment_at(uint64_t off) const {
     auto it = std::upper_bound(segments.begin(), segments.end(), off,
@@ -444,10 +526,173 @@ struct SaveHandle::Impl {
   void phase(SavePhase p) {
     if (options.on_phase) options.on_phase(p);
   }
+  // Lists this rank's checksum blocks and splits the file into the write
+  // tasks' chunks of write_bytes (from the tensors: about 1 MiB, ending on
+  // block boundaries, so a block is checksummed from the same bytes that
+  // are written).
+  void plan_chunks();
+  // Called by chunk k's task before it reads: false if its bytes were lost
+  // (release_tensors() failed); otherwise `staged` is where the chunk's
+  // bytes start in a staging buffer, or null to read the segments (then,
+  // when writing from the tensors, the task copies them out and calls
+  // finish_chunk).
+  // Waits while release_tensors() copies the chunk.
+  bool start_chunk(size_t k, const uint8_t*& staged);
+  // Chunk k no longer reads the tensors.
+  void finish_chunk(size_t k);
+  // Copies [begin, end) of the file's bytes from the segments to `dst`.
+  void copy_out(uint64_t begin, uint64_t end, uint8_t* dst) const;
+  void release_tensors();
+  // The write phase no longer reads the tensors or staging buffers.
+  void end_reads();
   void write_phase();
   void commit(const std::shared_ptr<dist::ProcessGroup>& g);
   void commit_rank0(const std::vector<int64_t>& gathered, int64_t per_rank);
 };
+
+void SaveHandle::Impl::plan_chunks() {
+  const uint64_t total = plan->file_bytes[rank] + rng_bytes;
+  const uint64_t block = options.checksum_block;
+  // This rank's checksum blocks in file order: (file offset, length).
+  blocks.clear();
+  for (const auto& pb : plan->boxes) {
+    if (pb.writer != rank) continue;
+    for (uint64_t b = 0; b < pb.bytes; b += block) {
+      blocks.emplace_back(pb.byte_offset + b, std::min(block, pb.bytes - b));
+    }
+  }
+  chunk_ranges.clear();
+  // release_tensors() waits for the chunks being copied from the tensors,
+  // and each task holds a bounce buffer of a chunk, so these chunks are
+  // small.
+  const uint64_t chunk_bytes =
+      from_tensors ? std::min(options.write_bytes, kBounceChunkBytes) : options.write_bytes;
+  const uint64_t step_bytes = std::max(chunk_bytes, block);
+  size_t next_block = 0;
+  for (uint64_t begin = 0; begin < total;) {
+    ChunkRange c;
+    c.begin = begin;
+    c.end = std::min(total, begin + step_bytes);
+    c.first_block = next_block;
+    while (next_block < blocks.size() && blocks[next_block].first < c.end) ++next_block;
+    c.last_block = next_block;
+    // A chunk copied out of the tensors is checksummed from its copy, so
+    // it must hold its blocks whole; a staged chunk's blocks may run on
+    // into the next chunk (the bytes are in one stable place), and its
+    // chunks stay aligned.
+    if (from_tensors && c.last_block > c.first_block) {
+      const auto& last = blocks[c.last_block - 1];
+      c.end = std::max(c.end, last.first + last.second);
+    }
+    chunk_ranges.push_back(c);
+    begin = c.end;
+  }
+  std::lock_guard<std::mutex> lock(chunk_mu);
+  chunks.assign(chunk_ranges.size(), Chunk::kPending);
+  staged_at.assign(chunk_ranges.size(), nullptr);
+}
+
+bool SaveHandle::Impl::start_chunk(size_t k, const uint8_t*& staged) {
+  staged = nullptr;
+  if (!from_tensors) return true;
+  std::unique_lock<std::mutex> lock(chunk_mu);
+  chunk_cv.wait(lock, [&] { return chunks[k] != Chunk::kCopying; });
+  if (chunks[k] == Chunk::kPending) {
+    chunks[k] = Chunk::kReading;
+    return true;
+  }
+  staged = staged_at[k];
+  return chunks[k] == Chunk::kStaged;
+}
+
+void SaveHandle::Impl::finish_chunk(size_t k) {
+  if (!from_tensors) return;
+  std::lock_guard<std::mutex> lock(chunk_mu);
+  chunks[k] = Chunk::kDone;
+  chunk_cv.notify_all();
+}
+
+void SaveHandle::Impl::release_tensors() {
+  if (!from_tensors || !options.defer_copy || released) return;
+  released = true;
+  Stopwatch watch;
+  std::vector<size_t> to_copy;
+  uint64_t bytes = 0;
+  {
+    std::unique_lock<std::mutex> lock(chunk_mu);
+    if (write_done) return;
+    for (size_t k = 0; k < chunks.size(); ++k) {
+      if (chunks[k] != Chunk::kPending) continue;
+      chunks[k] = Chunk::kCopying;
+      to_copy.push_back(k);
+      bytes += chunk_ranges[k].end - chunk_ranges[k].begin;
+    }
+    // Tasks already reading the tensors finish first.
+    chunk_cv.wait(lock, [&] {
+      return std::none_of(chunks.begin(), chunks.end(),
+                          [](Chunk c) { return c == Chunk::kReading; });
+    });
+  }
+  // Each chunk lands at an address congruent to its file offset modulo the
+  // direct-I/O alignment, so that its aligned middle can bypass the page
+  // cache.
+  std::vector<uint64_t> place(to_copy.size());
+  uint64_t cursor = 0;
+  for (size_t i = 0; i < to_copy.size(); ++i) {
+    const ChunkRange& c = chunk_ranges[to_copy[i]];
+    place[i] = round_up(cursor, kDirectAlign) + c.begin % kDirectAlign;
+    cursor = place[i] + (c.end - c.begin);
+  }
+  std::exception_ptr error;
+  std::vector<const uint8_t*> where(to_copy.size(), nullptr);
+  std::shared_ptr<uint8_t> buffer;
+  if (!to_copy.empty()) {
+    try {
+      buffer = pool->acquire(cursor, /*pinned=*/false);
+      for (size_t i = 0; i < to_copy.size(); ++i) {
+        const ChunkRange& c = chunk_ranges[to_copy[i]];
+        copy_out(c.begin, c.end, buffer.get() + place[i]);
+        where[i] = buffer.get() + place[i];
+      }
+    } catch (...) {
+      error = std::current_exception();
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(chunk_mu);
+    for (size_t i = 0; i < to_copy.size(); ++i) {
+      chunks[to_copy[i]] = error ? Chunk::kLost : Chunk::kStaged;
+      staged_at[to_copy[i]] = where[i];
+    }
+    // Held until the write phase ends (it may have failed already).
+    if (!write_done) released_staging = std::move(buffer);
+    chunk_cv.notify_all();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    stats.blocked_seconds += watch.seconds();
+    if (!error) stats.bytes_copied += bytes;
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+void SaveHandle::Impl::copy_out(uint64_t begin, uint64_t end, uint8_t* dst) const {
+  // A range may span segments (the last tensor box and the RNG blob).
+  for (uint64_t off = begin; off < end;) {
+    const Segment& g = segment_at(off);
+    const uint64_t n = std::min(end, g.offset + g.bytes) - off;
+    stream_copy(dst + (off - begin), g.data + (off - g.offset), n);
+    off += n;
+  }
+}
+
+void SaveHandle::Impl::end_reads() {
+  staging.reset();
+  sources.clear();
+  std::lock_guard<std::mutex> lock(chunk_mu);
+  released_staging.reset();
+  write_done = true;
+}
 
 void SaveHandle::Impl::write_phase() {
   Stopwatch watch;
@@ -456,48 +701,85 @@ void SaveHandle::Impl::write_phase() {
     auto out = storage->create(tmp_dir + "/" + file);
     const uint64_t tensor_bytes = plan->file_bytes[rank];
     const uint64_t total = tensor_bytes + rng_bytes;
-    const uint64_t block = options.checksum_block;
-    // This rank's checksum blocks in file order: (file offset, length).
-    std::vector<std::pair<uint64_t, uint64_t>> blocks;
-    for (const auto& pb : plan->boxes) {
-      if (pb.writer != rank) continue;
-      for (uint64_t b = 0; b < pb.bytes; b += block) {
-        blocks.emplace_back(pb.byte_offset + b, std::min(block, pb.bytes - b));
-      }
-    }
+    out->reserve(total);
     crcs.assign(blocks.size(), 0);
     Progress progress("saving " + dir, total);
+    const size_t threads = std::max<size_t>(1, options.io_threads);
+    // Tasks writing from the tensors copy their chunk into a bounce slot
+    // of their own, placed for direct I/O, then write from it.
+    uint64_t slot_bytes = 0;
+    for (const ChunkRange& c : chunk_ranges) slot_bytes = std::max(slot_bytes, c.end - c.begin);
+    slot_bytes = round_up(slot_bytes, kDirectAlign) + kDirectAlign;
+    HugeBuffer bounce = from_tensors ? HugeBuffer(threads * slot_bytes) : HugeBuffer();
+    std::mutex slots_mu;
+    std::vector<size_t> free_slots;
+    for (size_t i = 0; i < threads && from_tensors; ++i) free_slots.push_back(i);
     {
-      ThreadPool pool(std::max<size_t>(1, options.io_threads));
+      ThreadPool pool(threads);
       std::vector<std::future<void>> done;
-      const uint64_t step_bytes = std::max(options.write_bytes, block);
-      size_t next_block = 0;
-      for (uint64_t begin = 0; begin < total; begin += step_bytes) {
-        const uint64_t end = std::min(total, begin + step_bytes);
-        // Blocks that start inside [begin, end) are checksummed by this task.
-        size_t first = next_block;
-        while (next_block < blocks.size() && blocks[next_block].first < end) ++next_block;
-        size_t last = next_block;
-        done.push_back(pool.submit([&, begin, end, first, last] {
-          // A checksum block never crosses a segment (both follow boxes).
-          for (size_t k = first; k < last; ++k) {
-            crcs[k] = crc32c(byte_at(blocks[k].first), blocks[k].second);
+      for (size_t k = 0; k < chunk_ranges.size(); ++k) {
+        done.push_back(pool.submit([&, k] {
+          const ChunkRange& c = chunk_ranges[k];
+          const uint8_t* staged = nullptr;
+          if (!start_chunk(k, staged)) {
+            finish_chunk(k);
+            TESSERA_THROW(Aborted, "checkpoint '", dir, "': bytes ", c.begin, "..", c.end, " of ",
+                          file, " were never copied to a staging buffer (release_tensors failed)");
           }
-          // One write per segment piece inside [begin, end).
-          for (uint64_t at = begin; at < end;) {
-            const Segment& g = segment_at(at);
-            const uint64_t n = std::min(end, g.offset + g.bytes) - at;
-            out->write_at(at, g.data + (at - g.offset), n);
-            at += n;
+          size_t slot = 0;
+          bool took_slot = false;
+          if (from_tensors && !staged) {
+            {
+              std::lock_guard<std::mutex> lock(slots_mu);
+              slot = free_slots.back();  // one per pool thread: never empty
+              free_slots.pop_back();
+              took_slot = true;
+            }
+            uint8_t* dst = bounce.data() + slot * slot_bytes + c.begin % kDirectAlign;
+            copy_out(c.begin, c.end, dst);
+            finish_chunk(k);
+            staged = dst;
           }
-          progress.add(end - begin);
+          try {
+            if (staged) {
+              // The chunk's bytes, contiguous, holding its blocks whole.
+              for (size_t b = c.first_block; b < c.last_block; ++b) {
+                crcs[b] = crc32c(staged + (blocks[b].first - c.begin), blocks[b].second);
+              }
+              write_range(*out, c.begin, staged, c.end - c.begin);
+            } else {
+              // A block may run past the chunk's end; never across a
+              // segment (both follow boxes).
+              for (size_t b = c.first_block; b < c.last_block; ++b) {
+                crcs[b] = crc32c(byte_at(blocks[b].first), blocks[b].second);
+              }
+              for (uint64_t at = c.begin; at < c.end;) {
+                const Segment& g = segment_at(at);
+                const uint64_t n = std::min(c.end, g.offset + g.bytes) - at;
+                write_range(*out, at, g.data + (at - g.offset), n);
+                at += n;
+              }
+            }
+          } catch (...) {
+            finish_chunk(k);
+            if (took_slot) {
+              std::lock_guard<std::mutex> lock(slots_mu);
+              free_slots.push_back(slot);
+            }
+            throw;
+          }
+          finish_chunk(k);
+          if (took_slot) {
+            std::lock_guard<std::mutex> lock(slots_mu);
+            free_slots.push_back(slot);
+          }
+          progress.add(c.end - c.begin);
         }));
       }
       wait_all(done);
     }
     rng_crc = crc32c(byte_at(tensor_bytes), rng_bytes);
-    staging.reset();  // back to the pool: the next save may stage now
-    sources.clear();
+    end_reads();  // buffers back to the pool: the next save may stage now
     phase(SavePhase::kFileWritten);
     out->sync();
     out->close();
@@ -505,8 +787,7 @@ void SaveHandle::Impl::write_phase() {
     io_ok = true;
   } catch (...) {
     io_error = std::current_exception();
-    staging.reset();
-    sources.clear();
+    end_reads();
   }
   std::lock_guard<std::mutex> lock(mu);
   stats.write_seconds = watch.seconds();
@@ -646,6 +927,10 @@ SaveHandle::~SaveHandle() {
   if (impl_ && impl_->io.valid()) impl_->io.wait();
 }
 
+void SaveHandle::release_tensors() {
+  if (impl_) impl_->release_tensors();
+}
+
 bool SaveHandle::io_done() const {
   return !impl_ || !impl_->io.valid() ||
          impl_->io.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
@@ -766,8 +1051,9 @@ SaveHandle Checkpointer::start_save(const std::string& dir_in, const State& stat
   for (const auto& [name, entry] : state.entries) s->attrs.push_back(entry.attrs);
 
   // Snapshot: this rank's boxes, then its RNG blob, into one host buffer
-  // laid out exactly as the data file. A direct (synchronous) save of CPU
-  // tensors skips the copy: the write phase reads the tensors' memory.
+  // laid out exactly as the data file. A synchronous save of CPU tensors
+  // skips the snapshot (the caller is waiting anyway), and so does a
+  // deferred copy: the write tasks read the tensors' memory.
   std::string blob = encode_blob(state.rng);
   s->rng_bytes = blob.size();
   const uint64_t tensor_bytes = plan.file_bytes[s->rank];
@@ -775,11 +1061,14 @@ SaveHandle Checkpointer::start_save(const std::string& dir_in, const State& stat
   for (const auto& [name, entry] : state.entries) any_cuda |= !entry.local.device().is_cpu();
   std::vector<at::Tensor> flats;
   for (const auto& [name, entry] : state.entries) flats.push_back(entry.local.reshape({-1}));
+  direct |= options.defer_copy;
   if (direct && !any_cuda) {
     for (const at::Tensor& flat : flats) direct &= flat.is_contiguous();
   } else {
     direct = false;
   }
+  s->from_tensors = direct;
+  s->pool = impl_->pool;
   if (direct) {
     for (const auto& pb : plan.boxes) {
       if (pb.writer != s->rank || pb.bytes == 0) continue;
@@ -794,7 +1083,7 @@ SaveHandle Checkpointer::start_save(const std::string& dir_in, const State& stat
     s->segments.push_back({tensor_bytes, s->rng_bytes,
                            reinterpret_cast<const uint8_t*>(s->rng_blob.data())});
   } else {
-    s->staging = impl_->acquire(tensor_bytes + blob.size(), any_cuda && cuda_available());
+    s->staging = impl_->pool->acquire(tensor_bytes + blob.size(), any_cuda && cuda_available());
     uint8_t* base = s->staging.get();
     s->segments.push_back({0, tensor_bytes + blob.size(), base});
     translate_errors("checkpoint '" + s->dir + "': copying tensors to host", [&] {
@@ -804,7 +1093,7 @@ SaveHandle Checkpointer::start_save(const std::string& dir_in, const State& stat
         at::Tensor& flat = flats[pb.entry];
         if (flat.device().is_cpu() && flat.is_contiguous()) {
           const auto* src = static_cast<const uint8_t*>(flat.data_ptr());
-          std::memcpy(base + pb.byte_offset,
+          stream_copy(base + pb.byte_offset,
                       src + pb.writer_local_offset * static_cast<int64_t>(flat.element_size()),
                       pb.bytes);
         } else {
@@ -816,10 +1105,12 @@ SaveHandle Checkpointer::start_save(const std::string& dir_in, const State& stat
     });
     std::memcpy(base + tensor_bytes, blob.data(), blob.size());
   }
+  s->plan_chunks();
   s->phase(SavePhase::kStaged);
   {
     std::lock_guard<std::mutex> lock(s->mu);
     s->stats.blocked_seconds = blocked.seconds();
+    if (s->staging) s->stats.bytes_copied = tensor_bytes + s->rng_bytes;
     for (uint64_t b : plan.file_bytes) s->stats.bytes_total += b;
   }
   auto control = options.control_group;

@@ -9,8 +9,11 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -292,6 +295,116 @@ TEST_F(CkptTest, AsyncSaveSnapshotsAndReusesStaging) {
     EXPECT_TRUE(at::equal(got.entries.at("w").local, snapshots[step])) << step;
     EXPECT_EQ(got.step, step);
   }
+}
+
+// Local storage whose data-file writes wait at a gate once `free_writes`
+// have gone through, so a test can hold a save in the middle of writing.
+class GatedStorage : public Storage {
+ public:
+  explicit GatedStorage(int free_writes) : free_writes_(free_writes) {}
+  void open_gate() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  int writes() const { return writes_.load(); }
+
+  std::unique_ptr<WritableFile> create(const std::string& path) override {
+    class File : public WritableFile {
+     public:
+      File(GatedStorage* owner, std::unique_ptr<WritableFile> inner)
+          : owner_(owner), inner_(std::move(inner)) {}
+      void write_at(uint64_t offset, const void* data, size_t size) override {
+        owner_->pass_gate();
+        inner_->write_at(offset, data, size);
+      }
+      void sync() override { inner_->sync(); }
+      void close() override { inner_->close(); }
+      const std::string& path() const override { return inner_->path(); }
+
+     private:
+      GatedStorage* owner_;
+      std::unique_ptr<WritableFile> inner_;
+    };
+    return std::make_unique<File>(this, local_->create(path));
+  }
+  std::unique_ptr<ReadableFile> open(const std::string& path) override { return local_->open(path); }
+  std::string read_all(const std::string& path) override { return local_->read_all(path); }
+  void create_dirs(const std::string& path) override { local_->create_dirs(path); }
+  void rename(const std::string& from, const std::string& to) override { local_->rename(from, to); }
+  void sync_dir(const std::string& path) override { local_->sync_dir(path); }
+  std::vector<std::string> list(const std::string& dir) override { return local_->list(dir); }
+  bool exists(const std::string& path) override { return local_->exists(path); }
+  bool is_dir(const std::string& path) override { return local_->is_dir(path); }
+  void remove_all(const std::string& path) override { local_->remove_all(path); }
+  void remove_file(const std::string& path) override { local_->remove_file(path); }
+
+ private:
+  void pass_gate() {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (writes_.fetch_add(1) >= free_writes_) cv_.wait(lock, [&] { return open_; });
+  }
+  std::shared_ptr<Storage> local_ = Storage::local();
+  const int free_writes_;
+  std::atomic<int> writes_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;  // guarded by mu_
+};
+
+TEST_F(CkptTest, DeferredCopyWritesFromTheTensorsAndCopiesOnlyTheRestOnRelease) {
+  Checkpointer ck;
+  at::Tensor w = full_tensor(12, {64, 256});  // 64 KiB: 16 chunks of 4 KiB
+  const at::Tensor saved = w.clone();
+  State st;
+  st.add_replicated("w", w, 1);
+  auto gated = std::make_shared<GatedStorage>(/*free_writes=*/3);
+  SaveOptions opts;
+  opts.storage = gated;
+  opts.defer_copy = true;
+  opts.io_threads = 2;
+  opts.write_bytes = 4096;
+  opts.checksum_block = 1024;
+  SaveHandle h = ck.save_async(path("deferred"), st, nullptr, opts);
+  EXPECT_EQ(h.stats().bytes_copied, 0u);  // nothing copied yet
+  // Writes 4 and 5 now wait at the gate (their tasks copied their chunks
+  // out of the tensor first); the other chunks were not started.
+  while (gated->writes() < 5) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  h.release_tensors();  // copies those, without waiting for the disk
+  w.fill_(-1);          // the next optimizer step: the save must not see this
+  gated->open_gate();
+  h.wait();
+  const uint64_t tensor_bytes = 64 * 256 * 4;
+  // Chunks 0-4 were written from the tensor; the rest (at least 10 chunks
+  // of 4 KiB and the RNG blob) went through staging.
+  EXPECT_GE(h.stats().bytes_copied, 10u * 4096);
+  EXPECT_LT(h.stats().bytes_copied, tensor_bytes);
+  h.release_tensors();  // again: no-op
+  EXPECT_TRUE(h.valid());
+  EXPECT_FALSE(SaveHandle().valid());
+
+  State got;
+  got.add_replicated("w", at::zeros({64, 256}), 1);
+  load(path("deferred"), got, nullptr);
+  EXPECT_TRUE(at::equal(got.entries.at("w").local, saved));
+  EXPECT_TRUE(verify(path("deferred")).ok());
+}
+
+TEST_F(CkptTest, DeferredCopyNeedsNoReleaseWhenTheTensorsDoNotChange) {
+  Checkpointer ck;
+  at::Tensor w = full_tensor(13, {32, 32});
+  State st;
+  st.add_replicated("w", w, 1);
+  SaveOptions opts;
+  opts.defer_copy = true;
+  SaveHandle h = ck.save_async(path("plain"), st, nullptr, opts);
+  h.wait();
+  h.release_tensors();  // after the writes: nothing left to copy
+  EXPECT_EQ(h.stats().bytes_copied, 0u);
+  State got;
+  got.add_replicated("w", at::zeros({32, 32}), 1);
+  load(path("plain"), got, nullptr);
+  EXPECT_TRUE(at::equal(got.entries.at("w").local, w));
 }
 
 TEST_F(CkptTest, AsyncSaveWithControlGroupCommitsInBackground) {

@@ -23,7 +23,9 @@
 //
 // Asynchronous save: save_async() returns once this rank's tensors are copied
 // into host staging buffers (reused across saves); I/O threads write, checksum
-// and fsync the data file. The commit — every rank reports success, rank 0
+// and fsync the data file. With SaveOptions::defer_copy it returns at once
+// and the copy waits for SaveHandle::release_tensors(), which copies only
+// what the I/O threads have not written yet. The commit — every rank reports success, rank 0
 // writes metadata.json and renames the directory into place — is collective,
 // and runs where the caller says (SaveOptions::control_group):
 //   * no control group (default): in SaveHandle::wait(), on the caller's
@@ -134,6 +136,17 @@ struct SaveOptions {
   // Replace an existing checkpoint at `dir` (otherwise FailedPrecondition).
   // The old directory is moved aside and removed after the new one is in place.
   bool overwrite = false;
+  // Defer the snapshot copy (save_async only): write straight from the
+  // tensors' memory while the caller keeps computing, and copy to a staging
+  // buffer only what is still unwritten when the caller calls
+  // SaveHandle::release_tensors() — which it must do before any saved tensor
+  // changes. In a training loop: save_async right after optimizer.step(),
+  // release_tensors() right before the next one; the forward and backward
+  // passes in between overlap the write, and the step waits only for the
+  // part the disk has not taken yet (nothing, when the write is done).
+  // Ignored (the copy happens in save_async) when a tensor is not a
+  // contiguous CPU tensor.
+  bool defer_copy = false;
   // A process group used only for checkpoint control; when set, the commit
   // runs on the I/O thread over it (see the file comment). Same ranks, in
   // the same order, as the group passed to save.
@@ -144,11 +157,13 @@ struct SaveOptions {
 };
 
 struct SaveStats {
-  double blocked_seconds = 0;  // inside save_async: planning, staging
+  double blocked_seconds = 0;  // inside save_async (planning, staging) and release_tensors
   double write_seconds = 0;    // writing, checksumming and fsync of this rank's file
   double total_seconds = 0;    // save_async until committed
   uint64_t bytes_written = 0;  // by this rank
   uint64_t bytes_total = 0;    // by all ranks
+  uint64_t bytes_copied = 0;   // by this rank into a staging buffer (with
+                               // defer_copy: by release_tensors)
 };
 
 // The outcome of an asynchronous save. Move-only.
@@ -166,6 +181,15 @@ class [[nodiscard]] SaveHandle {
   // DeadlineExceeded if `timeout` (0: none) passes first while waiting for
   // this rank's I/O; the handle stays valid.
   void wait(std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
+  // With SaveOptions::defer_copy: returns once the save no longer reads the
+  // saved tensors, copying the chunks no write has started to a staging
+  // buffer (and waiting for writes reading the tensors right now). Call it
+  // before the tensors next change. Otherwise, or when called again: no-op.
+  // On failure (no memory for the buffer) the save fails too; wait()
+  // reports it.
+  void release_tensors();
+  // False for a default-constructed (or moved-from) handle.
+  bool valid() const { return impl_ != nullptr; }
   // True when wait() would not block on I/O.
   bool io_done() const;
   const std::string& dir() const;
@@ -278,9 +302,11 @@ class Checkpointer {
   SaveHandle save_async(const std::string& dir, const State& state,
                         const std::shared_ptr<dist::ProcessGroup>& group,
                         const SaveOptions& options = {});
-  // Synchronous save: returns once committed. CPU tensors are written
-  // straight from their memory (no staging copy: the caller is waiting
-  // anyway); other tensors go through a staging buffer.
+  // Synchronous save: returns once committed. CPU tensors are not
+  // snapshotted (the caller is waiting anyway): each I/O thread copies
+  // about 1 MiB at a time into a small buffer of its own and writes it with
+  // direct I/O where the storage allows; other tensors go through a
+  // staging buffer.
   void save(const std::string& dir, const State& state,
             const std::shared_ptr<dist::ProcessGroup>& group, const SaveOptions& options = {});
 

@@ -35,6 +35,15 @@ class WritableFile {
   virtual ~WritableFile() = default;
   // Writes all `size` bytes at `offset` (retrying short writes).
   virtual void write_at(uint64_t offset, const void* data, size_t size) = 0;
+  // The alignment (bytes) of offset, size and buffer address at which
+  // write_at bypasses the page cache (direct I/O: no copy into the cache,
+  // far less CPU time); 0 when this file never does. Unaligned writes are
+  // accepted all the same, through the cache.
+  virtual size_t direct_alignment() const { return 0; }
+  // Gives the file its final size and reserves the space up front, so that
+  // parallel writes never extend it and a full disk shows before writing
+  // (ResourceExhausted). Optional: the default does nothing.
+  virtual void reserve(uint64_t bytes) { (void)bytes; }
   // Makes the written bytes durable (fsync).
   virtual void sync() = 0;
   virtual void close() = 0;
