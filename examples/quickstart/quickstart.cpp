@@ -273,6 +273,30 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   TESSERA_CHECK(last_loss < first_loss * 0.6, Internal, "pretraining did not reduce the loss (",
                 first_loss, " -> ", last_loss, ")");
 
+  // Resume from the checkpoint in the saved layout: the same computation as
+  // the uninterrupted run from that step, so every loss must be identical.
+  {
+    tn::Transformer same(cfg, groups);
+    tn::Trainer same_trainer(same, opts, groups.ep ? nullptr : world);
+    tessera::ckpt::State want;
+    tessera::ckpt::add_trainer(want, same_trainer, {0, 1});
+    auto loaded = checkpointer.load(ckpt_dir, want, world);
+    tessera::ckpt::restore_trainer(want, same_trainer, {0, 1}, loaded);
+    int identical = 0;
+    for (int64_t k = 0; k < compare_steps; ++k) {
+      auto batch = data.batch(save_step + k, global_batch, seq_len, me, n, /*seed=*/3);
+      identical += same_trainer.step(batch.input_ids, batch.labels).loss == reference_losses[k];
+    }
+    if (me == 0) {
+      std::printf("      checkpoint of step %lld resumed in the same layout: %d of %lld losses "
+                  "identical to the uninterrupted run\n",
+                  static_cast<long long>(save_step), identical,
+                  static_cast<long long>(compare_steps));
+    }
+    TESSERA_CHECK(identical == compare_steps, Internal, "resuming in the saved layout changed ",
+                  compare_steps - identical, " of ", compare_steps, " losses");
+  }
+
   // Resume from the checkpoint in another layout: data parallel, each rank
   // a whole model (all experts), the same global batches.
   tn::Transformer resumed(cfg);

@@ -67,6 +67,8 @@ void wait_all(std::vector<std::future<void>>& tasks) {
 
 constexpr double kProgressSeconds = 10.0;
 constexpr uint64_t kBounceChunkBytes = uint64_t{1} << 20;
+// A load's direct reads: a few checksum blocks per read.
+constexpr uint64_t kLoadPieceBytes = uint64_t{4} << 20;
 // Where copies for writing are placed relative to their file offset: the
 // largest direct-I/O alignment a Storage reports (4 KiB for local files).
 constexpr uint64_t kDirectAlign = 4096;
@@ -1219,6 +1221,28 @@ void split_region(const Box& box, const Box& region, int64_t es, uint64_t max_by
   }
 }
 
+// Reads file bytes [begin, end) into `slot` (aligned, with room for the
+// range rounded out to the file's direct-I/O alignment on both sides) and
+// returns where `begin` landed. The aligned part inside the file goes as one
+// direct read; what lies in the file's last partial unit goes through the
+// page cache. `read(from, n, out)` reads n bytes at file offset
+// base + from.
+template <typename Read>
+const uint8_t* read_aligned(const ReadableFile& file, uint64_t base, uint64_t begin,
+                                 uint64_t end, uint8_t* slot, Read&& read) {
+  const uint64_t align = file.direct_alignment();
+  const uint64_t a = begin / align * align;
+  const uint64_t whole_end = std::min(round_up(end, align), file.size() / align * align);
+  uint64_t done = a;
+  if (whole_end > a) {
+    read(a - base, whole_end - a, slot);
+    done = whole_end;
+  }
+  const uint64_t from = std::max(done, begin);
+  if (end > from) read(from - base, end - from, slot + (from - a));
+  return slot + (begin - a);
+}
+
 struct ReadTask {
   const ReadableFile* file;
   const std::string* tensor;
@@ -1321,8 +1345,31 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
 
     Progress progress("loading " + dir, total_bytes);
     std::atomic<uint64_t> bytes_read{0};
+    // Reads straight into a destination go through per-thread bounce slots
+    // with direct I/O when the files allow it (see read_aligned).
+    const size_t threads = std::max<size_t>(1, options.io_threads);
+    const uint64_t piece_bytes = std::max(block, (kLoadPieceBytes + block - 1) / block * block);
+    const uint64_t slot_bytes = round_up(piece_bytes, kDirectAlign) + 2 * kDirectAlign;
+    bool direct_files = false;
+    for (const ReadTask& t : tasks) direct_files |= t.file->direct_alignment() > 0;
+    HugeBuffer bounce = direct_files ? HugeBuffer(threads * slot_bytes) : HugeBuffer();
+    std::mutex slots_mu;
+    std::vector<uint8_t*> free_slots;
+    for (size_t i = 0; i < threads && direct_files; ++i) {
+      free_slots.push_back(bounce.data() + i * slot_bytes);
+    }
+    auto take_slot = [&] {
+      std::lock_guard<std::mutex> lock(slots_mu);
+      uint8_t* slot = free_slots.back();  // one per pool thread: never empty
+      free_slots.pop_back();
+      return slot;
+    };
+    auto give_slot = [&](uint8_t* slot) {
+      std::lock_guard<std::mutex> lock(slots_mu);
+      free_slots.push_back(slot);
+    };
     {
-      ThreadPool pool(std::max<size_t>(1, options.io_threads));
+      ThreadPool pool(threads);
       std::vector<std::future<void>> done;
       done.reserve(tasks.size());
       for (const ReadTask& t : tasks) {
@@ -1343,19 +1390,19 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
             auto [dfirst, dlast] = span_in(t.chunk, t.region);
             if (dlast - dfirst == t.region.numel()) direct = t.dest + (t.chunk_origin + dfirst) * t.es;
           }
-          std::unique_ptr<uint8_t[]> owned;
-          if (!direct) owned = std::make_unique<uint8_t[]>(hi - lo);
-          uint8_t* buf_ptr = direct ? direct : owned.get();
-          try {
-            t.file->read_at(sb.byte_offset + lo, hi - lo, buf_ptr);
-          } catch (const DataLoss& e) {
-            TESSERA_THROW(DataLoss, e.message(), " (tensor '", *t.tensor, "', box ",
-                          sb.box.to_string(), ")");
-          }
-          if (options.verify_checksums) {
-            for (uint64_t off = lo; off < hi; off += block) {
+          auto read = [&](uint64_t from, uint64_t n, uint8_t* out) {
+            try {
+              t.file->read_at(sb.byte_offset + from, n, out);
+            } catch (const DataLoss& e) {
+              TESSERA_THROW(DataLoss, e.message(), " (tensor '", *t.tensor, "', box ",
+                            sb.box.to_string(), ")");
+            }
+          };
+          auto verify = [&](uint64_t from, uint64_t to, const uint8_t* bytes) {
+            if (!options.verify_checksums) return;
+            for (uint64_t off = from; off < to; off += block) {
               const uint64_t n = std::min(block, sb.byte_length - off);
-              const uint32_t got = crc32c(buf_ptr + (off - lo), n);
+              const uint32_t got = crc32c(bytes + (off - from), n);
               const uint32_t want = sb.crc32c[off / block];
               TESSERA_CHECK(got == want, DataLoss, "checkpoint '", dir, "': checksum mismatch in '",
                             sb.file, "' at bytes [", sb.byte_offset + off, ", ",
@@ -1363,7 +1410,33 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
                             sb.box.to_string(), ": stored crc32c ", want, ", computed ", got,
                             "; the file is corrupt");
             }
+          };
+          if (direct && bounce.size() > 0) {
+            // Through this thread's bounce slot with direct I/O, a few
+            // checksum blocks at a time, then into the destination.
+            uint8_t* slot = take_slot();
+            try {
+              for (uint64_t p = lo; p < hi; p += piece_bytes) {
+                const uint64_t q = std::min(hi, p + piece_bytes);
+                const uint8_t* got = read_aligned(*t.file, sb.byte_offset, sb.byte_offset + p,
+                                                  sb.byte_offset + q, slot, read);
+                verify(p, q, got);
+                std::memcpy(direct + (p - lo), got, q - p);
+              }
+            } catch (...) {
+              give_slot(slot);
+              throw;
+            }
+            give_slot(slot);
+            bytes_read += hi - lo;
+            progress.add(hi - lo);
+            return;
           }
+          std::unique_ptr<uint8_t[]> owned;
+          if (!direct) owned = std::make_unique<uint8_t[]>(hi - lo);
+          uint8_t* buf_ptr = direct ? direct : owned.get();
+          read(lo, hi - lo, buf_ptr);
+          verify(lo, hi, buf_ptr);
           if (!direct) {
             copy_region(buf_ptr, sb.box, static_cast<int64_t>(lo) / t.es, t.dest, t.chunk,
                         t.chunk_origin, t.region, t.es);

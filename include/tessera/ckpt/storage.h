@@ -57,6 +57,9 @@ class ReadableFile {
   // Reads exactly `size` bytes at `offset` into `out`; DataLoss naming the
   // file, the range and the file's size when it ends first.
   virtual void read_at(uint64_t offset, size_t size, void* out) const = 0;
+  // As WritableFile::direct_alignment, for read_at: aligned reads bypass
+  // the page cache (the caller must then stay within the file's size).
+  virtual size_t direct_alignment() const { return 0; }
   virtual uint64_t size() const = 0;
   virtual const std::string& path() const = 0;
 };
