@@ -15,8 +15,9 @@
 // generates answers to held-out questions and saves the model as a Hugging
 // Face folder (QUICKSTART_DIR, default /tmp/tessera-quickstart). Halfway
 // through it checkpoints model and optimizer (ckpt), and at the end loads
-// that checkpoint into a different layout (data parallel, every rank
-// holding all experts) and shows training resume with the same losses.
+// that checkpoint in the same layout and into a different one (data
+// parallel, every rank holding all experts) and shows training resume with
+// the same losses (identical, and equal to float32 rounding).
 //
 // Stage 3 (adapters): every rank loads that folder, freezes it, and
 // fine-tunes adapters data parallel on a task the model never saw
@@ -326,11 +327,11 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
                 static_cast<long long>(save_step), n, pairs.c_str(), first_diff, worst,
                 static_cast<long long>(compare_steps));
   }
-  // The first resumed loss is computed from exactly the saved weights; the
-  // two layouts sum expert matmuls in different orders, so it agrees to
-  // rounding, and later steps drift apart as AdamW amplifies that rounding.
-  TESSERA_CHECK(first_diff < 1e-3, Internal, "resumed training does not start from the saved state (",
-                first_diff, ")");
+  // The two layouts compute the same sums in different orders (experts
+  // behind an all_to_all, gradients averaged over other groups), so the
+  // losses agree to float32 rounding.
+  TESSERA_CHECK(worst < 1e-5, Internal, "training resumed data parallel differs from the "
+                "uninterrupted run by ", worst, " (relative) within ", compare_steps, " steps");
 }
 
 // Stage 3: LoRA vs MoS fine-tuning of the pretrained model, data parallel.

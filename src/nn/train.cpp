@@ -26,16 +26,16 @@ struct AdamW::Impl {
   std::vector<at::Tensor> params;
   AdamWOptions options;
   std::shared_ptr<dist::ProcessGroup> zero;
-  std::shared_ptr<dist::ProcessGroup> norm_group;
+  std::vector<std::shared_ptr<dist::ProcessGroup>> norm_groups;  // non-null, size > 1
   std::vector<double> norm_weights;
   at::Tensor norm_weight_flat;  // ZeRO: [shard]
   int64_t step = 0;
 
-  // Sums a local squared norm over the model-parallel group.
+  // Sums a local squared norm over the model-parallel groups.
   double global_norm(double local_sq) const {
-    if (!norm_group || norm_group->size() == 1) return std::sqrt(local_sq);
+    if (norm_groups.empty()) return std::sqrt(local_sq);
     at::Tensor t = at::full({1}, local_sq, at::kDouble);
-    norm_group->all_reduce(t).wait();
+    for (const auto& g : norm_groups) g->all_reduce(t).wait();
     return std::sqrt(t.item<double>());
   }
   // Plain mode: per-parameter state.
@@ -49,13 +49,16 @@ struct AdamW::Impl {
 
 AdamW::AdamW(std::vector<at::Tensor> params, AdamWOptions options,
              std::shared_ptr<dist::ProcessGroup> zero_group,
-             std::shared_ptr<dist::ProcessGroup> norm_group, std::vector<double> norm_weights)
+             std::vector<std::shared_ptr<dist::ProcessGroup>> norm_groups,
+             std::vector<double> norm_weights)
     : impl_(std::make_unique<Impl>()) {
   Impl& s = *impl_;
   s.params = std::move(params);
   s.options = options;
   s.zero = zero_group && zero_group->size() > 1 ? zero_group : nullptr;
-  s.norm_group = norm_group;
+  for (auto& g : norm_groups) {
+    if (g && g->size() > 1) s.norm_groups.push_back(std::move(g));
+  }
   s.norm_weights = norm_weights.empty() ? std::vector<double>(s.params.size(), 1.0) : norm_weights;
   TESSERA_CHECK(s.norm_weights.size() == s.params.size(), InvalidArgument, "AdamW: ",
                 s.norm_weights.size(), " norm weights for ", s.params.size(), " parameters");
@@ -401,16 +404,19 @@ Trainer::Trainer(Transformer& model, TrainerOptions options, std::shared_ptr<dis
   }
   model.set_requires_grad(true);
   std::vector<double> norm_weights;
-  const int tp = model.groups().tp_size();
   for (const auto& [name, p] : model.named_parameters()) {
     t.params.push_back(p);
-    // Parameters every tp rank holds whole count once in the global norm.
+    // Elements held by several ranks of the replica (tp x ep) count once in
+    // the global norm: weight = global elements / elements over all ranks.
     auto layout = model.layout_of(name);
-    bool whole = layout.local_numel(model.replica_rank()) == layout.global_numel();
-    norm_weights.push_back(whole ? 1.0 / tp : 1.0);
+    int64_t held = 0;
+    for (int r = 0; r < layout.world_size(); ++r) held += layout.local_numel(r);
+    norm_weights.push_back(held > 0 ? static_cast<double>(layout.global_numel()) / held : 1.0);
   }
   t.optimizer = std::make_unique<AdamW>(t.params, options.adamw, options.zero1 ? t.dp : nullptr,
-                                        model.groups().tp, norm_weights);
+                                        std::vector<std::shared_ptr<dist::ProcessGroup>>{
+                                            model.groups().tp, model.groups().ep},
+                                        norm_weights);
 }
 
 Trainer::~Trainer() = default;
@@ -459,6 +465,7 @@ StepStats Trainer::step(const at::Tensor& input_ids, const at::Tensor& labels) {
   }
   if (t.dp && !t.options.zero1) all_reduce_gradients(t.params, *t.dp);
   double lr = warmup_cosine_lr(t.step, t.options.warmup, t.options.steps, t.options.lr, t.options.min_lr);
+  if (t.options.before_update) t.options.before_update();
   StepStats stats;
   stats.grad_norm = t.optimizer->step(lr, t.options.max_grad_norm);
   t.optimizer->zero_grad();

@@ -168,8 +168,9 @@ class ActorRole : public Role {
       norm_weights.push_back(whole ? 1.0 / mesh_.tp : 1.0);
     }
     zero1_ = zero1 && mesh_.dp > 1;
-    optimizer_ = std::make_unique<nn::AdamW>(params, adamw_options(c), zero1_ ? mesh_.dp_group : nullptr,
-                                             mesh_.tp_group, norm_weights);
+    optimizer_ = std::make_unique<nn::AdamW>(
+        params, adamw_options(c), zero1_ ? mesh_.dp_group : nullptr,
+        std::vector<std::shared_ptr<dist::ProcessGroup>>{mesh_.tp_group}, norm_weights);
     // 3D-HybridEngine groups: generation tp groups by stride, micro-DP by neighbours.
     engine_ = hybrid_engine_groups(ctx.size, mesh_.tp, gen_tp_);
     if (gen_tp_ != mesh_.tp) {

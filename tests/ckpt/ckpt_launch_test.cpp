@@ -115,8 +115,9 @@ std::map<int64_t, double> losses_of(const std::string& output) {
 // The acceptance test: training resumed after a reshard continues
 // with the same loss sequence as an uninterrupted run (fp32). tp2 x dp2 with
 // ZeRO-1 trains 12 steps straight; a second tp2 x dp2 job saves
-// asynchronously at step 6 (and trains on while the save is written); jobs
-// at other layouts resume from that checkpoint and run steps 6..11.
+// asynchronously at steps 5 (copying) and 6 (deferred copy) and trains on
+// while the saves are written; jobs at other layouts resume from those
+// checkpoints and run to step 11.
 TEST_F(CkptLaunchTest, TrainingResumedAfterReshardContinuesWithTheSameLosses) {
   const std::string data = root_ + "/tokens.bin";
   {
@@ -142,12 +143,24 @@ TEST_F(CkptLaunchTest, TrainingResumedAfterReshardContinuesWithTheSameLosses) {
   const std::string root = root_ + "/train_resumed";
   Outcome saving = train(4, root, 2, 2, true, 0, 8, 6);
   ASSERT_EQ(saving.code, 0) << saving.output;
+  ASSERT_TRUE(fs::exists(step_dir(root, 5) + "/" + kMetadataFile)) << saving.output;
   ASSERT_TRUE(fs::exists(step_dir(root, 6) + "/" + kMetadataFile)) << saving.output;
   // Saving (asynchronously, while training went on) changed nothing.
   auto before = losses_of(saving.output);
   ASSERT_EQ(before.size(), 8u) << saving.output;
   for (int64_t s = 0; s < 8; ++s) EXPECT_EQ(before.at(s), want.at(s)) << "step " << s;
 
+  // The copying save of step 5, resumed in the same layout: bit for bit.
+  {
+    SCOPED_TRACE("resumed from step 5 at tp2 dp2 zero1");
+    Outcome o = train(4, root, 2, 2, true, 5, 12, -1);
+    ASSERT_EQ(o.code, 0) << o.output;
+    auto got = losses_of(o.output);
+    ASSERT_EQ(got.size(), 7u) << o.output;
+    for (int64_t s = 5; s < 12; ++s) EXPECT_EQ(got.at(s), want.at(s)) << "step " << s;
+  }
+  // The deferred-copy save of step 6 (written from the live tensors while
+  // step 6 ran its forward and backward passes), resumed at every layout.
   struct Resume {
     int nproc, tp, dp;
     bool zero1;

@@ -15,9 +15,13 @@
 //       steps [FIRST, LAST) of a kTrainSteps-step schedule, global batch
 //       kGlobalBatch split over dp. FIRST > 0 resumes from latest(ROOT)
 //       (model, AdamW state, step, data position), whatever layout saved it.
-//       SAVE_AT >= 0: save_async at that step (before running it), then
-//       keep training and wait for the save one step later, so the snapshot
-//       is taken while the parameters go on changing. Rank 0 prints
+//       FIRST > 0 loads step_dir(ROOT, FIRST) when it exists.
+//       SAVE_AT > 0: two saves while training goes on. Before step
+//       SAVE_AT - 1, save_async copies the state and training continues
+//       (waited for after that step). Before step SAVE_AT, save_async with
+//       defer_copy writes from the live tensors; the trainer's
+//       before_update hook releases them inside that step, before the
+//       optimiser changes them (waited for at the end). Rank 0 prints
 //       "ckpt-loss <step> <loss>" per step (%.17g).
 //
 // Exit code 0 on success; a failed check prints what differs and exits 1.
@@ -25,7 +29,9 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
+#include <optional>
 
 #include "tessera/ckpt/checkpoint.h"
 #include "tessera/ckpt/model_state.h"
@@ -35,6 +41,8 @@
 #include "tessera/dist/rendezvous.h"
 #include "tessera/nn/model.h"
 #include "tessera/nn/train.h"
+
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -208,6 +216,8 @@ int train_mode(const std::string& root, const std::string& data, int tp, int dp,
   opts.warmup = 2;
   opts.max_grad_norm = 1.0;
   opts.zero1 = zero1;
+  ckpt::SaveHandle copied, deferred;
+  opts.before_update = [&] { deferred.release_tensors(); };
   nn::Trainer trainer(model, opts, dp > 1 ? mesh.group("dp") : nullptr);
   auto dataset = nn::TokenDataset::open(data);
 
@@ -217,7 +227,8 @@ int train_mode(const std::string& root, const std::string& data, int tp, int dp,
   ckpt::add_trainer(state, trainer, where);
   ckpt::Checkpointer ck;
   if (first > 0) {
-    auto dir = ckpt::latest(root);
+    auto dir = fs::exists(ckpt::step_dir(root, first)) ? std::optional(ckpt::step_dir(root, first))
+                                                        : ckpt::latest(root);
     if (!dir) {
       std::cerr << "rank " << rank << ": no checkpoint in " << root << "\n";
       return 1;
@@ -234,19 +245,22 @@ int train_mode(const std::string& root, const std::string& data, int tp, int dp,
   // Samples consumed, over all dp ranks: what picks the next global batch,
   // whatever the layout (each dp rank takes its share of it).
   int64_t position = first > 0 ? state.data_position : 0;
-  ckpt::SaveHandle pending;
   for (int64_t step = first; step < last; ++step) {
-    if (step == save_at) {
+    if (save_at > 0 && (step == save_at - 1 || step == save_at)) {
       state.step = trainer.steps();
       state.data_position = position;
-      pending = ck.save_async(ckpt::step_dir(root, step), state, world);
+      ckpt::SaveOptions so;
+      so.defer_copy = step == save_at;
+      (so.defer_copy ? deferred : copied) = ck.save_async(ckpt::step_dir(root, step), state, world, so);
     }
     auto batch = dataset.batch(position / kGlobalBatch, kGlobalBatch, kSeqLen, where.dp_rank, dp);
     position += kGlobalBatch;
     nn::StepStats stats = trainer.step(batch.input_ids, batch.labels);
     if (rank == 0) std::printf("ckpt-loss %lld %.17g\n", static_cast<long long>(stats.step), stats.loss);
-    if (step == save_at) pending.wait();  // one step later: the snapshot was taken before it
+    if (copied.valid()) copied.wait();  // one step later: the snapshot was taken before it
+    copied = ckpt::SaveHandle();
   }
+  if (deferred.valid()) deferred.wait();
   std::fflush(stdout);
   world->barrier().wait();
   return 0;

@@ -96,7 +96,9 @@ TEST(Deployment, OptimalEqualsBruteForceOnSmallInstances) {
         EXPECT_LE(exact.seconds, slo + 1e-12);
         // The paper's repair loop is never cheaper than the optimum.
         Deployment repaired = repair_deployment(p, prices, loads, slo, space);
-        if (repaired.feasible) EXPECT_GE(repaired.cost, exact.cost - 1e-12);
+        if (repaired.feasible) {
+          EXPECT_GE(repaired.cost, exact.cost - 1e-12);
+        }
       } else {
         ++infeasible;
         EXPECT_NEAR(exact.seconds, brute.seconds, 1e-12);  // both return the fastest

@@ -169,10 +169,25 @@ TEST(ExpertParallel, TrainingEqualsOneRankOnTheGlobalBatch) {
   Transformer single(cfg), experts(cfg, ParallelGroups{nullptr, g_world});
   single.init_random(25);
   experts.init_random(25);
-  auto want = train(single, nullptr, false, 2 * n, 0, 1, /*clip=*/0);
-  auto got = train(experts, nullptr, false, 2, me, n, /*clip=*/0);
+  // Clipping on: the global gradient norm must count every rank's experts
+  // (and the replicated weights once), or ranks clip differently and their
+  // copies of the replicated weights drift apart.
+  auto want = train(single, nullptr, false, 2 * n, 0, 1, /*clip=*/0.05);
+  auto got = train(experts, nullptr, false, 2, me, n, /*clip=*/0.05);
   for (size_t i = 0; i < want.size(); ++i) {
     EXPECT_NEAR(got[i], want[i], 1e-5 * std::abs(want[i])) << "step " << i;
+  }
+  auto full = gather_full_weights(experts, g_world);
+  for (const auto& [name, p] : single.named_parameters()) {
+    expect_close(full.at(name), p.detach(), kTrainedTolerance);
+  }
+  // Replicated weights are bit for bit the same on every rank.
+  for (const auto& [name, p] : experts.named_parameters()) {
+    if (name.find(".experts.") != std::string::npos) continue;
+    at::Tensor mine = p.detach().clone();
+    at::Tensor rank0 = mine.clone();
+    g_world->broadcast(rank0, 0).wait();
+    EXPECT_TRUE(at::equal(mine, rank0)) << name << " on rank " << me;
   }
 }
 

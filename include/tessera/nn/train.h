@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -42,13 +43,17 @@ class AdamW {
   // gradients must NOT have been averaged already (step() reduce-scatters
   // and averages them).
   //
-  // The gradient norm for clipping is global: with a model-parallel
-  // `norm_group` (tensor parallel), squared norms are summed over it, each
-  // parameter weighted by `norm_weights[i]` (1 for sharded parameters, 1/tp
-  // for ones replicated over tp, so they count once). Empty: all 1.
+  // The gradient norm for clipping is global: squared norms are summed over
+  // each of the model-parallel `norm_groups` in turn (tensor and expert
+  // parallel: together they span one model replica), each parameter
+  // weighted by `norm_weights[i]` — the share of its elements this rank
+  // counts, so that elements several ranks hold count once (1 for a
+  // parameter sharded over the replica, 1/tp for one every tp rank holds
+  // whole, ...). Empty weights: all 1. Every rank of a replica then clips
+  // by the same factor, and replicated parameters stay identical.
   AdamW(std::vector<at::Tensor> params, AdamWOptions options,
         std::shared_ptr<dist::ProcessGroup> zero_group = nullptr,
-        std::shared_ptr<dist::ProcessGroup> norm_group = nullptr,
+        std::vector<std::shared_ptr<dist::ProcessGroup>> norm_groups = {},
         std::vector<double> norm_weights = {});
   ~AdamW();
   AdamW(AdamW&&) noexcept;
@@ -152,6 +157,11 @@ struct TrainerOptions {
   // this many steps on logger "nn" (0: never).
   int64_t log_every = 0;
   AdamWOptions adamw;
+  // Called in every step() after the backward pass and the gradient
+  // reductions, right before the optimiser changes the parameters and its
+  // state (may be empty). A deferred checkpoint releases the tensors here:
+  //   opts.before_update = [&] { pending_save.release_tensors(); };
+  std::function<void()> before_update;
 };
 
 struct StepStats {
