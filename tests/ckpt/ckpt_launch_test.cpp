@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -59,13 +60,31 @@ class CkptLaunchTest : public ::testing::Test {
     fs::create_directories(root_);
   }
   static void TearDownTestSuite() { fs::remove_all(root_); }
+  // Every committed checkpoint a test wrote passes `tessera-ckpt verify`
+  // and `inspect --json` (except those it corrupted on purpose).
+  void TearDown() override {
+    for (const auto& entry : fs::recursive_directory_iterator(root_)) {
+      if (entry.path().filename() != kMetadataFile) continue;
+      const std::string dir = entry.path().parent_path().string();
+      if (!checked_.insert(dir).second || corrupted_.count(dir)) continue;
+      Outcome v = tool("verify " + dir);
+      EXPECT_EQ(v.code, 0) << dir << "\n" << v.output;
+      Outcome i = tool("inspect " + dir + " --json");
+      ASSERT_EQ(i.code, 0) << dir << "\n" << i.output;
+      auto j = nlohmann::json::parse(i.output);
+      EXPECT_EQ(j["step"].get<int64_t>(), read_metadata(dir).step) << dir;
+      EXPECT_FALSE(j["tensors"].empty()) << dir;
+    }
+  }
   static std::string new_root() {
     return (fs::path(::testing::TempDir()) / ("tessera_ckpt_mp_" + std::to_string(getpid())))
         .string();
   }
   static std::string root_;
+  static std::set<std::string> checked_, corrupted_;
 };
 std::string CkptLaunchTest::root_;
+std::set<std::string> CkptLaunchTest::checked_, CkptLaunchTest::corrupted_;
 
 // tp2 x dp2 with ZeRO-1 flat optimizer shards, loaded at tp1 x dp2, one
 // rank and tp4: every tensor equals the reference bit for bit.
@@ -238,6 +257,7 @@ TEST_F(CkptLaunchTest, ToolVerifiesInspectsReshardsAndExports) {
   EXPECT_TRUE(at::equal(loaded.forward(ids).logits, reference.forward(ids).logits));
 
   // A corrupted file makes verify fail, naming it.
+  corrupted_.insert(dir);
   {
     FILE* f = fopen((dir + "/rank_00001.bin").c_str(), "r+b");
     ASSERT_NE(f, nullptr);

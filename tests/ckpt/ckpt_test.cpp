@@ -41,7 +41,21 @@ class CkptTest : public ::testing::Test {
     fs::remove_all(root_);
     fs::create_directories(root_);
   }
-  void TearDown() override { fs::remove_all(root_); }
+  // Every committed checkpoint a test wrote verifies (all checksums and
+  // sizes) and its metadata survives a JSON round trip, as `tessera-ckpt
+  // verify` and `inspect --json` need (the tool itself runs in
+  // ckpt_launch_test).
+  void TearDown() override {
+    for (const auto& entry : fs::recursive_directory_iterator(root_)) {
+      if (entry.path().filename() != kMetadataFile) continue;
+      const std::string dir = entry.path().parent_path().string();
+      VerifyReport report = verify(dir);
+      EXPECT_TRUE(report.ok()) << dir << ": " << (report.ok() ? "" : report.errors[0]);
+      Metadata m = read_metadata(dir);
+      EXPECT_EQ(Metadata::parse(m.to_json(), dir).to_json(), m.to_json()) << dir;
+    }
+    fs::remove_all(root_);
+  }
   std::string path(const std::string& name) const { return (root_ / name).string(); }
   fs::path root_;
 };
@@ -623,6 +637,7 @@ TEST_F(CkptTest, TrainerStateMovesBetweenZero1AndPlainAdamW) {
 // data file, missing metadata, unknown format version.
 class CorruptionTest : public CkptTest {
  protected:
+  void TearDown() override { fs::remove_all(root_); }  // corrupt on purpose
   void SetUp() override {
     CkptTest::SetUp();
     dir_ = path("c");
