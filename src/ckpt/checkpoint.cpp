@@ -1116,10 +1116,14 @@ SaveHandle Checkpointer::start_save(const std::string& dir_in, const State& stat
     for (uint64_t b : plan.file_bytes) s->stats.bytes_total += b;
   }
   auto control = options.control_group;
+  // The task holds the save by plain pointer: a shared_ptr would form a
+  // cycle with `io` (the future's shared state owns the task) and leak the
+  // save. Its owners (SaveHandle) wait for `io` before letting it go.
+  SaveHandle::Impl* save = s.get();
   s->io = impl_->coordinator
-              .submit([s, control] {
-                s->write_phase();
-                if (control) s->commit(control);
+              .submit([save, control] {
+                save->write_phase();
+                if (control) save->commit(control);
               })
               .share();
   return SaveHandle(s);
