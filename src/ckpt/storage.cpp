@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -38,15 +39,23 @@ class PosixWritableFile : public WritableFile {
       : path_(std::move(path)), fd_(std::move(fd)), direct_(std::move(direct)) {}
   void write_at(uint64_t offset, const void* data, size_t size) override {
     const char* p = static_cast<const char*>(data);
-    const bool aligned = direct_.get() >= 0 && offset % kDirectAlignment == 0 &&
-                         size % kDirectAlignment == 0 &&
-                         reinterpret_cast<uintptr_t>(p) % kDirectAlignment == 0;
+    bool aligned = direct_.get() >= 0 && !direct_refused_.load() &&
+                   offset % kDirectAlignment == 0 && size % kDirectAlignment == 0 &&
+                   reinterpret_cast<uintptr_t>(p) % kDirectAlignment == 0;
     while (size > 0) {
       // Linux writes at most ~2 GiB per call.
       size_t n = std::min<size_t>(size, size_t{1} << 30);
       ssize_t w = ::pwrite(aligned ? direct_.get() : fd_.get(), p, n, static_cast<off_t>(offset));
       if (w < 0) {
         if (errno == EINTR) continue;
+        if (aligned && errno == EINVAL) {
+          // The file system opened the file for direct I/O but refuses
+          // this write (a larger alignment, or none at all): go on
+          // through the page cache.
+          direct_refused_ = true;
+          aligned = false;
+          continue;
+        }
         throw_errno(errno, "writing", path_);
       }
       p += w;
@@ -55,7 +64,7 @@ class PosixWritableFile : public WritableFile {
     }
   }
   size_t direct_alignment() const override {
-    return direct_.get() >= 0 ? kDirectAlignment : 0;
+    return direct_.get() >= 0 && !direct_refused_.load() ? kDirectAlignment : 0;
   }
   void reserve(uint64_t bytes) override {
     int err = ::posix_fallocate(fd_.get(), 0, static_cast<off_t>(bytes));
@@ -82,6 +91,7 @@ class PosixWritableFile : public WritableFile {
   std::string path_;
   FileDescriptor fd_;
   FileDescriptor direct_;  // -1 where O_DIRECT is refused (tmpfs, some FUSE)
+  std::atomic<bool> direct_refused_{false};  // a direct write failed with EINVAL
 };
 
 // Like PosixWritableFile: reads whose offset, size and address are aligned
@@ -94,15 +104,20 @@ class PosixReadableFile : public ReadableFile {
       : path_(std::move(path)), fd_(std::move(fd)), direct_(std::move(direct)), size_(size) {}
   void read_at(uint64_t offset, size_t size, void* out) const override {
     char* p = static_cast<char*>(out);
-    const bool aligned = direct_.get() >= 0 && offset % kDirectAlignment == 0 &&
-                         size % kDirectAlignment == 0 &&
-                         reinterpret_cast<uintptr_t>(p) % kDirectAlignment == 0;
+    bool aligned = direct_.get() >= 0 && !direct_refused_.load() &&
+                   offset % kDirectAlignment == 0 && size % kDirectAlignment == 0 &&
+                   reinterpret_cast<uintptr_t>(p) % kDirectAlignment == 0;
     const uint64_t begin = offset;
     while (size > 0) {
       size_t n = std::min<size_t>(size, size_t{1} << 30);
       ssize_t r = ::pread(aligned ? direct_.get() : fd_.get(), p, n, static_cast<off_t>(offset));
       if (r < 0) {
         if (errno == EINTR) continue;
+        if (aligned && errno == EINVAL) {  // as in PosixWritableFile::write_at
+          direct_refused_ = true;
+          aligned = false;
+          continue;
+        }
         throw_errno(errno, "reading", path_);
       }
       if (r == 0) {
@@ -124,6 +139,7 @@ class PosixReadableFile : public ReadableFile {
   std::string path_;
   FileDescriptor fd_;
   FileDescriptor direct_;  // -1 where O_DIRECT is refused
+  mutable std::atomic<bool> direct_refused_{false};  // a direct read failed with EINVAL
   uint64_t size_;
 };
 

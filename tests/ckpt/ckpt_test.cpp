@@ -13,6 +13,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -419,6 +420,59 @@ TEST_F(CkptTest, DeferredCopyNeedsNoReleaseWhenTheTensorsDoNotChange) {
   got.add_replicated("w", at::zeros({32, 32}), 1);
   load(path("plain"), got, nullptr);
   EXPECT_TRUE(at::equal(got.entries.at("w").local, w));
+}
+
+// Local files that never report direct I/O (as on a file system refusing
+// O_DIRECT): every write and read goes through the page cache.
+class BufferedStorage : public GatedStorage {
+ public:
+  BufferedStorage() : GatedStorage(std::numeric_limits<int>::max()) {}
+  std::unique_ptr<ReadableFile> open(const std::string& path) override {
+    class File : public ReadableFile {
+     public:
+      explicit File(std::unique_ptr<ReadableFile> inner) : inner_(std::move(inner)) {}
+      void read_at(uint64_t offset, size_t size, void* out) const override {
+        inner_->read_at(offset, size, out);
+      }
+      uint64_t size() const override { return inner_->size(); }
+      const std::string& path() const override { return inner_->path(); }
+
+     private:
+      std::unique_ptr<ReadableFile> inner_;
+    };
+    return std::make_unique<File>(GatedStorage::open(path));
+  }
+};
+
+TEST_F(CkptTest, StorageWithoutDirectIoSavesAndLoads) {
+  auto storage = std::make_shared<BufferedStorage>();
+  Checkpointer ck;
+  at::Tensor w = full_tensor(14, {96, 300});  // ends off any 4 KiB boundary
+  const at::Tensor saved = w.clone();
+  State st;
+  st.add_replicated("w", w, 1);
+  SaveOptions opts;
+  opts.storage = storage;
+  ck.save(path("sync"), st, nullptr, opts);
+  opts.defer_copy = true;
+  SaveHandle h = ck.save_async(path("deferred"), st, nullptr, opts);
+  h.release_tensors();
+  w.fill_(3);
+  h.wait();
+  opts.defer_copy = false;
+  ck.save_async(path("copied"), st, nullptr, opts).wait();
+  LoadOptions lo;
+  lo.storage = storage;
+  for (const char* name : {"sync", "deferred"}) {
+    State got;
+    got.add_replicated("w", at::zeros({96, 300}), 1);
+    ck.load(path(name), got, nullptr, lo);
+    EXPECT_TRUE(at::equal(got.entries.at("w").local, saved)) << name;
+  }
+  State got;
+  got.add_replicated("w", at::zeros({96, 300}), 1);
+  ck.load(path("copied"), got, nullptr, lo);
+  EXPECT_TRUE(at::equal(got.entries.at("w").local, at::full({96, 300}, 3.0f)));
 }
 
 TEST_F(CkptTest, AsyncSaveWithControlGroupCommitsInBackground) {
