@@ -1256,6 +1256,10 @@ struct ReadTask {
   int64_t chunk_origin;  // element offset of the chunk in the local flat tensor
   uint8_t* dest;   // local flat tensor's bytes
   int64_t es;
+  // Other ranks load the same elements (a replicated layout): read through
+  // the page cache, which serves the copies, not with direct I/O, which
+  // would read them from the disk once per rank.
+  bool shared;
 };
 
 }  // namespace
@@ -1321,6 +1325,9 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
         copy_back.emplace_back(&entry.local, dest);
       }
       auto* dest_bytes = static_cast<uint8_t*>(dest.data_ptr());
+      int64_t held = 0;
+      for (int r = 0; r < world; ++r) held += layout.local_numel(r);
+      const bool shared = held > layout.global_numel();
       for (const auto& chunk : layout.chunks(rank)) {
         int64_t covered = 0;
         for (const auto& sb : tm.boxes) {
@@ -1338,7 +1345,7 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
             auto [a, b] = span_in(sb.box, p);
             total_bytes += static_cast<uint64_t>((b - a) * es);
             tasks.push_back({f, &it->first, &sb, std::move(p), chunk.box, chunk.local_offset,
-                             dest_bytes, es});
+                             dest_bytes, es, shared});
           }
         }
         TESSERA_CHECK(covered == chunk.box.numel(), DataLoss, "checkpoint '", dir, "': tensor '",
@@ -1355,7 +1362,7 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
     const uint64_t piece_bytes = std::max(block, (kLoadPieceBytes + block - 1) / block * block);
     const uint64_t slot_bytes = round_up(piece_bytes, kDirectAlign) + 2 * kDirectAlign;
     bool direct_files = false;
-    for (const ReadTask& t : tasks) direct_files |= t.file->direct_alignment() > 0;
+    for (const ReadTask& t : tasks) direct_files |= !t.shared && t.file->direct_alignment() > 0;
     HugeBuffer bounce = direct_files ? HugeBuffer(threads * slot_bytes) : HugeBuffer();
     std::mutex slots_mu;
     std::vector<uint8_t*> free_slots;
@@ -1415,7 +1422,7 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
                             "; the file is corrupt");
             }
           };
-          if (direct && bounce.size() > 0) {
+          if (direct && !t.shared && bounce.size() > 0) {
             // Through this thread's bounce slot with direct I/O, a few
             // checksum blocks at a time, then into the destination.
             uint8_t* slot = take_slot();
