@@ -96,16 +96,7 @@ int main(int argc, char** argv) {
     const std::string path = (std::filesystem::temp_directory_path() / "tessera-moe-bench.tokens").string();
     tn::TokenDataset::write(path, tn::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
     auto data = tn::TokenDataset::open(path);
-    tn::ModelConfig cfg;
-    cfg.model_type = "mixtral";
-    cfg.vocab_size = tokenizer.vocab_size();
-    cfg.hidden_size = 128;
-    cfg.intermediate_size = 256;
-    cfg.num_hidden_layers = 4;
-    cfg.num_attention_heads = 4;
-    cfg.num_key_value_heads = 2;
-    cfg.num_experts = 8;
-    cfg.num_experts_per_tok = 2;
+    tn::ModelConfig cfg = tn::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/8);
     tn::Transformer model(cfg);
     model.init_random(7);
     train(model, data, 150, 3e-3, 32, 64);

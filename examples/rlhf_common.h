@@ -109,16 +109,7 @@ inline std::string small_model(const std::string& dir) {
   std::filesystem::create_directories(dir);
   tn::TokenDataset::write(dir + "/arithmetic.tokens", tn::arithmetic_corpus(tokenizer, 20000, /*seed=*/1));
   auto data = tn::TokenDataset::open(dir + "/arithmetic.tokens");
-  tn::ModelConfig cfg;
-  cfg.vocab_size = tokenizer.vocab_size();
-  cfg.hidden_size = 128;
-  cfg.intermediate_size = 256;
-  cfg.num_hidden_layers = 4;
-  cfg.num_attention_heads = 4;
-  cfg.num_key_value_heads = 2;
-  cfg.max_position_embeddings = 256;
-  cfg.bos_token_id = cfg.vocab_size - 1;
-  cfg.eos_token_ids = {cfg.vocab_size - 1};
+  tn::ModelConfig cfg = tn::small_arithmetic_config(tokenizer.vocab_size());
   tn::Transformer model(cfg);
   model.init_random(/*seed=*/7);
   tn::TrainerOptions to;

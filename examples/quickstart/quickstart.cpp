@@ -180,19 +180,7 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   world->barrier().wait();
   auto data = tn::TokenDataset::open(dir + "/arithmetic.tokens");
 
-  tn::ModelConfig cfg;
-  cfg.model_type = "mixtral";
-  cfg.vocab_size = tokenizer.vocab_size();
-  cfg.hidden_size = 128;
-  cfg.intermediate_size = 256;
-  cfg.num_hidden_layers = 4;
-  cfg.num_attention_heads = 4;
-  cfg.num_key_value_heads = 2;
-  cfg.max_position_embeddings = 256;
-  cfg.num_experts = 4;
-  cfg.num_experts_per_tok = 2;
-  cfg.bos_token_id = cfg.vocab_size - 1;
-  cfg.eos_token_ids = {cfg.vocab_size - 1};
+  tn::ModelConfig cfg = tn::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/4);
   // Experts spread over every rank; each rank trains on its own tokens.
   tn::ParallelGroups groups{nullptr, n > 1 && cfg.num_experts % n == 0 ? world : nullptr};
   tn::Transformer model(cfg, groups);

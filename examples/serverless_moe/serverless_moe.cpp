@@ -52,17 +52,7 @@ std::string prepare(const std::string& dir, std::string* model_dir) {
     *model_dir = dir + "/model";
     if (!std::filesystem::exists(*model_dir + "/config.json")) {
       std::printf("training a small MoE (once, into %s)...\n", model_dir->c_str());
-      tn::ModelConfig cfg;
-      cfg.model_type = "mixtral";
-      cfg.vocab_size = tokenizer.vocab_size();
-      cfg.hidden_size = 128;
-      cfg.intermediate_size = 256;
-      cfg.num_hidden_layers = 4;
-      cfg.num_attention_heads = 4;
-      cfg.num_key_value_heads = 2;
-      cfg.max_position_embeddings = 256;
-      cfg.num_experts = 4;
-      cfg.num_experts_per_tok = 2;
+      tn::ModelConfig cfg = tn::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/4);
       tn::Transformer model(cfg);
       model.init_random(7);
       tn::TrainerOptions to;

@@ -27,6 +27,7 @@ namespace tessera::ckpt {
 
 using dist::Box;
 using detail::crc32c;
+using detail::BounceSlots;
 using detail::HugeBuffer;
 using detail::stream_copy;
 
@@ -712,10 +713,7 @@ void SaveHandle::Impl::write_phase() {
     uint64_t slot_bytes = 0;
     for (const ChunkRange& c : chunk_ranges) slot_bytes = std::max(slot_bytes, c.end - c.begin);
     slot_bytes = round_up(slot_bytes, kDirectAlign) + kDirectAlign;
-    HugeBuffer bounce = from_tensors ? HugeBuffer(threads * slot_bytes) : HugeBuffer();
-    std::mutex slots_mu;
-    std::vector<size_t> free_slots;
-    for (size_t i = 0; i < threads && from_tensors; ++i) free_slots.push_back(i);
+    BounceSlots bounce = from_tensors ? BounceSlots(threads, slot_bytes) : BounceSlots();
     {
       ThreadPool pool(threads);
       std::vector<std::future<void>> done;
@@ -728,16 +726,10 @@ void SaveHandle::Impl::write_phase() {
             TESSERA_THROW(Aborted, "checkpoint '", dir, "': bytes ", c.begin, "..", c.end, " of ",
                           file, " were never copied to a staging buffer (release_tensors failed)");
           }
-          size_t slot = 0;
-          bool took_slot = false;
+          BounceSlots::Slot slot;  // one per pool thread
           if (from_tensors && !staged) {
-            {
-              std::lock_guard<std::mutex> lock(slots_mu);
-              slot = free_slots.back();  // one per pool thread: never empty
-              free_slots.pop_back();
-              took_slot = true;
-            }
-            uint8_t* dst = bounce.data() + slot * slot_bytes + c.begin % kDirectAlign;
+            slot = bounce.take();
+            uint8_t* dst = slot.data() + c.begin % kDirectAlign;
             copy_out(c.begin, c.end, dst);
             finish_chunk(k);
             staged = dst;
@@ -764,17 +756,9 @@ void SaveHandle::Impl::write_phase() {
             }
           } catch (...) {
             finish_chunk(k);
-            if (took_slot) {
-              std::lock_guard<std::mutex> lock(slots_mu);
-              free_slots.push_back(slot);
-            }
             throw;
           }
           finish_chunk(k);
-          if (took_slot) {
-            std::lock_guard<std::mutex> lock(slots_mu);
-            free_slots.push_back(slot);
-          }
           progress.add(c.end - c.begin);
         }));
       }
@@ -1363,22 +1347,7 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
     const uint64_t slot_bytes = round_up(piece_bytes, kDirectAlign) + 2 * kDirectAlign;
     bool direct_files = false;
     for (const ReadTask& t : tasks) direct_files |= !t.shared && t.file->direct_alignment() > 0;
-    HugeBuffer bounce = direct_files ? HugeBuffer(threads * slot_bytes) : HugeBuffer();
-    std::mutex slots_mu;
-    std::vector<uint8_t*> free_slots;
-    for (size_t i = 0; i < threads && direct_files; ++i) {
-      free_slots.push_back(bounce.data() + i * slot_bytes);
-    }
-    auto take_slot = [&] {
-      std::lock_guard<std::mutex> lock(slots_mu);
-      uint8_t* slot = free_slots.back();  // one per pool thread: never empty
-      free_slots.pop_back();
-      return slot;
-    };
-    auto give_slot = [&](uint8_t* slot) {
-      std::lock_guard<std::mutex> lock(slots_mu);
-      free_slots.push_back(slot);
-    };
+    BounceSlots bounce = direct_files ? BounceSlots(threads, slot_bytes) : BounceSlots();
     {
       ThreadPool pool(threads);
       std::vector<std::future<void>> done;
@@ -1422,23 +1391,17 @@ LoadResult Checkpointer::load(const std::string& dir_in, State& state,
                             "; the file is corrupt");
             }
           };
-          if (direct && !t.shared && bounce.size() > 0) {
+          if (direct && !t.shared && !bounce.empty()) {
             // Through this thread's bounce slot with direct I/O, a few
             // checksum blocks at a time, then into the destination.
-            uint8_t* slot = take_slot();
-            try {
-              for (uint64_t p = lo; p < hi; p += piece_bytes) {
-                const uint64_t q = std::min(hi, p + piece_bytes);
-                const uint8_t* got = read_aligned(*t.file, sb.byte_offset, sb.byte_offset + p,
-                                                  sb.byte_offset + q, slot, read);
-                verify(p, q, got);
-                std::memcpy(direct + (p - lo), got, q - p);
-              }
-            } catch (...) {
-              give_slot(slot);
-              throw;
+            BounceSlots::Slot slot = bounce.take();
+            for (uint64_t p = lo; p < hi; p += piece_bytes) {
+              const uint64_t q = std::min(hi, p + piece_bytes);
+              const uint8_t* got = read_aligned(*t.file, sb.byte_offset, sb.byte_offset + p,
+                                                sb.byte_offset + q, slot.data(), read);
+              verify(p, q, got);
+              std::memcpy(direct + (p - lo), got, q - p);
             }
-            give_slot(slot);
             bytes_read += hi - lo;
             progress.add(hi - lo);
             return;

@@ -132,4 +132,41 @@ HugeBuffer& HugeBuffer::operator=(HugeBuffer&& other) noexcept {
   return *this;
 }
 
+BounceSlots::BounceSlots(size_t count, size_t slot_bytes) {
+  const size_t stride = (slot_bytes + 4095) / 4096 * 4096;
+  if (count == 0 || stride == 0) return;
+  buffer_ = HugeBuffer(count * stride);
+  for (size_t i = 0; i < count; ++i) free_.push_back(buffer_.data() + i * stride);
+}
+
+BounceSlots::Slot BounceSlots::take() {
+  std::lock_guard<std::mutex> lock(mu_);
+  TESSERA_CHECK(!free_.empty(), Internal, "bounce buffers: all slots are taken");
+  uint8_t* data = free_.back();
+  free_.pop_back();
+  return Slot(this, data);
+}
+
+void BounceSlots::Slot::release() {
+  if (!owner_) return;
+  std::lock_guard<std::mutex> lock(owner_->mu_);
+  owner_->free_.push_back(data_);
+  owner_ = nullptr;
+  data_ = nullptr;
+}
+
+BounceSlots::Slot::~Slot() { release(); }
+
+BounceSlots::Slot::Slot(Slot&& other) noexcept
+    : owner_(std::exchange(other.owner_, nullptr)), data_(std::exchange(other.data_, nullptr)) {}
+
+BounceSlots::Slot& BounceSlots::Slot::operator=(Slot&& other) noexcept {
+  if (this != &other) {
+    release();
+    owner_ = std::exchange(other.owner_, nullptr);
+    data_ = std::exchange(other.data_, nullptr);
+  }
+  return *this;
+}
+
 }  // namespace tessera::ckpt::detail

@@ -15,6 +15,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
+#include <vector>
 
 namespace tessera::ckpt::detail {
 
@@ -44,6 +46,42 @@ class HugeBuffer {
   uint8_t* data_ = nullptr;
   size_t size_ = 0;    // as requested
   size_t mapped_ = 0;  // rounded up to 2 MiB
+};
+
+// `count` equal slots of one HugeBuffer, each 4 KiB-aligned, handed out to
+// the threads of an I/O pool (one slot per thread at a time) as bounce
+// buffers for direct I/O. Thread-safe.
+class BounceSlots {
+ public:
+  // A slot, returned when destroyed. Move-only.
+  class Slot {
+   public:
+    Slot() = default;
+    ~Slot();
+    Slot(Slot&& other) noexcept;
+    Slot& operator=(Slot&& other) noexcept;
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
+    uint8_t* data() const { return data_; }
+
+   private:
+    friend class BounceSlots;
+    Slot(BounceSlots* owner, uint8_t* data) : owner_(owner), data_(data) {}
+    void release();
+    BounceSlots* owner_ = nullptr;
+    uint8_t* data_ = nullptr;
+  };
+
+  BounceSlots() = default;  // no slots
+  BounceSlots(size_t count, size_t slot_bytes);
+  bool empty() const { return buffer_.size() == 0; }
+  // A free slot; Internal when all are taken (more users than slots).
+  Slot take();
+
+ private:
+  HugeBuffer buffer_;
+  std::mutex mu_;
+  std::vector<uint8_t*> free_;  // guarded by mu_
 };
 
 }  // namespace tessera::ckpt::detail

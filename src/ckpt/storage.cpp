@@ -30,11 +30,11 @@ namespace {
 // opened with O_DIRECT (when the file system allows it) for writes aligned
 // to kDirectAlignment, the other for everything else. The kernel keeps the
 // two coherent; fsync on either covers the whole file.
+// 4 KiB: the logical block size of common disks is 512 B or 4 KiB.
+constexpr size_t kDirectAlignment = 4096;
+
 class PosixWritableFile : public WritableFile {
  public:
-  // 4 KiB: the logical block size of common disks is 512 B or 4 KiB.
-  static constexpr size_t kDirectAlignment = 4096;
-
   PosixWritableFile(std::string path, FileDescriptor fd, FileDescriptor direct)
       : path_(std::move(path)), fd_(std::move(fd)), direct_(std::move(direct)) {}
   void write_at(uint64_t offset, const void* data, size_t size) override {
@@ -98,8 +98,6 @@ class PosixWritableFile : public WritableFile {
 // go through a second, O_DIRECT descriptor where the file system allows it.
 class PosixReadableFile : public ReadableFile {
  public:
-  static constexpr size_t kDirectAlignment = 4096;
-
   PosixReadableFile(std::string path, FileDescriptor fd, FileDescriptor direct, uint64_t size)
       : path_(std::move(path)), fd_(std::move(fd)), direct_(std::move(direct)), size_(size) {}
   void read_at(uint64_t offset, size_t size, void* out) const override {

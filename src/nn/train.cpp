@@ -326,6 +326,25 @@ bool arithmetic_correct(const ArithmeticExample& example, const std::string& com
   return j > i && completion.substr(i, j - i) == example.answer;
 }
 
+ModelConfig small_arithmetic_config(int64_t vocab_size, int64_t num_experts) {
+  ModelConfig cfg;
+  cfg.model_type = num_experts > 0 ? "mixtral" : "llama";
+  cfg.vocab_size = vocab_size;
+  cfg.hidden_size = 128;
+  cfg.intermediate_size = 256;
+  cfg.num_hidden_layers = 4;
+  cfg.num_attention_heads = 4;
+  cfg.num_key_value_heads = 2;
+  cfg.max_position_embeddings = 256;
+  if (num_experts > 0) {
+    cfg.num_experts = num_experts;
+    cfg.num_experts_per_tok = 2;
+  }
+  cfg.bos_token_id = vocab_size - 1;
+  cfg.eos_token_ids = {vocab_size - 1};
+  return cfg;
+}
+
 std::vector<int64_t> arithmetic_corpus(const Tokenizer& tokenizer, int64_t count, uint64_t seed, int max_operand) {
   std::vector<int64_t> ids;
   for (const auto& e : arithmetic_examples(count, seed, max_operand)) {
