@@ -17,6 +17,7 @@
 //                   model of ~170M parameters, whose forward and backward
 //                   pass over 256 tokens takes longer than that on 2 cores)
 //   --keep          leave the files in --dir
+//   -h, --help      print the options and exit
 //
 // Rows of the printed Markdown table (rank 0; GB = 1e9 bytes):
 //   * sequential write / read: rank 0 alone writes one file the size of the
@@ -60,11 +61,13 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "command_line.h"
 #include "tessera/ckpt/checkpoint.h"
 #include "tessera/core/error.h"
 #include "tessera/core/file_io.h"
@@ -91,39 +94,27 @@ struct Options {
   bool keep = false;
 };
 
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      TESSERA_CHECK(i + 1 < argc, InvalidArgument, "ckpt_bench: ", a, " needs a value");
-      return argv[++i];
-    };
-    if (a == "--gib") {
-      o.gib = std::stod(value());
-    } else if (a == "--tensors") {
-      o.tensors = std::stoi(value());
-    } else if (a == "--dir") {
-      o.dir = value();
-    } else if (a == "--io-threads") {
-      o.io_threads = std::stoul(value());
-    } else if (a == "--repeat") {
-      o.repeat = std::stoi(value());
-    } else if (a == "--step-seconds") {
-      o.step_seconds = std::stod(value());
-    } else if (a == "--keep") {
-      o.keep = true;
-    } else {
-      TESSERA_THROW(InvalidArgument, "ckpt_bench: unknown option '", a,
-                    "' (--gib G --tensors K --dir PATH --io-threads T --repeat R --step-seconds S "
-                    "--keep)");
-    }
-  }
-  TESSERA_CHECK(o.gib > 0 && o.tensors > 0 && o.io_threads > 0 && o.repeat > 0 &&
-                    o.step_seconds > 0,
-                InvalidArgument,
-                "ckpt_bench: sizes must be positive");
-  return o;
+// Reads the command line into `o`; returns main()'s code when it should
+// stop (0 after --help, 2 after a bad command line).
+std::optional<int> parse(int argc, char** argv, Options* o) {
+  CLI::App app{"Checkpoint throughput next to this machine's disk (run under tessera-launch).",
+               "ckpt_bench"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--gib", o->gib, "total state over all ranks, GiB")
+      ->check(tessera::examples::positive());
+  app.add_option("--tensors", o->tensors,
+                 "tensors in the state, each [rows, 4096] float32 sharded by rows over the ranks")
+      ->check(tessera::examples::positive());
+  app.add_option("--dir", o->dir, "scratch directory, removed afterwards");
+  app.add_option("--io-threads", o->io_threads, "I/O threads per rank for save and load")
+      ->check(tessera::examples::positive());
+  app.add_option("--repeat", o->repeat, "rounds of every measurement (the table shows the median)")
+      ->check(tessera::examples::positive());
+  app.add_option("--step-seconds", o->step_seconds,
+                 "the compute phase of the defer_copy measurement, seconds")
+      ->check(tessera::examples::positive());
+  app.add_flag("--keep", o->keep, "leave the files in --dir");
+  return tessera::examples::parse_command_line(app, argc, argv);
 }
 
 // The slowest rank's value.
@@ -560,9 +551,11 @@ int run(const Options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  Options options;
+  if (auto code = parse(argc, argv, &options)) return *code;
   tessera::init_runtime();
   try {
-    return run(parse(argc, argv));
+    return run(options);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ckpt_bench: %s\n", e.what());
     return 1;

@@ -1,7 +1,10 @@
 // Collective bus bandwidth on this machine's Gloo, next to memcpy, and
 // redistribute() throughput. Run under tessera-launch:
 //
-//   build/release/bin/tessera-launch --nproc 4 -- build/release/bin/collectives_bench
+//   build/release/bin/tessera-launch --nproc 4 -- build/release/bin/collectives_bench [MAX_MIB]
+//
+// MAX_MIB: the largest size S, MiB (default 256; sizes go from 4 KiB up by
+// 4x). --help prints it.
 //
 // Sizes follow nccl-tests: S is the data size of the operation (the
 // all_reduce buffer; all_gather's output; reduce_scatter's input; the
@@ -19,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "command_line.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
 #include "tessera/dist/redistribute.h"
@@ -77,11 +81,19 @@ std::string size_text(int64_t bytes) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  int64_t max_mib = 256;
+  CLI::App app{
+      "Collective bus bandwidth on Gloo next to memcpy, and redistribute() throughput "
+      "(run under tessera-launch).",
+      "collectives_bench"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("MAX_MIB", max_mib, "the largest size S, MiB (sizes go from 4 KiB up by 4x)")
+      ->check(tessera::examples::positive());
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   tessera::init_runtime();
   auto world = td::init_process_group();
   const int n = world->size(), me = world->rank();
-  int64_t max_bytes = 256ll << 20;
-  if (argc > 1) max_bytes = std::atoll(argv[1]) << 20;
+  const int64_t max_bytes = max_mib << 20;
 
   if (me == 0) {
     std::printf("## Collectives: %d ranks, Gloo over loopback (busbw in GB/s; memcpy = one-thread memcpy of S)\n\n", n);

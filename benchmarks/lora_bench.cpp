@@ -2,7 +2,11 @@
 // task, the MoS ablation, and serving throughput of many adapters in one
 // gathered forward. One run prints every table.
 //
-//   lora_bench [--steps N] [--smollm2 PATH]
+//   lora_bench [--steps N] [--smollm2 PATH] [--corpus TEXT_FILE] [--serving-only]
+//
+// Defaults: --steps 300 (adapter fine-tuning steps), no SmolLM2 rows,
+// --corpus ../shared/testdata/text/moby-dick.txt; --serving-only skips the
+// quality tables (steps 0). --help lists the options.
 //
 // The task: the base is a small byte-level Llama pretrained here for a few
 // hundred steps on arithmetic text, then frozen; adapters alone adapt it to
@@ -18,6 +22,7 @@
 #include <random>
 #include <string>
 
+#include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
@@ -25,6 +30,7 @@
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
+#include "tessera/tasks/arithmetic.h"
 
 namespace tl = tessera::lora;
 namespace tn = tessera::nn;
@@ -112,13 +118,20 @@ int main(int argc, char** argv) {
   int64_t steps = 300;
   std::string smollm2;
   std::string corpus_path = "../shared/testdata/text/moby-dick.txt";
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--steps" && i + 1 < argc) steps = std::atoll(argv[++i]);
-    if (a == "--smollm2" && i + 1 < argc) smollm2 = argv[++i];
-    if (a == "--corpus" && i + 1 < argc) corpus_path = argv[++i];
-    if (a == "--serving-only") steps = 0;
-  }
+  bool serving_only = false;
+  CLI::App app{
+      "MoS vs LoRA: quality per trainable parameter, the MoS ablation, and serving "
+      "throughput of many adapters in one gathered forward.",
+      "lora_bench"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--steps", steps, "adapter fine-tuning steps per quality row");
+  app.add_option(
+      "--smollm2", smollm2,
+      "SmolLM2-135M-Instruct GGUF file: also compare LoRA and MoS on it (default: skipped)");
+  app.add_option("--corpus", corpus_path, "the English text adapters are tuned and evaluated on");
+  app.add_flag("--serving-only", serving_only, "skip the quality tables (as --steps 0)");
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
+  if (serving_only) steps = 0;
   Corpus corpus = steps > 0 ? load_corpus(corpus_path) : Corpus{};
   auto info = tessera::init_runtime();
   std::printf("# LoRA / MoS benchmark: %s\n\n", info.summary().c_str());
@@ -127,7 +140,7 @@ int main(int argc, char** argv) {
   if (steps > 0) {
     // Pretrain the base on arithmetic text (bytes), then freeze it.
     std::string text;
-    for (const auto& e : tn::arithmetic_examples(20000, 5)) text += e.prompt + e.answer + "\n";
+    for (const auto& e : tessera::tasks::arithmetic_examples(20000, 5)) text += e.prompt + e.answer + "\n";
     at::Tensor all = at::empty({static_cast<int64_t>(text.size())}, at::kLong);
     for (size_t i = 0; i < text.size(); ++i) all[i] = static_cast<uint8_t>(text[i]);
     tn::TrainerOptions o;
@@ -208,7 +221,7 @@ int main(int argc, char** argv) {
     smol.set_requires_grad(false);
     const auto& tok = loaded.tokenizer;
     const int64_t pad = *tok.eos_id();
-    auto batch_of = [&](const std::vector<tn::ArithmeticExample>& ex) {
+    auto batch_of = [&](const std::vector<tessera::tasks::ArithmeticExample>& ex) {
       std::vector<std::vector<int32_t>> seqs;
       std::vector<size_t> prompt_len;
       size_t longest = 0;
@@ -228,7 +241,7 @@ int main(int argc, char** argv) {
       }
       return Batch{ids, labels};
     };
-    const auto train = tn::arithmetic_examples(8 * 40, 11), held_out = tn::arithmetic_examples(64, 12);
+    const auto train = tessera::tasks::arithmetic_examples(8 * 40, 11), held_out = tessera::tasks::arithmetic_examples(64, 12);
     const std::vector<std::string> all{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
     auto run = [&](const char* name, const std::shared_ptr<tl::Adapter>& adapter) {
       smol.set_adapter(adapter);
@@ -245,7 +258,7 @@ int main(int argc, char** argv) {
       {
         at::AutoGradMode enable(true);
         for (int64_t s = 0; s < o.steps; ++s) {
-          std::vector<tn::ArithmeticExample> ex(train.begin() + s * 8, train.begin() + (s + 1) * 8);
+          std::vector<tessera::tasks::ArithmeticExample> ex(train.begin() + s * 8, train.begin() + (s + 1) * 8);
           Batch b = batch_of(ex);
           trainer.step(b.ids, b.labels);
         }

@@ -5,6 +5,9 @@
 // layer with the same active parameters.
 //
 //   model_bench [--smollm2 PATH] [--skip-torch]
+//
+// --smollm2 PATH adds rows for SmolLM2-135M-Instruct from that GGUF file;
+// --skip-torch leaves out the PyTorch column. --help lists the options.
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
@@ -15,6 +18,8 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "command_line.h"
+#include "tessera/core/subprocess.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
 #include "tessera/nn/generate.h"
@@ -72,12 +77,11 @@ nlohmann::json measure_torch(const std::string& dir, const Shapes& s, int thread
                          {"train_seq", s.train_seq},  {"train_steps", s.train_steps},
                          {"gen_batches", s.gen_batches}, {"prompt_len", s.prompt_len},
                          {"new_tokens", s.new_tokens}};
-  std::string cmd = std::string("/usr/bin/python3 ") + TESSERA_SOURCE_DIR +
-                    "/benchmarks/torch_eager_bench.py " + dir + " '" + args.dump() + "' 2>&1";
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
-  std::string text;
-  std::array<char, 4096> buf{};
-  while (pipe && std::fgets(buf.data(), buf.size(), pipe.get())) text += buf.data();
+  const std::string text =
+      tessera::run_command({"/usr/bin/python3", std::string(TESSERA_SOURCE_DIR) + "/benchmarks/torch_eager_bench.py",
+                            dir, args.dump()},
+                           std::chrono::hours(2))
+          .output;
   auto brace = text.rfind('{');
   if (brace == std::string::npos) {
     std::cerr << "PyTorch side failed:\n" << text << "\n";
@@ -141,11 +145,15 @@ void moe_vs_dense() {
 int main(int argc, char** argv) {
   std::string smollm2;
   bool skip_torch = false;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--smollm2" && i + 1 < argc) smollm2 = argv[++i];
-    if (a == "--skip-torch") skip_torch = true;
-  }
+  CLI::App app{
+      "Training and generation throughput of Tessera's transformer on CPU next to "
+      "PyTorch eager, and a MoE layer against a dense one.",
+      "model_bench"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--smollm2", smollm2,
+                 "SmolLM2-135M-Instruct GGUF file: also measure it (default: skipped)");
+  app.add_flag("--skip-torch", skip_torch, "do not run the PyTorch eager side");
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   auto info = tessera::init_runtime();
   std::cout << "# Model benchmark: " << info.summary() << "\n\n";
   std::printf("| model | metric | Tessera | PyTorch eager | Tessera / PyTorch |\n|---|---|---|---|---|\n");

@@ -13,6 +13,9 @@
 //     and ours (predicted loads + optimal search, then the BO loop).
 //
 //   build/release/bin/moe_bench [--smollm2] [--gguf FILE]
+//
+// --smollm2 adds the SmolLM2 rows of table 1; --gguf FILE names its GGUF
+// file (default: the one scripts/smollm2-path.sh finds). --help lists them.
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -22,13 +25,16 @@
 #include <random>
 #include <string>
 
+#include "command_line.h"
 #include "tessera/core/runtime.h"
 #include "tessera/moe/deploy.h"
 #include "tessera/moe/prediction.h"
 #include "tessera/moe/search.h"
-#include "tessera/moe/serving.h"
+#include "moe_policies.h"
+#include "smollm2.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
+#include "tessera/tasks/arithmetic.h"
 
 namespace tn = tessera::nn;
 namespace tmoe = tessera::moe;
@@ -77,14 +83,20 @@ void print_errors(const char* name, const Errors& e, int64_t profile, int64_t he
 }  // namespace
 
 int main(int argc, char** argv) {
-  tessera::init_runtime();
   bool smollm2 = false;
   std::string gguf;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--smollm2") smollm2 = true;
-    else if (a == "--gguf" && i + 1 < argc) gguf = argv[++i];
-  }
+  CLI::App app{
+      "Serverless MoE: expert-load prediction error, local runs on the function "
+      "platform under three policies, and the cloud-scale cost/time simulation.",
+      "moe_bench"};
+  app.option_defaults()->always_capture_default();
+  app.add_flag("--smollm2", smollm2,
+               "also measure prediction on SmolLM2-135M-Instruct upcycled to 4 experts");
+  app.add_option("--gguf", gguf,
+                 "the SmolLM2 GGUF file for --smollm2 (default: what scripts/smollm2-path.sh "
+                 "finds)");
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
+  tessera::init_runtime();
 
   std::string small_dir;
   std::function<at::Tensor(int64_t)> local_batch;
@@ -94,9 +106,9 @@ int main(int argc, char** argv) {
   {
     auto tokenizer = tn::Tokenizer::bytes({"<|endoftext|>"});
     const std::string path = (std::filesystem::temp_directory_path() / "tessera-moe-bench.tokens").string();
-    tn::TokenDataset::write(path, tn::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
+    tn::TokenDataset::write(path, tessera::tasks::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
     auto data = tn::TokenDataset::open(path);
-    tn::ModelConfig cfg = tn::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/8);
+    tn::ModelConfig cfg = tessera::tasks::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/8);
     tn::Transformer model(cfg);
     model.init_random(7);
     train(model, data, 150, 3e-3, 32, 64);
@@ -112,11 +124,7 @@ int main(int argc, char** argv) {
   }
   if (smollm2) {
     if (gguf.empty()) {
-      FILE* pipe = popen((std::string(TESSERA_SOURCE_DIR) + "/scripts/smollm2-path.sh").c_str(), "r");
-      char buf[4096] = {0};
-      if (pipe && std::fgets(buf, sizeof(buf), pipe)) gguf = buf;
-      if (pipe) pclose(pipe);
-      while (!gguf.empty() && (gguf.back() == '\n')) gguf.pop_back();
+      gguf = tessera::examples::smollm2_gguf_path();
     }
     auto loaded = tn::read_gguf_model(gguf);
     auto up = tn::upcycle_to_moe(loaded.config, loaded.weights, /*experts=*/4, /*top_k=*/2, /*seed=*/1);
@@ -139,9 +147,9 @@ int main(int argc, char** argv) {
   // --- 2. Local real runs ---------------------------------------------------------
   {
     tn::Transformer model = tn::load_hf_model(small_dir);
-    tmoe::LocalComparisonOptions lo;
+    tessera::examples::LocalComparisonOptions lo;
     lo.batches = 4;
-    const tmoe::LocalComparison c = tmoe::compare_policies_locally(model, small_dir + "/model.safetensors", local_batch, lo);
+    const tessera::examples::LocalComparison c = tessera::examples::compare_policies_locally(model, small_dir + "/model.safetensors", local_batch, lo);
     std::printf("\n2. local real runs: the small MoE's %lld layers x %lld experts as tessera-function processes on this\n"
                 "   machine, %lld timed batches of %lld tokens, billed by the AWS Lambda sheet\n",
                 static_cast<long long>(model.config().num_hidden_layers), static_cast<long long>(model.config().num_experts),

@@ -2,13 +2,15 @@
 // expert, gather rows, combine — against the same work done with ATen ops
 // on the CPU. Built only with CUDA; run by scripts/gpu-check.sh.
 //
-//   moe_permute_bench [tokens=16384] [top_k=2] [experts=64] [hidden=4096]
+//   moe_permute_bench [TOKENS=16384] [TOP_K=2] [EXPERTS=64] [HIDDEN=4096]
+//   moe_permute_bench --help
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
 
 #include <cstdio>
 #include <cstdlib>
 
+#include "command_line.h"
 #include "moe/permute.h"
 #include "tessera/core/metrics.h"
 
@@ -24,10 +26,18 @@ namespace tk = tessera::kernels;
   } while (0)
 
 int main(int argc, char** argv) {
-  int tokens = argc > 1 ? std::atoi(argv[1]) : 16384;
-  int top_k = argc > 2 ? std::atoi(argv[2]) : 2;
-  int experts = argc > 3 ? std::atoi(argv[3]) : 64;
-  int hidden = argc > 4 ? std::atoi(argv[4]) : 4096;
+  int tokens = 16384, top_k = 2, experts = 64, hidden = 4096;
+  CLI::App app{
+      "GPU MoE token permutation kernels (sort by expert, gather, combine) against the "
+      "same work in ATen on the CPU.",
+      "moe_permute_bench"};
+  app.option_defaults()->always_capture_default();
+  const CLI::Validator positive = tessera::examples::positive();
+  app.add_option("TOKENS", tokens, "tokens in the batch")->check(positive);
+  app.add_option("TOP_K", top_k, "experts per token")->check(positive);
+  app.add_option("EXPERTS", experts, "experts")->check(positive);
+  app.add_option("HIDDEN", hidden, "hidden size (row width)")->check(positive);
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::printf("moe_permute_bench: no CUDA device, skipped\n");

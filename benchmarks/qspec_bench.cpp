@@ -26,6 +26,9 @@
 // llama-batched-bench on the same SmolLM2 Q4_1 GGUF in this run, same thread
 // count, prompts of 32 tokens, --tokens generated per sequence, and prints
 // its decode tokens/s (S_TG) per batch next to ours.
+//
+// Defaults: --tokens 32, --batches 1,4,16,32, --gamma 3, --draft w4a4, no
+// smoothing, no rotation. --help lists every option.
 #include <ATen/ATen.h>
 
 #include <cstdio>
@@ -37,6 +40,8 @@
 #include <string>
 #include <vector>
 
+#include "tessera/core/subprocess.h"
+#include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
@@ -99,7 +104,7 @@ std::map<int64_t, BatchSpeed> run_model(const std::string& title, tn::Transforme
         model.set_linear_override(saved);
       } else {
         ts::GenerateOptions o;
-        o.mode = mode == 1 ? ts::Mode::kW4A16 : mode == 2 ? ts::Mode::kW4A4 : ts::Mode::kQSpec;
+        ts::parse_decoding(mode == 1 ? "w4a16" : mode == 2 ? "w4a4" : "qspec", &o);
         o.sampling.max_new_tokens = tokens;
         o.qspec.gamma = gamma;
         o.qspec.draft_mode = draft;
@@ -140,14 +145,14 @@ std::map<int64_t, double> llama_cpp_decode(const std::string& bin_dir, const std
                                            int threads) {
   std::string npl;
   for (int64_t b : batches) npl += (npl.empty() ? "" : ",") + std::to_string(b);
-  const std::string cmd = bin_dir + "/llama-batched-bench -m '" + gguf + "' -c 16384 -b 2048 -ub 512 -npp 32 -ntg " +
-                          std::to_string(tokens) + " -npl " + npl + " -t " + std::to_string(threads) +
-                          " 2>/dev/null";
+  const tessera::CommandResult run = tessera::run_command(
+      {bin_dir + "/llama-batched-bench", "-m", gguf, "-c", "16384", "-b", "2048", "-ub", "512", "-npp", "32",
+       "-ntg", std::to_string(tokens), "-npl", npl, "-t", std::to_string(threads)},
+      std::chrono::hours(1), /*merge_stderr=*/false);
   std::map<int64_t, double> out;
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
-  TESSERA_CHECK(pipe != nullptr, Internal, "cannot run ", cmd);
-  char line[1024];
-  while (std::fgets(line, sizeof line, pipe.get())) {
+  std::stringstream lines(run.output);
+  std::string line;
+  while (std::getline(lines, line)) {
     // |    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s | ...
     std::vector<std::string> cells;
     std::stringstream ss(line);
@@ -163,19 +168,10 @@ std::map<int64_t, double> llama_cpp_decode(const std::string& bin_dir, const std
   return out;
 }
 
-std::vector<int64_t> parse_list(const std::string& s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(std::stoll(item));
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) try {
   {
-    auto info = tessera::init_runtime();
     std::string smollm2;
     std::vector<int64_t> batches = {1, 4, 16, 32};
     int64_t tokens = 32, gamma = 3;
@@ -183,24 +179,32 @@ int main(int argc, char** argv) try {
     std::string llama_cpp;
     double smooth = -1;
     bool rotate = false;
-    tq::Mode draft = tq::Mode::kW4A4;
-    for (int i = 1; i < argc; ++i) {
-      std::string a = argv[i];
-      auto next = [&]() -> std::string {
-        TESSERA_CHECK(i + 1 < argc, InvalidArgument, a, " needs a value");
-        return argv[++i];
-      };
-      if (a == "--smollm2") smollm2 = next();
-      else if (a == "--tokens") tokens = std::stoll(next());
-      else if (a == "--batches") batches = parse_list(next());
-      else if (a == "--gamma") gamma = std::stoll(next());
-      else if (a == "--random") random = true;
-      else if (a == "--draft") draft = tq::parse_mode(next());
-      else if (a == "--llama-cpp") llama_cpp = next();
-      else if (a == "--smooth") smooth = std::stod(next());
-      else if (a == "--rotate") rotate = true;
-      else TESSERA_THROW(InvalidArgument, "unknown option '", a, "'");
-    }
+    std::string draft_name = "w4a4";
+    CLI::App app{
+        "Decode throughput of fp32, W4A16, W4A4 and QSPEC at several batch sizes, with "
+        "QSPEC's acceptance and peak memory.",
+        "qspec_bench"};
+    app.option_defaults()->always_capture_default();
+    app.add_option("--smollm2", smollm2, "SmolLM2-135M-Instruct GGUF file to measure");
+    app.add_option("--tokens", tokens, "new tokens per sequence (no stop tokens)")
+        ->check(tessera::examples::positive());
+    app.add_option("--batches", batches, "batch sizes, comma-separated")
+        ->delimiter(',')
+        ->allow_extra_args(false)
+        ->check(tessera::examples::positive());
+    app.add_option("--gamma", gamma, "QSPEC draft length")->check(tessera::examples::at_least(0));
+    app.add_flag("--random", random,
+                 "also measure a random llama (hidden 1024, 12 layers, vocabulary 32000)");
+    app.add_option("--draft", draft_name, "QSPEC draft mode")
+        ->check(CLI::IsMember({"w4a4", "w4a8"}));
+    app.add_option("--smooth", smooth,
+                   "pack SmolLM2 with outlier smoothing of this alpha; negative: off");
+    app.add_flag("--rotate", rotate, "pack SmolLM2 with Hadamard rotation of 64-input blocks");
+    app.add_option("--llama-cpp", llama_cpp,
+                   "llama.cpp's bin directory: also run llama-batched-bench (default: skipped)");
+    if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
+    const tq::Mode draft = tq::parse_mode(draft_name);
+    auto info = tessera::init_runtime();
     std::printf("qspec_bench: %d threads, BLAS %s, quant kernels %s, %lld new tokens per sequence\n",
                 info.num_threads, info.blas_name.c_str(), tq::isa_name(tq::best_isa()),
                 static_cast<long long>(tokens));

@@ -10,7 +10,7 @@
 //  3. driver overhead per call as the batch grows (the batch stays on the
 //     workers; requests carry references).
 //
-//   build/release/bin/rlhf_bench [--iterations 12] [--hidden 256]
+//   build/release/bin/rlhf_bench [--iterations 12] [--hidden 256]   (--help: the options)
 #include <ATen/ATen.h>
 
 #include <chrono>
@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <string>
 
+#include "command_line.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
 #include "tessera/dist/rendezvous.h"
@@ -191,13 +192,20 @@ int main(int argc, char** argv) {
   tessera::init_runtime();
   auto registry = tr::RoleRegistry::builtin();
   registry.add("noop", [] { return std::make_unique<NoopRole>(); });
+  // Spawned copies run their roles before (and without) the command line.
   if (auto code = tr::run_worker_if_spawned(registry)) return *code;
   int64_t iterations = 12, hidden = 256;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string a = argv[i];
-    if (a == "--iterations") iterations = std::stoll(argv[i + 1]);
-    else if (a == "--hidden") hidden = std::stoll(argv[i + 1]);
-  }
+  CLI::App app{
+      "HybridFlow measurements: GRPO colocated vs split, the 3D-HybridEngine's "
+      "training -> generation transition vs a naive reshard, driver overhead per call.",
+      "rlhf_bench"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--iterations", iterations,
+                 "measured GRPO iterations per placement (after one warm-up)")
+      ->check(tessera::examples::positive());
+  app.add_option("--hidden", hidden, "hidden size of the benchmark's 4-layer model (8 heads)")
+      ->check(tessera::examples::positive());
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   tn::ModelConfig cfg;
   cfg.vocab_size = 256;
   cfg.hidden_size = hidden;

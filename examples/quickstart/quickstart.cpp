@@ -3,6 +3,9 @@
 //   build/release/bin/quickstart            # starts 2 local ranks itself
 //   build/release/bin/tessera-launch --nproc 4 -- build/release/bin/quickstart
 //
+// It takes no options (--help says so); QUICKSTART_DIR sets where its files
+// go.
+//
 // Stage 1 (distributed runtime): the ranks meet through the torchrun
 // variables, arrange themselves on a 2-axis device mesh (dp x tp), move a
 // 256 MiB tensor from a row-sharded to a column-sharded layout and back,
@@ -44,6 +47,7 @@
 #include <cstdlib>
 #include <iostream>
 
+#include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
@@ -51,7 +55,7 @@
 #include "tessera/dist/launcher.h"
 #include "tessera/dist/redistribute.h"
 #include "tessera/ckpt/checkpoint.h"
-#include "tessera/ckpt/model_state.h"
+#include "tessera/ckpt_nn/model_state.h"
 #include "tessera/dist/rendezvous.h"
 #include "tessera/lora/lora.h"
 #include "tessera/nn/generate.h"
@@ -60,6 +64,7 @@
 #include "tessera/rlhf/driver.h"
 #include "tessera/rlhf/pipeline.h"
 #include "tessera/specdec/qspec.h"
+#include "tessera/tasks/arithmetic.h"
 
 namespace td = tessera::dist;
 namespace tn = tessera::nn;
@@ -175,12 +180,12 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   // The corpus: 40,000 arithmetic questions with answers, as bytes.
   if (me == 0) {
     std::filesystem::create_directories(dir);
-    tn::TokenDataset::write(dir + "/arithmetic.tokens", tn::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
+    tn::TokenDataset::write(dir + "/arithmetic.tokens", tessera::tasks::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
   }
   world->barrier().wait();
   auto data = tn::TokenDataset::open(dir + "/arithmetic.tokens");
 
-  tn::ModelConfig cfg = tn::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/4);
+  tn::ModelConfig cfg = tessera::tasks::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/4);
   // Experts spread over every rank; each rank trains on its own tokens.
   tn::ParallelGroups groups{nullptr, n > 1 && cfg.num_experts % n == 0 ? world : nullptr};
   tn::Transformer model(cfg, groups);
@@ -233,7 +238,7 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   }
 
   // Generate answers to questions the corpus never held (another seed).
-  auto questions = tn::arithmetic_examples(32, /*seed=*/99);
+  auto questions = tessera::tasks::arithmetic_examples(32, /*seed=*/99);
   std::vector<std::vector<int64_t>> prompts;
   for (const auto& q : questions) {
     auto ids = tokenizer.encode(q.prompt);
@@ -249,7 +254,7 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
     std::vector<int32_t> out(result.tokens[i].begin(), result.tokens[i].end());
     std::string answer = tokenizer.decode(out, true);
     while (!answer.empty() && answer.back() == '\n') answer.pop_back();
-    correct += tn::arithmetic_correct(questions[i], answer);
+    correct += tessera::tasks::arithmetic_correct(questions[i], answer);
     if (i < 3) shown += (shown.empty() ? "" : " | ") + questions[i].prompt + answer;
   }
   auto weights = tn::gather_full_weights(model, groups.ep);
@@ -394,23 +399,23 @@ void stage_qspec(const std::shared_ptr<td::ProcessGroup>& world) {
             << packed->bytes() / 1024 << " KiB; fp32 " << model.num_local_parameters() * 4 / 1024
             << " KiB), kernels " << tq::isa_name(tq::best_isa()) << "\n";
   std::vector<std::vector<int64_t>> prompts;
-  for (const auto& q : tn::arithmetic_examples(32, /*seed=*/99)) {
+  for (const auto& q : tessera::tasks::arithmetic_examples(32, /*seed=*/99)) {
     auto ids = tokenizer.encode(q.prompt);
     prompts.emplace_back(ids.begin(), ids.end());
   }
   ts::GenerateOptions opts;
   opts.sampling.max_new_tokens = 24;  // no stop token: it writes further lines
   opts.qspec.gamma = 3;
-  auto run = [&](ts::Mode mode, tq::Mode draft) {
-    opts.mode = mode;
+  auto run = [&](const char* decoding, tq::Mode draft) {
+    ts::parse_decoding(decoding, &opts);
     opts.qspec.draft_mode = draft;
     tessera::Stopwatch watch;
     auto r = ts::generate(model, *packed, prompts, opts);
     return std::make_pair(r, r.new_tokens / watch.seconds());
   };
-  auto [w4a16, w4a16_tps] = run(ts::Mode::kW4A16, tq::Mode::kW4A4);
+  auto [w4a16, w4a16_tps] = run("w4a16", tq::Mode::kW4A4);
   for (tq::Mode draft : {tq::Mode::kW4A4, tq::Mode::kW4A8}) {
-    auto [spec, spec_tps] = run(ts::Mode::kQSpec, draft);
+    auto [spec, spec_tps] = run("qspec", draft);
     TESSERA_CHECK(spec.tokens == w4a16.tokens, Internal, "QSPEC output differs from W4A16's");
     std::printf("      QSPEC (%s draft, gamma 3): %.0f tokens/s vs W4A16 %.0f; acceptance %.2f, "
                 "%.2f tokens per verify; same tokens as W4A16 for all %zu prompts\n",
@@ -420,7 +425,7 @@ void stage_qspec(const std::shared_ptr<td::ProcessGroup>& world) {
   std::vector<int32_t> out(w4a16.tokens[0].begin(), w4a16.tokens[0].end());
   std::string text = tokenizer.decode(out, true);
   for (auto& ch : text) if (ch == '\n') ch = '|';
-  std::printf("      e.g. %s%s\n", tn::arithmetic_examples(1, 99)[0].prompt.c_str(), text.c_str());
+  std::printf("      e.g. %s%s\n", tessera::tasks::arithmetic_examples(1, 99)[0].prompt.c_str(), text.c_str());
   std::cout << "      (on this CPU a draft forward costs about what a verify forward does, so "
                "QSPEC does not beat W4A16 here; docs/qspec.md says why)\n";
 }
@@ -467,6 +472,16 @@ int main(int argc, char** argv) {
       tessera::init_runtime();
       if (auto code = tessera::rlhf::run_worker_if_spawned(tessera::rlhf::RoleRegistry::builtin())) return *code;
     }
+    // No options; the ranks it starts get the same (empty) command line.
+    CLI::App app{
+        "Tessera's tour in five stages: distributed runtime, MoE pretraining with "
+        "checkpoints, LoRA and MoS adapters, QSPEC decoding, GRPO.",
+        "quickstart"};
+    app.footer(
+        "Run by hand it starts 2 local ranks itself; or run it under tessera-launch.\n"
+        "Environment: QUICKSTART_DIR, where the corpus and the pretrained model go "
+        "(default /tmp/tessera-quickstart).");
+    if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
     if (!td::EnvInfo::from_env().distributed) {
       const int code = relaunch_self(argc, argv, 2);
       if (code != 0) return code;

@@ -8,9 +8,10 @@
 //   build/release/bin/rlhf_grpo --model small         # a small byte-level model
 //   build/release/bin/rlhf_grpo --ckpt /tmp/grpo --stop-after 3   # stop, then:
 //   build/release/bin/rlhf_grpo --ckpt /tmp/grpo --resume
+//   build/release/bin/rlhf_grpo --help                # every option and its default
 #include <cstdio>
 
-#include "../rlhf_common.h"
+#include "rlhf_common.h"
 #include "tessera/core/runtime.h"
 
 int main(int argc, char** argv) {

@@ -3,9 +3,10 @@
 // penalty against the reference. Same flags as rlhf_grpo.
 //
 //   build/release/bin/rlhf_ppo --model small
+//   build/release/bin/rlhf_ppo --help         # every option and its default
 #include <cstdio>
 
-#include "../rlhf_common.h"
+#include "rlhf_common.h"
 #include "tessera/core/runtime.h"
 
 int main(int argc, char** argv) {

@@ -5,7 +5,7 @@
 // reward, and update the actor with advantage = score - baseline score
 // (no critic, no reference).
 //
-//   build/release/bin/rlhf_remax [--iterations 40]
+//   build/release/bin/rlhf_remax [--iterations 40]    (--help: the options)
 //
 // A new algorithm follows the same pattern: start a Driver with the roles
 // you need (RoleRegistry::builtin() or your own Role subclasses), call
@@ -14,7 +14,8 @@
 #include <cstdio>
 #include <string>
 
-#include "../rlhf_common.h"
+#include "command_line.h"
+#include "rlhf_common.h"
 #include "tessera/core/runtime.h"
 #include "tessera/rlhf/algorithms.h"
 
@@ -22,13 +23,19 @@ namespace tr = tessera::rlhf;
 
 int main(int argc, char** argv) {
   tessera::init_runtime();
+  // Spawned copies run their roles before (and without) the command line.
   if (auto code = tr::run_worker_if_spawned(tr::RoleRegistry::builtin())) return *code;
+  int64_t iterations = 40;
+  CLI::App app{
+      "ReMax on arithmetic questions as a user-written driver: a small byte-level model "
+      "on 4 colocated worker processes, baseline = the greedy response's reward.",
+      "rlhf_remax"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--iterations", iterations, "training iterations");
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   try {
-    int64_t iterations = 40;
-    for (int i = 1; i + 1 < argc; i += 2) {
-      if (std::string(argv[i]) == "--iterations") iterations = std::stoll(argv[i + 1]);
-    }
-    const std::string model = "{\"hf\": \"" + rlhf_example::small_model("/tmp/tessera-rlhf-small") + "\"}";
+    const std::string model =
+        "{\"hf\": \"" + rlhf_example::small_model("/tmp/tessera-rlhf-small") + "\"}";
     tr::DriverOptions d;
     d.pools = {{"all", 4}};
     d.roles = {{"actor", "actor", "all",

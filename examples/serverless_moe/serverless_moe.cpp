@@ -17,6 +17,9 @@
 // comparison is benchmarks/moe_bench's simulator.
 //
 //   build/release/bin/serverless_moe [--model DIR] [--batches 4] [--batch-tokens 2048]
+//
+// Without --model it trains the small MoE once into
+// /tmp/tessera-serverless-moe/model. --help lists the options.
 #include <ATen/ATen.h>
 
 #include <cstdio>
@@ -24,15 +27,17 @@
 #include <iostream>
 #include <string>
 
+#include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
 #include "tessera/moe/deploy.h"
 #include "tessera/moe/platform.h"
 #include "tessera/moe/prediction.h"
-#include "tessera/moe/serving.h"
+#include "moe_policies.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
+#include "tessera/tasks/arithmetic.h"
 
 namespace tn = tessera::nn;
 namespace tmoe = tessera::moe;
@@ -46,13 +51,13 @@ std::string prepare(const std::string& dir, std::string* model_dir) {
   const std::string tokens = dir + "/arithmetic.tokens";
   auto tokenizer = tn::Tokenizer::bytes({"<|endoftext|>"});
   if (!std::filesystem::exists(tokens)) {
-    tn::TokenDataset::write(tokens, tn::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
+    tn::TokenDataset::write(tokens, tessera::tasks::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
   }
   if (model_dir->empty()) {
     *model_dir = dir + "/model";
     if (!std::filesystem::exists(*model_dir + "/config.json")) {
       std::printf("training a small MoE (once, into %s)...\n", model_dir->c_str());
-      tn::ModelConfig cfg = tn::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/4);
+      tn::ModelConfig cfg = tessera::tasks::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/4);
       tn::Transformer model(cfg);
       model.init_random(7);
       tn::TrainerOptions to;
@@ -74,17 +79,24 @@ std::string prepare(const std::string& dir, std::string* model_dir) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::string model_dir;
+  int64_t batches = 4, batch_tokens = 2048;
+  const int64_t seq = 64;
+  CLI::App app{
+      "Serves batches of a small MoE with its experts as local serverless functions "
+      "(tessera-function processes) under three policies, and prints billed cost and "
+      "throughput of each.",
+      "serverless_moe"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--model", model_dir,
+                 "an MoE model, a Hugging Face folder (default: a small MoE trained here once)");
+  app.add_option("--batches", batches, "batches to serve per policy")
+      ->check(tessera::examples::positive());
+  app.add_option("--batch-tokens", batch_tokens, "tokens per batch (sequences of 64)")
+      ->check(tessera::examples::at_least(seq));
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   try {
     tessera::init_runtime();
-    std::string model_dir;
-    int64_t batches = 4, batch_tokens = 2048, seq = 64;
-    for (int i = 1; i + 1 < argc; i += 2) {
-      const std::string a = argv[i], v = argv[i + 1];
-      if (a == "--model") model_dir = v;
-      else if (a == "--batches") batches = std::stoll(v);
-      else if (a == "--batch-tokens") batch_tokens = std::stoll(v);
-      else TESSERA_THROW(InvalidArgument, "unknown option '", a, "' (--model DIR, --batches N, --batch-tokens N)");
-    }
     const std::string tokens = prepare("/tmp/tessera-serverless-moe", &model_dir);
     tn::Transformer model = tn::load_hf_model(model_dir);
     const tn::ModelConfig& cfg = model.config();
@@ -92,11 +104,11 @@ int main(int argc, char** argv) {
     auto data = tn::TokenDataset::open(tokens);
     const int64_t rows = batch_tokens / seq;
 
-    tmoe::LocalComparisonOptions lo;
+    tessera::examples::LocalComparisonOptions lo;
     lo.batches = batches;
     std::printf("profiling routing, calibrating the platform (%zu memory sizes), serving...\n",
                 lo.platform.prices.memory_sizes_mb.size());
-    const tmoe::LocalComparison c = tmoe::compare_policies_locally(
+    const tessera::examples::LocalComparison c = tessera::examples::compare_policies_locally(
         model, model_dir + "/model.safetensors", [&](int64_t b) { return data.batch(b, rows, seq).input_ids; }, lo);
     const tmoe::PlatformProfile& profile = c.profile;
     std::printf("  cold start %.0f ms, t_head %.1f ms, storage %.2f ms + %.0f MB/s, calls %.0f MB/s, expert %.2f us/token at %lld MB\n",

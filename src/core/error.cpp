@@ -1,5 +1,7 @@
 #include "tessera/core/error.h"
 
+#include <new>
+
 namespace tessera {
 
 const char* error_code_name(ErrorCode code) {
@@ -37,4 +39,20 @@ void throw_error(ErrorCode code, std::string message) {
   throw Internal(std::move(message));
 }
 
+namespace detail {
+
+void rethrow_as_error(const std::exception& e, const std::string& where, ErrorCode code) {
+  // c10::Error's what() carries a C++ backtrace after the first line; keep
+  // only the first line so messages stay readable.
+  std::string text = e.what();
+  const auto newline = text.find('\n');
+  if (newline != std::string::npos) text.resize(newline);
+  if (dynamic_cast<const std::bad_alloc*>(&e) != nullptr || text.find("not enough memory") != std::string::npos ||
+      text.find("out of memory") != std::string::npos) {
+    code = ErrorCode::kResourceExhausted;
+  }
+  throw_error(code, where + ": " + text);
+}
+
+}  // namespace detail
 }  // namespace tessera

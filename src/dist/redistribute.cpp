@@ -29,6 +29,61 @@ void check_local(const Layout& layout, int rank, const at::Tensor& local, const 
                 shape_string(expected), " (", layout.to_string(), ")");
 }
 
+// When `from` gives each rank one box, the boxes split the whole tensor
+// along one dimension in rank order with equal extents, and `to` gives every
+// rank the whole tensor, the redistribution is an all_gather: returns that
+// dimension, else -1. (Collective libraries implement all_gather with
+// algorithms a general all_to_all cannot use, e.g. NCCL's ring.)
+int all_gather_dim(const Layout& from, const Layout& to) {
+  const int world = from.world_size();
+  const auto& shape = from.global_shape();
+  if (world < 2 || from.is_flat() || to.is_flat() || shape.empty()) return -1;
+  for (int r = 0; r < world; ++r) {
+    const auto& tc = to.chunks(r);
+    if (tc.size() != 1 || tc[0].local_offset != 0 || tc[0].box.length != shape) return -1;
+    for (int64_t o : tc[0].box.offset) {
+      if (o != 0) return -1;
+    }
+    if (from.chunks(r).size() != 1 || from.chunks(r)[0].local_offset != 0) return -1;
+  }
+  const Box& first = from.chunks(0)[0].box;
+  int dim = -1;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (first.length[d] != shape[d]) {
+      if (dim >= 0) return -1;
+      dim = static_cast<int>(d);
+    }
+  }
+  if (dim < 0 || first.length[dim] * world != shape[dim]) return -1;
+  for (int r = 0; r < world; ++r) {
+    const Box& b = from.chunks(r)[0].box;
+    if (b.length != first.length) return -1;
+    for (size_t d = 0; d < shape.size(); ++d) {
+      const int64_t want = static_cast<int>(d) == dim ? r * first.length[dim] : 0;
+      if (b.offset[d] != want) return -1;
+    }
+  }
+  return dim;
+}
+
+// The all_gather fast path: blocks arrive in rank order along dimension 0
+// of a [world * local rows, ...] buffer and are moved to `dim`.
+at::Tensor gather_along(ProcessGroup& group, const at::Tensor& local, int dim) {
+  const int world = group.size();
+  at::Tensor in = local.contiguous();
+  std::vector<int64_t> shape(in.sizes().begin(), in.sizes().end());
+  std::vector<int64_t> stacked = shape;
+  stacked[0] *= world;
+  at::Tensor out = at::empty(stacked, in.options());
+  group.all_gather(out, in).wait();
+  if (dim == 0) return out;
+  std::vector<int64_t> blocks{world};
+  blocks.insert(blocks.end(), shape.begin(), shape.end());
+  std::vector<int64_t> full = shape;
+  full[dim] *= world;
+  return out.view(blocks).movedim(0, dim).reshape(full);
+}
+
 }  // namespace
 
 at::Tensor redistribute(ProcessGroup& group, const at::Tensor& local, const Layout& from,
@@ -44,6 +99,8 @@ at::Tensor redistribute(ProcessGroup& group, const at::Tensor& local, const Layo
                 "redistribute on group '", group.name(), "' of ", world,
                 " ranks: layouts are for ", from.world_size(), " and ", to.world_size(), " ranks");
   check_local(from, me, local, "redistribute source");
+  const int gather_dim = all_gather_dim(from, to);
+  if (gather_dim >= 0) return gather_along(group, local, gather_dim);
 
   at::Tensor src = local.contiguous().view({-1});
   at::Tensor out = at::empty(to.local_shape(me), local.options());

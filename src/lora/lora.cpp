@@ -15,7 +15,7 @@
 #include "tessera/core/error.h"
 #include "tessera/core/file_io.h"
 #include "tessera/core/tensor.h"
-#include "tessera/nn/safetensors.h"
+#include "tessera/formats/safetensors.h"
 
 namespace fs = std::filesystem;
 
@@ -112,6 +112,7 @@ std::vector<at::Tensor> Adapter::trainable() {
 
 at::Tensor Adapter::apply(const std::string& name, const at::Tensor& x, const at::Tensor& y,
                           const nn::AdapterContext& context) {
+  return translate_errors("lora Adapter::apply", [&]() -> at::Tensor {
   if (!adapts(name)) return y;
   at::Tensor in = dropout_ > 0 && training_ ? at::dropout(x, dropout_, true) : x;
   at::Tensor delta = at::matmul(at::matmul(in, a(name).t()), b(name).t()) * scale();
@@ -123,6 +124,7 @@ at::Tensor Adapter::apply(const std::string& name, const at::Tensor& x, const at
     delta = delta * on;
   }
   return y + delta.to(y.scalar_type());
+  }, ErrorCode::kInvalidArgument);
 }
 
 // ---------------------------------------------------------------------------
@@ -623,6 +625,7 @@ const AdapterBank::Stack& AdapterBank::stack(const std::string& module, const at
 
 at::Tensor AdapterBank::apply(const std::string& name, const at::Tensor& x, const at::Tensor& y,
                               const nn::AdapterContext& context) {
+  return translate_errors("lora AdapterBank::apply", [&]() -> at::Tensor {
   if (!context.sequence_adapters.defined() || adapters_.empty()) return y;
   const at::Tensor& ids = context.sequence_adapters;
   TESSERA_CHECK(x.dim() == 3 && x.size(0) == ids.size(0), InvalidArgument, "AdapterBank on '",
@@ -637,6 +640,7 @@ at::Tensor AdapterBank::apply(const std::string& name, const at::Tensor& x, cons
   at::Tensor shrunk = at::bmm(x, a.transpose(1, 2));              // [B, T, r]
   at::Tensor expanded = at::bmm(shrunk, b.transpose(1, 2));       // [B, T, out]
   return y + expanded * s.scale.index_select(0, slot).view({-1, 1, 1});
+  }, ErrorCode::kInvalidArgument);
 }
 
 // ---------------------------------------------------------------------------

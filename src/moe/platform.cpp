@@ -2,13 +2,10 @@
 #include "tessera/moe/storage.h"
 
 #include <ATen/ATen.h>
-#include <signal.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include <climits>
 #include <condition_variable>
@@ -24,8 +21,9 @@
 #include "tessera/core/error.h"
 #include "tessera/core/log.h"
 #include "tessera/core/metrics.h"
-#include "tessera/nn/safetensors.h"
-#include "tessera/rpc/function.grpc.pb.h"
+#include "tessera/core/subprocess.h"
+#include "tessera/formats/safetensors.h"
+#include "tessera/moe/function.grpc.pb.h"
 #include "tessera/rpc/rpc.h"
 
 namespace tessera::moe {
@@ -51,9 +49,10 @@ struct FunctionPlatform::Impl {
   std::unique_ptr<BillingMeter> meter;
 
   struct Instance {
-    pid_t pid = -1;
+    Subprocess process;  // the tessera-function process (dies with this one)
+    pid_t pid = -1;      // process.pid() while it runs, -1 once stopped
     int port = 0;
-    std::unique_ptr<rpc::ExpertFunction::Stub> stub;
+    std::unique_ptr<proto::ExpertFunction::Stub> stub;
     bool busy = false, ready = false;
     Clock::time_point last_used = Clock::now();
     int version = 0;
@@ -70,78 +69,44 @@ struct FunctionPlatform::Impl {
   std::atomic<uint64_t> next_request{1};
   bool stopping = false;
   std::thread reaper;
-  // Instances are forked from one long-lived thread: PR_SET_PDEATHSIG fires
-  // when the forking *thread* exits, and invocations run on short-lived ones.
-  std::mutex spawn_mu;
-  std::condition_variable spawn_cv;
-  std::deque<std::packaged_task<pid_t()>> spawn_jobs;
-  bool spawn_stop = false;
-  std::thread spawner;
-
-  pid_t spawn_from_spawner(const FunctionSpec& spec, int* port) {
-    std::packaged_task<pid_t()> job([this, &spec, port] { return spawn(spec, port); });
-    auto result = job.get_future();
-    {
-      std::lock_guard<std::mutex> lock(spawn_mu);
-      spawn_jobs.push_back(std::move(job));
-    }
-    spawn_cv.notify_all();
-    return result.get();
-  }
-
-  void spawner_loop() {
-    std::unique_lock<std::mutex> lock(spawn_mu);
-    while (true) {
-      spawn_cv.wait(lock, [&] { return spawn_stop || !spawn_jobs.empty(); });
-      if (spawn_stop && spawn_jobs.empty()) return;
-      auto job = std::move(spawn_jobs.front());
-      spawn_jobs.pop_front();
-      lock.unlock();
-      job();
-      lock.lock();
-    }
-  }
-
   static void stop(Instance& in) {
-    if (in.pid > 0) {
-      ::kill(in.pid, SIGKILL);
-      waitpid(in.pid, nullptr, 0);
-      in.pid = -1;
-    }
+    if (in.process.valid()) in.process.stop(std::chrono::milliseconds(0));
+    in.pid = -1;
   }
 
   // Starts an instance listening on a port of its choosing, which it
-  // reports through a pipe; returns the pid and sets *port.
-  pid_t spawn(const FunctionSpec& spec, int* port) {
+  // reports through a pipe it inherits; sets *port (0 when the instance
+  // exited before listening).
+  Subprocess spawn(const FunctionSpec& spec, int* port) {
     int fds[2];
-    TESSERA_CHECK(pipe(fds) == 0, Unavailable, "function platform: pipe failed: ", std::strerror(errno));
-    fcntl(fds[0], F_SETFD, FD_CLOEXEC);
-    std::vector<std::string> args = {opt.program,
-                                     "--port-fd", std::to_string(fds[1]),
-                                     "--memory-mb", std::to_string(spec.memory_mb),
-                                     "--weights", spec.weights,
-                                     "--prefix", spec.prefix,
-                                     "--payload-limit", std::to_string(opt.prices.payload_limit_bytes),
-                                     "--mb-per-vcpu", std::to_string(opt.prices.memory_mb_per_vcpu),
-                                     "--storage", channel->url()};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    const pid_t parent = getpid();
-    const pid_t pid = fork();
-    TESSERA_CHECK(pid >= 0, Unavailable, "function platform: fork failed: ", std::strerror(errno));
-    if (pid == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (getppid() != parent) _exit(127);
-      execvp(argv[0], argv.data());
-      _exit(127);
+    TESSERA_CHECK(pipe2(fds, O_CLOEXEC) == 0, Unavailable, "function platform: pipe failed: ",
+                  std::strerror(errno));
+    // Only the write end crosses exec (the child inherits it by number).
+    fcntl(fds[1], F_SETFD, 0);
+    SpawnOptions so;
+    so.argv = {opt.program,
+               "--port-fd", std::to_string(fds[1]),
+               "--memory-mb", std::to_string(spec.memory_mb),
+               "--weights", spec.weights,
+               "--prefix", spec.prefix,
+               "--payload-limit", std::to_string(opt.prices.payload_limit_bytes),
+               "--mb-per-vcpu", std::to_string(opt.prices.memory_mb_per_vcpu),
+               "--storage", channel->url()};
+    so.new_process_group = false;
+    Subprocess process;
+    try {
+      process = Subprocess::spawn(so);
+    } catch (...) {
+      close(fds[0]);
+      close(fds[1]);
+      throw;
     }
     close(fds[1]);
     std::string line;
-    const auto until = Clock::now() + std::chrono::duration<double>(opt.start_timeout_seconds);
+    const auto until = Clock::now() + opt.start_timeout;
     while (line.find('\n') == std::string::npos && Clock::now() < until) {
       pollfd pfd{fds[0], POLLIN, 0};
-      if (poll(&pfd, 1, 100) <= 0) continue;
+      if (::poll(&pfd, 1, 100) <= 0) continue;
       char buf[32];
       const ssize_t n = read(fds[0], buf, sizeof(buf));
       if (n <= 0) break;  // the instance exited before listening
@@ -149,7 +114,7 @@ struct FunctionPlatform::Impl {
     }
     close(fds[0]);
     *port = line.find('\n') == std::string::npos ? 0 : std::stoi(line);
-    return pid;
+    return process;
   }
 
   // A warm idle instance, or a new one (cold start), within the limit.
@@ -180,35 +145,32 @@ struct FunctionPlatform::Impl {
     lock.unlock();
     *cold = true;
     try {
-      in->pid = spawn_from_spawner(spec, &in->port);
+      in->process = spawn(spec, &in->port);
+      in->pid = in->process.pid();
       if (in->port == 0) {
-        int status = 0;
-        waitpid(in->pid, &status, 0);
+        in->process.stop(std::chrono::milliseconds(0));
         in->pid = -1;
         throw Unavailable(detail::concat("function '", name, "': the instance did not start (its error, if any, is above)"));
       }
       const std::string address = "127.0.0.1:" + std::to_string(in->port);
-      in->stub = rpc::ExpertFunction::NewStub(rpc::channel(address, {static_cast<int>(opt.prices.payload_limit_bytes)}));
+      in->stub = proto::ExpertFunction::NewStub(rpc::channel(address, {static_cast<int>(opt.prices.payload_limit_bytes)}));
       // Wait for the instance to serve, watching that it is still alive.
-      const auto until = Clock::now() + std::chrono::duration<double>(opt.start_timeout_seconds);
+      const auto until = Clock::now() + opt.start_timeout;
       while (true) {
         grpc::ClientContext ctx;
-        rpc::set_deadline(ctx, 0.1);
+        rpc::set_deadline(ctx, std::chrono::milliseconds(100));
         ctx.set_wait_for_ready(true);
-        rpc::FunctionHealthRequest req;
-        rpc::FunctionHealthReply reply;
+        proto::FunctionHealthRequest req;
+        proto::FunctionHealthReply reply;
         grpc::Status st = in->stub->Health(&ctx, req, &reply);
         if (st.ok() && reply.pid() == in->pid) break;
-        int status = 0;
-        if (waitpid(in->pid, &status, WNOHANG) == in->pid) {
+        if (std::optional<ExitStatus> status = in->process.poll()) {
           in->pid = -1;
-          throw Unavailable(detail::concat("function '", name, "': the instance exited during its cold start (",
-                                           WIFSIGNALED(status) ? "signal " + std::to_string(WTERMSIG(status))
-                                                               : "code " + std::to_string(WEXITSTATUS(status)),
-                                           "; its error, if any, is above)"));
+          throw Unavailable(detail::concat("function '", name, "': the instance exited during its cold start (it ",
+                                           status->describe(), "; its error, if any, is above)"));
         }
         TESSERA_CHECK(Clock::now() < until, Unavailable, "function '", name, "': no answer within ",
-                      opt.start_timeout_seconds, " s of its cold start");
+                      opt.start_timeout.count() / 1000.0, " s of its cold start");
       }
       in->ready = true;
       return in;
@@ -243,7 +205,7 @@ struct FunctionPlatform::Impl {
           auto& in = *it;
           const bool stale = in->version != f.version;
           const double idle = std::chrono::duration<double>(now - in->last_used).count();
-          if (!in->busy && in->ready && (stale || idle > opt.keep_alive_seconds)) {
+          if (!in->busy && in->ready && (stale || idle > std::chrono::duration<double>(opt.keep_alive).count())) {
             victims.push_back(in);
             it = f.instances.erase(it);
           } else {
@@ -271,7 +233,6 @@ FunctionPlatform::FunctionPlatform(PlatformOptions options) : impl_(std::make_un
   }
   d.channel = StorageChannel::open(d.opt.storage);
   d.meter = std::make_unique<BillingMeter>(d.opt.prices);
-  d.spawner = std::thread([&d] { d.spawner_loop(); });
   d.reaper = std::thread([&d] {
     std::unique_lock<std::mutex> lock(d.mu);
     while (!d.stopping) {
@@ -292,12 +253,6 @@ FunctionPlatform::~FunctionPlatform() {
     d.cv.notify_all();
   }
   d.reaper.join();
-  {
-    std::lock_guard<std::mutex> lock(d.spawn_mu);
-    d.spawn_stop = true;
-  }
-  d.spawn_cv.notify_all();
-  d.spawner.join();
   for (auto& [name, f] : d.functions) {
     for (auto& in : f.instances) Impl::stop(*in);
   }
@@ -321,11 +276,11 @@ void FunctionPlatform::deploy(const std::string& name, const FunctionSpec& spec)
 
 FunctionPlatform::Result FunctionPlatform::invoke(const std::string& name, const Request& request) {
   Impl& d = *impl_;
-  rpc::InvokeRequest req;
+  proto::InvokeRequest req;
   req.set_request_id(d.next_request++);
   if (request.tokens.defined()) rpc::to_proto(request.tokens, "x", req.mutable_tokens());
   for (const auto& k : request.input_keys) req.add_input_keys(k);
-  req.set_wait_seconds(request.wait_seconds);
+  req.set_wait_seconds(std::chrono::duration<double>(request.wait).count());
   Result result;
   std::string last_error;
   for (int attempt = 0; attempt <= d.opt.retries; ++attempt) {
@@ -345,8 +300,8 @@ FunctionPlatform::Result FunctionPlatform::invoke(const std::string& name, const
       memory_mb = d.functions.at(name).spec.memory_mb;
     }
     grpc::ClientContext ctx;
-    rpc::set_deadline(ctx, d.opt.invoke_timeout_seconds);
-    rpc::InvokeReply reply;
+    rpc::set_deadline(ctx, d.opt.invoke_timeout);
+    proto::InvokeReply reply;
     Stopwatch watch;
     grpc::Status st = in->stub->Invoke(&ctx, req, &reply);
     const double seconds = watch.seconds();
@@ -385,8 +340,8 @@ std::string FunctionPlatform::storage_key(const std::string& name) const { retur
 
 void FunctionPlatform::put(const std::string& key, const at::Tensor& x) { impl_->channel->put(key, x); }
 
-at::Tensor FunctionPlatform::get(const std::string& key, double wait_seconds) {
-  return impl_->channel->get(key, wait_seconds);
+at::Tensor FunctionPlatform::get(const std::string& key, std::chrono::milliseconds wait) {
+  return impl_->channel->get(key, wait);
 }
 
 void FunctionPlatform::remove(const std::string& key) { impl_->channel->remove(key); }
@@ -419,12 +374,14 @@ const PlatformOptions& FunctionPlatform::options() const { return impl_->opt; }
 // --- The gate ------------------------------------------------------------------
 
 Routing route(const ExpertLayer& layer, const at::Tensor& x) {
+  return translate_errors("moe route", [&]() -> Routing {
   auto file = nn::SafetensorsFile::open(layer.weights);
   at::Tensor gate = file.get(layer.prefix + "gate.weight").to(at::kFloat);
   at::Tensor probs = at::softmax(at::matmul(x, gate.t()), -1);
   auto [w, e] = probs.topk(layer.top_k, -1);
   if (layer.normalize_top_k) w = w / w.sum(-1, true);
   return {e, w};
+  }, ErrorCode::kInvalidArgument);
 }
 
 namespace {
@@ -446,6 +403,7 @@ std::vector<Assignment> assignments(const Routing& r, int64_t experts) {
 }  // namespace
 
 at::Tensor moe_layer_reference(const ExpertLayer& layer, const at::Tensor& x, const Routing& routing) {
+  return translate_errors("moe moe_layer_reference", [&]() -> at::Tensor {
   auto file = nn::SafetensorsFile::open(layer.weights);
   at::Tensor out = at::zeros_like(x);
   auto parts = assignments(routing, layer.num_experts);
@@ -457,6 +415,7 @@ at::Tensor moe_layer_reference(const ExpertLayer& layer, const at::Tensor& x, co
     out.index_add_(0, parts[e].rows, at::matmul(h, file.get(p + "w2.weight").t()) * parts[e].weights.unsqueeze(1));
   }
   return out;
+  }, ErrorCode::kInvalidArgument);
 }
 
 ServerlessMoE::ServerlessMoE(FunctionPlatform& platform, ExpertLayer layer, std::string name)
@@ -474,6 +433,7 @@ void ServerlessMoE::configure(const LayerPlan& plan, const PlatformProfile& prof
 }
 
 at::Tensor ServerlessMoE::forward(const at::Tensor& x, const Routing& routing, Stats* stats) {
+  return translate_errors("moe ServerlessMoE::forward", [&]() -> at::Tensor {
   TESSERA_CHECK(!plan_.experts.empty(), FailedPrecondition, name_, ": configure() before forward()");
   Stopwatch watch;
   const uint64_t call = ++calls_;
@@ -502,7 +462,7 @@ at::Tensor ServerlessMoE::forward(const at::Tensor& x, const Routing& routing, S
         ++invocations;
         auto indirect = [&] {
           platform_.put(key, xe);
-          platform_.invoke(fn, {at::Tensor(), {key}, 30});
+          platform_.invoke(fn, {at::Tensor(), {key}, std::chrono::seconds(30)});
           at::Tensor y = platform_.get(key + ".out");
           platform_.remove(key);
           platform_.remove(key + ".out");
@@ -510,7 +470,7 @@ at::Tensor ServerlessMoE::forward(const at::Tensor& x, const Routing& routing, S
         };
         if (method == Method::kDirect) {
           try {
-            return platform_.invoke(fn, {xe, {}, 0}).outputs;
+            return platform_.invoke(fn, {xe, {}, std::chrono::seconds(0)}).outputs;
           } catch (const ResourceExhausted&) {
             ++fallbacks;  // over the payload limit: through storage instead
             return indirect();
@@ -521,7 +481,7 @@ at::Tensor ServerlessMoE::forward(const at::Tensor& x, const Routing& routing, S
         // they are written.
         std::vector<std::string> keys;
         for (int64_t b = 0; b < xe.size(0); b += beta) keys.push_back(key + ".b" + std::to_string(b / beta));
-        auto call = std::async(std::launch::async, [&] { return platform_.invoke(fn, {at::Tensor(), keys, 30}); });
+        auto call = std::async(std::launch::async, [&] { return platform_.invoke(fn, {at::Tensor(), keys, std::chrono::seconds(30)}); });
         for (size_t i = 0; i < keys.size(); ++i) {
           const int64_t b = static_cast<int64_t>(i) * beta;
           platform_.put(keys[i], xe.narrow(0, b, std::min(beta, xe.size(0) - b)));
@@ -558,6 +518,7 @@ at::Tensor ServerlessMoE::forward(const at::Tensor& x, const Routing& routing, S
     stats->fallbacks = fallbacks;
   }
   return out;
+  }, ErrorCode::kInvalidArgument);
 }
 
 PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer& layer, int64_t hidden,
@@ -576,17 +537,17 @@ PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer
     const std::string fn = "calibrate." + std::to_string(m);
     platform.deploy(fn, {layer.weights, prefix, m});
     Stopwatch cold;
-    platform.invoke(fn, {one, {}, 0});  // cold start
+    platform.invoke(fn, {one, {}, std::chrono::seconds(0)});  // cold start
     const double cold_seconds = cold.seconds();
     Stopwatch warm;
-    platform.invoke(fn, {one, {}, 0});
+    platform.invoke(fn, {one, {}, std::chrono::seconds(0)});
     p.cold_start = std::max(p.cold_start, cold_seconds - warm.seconds());
     double compute = 1e30;
     for (int r = 0; r < 3; ++r) {
       // `concurrency` invocations at once (instances of the same function).
       std::vector<std::future<FunctionPlatform::Result>> calls;
       for (int c = 0; c < concurrency; ++c) {
-        calls.push_back(std::async(std::launch::async, [&] { return platform.invoke(fn, {tokens, {}, 0}); }));
+        calls.push_back(std::async(std::launch::async, [&] { return platform.invoke(fn, {tokens, {}, std::chrono::seconds(0)}); }));
       }
       double worst = 0;
       for (auto& c : calls) worst = std::max(worst, c.get().compute_seconds);
@@ -596,13 +557,13 @@ PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer
     if (m == p.memory_mb.back()) {
       double best = 1e30;
       for (int r = 0; r < 5; ++r) {
-        auto res = platform.invoke(fn, {one, {}, 0});
+        auto res = platform.invoke(fn, {one, {}, std::chrono::seconds(0)});
         best = std::min(best, res.seconds - res.compute_seconds);
       }
       head = best;
       // Call bandwidth: a large direct payload, minus the small one's time.
       const int64_t n = std::max<int64_t>(1, prices.payload_limit_bytes / (hidden * 4) / 2);
-      auto big = platform.invoke(fn, {at::randn({n, hidden}), {}, 0});
+      auto big = platform.invoke(fn, {at::randn({n, hidden}), {}, std::chrono::seconds(0)});
       const double transfer = std::max(1e-6, big.seconds - big.compute_seconds - head);
       p.call_bandwidth = static_cast<double>(2 * n * hidden * 4) / transfer;
     }
@@ -630,7 +591,7 @@ PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer
     std::vector<std::string> keys;
     for (int b = 0; b < 16; ++b) keys.push_back(platform.storage_key("calibrate.block" + std::to_string(b)));
     for (const auto& k : keys) platform.put(k, one);
-    auto res = platform.invoke(fn, {at::Tensor(), keys, 5});
+    auto res = platform.invoke(fn, {at::Tensor(), keys, std::chrono::seconds(5)});
     p.t_dl = std::max(p.t_dl, (res.seconds - res.compute_seconds - p.t_head) / (2.0 * keys.size()));
     for (const auto& k : keys) {
       platform.remove(k);

@@ -22,6 +22,7 @@ at::Tensor RoutingTrace::loads() const {
 }
 
 RoutingTrace trace_batch(nn::Transformer& model, const at::Tensor& ids) {
+  return translate_errors("moe trace_batch", [&]() -> RoutingTrace {
   const nn::ModelConfig& c = model.config();
   TESSERA_CHECK(c.num_experts > 0, InvalidArgument, "trace_batch: the model has no MoE layers");
   TESSERA_CHECK(ids.dim() == 2, InvalidArgument, "trace_batch: expected token ids [batch, seq]");
@@ -47,6 +48,7 @@ RoutingTrace trace_batch(nn::Transformer& model, const at::Tensor& ids) {
   t.experts = at::stack(experts);
   t.attention_ids = at::stack(attention);
   return t;
+  }, ErrorCode::kInvalidArgument);
 }
 
 const char* predictor_name(Predictor p) {
@@ -68,6 +70,7 @@ CountTable::CountTable(int64_t num_layers, int64_t num_experts, int64_t top_k)
 }
 
 void CountTable::add(const RoutingTrace& t) {
+  return translate_errors("moe CountTable::add", [&]() -> void {
   TESSERA_CHECK(t.num_layers() == layers_ && t.num_experts == experts_ && t.top_k == top_k_, InvalidArgument,
                 "CountTable::add: a trace of ", t.num_layers(), " layers x ", t.num_experts, " experts (top ",
                 t.top_k, ") into a table of ", layers_, " x ", experts_, " (top ", top_k_, ")");
@@ -96,6 +99,7 @@ void CountTable::add(const RoutingTrace& t) {
     }
   }
   ++batches_;
+  }, ErrorCode::kInvalidArgument);
 }
 
 int64_t CountTable::cells() const {
@@ -149,6 +153,7 @@ std::vector<double> CountTable::expert_distribution(int64_t layer, int64_t token
 }
 
 at::Tensor CountTable::predict(const at::Tensor& token_ids, Predictor predictor) const {
+  return translate_errors("moe CountTable::predict", [&]() -> at::Tensor {
   at::Tensor ids = token_ids.reshape({-1}).to(at::kLong).contiguous();
   std::map<int64_t, int64_t> counts;
   auto acc = ids.accessor<int64_t, 1>();
@@ -162,6 +167,7 @@ at::Tensor CountTable::predict(const at::Tensor& token_ids, Predictor predictor)
     }
   }
   return out.to(at::kFloat);
+  }, ErrorCode::kInvalidArgument);
 }
 
 void CountTable::scale_token(int64_t layer, int64_t token, double factor) {
@@ -175,9 +181,11 @@ void CountTable::scale_token(int64_t layer, int64_t token, double factor) {
 }
 
 double load_error(const at::Tensor& predicted, const at::Tensor& real) {
+  return translate_errors("moe load_error", [&]() -> double {
   TESSERA_CHECK(predicted.sizes() == real.sizes(), InvalidArgument, "load_error: shapes differ");
   const double total = real.to(at::kDouble).sum().item<double>();
   return (predicted.to(at::kDouble) - real.to(at::kDouble)).abs().sum().item<double>() / std::max(total, 1e-12);
+  }, ErrorCode::kInvalidArgument);
 }
 
 }  // namespace tessera::moe

@@ -1,7 +1,9 @@
 #include "tessera/moe/storage.h"
 
 #include <ATen/ATen.h>
+#ifdef TESSERA_WITH_REDIS
 #include <hiredis/hiredis.h>
+#endif
 
 #include <chrono>
 #include <filesystem>
@@ -9,7 +11,7 @@
 #include <thread>
 
 #include "tessera/core/error.h"
-#include "tessera/nn/safetensors.h"
+#include "tessera/formats/safetensors.h"
 #include "tessera/rpc/rpc.h"
 
 namespace tessera::moe {
@@ -19,14 +21,14 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 template <typename Try>
-at::Tensor wait_for(const std::string& key, double wait_seconds, Try&& attempt) {
-  const auto until = Clock::now() + std::chrono::duration<double>(wait_seconds);
+at::Tensor wait_for(const std::string& key, std::chrono::milliseconds wait, Try&& attempt) {
+  const auto until = Clock::now() + wait;
   auto pause = std::chrono::microseconds(100);
   while (true) {
     at::Tensor t = attempt();
     if (t.defined()) return t;
     TESSERA_CHECK(Clock::now() < until, NotFound, "storage object '", key, "' is missing",
-                  wait_seconds > 0 ? " (waited " + std::to_string(wait_seconds) + " s)" : std::string());
+                  wait.count() > 0 ? " (waited " + std::to_string(wait.count() / 1000.0) + " s)" : std::string());
     std::this_thread::sleep_for(pause);
     pause = std::min(pause * 2, std::chrono::microseconds(1000));
   }
@@ -36,8 +38,8 @@ class Files final : public StorageChannel {
  public:
   explicit Files(std::string dir) : dir_(std::move(dir)) { std::filesystem::create_directories(dir_); }
   void put(const std::string& key, const at::Tensor& x) override { nn::save_safetensors(path(key), {{"x", x}}); }
-  at::Tensor get(const std::string& key, double wait_seconds) override {
-    return wait_for(key, wait_seconds, [&] {
+  at::Tensor get(const std::string& key, std::chrono::milliseconds wait) override {
+    return wait_for(key, wait, [&] {
       const std::string p = path(key);
       return std::filesystem::exists(p) ? nn::SafetensorsFile::open(p).get("x").clone() : at::Tensor();
     });
@@ -57,6 +59,7 @@ class Files final : public StorageChannel {
   std::string dir_;
 };
 
+#ifdef TESSERA_WITH_REDIS
 class Redis final : public StorageChannel {
  public:
   Redis(std::string host, int port) : host_(std::move(host)), port_(port) {
@@ -77,8 +80,8 @@ class Redis final : public StorageChannel {
           redisCommand(ctx_, "SET %b %b", key.data(), key.size(), value.data(), value.size()));
     });
   }
-  at::Tensor get(const std::string& key, double wait_seconds) override {
-    return wait_for(key, wait_seconds, [&] {
+  at::Tensor get(const std::string& key, std::chrono::milliseconds wait) override {
+    return wait_for(key, wait, [&] {
       at::Tensor t;
       command("GET", [&] { return static_cast<redisReply*>(redisCommand(ctx_, "GET %b", key.data(), key.size())); },
               [&](redisReply* r) {
@@ -111,6 +114,7 @@ class Redis final : public StorageChannel {
   redisContext* ctx_ = nullptr;
   std::mutex mu_;
 };
+#endif  // TESSERA_WITH_REDIS
 
 }  // namespace
 
@@ -121,7 +125,13 @@ std::shared_ptr<StorageChannel> StorageChannel::open(const std::string& url) {
     const size_t colon = rest.rfind(':');
     TESSERA_CHECK(colon != std::string::npos && colon > 0, InvalidArgument, "storage URL '", url,
                   "': expected redis://host:port");
+#ifdef TESSERA_WITH_REDIS
     return std::make_shared<Redis>(rest.substr(0, colon), std::stoi(rest.substr(colon + 1)));
+#else
+    throw FailedPrecondition("storage URL '" + url +
+                             "': this build has no Redis client (configure with libhiredis-dev "
+                             "installed, or -DTESSERA_WITH_REDIS=ON)");
+#endif
   }
   throw InvalidArgument("storage URL '" + url + "': expected files:<dir> or redis://host:port");
 }

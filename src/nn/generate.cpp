@@ -51,6 +51,14 @@ PaddedPrompts pad_prompts(const std::vector<std::vector<int64_t>>& prompts) {
 
 GenerationResult generate(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
                           const SamplingOptions& options) {
+  return generate(model, prompts, options, nullptr);
+}
+
+GenerationResult generate(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
+                          const SamplingOptions& options, std::unique_ptr<KVCache>* cache_out) {
+  return translate_errors("generate", [&] {
+  TESSERA_CHECK(options.use_cache || cache_out == nullptr, InvalidArgument,
+                "generate: no cache to hand back with use_cache = false");
   const PaddedPrompts padded = pad_prompts(prompts);
   TESSERA_CHECK(options.max_new_tokens >= 0, InvalidArgument, "generate: max_new_tokens < 0");
   at::NoGradGuard no_grad;
@@ -94,6 +102,7 @@ GenerationResult generate(Transformer& model, const std::vector<std::vector<int6
         seq.insert(seq.end(), result.tokens[b].begin(), result.tokens[b].end());
         at::Tensor ids = at::tensor(seq, at::kLong).view({1, -1});
         ForwardOptions one;
+        one.batch_invariant = options.batch_invariant;
         if (!options.sequence_adapters.empty()) {
           one.sequence_adapters = at::full({1}, options.sequence_adapters[b], at::kLong);
         }
@@ -106,12 +115,14 @@ GenerationResult generate(Transformer& model, const std::vector<std::vector<int6
     return result;
   }
 
-  KVCache cache(model.config(), B, longest + std::max<int64_t>(options.max_new_tokens, 1),
-                at::TensorOptions().dtype(dtype), model.groups().tp_size());
-  result.cache_bytes = cache.bytes();
+  auto cache = std::make_unique<KVCache>(model.config(), B,
+                                         longest + std::max<int64_t>(options.max_new_tokens, 1),
+                                         at::TensorOptions().dtype(dtype), model.groups().tp_size());
+  result.cache_bytes = cache->bytes();
   Stopwatch watch;
   ForwardOptions fwd;
-  fwd.cache = &cache;
+  fwd.cache = cache.get();
+  fwd.batch_invariant = options.batch_invariant;
   fwd.lengths = padded.lengths;
   fwd.last_logits_only = true;
   if (!options.sequence_adapters.empty()) {
@@ -133,7 +144,9 @@ GenerationResult generate(Transformer& model, const std::vector<std::vector<int6
     accept(sample_next(logits, options, gen));
   }
   result.decode_seconds = watch.seconds();
+  if (cache_out) *cache_out = std::move(cache);
   return result;
+  }, ErrorCode::kInvalidArgument);
 }
 
 }  // namespace tessera::nn

@@ -10,9 +10,11 @@
 #include <vector>
 
 #include "parallel_ops.h"
+#include "parameter_names.h"
 #include "tessera/core/error.h"
 #include "tessera/core/tensor.h"
 #include "tessera/dist/redistribute.h"
+#include "tessera/nn/parameters.h"
 
 namespace tessera::nn {
 
@@ -20,6 +22,10 @@ using detail::all_to_all_rows;
 using detail::copy_to_group;
 using detail::gather_last_dim;
 using detail::reduce_from_group;
+using detail::layer_prefix;
+using detail::MoeNames;
+using detail::moe_names;
+using detail::with_expert;
 
 // ---------------------------------------------------------------------------
 // KVCache
@@ -75,95 +81,6 @@ struct LayerWeights {
   ExpertWeights shared;                 // Qwen2-MoE shared expert
   at::Tensor shared_gate;               // [1, H]
 };
-
-enum class Split { kReplicate, kRows, kCols };
-
-struct ParamSpec {
-  std::string name;
-  std::vector<int64_t> shape;  // full
-  Split split = Split::kReplicate;
-  int64_t expert = -1;  // owning expert for expert weights
-};
-
-std::string layer_prefix(int64_t l) { return "model.layers." + std::to_string(l) + "."; }
-
-// Hugging Face names of one MoE layer's pieces.
-struct MoeNames {
-  std::string router, expert_gate, expert_up, expert_down;  // expert_* contain "{j}"
-  std::string shared_gate_proj, shared_up_proj, shared_down_proj, shared_gate;
-};
-
-MoeNames moe_names(const ModelConfig& c, int64_t l) {
-  const std::string p = layer_prefix(l);
-  MoeNames n;
-  if (c.model_type == "qwen2_moe") {
-    n.router = p + "mlp.gate.weight";
-    n.expert_gate = p + "mlp.experts.{j}.gate_proj.weight";
-    n.expert_up = p + "mlp.experts.{j}.up_proj.weight";
-    n.expert_down = p + "mlp.experts.{j}.down_proj.weight";
-    n.shared_gate_proj = p + "mlp.shared_expert.gate_proj.weight";
-    n.shared_up_proj = p + "mlp.shared_expert.up_proj.weight";
-    n.shared_down_proj = p + "mlp.shared_expert.down_proj.weight";
-    n.shared_gate = p + "mlp.shared_expert_gate.weight";
-  } else {
-    n.router = p + "block_sparse_moe.gate.weight";
-    n.expert_gate = p + "block_sparse_moe.experts.{j}.w1.weight";
-    n.expert_up = p + "block_sparse_moe.experts.{j}.w3.weight";
-    n.expert_down = p + "block_sparse_moe.experts.{j}.w2.weight";
-  }
-  return n;
-}
-
-std::string with_expert(std::string pattern, int64_t j) {
-  pattern.replace(pattern.find("{j}"), 3, std::to_string(j));
-  return pattern;
-}
-
-std::vector<ParamSpec> param_specs(const ModelConfig& c) {
-  const int64_t H = c.hidden_size, hd = c.head_size();
-  const int64_t nq = c.num_attention_heads * hd, nkv = c.num_key_value_heads * hd;
-  std::vector<ParamSpec> specs;
-  specs.push_back({"model.embed_tokens.weight", {c.vocab_size, H}, Split::kRows});
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = layer_prefix(l);
-    specs.push_back({p + "input_layernorm.weight", {H}, Split::kReplicate});
-    specs.push_back({p + "self_attn.q_proj.weight", {nq, H}, Split::kRows});
-    specs.push_back({p + "self_attn.k_proj.weight", {nkv, H}, Split::kRows});
-    specs.push_back({p + "self_attn.v_proj.weight", {nkv, H}, Split::kRows});
-    if (c.attention_bias) {
-      specs.push_back({p + "self_attn.q_proj.bias", {nq}, Split::kRows});
-      specs.push_back({p + "self_attn.k_proj.bias", {nkv}, Split::kRows});
-      specs.push_back({p + "self_attn.v_proj.bias", {nkv}, Split::kRows});
-    }
-    specs.push_back({p + "self_attn.o_proj.weight", {H, nq}, Split::kCols});
-    specs.push_back({p + "post_attention_layernorm.weight", {H}, Split::kReplicate});
-    if (c.is_moe_layer(l)) {
-      MoeNames n = moe_names(c, l);
-      const int64_t I = c.expert_intermediate();
-      specs.push_back({n.router, {c.num_experts, H}, Split::kReplicate});
-      for (int64_t j = 0; j < c.num_experts; ++j) {
-        specs.push_back({with_expert(n.expert_gate, j), {I, H}, Split::kRows, j});
-        specs.push_back({with_expert(n.expert_up, j), {I, H}, Split::kRows, j});
-        specs.push_back({with_expert(n.expert_down, j), {H, I}, Split::kCols, j});
-      }
-      if (c.shared_expert_intermediate_size > 0) {
-        const int64_t S = c.shared_expert_intermediate_size;
-        specs.push_back({n.shared_gate_proj, {S, H}, Split::kRows});
-        specs.push_back({n.shared_up_proj, {S, H}, Split::kRows});
-        specs.push_back({n.shared_down_proj, {H, S}, Split::kCols});
-        specs.push_back({n.shared_gate, {1, H}, Split::kReplicate});
-      }
-    } else {
-      const int64_t I = c.intermediate_size;
-      specs.push_back({p + "mlp.gate_proj.weight", {I, H}, Split::kRows});
-      specs.push_back({p + "mlp.up_proj.weight", {I, H}, Split::kRows});
-      specs.push_back({p + "mlp.down_proj.weight", {H, I}, Split::kCols});
-    }
-  }
-  specs.push_back({"model.norm.weight", {H}, Split::kReplicate});
-  if (!c.tie_word_embeddings) specs.push_back({"lm_head.weight", {c.vocab_size, H}, Split::kRows});
-  return specs;
-}
 
 // RoPE inverse frequencies [head_dim / 2] with the configured scaling.
 at::Tensor rope_inv_freq(const ModelConfig& c) {
@@ -333,7 +250,7 @@ struct Transformer::Impl {
   ModelConfig config;
   ParallelGroups groups;
   at::ScalarType dtype;
-  std::vector<ParamSpec> specs;                        // full model
+  std::vector<ParameterSpec> specs;                    // full model
   std::map<std::string, size_t> spec_index;
   std::vector<std::pair<std::string, at::Tensor>> params;  // this rank's
   std::map<std::string, size_t> param_index;
@@ -371,26 +288,12 @@ struct Transformer::Impl {
     return proj(at::silu(proj(x, e.gate, {}, gate)) * proj(x, e.up, {}, up), e.down, {}, down);
   }
 
-  bool owns(const ParamSpec& s) const {
+  bool owns(const ParameterSpec& s) const {
     return s.expert < 0 || (s.expert >= first_expert && s.expert < first_expert + experts_per_rank);
   }
 
-  dist::Layout layout_for(const ParamSpec& s) const {
-    const int tp = groups.tp_size(), ep = groups.ep_size();
-    dist::MeshShape mesh{{ep, tp}, {"ep", "tp"}};
-    std::vector<dist::Placement> placements{dist::Placement::Replicate(),
-                                            s.split == Split::kRows   ? dist::Placement::Shard(0)
-                                            : s.split == Split::kCols ? dist::Placement::Shard(1)
-                                                                      : dist::Placement::Replicate()};
-    dist::Layout full = dist::Layout::sharded(s.shape, mesh, placements);
-    if (s.expert < 0) return full;
-    // An expert lives only on the ep rank that owns it.
-    const int64_t owner = s.expert / experts_per_rank;
-    std::vector<std::vector<dist::Chunk>> chunks(ep * tp);
-    for (int r = 0; r < ep * tp; ++r) {
-      if (r / tp == owner) chunks[r] = full.chunks(r);
-    }
-    return dist::Layout::from_chunks(s.shape, chunks, /*flat=*/false);
+  dist::Layout layout_for(const ParameterSpec& s) const {
+    return parameter_layout(s, config.num_experts, groups.tp_size(), groups.ep_size());
   }
 
   at::Tensor& param(const std::string& name) {
@@ -486,88 +389,128 @@ struct Transformer::Impl {
     return proj(out, w.o, {}, a + "o_proj");
   }
 
-  // MoE MLP over flattened tokens x [N, H] (replicated over tp). Returns the
-  // tp-partial output and adds the layer's aux loss / load / routing.
-  at::Tensor moe(const LayerWeights& w, const at::Tensor& x, int64_t layer, ForwardOutput& out,
-                 bool record, std::vector<at::Tensor>& loads) {
+  // The router's decision for tokens x [N, H]: logits and probs [N, E]
+  // (accumulation type), each token's top-k experts top_e [N, K] and their
+  // weights top_w [N, K] (normalized when norm_topk_prob, in x's dtype).
+  struct MoeRouting {
+    at::Tensor logits, probs, top_w, top_e;
+  };
+  MoeRouting route(const LayerWeights& w, const at::Tensor& x) {
     const ModelConfig& c = config;
-    const int64_t N = x.size(0), E = c.num_experts, K = c.num_experts_per_tok;
+    MoeRouting r;
     // [N, E]; the batch-invariant path multiplies row by row in a fixed order.
-    at::Tensor logits = invariant ? linear_invariant(x, w.router)
-                                  : dense(x, w.router).to(accumulate_type(x.scalar_type()));
-    at::Tensor probs = at::softmax(logits, -1);
-    auto [top_w, top_e] = probs.topk(K, -1);
-    if (c.norm_topk_prob) top_w = top_w / top_w.sum(-1, true);
-    top_w = top_w.to(x.scalar_type());
+    r.logits = invariant ? linear_invariant(x, w.router)
+                         : dense(x, w.router).to(accumulate_type(x.scalar_type()));
+    r.probs = at::softmax(r.logits, -1);
+    std::tie(r.top_w, r.top_e) = r.probs.topk(c.num_experts_per_tok, -1);
+    if (c.norm_topk_prob) r.top_w = r.top_w / r.top_w.sum(-1, true);
+    r.top_w = r.top_w.to(x.scalar_type());
+    return r;
+  }
 
-    // Load statistics and auxiliary losses (Switch load balancing, ST-MoE z-loss).
-    at::Tensor counts = at::zeros({E}, at::kFloat).index_add_(
-        0, top_e.reshape({-1}), at::ones({N * K}, at::kFloat));
+  // Load statistics and auxiliary losses (Switch load balancing, ST-MoE
+  // z-loss) of one layer's routing over N tokens, and its routing record.
+  void account_routing(const MoeRouting& r, int64_t N, int64_t layer, ForwardOutput& out,
+                       bool record, std::vector<at::Tensor>& loads) {
+    const ModelConfig& c = config;
+    const int64_t E = c.num_experts, K = c.num_experts_per_tok;
+    at::Tensor counts = at::zeros({E}, at::kFloat)
+                            .index_add_(0, r.top_e.reshape({-1}), at::ones({N * K}, at::kFloat));
     loads.push_back(counts);
     if (N > 0 && (c.router_aux_loss_coef > 0 || c.router_z_loss_coef > 0)) {
       at::Tensor frac = counts / static_cast<double>(N * K);
-      at::Tensor mean_prob = probs.mean(0);
+      at::Tensor mean_prob = r.probs.mean(0);
       at::Tensor aux = (frac * mean_prob).sum() * static_cast<double>(E) * c.router_aux_loss_coef;
-      if (c.router_z_loss_coef > 0) aux = aux + logits.logsumexp(-1).pow(2).mean() * c.router_z_loss_coef;
+      if (c.router_z_loss_coef > 0)
+        aux = aux + r.logits.logsumexp(-1).pow(2).mean() * c.router_z_loss_coef;
       out.aux_loss = out.aux_loss.defined() ? out.aux_loss + aux : aux;
     }
     if (record) {
-      out.routing.push_back({layer, top_e.detach().clone(), top_w.detach().to(at::kFloat).clone(),
-                             probs.detach().clone(), last_attention_argmax});
+      out.routing.push_back({layer, r.top_e.detach().clone(),
+                             r.top_w.detach().to(at::kFloat).clone(), r.probs.detach().clone(),
+                             last_attention_argmax});
     }
+  }
 
-    if (options && options->expert_override) {
-      TESSERA_CHECK(groups.tp_size() == 1 && groups.ep_size() == 1, InvalidArgument,
-                    "ForwardOptions::expert_override needs a single-rank model (no tp / ep)");
-      at::Tensor result = options->expert_override(layer, x, top_e, top_w);
-      check_shape(result, x.sizes(), "expert_override result");
-      if (c.shared_expert_intermediate_size > 0) {
-        result = result + at::sigmoid(dense(x, w.shared_gate)) * swiglu(x, w.shared.gate, w.shared.up, w.shared.down);
-      }
-      return result;
+  // ForwardOptions::expert_override in place of the routed experts (plus the
+  // shared expert).
+  at::Tensor override_experts(const LayerWeights& w, const at::Tensor& x, int64_t layer,
+                              const MoeRouting& r) {
+    const ModelConfig& c = config;
+    TESSERA_CHECK(groups.tp_size() == 1 && groups.ep_size() == 1, InvalidArgument,
+                  "ForwardOptions::expert_override needs a single-rank model (no tp / ep)");
+    at::Tensor result = options->expert_override(layer, x, r.top_e, r.top_w);
+    check_shape(result, x.sizes(), "expert_override result");
+    if (c.shared_expert_intermediate_size > 0) {
+      result = result + at::sigmoid(dense(x, w.shared_gate)) *
+                            swiglu(x, w.shared.gate, w.shared.up, w.shared.down);
     }
+    return result;
+  }
 
+  // The token rows each expert receives. `order` holds the kept (token,
+  // slot) assignments sorted by expert, as indices into top_e.reshape(-1);
+  // `rows` their tokens' rows, on this rank after the expert-parallel
+  // exchange; count_matrix [sources, E] how many rows each source rank sent
+  // for each expert; the splits are for the return trip.
+  struct MoeDispatch {
+    at::Tensor order, rows, count_matrix;
+    std::vector<int64_t> send_splits, recv_splits;
+  };
+  MoeDispatch dispatch(const at::Tensor& x, const at::Tensor& top_e) {
+    const ModelConfig& c = config;
+    const int64_t N = x.size(0), E = c.num_experts, K = c.num_experts_per_tok;
+    MoeDispatch d;
     // Sort assignments by expert (stable: token order within an expert).
     at::Tensor flat_e = top_e.reshape({-1});
-    at::Tensor order = std::get<1>(flat_e.sort(/*stable=*/true, 0, false));
-    at::Tensor sorted_e = flat_e.index_select(0, order);
+    d.order = std::get<1>(flat_e.sort(/*stable=*/true, 0, false));
+    at::Tensor sorted_e = flat_e.index_select(0, d.order);
     at::Tensor keep;  // capacity: drop assignments past each expert's capacity
     // Capacity drops depend on the whole batch; batch-invariant (inference)
     // forwards keep every assignment.
     if (c.capacity_factor > 0 && !invariant) {
       const int64_t capacity = static_cast<int64_t>(std::ceil(c.capacity_factor * N * K / E));
-      at::Tensor per_expert = at::zeros({E}, at::kLong).index_add_(0, flat_e, at::ones_like(flat_e));
+      at::Tensor per_expert =
+          at::zeros({E}, at::kLong).index_add_(0, flat_e, at::ones_like(flat_e));
       at::Tensor starts = per_expert.cumsum(0) - per_expert;
       at::Tensor rank_in_expert = at::arange(N * K, at::kLong) - starts.index_select(0, sorted_e);
       keep = rank_in_expert < capacity;
-      order = order.masked_select(keep);
+      d.order = d.order.masked_select(keep);
       sorted_e = sorted_e.masked_select(keep);
     }
-    at::Tensor expert_counts = at::zeros({E}, at::kLong).index_add_(0, sorted_e, at::ones_like(sorted_e));
-    at::Tensor rows = x.index_select(0, order.div(K, "floor"));
+    at::Tensor expert_counts =
+        at::zeros({E}, at::kLong).index_add_(0, sorted_e, at::ones_like(sorted_e));
+    d.rows = x.index_select(0, d.order.div(K, "floor"));
 
     // Expert parallel: send each expert's rows to its owner.
     const int ep = groups.ep_size();
-    std::vector<int64_t> send_splits(ep, 0), recv_splits(ep, 0);
-    at::Tensor count_matrix = expert_counts.view({1, E});
+    d.send_splits.assign(ep, 0);
+    d.recv_splits.assign(ep, 0);
+    d.count_matrix = expert_counts.view({1, E});
     if (ep > 1) {
       auto ec = expert_counts.accessor<int64_t, 1>();
-      for (int64_t j = 0; j < E; ++j) send_splits[j / experts_per_rank] += ec[j];
-      count_matrix = at::empty({ep, E}, at::kLong);
-      groups.ep->all_gather(count_matrix, expert_counts.view({1, E})).wait();
-      auto cm = count_matrix.accessor<int64_t, 2>();
+      for (int64_t j = 0; j < E; ++j) d.send_splits[j / experts_per_rank] += ec[j];
+      d.count_matrix = at::empty({ep, E}, at::kLong);
+      groups.ep->all_gather(d.count_matrix, expert_counts.view({1, E})).wait();
+      auto cm = d.count_matrix.accessor<int64_t, 2>();
       for (int s = 0; s < ep; ++s) {
-        for (int64_t j = first_expert; j < first_expert + experts_per_rank; ++j) recv_splits[s] += cm[s][j];
+        for (int64_t j = first_expert; j < first_expert + experts_per_rank; ++j)
+          d.recv_splits[s] += cm[s][j];
       }
-      rows = all_to_all_rows(rows, groups.ep, recv_splits, send_splits);
+      d.rows = all_to_all_rows(d.rows, groups.ep, d.recv_splits, d.send_splits);
     }
+    return d;
+  }
 
-    // Rows arrive grouped by source rank, then by expert: run each local
-    // expert once on its rows from every source, then put the results back
-    // in arrival order for the return trip.
-    const int sources = ep;
-    auto cm = count_matrix.accessor<int64_t, 2>();
-    std::vector<std::vector<std::pair<int64_t, int64_t>>> spans(experts_per_rank);  // (offset, rows)
+  // Rows arrive grouped by source rank, then by expert: run each local
+  // expert once on its rows from every source, then put the results back
+  // in arrival order for the return trip.
+  at::Tensor run_local_experts(const LayerWeights& w, int64_t layer, const MoeDispatch& d) {
+    const ModelConfig& c = config;
+    const int sources = groups.ep_size();
+    auto cm = d.count_matrix.accessor<int64_t, 2>();
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> spans(
+        experts_per_rank);  // (offset, rows)
     int64_t offset = 0;
     for (int s = 0; s < sources; ++s) {
       for (int64_t j = first_expert; j < first_expert + experts_per_rank; ++j) {
@@ -578,7 +521,7 @@ struct Transformer::Impl {
     std::vector<at::Tensor> ordered(sources * experts_per_rank);
     for (int64_t e = 0; e < experts_per_rank; ++e) {
       std::vector<at::Tensor> ins;
-      for (auto [off, n] : spans[e]) ins.push_back(rows.narrow(0, off, n));
+      for (auto [off, n] : spans[e]) ins.push_back(d.rows.narrow(0, off, n));
       at::Tensor in = ins.size() == 1 ? ins[0] : at::cat(ins, 0);
       const ExpertWeights& ew = w.experts[e];
       at::Tensor y;
@@ -586,8 +529,8 @@ struct Transformer::Impl {
         MoeNames names = moe_names(c, layer);
         auto strip = [](std::string n) { return n.substr(0, n.size() - 7); };  // ".weight"
         const int64_t j = first_expert + e;
-        y = mlp(in, ew, strip(with_expert(names.expert_gate, j)), strip(with_expert(names.expert_up, j)),
-                strip(with_expert(names.expert_down, j)));
+        y = mlp(in, ew, strip(with_expert(names.expert_gate, j)),
+                strip(with_expert(names.expert_up, j)), strip(with_expert(names.expert_down, j)));
       } else {
         y = swiglu(in, ew.gate, ew.up, ew.down);
       }
@@ -598,13 +541,27 @@ struct Transformer::Impl {
         pos += n;
       }
     }
-    at::Tensor back = at::cat(ordered, 0);
-    if (ep > 1) back = all_to_all_rows(back, groups.ep, send_splits, recv_splits);
+    return at::cat(ordered, 0);
+  }
+
+  // MoE MLP over flattened tokens x [N, H] (replicated over tp). Returns the
+  // tp-partial output and adds the layer's aux loss / load / routing.
+  at::Tensor moe(const LayerWeights& w, const at::Tensor& x, int64_t layer, ForwardOutput& out,
+                 bool record, std::vector<at::Tensor>& loads) {
+    const ModelConfig& c = config;
+    const int64_t N = x.size(0), K = c.num_experts_per_tok;
+    const MoeRouting r = route(w, x);
+    account_routing(r, N, layer, out, record, loads);
+    if (options && options->expert_override) return override_experts(w, x, layer, r);
+
+    const MoeDispatch d = dispatch(x, r.top_e);
+    at::Tensor back = run_local_experts(w, layer, d);
+    if (groups.ep_size() > 1) back = all_to_all_rows(back, groups.ep, d.send_splits, d.recv_splits);
 
     // Combine: each kept assignment's output times its weight, summed per token.
-    at::Tensor weights = top_w.reshape({-1}).index_select(0, order).unsqueeze(1);
+    at::Tensor weights = r.top_w.reshape({-1}).index_select(0, d.order).unsqueeze(1);
     at::Tensor result = at::zeros({N, x.size(1)}, x.options())
-                            .index_add(0, order.div(K, "floor"), back * weights);
+                            .index_add(0, d.order.div(K, "floor"), back * weights);
     if (c.shared_expert_intermediate_size > 0) {
       at::Tensor shared = swiglu(x, w.shared.gate, w.shared.up, w.shared.down);
       // The sigmoid gate is replicated; the shared expert's output is
@@ -637,10 +594,10 @@ Transformer::Transformer(ModelConfig config, ParallelGroups groups, at::ScalarTy
   }
   for (int r = 0; r < tp; ++r) m.vocab_sizes.push_back(split_range(c.vocab_size, tp, r).second);
   std::tie(m.vocab_start, m.vocab_local) = split_range(c.vocab_size, tp, m.groups.tp_rank());
-  m.specs = param_specs(c);
+  m.specs = parameter_specs(c);
   const int me = replica_rank();
   for (size_t i = 0; i < m.specs.size(); ++i) {
-    const ParamSpec& s = m.specs[i];
+    const ParameterSpec& s = m.specs[i];
     m.spec_index[s.name] = i;
     if (!m.owns(s)) continue;
     auto shape = m.layout_for(s).local_shape(me);
@@ -740,6 +697,7 @@ int64_t Transformer::num_local_parameters() const {
 }
 
 ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOptions& options) {
+  return translate_errors("Transformer::forward", [&]() -> ForwardOutput {
   Impl& m = *impl_;
   const ModelConfig& c = m.config;
   TESSERA_CHECK(input_ids.dim() == 2 && input_ids.scalar_type() == at::kLong, InvalidArgument,
@@ -834,9 +792,11 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
   if (options.gather_logits) logits = gather_last_dim(logits, m.groups.tp, m.vocab_sizes);
   out.logits = logits;
   return out;
+  }, ErrorCode::kInvalidArgument);
 }
 
 Transformer::Loss Transformer::loss(const at::Tensor& input_ids, const at::Tensor& labels) {
+  return translate_errors("Transformer::loss", [&]() -> Transformer::Loss {
   Impl& m = *impl_;
   check_shape(labels, input_ids.sizes(), "loss: labels");
   ForwardOptions opts;
@@ -855,6 +815,7 @@ Transformer::Loss Transformer::loss(const at::Tensor& input_ids, const at::Tenso
   result.tokens = n;
   result.expert_load = out.expert_load;
   return result;
+  }, ErrorCode::kInvalidArgument);
 }
 
 UpcycledModel upcycle_to_moe(const ModelConfig& dense,

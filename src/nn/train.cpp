@@ -1,7 +1,5 @@
 #include "tessera/nn/train.h"
 
-#include "tessera/nn/tokenizer.h"
-
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
@@ -135,6 +133,7 @@ void AdamW::zero_grad() {
 }
 
 double AdamW::step(double lr, double max_grad_norm) {
+  return translate_errors("AdamW::step", [&]() -> double {
   Impl& s = *impl_;
   at::NoGradGuard no_grad;
   ++s.step;
@@ -188,6 +187,7 @@ double AdamW::step(double lr, double max_grad_norm) {
     offset += p.numel();
   }
   return norm;
+  }, ErrorCode::kInvalidArgument);
 }
 
 void all_reduce_gradients(const std::vector<at::Tensor>& params, dist::ProcessGroup& group,
@@ -299,61 +299,6 @@ TokenDataset::Batch TokenDataset::batch(int64_t step, int64_t global_batch, int6
 }
 
 // ---------------------------------------------------------------------------
-// Arithmetic task
-
-std::vector<ArithmeticExample> arithmetic_examples(int64_t count, uint64_t seed, int max_operand) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> operand(0, max_operand);
-  std::vector<ArithmeticExample> out;
-  for (int64_t i = 0; i < count; ++i) {
-    int a = operand(rng), b = operand(rng);
-    bool add = rng() % 2 == 0;
-    if (!add && b > a) std::swap(a, b);
-    ArithmeticExample e;
-    e.prompt = "Q: " + std::to_string(a) + (add ? "+" : "-") + std::to_string(b) + "=? A: ";
-    e.answer = std::to_string(add ? a + b : a - b);
-    out.push_back(std::move(e));
-  }
-  return out;
-}
-
-bool arithmetic_correct(const ArithmeticExample& example, const std::string& completion) {
-  size_t i = 0;
-  while (i < completion.size() && completion[i] == ' ') ++i;
-  size_t j = i;
-  if (j < completion.size() && completion[j] == '-') ++j;
-  while (j < completion.size() && std::isdigit(static_cast<unsigned char>(completion[j]))) ++j;
-  return j > i && completion.substr(i, j - i) == example.answer;
-}
-
-ModelConfig small_arithmetic_config(int64_t vocab_size, int64_t num_experts) {
-  ModelConfig cfg;
-  cfg.model_type = num_experts > 0 ? "mixtral" : "llama";
-  cfg.vocab_size = vocab_size;
-  cfg.hidden_size = 128;
-  cfg.intermediate_size = 256;
-  cfg.num_hidden_layers = 4;
-  cfg.num_attention_heads = 4;
-  cfg.num_key_value_heads = 2;
-  cfg.max_position_embeddings = 256;
-  if (num_experts > 0) {
-    cfg.num_experts = num_experts;
-    cfg.num_experts_per_tok = 2;
-  }
-  cfg.bos_token_id = vocab_size - 1;
-  cfg.eos_token_ids = {vocab_size - 1};
-  return cfg;
-}
-
-std::vector<int64_t> arithmetic_corpus(const Tokenizer& tokenizer, int64_t count, uint64_t seed, int max_operand) {
-  std::vector<int64_t> ids;
-  for (const auto& e : arithmetic_examples(count, seed, max_operand)) {
-    for (int32_t id : tokenizer.encode(e.prompt + e.answer + "\n")) ids.push_back(id);
-  }
-  return ids;
-}
-
-// ---------------------------------------------------------------------------
 // Trainer
 
 namespace {
@@ -450,6 +395,7 @@ void Trainer::set_steps(int64_t steps) {
 }
 
 StepStats Trainer::step(const at::Tensor& input_ids, const at::Tensor& labels) {
+  return translate_errors("Trainer::step", [&]() -> StepStats {
   Impl& t = *impl_;
   Stopwatch watch;
   const int64_t micro = t.options.grad_accumulation;
@@ -517,6 +463,7 @@ StepStats Trainer::step(const at::Tensor& input_ids, const at::Tensor& labels) {
     }();
   }
   return stats;
+  }, ErrorCode::kInvalidArgument);
 }
 
 }  // namespace tessera::nn

@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "tessera/core/error.h"
-#include "tessera/nn/safetensors.h"
+#include "tessera/formats/safetensors.h"
 
 namespace tessera::quant {
 
@@ -38,9 +38,17 @@ std::shared_ptr<QuantizedModel> QuantizedModel::pack_layers(
     const std::map<std::string, at::Tensor>* amax, double alpha) {
   TESSERA_CHECK(model.groups().tp_size() == 1 && model.groups().ep_size() == 1, InvalidArgument,
                 "QuantizedModel::pack: single-rank models only (tp = ep = 1)");
-  auto q = std::make_shared<QuantizedModel>();
-  q->config_ = config;
   const nn::ModelConfig& c = model.config();
+  // Resolve an automatic group size over every layer that will be packed.
+  std::vector<int64_t> widths;
+  for (const auto& [name, param] : model.named_parameters()) {
+    const bool packed = !packed_layer_of(name, c).empty() ||
+                        (name == "model.embed_tokens.weight" && c.tie_word_embeddings);
+    if (packed && param.dim() == 2) widths.push_back(param.size(1));
+  }
+  const QuantConfig resolved = resolve_group_size(config, widths);
+  auto q = std::make_shared<QuantizedModel>();
+  q->config_ = resolved;
   auto pack_one = [&](const std::string& layer, const at::Tensor& param) {
     try {
       const at::Tensor* stats = nullptr;
@@ -49,14 +57,14 @@ std::shared_ptr<QuantizedModel> QuantizedModel::pack_layers(
         if (it != amax->end()) stats = &it->second;
       }
       if (!stats) {  // no smoothing (or a layer that never ran)
-        q->weights_.emplace(layer, quantize(param, config));
+        q->weights_.emplace(layer, quantize(param, resolved));
         return;
       }
       at::Tensor w = param.detach().to(at::kFloat);
       at::Tensor xmax = stats->clamp_min(1e-5);
       at::Tensor wmax = w.abs().amax(0).clamp_min(1e-5);
       at::Tensor m = (xmax.pow(alpha) / wmax.pow(1.0 - alpha)).clamp(1e-2, 1e2);
-      q->weights_.emplace(layer, quantize(w * m.unsqueeze(0), config));
+      q->weights_.emplace(layer, quantize(w * m.unsqueeze(0), resolved));
       q->smooth_.emplace(layer, (1.0 / m).contiguous());
     } catch (const Error& e) {
       TESSERA_THROW(InvalidArgument, "QuantizedModel::pack: layer '", layer, "': ", e.what());
@@ -124,6 +132,7 @@ void QuantizedModel::set_isa(Isa isa) {
 }
 
 at::Tensor QuantizedModel::linear(const std::string& name, const at::Tensor& x) {
+  return translate_errors("QuantizedModel::linear", [&]() -> at::Tensor {
   const Mode m = mode();
   if (m == Mode::kFloat) return {};  // the model's own weights
   auto it = weights_.find(name);
@@ -133,6 +142,7 @@ at::Tensor QuantizedModel::linear(const std::string& name, const at::Tensor& x) 
   // QuantizedModel::to() moves the smoothing with the weights; this .to()
   // only converts the dtype when x is not fp32.
   return quant::linear(x * sm->second.to(x.scalar_type()), it->second, m, isa_);
+  }, ErrorCode::kInvalidArgument);
 }
 
 void QuantizedModel::to(const at::Device& device) {

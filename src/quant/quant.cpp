@@ -146,13 +146,14 @@ at::Tensor hadamard_rotate(const at::Tensor& x) {
   return out;
 }
 
-QuantizedWeight quantize(const at::Tensor& weight, const QuantConfig& config) {
+QuantizedWeight quantize(const at::Tensor& weight, const QuantConfig& requested) {
   TESSERA_CHECK(weight.defined() && weight.dim() == 2, InvalidArgument,
                 "quantize: expected a 2-D weight [out, in], got ",
                 weight.defined() ? shape_string(weight.sizes()) : std::string("undefined"));
   TESSERA_CHECK(at::isFloatingType(weight.scalar_type()), InvalidArgument,
                 "quantize: expected a floating-point weight, got ", dtype_name(weight.scalar_type()));
   const int64_t N = weight.size(0), K = weight.size(1);
+  const QuantConfig config = resolve_group_size(requested, {K});
   check_group(config.group_size, K, "quantize");
   const int64_t G = K / config.group_size;
   at::Tensor w = weight.detach().to(at::kCPU, at::kFloat).contiguous();
@@ -197,6 +198,22 @@ at::Tensor dequantize(const QuantizedWeight& w) {
                      w.scales.unsqueeze(-1))
                         .view({N, K});
   return w.config.rotate ? hadamard_rotate(full) : full;
+}
+
+QuantConfig resolve_group_size(const QuantConfig& config, const std::vector<int64_t>& in_features) {
+  if (config.group_size != 0) return config;
+  for (int64_t g : {128, 64}) {
+    bool divides = true;
+    for (int64_t k : in_features) divides = divides && k % g == 0;
+    if (divides) {
+      QuantConfig out = config;
+      out.group_size = g;
+      return out;
+    }
+  }
+  std::string widths;
+  for (int64_t k : in_features) widths += (widths.empty() ? "" : ", ") + std::to_string(k);
+  TESSERA_THROW(InvalidArgument, "int4 packing needs every input width to be a multiple of 64; got ", widths);
 }
 
 QuantizedActivations quantize_activations(const at::Tensor& x, int64_t group_size, Mode mode) {

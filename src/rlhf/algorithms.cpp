@@ -6,6 +6,7 @@
 #include "tessera/core/tensor.h"
 #include "tessera/nn/model.h"
 #include "tessera/nn/train.h"
+#include "tessera/tasks/arithmetic.h"
 
 namespace tessera::rlhf {
 
@@ -145,9 +146,9 @@ at::Tensor token_logprobs(nn::Transformer& model, const at::Tensor& sequences) {
 }
 
 double arithmetic_reward(const std::string& answer, const std::string& completion) {
-  nn::ArithmeticExample ex;
+  tessera::tasks::ArithmeticExample ex;
   ex.answer = answer;
-  return nn::arithmetic_correct(ex, completion) ? 1.0 : 0.0;
+  return tessera::tasks::arithmetic_correct(ex, completion) ? 1.0 : 0.0;
 }
 
 }  // namespace tessera::rlhf

@@ -5,10 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
-#include <sched.h>
 #include <signal.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -24,12 +21,12 @@
 #include <thread>
 
 #include "runtime_internal.h"
+#include "tessera/core/error.h"
 #include "tessera/core/log.h"
+#include "tessera/core/subprocess.h"
 #include "tessera/dist/launcher.h"
 #include "tessera/rpc/rpc.h"
-#include "tessera/rpc/worker.grpc.pb.h"
-
-extern char** environ;
+#include "tessera/rlhf/worker.grpc.pb.h"
 
 namespace tessera::rlhf {
 
@@ -51,15 +48,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string describe_exit(int status) {
-  if (WIFEXITED(status)) return "exited with code " + std::to_string(WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) {
-    const int sig = WTERMSIG(status);
-    return detail::concat("was killed by signal ", sig, " (", strsignal(sig), ")");
-  }
-  return "stopped";
-}
-
 std::exception_ptr error_ptr(ErrorCode code, const std::string& message) {
   try {
     throw_error(code, message);
@@ -77,16 +65,17 @@ Protocol parse_protocol(const std::string& name) {
 
 }  // namespace
 
-struct Driver::Impl final : public rpc::Driver::Service {
+struct Driver::Impl final : public proto::Driver::Service {
   DriverOptions opt;
   std::string run_id, scratch;
   rpc::Server server;
 
   struct Process {
     ProcessInfo info;
+    Subprocess process;
     pid_t pid = -1;
     bool exited = false;
-    std::unique_ptr<rpc::Worker::Stub> stub;
+    std::unique_ptr<proto::Worker::Stub> stub;
     Clock::time_point last_healthy = Clock::now();
   };
   std::vector<Process> procs;
@@ -100,8 +89,8 @@ struct Driver::Impl final : public rpc::Driver::Service {
   // One in-flight RPC of a call.
   struct Pending {
     grpc::ClientContext ctx;
-    rpc::CallRequest request;
-    rpc::CallReply reply;
+    proto::CallRequest request;
+    proto::CallReply reply;
     grpc::Status status;
     int worker = 0, process = 0;
   };
@@ -131,7 +120,7 @@ struct Driver::Impl final : public rpc::Driver::Service {
   std::thread monitor;
 
   // --- Registration (Driver service) ---------------------------------------
-  grpc::Status Register(grpc::ServerContext*, const rpc::RegisterRequest* req, rpc::RegisterReply*) override {
+  grpc::Status Register(grpc::ServerContext*, const proto::RegisterRequest* req, proto::RegisterReply*) override {
     return rpc::guard([&] {
       std::lock_guard<std::mutex> lock(mu);
       TESSERA_CHECK(req->run_id() == run_id, InvalidArgument, "registration for run '", req->run_id(),
@@ -146,9 +135,9 @@ struct Driver::Impl final : public rpc::Driver::Service {
       }
       TESSERA_CHECK(p.info.address.empty(), InvalidArgument, "process ", req->process(), " registered twice");
       p.info.address = req->address();
-      p.stub = rpc::Worker::NewStub(rpc::channel(req->address(), {opt.max_message_bytes}));
+      p.stub = proto::Worker::NewStub(rpc::channel(req->address(), {opt.max_message_bytes}));
       p.last_healthy = Clock::now();
-      for (const rpc::MethodInfo& m : req->methods()) {
+      for (const proto::MethodInfo& m : req->methods()) {
         MethodEntry& e = methods[m.role()][m.method()];
         const auto& ranks = role_processes.at(m.role());
         e.protocol = parse_protocol(m.protocol());
@@ -238,7 +227,8 @@ struct Driver::Impl final : public rpc::Driver::Service {
             "MASTER_ADDR=127.0.0.1",
             "MASTER_PORT=" + std::to_string(port)};
         for (const std::string& e : opt.worker_env) env.push_back(e);
-        p.pid = spawn(env, opt.pin_cpus ? (first_cpu + rank % pool_cpus) % cpus : -1);
+        p.process = spawn(env, opt.pin_cpus ? (first_cpu + rank % pool_cpus) % cpus : -1);
+        p.pid = p.process.pid();
         p.info.pid = p.pid;
         procs.push_back(std::move(p));
       }
@@ -247,43 +237,22 @@ struct Driver::Impl final : public rpc::Driver::Service {
     next_seq.assign(procs.size(), 0);
   }
 
-  pid_t spawn(const std::vector<std::string>& extra_env, int cpu) {
-    // Everything the child needs is prepared before fork(): after it, only
-    // async-signal-safe calls.
-    std::set<std::string> overridden;
-    for (const std::string& e : extra_env) overridden.insert(e.substr(0, e.find('=')));
-    std::vector<std::string> env_strings;
-    for (char** e = environ; *e; ++e) {
-      std::string s = *e;
-      if (!overridden.count(s.substr(0, s.find('=')))) env_strings.push_back(s);
-    }
-    env_strings.insert(env_strings.end(), extra_env.begin(), extra_env.end());
-    std::vector<std::string> argv_strings = {opt.program};
-    argv_strings.insert(argv_strings.end(), opt.program_args.begin(), opt.program_args.end());
-    std::vector<char*> argv, envp;
-    for (auto& s : argv_strings) argv.push_back(s.data());
-    argv.push_back(nullptr);
-    for (auto& s : env_strings) envp.push_back(s.data());
-    envp.push_back(nullptr);
-    cpu_set_t cpu_set;
-    CPU_ZERO(&cpu_set);
-    if (cpu >= 0) CPU_SET(cpu, &cpu_set);
-    const pid_t parent = getpid();
-    const pid_t pid = fork();
-    TESSERA_CHECK(pid >= 0, Unavailable, "fork failed: ", std::strerror(errno));
-    if (pid == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the driver
-      if (getppid() != parent) _exit(127);
-      if (cpu >= 0) sched_setaffinity(0, sizeof(cpu_set), &cpu_set);
-      execve(argv[0], argv.data(), envp.data());
-      _exit(127);
-    }
-    return pid;
+  // A worker process: this program again (or opt.program) with the
+  // driver's variables, dying with this process, optionally pinned.
+  Subprocess spawn(const std::vector<std::string>& extra_env, int cpu) {
+    SpawnOptions so;
+    so.argv = {opt.program};
+    so.argv.insert(so.argv.end(), opt.program_args.begin(), opt.program_args.end());
+    for (const std::string& e : extra_env) so.env[e.substr(0, e.find('='))] = e.substr(e.find('=') + 1);
+    if (cpu >= 0) so.cpus = {cpu};
+    so.new_process_group = false;
+    so.inherit_stdin = true;
+    return Subprocess::spawn(so);
   }
 
   // Reaps exited workers and checks health; on a failure, stops everyone.
   void monitor_loop() {
-    const auto interval = std::chrono::microseconds(static_cast<int64_t>(opt.health_interval_seconds * 1e6));
+    const auto interval = opt.health_interval;
     while (true) {
       {
         std::unique_lock<std::mutex> lock(mu);
@@ -291,13 +260,14 @@ struct Driver::Impl final : public rpc::Driver::Service {
         if (stopping) return;
         if (!failure_message.empty()) break;
         for (Process& p : procs) {
-          int status = 0;
-          if (p.exited || waitpid(p.pid, &status, WNOHANG) != p.pid) continue;
+          if (p.exited) continue;
+          std::optional<ExitStatus> status = p.process.poll();
+          if (!status) continue;
           p.exited = true;
           const Inflight* owner = running_on(p.info.process);
           fail_locked(ErrorCode::kUnavailable,
                       detail::concat("worker ", describe(p.info.process, owner ? owner->role : ""), " ",
-                                     describe_exit(status),
+                                     status->describe(),
                                      owner ? " during " + owner->role + "." + owner->method : std::string(),
                                      "; stopping the run"));
           break;
@@ -308,18 +278,17 @@ struct Driver::Impl final : public rpc::Driver::Service {
       for (Process& p : procs) {
         if (!p.stub || p.exited) continue;
         grpc::ClientContext ctx;
-        rpc::set_deadline(ctx, std::max(1.0, opt.health_interval_seconds * 2));
-        rpc::HealthRequest req;
-        rpc::HealthReply reply;
+        rpc::set_deadline(ctx, std::max<std::chrono::milliseconds>(std::chrono::seconds(1), opt.health_interval * 2));
+        proto::HealthRequest req;
+        proto::HealthReply reply;
         grpc::Status st = p.stub->Health(&ctx, req, &reply);
         std::lock_guard<std::mutex> lock(mu);
         if (st.ok()) {
           p.last_healthy = Clock::now();
-        } else if (std::chrono::duration<double>(Clock::now() - p.last_healthy).count() >
-                   opt.health_timeout_seconds) {
+        } else if (Clock::now() - p.last_healthy > opt.health_timeout) {
           fail_locked(ErrorCode::kUnavailable,
                       detail::concat("worker ", describe(p.info.process, ""), " stopped answering health checks for ",
-                                     opt.health_timeout_seconds, " s (", st.error_message(), "); stopping the run"));
+                                     opt.health_timeout.count() / 1000.0, " s (", st.error_message(), "); stopping the run"));
         }
       }
     }
@@ -328,11 +297,11 @@ struct Driver::Impl final : public rpc::Driver::Service {
 
   void kill_all() {
     for (Process& p : procs) {
-      if (!p.exited) ::kill(p.pid, SIGTERM);
+      if (!p.exited) p.process.signal(SIGTERM);
     }
     reap_all(2.0);
     for (Process& p : procs) {
-      if (!p.exited) ::kill(p.pid, SIGKILL);
+      if (!p.exited) p.process.signal(SIGKILL);
     }
     reap_all(10.0);
   }
@@ -343,8 +312,7 @@ struct Driver::Impl final : public rpc::Driver::Service {
       bool all = true;
       for (Process& p : procs) {
         if (p.exited) continue;
-        int status = 0;
-        if (waitpid(p.pid, &status, WNOHANG) == p.pid) {
+        if (p.process.poll()) {
           p.exited = true;
         } else {
           all = false;
@@ -357,11 +325,11 @@ struct Driver::Impl final : public rpc::Driver::Service {
 
   // --- Calls -----------------------------------------------------------------
   // Parts of `ref` covering its rows [begin, end).
-  void add_parts(const BatchRef& ref, int64_t begin, int64_t end, rpc::InputRef* out) {
+  void add_parts(const BatchRef& ref, int64_t begin, int64_t end, proto::InputRef* out) {
     for (const BatchPart& part : ref.parts) {
       const int64_t b = std::max(begin, part.begin), e = std::min(end, part.end);
       if (b >= e) continue;
-      rpc::BatchPart* bp = out->add_parts();
+      proto::BatchPart* bp = out->add_parts();
       bp->set_process(part.process);
       bp->set_offset(part.offset + (b - part.begin));
       bp->set_rows(e - b);
@@ -413,14 +381,14 @@ struct Driver::Impl final : public rpc::Driver::Service {
       TESSERA_CHECK(rows % n == 0, InvalidArgument, role, ".", method, ": ALL_TO_ALL needs rows (", rows,
                     ") divisible by the ", n, " workers");
     }
-    const double timeout = co.timeout_seconds > 0 ? co.timeout_seconds : opt.call_timeout_seconds;
+    const std::chrono::milliseconds timeout = co.timeout.count() > 0 ? co.timeout : opt.call_timeout;
     const std::string args_json = args.json();
     f->repeat.assign(n, 0);
     for (int w = 0; w < n; ++w) {
       auto p = std::make_unique<Pending>();
       p->worker = w;
       p->process = workers[w];
-      rpc::CallRequest& req = p->request;
+      proto::CallRequest& req = p->request;
       req.set_role(role);
       req.set_method(method);
       req.set_args_json(args_json);
@@ -442,7 +410,7 @@ struct Driver::Impl final : public rpc::Driver::Service {
       }
       f->repeat[w] = padding;
       for (const BatchRef& ref : inputs) {
-        rpc::InputRef* in = req.add_inputs();
+        proto::InputRef* in = req.add_inputs();
         in->set_batch(ref.name);
         in->set_repeat_last(repeat);
         add_parts(ref, begin, end, in);
@@ -559,9 +527,31 @@ int WorkerGroup::size() const {
   return static_cast<int>(driver_->impl_->role_processes.at(role_).size());
 }
 
-std::future<CallResult> WorkerGroup::call(const std::string& method, const std::vector<BatchRef>& inputs,
-                                          const Args& args, const CallOptions& options) {
-  return driver_->impl_->call(role_, method, inputs, args, options);
+PendingCall WorkerGroup::call(const std::string& method, const std::vector<BatchRef>& inputs,
+                              const Args& args, const CallOptions& options) {
+  return driver_->pending(driver_->impl_->call(role_, method, inputs, args, options), role_ + "." + method);
+}
+
+PendingCall Driver::pending(std::future<CallResult> result, std::string what) {
+  return PendingCall(result.share(), std::move(what));
+}
+
+CallResult PendingCall::wait(std::chrono::milliseconds timeout) const {
+  TESSERA_CHECK(result_.valid(), FailedPrecondition, "wait on an empty call handle");
+  if (result_.wait_for(timeout) != std::future_status::ready) {
+    TESSERA_THROW(DeadlineExceeded, what_, " did not complete within ", timeout.count() / 1000.0,
+                  " s of waiting (the call keeps running until its own deadline)");
+  }
+  return result_.get();
+}
+
+CallResult PendingCall::get() const {
+  TESSERA_CHECK(result_.valid(), FailedPrecondition, "get on an empty call handle");
+  return result_.get();
+}
+
+bool PendingCall::ready() const {
+  return result_.valid() && result_.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
 }
 
 Driver::Driver(DriverOptions options) : impl_(std::make_unique<Impl>()) {
@@ -594,7 +584,7 @@ Driver::Driver(DriverOptions options) : impl_(std::make_unique<Impl>()) {
   d.monitor = std::thread([&d] { d.monitor_loop(); });
   std::unique_lock<std::mutex> lock(d.mu);
   const bool ok = d.cv.wait_for(
-      lock, std::chrono::microseconds(static_cast<int64_t>(d.opt.start_timeout_seconds * 1e6)), [&] {
+      lock, d.opt.start_timeout, [&] {
         return d.registered == static_cast<int>(d.procs.size()) || !d.setup_error.empty() ||
                !d.failure_message.empty();
       });
@@ -612,7 +602,7 @@ Driver::Driver(DriverOptions options) : impl_(std::make_unique<Impl>()) {
     for (const auto& p : d.procs) {
       if (p.info.address.empty()) missing += (missing.empty() ? "" : ", ") + d.describe(p.info.process, "");
     }
-    error = detail::concat("driver: workers did not register within ", d.opt.start_timeout_seconds, " s: ", missing);
+    error = detail::concat("driver: workers did not register within ", d.opt.start_timeout.count() / 1000.0, " s: ", missing);
     d.fail_locked(code, error);
   }
   lock.unlock();
@@ -659,15 +649,15 @@ void Driver::shutdown() {
     for (auto& p : d.procs) {
       if (!p.stub || p.exited) continue;
       grpc::ClientContext ctx;
-      rpc::set_deadline(ctx, 5.0);
-      rpc::ShutdownRequest req;
-      rpc::ShutdownReply reply;
+      rpc::set_deadline(ctx, std::chrono::seconds(5));
+      proto::ShutdownRequest req;
+      proto::ShutdownReply reply;
       p.stub->Shutdown(&ctx, req, &reply);
     }
     d.reap_all(15.0);
     d.kill_all();
   }
-  d.server.shutdown(0.5);
+  d.server.shutdown(std::chrono::milliseconds(500));
   std::error_code ec;
   std::filesystem::remove_all(d.scratch, ec);
   std::lock_guard<std::mutex> lock(d.mu);
@@ -703,12 +693,12 @@ Batch Driver::get(const BatchRef& ref) {
     }
     auto& p = impl_->procs.at(part.process);
     grpc::ClientContext ctx;
-    rpc::set_deadline(ctx, 60);
-    rpc::FetchRequest req;
+    rpc::set_deadline(ctx, std::chrono::seconds(60));
+    proto::FetchRequest req;
     req.set_batch(ref.name);
     req.set_offset(part.offset);
     req.set_rows(part.end - part.begin);
-    rpc::FetchReply reply;
+    proto::FetchReply reply;
     rpc::check(p.stub->Fetch(&ctx, req, &reply), "Fetch " + ref.name, p.info.address);
     Batch b;
     for (const auto& t : reply.tensors()) b[t.name()] = rpc::from_proto(t);
@@ -741,10 +731,10 @@ void Driver::release(const std::string& prefix) {
   }
   for (auto& p : impl_->procs) {
     grpc::ClientContext ctx;
-    rpc::set_deadline(ctx, 30);
-    rpc::ReleaseRequest req;
+    rpc::set_deadline(ctx, std::chrono::seconds(30));
+    proto::ReleaseRequest req;
     req.set_prefix(prefix);
-    rpc::ReleaseReply reply;
+    proto::ReleaseReply reply;
     rpc::check(p.stub->Release(&ctx, req, &reply), "Release", p.info.address);
   }
 }

@@ -1,5 +1,7 @@
 #include "tessera/rlhf/hybrid_engine.h"
 
+#include "tessera/dist/redistribute.h"
+
 #include <ATen/ATen.h>
 
 #include "tessera/core/error.h"
@@ -67,21 +69,39 @@ std::shared_ptr<dist::ProcessGroup> make_micro_dp_group(dist::ProcessGroup& worl
 
 at::Tensor gather_generation_shard(const at::Tensor& local,
                                    const std::shared_ptr<dist::ProcessGroup>& micro_dp_group,
-                                   int64_t* bytes_received, int64_t dim) {
+                                   int64_t* bytes_received, int64_t dim,
+                                   const std::vector<int64_t>& block_sizes) {
   TESSERA_CHECK(local.defined() && local.dim() >= 1 && dim >= 0 && dim < local.dim(), InvalidArgument,
                 "gather_generation_shard: expected a training shard with at least one dimension and a "
                 "dimension inside it");
   const int n = micro_dp_group ? micro_dp_group->size() : 1;
   if (n == 1) return local;
+  const int me = micro_dp_group->rank();
+  std::vector<int64_t> sizes = block_sizes.empty() ? std::vector<int64_t>(n, local.size(dim)) : block_sizes;
+  TESSERA_CHECK(static_cast<int>(sizes.size()) == n && sizes[me] == local.size(dim), InvalidArgument,
+                "gather_generation_shard: ", sizes.size(), " block sizes for a micro-DP group of ", n,
+                ", or this rank's block (", local.size(dim), ") differs from its size in the list");
+  // The generation shard is the "global" tensor of this sub-problem: member
+  // i holds its block i along `dim`, every member ends with all of it.
   std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());
-  shape[0] *= n;
-  at::Tensor out = at::empty(shape, local.options());
-  at::Tensor in = local.contiguous();
-  micro_dp_group->all_gather(out, in).wait();
-  if (bytes_received) *bytes_received += static_cast<int64_t>(in.nbytes()) * (n - 1);
-  if (dim == 0) return out;
-  // Blocks were gathered along rows; put them side by side along `dim`.
-  return at::cat(out.chunk(n, 0), dim);
+  shape[dim] = 0;
+  for (int64_t s : sizes) shape[dim] += s;
+  std::vector<std::vector<dist::Chunk>> from(n);
+  int64_t offset = 0;
+  for (int i = 0; i < n; ++i) {
+    dist::Box box{std::vector<int64_t>(shape.size(), 0), shape};
+    box.offset[dim] = offset;
+    box.length[dim] = sizes[i];
+    offset += sizes[i];
+    from[i].push_back({box, 0});
+  }
+  const dist::Layout source = dist::Layout::from_chunks(shape, std::move(from), /*flat=*/false);
+  const dist::Layout target = dist::Layout::replicated(shape, n);
+  at::Tensor out = dist::redistribute(*micro_dp_group, local, source, target);
+  if (bytes_received) {
+    *bytes_received += static_cast<int64_t>(out.nbytes()) - static_cast<int64_t>(local.nbytes());
+  }
+  return out;
 }
 
 }  // namespace tessera::rlhf

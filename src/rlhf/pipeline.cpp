@@ -15,13 +15,14 @@
 #include "tessera/nn/train.h"
 #include "tessera/rlhf/algorithms.h"
 #include "tessera/rlhf/roles.h"
+#include "tessera/tasks/arithmetic.h"
 
 namespace tessera::rlhf {
 
 Batch arithmetic_prompts(const nn::Tokenizer& tokenizer, const PipelineOptions& o, int64_t iteration) {
   const int64_t p = o.prompts_per_iteration;
   // The question stream: iteration i takes questions [i p, (i + 1) p).
-  auto all = nn::arithmetic_examples((iteration + 1) * p, o.data_seed, o.max_operand);
+  auto all = tessera::tasks::arithmetic_examples((iteration + 1) * p, o.data_seed, o.max_operand);
   std::vector<std::vector<int32_t>> encoded;
   at::Tensor answers = at::empty({p}, at::kLong);
   for (int64_t i = 0; i < p; ++i) {
@@ -82,7 +83,7 @@ int64_t restore(Driver& driver, const PipelineOptions& o, const std::vector<std:
   if (!o.resume || o.checkpoint_dir.empty() || !std::filesystem::exists(driver_state_path(o))) return 0;
   std::ifstream in(driver_state_path(o));
   const int64_t iteration = nlohmann::json::parse(in).at("iteration").get<int64_t>();
-  std::vector<std::future<CallResult>> loads;
+  std::vector<PendingCall> loads;
   for (const std::string& role : trained_roles) {
     loads.push_back(driver.group(role).call(
         "load", {}, Args().set("dir", ckpt::step_dir(o.checkpoint_dir + "/" + role, iteration))));
@@ -95,7 +96,7 @@ int64_t restore(Driver& driver, const PipelineOptions& o, const std::vector<std:
 void checkpoint(Driver& driver, const PipelineOptions& o, const std::vector<std::string>& trained_roles,
                 int64_t done) {
   if (o.checkpoint_dir.empty() || o.checkpoint_every <= 0 || done % o.checkpoint_every != 0) return;
-  std::vector<std::future<CallResult>> saves;
+  std::vector<PendingCall> saves;
   for (const std::string& role : trained_roles) {
     saves.push_back(driver.group(role).call(
         "save", {}, Args().set("dir", ckpt::step_dir(o.checkpoint_dir + "/" + role, done))));
@@ -150,7 +151,7 @@ std::vector<IterationStats> loop(Driver& driver, const PipelineOptions& o, const
 CallOptions named(int64_t it, const std::string& what, const PipelineOptions& o) {
   CallOptions c;
   c.output = "it" + std::to_string(it) + "/" + what;
-  c.timeout_seconds = o.call_timeout_seconds;
+  c.timeout = o.call_timeout;
   return c;
 }
 
@@ -170,7 +171,7 @@ std::vector<IterationStats> run_grpo(Driver& driver, const nn::Tokenizer& tokeni
                                 named(it, "gen", o)).get();
     fill_generation_stats(s, gen);
     // Reference log-probs and rewards do not depend on each other.
-    std::future<CallResult> ref;
+    PendingCall ref;
     if (with_reference) ref = driver.group("reference").call("compute_logprobs", {gen.output}, {}, named(it, "ref", o));
     CallResult scores = reward.call("score", {gen.output}, {}, named(it, "scores", o)).get();
     Batch g = driver.get(gen.output);

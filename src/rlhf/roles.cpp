@@ -9,12 +9,13 @@
 
 #include "tessera/ckpt/checkpoint.h"
 #include "tessera/core/error.h"
-#include "tessera/ckpt/model_state.h"
+#include "tessera/ckpt_nn/model_state.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/tensor.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
-#include "tessera/nn/safetensors.h"
+#include "tessera/nn/parameters.h"
+#include "tessera/formats/safetensors.h"
 #include "tessera/nn/train.h"
 #include "tessera/rlhf/algorithms.h"
 #include "tessera/rlhf/hybrid_engine.h"
@@ -218,10 +219,10 @@ class ActorRole : public Role {
     if (gen_tp_ != mesh_.tp) {
       gen_model = std::make_unique<nn::Transformer>(config_, nn::ParallelGroups{gen_tp_group_, nullptr});
       for (const auto& [name, local] : model_->named_parameters()) {
-        const ckpt::Split split = ckpt::parameter_split(name);
-        at::Tensor shard = split == ckpt::Split::kReplicate
+        const nn::Split split = nn::parameter_spec(config_, name).split;
+        at::Tensor shard = split == nn::Split::kReplicate
                                ? local.detach()
-                               : gather_shard(name, local.detach(), split == ckpt::Split::kRows ? 0 : 1, &received);
+                               : gather_shard(name, local.detach(), split == nn::Split::kRows ? 0 : 1, &received);
         gen_model->parameter(name).copy_(shard);
         gen_bytes += static_cast<int64_t>(gen_model->parameter(name).nbytes());
       }
@@ -274,6 +275,8 @@ class ActorRole : public Role {
   // One weight's generation shard. Shards of a split that tp does not
   // divide evenly (a vocabulary of 257) differ in size: those are padded to
   // the largest for the all-gather and trimmed after.
+  // This rank's generation shard of `name`: the training shards of its
+  // micro-DP group, gathered through dist's planner (hybrid_engine.h).
   at::Tensor gather_shard(const std::string& name, const at::Tensor& local, int64_t dim, int64_t* received) {
     const dist::Layout layout = model_->layout_of(name);
     const std::vector<int64_t> full = model_->full_shape(name);
@@ -282,20 +285,7 @@ class ActorRole : public Role {
     const int first = engine_.first_train_shard(world_->rank());
     std::vector<int64_t> sizes;
     for (int i = 0; i < engine_.micro_dp; ++i) sizes.push_back(layout.local_numel(first + i) / other);
-    const int64_t largest = *std::max_element(sizes.begin(), sizes.end());
-    if (largest == *std::min_element(sizes.begin(), sizes.end())) {
-      return gather_generation_shard(local, micro_dp_, received, dim);
-    }
-    at::Tensor padded = local;
-    if (local.size(dim) < largest) {
-      std::vector<int64_t> pad_shape(local.sizes().begin(), local.sizes().end());
-      pad_shape[dim] = largest - local.size(dim);
-      padded = at::cat({local, at::zeros(pad_shape, local.options())}, dim);
-    }
-    at::Tensor gathered = gather_generation_shard(padded, micro_dp_, received, dim);
-    std::vector<at::Tensor> blocks;
-    for (int i = 0; i < engine_.micro_dp; ++i) blocks.push_back(gathered.narrow(dim, i * largest, sizes[i]));
-    return at::cat(blocks, dim);
+    return gather_generation_shard(local, micro_dp_, received, dim, sizes);
   }
 
   MethodResult update(const Batch& in, const ConfigObject& args) {

@@ -19,9 +19,9 @@
 #include "tessera/core/log.h"
 #include "tessera/core/metrics.h"
 #include "tessera/dist/rendezvous.h"
-#include "tessera/nn/safetensors.h"
+#include "tessera/formats/safetensors.h"
 #include "tessera/rpc/rpc.h"
-#include "tessera/rpc/worker.grpc.pb.h"
+#include "tessera/rlhf/worker.grpc.pb.h"
 
 namespace tessera::rlhf {
 
@@ -92,7 +92,7 @@ Batch slice_rows(const Batch& batch, int64_t offset, int64_t rows, const std::st
   return out;
 }
 
-class WorkerService final : public rpc::Worker::Service {
+class WorkerService final : public proto::Worker::Service {
  public:
   WorkerService(int process, int pool_rank, std::string scratch, std::vector<HostedRole>* roles,
                 std::string fault)
@@ -109,8 +109,8 @@ class WorkerService final : public rpc::Worker::Service {
     executor_.join();
   }
 
-  grpc::Status Call(grpc::ServerContext* context, const rpc::CallRequest* request,
-                    rpc::CallReply* reply) override {
+  grpc::Status Call(grpc::ServerContext* context, const proto::CallRequest* request,
+                    proto::CallReply* reply) override {
     auto job = std::make_shared<Job>();
     // Structural checks first: a request that fails them never takes a
     // place in the call order.
@@ -133,8 +133,8 @@ class WorkerService final : public rpc::Worker::Service {
     return job->status;
   }
 
-  grpc::Status Fetch(grpc::ServerContext*, const rpc::FetchRequest* request,
-                     rpc::FetchReply* reply) override {
+  grpc::Status Fetch(grpc::ServerContext*, const proto::FetchRequest* request,
+                     proto::FetchReply* reply) override {
     return rpc::guard([&] {
       std::lock_guard<std::mutex> lock(store_mu_);
       auto it = store_.find(request->batch());
@@ -145,8 +145,8 @@ class WorkerService final : public rpc::Worker::Service {
     });
   }
 
-  grpc::Status Release(grpc::ServerContext*, const rpc::ReleaseRequest* request,
-                       rpc::ReleaseReply* reply) override {
+  grpc::Status Release(grpc::ServerContext*, const proto::ReleaseRequest* request,
+                       proto::ReleaseReply* reply) override {
     return rpc::guard([&] {
       std::lock_guard<std::mutex> lock(store_mu_);
       int64_t n = 0;
@@ -165,7 +165,7 @@ class WorkerService final : public rpc::Worker::Service {
     });
   }
 
-  grpc::Status Health(grpc::ServerContext*, const rpc::HealthRequest*, rpc::HealthReply* reply) override {
+  grpc::Status Health(grpc::ServerContext*, const proto::HealthRequest*, proto::HealthReply* reply) override {
     std::lock_guard<std::mutex> lock(mu_);
     reply->set_pid(getpid());
     reply->set_calls_done(calls_done_);
@@ -173,7 +173,7 @@ class WorkerService final : public rpc::Worker::Service {
     return grpc::Status::OK;
   }
 
-  grpc::Status Shutdown(grpc::ServerContext*, const rpc::ShutdownRequest*, rpc::ShutdownReply*) override {
+  grpc::Status Shutdown(grpc::ServerContext*, const proto::ShutdownRequest*, proto::ShutdownReply*) override {
     std::lock_guard<std::mutex> lock(mu_);
     shutdown_requested_ = true;
     shutdown_cv_.notify_all();
@@ -187,8 +187,8 @@ class WorkerService final : public rpc::Worker::Service {
 
  private:
   struct Job {
-    const rpc::CallRequest* request = nullptr;
-    rpc::CallReply* reply = nullptr;
+    const proto::CallRequest* request = nullptr;
+    proto::CallReply* reply = nullptr;
     HostedRole* role = nullptr;
     const MethodTable::Entry* entry = nullptr;
     std::unique_ptr<ConfigObject> args;
@@ -197,7 +197,7 @@ class WorkerService final : public rpc::Worker::Service {
     bool done = false;
   };
 
-  void prepare(const rpc::CallRequest& request, Job& job) {
+  void prepare(const proto::CallRequest& request, Job& job) {
     TESSERA_CHECK(request.seq() > 0, InvalidArgument, "call seq must be positive");
     for (HostedRole& r : *roles_) {
       if (r.name == request.role()) job.role = &r;
@@ -209,10 +209,10 @@ class WorkerService final : public rpc::Worker::Service {
     job.entry = &it->second;
     job.args = std::make_unique<ConfigObject>(ConfigObject::parse(
         request.args_json().empty() ? "{}" : request.args_json(), request.role() + "." + request.method() + " args"));
-    for (const rpc::InputRef& in : request.inputs()) {
+    for (const proto::InputRef& in : request.inputs()) {
       TESSERA_CHECK(!in.batch().empty() && in.repeat_last() >= 0, InvalidArgument,
                     "input without a batch name or with negative padding");
-      for (const rpc::BatchPart& part : in.parts()) {
+      for (const proto::BatchPart& part : in.parts()) {
         TESSERA_CHECK(part.offset() >= 0 && part.rows() >= 0, InvalidArgument, "input '", in.batch(),
                       "': negative row range");
         if (part.process() != -1) continue;
@@ -247,9 +247,9 @@ class WorkerService final : public rpc::Worker::Service {
   Batch read_inputs(Job& job) {
     Batch merged;
     size_t inline_index = 0;
-    for (const rpc::InputRef& in : job.request->inputs()) {
+    for (const proto::InputRef& in : job.request->inputs()) {
       std::vector<Batch> pieces;
-      for (const rpc::BatchPart& part : in.parts()) {
+      for (const proto::BatchPart& part : in.parts()) {
         if (part.process() == -1) {
           pieces.push_back(job.inline_parts.at(inline_index++));
         } else if (part.process() == process_) {
@@ -293,7 +293,7 @@ class WorkerService final : public rpc::Worker::Service {
   }
 
   void run(Job& job) {
-    const rpc::CallRequest& req = *job.request;
+    const proto::CallRequest& req = *job.request;
     const std::string name = req.role() + "." + req.method();
     const int count = ++call_counts_[name];
     if (name == fault_method_ && count == fault_call_ && pool_rank_ == fault_rank_) {
@@ -385,7 +385,7 @@ std::optional<int> run_worker_if_spawned(const RoleRegistry& registry) {
   const std::string max_message = env_or_empty(internal::kEnvMaxMessage);
   const int max_bytes = max_message.empty() ? (4 << 20) : std::stoi(max_message);
 
-  rpc::RegisterRequest reg;
+  proto::RegisterRequest reg;
   reg.set_run_id(run_id);
   reg.set_process(process);
   reg.set_pid(getpid());
@@ -414,7 +414,7 @@ std::optional<int> run_worker_if_spawned(const RoleRegistry& registry) {
     reg.set_address(server.address());
     for (const HostedRole& r : roles) {
       for (const auto& [name, entry] : r.methods.entries()) {
-        rpc::MethodInfo* m = reg.add_methods();
+        proto::MethodInfo* m = reg.add_methods();
         m->set_role(r.name);
         m->set_method(name);
         m->set_protocol(protocol_name(entry.protocol));
@@ -428,11 +428,11 @@ std::optional<int> run_worker_if_spawned(const RoleRegistry& registry) {
     reg.set_error(e.what());
   }
 
-  auto stub = rpc::Driver::NewStub(rpc::channel(driver_address, {max_bytes}));
+  auto stub = proto::Driver::NewStub(rpc::channel(driver_address, {max_bytes}));
   grpc::ClientContext ctx;
-  rpc::set_deadline(ctx, 60);
+  rpc::set_deadline(ctx, std::chrono::seconds(60));
   ctx.set_wait_for_ready(true);
-  rpc::RegisterReply reply;
+  proto::RegisterReply reply;
   grpc::Status st = stub->Register(&ctx, reg, &reply);
   if (!st.ok()) {
     TESSERA_LOG(Error, "rlhf") << "process " << process << ": registering with the driver at "
@@ -444,7 +444,7 @@ std::optional<int> run_worker_if_spawned(const RoleRegistry& registry) {
     return 1;
   }
   service->wait_for_shutdown();
-  server.shutdown(2.0);
+  server.shutdown(std::chrono::seconds(2));
   service.reset();
   roles.clear();
   return 0;

@@ -37,10 +37,9 @@ Server Server::start(const std::vector<grpc::Service*>& services, const ServerOp
 
 Server::~Server() { shutdown(); }
 
-void Server::shutdown(double grace_seconds) {
+void Server::shutdown(std::chrono::milliseconds grace) {
   if (!server_) return;
-  server_->Shutdown(std::chrono::system_clock::now() +
-                    std::chrono::microseconds(static_cast<int64_t>(grace_seconds * 1e6)));
+  server_->Shutdown(std::chrono::system_clock::now() + grace);
   server_->Wait();
   server_.reset();
 }
@@ -49,9 +48,8 @@ void Server::wait() {
   if (server_) server_->Wait();
 }
 
-void set_deadline(grpc::ClientContext& context, double seconds) {
-  context.set_deadline(std::chrono::system_clock::now() +
-                       std::chrono::microseconds(static_cast<int64_t>(seconds * 1e6)));
+void set_deadline(grpc::ClientContext& context, std::chrono::milliseconds timeout) {
+  context.set_deadline(std::chrono::system_clock::now() + timeout);
 }
 
 grpc::StatusCode to_grpc_code(ErrorCode code) {

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "tessera/core/subprocess.h"
 #include "tessera/ckpt/checkpoint.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/model.h"
@@ -35,15 +36,8 @@ struct Outcome {
 
 // Runs a shell command line, capturing stdout and stderr.
 Outcome run(const std::string& cmd) {
-  Outcome r;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-  int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return r;
+  CommandResult c = run_shell(cmd, std::chrono::minutes(10));
+  return {c.status.shell_code(), c.output};
 }
 
 Outcome launch(int nproc, const std::string& args) {

@@ -24,7 +24,8 @@
 //       optimiser changes them (waited for at the end). Rank 0 prints
 //       "ckpt-loss <step> <loss>" per step (%.17g).
 //
-// Exit code 0 on success; a failed check prints what differs and exits 1.
+// Exit code 0 on success; a failed check prints what differs and exits 1;
+// a bad command line exits 2 (--help lists the modes), any other error 3.
 #include <ATen/ATen.h>
 #include <unistd.h>
 
@@ -33,8 +34,9 @@
 #include <iostream>
 #include <optional>
 
+#include "command_line.h"
 #include "tessera/ckpt/checkpoint.h"
-#include "tessera/ckpt/model_state.h"
+#include "tessera/ckpt_nn/model_state.h"
 #include "tessera/core/runtime.h"
 #include "tessera/dist/device_mesh.h"
 #include "tessera/dist/redistribute.h"
@@ -269,25 +271,57 @@ int train_mode(const std::string& root, const std::string& data, int tp, int dp,
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::string root, dir, type, data;
+  int64_t step = 0, first = 0, last = 0, save_at = 0;
+  int tp = 1, ep = 1, dp = 1, kill_rank = -1, zero1 = 0;
+  CLI::App app{
+      "One rank of a checkpoint job (tests/ckpt/ckpt_launch_test.cpp runs it under "
+      "tessera-launch); see the modes' --help.",
+      "ckpt_rank_program"};
+  app.require_subcommand(1);
+  CLI::App* save_cmd = app.add_subcommand(
+      "save", "save a model and optimizer state of that layout at step_dir(ROOT, STEP)");
+  save_cmd->add_option("ROOT", root, "checkpoint root")->required();
+  save_cmd->add_option("STEP", step, "the step to save as")->required();
+  save_cmd->add_option("TYPE", type, "the model")
+      ->required()
+      ->check(CLI::IsMember({"llama", "mixtral"}));
+  save_cmd->add_option("TP", tp, "tensor-parallel degree")->required();
+  save_cmd->add_option("EP", ep, "expert-parallel degree")->required();
+  save_cmd->add_option("DP", dp, "data-parallel degree")->required();
+  save_cmd
+      ->add_option("KILL_RANK", kill_rank,
+                   "this rank dies after writing its data file, before the commit; -1: none")
+      ->capture_default_str();
+  CLI::App* load_cmd = app.add_subcommand(
+      "load", "load DIR into that layout and check every local tensor against the reference");
+  load_cmd->add_option("DIR", dir, "the checkpoint step directory")->required();
+  load_cmd->add_option("TYPE", type, "the model")
+      ->required()
+      ->check(CLI::IsMember({"llama", "mixtral"}));
+  load_cmd->add_option("TP", tp, "tensor-parallel degree")->required();
+  load_cmd->add_option("EP", ep, "expert-parallel degree")->required();
+  load_cmd->add_option("DP", dp, "data-parallel degree")->required();
+  CLI::App* train_cmd = app.add_subcommand(
+      "train", "train a llama model over steps [FIRST, LAST), resuming from ROOT when FIRST > 0");
+  train_cmd->add_option("ROOT", root, "checkpoint root")->required();
+  train_cmd->add_option("DATA", data, "the token file")->required();
+  train_cmd->add_option("TP", tp, "tensor-parallel degree")->required();
+  train_cmd->add_option("DP", dp, "data-parallel degree")->required();
+  train_cmd->add_option("ZERO1", zero1, "1: ZeRO-1 AdamW, 0: plain AdamW")->required();
+  train_cmd->add_option("FIRST", first, "first step")->required();
+  train_cmd->add_option("LAST", last, "step to stop before")->required();
+  train_cmd->add_option("SAVE_AT", save_at, "> 0: save twice while training, around this step")
+      ->required();
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
+
   tessera::init_runtime();
-  std::vector<std::string> a(argv + 1, argv + argc);
   try {
-    if (a.size() >= 7 && a[0] == "save") {
-      return save_mode(a[1], std::stoll(a[2]), a[3], std::stoi(a[4]), std::stoi(a[5]),
-                       std::stoi(a[6]), a.size() > 7 ? std::stoi(a[7]) : -1);
-    }
-    if (a.size() == 6 && a[0] == "load") {
-      return load_mode(a[1], a[2], std::stoi(a[3]), std::stoi(a[4]), std::stoi(a[5]));
-    }
-    if (a.size() == 9 && a[0] == "train") {
-      return train_mode(a[1], a[2], std::stoi(a[3]), std::stoi(a[4]), std::stoi(a[5]) != 0,
-                        std::stoll(a[6]), std::stoll(a[7]), std::stoll(a[8]));
-    }
+    if (save_cmd->parsed()) return save_mode(root, step, type, tp, ep, dp, kill_rank);
+    if (load_cmd->parsed()) return load_mode(dir, type, tp, ep, dp);
+    return train_mode(root, data, tp, dp, zero1 != 0, first, last, save_at);
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 3;
   }
-  std::cerr << "usage: ckpt_rank_program save ROOT STEP TYPE TP EP DP [KILL_RANK] | "
-               "load DIR TYPE TP EP DP | train ROOT DATA TP DP ZERO1 FIRST LAST SAVE_AT\n";
-  return 2;
 }

@@ -3,7 +3,7 @@
 // handling and retention. tests/ckpt/ckpt_launch_test.cpp runs the same
 // logic with real processes.
 #include "tessera/ckpt/checkpoint.h"
-#include "tessera/ckpt/model_state.h"
+#include "tessera/ckpt_nn/model_state.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>

@@ -34,7 +34,7 @@ int main() {
   bool ok = at::equal(x, y) && at::equal(sum, x) && out.size(1) == 8 && prices.memory_sizes_mb.size() == 14 &&
             at::equal(tessera::rpc::from_proto(proto), x) && tessera::rlhf::Args().set("k", 1.0).json() == "{\"k\":1.0}" &&
             groups.micro_dp_groups.size() == 4 &&
-            tessera::specdec::parse_mode("qspec") == tessera::specdec::Mode::kQSpec;
+            tessera::specdec::decoding_name({}) == "qspec";
   std::cout << "consumer: " << (ok ? "ok" : "MISMATCH") << std::endl;
   return ok ? 0 : 1;
 }

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "test_main.h"
+
 #include <random>
 
 #include "tessera/core/error.h"
@@ -260,6 +262,26 @@ TEST(Redistribute, RandomLayoutsOnRealRanks) {
   }
 }
 
+// Shard(dim) -> Replicate is the all_gather fast path (rows, columns, and the
+// middle dimension of a 3-D tensor); an uneven split along the same dim must
+// take the general path and give the same result.
+TEST(Redistribute, ShardToReplicateAlongEveryDimension) {
+  const int n = g_world->size();
+  const int me = g_world->rank();
+  const MeshShape mesh{{n}, {"tp"}};
+  for (int dim = 0; dim < 3; ++dim) {
+    for (bool even : {true, false}) {
+      std::vector<int64_t> shape{3, 5, 7};
+      shape[dim] = even ? 2 * n : 2 * n + 1;
+      const Layout from = Layout::sharded(shape, mesh, {Placement::Shard(dim)});
+      const Layout to = Layout::replicated(shape, n);
+      at::Tensor full = input_of(0, shape, at::kFloat, 77 + dim).cpu();
+      at::Tensor moved = redistribute(*g_world, extract_local(from, me, full).to(g_device), from, to);
+      ASSERT_TRUE(same(moved, full)) << "dim " << dim << (even ? " even" : " uneven");
+    }
+  }
+}
+
 TEST(Redistribute, RejectsWrongLocalShape) {
   const int n = g_world->size();
   auto from = Layout::sharded({4 * n, 3}, MeshShape{{n}, {"tp"}}, {Placement::Shard(0)});
@@ -281,7 +303,7 @@ int main(int argc, char** argv) {
         at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(
                                   tessera::dist::EnvInfo::from_env().local_rank));
   }
-  int result = RUN_ALL_TESTS();
+  int result = tessera::testutil::run_all_tests();
   // Keep rank 0's store alive until everyone is done.
   tessera::dist::g_world->barrier().wait();
   tessera::dist::g_world.reset();

@@ -1,10 +1,8 @@
 // tessera-launch end to end: real processes, real signals.
 #include "tessera/dist/launcher.h"
 
-#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -15,6 +13,7 @@
 #include <thread>
 
 #include "tessera/core/error.h"
+#include "tessera/core/subprocess.h"
 
 namespace fs = std::filesystem;
 
@@ -26,43 +25,40 @@ struct Result {
   std::string output;
 };
 
-// Starts argv with extra environment, output to a file; returns the pid.
-pid_t start(const std::vector<std::string>& argv, const std::vector<std::string>& env,
-            const std::string& out_path) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    int fd = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    dup2(fd, 1);
-    dup2(fd, 2);
-    for (const auto& e : env) putenv(const_cast<char*>(e.c_str()));
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execv(args[0], args.data());
-    _exit(127);
-  }
-  return pid;
+// Starts argv with extra environment, output (both streams) to a file.
+Subprocess start(const std::vector<std::string>& argv, const std::vector<std::string>& env,
+                 const std::string& out_path) {
+  SpawnOptions o;
+  o.argv = argv;
+  for (const auto& e : env) o.env[e.substr(0, e.find('='))] = e.substr(e.find('=') + 1);
+  o.stdout_mode = SpawnOptions::Stream::kFile;
+  o.stdout_file = out_path;
+  o.stderr_mode = SpawnOptions::Stream::kStdout;
+  // The launcher must stay in the test's process group so that the signals
+  // the tests send reach it alone.
+  o.new_process_group = false;
+  return Subprocess::spawn(o);
 }
 
-Result finish(pid_t pid, const std::string& out_path, int timeout_s = 60) {
+Result finish(Subprocess& process, const std::string& out_path, int timeout_s = 60) {
   Result r;
-  int status = 0;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-  while (waitpid(pid, &status, WNOHANG) == 0) {
-    if (std::chrono::steady_clock::now() > deadline) {
-      kill(pid, SIGKILL);
-      waitpid(pid, &status, 0);
-      r.output = "TIMED OUT";
-      return r;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::optional<ExitStatus> status = process.wait_for(std::chrono::seconds(timeout_s));
+  if (!status) {
+    process.signal(SIGKILL);
+    process.wait();
+    r.output = "TIMED OUT";
+    return r;
   }
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.exit_code = status->shell_code();
   std::ifstream in(out_path);
   std::stringstream ss;
   ss << in.rdbuf();
   r.output = ss.str();
   return r;
+}
+
+Result finish(Subprocess&& process, const std::string& out_path, int timeout_s = 60) {
+  return finish(process, out_path, timeout_s);
 }
 
 bool alive(pid_t pid) {
@@ -112,10 +108,10 @@ class LauncherTest : public ::testing::Test {
 
 TEST_F(LauncherTest, OneFailingRankStopsAllAndIsNamed) {
   std::string out = (dir_ / "out.txt").string();
-  pid_t pid = start({TESSERA_LAUNCH_BIN, "--nproc", "4", "--grace", "2", "--", TESSERA_HELPER_BIN,
-                     "fail", "2", "3"},
-                    {piddir_env()}, out);
-  Result r = finish(pid, out);
+  Subprocess launcher = start({TESSERA_LAUNCH_BIN, "--nproc", "4", "--grace", "2", "--",
+                               TESSERA_HELPER_BIN, "fail", "2", "3"},
+                              {piddir_env()}, out);
+  Result r = finish(launcher, out);
   EXPECT_EQ(r.exit_code, 3) << r.output;
   EXPECT_NE(r.output.find("rank 2 (pid"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("exited with code 3"), std::string::npos) << r.output;
@@ -128,16 +124,16 @@ TEST_F(LauncherTest, OneFailingRankStopsAllAndIsNamed) {
 
 TEST_F(LauncherTest, InterruptStopsEveryRank) {
   std::string out = (dir_ / "out.txt").string();
-  pid_t pid = start({TESSERA_LAUNCH_BIN, "--nproc", "3", "--grace", "1", "--", TESSERA_HELPER_BIN,
-                     "sleep"},
-                    {piddir_env()}, out);
+  Subprocess launcher = start({TESSERA_LAUNCH_BIN, "--nproc", "3", "--grace", "1", "--",
+                               TESSERA_HELPER_BIN, "sleep"},
+                              {piddir_env()}, out);
   for (int i = 0; i < 200 && recorded_pids(dir_ / "pids").size() < 6; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   auto pids = recorded_pids(dir_ / "pids");
   ASSERT_EQ(pids.size(), 6u);
-  kill(pid, SIGINT);
-  Result r = finish(pid, out);
+  kill(launcher.pid(), SIGINT);
+  Result r = finish(launcher, out);
   EXPECT_EQ(r.exit_code, 130) << r.output;
   expect_all_gone(pids);
 }
@@ -198,6 +194,54 @@ TEST_F(LauncherTest, MissingRankZeroGivesClearError) {
       << r.output;
 }
 
+// Two launchers on this machine acting as two nodes of 2 ranks each: the
+// collectives test runs as one world of 4 ranks.
+TEST_F(LauncherTest, TwoNodesRunTheCollectivesTestAsOneWorld) {
+  const std::string port = std::to_string(free_port());
+  const std::string agent = std::to_string(free_port());
+  std::vector<Subprocess> nodes;
+  for (int node = 0; node < 2; ++node) {
+    nodes.push_back(start({TESSERA_LAUNCH_BIN, "--nproc", "2", "--nnodes", "2", "--node-rank",
+                           std::to_string(node), "--master-addr", "127.0.0.1", "--master-port", port,
+                           "--agent-port", agent, "--", TESSERA_COLLECTIVES_BIN},
+                          {}, (dir_ / ("node" + std::to_string(node) + ".txt")).string()));
+  }
+  for (int node = 0; node < 2; ++node) {
+    Result r = finish(nodes[node], (dir_ / ("node" + std::to_string(node) + ".txt")).string(), 300);
+    EXPECT_EQ(r.exit_code, 0) << "node " << node << ":\n" << r.output;
+    // gtest's summary from every rank of this node.
+    for (int local = 0; local < 2; ++local) {
+      const std::string rank = std::to_string(node * 2 + local);
+      EXPECT_NE(r.output.find("[rank " + rank + "] [  PASSED  ]"), std::string::npos) << r.output;
+    }
+  }
+}
+
+// A rank failing on node 1 stops node 0's ranks too; both launchers report it.
+TEST_F(LauncherTest, FailingRankOnOneNodeStopsTheOtherNode) {
+  const std::string port = std::to_string(free_port());
+  const std::string agent = std::to_string(free_port());
+  std::vector<Subprocess> nodes;
+  for (int node = 0; node < 2; ++node) {
+    nodes.push_back(start({TESSERA_LAUNCH_BIN, "--nproc", "2", "--nnodes", "2", "--node-rank",
+                           std::to_string(node), "--master-port", port, "--agent-port", agent,
+                           "--grace", "2", "--", TESSERA_HELPER_BIN, "fail", "3", "5"},
+                          {piddir_env()}, (dir_ / ("node" + std::to_string(node) + ".txt")).string()));
+  }
+  Result r0 = finish(nodes[0], (dir_ / "node0.txt").string());
+  Result r1 = finish(nodes[1], (dir_ / "node1.txt").string());
+  EXPECT_EQ(r1.exit_code, 5) << r1.output;
+  EXPECT_NE(r1.output.find("rank 3 (pid"), std::string::npos) << r1.output;
+  EXPECT_EQ(r0.exit_code, 5) << r0.output;
+  EXPECT_NE(r0.output.find("node 1: rank 3 exited with code 5; stopping the ranks of node 0"),
+            std::string::npos)
+      << r0.output;
+  EXPECT_NE(r0.output.find("2 other ranks were stopped"), std::string::npos) << r0.output;
+  auto pids = recorded_pids(dir_ / "pids");
+  EXPECT_EQ(pids.size(), 8u);  // 4 ranks over two nodes, each with a child
+  expect_all_gone(pids);
+}
+
 TEST(LaunchArgs, ParsesAndRejects) {
   auto o = parse_launch_args({"--nproc", "4", "--master-port", "1234", "--", "prog", "--x"});
   EXPECT_EQ(o.nproc, 4);
@@ -207,6 +251,60 @@ TEST(LaunchArgs, ParsesAndRejects) {
   EXPECT_THROW(parse_launch_args({"--nproc", "2"}), InvalidArgument);
   EXPECT_THROW(parse_launch_args({"--bogus", "--", "p"}), InvalidArgument);
   EXPECT_THROW(parse_launch_args({"--", "p"}), InvalidArgument);
+  auto n = parse_launch_args({"--nproc", "2", "--nnodes", "2", "--node-rank", "1", "--master-port",
+                              "4000", "--agent-port", "4100", "--", "p"});
+  EXPECT_EQ(n.nnodes, 2);
+  EXPECT_EQ(n.node_rank, 1);
+  EXPECT_EQ(n.agent_port, 4100);
+  EXPECT_THROW(parse_launch_args({"--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--master-port",
+                                  "4000", "--", "p"}),
+               InvalidArgument);
+}
+
+// -h/--help before the program asks for the usage text and wins over
+// missing or bad options; after the program it belongs to the program.
+TEST(LaunchArgs, HelpBeforeTheProgramOnly) {
+  EXPECT_TRUE(parse_launch_args({"--help"}).help);
+  EXPECT_TRUE(parse_launch_args({"-h"}).help);
+  EXPECT_TRUE(parse_launch_args({"--nproc", "2", "--help", "--bogus"}).help);
+  auto after_dashes = parse_launch_args({"--nproc", "2", "--", "prog", "--help"});
+  EXPECT_FALSE(after_dashes.help);
+  EXPECT_EQ(after_dashes.command, (std::vector<std::string>{"prog", "--help"}));
+  auto after_program = parse_launch_args({"--nproc", "2", "prog", "-h"});
+  EXPECT_FALSE(after_program.help);
+  EXPECT_EQ(after_program.command, (std::vector<std::string>{"prog", "-h"}));
+  // The help text names every option parse_launch_args accepts.
+  const std::string usage = launch_usage();
+  for (const char* flag : {"--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port",
+                           "--agent-port", "--grace", "--no-prefix", "--help"}) {
+    EXPECT_NE(usage.find(flag), std::string::npos) << flag << " missing from:\n" << usage;
+  }
+}
+
+// One launcher per node under Slurm: the node count and index come from
+// SLURM_NNODES and SLURM_NODEID, the rendezvous address from MASTER_*.
+TEST(LaunchArgs, ReadsSlurmAndMasterVariables) {
+  setenv("SLURM_NNODES", "4", 1);
+  setenv("SLURM_NODEID", "3", 1);
+  setenv("MASTER_ADDR", "10.0.0.7", 1);
+  setenv("MASTER_PORT", "29555", 1);
+  auto o = parse_launch_args({"--nproc", "8", "--", "train"});
+  unsetenv("SLURM_NNODES");
+  unsetenv("SLURM_NODEID");
+  unsetenv("MASTER_ADDR");
+  unsetenv("MASTER_PORT");
+  EXPECT_EQ(o.nnodes, 4);
+  EXPECT_EQ(o.node_rank, 3);
+  EXPECT_EQ(o.master_addr, "10.0.0.7");
+  EXPECT_EQ(o.master_port, 29555);
+  // Flags win over the environment.
+  setenv("SLURM_NNODES", "4", 1);
+  setenv("SLURM_NODEID", "3", 1);
+  auto f = parse_launch_args({"--nproc", "1", "--nnodes", "1", "--node-rank", "0", "--", "p"});
+  unsetenv("SLURM_NNODES");
+  unsetenv("SLURM_NODEID");
+  EXPECT_EQ(f.nnodes, 1);
+  EXPECT_EQ(f.node_rank, 0);
 }
 
 }  // namespace

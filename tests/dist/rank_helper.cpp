@@ -6,6 +6,7 @@
 //   rank_helper rendezvous    join the world, all_reduce, print the sum
 //   rank_helper peer-dies     rank 1 exits right after joining; rank 0's next
 //                             collective must fail with a tessera::Error
+//   rank_helper --help        the modes (a bad command line exits 64)
 #include <ATen/ATen.h>
 #include <unistd.h>
 
@@ -16,7 +17,9 @@
 #include <string>
 #include <thread>
 
+#include "command_line.h"
 #include "tessera/core/error.h"
+#include "tessera/core/subprocess.h"
 #include "tessera/dist/rendezvous.h"
 
 namespace {
@@ -26,15 +29,21 @@ int env_rank() {
   return r ? std::atoi(r) : 0;
 }
 
+// A grandchild of the launcher that must not outlive the job: it stays in
+// the rank's process group and is not tied to the rank's life, so only the
+// launcher's group kill can remove it.
+tessera::Subprocess g_child;
+
 void record_pids() {
   const char* dir = std::getenv("TESSERA_TEST_PIDDIR");
   if (!dir) return;
-  pid_t child = fork();
-  if (child == 0) {  // a grandchild of the launcher: must not outlive the job
-    for (;;) pause();
-  }
+  tessera::SpawnOptions o;
+  o.argv = {"sleep", "600"};
+  o.new_process_group = false;
+  o.die_with_parent = false;
+  g_child = tessera::Subprocess::spawn(o);
   std::ofstream(std::string(dir) + "/" + std::to_string(env_rank()) + ".pids")
-      << getpid() << " " << child << "\n";
+      << getpid() << " " << g_child.pid() << "\n";
 }
 
 void sleep_forever() {
@@ -44,25 +53,45 @@ void sleep_forever() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string mode = argc > 1 ? argv[1] : "";
+  int fail_rank = 0, fail_code = 0;
+  CLI::App app{"A program the launcher and rendezvous tests start as ranks.", "rank_helper"};
+  app.require_subcommand(1);
+  CLI::App* fail_cmd = app.add_subcommand(
+      "fail",
+      "every rank records its pid (and a child's) in $TESSERA_TEST_PIDDIR; rank R exits "
+      "with CODE, the others sleep until killed");
+  fail_cmd->add_option("R", fail_rank, "the rank that fails")->required();
+  fail_cmd->add_option("CODE", fail_code, "its exit code")->required();
+  CLI::App* sleep_cmd = app.add_subcommand("sleep", "record pids, sleep until killed");
+  CLI::App* rendezvous_cmd =
+      app.add_subcommand("rendezvous", "join the world, all_reduce, print the sum");
+  CLI::App* peer_dies_cmd = app.add_subcommand(
+      "peer-dies",
+      "rank 1 exits right after joining; rank 0's next collective must fail with a "
+      "tessera::Error");
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv, /*usage_error_code=*/64)) {
+    return *code;
+  }
   try {
-    if (mode == "fail" && argc == 4) {
+    if (fail_cmd->parsed()) {
       record_pids();
       std::cout << "rank " << env_rank() << " started" << std::endl;
-      if (env_rank() == std::atoi(argv[2])) {
+      if (env_rank() == fail_rank) {
         std::this_thread::sleep_for(std::chrono::milliseconds(300));
         std::cerr << "rank " << env_rank() << " failing on purpose" << std::endl;
-        return std::atoi(argv[3]);
+        // _exit: no destructors, so the child stays for the launcher to remove.
+        std::cerr.flush();
+        _exit(fail_code);
       }
       sleep_forever();
       return 0;
     }
-    if (mode == "sleep") {
+    if (sleep_cmd->parsed()) {
       record_pids();
       sleep_forever();
       return 0;
     }
-    if (mode == "rendezvous") {
+    if (rendezvous_cmd->parsed()) {
       auto world = tessera::dist::init_process_group();
       at::Tensor t = at::full({1}, world->rank() + 1.0);
       world->all_reduce(t).wait();
@@ -70,7 +99,7 @@ int main(int argc, char** argv) {
       world->barrier().wait();
       return 0;
     }
-    if (mode == "peer-dies") {
+    if (peer_dies_cmd->parsed()) {
       tessera::dist::InitOptions opts;
       opts.group.timeout = std::chrono::seconds(10);
       auto world = tessera::dist::init_process_group(opts);
@@ -91,6 +120,5 @@ int main(int argc, char** argv) {
     std::cerr << "error: " << e.what() << std::endl;
     return 2;
   }
-  std::cerr << "usage: rank_helper fail R CODE | sleep | rendezvous | peer-dies" << std::endl;
-  return 64;
+  return 64;  // unreachable: require_subcommand(1) holds one of the modes
 }

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "test_main.h"
+
 #include "tessera/core/runtime.h"
 #include "tessera/dist/rendezvous.h"
 #include "tessera/lora/lora.h"
@@ -71,7 +73,7 @@ int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   tessera::init_runtime();
   tessera::lora::g_world = tessera::dist::init_process_group();
-  int result = RUN_ALL_TESTS();
+  int result = tessera::testutil::run_all_tests();
   tessera::lora::g_world->barrier().wait();
   tessera::lora::g_world.reset();
   return result;

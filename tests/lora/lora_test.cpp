@@ -12,7 +12,7 @@
 #include <thread>
 
 #include "tessera/core/error.h"
-#include "tessera/nn/safetensors.h"
+#include "tessera/formats/safetensors.h"
 #include "tessera/nn/train.h"
 
 namespace fs = std::filesystem;
@@ -364,6 +364,23 @@ TEST(Training, OnlyAdapterParametersMove) {
   }
   EXPECT_LT(last, first);
   EXPECT_TRUE(at::equal(model->parameter("model.layers.0.self_attn.q_proj.weight"), w));
+}
+
+// An input of the wrong width reaches LibTorch's matmul inside the adapter;
+// the caller sees a tessera::Error naming the adapter, not a c10::Error.
+TEST(Errors, LibTorchErrorsSurfaceAsTesseraErrors) {
+  auto model = base_model();
+  auto adapter = make_lora(*model, {4, 8, 0.0, false, {"q_proj"}});
+  randomize(*adapter, 2);
+  const std::string name = "model.layers.0.self_attn.q_proj";
+  try {
+    adapter->apply(name, at::ones({1, 2, 7}), at::ones({1, 2, 32}), {});
+    ADD_FAILURE();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("lora Adapter::apply"), std::string::npos) << e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "non-tessera error: " << e.what();
+  }
 }
 
 }  // namespace

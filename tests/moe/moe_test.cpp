@@ -9,6 +9,7 @@
 #include <random>
 #include <sstream>
 
+#include "tessera/core/subprocess.h"
 #include "tessera/core/error.h"
 #include "tessera/moe/deploy.h"
 #include "tessera/moe/prediction.h"
@@ -221,13 +222,12 @@ TEST(Prediction, BayesianAndTokenOnlyBeatHistoricalOnARealRouter) {
 }
 
 
+// Runs tessera-moe-plan with `args` (a shell word list); *status is its
+// exit code.
 std::string run_tool(const std::string& args, int* status) {
-  FILE* pipe = popen((std::string(TESSERA_MOE_PLAN_BIN) + " " + args + " 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  while (pipe && std::fgets(buf, sizeof(buf), pipe)) out += buf;
-  *status = pipe ? pclose(pipe) : -1;
-  return out;
+  CommandResult r = run_shell(std::string(TESSERA_MOE_PLAN_BIN) + " " + args, std::chrono::minutes(5));
+  *status = r.status.shell_code();
+  return r.output;
 }
 
 TEST(MoePlanTool, PlansADeploymentAndRefusesADenseModel) {
@@ -265,6 +265,28 @@ TEST(MoePlanTool, PlansADeploymentAndRefusesADenseModel) {
   EXPECT_NE(status, 0);
   EXPECT_NE(out.find("unknown option '--slp'"), std::string::npos) << out;
   fs::remove_all(dir);
+}
+
+// Malformed tensors reach LibTorch inside the predictor; the caller sees a
+// tessera::Error naming the call.
+TEST(Errors, LibTorchErrorsSurfaceAsTesseraErrors) {
+  CountTable table(2, 8, 2);
+  try {
+    (void)load_error(at::zeros({2, 8}), at::zeros({3, 5}));
+    ADD_FAILURE();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("load_error"), std::string::npos) << e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "non-tessera error: " << e.what();
+  }
+  try {
+    (void)table.predict(at::Tensor(), Predictor::kBayesian);
+    ADD_FAILURE();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("CountTable::predict"), std::string::npos) << e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "non-tessera error: " << e.what();
+  }
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 // (or reported), keep-alive reclaim, memory and concurrency limits.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+
+#include "test_main.h"
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -16,6 +18,7 @@
 #include <thread>
 
 #include "tessera/core/error.h"
+#include "tessera/core/subprocess.h"
 #include "tessera/core/runtime.h"
 #include "tessera/dist/launcher.h"
 #include "tessera/moe/platform.h"
@@ -146,13 +149,10 @@ class RedisServer {
     }
     if (binary_.empty()) return;
     port_ = dist::free_port("127.0.0.1");
-    pid_ = fork();
-    if (pid_ == 0) {
-      const std::string port = std::to_string(port_);
-      execl(binary_.c_str(), binary_.c_str(), "--port", port.c_str(), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", static_cast<char*>(nullptr));
-      _exit(127);
-    }
+    SpawnOptions o;
+    o.argv = {binary_, "--port", std::to_string(port_), "--bind", "127.0.0.1", "--save", "",
+              "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"};
+    server_ = Subprocess::spawn(o);
     for (int i = 0; i < 100; ++i) {  // wait until it answers
       try {
         StorageChannel::open(url())->remove("probe");
@@ -163,10 +163,7 @@ class RedisServer {
     }
   }
   ~RedisServer() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGTERM);
-      waitpid(pid_, nullptr, 0);
-    }
+    if (server_.valid()) server_.stop(std::chrono::seconds(5));
   }
   bool available() const { return !binary_.empty(); }
   std::string url() const { return "redis://127.0.0.1:" + std::to_string(port_); }
@@ -174,18 +171,21 @@ class RedisServer {
  private:
   std::string binary_;
   int port_ = 0;
-  pid_t pid_ = -1;
+  Subprocess server_;
 };
 
 TEST(Platform, RedisStorageChannelServesIndirectAndPipelinedTransfers) {
+#ifndef TESSERA_WITH_REDIS
+  TESSERA_REQUIRE_INSTALLED(false, "a Redis client in this build (libhiredis-dev at configure time)");
+#endif
   RedisServer redis;
-  if (!redis.available()) GTEST_SKIP() << "redis-server is not installed (scripts/install-deps.sh installs it)";
+  TESSERA_REQUIRE_INSTALLED(redis.available(), "redis-server");
   auto channel = StorageChannel::open(redis.url());
   at::Tensor t = at::randn({3, 5});
   channel->put("k", t);
   EXPECT_TRUE(at::equal(channel->get("k"), t));
   channel->remove("k");
-  EXPECT_THROW(channel->get("k", 0.05), NotFound);
+  EXPECT_THROW(channel->get("k", std::chrono::milliseconds(50)), NotFound);
   PlatformOptions o = options();
   o.storage = redis.url();
   FunctionPlatform platform(o);
@@ -207,12 +207,12 @@ TEST(Platform, PayloadLimitIsEnforcedAndTheGateFallsBackToStorage) {
   FunctionPlatform platform(o);
   platform.deploy("f", {g_model->layer.weights, g_model->layer.prefix + "experts.0.", 512});
   try {
-    platform.invoke("f", {at::randn({100, 64}), {}, 0});
+    platform.invoke("f", {at::randn({100, 64}), {}, std::chrono::seconds(0)});
     ADD_FAILURE() << "no error";
   } catch (const ResourceExhausted& e) {
     EXPECT_NE(std::string(e.what()).find("invoke f"), std::string::npos) << e.what();
   }
-  EXPECT_TRUE(platform.invoke("f", {at::randn({8, 64}), {}, 0}).outputs.defined());
+  EXPECT_TRUE(platform.invoke("f", {at::randn({8, 64}), {}, std::chrono::seconds(0)}).outputs.defined());
   at::manual_seed(2);
   at::Tensor x = at::randn({120, 64});
   Routing r = route(g_model->layer, x);
@@ -232,11 +232,11 @@ TEST(Platform, KilledFunctionIsRetriedOrReported) {
     FunctionPlatform platform(o);
     platform.deploy("f", {g_model->layer.weights, g_model->layer.prefix + "experts.1.", 512});
     const std::string key = platform.storage_key("waiting");
-    platform.invoke("f", {at::randn({2, 64}), {}, 0});  // a warm instance
+    platform.invoke("f", {at::randn({2, 64}), {}, std::chrono::seconds(0)});  // a warm instance
     const std::vector<long> pids = platform.instance_pids("f");
     ASSERT_EQ(pids.size(), 1u);
     // The request waits for its input; the instance is killed meanwhile.
-    auto call = std::async(std::launch::async, [&] { return platform.invoke("f", {at::Tensor(), {key}, 10}); });
+    auto call = std::async(std::launch::async, [&] { return platform.invoke("f", {at::Tensor(), {key}, std::chrono::seconds(10)}); });
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     ::kill(static_cast<pid_t>(pids[0]), SIGKILL);
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -261,21 +261,21 @@ TEST(Platform, KilledFunctionIsRetriedOrReported) {
 
 TEST(Platform, KeepAliveMemoryAndConcurrencyLimits) {
   PlatformOptions o = options();
-  o.keep_alive_seconds = 0.5;
+  o.keep_alive = std::chrono::milliseconds(500);
   o.concurrency_limit = 2;
   FunctionPlatform platform(o);
   platform.deploy("f", {g_model->layer.weights, g_model->layer.prefix + "experts.2.", 128});
-  EXPECT_TRUE(platform.invoke("f", {at::randn({4, 64}), {}, 0}).cold_start);
-  EXPECT_FALSE(platform.invoke("f", {at::randn({4, 64}), {}, 0}).cold_start);
+  EXPECT_TRUE(platform.invoke("f", {at::randn({4, 64}), {}, std::chrono::seconds(0)}).cold_start);
+  EXPECT_FALSE(platform.invoke("f", {at::randn({4, 64}), {}, std::chrono::seconds(0)}).cold_start);
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
   EXPECT_TRUE(platform.instance_pids("f").empty());
   EXPECT_GE(platform.stats().reclaimed, 1);
-  EXPECT_TRUE(platform.invoke("f", {at::randn({4, 64}), {}, 0}).cold_start);
+  EXPECT_TRUE(platform.invoke("f", {at::randn({4, 64}), {}, std::chrono::seconds(0)}).cold_start);
   // 128 MB cannot hold the working set of 100k tokens (through storage).
   const std::string key = platform.storage_key("big");
   platform.put(key, at::zeros({100000, 64}));
   try {
-    platform.invoke("f", {at::Tensor(), {key}, 1});
+    platform.invoke("f", {at::Tensor(), {key}, std::chrono::seconds(1)});
     ADD_FAILURE() << "no error";
   } catch (const ResourceExhausted& e) {
     EXPECT_NE(std::string(e.what()).find("128 MB"), std::string::npos) << e.what();
@@ -283,7 +283,7 @@ TEST(Platform, KeepAliveMemoryAndConcurrencyLimits) {
   // Six concurrent invocations never run on more than two instances.
   std::vector<std::future<FunctionPlatform::Result>> calls;
   for (int i = 0; i < 6; ++i) {
-    calls.push_back(std::async(std::launch::async, [&] { return platform.invoke("f", {at::randn({64, 64}), {}, 0}); }));
+    calls.push_back(std::async(std::launch::async, [&] { return platform.invoke("f", {at::randn({64, 64}), {}, std::chrono::seconds(0)}); }));
   }
   for (auto& c : calls) c.get();
   EXPECT_LE(platform.stats().instances, 2);
@@ -298,5 +298,5 @@ int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   tessera::moe::Model model;
   tessera::moe::g_model = &model;
-  return RUN_ALL_TESTS();
+  return tessera::testutil::run_all_tests();
 }

@@ -254,5 +254,35 @@ TEST(HfFormat, BrokenFoldersGiveNamedErrors) {
   fs::remove_all(dir);
 }
 
+// Bad input reaches the caller as tessera::Error, never as c10::Error: what
+// nn checks itself, and what only LibTorch notices (a label outside the
+// vocabulary fails inside the cross-entropy's gather), which the entry
+// point translates and names.
+TEST(Errors, LibTorchErrorsSurfaceAsTesseraErrors) {
+  Transformer model(tiny());
+  model.init_random(1);
+  auto message = [](auto&& call) -> std::string {
+    try {
+      call();
+    } catch (const InvalidArgument& e) {
+      return e.what();
+    } catch (const std::exception& e) {
+      return std::string("non-tessera error: ") + e.what();
+    }
+    return "no error";
+  };
+  EXPECT_NE(message([&] { model.forward(at::ones({1, 4}, at::kFloat)); }).find("INVALID_ARGUMENT: forward"),
+            std::string::npos);
+  EXPECT_NE(message([&] { model.forward(at::full({1, 4}, 500, at::kLong)); }).find("outside the vocabulary"),
+            std::string::npos);
+  const std::string from_libtorch =
+      message([&] { model.loss(at::zeros({2, 4}, at::kLong), at::full({2, 4}, 500, at::kLong)); });
+  EXPECT_EQ(from_libtorch.rfind("INVALID_ARGUMENT: Transformer::loss: ", 0), 0u) << from_libtorch;
+  SamplingOptions so;
+  so.max_new_tokens = 2;
+  EXPECT_NE(message([&] { generate(model, {{1, 2, 1000}}, so); }).find("outside the vocabulary"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace tessera::nn

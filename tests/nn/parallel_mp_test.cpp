@@ -2,6 +2,8 @@
 // --nproc 2), each checked against the same model on one rank.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+
+#include "test_main.h"
 #include <unistd.h>
 
 #include <filesystem>
@@ -200,7 +202,7 @@ int main(int argc, char** argv) {
   tessera::dist::InitOptions options;
   options.group.timeout = std::chrono::seconds(120);
   tessera::nn::g_world = tessera::dist::init_process_group(options);
-  int result = RUN_ALL_TESTS();
+  int result = tessera::testutil::run_all_tests();
   tessera::nn::g_world->barrier().wait();
   tessera::nn::g_world.reset();
   return result;

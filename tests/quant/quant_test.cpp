@@ -320,5 +320,48 @@ TEST(PackedModel, GroupSizeThatDoesNotFitALayerNamesIt) {
   }
 }
 
+// The default group size (0) picks the largest of 128 and 64 that fits every
+// layer: 64 for SmolLM2-135M's widths (576, 1536), 128 for multiples of 128;
+// widths that are not multiples of 64 are refused with the widths named.
+TEST(QuantConfig, DefaultGroupSizeFitsEveryLoadableModel) {
+  EXPECT_EQ(resolve_group_size({}, {576, 1536}).group_size, 64);
+  EXPECT_EQ(resolve_group_size({}, {256, 1024}).group_size, 128);
+  EXPECT_EQ(resolve_group_size({192, true}, {192}).group_size, 192);  // explicit sizes are kept
+  try {
+    resolve_group_size({}, {576, 100});
+    ADD_FAILURE();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("576, 100"), std::string::npos) << e.what();
+  }
+  // A SmolLM2-shaped model packs with the default config.
+  nn::ModelConfig c = tiny();
+  c.hidden_size = 576;
+  c.intermediate_size = 1536;
+  c.num_attention_heads = 9;
+  c.num_key_value_heads = 3;
+  c.num_hidden_layers = 1;
+  nn::Transformer model(c);
+  model.init_random(2);
+  auto packed = QuantizedModel::pack(model, QuantConfig{});
+  EXPECT_EQ(packed->config().group_size, 64);
+  EXPECT_EQ(packed->weights().at("model.layers.0.mlp.down_proj").config.group_size, 64);
+}
+
+// An input of the wrong width meets the smoothing factors in LibTorch before
+// the kernel's own check: the caller sees a tessera::Error naming the call.
+TEST(Errors, LibTorchErrorsSurfaceAsTesseraErrors) {
+  nn::Transformer model(tiny());
+  model.init_random(1);
+  auto packed = QuantizedModel::pack(model, QuantConfig{}, {{1, 2, 3, 4, 5}}, 0.5);
+  try {
+    packed->linear("model.layers.0.mlp.down_proj", at::ones({2, 7}));
+    ADD_FAILURE();
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("INVALID_ARGUMENT: QuantizedModel::linear: ", 0), 0u) << e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "non-tessera error: " << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace tessera::quant

@@ -6,6 +6,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include "test_main.h"
+
 #include "tessera/core/runtime.h"
 #include "tessera/dist/rendezvous.h"
 #include "tessera/rlhf/hybrid_engine.h"
@@ -51,7 +53,7 @@ int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   tessera::init_runtime();
   tessera::rlhf::g_world = tessera::dist::init_process_group();
-  int result = RUN_ALL_TESTS();
+  int result = tessera::testutil::run_all_tests();
   tessera::rlhf::g_world->barrier().wait();
   tessera::rlhf::g_world.reset();
   return result;

@@ -5,6 +5,8 @@
 // uninterrupted run's losses exactly.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+
+#include "test_main.h"
 #include <signal.h>
 
 #include <chrono>
@@ -12,13 +14,14 @@
 #include <filesystem>
 
 #include "tessera/ckpt/checkpoint.h"
-#include "tessera/ckpt/model_state.h"
+#include "tessera/ckpt_nn/model_state.h"
 #include "tessera/nn/train.h"
 #include "tessera/rlhf/algorithms.h"
 #include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
 #include "tessera/nn/loader.h"
-#include "tessera/nn/safetensors.h"
+#include "tessera/nn/parameters.h"
+#include "tessera/formats/safetensors.h"
 #include "tessera/rlhf/driver.h"
 #include "tessera/rlhf/hybrid_engine.h"
 #include "tessera/rlhf/pipeline.h"
@@ -96,7 +99,7 @@ TEST(Pipeline, HybridEngineMovesTheFormulasBytes) {
   int64_t split_bytes = 0;
   nn::Transformer full(f.config);
   for (const std::string& name : full.full_parameter_names()) {
-    if (ckpt::parameter_split(name) == ckpt::Split::kReplicate) continue;
+    if (nn::parameter_spec(f.config, name).split == nn::Split::kReplicate) continue;
     int64_t n = 4;
     for (int64_t s : full.full_shape(name)) n *= s;
     split_bytes += n;
@@ -262,5 +265,5 @@ int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   tessera::rlhf::Fixture fixture;
   tessera::rlhf::g_fixture = &fixture;
-  return RUN_ALL_TESTS();
+  return tessera::testutil::run_all_tests();
 }

@@ -5,6 +5,8 @@
 // role and rank, with no process left behind.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+
+#include "test_main.h"
 #include <signal.h>
 #include <unistd.h>
 
@@ -15,7 +17,7 @@
 #include "tessera/core/runtime.h"
 #include "tessera/rlhf/driver.h"
 #include "tessera/rpc/rpc.h"
-#include "tessera/rpc/worker.grpc.pb.h"
+#include "tessera/rlhf/worker.grpc.pb.h"
 
 namespace tessera::rlhf {
 namespace {
@@ -162,14 +164,14 @@ TEST(Runtime, SplitPoolsMoveRowsBetweenPoolsAndRejectBadRequests) {
 
   // Requests from a client that is not the driver.
   const ProcessInfo worker = driver.processes().front();
-  auto stub = rpc::Worker::NewStub(rpc::channel(worker.address, {}));
-  auto send = [&](const rpc::CallRequest& req) {
+  auto stub = tessera::rlhf::proto::Worker::NewStub(rpc::channel(worker.address, {}));
+  auto send = [&](const tessera::rlhf::proto::CallRequest& req) {
     grpc::ClientContext ctx;
-    rpc::set_deadline(ctx, 10);
-    rpc::CallReply reply;
+    rpc::set_deadline(ctx, std::chrono::seconds(10));
+    tessera::rlhf::proto::CallReply reply;
     return stub->Call(&ctx, req, &reply);
   };
-  rpc::CallRequest req;
+  tessera::rlhf::proto::CallRequest req;
   req.set_seq(0);
   req.set_role("a");
   req.set_method("scale");
@@ -182,9 +184,9 @@ TEST(Runtime, SplitPoolsMoveRowsBetweenPoolsAndRejectBadRequests) {
   grpc::Status st = send(req);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   req.set_args_json("{}");
-  rpc::InputRef* in = req.add_inputs();
+  tessera::rlhf::proto::InputRef* in = req.add_inputs();
   in->set_batch("evil");
-  rpc::BatchPart* part = in->add_parts();
+  tessera::rlhf::proto::BatchPart* part = in->add_parts();
   part->set_process(-1);
   part->set_rows(2);
   rpc::TensorProto* t = part->add_inline_rows();
@@ -249,7 +251,7 @@ TEST(Runtime, HungCallFailsAtItsDeadline) {
     Driver driver(o);
     procs = driver.processes();
     CallOptions co;
-    co.timeout_seconds = 1.0;
+    co.timeout = std::chrono::seconds(1);
     const auto start = std::chrono::steady_clock::now();
     try {
       driver.group("a").call("sleep", {}, Args().set("seconds", 60.0), co).get();
@@ -284,5 +286,5 @@ int main(int argc, char** argv) {
   tessera::init_runtime();
   if (auto code = tessera::rlhf::run_worker_if_spawned(tessera::rlhf::test_roles())) return *code;
   ::testing::InitGoogleTest(&argc, argv);
-  return RUN_ALL_TESTS();
+  return tessera::testutil::run_all_tests();
 }

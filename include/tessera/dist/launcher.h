@@ -10,9 +10,19 @@
 // Each rank runs in its own process group, which is killed as a whole, and
 // dies with the launcher (PR_SET_PDEATHSIG): no orphans are left behind.
 //
+// Several nodes: one launcher per node with the same --nnodes, --master-addr
+// and --master-port and its own --node-rank (torchrun's names). Node 0's
+// launcher also hosts a small store on --agent-port (default master port
+// + 1) through which the launchers tell each other about failures: a rank
+// failing on any node stops the ranks of every node, and every launcher
+// exits with the failed rank's code. Under Slurm (srun with one task per
+// node), --nnodes and --node-rank default to SLURM_NNODES and SLURM_NODEID,
+// --master-addr and --master-port to MASTER_ADDR and MASTER_PORT.
+//
 // Not thread-safe (installs signal handlers while running).
 #pragma once
 
+#include <chrono>
 #include <iosfwd>
 #include <string>
 #include <vector>
@@ -25,16 +35,25 @@ struct LaunchOptions {
   int node_rank = 0;                      // this node's index
   std::string master_addr = "127.0.0.1";  // where rank 0's store listens
   int master_port = 0;                    // 0: pick a free port (single node only)
-  double grace_seconds = 5.0;             // SIGTERM -> SIGKILL delay
+  int agent_port = 0;                     // launchers' store (several nodes); 0: master_port + 1
+  std::chrono::milliseconds grace{5000};  // SIGTERM -> SIGKILL delay
   bool prefix_output = true;              // "[rank N] " before every line
   std::vector<std::string> command;       // program and arguments
+  // -h/--help came before the program: tessera-launch prints launch_usage()
+  // and starts nothing (the other fields are then not checked).
+  bool help = false;
 };
 
 // Parses tessera-launch's command line (argv[0] excluded):
 //   --nproc N [--nnodes N --node-rank I] [--master-addr A] [--master-port P]
-//   [--grace S] [--no-prefix] -- PROGRAM ARGS...
+//   [--agent-port P] [--grace S] [--no-prefix] -- PROGRAM ARGS...
+// -h or --help before the program returns at once with `help` set.
 // InvalidArgument with a usage hint on bad input.
 LaunchOptions parse_launch_args(const std::vector<std::string>& args);
+
+// tessera-launch's help text: the synopsis, then every option with its
+// meaning and default (ends with a newline).
+std::string launch_usage();
 
 // Runs the ranks to completion. Returns 0 when all exit 0; otherwise the
 // exit code of the first rank that failed (128 + signal for a signal).

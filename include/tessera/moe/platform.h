@@ -25,6 +25,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -47,10 +48,10 @@ struct PlatformOptions {
   // Storage channel of indirect transfers (storage.h): "files:<dir>",
   // "redis://host:port", or "" for files in a fresh directory under /dev/shm.
   std::string storage;
-  double keep_alive_seconds = 60;
+  std::chrono::milliseconds keep_alive{60000};
   int concurrency_limit = 8;     // instances per function
-  double start_timeout_seconds = 30;
-  double invoke_timeout_seconds = 120;
+  std::chrono::milliseconds start_timeout{30000};
+  std::chrono::milliseconds invoke_timeout{120000};
   int retries = 1;
 };
 
@@ -68,7 +69,7 @@ class FunctionPlatform {
   struct Request {
     at::Tensor tokens;                   // direct
     std::vector<std::string> input_keys; // indirect / pipelined (keys in the storage channel)
-    double wait_seconds = 30;            // pipelined: how long a key may take to appear
+    std::chrono::milliseconds wait{30000};  // pipelined: how long a key may take to appear
   };
   struct Result {
     at::Tensor outputs;       // direct only
@@ -85,7 +86,7 @@ class FunctionPlatform {
   // Storage channel (keys are plain names).
   std::string storage_key(const std::string& name) const;
   void put(const std::string& key, const at::Tensor& x);
-  at::Tensor get(const std::string& key, double wait_seconds = 0);
+  at::Tensor get(const std::string& key, std::chrono::milliseconds wait = {});
   void remove(const std::string& key);
 
   BillingMeter& meter();

@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,10 @@ struct SamplingOptions {
   // false: recompute the whole sequence every step (a reference for tests;
   // quadratic cost).
   bool use_cache = true;
+  // Forwards run batch-invariant (ForwardOptions::batch_invariant): each
+  // sequence's tokens do not depend on what else is in the batch. fp32 CPU
+  // models; what speculative decoding's exactness rests on.
+  bool batch_invariant = false;
 };
 
 struct GenerationResult {
@@ -51,6 +56,11 @@ struct GenerationResult {
 // calls it with the same prompts and options).
 GenerationResult generate(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
                           const SamplingOptions& options);
+
+// The same, also handing back the KV cache as it stands after the last step
+// (use_cache must be true).
+GenerationResult generate(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
+                          const SamplingOptions& options, std::unique_ptr<KVCache>* cache_out);
 
 // Prompts right-padded with 0 into one batch, as generate() and
 // specdec::generate() prefill them.

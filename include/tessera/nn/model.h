@@ -33,7 +33,7 @@
 
 #include "tessera/dist/layout.h"
 #include "tessera/dist/process_group.h"
-#include "tessera/nn/config.h"
+#include "tessera/formats/model_config.h"
 
 namespace tessera::nn {
 

@@ -125,27 +125,6 @@ class TokenDataset {
   std::shared_ptr<const Impl> impl_;
 };
 
-// Synthetic arithmetic questions with checkable answers, e.g.
-// "Q: 37+48=? A: 85\n". Deterministic given the seed.
-struct ArithmeticExample {
-  std::string prompt;  // "Q: 37+48=? A: "
-  std::string answer;  // "85"
-};
-std::vector<ArithmeticExample> arithmetic_examples(int64_t count, uint64_t seed, int max_operand = 99);
-// Checks a completion: the first number in it equals the answer.
-bool arithmetic_correct(const ArithmeticExample& example, const std::string& completion);
-
-class Tokenizer;
-// A pretraining corpus: `count` seeded examples written as text one after
-// another ("Q: 37+48=? A: 85\n..."), as `tokenizer`'s token ids.
-std::vector<int64_t> arithmetic_corpus(const Tokenizer& tokenizer, int64_t count, uint64_t seed,
-                                       int max_operand = 99);
-// The small model the examples and benchmarks train on that corpus: 4
-// layers, hidden 128 (intermediate 256), 4 heads over 2 kv heads, 256
-// positions, the tokenizer's last id as BOS and EOS. With `num_experts` > 0
-// a mixtral (top-2 routing), otherwise a llama.
-ModelConfig small_arithmetic_config(int64_t vocab_size, int64_t num_experts = 0);
-
 struct TrainerOptions {
   int64_t steps = 100;
   double lr = 3e-3;

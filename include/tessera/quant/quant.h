@@ -49,7 +49,11 @@ Isa best_isa();
 bool isa_supported(Isa isa);
 
 struct QuantConfig {
-  int64_t group_size = 128;  // a positive multiple of 64 dividing K
+  // Inputs per scale: a positive multiple of 64 dividing K, or 0 to let
+  // QuantizedModel::pack choose the largest of 128 and 64 that divides the
+  // input width of every layer it packs (SmolLM2-135M's 576 gives 64).
+  // Larger groups store fewer scales; smaller ones quantize more finely.
+  int64_t group_size = 0;
   bool symmetric = true;
   // Rotate every block of 64 inputs by the normalized 64x64 Hadamard matrix
   // H before quantizing, weights at packing and activations at run time
@@ -58,6 +62,11 @@ struct QuantConfig {
   // lose less. Costs one fast Walsh-Hadamard transform per activation row.
   bool rotate = false;
 };
+
+// `config` with group_size 0 replaced by the largest of 128 and 64 that
+// divides every width in `in_features`. InvalidArgument naming the widths
+// when none does (int4 packing needs K to be a multiple of 64).
+QuantConfig resolve_group_size(const QuantConfig& config, const std::vector<int64_t>& in_features);
 
 // A packed int4 weight [N, K].
 struct QuantizedWeight {

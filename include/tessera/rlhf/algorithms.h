@@ -85,7 +85,7 @@ namespace tessera::rlhf {
 at::Tensor token_logprobs(nn::Transformer& model, const at::Tensor& sequences);
 
 // Rule reward for the synthetic arithmetic task: 1 when the completion's
-// first number equals the answer (nn::arithmetic_correct), else 0.
+// first number equals the answer (tessera::tasks::arithmetic_correct), else 0.
 double arithmetic_reward(const std::string& answer, const std::string& completion);
 
 }  // namespace tessera::rlhf

@@ -10,8 +10,8 @@
 //   tessera::rlhf::Driver driver(o);               // workers running and registered
 //   auto prompts = driver.put("it0/prompts", batch);
 //   auto gen = driver.group("actor").call("generate", {prompts}, Args().set("iteration", 0));
-//   auto scores = driver.group("reward").call("score", {gen.get().output});   // futures: concurrent
-//   double mean = scores.get().metric("mean_score");
+//   auto scores = driver.group("reward").call("score", {gen.get().output});   // handles: concurrent
+//   double mean = scores.wait(std::chrono::minutes(5)).metric("mean_score");
 //   driver.release("it0/");
 //
 // Messages stay small: a call carries references (which rows of which batch,
@@ -29,6 +29,7 @@
 // outlives it, such as main's). Thread-safe.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <future>
 #include <map>
@@ -59,10 +60,10 @@ struct DriverOptions {
   // Worker program and its arguments (argv[1...]); default: this program.
   std::string program;
   std::vector<std::string> program_args;
-  double start_timeout_seconds = 180;  // spawn -> every worker registered
-  double call_timeout_seconds = 900;   // default deadline of a call
-  double health_interval_seconds = 0.5;
-  double health_timeout_seconds = 10;  // unanswered health checks this long: worker declared dead
+  std::chrono::milliseconds start_timeout{180000};   // spawn -> every worker registered
+  std::chrono::milliseconds call_timeout{900000};    // default deadline of a call
+  std::chrono::milliseconds health_interval{500};
+  std::chrono::milliseconds health_timeout{10000};   // unanswered health checks this long: worker declared dead
   int max_message_bytes = 4 << 20;     // control-plane message limit
   // Extra environment for the workers ("KEY=VALUE").
   std::vector<std::string> worker_env;
@@ -111,20 +112,47 @@ struct ProcessInfo {
 };
 
 struct CallOptions {
-  double timeout_seconds = 0;  // 0: DriverOptions::call_timeout_seconds
+  std::chrono::milliseconds timeout{0};  // 0: DriverOptions::call_timeout
   std::string output;          // output batch name; "": "<role>.<method>#<n>"
 };
 
 class Driver;
+
+// A call in flight, as dist's Work handles: wait for it with a bound.
+// Copies share the call. Thread-safe.
+class PendingCall {
+ public:
+  // An empty handle (wait() and get() throw FailedPrecondition).
+  PendingCall() = default;
+  // Blocks until the call completes or `timeout` passes. Returns the result
+  // or throws the call's error (tessera::Error: the driver's first failure,
+  // or the call's own, e.g. INVALID_ARGUMENT). DeadlineExceeded naming the
+  // call when `timeout` passes first; the call itself runs on until its own
+  // deadline (CallOptions::timeout), so waiting again is allowed.
+  CallResult wait(std::chrono::milliseconds timeout) const;
+  // Waits without a bound of its own (the call's deadline still holds).
+  CallResult get() const;
+  // True once the call has completed (wait() then returns at once).
+  bool ready() const;
+  // "<role>.<method>".
+  const std::string& what() const { return what_; }
+
+ private:
+  friend class Driver;
+  PendingCall(std::shared_future<CallResult> result, std::string what)
+      : result_(std::move(result)), what_(std::move(what)) {}
+  std::shared_future<CallResult> result_;
+  std::string what_;
+};
 
 // A role's worker group: the processes of its pool.
 class WorkerGroup {
  public:
   // Calls `method` on every worker of the group with the registered
   // protocol applied to `inputs` (all with the same rows for DP_COMPUTE).
-  // Never blocks on the workers; the future throws the driver's first
-  // failure (or the call's own error, e.g. INVALID_ARGUMENT).
-  std::future<CallResult> call(const std::string& method, const std::vector<BatchRef>& inputs = {},
+  // Never blocks on the workers; the handle's wait() throws the driver's
+  // first failure (or the call's own error, e.g. INVALID_ARGUMENT).
+  PendingCall call(const std::string& method, const std::vector<BatchRef>& inputs = {},
                                const Args& args = {}, const CallOptions& options = {});
   const std::string& role() const { return role_; }
   int size() const;
@@ -139,7 +167,7 @@ class WorkerGroup {
 class Driver {
  public:
   // Spawns and waits for every worker (DeadlineExceeded naming the
-  // missing ones after start_timeout_seconds; the error of a worker that
+  // missing ones after start_timeout; the error of a worker that
   // failed during setup, by role and rank).
   explicit Driver(DriverOptions options);
   // Shuts the workers down (or kills them after a failure).
@@ -169,6 +197,7 @@ class Driver {
 
  private:
   friend class WorkerGroup;
+  static PendingCall pending(std::future<CallResult> result, std::string what);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -53,12 +53,16 @@ std::shared_ptr<dist::ProcessGroup> make_micro_dp_group(dist::ProcessGroup& worl
                                                         const HybridEngineGroups& g);
 
 // The transition for one weight: `local` is this rank's training shard (a
-// weight split into train_tp equal blocks along `dim`, shard = tp rank);
-// returns its generation shard (train_tp / gen_tp consecutive blocks),
-// gathered inside `micro_dp_group` with one all_gather. Adds the bytes this
-// rank received to *bytes_received when given.
+// weight split into train_tp blocks along `dim`, shard = tp rank); returns
+// its generation shard (the micro-DP group's train_tp / gen_tp consecutive
+// blocks), moved by dist::redistribute inside `micro_dp_group` — one
+// all_gather when the blocks are equal, an all_to_all of the uneven blocks
+// otherwise. `block_sizes` are the members' block extents along `dim`
+// (empty: all equal to this rank's). Adds the bytes this rank received to
+// *bytes_received when given. Collective over `micro_dp_group`.
 at::Tensor gather_generation_shard(const at::Tensor& local,
                                    const std::shared_ptr<dist::ProcessGroup>& micro_dp_group,
-                                   int64_t* bytes_received = nullptr, int64_t dim = 0);
+                                   int64_t* bytes_received = nullptr, int64_t dim = 0,
+                                   const std::vector<int64_t>& block_sizes = {});
 
 }  // namespace tessera::rlhf

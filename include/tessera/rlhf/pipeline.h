@@ -18,12 +18,13 @@
 // uninterrupted run's losses exactly (fp32, same layout).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
 
-#include "tessera/nn/tokenizer.h"
+#include "tessera/tokenizer/tokenizer.h"
 #include "tessera/rlhf/driver.h"
 
 namespace tessera::rlhf {
@@ -45,7 +46,7 @@ struct PipelineOptions {
   int keep_last = 2;
   bool resume = false;
   int64_t stop_after = -1;        // stop (as if interrupted) after this many iterations of this run
-  double call_timeout_seconds = 0;  // 0: the driver's default
+  std::chrono::milliseconds call_timeout{0};  // 0: the driver's default
 };
 
 struct IterationStats {

@@ -51,7 +51,7 @@
 
 #include <string>
 
-#include "tessera/nn/tokenizer.h"
+#include "tessera/tokenizer/tokenizer.h"
 
 namespace tessera::rlhf {
 

@@ -2,7 +2,7 @@
 // channels on loopback with message limits, deadlines, status translation
 // both ways, and tensors in protobuf messages.
 //
-// Services are generated from proto/ (tessera/rpc/worker.grpc.pb.h, ...).
+// Services are generated from each module's protos (proto/tessera/<module>/).
 // A handler that throws tessera::Error answers with the matching gRPC code
 // (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...); a client turns a failed
 // status back into a tessera::Error naming the call and the peer:
@@ -11,20 +11,21 @@
 //   auto channel = tessera::rpc::channel(server.address(), {});
 //   auto stub = tessera::rpc::Worker::NewStub(channel);
 //   grpc::ClientContext ctx;
-//   tessera::rpc::set_deadline(ctx, 5.0);
+//   tessera::rpc::set_deadline(ctx, std::chrono::seconds(5));
 //   tessera::rpc::check(stub->Health(&ctx, req, &reply), "Health", server.address());
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <grpcpp/grpcpp.h>
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "tessera/core/error.h"
-#include "tessera/rpc/worker.pb.h"
+#include "tessera/rpc/common.pb.h"
 
 namespace tessera::rpc {
 
@@ -54,7 +55,7 @@ class Server {
   ~Server();
   int port() const { return port_; }
   std::string address() const { return host_ + ":" + std::to_string(port_); }
-  void shutdown(double grace_seconds = 1.0);
+  void shutdown(std::chrono::milliseconds grace = std::chrono::seconds(1));
   void wait();
 
  private:
@@ -64,7 +65,7 @@ class Server {
 };
 
 // Sets a deadline `seconds` from now.
-void set_deadline(grpc::ClientContext& context, double seconds);
+void set_deadline(grpc::ClientContext& context, std::chrono::milliseconds timeout);
 
 // gRPC status code for a tessera error code, and back.
 grpc::StatusCode to_grpc_code(ErrorCode code);

@@ -16,8 +16,7 @@
 //
 //   auto packed = tessera::quant::QuantizedModel::pack(model, {.group_size = 64});
 //   model.set_linear_override(packed);
-//   tessera::specdec::GenerateOptions opts;
-//   opts.mode = tessera::specdec::Mode::kQSpec;
+//   tessera::specdec::GenerateOptions opts;   // QSPEC by default
 //   opts.sampling.max_new_tokens = 64;
 //   auto out = tessera::specdec::generate(model, *packed, prompts, opts);
 //   // out.stats.acceptance_rate(), out.stats.tokens_per_verify()
@@ -36,12 +35,6 @@
 #include "tessera/quant/model.h"
 
 namespace tessera::specdec {
-
-// How to decode: plain autoregressive decoding with the model's own weights
-// (fp) or the packed ones in one mode, or QSPEC.
-enum class Mode { kFloat, kW4A16, kW4A8, kW4A4, kQSpec };
-const char* mode_name(Mode mode);
-Mode parse_mode(const std::string& name);  // fp, w4a16, w4a8, w4a4, qspec
 
 struct QSpecOptions {
   int64_t gamma = 3;  // tokens drafted per step (the starting value when adaptive)
@@ -62,11 +55,20 @@ struct QSpecOptions {
   quant::Mode verify_mode = quant::Mode::kW4A16;
 };
 
+// How to decode: QSPEC (speculative), or plain autoregressive decoding in
+// one mode of the packed weights (quant::Mode::kFloat: the model's own).
 struct GenerateOptions {
-  Mode mode = Mode::kQSpec;
-  nn::SamplingOptions sampling;  // temperature 0: greedy
+  bool speculative = true;
+  quant::Mode mode = quant::Mode::kW4A16;  // plain decoding (speculative = false)
+  nn::SamplingOptions sampling;            // temperature 0: greedy
   QSpecOptions qspec;
 };
+
+// Sets `options` from a decoding name: "qspec", or a plain mode "fp",
+// "w4a16", "w4a8", "w4a4". InvalidArgument naming the text otherwise.
+void parse_decoding(const std::string& name, GenerateOptions* options);
+// "qspec", or the plain mode's name.
+std::string decoding_name(const GenerateOptions& options);
 
 struct SpecStats {
   int64_t verify_steps = 0;     // per sequence: one verify forward each
@@ -90,9 +92,11 @@ struct GenerationResult : nn::GenerationResult {
 };
 
 // Generates for each prompt (a batch; prompts may differ in length). The
-// model must have `packed` installed as its linear override unless the mode
-// is kFloat. Single-rank models; fp32 CPU (batch-invariant forwards).
-// Sets packed's mode during the call and restores it afterwards.
+// model must have `packed` installed as its linear override unless decoding
+// plainly in kFloat. Single-rank models; fp32 CPU (batch-invariant
+// forwards). Sets packed's mode during the call and restores it afterwards.
+// Plain decoding is nn::generate with batch-invariant forwards. Not
+// thread-safe with other users of `model` or `packed`.
 GenerationResult generate(nn::Transformer& model, quant::QuantizedModel& packed,
                           const std::vector<std::vector<int64_t>>& prompts,
                           const GenerateOptions& options);

@@ -5,30 +5,24 @@
 //   tessera-ckpt reshard DIR OUT --tp N --dp M [--ep E]
 //   tessera-ckpt export-hf DIR OUT           Hugging Face folder (config + safetensors)
 //
+//   tessera-ckpt --help, tessera-ckpt COMMAND --help   the options
+//
+// reshard's degrees (--tp, --dp, --ep) default to 1.
 // Exit codes: 0 success, 1 a check failed (verify), 2 usage, 3 any other error.
-#include <cstdlib>
 #include <iostream>
-#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "command_line.h"
 #include "tessera/ckpt/checkpoint.h"
-#include "tessera/ckpt/model_state.h"
+#include "tessera/ckpt_nn/model_state.h"
 #include "tessera/core/error.h"
 #include "tessera/core/tensor.h"
 
 namespace {
 
 using namespace tessera;
-
-int usage() {
-  std::cerr << "usage: tessera-ckpt inspect DIR [--json]\n"
-               "       tessera-ckpt verify DIR\n"
-               "       tessera-ckpt reshard DIR OUT --tp N --dp M [--ep E]\n"
-               "       tessera-ckpt export-hf DIR OUT\n";
-  return 2;
-}
 
 uint64_t tensor_bytes_of(const ckpt::TensorMeta& t) {
   uint64_t n = 0;
@@ -103,32 +97,45 @@ int verify(const std::string& dir) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> args(argv + 1, argv + argc);
-  if (args.empty()) return usage();
-  const std::string cmd = args[0];
+  std::string dir, out;
+  bool as_json = false;
+  int tp = 1, dp = 1, ep = 1;
+  CLI::App app{"Looks at, checks, reshards and exports Tessera checkpoints.", "tessera-ckpt"};
+  app.option_defaults()->always_capture_default();
+  app.require_subcommand(1);
+  app.footer("Exit codes: 0 success, 1 a check failed (verify), 2 usage, 3 any other error.");
+  CLI::App* inspect_cmd =
+      app.add_subcommand("inspect", "print the tensors, boxes, files and sizes of a checkpoint");
+  inspect_cmd->add_option("DIR", dir, "the checkpoint directory")->required();
+  inspect_cmd->add_flag("--json", as_json, "print JSON instead of text");
+  CLI::App* verify_cmd =
+      app.add_subcommand("verify", "read every file and check every checksum (exit 1 if corrupt)");
+  verify_cmd->add_option("DIR", dir, "the checkpoint directory")->required();
+  CLI::App* reshard_cmd =
+      app.add_subcommand("reshard", "rewrite a checkpoint for another tp x ep x dp layout");
+  reshard_cmd->add_option("DIR", dir, "the checkpoint directory")->required();
+  reshard_cmd->add_option("OUT", out, "the new checkpoint directory")->required();
+  const CLI::Validator degree = tessera::examples::positive();
+  reshard_cmd->add_option("--tp", tp, "tensor-parallel degree")->check(degree);
+  reshard_cmd->add_option("--dp", dp, "data-parallel degree")->check(degree);
+  reshard_cmd->add_option("--ep", ep, "expert-parallel degree")->check(degree);
+  CLI::App* export_cmd = app.add_subcommand(
+      "export-hf", "write a Hugging Face folder (config.json + safetensors) from a checkpoint");
+  export_cmd->add_option("DIR", dir, "the checkpoint directory")->required();
+  export_cmd->add_option("OUT", out, "the Hugging Face folder to write")->required();
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
+
   try {
-    if (cmd == "inspect" && (args.size() == 2 || (args.size() == 3 && args[2] == "--json"))) {
-      return inspect(args[1], args.size() == 3);
-    }
-    if (cmd == "verify" && args.size() == 2) return verify(args[1]);
-    if (cmd == "export-hf" && args.size() == 3) {
-      ckpt::export_hf(args[1], args[2]);
-      std::cout << "wrote " << args[2] << "\n";
+    if (inspect_cmd->parsed()) return inspect(dir, as_json);
+    if (verify_cmd->parsed()) return verify(dir);
+    if (export_cmd->parsed()) {
+      ckpt::export_hf(dir, out);
+      std::cout << "wrote " << out << "\n";
       return 0;
     }
-    if (cmd == "reshard" && args.size() >= 3) {
-      std::map<std::string, int> degrees{{"--tp", 1}, {"--dp", 1}, {"--ep", 1}};
-      for (size_t i = 3; i < args.size(); i += 2) {
-        if (!degrees.count(args[i]) || i + 1 >= args.size()) return usage();
-        degrees[args[i]] = std::atoi(args[i + 1].c_str());
-        if (degrees[args[i]] < 1) return usage();
-      }
-      ckpt::reshard(args[1], args[2], degrees["--tp"], degrees["--dp"], degrees["--ep"]);
-      std::cout << "wrote " << args[2] << " for tp " << degrees["--tp"] << " x ep "
-                << degrees["--ep"] << " x dp " << degrees["--dp"] << "\n";
-      return 0;
-    }
-    return usage();
+    ckpt::reshard(dir, out, tp, dp, ep);
+    std::cout << "wrote " << out << " for tp " << tp << " x ep " << ep << " x dp " << dp << "\n";
+    return 0;
   } catch (const std::exception& e) {
     std::cerr << "tessera-ckpt: " << e.what() << "\n";
     return 3;

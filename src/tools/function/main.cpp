@@ -6,7 +6,12 @@
 //   tessera-function --port P (or --port-fd FD: listen on a free port and
 //                    write its number to FD) --memory-mb M --weights model.safetensors
 //                    --prefix model.layers.0.block_sparse_moe.experts.3.
-//                    --storage files:DIR|redis://HOST:PORT --payload-limit BYTES
+//                    [--storage files:DIR|redis://HOST:PORT] [--payload-limit BYTES]
+//                    [--mb-per-vcpu MB]
+//
+// Defaults: --storage files:/tmp, --payload-limit 6291456 (6 MiB, Lambda's
+// synchronous payload), --mb-per-vcpu 1769, --prefix "" (tensor names
+// w1.weight, w2.weight, w3.weight). --help lists the options.
 //
 // Threads follow the memory size as on AWS Lambda (one vCPU per 1769 MB,
 // at least one). A request whose working set would not fit the memory size
@@ -17,25 +22,27 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <future>
 #include <filesystem>
 #include <iostream>
 #include <mutex>
 #include <thread>
 
+#include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/tensor.h"
 #include "tessera/moe/storage.h"
-#include "tessera/nn/safetensors.h"
-#include "tessera/rpc/function.grpc.pb.h"
+#include "tessera/formats/safetensors.h"
+#include "tessera/moe/function.grpc.pb.h"
 #include "tessera/rpc/rpc.h"
 
 namespace {
 
 namespace rpc = tessera::rpc;
 
-class Function final : public rpc::ExpertFunction::Service {
+class Function final : public tessera::moe::proto::ExpertFunction::Service {
  public:
   Function(at::Tensor w1, at::Tensor w2, at::Tensor w3, int64_t memory_mb, int threads,
            std::shared_ptr<tessera::moe::StorageChannel> storage)
@@ -44,7 +51,7 @@ class Function final : public rpc::ExpertFunction::Service {
     weight_bytes_ = static_cast<int64_t>(w1_.nbytes() + w2_.nbytes() + w3_.nbytes());
   }
 
-  grpc::Status Invoke(grpc::ServerContext*, const rpc::InvokeRequest* req, rpc::InvokeReply* reply) override {
+  grpc::Status Invoke(grpc::ServerContext*, const tessera::moe::proto::InvokeRequest* req, tessera::moe::proto::InvokeReply* reply) override {
     std::lock_guard<std::mutex> one_at_a_time(mu_);
     return rpc::guard([&] {
       double io = 0, compute = 0;
@@ -74,7 +81,7 @@ class Function final : public rpc::ExpertFunction::Service {
         std::future<at::Tensor> next;
         auto fetch = [&](int i) {
           return std::async(std::launch::async, [this, key = req->input_keys(i), wait = std::max(req->wait_seconds(), 1.0)] {
-            return storage_->get(key, wait);
+            return storage_->get(key, std::chrono::milliseconds(std::llround(wait * 1000)));
           });
         };
         next = fetch(0);
@@ -96,7 +103,7 @@ class Function final : public rpc::ExpertFunction::Service {
     });
   }
 
-  grpc::Status Health(grpc::ServerContext*, const rpc::FunctionHealthRequest*, rpc::FunctionHealthReply* r) override {
+  grpc::Status Health(grpc::ServerContext*, const tessera::moe::proto::FunctionHealthRequest*, tessera::moe::proto::FunctionHealthReply* r) override {
     r->set_pid(getpid());
     r->set_memory_mb(memory_mb_);
     r->set_threads(threads_);
@@ -114,25 +121,41 @@ class Function final : public rpc::ExpertFunction::Service {
 }  // namespace
 
 int main(int argc, char** argv) {
+  int port = 0, port_fd = -1;
+  int64_t memory_mb = 0, payload_limit = 6 << 20;
+  std::string weights, prefix, storage = "files:/tmp";
+  double mb_per_vcpu = 1769;
+  CLI::App app{
+      "One instance of a serverless expert function: loads one expert's weights, then "
+      "serves ExpertFunction.Invoke on loopback, one request at a time, within its "
+      "memory size.",
+      "tessera-function"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--port", port,
+                 "the port to listen on; 0: none (--port or --port-fd is required)");
+  app.add_option("--port-fd", port_fd,
+                 "listen on a free port and write its number to this file descriptor; -1: off");
+  app.add_option("--memory-mb", memory_mb, "the function's memory size, MB")
+      ->required()
+      ->default_str("")
+      ->check(tessera::examples::positive());
+  app.add_option("--weights", weights,
+                 "safetensors file holding the expert's w1, w2 and w3 weights")
+      ->required();
+  app.add_option("--prefix", prefix,
+                 "name prefix of the expert's tensors, e.g. "
+                 "model.layers.0.block_sparse_moe.experts.3.");
+  app.add_option("--storage", storage,
+                 "storage channel for indirect inputs and outputs: files:DIR or "
+                 "redis://HOST:PORT");
+  app.add_option("--payload-limit", payload_limit,
+                 "largest request or reply, bytes (gRPC refuses larger ones)");
+  app.add_option("--mb-per-vcpu", mb_per_vcpu,
+                 "memory per thread, MB: threads = max(1, memory-mb / mb-per-vcpu)")
+      ->check(tessera::examples::positive());
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   try {
-    int port = 0, port_fd = -1;
-    int64_t memory_mb = 0, payload_limit = 6 << 20;
-    std::string weights, prefix, storage = "files:/tmp";
-    double mb_per_vcpu = 1769;
-    for (int i = 1; i + 1 < argc; i += 2) {
-      const std::string a = argv[i], v = argv[i + 1];
-      if (a == "--port") port = std::stoi(v);
-      else if (a == "--port-fd") port_fd = std::stoi(v);
-      else if (a == "--memory-mb") memory_mb = std::stoll(v);
-      else if (a == "--weights") weights = v;
-      else if (a == "--prefix") prefix = v;
-      else if (a == "--payload-limit") payload_limit = std::stoll(v);
-      else if (a == "--mb-per-vcpu") mb_per_vcpu = std::stod(v);
-      else if (a == "--storage") storage = v;
-      else TESSERA_THROW(InvalidArgument, "unknown option ", a);
-    }
-    TESSERA_CHECK((port > 0 || port_fd >= 0) && memory_mb > 0 && !weights.empty(), InvalidArgument,
-                  "--port (or --port-fd), --memory-mb and --weights are required");
+    TESSERA_CHECK(port > 0 || port_fd >= 0, InvalidArgument, "--port or --port-fd is required");
     const int threads = std::max(1, static_cast<int>(memory_mb / mb_per_vcpu));
     at::set_num_threads(threads);
     auto file = tessera::nn::SafetensorsFile::open(weights);

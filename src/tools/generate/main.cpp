@@ -10,27 +10,25 @@
 //   --system TEXT        a system message (default: the template's own, if any)
 //   --raw                feed the prompt as is, without the chat template
 //   --max-tokens N       new tokens per prompt (default 128)
-//   --temperature T      0 = greedy (default); with --top-k K and --top-p P
+//   --temperature T      0 = greedy (default)
+//   --top-k K            keep the K most likely tokens (default 0: all)
+//   --top-p P            nucleus sampling mass (default 1: off)
 //   --seed S             sampling seed (default 0)
+//   -h, --help           print the options and exit
+//
+// Exit codes: 0 success, 1 an error while loading or generating, 2 a bad
+// command line (unknown option, missing or malformed value).
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
 
+#include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
-
-namespace {
-
-constexpr const char* kUsage =
-    "usage: tessera-generate --model PATH [--tokenizer tokenizer.json] --prompt TEXT [--prompt TEXT ...]\n"
-    "                        [--system TEXT] [--raw] [--max-tokens N] [--temperature T]\n"
-    "                        [--top-k K] [--top-p P] [--seed S]";
-
-}  // namespace
 
 int main(int argc, char** argv) {
   std::string model_path, tokenizer_path, system;
@@ -38,32 +36,34 @@ int main(int argc, char** argv) {
   bool raw = false;
   tessera::nn::SamplingOptions sampling;
   sampling.max_new_tokens = 128;
+
+  CLI::App app{"Generates text from a model file: a GGUF file or a Hugging Face folder.",
+               "tessera-generate"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--model", model_path,
+                 "a GGUF file, or a Hugging Face folder (config.json + safetensors)")
+      ->required();
+  app.add_option("--tokenizer", tokenizer_path,
+                 "tokenizer.json (folders only; default: MODEL/tokenizer.json; GGUF files carry "
+                 "their tokenizer)");
+  app.add_option("--prompt", prompts, "the user message; repeat for one batch of several prompts")
+      ->required()
+      ->allow_extra_args(false);
+  app.add_option("--system", system, "a system message (default: the template's own, if any)");
+  app.add_flag("--raw", raw, "feed the prompt as is, without the chat template");
+  app.add_option("--max-tokens", sampling.max_new_tokens, "new tokens per prompt");
+  app.add_option("--temperature", sampling.temperature, "sampling temperature; 0 = greedy");
+  app.add_option("--top-k", sampling.top_k, "keep the K most likely tokens; 0 = all");
+  app.add_option("--top-p", sampling.top_p, "nucleus sampling mass; 1 = off");
+  app.add_option("--seed", sampling.seed, "sampling seed");
+  app.footer(
+      "Examples:\n"
+      "  tessera-generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt \"What is 2+3?\"\n"
+      "  tessera-generate --model hf_folder/ --prompt \"...\" --raw\n"
+      "Exit codes: 0 success, 1 an error while loading or generating, 2 a bad command line.");
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
+
   try {
-    for (int i = 1; i < argc; ++i) {
-      std::string a = argv[i];
-      auto value = [&]() -> std::string {
-        TESSERA_CHECK(i + 1 < argc, InvalidArgument, a, " needs a value\n", kUsage);
-        return argv[++i];
-      };
-      if (a == "--model") model_path = value();
-      else if (a == "--tokenizer") tokenizer_path = value();
-      else if (a == "--prompt") prompts.push_back(value());
-      else if (a == "--system") system = value();
-      else if (a == "--raw") raw = true;
-      else if (a == "--max-tokens") sampling.max_new_tokens = std::stoll(value());
-      else if (a == "--temperature") sampling.temperature = std::stod(value());
-      else if (a == "--top-k") sampling.top_k = std::stoll(value());
-      else if (a == "--top-p") sampling.top_p = std::stod(value());
-      else if (a == "--seed") sampling.seed = std::stoull(value());
-      else if (a == "--help" || a == "-h") {
-        std::cout << kUsage << "\n";
-        return 0;
-      } else {
-        TESSERA_THROW(InvalidArgument, "unknown argument '", a, "'\n", kUsage);
-      }
-    }
-    TESSERA_CHECK(!model_path.empty() && !prompts.empty(), InvalidArgument,
-                  "--model and --prompt are required\n", kUsage);
     tessera::init_runtime();
 
     std::unique_ptr<tessera::nn::Transformer> model;
@@ -106,11 +106,8 @@ int main(int argc, char** argv) {
               << result.new_tokens / std::max(result.decode_seconds + result.prefill_seconds, 1e-9)
               << " tokens/s)\n";
     return 0;
-  } catch (const tessera::Error& e) {
+  } catch (const std::exception& e) {
     std::cerr << "tessera-generate: " << e.what() << "\n";
     return 1;
-  } catch (const std::exception& e) {
-    std::cerr << "tessera-generate: " << e.what() << "\n" << kUsage << "\n";
-    return 2;
   }
 }

@@ -7,13 +7,15 @@
 //   tessera-moe-plan --model /tmp/tessera-quickstart/pretrained \
 //                    --tokens /tmp/tessera-quickstart/arithmetic.tokens [--slo 2.0]
 //
-// Options: --batches N (profiling batches, 100), --batch-tokens N (2048),
-// --seq N (64), --slo S (seconds, end to end over the MoE layers),
-// --prices FILE (price sheet JSON; default AWS Lambda), --max-replicas N (8).
+// Options (--help lists them): --batches N (profiling batches, 100),
+// --batch-tokens N (2048), --seq N (64), --slo S (seconds, end to end over
+// the MoE layers, 2.0), --prices FILE (price sheet JSON; default AWS
+// Lambda), --max-replicas N (8).
 #include <cstdio>
 #include <iostream>
 #include <string>
 
+#include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
 #include "tessera/moe/deploy.h"
@@ -24,29 +26,29 @@
 namespace tmoe = tessera::moe;
 
 int main(int argc, char** argv) {
+  std::string model_dir, tokens, prices_file;
+  int64_t batches = 100, batch_tokens = 2048, seq = 64;
+  double slo = 2.0;
+  int max_replicas = 8;
+  CLI::App app{
+      "Profiles an MoE model's routing, predicts the next batch's expert loads and "
+      "prints the cheapest serverless deployment meeting the latency SLO.",
+      "tessera-moe-plan"};
+  app.option_defaults()->always_capture_default();
+  app.add_option("--model", model_dir, "the MoE model, a Hugging Face folder")->required();
+  app.add_option("--tokens", tokens, "token file (nn::TokenDataset) to profile and predict on")
+      ->required();
+  app.add_option("--batches", batches, "profiling batches before the predicted one")
+      ->check(tessera::examples::positive());
+  app.add_option("--batch-tokens", batch_tokens, "tokens per batch")
+      ->check(tessera::examples::positive());
+  app.add_option("--seq", seq, "sequence length")->check(tessera::examples::positive());
+  app.add_option("--slo", slo, "latency SLO, seconds end to end over the MoE layers");
+  app.add_option("--prices", prices_file, "price sheet JSON (default: AWS Lambda's)");
+  app.add_option("--max-replicas", max_replicas, "most replicas per expert");
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   try {
     tessera::init_runtime();
-    std::string model_dir, tokens, prices_file;
-    int64_t batches = 100, batch_tokens = 2048, seq = 64;
-    double slo = 2.0;
-    int max_replicas = 8;
-    for (int i = 1; i < argc; ++i) {
-      const std::string a = argv[i];
-      auto value = [&]() -> std::string {
-        TESSERA_CHECK(i + 1 < argc, InvalidArgument, a, " needs a value");
-        return argv[++i];
-      };
-      if (a == "--model") model_dir = value();
-      else if (a == "--tokens") tokens = value();
-      else if (a == "--prices") prices_file = value();
-      else if (a == "--batches") batches = std::stoll(value());
-      else if (a == "--batch-tokens") batch_tokens = std::stoll(value());
-      else if (a == "--seq") seq = std::stoll(value());
-      else if (a == "--slo") slo = std::stod(value());
-      else if (a == "--max-replicas") max_replicas = std::stoi(value());
-      else TESSERA_THROW(InvalidArgument, "unknown option '", a, "' (see the header of tools/moe_plan/main.cpp)");
-    }
-    TESSERA_CHECK(!model_dir.empty() && !tokens.empty(), InvalidArgument, "--model DIR and --tokens FILE are required");
     auto model = tessera::nn::load_hf_model(model_dir);
     const auto& cfg = model.config();
     TESSERA_CHECK(cfg.num_experts > 0, InvalidArgument, model_dir, " is not an MoE model");

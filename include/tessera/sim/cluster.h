@@ -1,0 +1,132 @@
+// tessera/sim/cluster.h — a cluster's topology and its collective-cost
+// parameters, as a strict JSON file.
+//
+// The file (see data/sim/a100_ib.json for a fitted one):
+//
+//   {
+//     "schema": "tessera.sim.cluster/1",
+//     "name": "a100-ib",
+//     "description": "8x A100-SXM4-40GB per node, NVSwitch, 8x HDR 200 Gb/s IB",
+//     "provenance": "how the parameters were obtained (free text, optional)",
+//     "topology": {
+//       "devices_per_node": 8,
+//       "num_nodes": 4,                  // 0 = as many as a job needs
+//       "nics_per_node": 8,
+//       "intra_node": {"bandwidth_gbps": 300, "latency_us": 1.0},   // nominal, per device
+//       "inter_node": {"bandwidth_gbps": 25, "latency_us": 5.0}     // nominal, per NIC
+//     },
+//     "algorithms": {                    // shared by every collective
+//       "ring":   [ {regime}, ... ],
+//       "tree":   [ ... ],                // optional
+//       "direct": [ ... ],                // send/recv and all_to_all
+//       "local":  [ ... ]                 // one-rank "collectives" (a device copy)
+//     },
+//     "collectives": {                   // optional per-collective overrides
+//       "all_gather": {"ring": [ {regime}, ... ]}
+//     }
+//   }
+//
+// A regime is one protocol / message-size range of one algorithm:
+//
+//   {"protocol": "simple", "max_bytes": 0, "setup_us": 55.9, "intra_hop_us": 0.99,
+//    "inter_hop_us": 3.1, "intra_gbps": 216.7, "inter_gbps": 126.1, "reduce_gbps": 0}
+//
+// It applies to messages of at most max_bytes (0 = no bound; regimes are
+// listed by increasing max_bytes and only the last is unbounded). What the
+// terms mean, and the formulas that combine them, are in collective_model.h.
+// Bandwidths are GB/s (1e9 bytes per second, as nccl-tests reports them),
+// latencies microseconds.
+//
+// Every key is checked: unknown keys, missing required keys, wrong types,
+// non-positive bandwidths, negative latencies and badly ordered regimes are
+// InvalidArgument naming the file and the key path
+// ("a100.json: algorithms.ring[1]: field 'intra_gbps': must be > 0").
+//
+//   tessera::sim::ClusterSpec cluster = tessera::sim::ClusterSpec::load_file("a100_ib.json");
+//   const auto* ring = cluster.params(CollectiveKind::kAllReduce, Algorithm::kRing);
+//
+// ClusterSpec is a plain value: thread-compatible.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tessera/sim/types.h"
+
+namespace tessera::sim {
+
+// The α-β parameters of one protocol regime (see collective_model.h for the
+// formulas). Bandwidths are bus bandwidths in GB/s.
+struct RegimeParams {
+  std::string protocol;     // a label: "ll", "simple", "regime1", ...
+  int64_t max_bytes = 0;    // applies to bytes <= max_bytes; 0 = unbounded (last regime)
+  double setup_us = 0;      // α: fixed cost of one call
+  double intra_hop_us = 0;  // latency of one step whose traffic stays inside a node
+  double inter_hop_us = 0;  // latency of one step that crosses nodes
+  double intra_gbps = 0;    // bandwidth when the group sits in one node (> 0)
+  double inter_gbps = 0;    // bandwidth across nodes (> 0); ring/tree: per node, all NICs;
+                            // direct: per NIC
+  double reduce_gbps = 0;   // reduction throughput δ; 0 = folded into the bandwidths
+
+  bool operator==(const RegimeParams& other) const;
+};
+
+// The regimes of one algorithm, by increasing max_bytes.
+using AlgorithmParams = std::vector<RegimeParams>;
+
+struct CollectiveParams {
+  std::map<Algorithm, AlgorithmParams> algorithms;
+};
+
+// A nominal link: what the hardware sheet says, not what was measured.
+struct LinkSpec {
+  double bandwidth_gbps = 0;  // > 0
+  double latency_us = 0;      // >= 0
+};
+
+struct Topology {
+  int devices_per_node = 8;  // >= 1
+  int num_nodes = 0;         // 0 = unbounded
+  int nics_per_node = 1;     // >= 1
+  LinkSpec intra_node{300, 1.0};
+  LinkSpec inter_node{25, 5.0};
+
+  // The node of a global rank (ranks fill nodes in order).
+  int node_of(int rank) const { return rank / devices_per_node; }
+};
+
+class ClusterSpec {
+ public:
+  std::string name;
+  std::string description;
+  std::string provenance;
+  Topology topology;
+  CollectiveParams defaults;                             // "algorithms"
+  std::map<CollectiveKind, CollectiveParams> overrides;  // "collectives"
+
+  // Parses and validates; InvalidArgument as described above.
+  static ClusterSpec parse(std::string_view text, std::string source = "<cluster>");
+  // NotFound when the file cannot be opened.
+  static ClusterSpec load_file(const std::string& path);
+  // Deterministic JSON text in the format above; parse(to_json()) == *this.
+  std::string to_json() const;
+  // Checks the rules above; `source` names the cluster in messages.
+  void validate(const std::string& source = "<cluster>") const;
+
+  // The regimes of `algorithm` for `op`: the override when there is one,
+  // else the shared entry; nullptr when neither exists.
+  const AlgorithmParams* params(CollectiveKind op, Algorithm algorithm) const;
+
+  bool operator==(const ClusterSpec& other) const;
+};
+
+// "" when `a` and `b` agree (numbers within relative tolerance `rel_tol`),
+// otherwise a description of the first difference, naming the key path
+// ("algorithms.ring[2].intra_gbps: 216.7 vs 216.9"). Used to check a shipped
+// file against its regeneration.
+std::string cluster_difference(const ClusterSpec& a, const ClusterSpec& b, double rel_tol);
+
+}  // namespace tessera::sim

@@ -1,0 +1,40 @@
+// Internal to src/sim: small formatting helpers for messages and tables.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace tessera::sim::detail {
+
+// "[0-3, 8, 10-11]" for sorted ranks; long lists are cut after 8 runs.
+inline std::string format_ranks(const std::vector<int>& ranks) {
+  std::string out = "[";
+  size_t runs = 0;
+  for (size_t i = 0; i < ranks.size();) {
+    size_t j = i;
+    while (j + 1 < ranks.size() && ranks[j + 1] == ranks[j] + 1) ++j;
+    if (runs == 8) {
+      out += ", ... (" + std::to_string(ranks.size()) + " ranks)";
+      break;
+    }
+    if (runs > 0) out += ", ";
+    out += std::to_string(ranks[i]);
+    if (j > i) out += "-" + std::to_string(ranks[j]);
+    ++runs;
+    i = j + 1;
+  }
+  return out + "]";
+}
+
+// printf-style formatting into a std::string.
+template <typename... Args>
+std::string format(const char* fmt, Args... args) {
+  int n = std::snprintf(nullptr, 0, fmt, args...);
+  std::string out(static_cast<size_t>(n > 0 ? n : 0), '\0');
+  std::snprintf(out.data(), out.size() + 1, fmt, args...);
+  return out;
+}
+
+}  // namespace tessera::sim::detail
