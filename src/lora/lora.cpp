@@ -1,5 +1,9 @@
 #include "tessera/lora/lora.h"
 
+#ifdef TESSERA_LORA_CUDA
+#include "bgmv_cuda.h"
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
@@ -603,7 +607,9 @@ int64_t AdapterBank::add(std::shared_ptr<Adapter> adapter) {
 
 const AdapterBank::Stack& AdapterBank::stack(const std::string& module, const at::Tensor& x,
                                              const at::Tensor& y) {
-  auto it = stacks_.find(module);
+  // One stack per module and device (a bank may serve CPU and GPU inputs).
+  const std::string key = module + "@" + x.device().str();
+  auto it = stacks_.find(key);
   if (it != stacks_.end()) return it->second;
   at::NoGradGuard no_grad;
   const int64_t n = size(), in = x.size(-1), out = y.size(-1);
@@ -620,7 +626,7 @@ const AdapterBank::Stack& AdapterBank::stack(const std::string& module, const at
     s.b[k].narrow(1, 0, ad->rank()).copy_(ad->b(module));
     s.scale[k] = ad->scale();
   }
-  return stacks_.emplace(module, std::move(s)).first->second;
+  return stacks_.emplace(key, std::move(s)).first->second;
 }
 
 at::Tensor AdapterBank::apply(const std::string& name, const at::Tensor& x, const at::Tensor& y,
@@ -634,6 +640,13 @@ at::Tensor AdapterBank::apply(const std::string& name, const at::Tensor& x, cons
                 ids.max().item<int64_t>(), " but the bank holds ", size());
   const Stack& s = stack(name, x, y);
   at::Tensor slot = at::where(ids < 0, at::full_like(ids, size()), ids).to(at::kLong);
+#ifdef TESSERA_LORA_CUDA
+  // Serving on a GPU: the gathered shrink/expand kernels (kernels/lora).
+  if (x.is_cuda() && x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
+      !(at::GradMode::is_enabled() && (x.requires_grad() || y.requires_grad()))) {
+    return detail::bank_apply_cuda(x, y, s.a, s.b, s.scale, slot);
+  }
+#endif
   // Gather each sequence's A and B, then two batched matmuls.
   at::Tensor a = s.a.index_select(0, slot);                       // [B, r, in]
   at::Tensor b = s.b.index_select(0, slot);                       // [B, out, r]

@@ -14,6 +14,7 @@
 #include "tessera/core/error.h"
 #include "tessera/core/tensor.h"
 #include "tessera/dist/redistribute.h"
+#include "tessera/nn/moe_mixture.h"
 #include "tessera/nn/parameters.h"
 
 namespace tessera::nn {
@@ -553,6 +554,17 @@ struct Transformer::Impl {
     const MoeRouting r = route(w, x);
     account_routing(r, N, layer, out, record, loads);
     if (options && options->expert_override) return override_experts(w, x, layer, r);
+    // Tokens on a GPU: nn::moe_mixture, whose device path is the token
+    // permutation kernels (kernels/moe). Same assignments as dispatch()
+    // without capacity drops; the CPU path below keeps its own order.
+    const bool drops = c.capacity_factor > 0 && !invariant;
+    if (x.is_cuda() && groups.ep_size() == 1 && !drops && !adapter && !linear_override) {
+      at::Tensor result = moe_mixture(x, r.top_e, r.top_w, c.num_experts, [&](int64_t e, const at::Tensor& rows) {
+        const ExpertWeights& ew = w.experts[e];
+        return swiglu(rows, ew.gate, ew.up, ew.down);
+      });
+      return add_shared_expert(w, x, result);
+    }
 
     const MoeDispatch d = dispatch(x, r.top_e);
     at::Tensor back = run_local_experts(w, layer, d);
@@ -562,7 +574,12 @@ struct Transformer::Impl {
     at::Tensor weights = r.top_w.reshape({-1}).index_select(0, d.order).unsqueeze(1);
     at::Tensor result = at::zeros({N, x.size(1)}, x.options())
                             .index_add(0, d.order.div(K, "floor"), back * weights);
-    if (c.shared_expert_intermediate_size > 0) {
+    return add_shared_expert(w, x, result);
+  }
+
+  // Adds a Qwen2-MoE shared expert's gated output (when the model has one).
+  at::Tensor add_shared_expert(const LayerWeights& w, const at::Tensor& x, at::Tensor result) {
+    if (config.shared_expert_intermediate_size > 0) {
       at::Tensor shared = swiglu(x, w.shared.gate, w.shared.up, w.shared.down);
       // The sigmoid gate is replicated; the shared expert's output is
       // tp-partial like the experts', so the gate applies to each part.

@@ -12,6 +12,7 @@
 #include "tessera/core/error.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
+#include "tessera/nn/moe_mixture.h"
 
 namespace fs = std::filesystem;
 
@@ -282,6 +283,34 @@ TEST(Errors, LibTorchErrorsSurfaceAsTesseraErrors) {
   so.max_new_tokens = 2;
   EXPECT_NE(message([&] { generate(model, {{1, 2, 1000}}, so); }).find("outside the vocabulary"),
             std::string::npos);
+}
+
+// The mixture equals a direct per-token, per-assignment loop (each expert a
+// different linear map), and refuses expert ids out of range.
+TEST(MoeMixture, EqualsADirectLoop) {
+  at::manual_seed(7);
+  const int64_t N = 23, H = 8, E = 5, K = 2;
+  at::Tensor x = at::randn({N, H}, at::kDouble);
+  at::Tensor top_e = at::randint(E, {N, K}, at::kLong);
+  at::Tensor top_w = at::rand({N, K}, at::kDouble);
+  at::Tensor maps = at::randn({E, H, H}, at::kDouble);
+  int calls = 0;
+  at::Tensor got = moe_mixture(x, top_e, top_w, E, [&](int64_t e, const at::Tensor& rows) {
+    ++calls;
+    return at::matmul(rows, maps[e]);
+  });
+  at::Tensor want = at::zeros({N, H}, at::kDouble);
+  for (int64_t t = 0; t < N; ++t) {
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t e = top_e[t][j].item<int64_t>();
+      want[t] += top_w[t][j] * at::matmul(x[t], maps[e]);
+    }
+  }
+  EXPECT_TRUE(at::allclose(got, want, 1e-12, 1e-12));
+  EXPECT_LE(calls, E);  // each expert once, on all its rows
+  EXPECT_THROW(moe_mixture(x, at::full({N, K}, E, at::kLong), top_w, E,
+                           [](int64_t, const at::Tensor& r) { return r; }),
+               InvalidArgument);
 }
 
 }  // namespace

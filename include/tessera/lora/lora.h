@@ -163,7 +163,7 @@ class AdapterBank : public nn::LinearAdapter {
   };
   const Stack& stack(const std::string& module, const at::Tensor& x, const at::Tensor& y);
   std::vector<std::shared_ptr<Adapter>> adapters_;
-  std::map<std::string, Stack> stacks_;
+  std::map<std::string, Stack> stacks_;  // by "<module>@<device>"
 };
 
 // Adapters by name from folders under `root` (root/<name>/), loaded on

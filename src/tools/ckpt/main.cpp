@@ -35,33 +35,11 @@ int inspect(const std::string& dir, bool as_json) {
   uint64_t total = 0;
   for (const auto& f : m.files) total += f.bytes;
   if (as_json) {
-    nlohmann::json j;
+    // The metadata exactly as the format defines it (Metadata::to_json),
+    // plus where it was read and the total size, for scripts.
+    nlohmann::json j = nlohmann::json::parse(m.to_json());
     j["dir"] = dir;
-    j["format_version"] = m.format_version;
-    j["world_size"] = m.world_size;
-    j["step"] = m.step;
-    j["data_position"] = m.data_position;
-    j["user"] = m.user;
     j["bytes"] = total;
-    j["files"] = nlohmann::json::array();
-    for (const auto& f : m.files) j["files"].push_back({{"name", f.name}, {"bytes", f.bytes}});
-    j["tensors"] = nlohmann::json::object();
-    for (const auto& [name, t] : m.tensors) {
-      nlohmann::json boxes = nlohmann::json::array();
-      for (const auto& b : t.boxes) {
-        boxes.push_back({{"offset", b.box.offset},
-                         {"length", b.box.length},
-                         {"ranks", b.ranks},
-                         {"file", b.file},
-                         {"byte_offset", b.byte_offset},
-                         {"byte_length", b.byte_length}});
-      }
-      j["tensors"][name] = {{"dtype", t.dtype},
-                            {"shape", t.shape},
-                            {"bytes", tensor_bytes_of(t)},
-                            {"attrs", t.attrs},
-                            {"boxes", boxes}};
-    }
     std::cout << j.dump(2) << "\n";
     return 0;
   }
