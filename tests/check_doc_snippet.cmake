@@ -1,4 +1,7 @@
-# Fails unless DOC contains SNIPPET's text verbatim, then runs PROGRAM.
+# Fails unless DOC contains SNIPPET's text verbatim, then runs PROGRAM and
+# checks what it printed:
+#   EXPECT_0 .. EXPECT_9  regular expressions the output must match
+#   LOSS_FALLS  when set, the last "loss <x>" printed is below the first.
 file(READ "${DOC}" doc)
 file(READ "${SNIPPET}" snippet)
 string(FIND "${doc}" "${snippet}" at)
@@ -9,4 +12,23 @@ execute_process(COMMAND "${PROGRAM}" RESULT_VARIABLE rc OUTPUT_VARIABLE out ERRO
 message("${out}${err}")
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "${PROGRAM} exited with ${rc}")
+endif()
+foreach(i RANGE 9)
+  if(DEFINED EXPECT_${i} AND NOT out MATCHES "${EXPECT_${i}}")
+    message(FATAL_ERROR "${PROGRAM}'s output does not match '${EXPECT_${i}}'")
+  endif()
+endforeach()
+if(LOSS_FALLS)
+  string(REGEX MATCHALL "loss [0-9.]+" losses "${out}")
+  list(LENGTH losses n)
+  if(n LESS 2)
+    message(FATAL_ERROR "${PROGRAM} printed fewer than two losses")
+  endif()
+  list(GET losses 0 first)
+  list(GET losses -1 last)
+  string(REPLACE "loss " "" first "${first}")
+  string(REPLACE "loss " "" last "${last}")
+  if(NOT last LESS first)
+    message(FATAL_ERROR "${PROGRAM}: the loss did not fall (${first} -> ${last})")
+  endif()
 endif()

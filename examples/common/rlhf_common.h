@@ -11,6 +11,7 @@
 
 #include "command_line.h"
 #include "smollm2.h"
+#include "progress.h"
 #include "tessera/core/error.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
@@ -139,9 +140,10 @@ inline std::string small_model(const std::string& dir) {
   to.min_lr = 3e-4;
   to.warmup = 15;
   tn::Trainer trainer(model, to);
+  tessera::examples::Progress progress("pretraining", to.steps);
   for (int64_t s = 0; s < to.steps; ++s) {
     auto batch = data.batch(s, /*global_batch=*/32, /*seq_len=*/64);
-    trainer.step(batch.input_ids, batch.labels);
+    progress.step(trainer.step(batch.input_ids, batch.labels).loss);
   }
   tn::save_hf_model(dir, cfg, tn::gather_full_weights(model));
   return dir;

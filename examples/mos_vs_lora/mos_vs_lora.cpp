@@ -15,6 +15,7 @@
 #include <string>
 
 #include "command_line.h"
+#include "progress.h"
 #include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
 #include "tessera/lora/lora.h"
@@ -72,9 +73,10 @@ int main(int argc, char** argv) {
       opts.warmup = steps / 20;
       opts.adamw.weight_decay = 0;
       tn::Trainer trainer(model, opts, nullptr, adapter->trainable());
+      tessera::examples::Progress progress(name, steps);
       for (int64_t s = 0; s < steps; ++s) {
         auto [ids, labels] = questions(static_cast<uint64_t>(s), 32);
-        trainer.step(ids, labels);
+        progress.step(trainer.step(ids, labels).loss);
       }
       adapter->set_training(false);
       double loss = model.loss(held_out.first, held_out.second).ce.item<double>();

@@ -35,6 +35,7 @@
 #include "tessera/moe/platform.h"
 #include "tessera/moe/prediction.h"
 #include "moe_policies.h"
+#include "progress.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
 #include "tessera/tasks/arithmetic.h"
@@ -66,9 +67,10 @@ std::string prepare(const std::string& dir, std::string* model_dir) {
       to.warmup = 15;
       tn::Trainer trainer(model, to);
       auto data = tn::TokenDataset::open(tokens);
+      tessera::examples::Progress progress("training", to.steps);
       for (int64_t s = 0; s < to.steps; ++s) {
         auto b = data.batch(s, 32, 64);
-        trainer.step(b.input_ids, b.labels);
+        progress.step(trainer.step(b.input_ids, b.labels).loss);
       }
       tn::save_hf_model(*model_dir, cfg, tn::gather_full_weights(model));
     }

@@ -504,6 +504,12 @@ int launch(const LaunchOptions& o, std::ostream& log) {
   int port = o.master_port != 0 ? o.master_port : pick_free_port(o.master_addr);
   NodeAgents agents(o, log);
   const SavedSignals saved = route_signals();
+  // Whatever happens from here (a rank that cannot start throws), the
+  // previous handlers come back and the signal pipe is closed.
+  struct Restore {
+    const SavedSignals& saved;
+    ~Restore() { restore_signals(saved); }
+  } restore{saved};
 
   std::vector<Rank> ranks(o.nproc);
   for (int i = 0; i < o.nproc; ++i) {
@@ -515,7 +521,6 @@ int launch(const LaunchOptions& o, std::ostream& log) {
   // Process groups of ranks that exited may still hold stray children.
   for (auto& r : ranks) r.process.kill_group();
   agents.finish(o.grace + std::chrono::seconds(5));
-  restore_signals(saved);
 
   if (result != 0) {
     int stopped = 0;

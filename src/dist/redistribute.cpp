@@ -88,6 +88,11 @@ at::Tensor gather_along(ProcessGroup& group, const at::Tensor& local, int dim) {
 
 at::Tensor redistribute(ProcessGroup& group, const at::Tensor& local, const Layout& from,
                         const Layout& to) {
+  // The all_gather pattern needs no plan.
+  if (all_gather_dim(from, to) >= 0 && from.world_size() == group.size()) {
+    check_local(from, group.rank(), local, "redistribute source");
+    return gather_along(group, local, all_gather_dim(from, to));
+  }
   return redistribute(group, local, from, to, plan_redistribute(from, to));
 }
 

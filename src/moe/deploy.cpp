@@ -84,8 +84,10 @@ const char* method_name(Method m) {
   return "?";
 }
 
-double replica_seconds(const PlatformProfile& p, const PriceSheet& prices, Method method, int memory_index,
-                       int64_t tokens, int64_t beta) {
+double replica_seconds(const PlatformProfile& p, const PriceSheet& prices, const ReplicaWork& work) {
+  const Method method = work.method;
+  const int memory_index = work.memory_index;
+  const int64_t tokens = work.tokens, beta = work.beta;
   if (tokens <= 0) return 0;
   const double mem_bytes = static_cast<double>(p.memory_mb.at(memory_index)) * (1 << 20);
   const double t_cal = p.t_cal.at(memory_index);
@@ -114,12 +116,15 @@ double replica_seconds(const PlatformProfile& p, const PriceSheet& prices, Metho
   return kInf;
 }
 
-ExpertCost expert_cost(const PlatformProfile& p, const PriceSheet& prices, Method method, int64_t beta,
-                       const ExpertChoice& choice, double tokens) {
+ExpertCost expert_cost(const PlatformProfile& p, const PriceSheet& prices, const ExpertWork& work) {
+  const Method method = work.method;
+  const int64_t beta = work.beta;
+  const ExpertChoice& choice = work.choice;
+  const double tokens = work.tokens;
   ExpertCost out;
   if (tokens <= 0) return out;
   const int64_t per = static_cast<int64_t>(std::ceil(tokens / choice.replicas));
-  out.seconds = replica_seconds(p, prices, method, choice.memory_index, per, beta);
+  out.seconds = replica_seconds(p, prices, {method, choice.memory_index, per, beta});
   if (!std::isfinite(out.seconds)) {
     out.feasible = false;
     out.cost = kInf;
@@ -159,7 +164,7 @@ ExpertOptions expert_options(const PlatformProfile& p, const PriceSheet& prices,
     o.by_time.push_back({{0, 0}, 0, 0});
   } else {
     for (const ExpertChoice& c : all) {
-      ExpertCost ec = expert_cost(p, prices, method, beta, c, tokens);
+      ExpertCost ec = expert_cost(p, prices, {method, beta, c, tokens});
       if (ec.feasible) o.by_time.push_back({c, ec.seconds, ec.cost});
     }
     std::sort(o.by_time.begin(), o.by_time.end(), [](const Option& a, const Option& b) {
@@ -254,7 +259,7 @@ Deployment evaluate(const PlatformProfile& p, const PriceSheet& prices, const De
                   lp.experts.size(), " experts, loads for ", loads[l].size());
     lp.seconds = lp.cost = 0;
     for (size_t e = 0; e < loads[l].size(); ++e) {
-      ExpertCost ec = expert_cost(p, prices, lp.method, lp.beta, lp.experts[e], loads[l][e]);
+      ExpertCost ec = expert_cost(p, prices, {lp.method, lp.beta, lp.experts[e], loads[l][e]});
       if (!ec.feasible) out.feasible = false;
       lp.seconds = std::max(lp.seconds, ec.seconds);
       lp.cost += ec.cost;
@@ -334,7 +339,7 @@ Deployment brute_force_deployment(const PlatformProfile& p, const PriceSheet& pr
           bool ok = true;
           for (size_t e = 0; e < E; ++e) {
             ExpertChoice c = all[idx[e]];
-            ExpertCost ec = expert_cost(p, prices, m, beta, c, loads[l][e]);
+            ExpertCost ec = expert_cost(p, prices, {m, beta, c, loads[l][e]});
             if (!ec.feasible) ok = false;
             plan.experts.push_back(c);
             plan.seconds = std::max(plan.seconds, ec.seconds);

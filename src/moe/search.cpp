@@ -26,7 +26,7 @@ Simulation simulate(const PlatformProfile& p, const PriceSheet& prices, const De
       if (tokens <= 0) continue;
       ExpertChoice c = lp.experts.at(e);
       Method m = lp.method;
-      ExpertCost ec = expert_cost(p, prices, m, lp.beta, c, tokens);
+      ExpertCost ec = expert_cost(p, prices, {m, lp.beta, c, tokens});
       if (!ec.feasible && m == Method::kDirect) {
         // Over the payload limit: the gate sends it through storage.
         const double per = std::ceil(tokens / c.replicas);
@@ -35,7 +35,7 @@ Simulation simulate(const PlatformProfile& p, const PriceSheet& prices, const De
           s.payload_factor[l][e] = std::ceil(per * static_cast<double>(p.input_bytes_per_token) /
                                              static_cast<double>(prices.payload_limit_bytes));
           m = Method::kIndirect;
-          ec = expert_cost(p, prices, m, lp.beta, c, tokens);
+          ec = expert_cost(p, prices, {m, lp.beta, c, tokens});
         }
       }
       if (!ec.feasible) {
@@ -43,7 +43,7 @@ Simulation simulate(const PlatformProfile& p, const PriceSheet& prices, const De
         const int base = c.replicas;
         while (!ec.feasible && c.replicas < 1024) {
           c.replicas *= 2;
-          ec = expert_cost(p, prices, m, lp.beta, c, tokens);
+          ec = expert_cost(p, prices, {m, lp.beta, c, tokens});
         }
         ++s.memory_overflows;
         s.memory_factor[l][e] = static_cast<double>(c.replicas) / base;

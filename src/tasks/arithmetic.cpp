@@ -22,6 +22,29 @@ std::vector<ArithmeticExample> arithmetic_examples(int64_t count, uint64_t seed,
   return out;
 }
 
+namespace {
+// The first number of a completion (after leading spaces), sign included; "" if none.
+std::string first_number(const std::string& completion) {
+  size_t i = 0;
+  while (i < completion.size() && completion[i] == ' ') ++i;
+  size_t j = i;
+  if (j < completion.size() && completion[j] == '-') ++j;
+  const size_t digits = j;
+  while (j < completion.size() && std::isdigit(static_cast<unsigned char>(completion[j]))) ++j;
+  return j > digits ? completion.substr(i, j - i) : std::string();
+}
+}  // namespace
+
+ArithmeticScore score_arithmetic(const ArithmeticExample& example, const std::string& completion) {
+  ArithmeticScore s;
+  const std::string got = first_number(completion);
+  s.exact = arithmetic_correct(example, completion);
+  if (got.empty() || example.answer.empty()) return s;
+  s.last_digit = got.back() == example.answer.back();
+  s.length = got.size() == example.answer.size() && (got[0] == '-') == (example.answer[0] == '-');
+  return s;
+}
+
 bool arithmetic_correct(const ArithmeticExample& example, const std::string& completion) {
   size_t i = 0;
   while (i < completion.size() && completion[i] == ' ') ++i;

@@ -105,10 +105,23 @@ TEST(Mos, EverySwitchOffEqualsLora) {
   model->set_adapter(lora);
   at::Tensor with_lora = model->forward(ids).logits;
   EXPECT_TRUE(at::allclose(with_mos, with_lora, 1e-6, 1e-6));
-  // And each pooled row is used by exactly one matrix row: an exact partition.
+  // And each pooled row is used by exactly one matrix row: an exact
+  // partition. The gradient of the sum of every materialised A and B with
+  // respect to the pools counts how often each pool element is used: 1
+  // everywhere (a row used twice gives 2, an unused one 0).
+  at::Tensor total = at::zeros({}, at::kFloat);
   for (const auto& t : lora->targets()) {
     EXPECT_EQ(mos->a(t.name).sizes(), lora->a(t.name).sizes());
     EXPECT_EQ(mos->b(t.name).sizes(), lora->b(t.name).sizes());
+    total = total + mos->a(t.name).sum() + mos->b(t.name).sum();
+  }
+  for (auto& pool : mos->trainable()) {
+    if (pool.grad().defined()) pool.mutable_grad().zero_();
+  }
+  total.backward();
+  for (auto& pool : mos->trainable()) {
+    ASSERT_TRUE(pool.grad().defined());
+    EXPECT_TRUE(at::equal(pool.grad(), at::ones_like(pool))) << "pool " << pool.sizes();
   }
 }
 

@@ -115,12 +115,12 @@ TEST(Deployment, LimitsAreRespected) {
   PlatformProfile p = small_profile();
   // Direct invocation: tokens * D_in over the 6 MiB payload limit is impossible.
   const int64_t over = prices.payload_limit_bytes / p.input_bytes_per_token + 1;
-  EXPECT_TRUE(std::isinf(replica_seconds(p, prices, Method::kDirect, 2, over, 0)));
-  EXPECT_TRUE(std::isfinite(replica_seconds(p, prices, Method::kDirect, 2, over - 1, 0)));
+  EXPECT_TRUE(std::isinf(replica_seconds(p, prices, {Method::kDirect, 2, over, 0})));
+  EXPECT_TRUE(std::isfinite(replica_seconds(p, prices, {Method::kDirect, 2, over - 1, 0})));
   // Memory: 256 MB cannot hold 100 MiB of weights plus thousands of tokens.
-  EXPECT_TRUE(std::isinf(replica_seconds(p, prices, Method::kIndirect, 0, 10000, 0)));
+  EXPECT_TRUE(std::isinf(replica_seconds(p, prices, {Method::kIndirect, 0, 10000, 0})));
   // Pipelining holds only beta tokens at once.
-  EXPECT_TRUE(std::isfinite(replica_seconds(p, prices, Method::kPipelined, 0, 10000, 64)));
+  EXPECT_TRUE(std::isfinite(replica_seconds(p, prices, {Method::kPipelined, 0, 10000, 64})));
   // A layer with more tokens than any option can take is an error, not a crash.
   p.memory_mb = {128};
   p.t_cal = {1e-3};
@@ -169,10 +169,14 @@ TEST(BayesianOptimisation, ConvergesOnTheSimulatorAndBeatsThePrediction) {
   EXPECT_LT(t.iterations, o.max_iterations);
   ASSERT_FALSE(t.best.empty());
   for (size_t i = 1; i < t.best.size(); ++i) EXPECT_LE(t.best[i], t.best[i - 1]);
-  EXPECT_LE(t.best.back(), t.cost.front());
+  // The first deployment is planned from the (wrong) prediction; the search
+  // must find a strictly cheaper one.
+  EXPECT_LT(t.best.back(), t.cost.front());
   // Planning with the true loads is the floor the search approaches.
   const double oracle = simulate(p, prices, optimal_deployment(p, prices, real_mean, o.slo_seconds, o.space), real_mean).cost;
-  EXPECT_LE(t.best.back(), 1.5 * oracle);
+  std::printf("BO: first %.6g, best %.6g, oracle %.6g (%d iterations)\n", t.cost.front(), t.best.back(), oracle,
+              t.iterations);
+  EXPECT_LE(t.best.back(), 1.1 * oracle);
 }
 
 TEST(Prediction, BayesianAndTokenOnlyBeatHistoricalOnARealRouter) {

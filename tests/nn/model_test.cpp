@@ -183,10 +183,31 @@ TEST(Model, CapacityFactorDropsOverflow) {
   model.init_random(6);
   ForwardOptions opts;
   opts.record_routing = true;
-  auto out = model.forward(at::randint(0, 97, {2, 16}, at::kLong), opts);
+  at::Tensor ids = at::randint(0, 97, {2, 16}, at::kLong);
+  auto out = model.forward(ids, opts);
   ASSERT_EQ(out.routing.size(), 2u);
   EXPECT_EQ(out.routing[0].experts.sizes(), (std::vector<int64_t>{32, 2}));
   EXPECT_TRUE(at::isfinite(out.logits).all().item<bool>());
+  // The same weights without a capacity limit, and with one no expert can
+  // reach (capacity ceil(10 * 32 * 2 / 4) = 160 >= 64 assignments): the
+  // roomy limit drops nothing (identical logits), the tight one (4 per
+  // expert, 16 of 64 assignments kept) changes the output.
+  auto weights = gather_full_weights(model);
+  auto with_capacity = [&](double factor) {
+    ModelConfig cc = c;
+    cc.capacity_factor = factor;
+    Transformer m(cc);
+    load_weights(m, weights, "memory");
+    return m.forward(ids).logits;
+  };
+  const at::Tensor unlimited = with_capacity(0.0);
+  EXPECT_TRUE(at::equal(with_capacity(10.0), unlimited));
+  EXPECT_FALSE(at::allclose(out.logits, unlimited, 1e-4, 1e-5));
+  // A dropped assignment contributes nothing: at capacity 0.25 some token's
+  // logits differ from the unlimited run, and some (all kept) do not.
+  const at::Tensor same_token = (out.logits - unlimited).abs().amax(-1).view({-1}) < 1e-5;
+  EXPECT_GT(same_token.sum().item<int64_t>(), 0);
+  EXPECT_LT(same_token.sum().item<int64_t>(), 32);
 }
 
 TEST(HfFormat, SaveLoadGivesIdenticalLogitsAlsoSharded) {

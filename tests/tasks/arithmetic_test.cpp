@@ -25,6 +25,23 @@ TEST(Arithmetic, ExamplesAndChecker) {
   EXPECT_FALSE(tessera::tasks::arithmetic_correct(e, "four"));
 }
 
+TEST(Arithmetic, PartialCreditScoresDigitsAndLength) {
+  tessera::tasks::ArithmeticExample e{"Q: 37+48=? A: ", "85"};
+  auto exact = tessera::tasks::score_arithmetic(e, " 85\nQ");
+  EXPECT_TRUE(exact.exact && exact.last_digit && exact.length);
+  auto units = tessera::tasks::score_arithmetic(e, "75");
+  EXPECT_FALSE(units.exact);
+  EXPECT_TRUE(units.last_digit && units.length);
+  auto longer = tessera::tasks::score_arithmetic(e, "105");
+  EXPECT_TRUE(longer.last_digit);
+  EXPECT_FALSE(longer.length);
+  auto none = tessera::tasks::score_arithmetic(e, "five");
+  EXPECT_FALSE(none.exact || none.last_digit || none.length);
+  tessera::tasks::ArithmeticExample neg{"Q: 3-8=? A: ", "-5"};
+  EXPECT_FALSE(tessera::tasks::score_arithmetic(neg, "5").length);  // the sign counts
+  EXPECT_TRUE(tessera::tasks::score_arithmetic(neg, "-5").exact);
+}
+
 TEST(Arithmetic, SmallConfigIsValidForBothFamilies) {
   auto dense = tessera::tasks::small_arithmetic_config(300);
   EXPECT_EQ(dense.model_type, "llama");

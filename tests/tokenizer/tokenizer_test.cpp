@@ -449,16 +449,16 @@ TEST_F(Gpt2Test, RoundTripsArbitraryBytes) {
   }
 }
 
-TEST_F(Gpt2Test, EncodesMobyDickQuickly) {
+// A whole book (1.2 MB of prose) encodes and decodes back byte for byte.
+// (Encoding speed is a benchmark's business, not a unit test's.)
+TEST_F(Gpt2Test, EncodesMobyDickAndDecodesItBack) {
   const std::string path = testdata_dir() + "/text/moby-dick.txt";
   SKIP_UNLESS_EXISTS(path);
   const std::string text = read_all(path);
-  const auto start = std::chrono::steady_clock::now();
   const std::vector<int32_t> ids = tok().encode(text);
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("moby-dick.txt: %zu bytes -> %zu tokens in %.3f s (%.1f MB/s)\n", text.size(),
-              ids.size(), seconds, text.size() / seconds / 1e6);
+  // English prose is about 4 bytes per GPT-2 token.
+  EXPECT_GT(ids.size(), text.size() / 6);
+  EXPECT_LT(ids.size(), text.size() / 3);
   EXPECT_EQ(tok().decode(ids), text);
 }
 

@@ -12,6 +12,9 @@
 //   at::Tensor mine = redistribute(*world, local_rows, rows, cols);
 //
 // Collective over `group`, whose size must equal both layouts' world size.
+//
+// Thread safety: collectives on one group must be issued in the same order
+// by every rank; concurrent calls on different groups are safe.
 #pragma once
 
 #include <ATen/core/Tensor.h>

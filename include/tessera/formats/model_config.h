@@ -12,6 +12,9 @@
 //
 //   auto cfg = tessera::nn::ModelConfig::load("models/llama/config.json");
 //   std::cout << cfg.summary() << "\n";
+//
+// Thread safety: ModelConfig is a plain value; load() and parse() are
+// thread-safe.
 #pragma once
 
 #include <cstdint>

@@ -120,18 +120,31 @@ struct SearchSpace {
   bool allow_replicas = true;
 };
 
-// Time of one replica handling `tokens` tokens (infinite when infeasible:
+// What one function replica is asked to do.
+struct ReplicaWork {
+  Method method = Method::kDirect;
+  int memory_index = 0;  // into PriceSheet::memory_sizes_mb
+  int64_t tokens = 0;
+  int64_t beta = 0;      // pipelined minibatch size (kPipelined only)
+};
+// Time of one replica handling its tokens (infinite when infeasible:
 // memory or payload limit).
-double replica_seconds(const PlatformProfile& p, const PriceSheet& prices, Method method, int memory_index,
-                       int64_t tokens, int64_t beta);
-// Time and billed cost of an expert with `tokens` tokens split evenly over
-// its replicas (0 tokens: no invocation, 0 time).
+double replica_seconds(const PlatformProfile& p, const PriceSheet& prices, const ReplicaWork& work);
+
+// What one expert of a layer is asked to do: `tokens` tokens split evenly
+// over the replicas `choice` gives it.
+struct ExpertWork {
+  Method method = Method::kDirect;
+  int64_t beta = 0;
+  ExpertChoice choice;
+  double tokens = 0;
+};
+// Time and billed cost of an expert's work (0 tokens: no invocation, 0 time).
 struct ExpertCost {
   double seconds = 0, cost = 0;
   bool feasible = true;
 };
-ExpertCost expert_cost(const PlatformProfile& p, const PriceSheet& prices, Method method, int64_t beta,
-                       const ExpertChoice& choice, double tokens);
+ExpertCost expert_cost(const PlatformProfile& p, const PriceSheet& prices, const ExpertWork& work);
 
 // Evaluates a deployment against per-expert token counts [layers][experts].
 Deployment evaluate(const PlatformProfile& p, const PriceSheet& prices, const Deployment& plan,

@@ -19,6 +19,9 @@
 //   tessera::moe::CountTable table(model.config());
 //   table.add(trace);
 //   at::Tensor loads = table.predict(new_ids, tessera::moe::Predictor::kBayesian);  // [layers, experts]
+//
+// Thread safety: CountTable is thread-compatible (guard concurrent add());
+// the free functions are thread-safe.
 #pragma once
 
 #include <ATen/core/Tensor.h>

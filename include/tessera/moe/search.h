@@ -21,6 +21,8 @@
 // that misses the SLO counts as its cost times 1 + slo_penalty * (relative
 // miss). It stops when
 // the best cost improved by less than zeta (relative) over lambda iterations.
+//
+// Thread safety: pure functions of their arguments; thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +48,11 @@ struct BoOptions {
   double slo_seconds = 1.0;
   int max_iterations = 60;
   int candidates = 64;       // epsilon-greedy proposals scored by expected improvement per iteration
+  // Multi-dimensional epsilon-greedy: dimension k (one correction) is
+  // perturbed with probability eps0 / (1 + rho * tau_k), tau_k counting how
+  // often it was explored, so well-explored corrections settle while
+  // mispredicted ones (tau reset) keep moving. eps0: the starting
+  // probability; rho: how fast it decays per exploration.
   double eps0 = 0.5, rho = 0.2;
   double step = 0.25;        // relative perturbation of a correction
   double alpha = 0.2;        // relative load miss that counts as a misprediction

@@ -11,6 +11,10 @@
 //   opts.stop_tokens = {eos};
 //   auto result = tessera::nn::generate(model, {{1, 2, 3}, {4, 5}}, opts);
 //   // result.tokens[i]: the new tokens of prompt i (stop token included)
+//
+// Thread safety: generate() runs forwards of its model, which are not
+// thread-safe: one generate() per model at a time. sample_next() and
+// pad_prompts() are thread-safe.
 #pragma once
 
 #include <ATen/core/Tensor.h>

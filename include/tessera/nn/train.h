@@ -13,6 +13,10 @@
 //     auto batch = data.batch(step, dp_rank, dp_size);
 //     auto stats = trainer.step(batch.input_ids, batch.labels);
 //   }
+//
+// Thread safety: AdamW, Trainer and TokenDataset are thread-compatible; a
+// Trainer step is collective over its groups. TokenDataset's const methods
+// may run concurrently.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -9,6 +9,10 @@
 // The mode is one field: switching it between forwards switches every
 // layer, over the same packed weights (what QSPEC's draft and verify steps
 // do).
+//
+// Thread safety: linear() may run concurrently; the mode is one atomic
+// field, so changing it while forwards run changes the mode of the layers
+// they have not reached yet (set it between forwards).
 #pragma once
 
 #include <atomic>

@@ -25,6 +25,8 @@
 //
 //   auto q = tessera::quant::quantize(w, {.group_size = 128});
 //   at::Tensor y = tessera::quant::linear(x, q, tessera::quant::Mode::kW4A16);
+//
+// Thread safety: pure functions; thread-safe.
 #pragma once
 
 #include <ATen/core/Tensor.h>

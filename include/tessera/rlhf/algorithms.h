@@ -8,6 +8,8 @@
 //   at::Tensor rewards = tessera::rlhf::kl_penalized_rewards(scores, kl, mask, 0.05);
 //   auto [adv, ret] = tessera::rlhf::gae(rewards, values, mask, 1.0, 0.95);
 //   auto pl = tessera::rlhf::ppo_policy_loss(logp, old_logp, adv, mask, 0.2);
+//
+// Thread safety: pure functions of tensors; thread-safe.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -14,6 +14,9 @@
 //   auto g = tessera::rlhf::hybrid_engine_groups(8, /*train_tp=*/4, /*gen_tp=*/2);
 //   // g.gen_tp_groups   = {0,2},{1,3},{4,6},{5,7}
 //   // g.micro_dp_groups = {0,1},{2,3},{4,5},{6,7}
+//
+// Thread safety: pure functions except make_micro_dp_group and
+// gather_generation_shard, which are collective (same order on every rank).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -16,6 +16,9 @@
 // restarts from the iteration that file names. Sampling seeds depend only
 // on (seed, iteration, generation dp rank), so a resumed run repeats the
 // uninterrupted run's losses exactly (fp32, same layout).
+//
+// Thread safety: a pipeline drives one Driver from the calling thread; run
+// one pipeline per driver at a time.
 #pragma once
 
 #include <chrono>

@@ -16,6 +16,8 @@
 //                  padding is dropped again on collect), every worker of dp
 //                  rank r gets chunk r; the results of the tp-rank-0 workers
 //                  are concatenated in dp order.
+//
+// Thread safety: pure functions; thread-safe.
 #pragma once
 
 #include <ATen/core/Tensor.h>

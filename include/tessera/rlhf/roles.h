@@ -45,6 +45,9 @@
 //   token's hidden state. Keys: model, head (a safetensors file with
 //   "value_head.weight" [H] and "value_head.bias" []), micro_batch.
 //   score             DP_COMPUTE                    -> scores [n]; metric mean_score
+//
+// Thread safety: roles run on their worker's single executor thread; the
+// helper functions are thread-safe.
 #pragma once
 
 #include <ATen/core/Tensor.h>

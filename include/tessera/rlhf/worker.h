@@ -29,6 +29,10 @@
 // The same binary is driver and worker: the driver starts copies of itself
 // with the worker's environment, and run_worker_if_spawned() turns those
 // copies into workers before the driver code runs.
+//
+// Thread safety: a worker runs calls one at a time on one executor thread
+// in the driver's sequence order; RoleRegistry is thread-compatible (fill
+// it before run_worker_if_spawned).
 #pragma once
 
 #include <functional>

@@ -13,6 +13,9 @@
 //   grpc::ClientContext ctx;
 //   tessera::rpc::set_deadline(ctx, std::chrono::seconds(5));
 //   tessera::rpc::check(stub->Health(&ctx, req, &reply), "Health", server.address());
+//
+// Thread safety: the helpers are thread-safe; a Server may be shut down
+// from any thread once.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -21,6 +21,8 @@
 //   (nccl-tests-style table, 8 B .. 1 GiB, which parse_nccl_tests reads back)
 //
 // Pure functions; sweep() calls the factory and simulate() sequentially.
+//
+// Thread safety: thread-safe when the trace factory is.
 #pragma once
 
 #include <cstdint>

@@ -36,6 +36,16 @@ std::vector<ArithmeticExample> arithmetic_examples(int64_t count, uint64_t seed,
 // answer.
 bool arithmetic_correct(const ArithmeticExample& example, const std::string& completion);
 
+// Partial credit for a completion, to show what a small model learnt before
+// it gets whole answers right: the first number's last digit, and its
+// number of digits (sign included), compared with the answer's.
+struct ArithmeticScore {
+  bool exact = false;       // arithmetic_correct
+  bool last_digit = false;  // the units digit is right
+  bool length = false;      // as many digits (and the same sign) as the answer
+};
+ArithmeticScore score_arithmetic(const ArithmeticExample& example, const std::string& completion);
+
 // A pretraining corpus: `count` seeded examples written as text one after
 // another ("Q: 37+48=? A: 85\n..."), as `tokenizer`'s token ids.
 std::vector<int64_t> arithmetic_corpus(const nn::Tokenizer& tokenizer, int64_t count, uint64_t seed,
