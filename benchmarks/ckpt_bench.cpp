@@ -1,58 +1,62 @@
-// Checkpoint throughput next to this machine's disk, measured in one run.
-// Run under tessera-launch:
+// Checkpoint throughput next to this machine's disk and next to PyTorch's
+// distributed checkpoint (DCP), measured in one run. Run under tessera-launch:
 //
 //   build/release/bin/tessera-launch --nproc 4 -- build/release/bin/ckpt_bench --gib 2
+//       --dcp-python build/bench-venv/bin/python --json ckpt_np4.json   (one line)
 //
-// Options:
-//   --gib G         total state over all ranks, GiB (default 2)
-//   --tensors K     tensors in the state, each [rows, 4096] float32 sharded by
-//                   rows over the ranks (default 16)
-//   --dir PATH      scratch directory, removed afterwards (default
-//                   /tmp/tessera_ckpt_bench); put it on the file system to measure
-//   --io-threads T  I/O threads per rank for save and load (default 4)
-//   --repeat R      rounds of every measurement; the table shows the median
-//                   and the range (default 3)
-//   --step-seconds S  the compute phase of the defer_copy measurement
-//                   (default 1.0: a 2 GiB state with AdamW moments is a
-//                   model of ~170M parameters, whose forward and backward
-//                   pass over 256 tokens takes longer than that on 2 cores)
-//   --keep          leave the files in --dir
-//   -h, --help      print the options and exit
+// Options (--help lists them with their defaults):
+//   --gib G           total state over all ranks, GiB (default 2; --quick: 1/32)
+//   --tensors K       tensors in the state, each [rows, 4096] float32 sharded by
+//                     rows over the ranks (default 16; --quick: 4)
+//   --dir PATH        scratch directory, removed afterwards; put it on the file
+//                     system to measure
+//   --io-threads T    I/O threads per rank for save and load (default 4)
+//   --reps R          timed rounds (default 5); --warmup W untimed rounds first
+//   --step-seconds S  the compute phase standing in for a training step's
+//                     forward and backward pass (default 1.0: a 2 GiB state
+//                     with AdamW moments is a ~170M-parameter model, whose
+//                     forward and backward over 256 tokens take longer than
+//                     that on 2 cores)
+//   --fio PATH        fio, the disk anchor (default: "fio" on PATH; absent: no
+//                     anchor, said so in the report)
+//   --dcp-python PY   a Python with torch >= 2.0 that runs benchmarks/dcp_bench.py
+//                     in every round (default: none, no DCP rows)
+//   --json FILE       every round's numbers, the configuration and the machine
 //
-// Rows of the printed Markdown table (rank 0; GB = 1e9 bytes):
-//   * sequential write / read: rank 0 alone writes one file the size of the
-//     whole state with 16 MiB write() calls and fsync, drops it from the
-//     page cache (posix_fadvise DONTNEED; residency checked with mincore)
-//     and reads it back with 16 MiB reads: the device's single-stream
-//     bandwidth.
-//   * ckpt::save: synchronous save of the state (every rank writes its own
-//     file in parallel, CRC-32C per MiB, fsync, commit).
-//   * ckpt::load: load into fresh tensors of the same layout after the
-//     checkpoint's files were dropped from the page cache (checksums
-//     verified); the loaded values are compared with the saved ones.
-//   * save_async blocked: the time save_async() keeps the caller (plan,
-//     one all_gather, copy to the reused staging buffer) — what a training
-//     step waits for — then the time until that save is committed.
-//   * save_async with defer_copy: the caller is blocked in save_async and in
-//     release_tensors(), which it calls after a compute phase that stands
-//     in for the next step's forward and backward passes (fp32 matmuls on
-//     every rank, calibrated in the same run to take --step-seconds when
-//     nothing else runs); release_tensors() copies what the writes have not
-//     reached yet. Also printed: that share of the bytes, and how much the
-//     compute phase slowed while the save was writing (the CPU time the
-//     I/O threads take from training on a machine without a GPU).
-//   * baseline save: each tensor gathered whole to rank 0 (send/recv), which
-//     writes them all into one file with torch::save, then fsync.
-//   * baseline load: rank 0 reads that file with torch::load (cold cache)
-//     and sends each rank its rows.
-// Times are the slowest rank's, between barriers.
+// Every round, in this order, with the page cache out of the way:
+//   * fio, the disk anchor (rank 0 alone): sequential write then read of the
+//     state's size with direct I/O, as many streams as our save and load use
+//     (ranks x I/O threads, one file each) and the same request sizes (1 MiB
+//     writes: the synchronous save's bounce chunks; 4 MiB reads: the load's
+//     pieces), psync engine, fsync at the end of the writes.
+//   * ckpt::save: synchronous save (every rank writes its own file with its
+//     I/O threads, CRC-32C per MiB, fsync, commit).
+//   * ckpt::load: load into zeroed tensors of the same layout after the
+//     checkpoint's files were dropped from the page cache (posix_fadvise
+//     DONTNEED, residency checked with mincore); values compared.
+//   * a training step alone: the compute phase (fp32 matmuls 384x384 on every
+//     rank, calibrated once to take --step-seconds with every rank computing).
+//   * save_async, default (snapshot copy before returning): the time the
+//     caller is blocked; the step time with the save overlapping the compute
+//     phase (save_async call to the end of the compute phase); until committed.
+//   * save_async with defer_copy: the same, the step ending with
+//     release_tensors() (which copies what the writes have not reached yet);
+//     also the share of the bytes that copy took.
+//   * baseline: each tensor gathered whole to rank 0 (send/recv), which writes
+//     them all with torch::save into one file and fsyncs it; then rank 0
+//     reads it with torch::load (cold cache) and sends each rank its rows.
+//   * DCP (with --dcp-python): benchmarks/dcp_bench.py on the same state
+//     (DTensor Shard(0)), as many ranks, FileSystemWriter with as many
+//     threads, its own warm-up round, then one timed round of the same
+//     measurements (dcp.save, dcp.load, dcp.async_save around the same
+//     compute phase); rank 0 starts it while the other ranks wait.
+// Times are the slowest rank's, between barriers. The cost of a save to a
+// training step is (step time with the save) - (step time alone), per round.
 #include <ATen/ATen.h>
-#include <torch/serialize.h>  // the baseline's torch::save / torch::load
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/statfs.h>
-#include <sys/sysinfo.h>
+#include <torch/serialize.h>  // the baseline's torch::save / torch::load
 #include <unistd.h>
 
 #include <algorithm>
@@ -60,19 +64,23 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "bench_report.h"
 #include "command_line.h"
 #include "tessera/ckpt/checkpoint.h"
 #include "tessera/core/error.h"
 #include "tessera/core/file_io.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
+#include "tessera/core/subprocess.h"
 #include "tessera/dist/rendezvous.h"
 
 namespace fs = std::filesystem;
@@ -82,39 +90,57 @@ using tessera::Stopwatch;
 namespace {
 
 constexpr int64_t kCols = 4096;
-constexpr size_t kIoBytes = size_t{16} << 20;
+// Request sizes of our save and load (src/ckpt: a synchronous or deferred
+// save writes 1 MiB bounce chunks, a load reads 4 MiB pieces); fio uses
+// the same.
+constexpr int64_t kSaveRequestBytes = int64_t{1} << 20;
+constexpr int64_t kLoadRequestBytes = int64_t{4} << 20;
 
 struct Options {
   double gib = 2;
   int tensors = 16;
   std::string dir = "/tmp/tessera_ckpt_bench";
   size_t io_threads = 4;
-  int repeat = 3;
   double step_seconds = 1.0;
+  std::string fio = "fio";
+  std::string dcp_python;
   bool keep = false;
+  tessera::bench::RepeatOptions rep;
 };
 
 // Reads the command line into `o`; returns main()'s code when it should
 // stop (0 after --help, 2 after a bad command line).
 std::optional<int> parse(int argc, char** argv, Options* o) {
-  CLI::App app{"Checkpoint throughput next to this machine's disk (run under tessera-launch).",
-               "ckpt_bench"};
+  CLI::App app{
+      "Checkpoint throughput next to this machine's disk (fio) and PyTorch's DCP "
+      "(run under tessera-launch).",
+      "ckpt_bench"};
   app.option_defaults()->always_capture_default();
-  app.add_option("--gib", o->gib, "total state over all ranks, GiB")
-      ->check(tessera::examples::positive());
-  app.add_option("--tensors", o->tensors,
-                 "tensors in the state, each [rows, 4096] float32 sharded by rows over the ranks")
-      ->check(tessera::examples::positive());
+  auto* gib = app.add_option("--gib", o->gib, "total state over all ranks, GiB")
+                  ->check(tessera::examples::positive());
+  auto* tensors = app.add_option("--tensors", o->tensors,
+                                 "tensors in the state, each [rows, 4096] float32 sharded by rows "
+                                 "over the ranks")
+                      ->check(tessera::examples::positive());
   app.add_option("--dir", o->dir, "scratch directory, removed afterwards");
   app.add_option("--io-threads", o->io_threads, "I/O threads per rank for save and load")
       ->check(tessera::examples::positive());
-  app.add_option("--repeat", o->repeat, "rounds of every measurement (the table shows the median)")
-      ->check(tessera::examples::positive());
-  app.add_option("--step-seconds", o->step_seconds,
-                 "the compute phase of the defer_copy measurement, seconds")
-      ->check(tessera::examples::positive());
+  auto* step = app.add_option("--step-seconds", o->step_seconds,
+                              "the compute phase standing in for a training step, seconds")
+                   ->check(tessera::examples::positive());
+  app.add_option("--fio", o->fio, "fio program, the disk anchor (not found: no anchor)");
+  app.add_option("--dcp-python", o->dcp_python,
+                 "Python with torch >= 2.0 running benchmarks/dcp_bench.py each round (empty: no "
+                 "DCP rows)");
   app.add_flag("--keep", o->keep, "leave the files in --dir");
-  return tessera::examples::parse_command_line(app, argc, argv);
+  tessera::bench::add_repeat_options(app, o->rep);
+  if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return code;
+  if (o->rep.quick) {
+    if (gib->count() == 0) o->gib = 1.0 / 32;
+    if (tensors->count() == 0) o->tensors = 4;
+    if (step->count() == 0) o->step_seconds = 0.05;
+  }
+  return std::nullopt;
 }
 
 // The slowest rank's value.
@@ -182,67 +208,6 @@ double drop_dir(const std::string& dir) {
   return worst;
 }
 
-void write_all(int fd, const uint8_t* p, size_t n, const std::string& path) {
-  while (n > 0) {
-    ssize_t w = ::write(fd, p, std::min(n, kIoBytes));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      tessera::throw_io_error("writing " + path, errno);
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-}
-
-void read_all(int fd, uint8_t* p, size_t n, const std::string& path) {
-  while (n > 0) {
-    ssize_t r = ::read(fd, p, std::min(n, kIoBytes));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      tessera::throw_io_error("reading " + path, errno);
-    }
-    TESSERA_CHECK(r > 0, DataLoss, path, " ended early");
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-}
-
-struct Disk {
-  double write_s = 0, read_s = 0;
-  double resident_after_drop = -1;  // fraction; 0: the read was from the device
-};
-
-// Rank 0 writes `bytes` to one file (16 MiB writes, fsync), drops it from
-// the cache and reads it back.
-Disk sequential(const std::string& path, uint64_t bytes) {
-  Disk d;
-  std::vector<uint8_t> buf(kIoBytes);
-  for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<uint8_t>(i * 2654435761u >> 13);
-  {
-    Stopwatch w;
-    tessera::FileDescriptor fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-    if (fd.get() < 0) tessera::throw_io_error("creating " + path, errno);
-    for (uint64_t done = 0; done < bytes; done += buf.size()) {
-      write_all(fd.get(), buf.data(), std::min<uint64_t>(buf.size(), bytes - done), path);
-    }
-    if (::fsync(fd.get()) != 0) tessera::throw_io_error("fsync of " + path, errno);
-    if (int err = fd.close_checked()) tessera::throw_io_error("closing " + path, err);
-    d.write_s = w.seconds();
-  }
-  d.resident_after_drop = drop_cache(path);
-  {
-    Stopwatch w;
-    tessera::FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd.get() < 0) tessera::throw_io_error("opening " + path, errno);
-    for (uint64_t done = 0; done < bytes; done += buf.size()) {
-      read_all(fd.get(), buf.data(), std::min<uint64_t>(buf.size(), bytes - done), path);
-    }
-    d.read_s = w.seconds();
-  }
-  fs::remove(path);
-  return d;
-}
-
 // The benchmark state: `tensors` tensors [rows, kCols] float32, rows
 // sharded evenly over the ranks (each rank's share is one contiguous box).
 struct BenchState {
@@ -281,8 +246,8 @@ tessera::ckpt::State make_state(const BenchState& b, int rank, bool fill) {
 // Baseline: what a LibTorch user writes without a checkpoint library: every
 // tensor gathered whole to rank 0 (send/recv), which writes them all with
 // torch::save into one file and fsyncs it. Returns the file's size.
-uint64_t baseline_save(const std::string& path, const BenchState& b,
-                       const tessera::ckpt::State& st, td::ProcessGroup& world) {
+uint64_t baseline_save(const std::string& path, const BenchState& b, const tessera::ckpt::State& st,
+                       td::ProcessGroup& world) {
   const int rank = world.rank(), n = world.size();
   std::vector<at::Tensor> full_tensors;
   for (size_t t = 0; t < b.names.size(); ++t) {
@@ -332,51 +297,144 @@ void baseline_load(const std::string& path, const BenchState& b, tessera::ckpt::
   }
 }
 
-bool same_values(const BenchState& b, const tessera::ckpt::State& x, const tessera::ckpt::State& y) {
+bool same_values(const BenchState& b, const tessera::ckpt::State& x,
+                 const tessera::ckpt::State& y) {
   for (const auto& name : b.names) {
     if (!at::equal(x.entries.at(name).local, y.entries.at(name).local)) return false;
   }
   return true;
 }
 
-std::string fs_type(const std::string& path) {
-  struct statfs s {};
-  if (::statfs(path.c_str(), &s) != 0) return "?";
-  switch (static_cast<unsigned long>(s.f_type)) {
-    case 0xEF53: return "ext4";
-    case 0x58465342: return "xfs";
-    case 0x9123683E: return "btrfs";
-    case 0x01021994: return "tmpfs";
-    case 0x6969: return "nfs";
-    case 0x794c7630: return "overlayfs";
-    default: {
-      char hex[32];
-      std::snprintf(hex, sizeof(hex), "0x%lx", static_cast<unsigned long>(s.f_type));
-      return hex;
-    }
+// One fio job over `jobs` files of `bytes_per_job` in `dir` (rank 0 alone);
+// returns the aggregate seconds (bytes moved / fio's aggregate bandwidth).
+struct FioResult {
+  double seconds = 0;
+  uint64_t bytes = 0;
+};
+
+FioResult run_fio(const std::string& fio, const std::string& dir, const std::string& rw,
+                  int64_t block, int jobs, int64_t bytes_per_job) {
+  const std::vector<std::string> argv = {fio,
+                                         "--name=anchor",
+                                         "--directory=" + dir,
+                                         "--rw=" + rw,
+                                         "--bs=" + std::to_string(block),
+                                         "--direct=1",
+                                         "--ioengine=psync",
+                                         "--numjobs=" + std::to_string(jobs),
+                                         "--size=" + std::to_string(bytes_per_job),
+                                         "--end_fsync=1",
+                                         "--group_reporting",
+                                         "--output-format=json"};
+  const tessera::CommandResult r = tessera::run_command(argv, std::chrono::minutes(30), false);
+  TESSERA_CHECK(r.status.success(), Unavailable, "fio ", rw, " in ", dir, " ", r.status.describe(),
+                ":\n", r.output);
+  // fio may print warnings before the JSON document.
+  const auto brace = r.output.find('{');
+  TESSERA_CHECK(brace != std::string::npos, DataLoss, "fio ", rw, " printed no JSON:\n", r.output);
+  const nlohmann::json doc = nlohmann::json::parse(r.output.substr(brace));
+  const nlohmann::json& side = doc.at("jobs").at(0).at(rw == "write" ? "write" : "read");
+  FioResult out;
+  out.bytes = side.at("io_bytes").get<uint64_t>();
+  const double bw = side.at("bw_bytes").get<double>();
+  TESSERA_CHECK(bw > 0 && out.bytes > 0, DataLoss, "fio ", rw, " moved no bytes:\n", r.output);
+  out.seconds = static_cast<double>(out.bytes) / bw;
+  return out;
+}
+
+std::string fio_version(const std::string& fio) {
+  try {
+    const tessera::CommandResult r =
+        tessera::run_command({fio, "--version"}, std::chrono::seconds(20), false);
+    if (!r.status.success()) return "";
+    std::string v = r.output;
+    while (!v.empty() && (v.back() == '\n' || v.back() == ' ')) v.pop_back();
+    return v;
+  } catch (const std::exception&) {
+    return "";  // not installed
   }
 }
 
-// Samples of one measurement (seconds), one per round.
-struct Samples {
-  std::vector<double> v;
-  double median() const {
-    std::vector<double> s = v;
-    std::sort(s.begin(), s.end());
-    return s.empty() ? 0 : s[s.size() / 2];
-  }
-  double min() const { return *std::min_element(v.begin(), v.end()); }
-  double max() const { return *std::max_element(v.begin(), v.end()); }
+// Seconds of one round of each DCP measurement, from dcp_bench.py's JSON.
+struct DcpRound {
+  std::map<std::string, std::vector<double>> series;
+  nlohmann::json config;
+  std::string skipped;  // non-empty: the script did not run DCP, and why
 };
 
-int run(const Options& o) {
+DcpRound run_dcp(const Options& o, int ranks, int64_t step_matmuls, const std::string& dir,
+                 int warmup) {
+  const std::string json = dir + "/dcp_round.json";
+  // Without this rank's launcher variables, dcp_bench.py spawns its own
+  // ranks instead of taking itself for one rank of a torchrun job.
+  const std::vector<std::string> argv = {
+      "/usr/bin/env",
+      "-u",
+      "RANK",
+      "-u",
+      "WORLD_SIZE",
+      "-u",
+      "LOCAL_RANK",
+      "-u",
+      "LOCAL_WORLD_SIZE",
+      "-u",
+      "MASTER_ADDR",
+      "-u",
+      "MASTER_PORT",
+      "-u",
+      "TORCHELASTIC_RUN_ID",
+      o.dcp_python,
+      std::string(TESSERA_SOURCE_DIR) + "/benchmarks/dcp_bench.py",
+      "--nproc",
+      std::to_string(ranks),
+      "--gib",
+      std::to_string(o.gib),
+      "--tensors",
+      std::to_string(o.tensors),
+      "--io-threads",
+      std::to_string(o.io_threads),
+      "--reps",
+      "1",
+      "--warmup",
+      std::to_string(warmup),
+      "--step-matmuls",
+      std::to_string(step_matmuls),
+      "--dir",
+      dir + "/dcp",
+      "--json",
+      json};
+  const tessera::CommandResult r = tessera::run_command(argv, std::chrono::minutes(30));
+  TESSERA_CHECK(r.status.success(), Unavailable, "benchmarks/dcp_bench.py ", r.status.describe(),
+                ":\n", r.output);
+  DcpRound out;
+  // A Python without torch >= 2.0: the script says why and writes nothing.
+  if (const auto skipped = r.output.find("dcp_bench: SKIPPED: "); skipped != std::string::npos) {
+    out.skipped = r.output.substr(skipped + 20);
+    out.skipped = out.skipped.substr(0, out.skipped.find('\n'));
+    return out;
+  }
+  std::ifstream in(json);
+  TESSERA_CHECK(in.good(), NotFound, "benchmarks/dcp_bench.py wrote no ", json, ":\n", r.output);
+  const nlohmann::json doc = nlohmann::json::parse(in);
+  out.config = doc.at("config");
+  for (const auto& s : doc.at("series")) {
+    out.series[s.at("id").get<std::string>()] = s.at("values").get<std::vector<double>>();
+  }
+  fs::remove(json);
+  return out;
+}
+
+// Every measured quantity's samples, in round order, keyed by series id.
+using Series = std::map<std::string, std::vector<double>>;
+
+int run(const Options& o, int argc, char** argv) {
   auto world_ptr = td::init_process_group();
   td::ProcessGroup& world = *world_ptr;
   const int rank = world.rank(), n = world.size();
   const std::string dir = o.dir;
   if (rank == 0) {
     fs::remove_all(dir);
-    fs::create_directories(dir);
+    fs::create_directories(dir + "/fio");
   }
   world.barrier().wait();
 
@@ -400,148 +458,213 @@ int run(const Options& o) {
   const double per_mm = max_over(world, compute_phase(40) / 40);
   const int64_t step_mms = std::max<int64_t>(1, static_cast<int64_t>(o.step_seconds / per_mm));
 
-  Samples seq_write, seq_read, save, load, blocked, async_total, base_save, base_load;
-  Samples deferred_blocked, deferred_total, deferred_copied, compute_alone, compute_saving;
-  double seq_resident = 0, ckpt_resident = 0, one_resident = 0;  // worst over rounds
+  // fio: as many streams as our save/load (ranks x I/O threads), each its
+  // own file; sizes rounded to whole requests.
+  const std::string fio_version_text = rank == 0 ? fio_version(o.fio) : "";
+  const bool have_fio = max_over(world, fio_version_text.empty() ? 0 : 1) > 0;
+  const int fio_jobs = n * static_cast<int>(o.io_threads);
+  const int64_t fio_job_bytes =
+      std::max<int64_t>(kLoadRequestBytes, static_cast<int64_t>(total) / fio_jobs /
+                                               kLoadRequestBytes * kLoadRequestBytes);
+  bool have_dcp = !o.dcp_python.empty();
+  std::string dcp_skipped = have_dcp ? "" : "no --dcp-python given";
+
+  Series s;
+  double ckpt_resident = 0, one_resident = 0;  // worst over rounds
   bool load_ok = true, base_ok = true;
   uint64_t one_bytes = 0;
-  for (int round = 0; round < o.repeat; ++round) {
-    // 1. The device: one stream, rank 0 alone, same size as the state.
-    if (rank == 0) {
-      Disk disk = sequential(dir + "/sequential.bin", total);
-      seq_write.v.push_back(disk.write_s);
-      seq_read.v.push_back(disk.read_s);
-      seq_resident = std::max(seq_resident, disk.resident_after_drop);
+  nlohmann::json dcp_config;
+  for (int round = 0; round < o.rep.warmup + o.rep.reps; ++round) {
+    const bool timed_round = round >= o.rep.warmup;
+    Series r;  // this round's samples
+    // 1. The disk anchor.
+    if (have_fio && rank == 0) {
+      const std::string fio_dir = dir + "/fio";
+      const FioResult w =
+          run_fio(o.fio, fio_dir, "write", kSaveRequestBytes, fio_jobs, fio_job_bytes);
+      const FioResult rd =
+          run_fio(o.fio, fio_dir, "read", kLoadRequestBytes, fio_jobs, fio_job_bytes);
+      // Seconds to move the state's bytes at fio's rate.
+      r["fio.write"].push_back(w.seconds * static_cast<double>(total) / w.bytes);
+      r["fio.read"].push_back(rd.seconds * static_cast<double>(total) / rd.bytes);
+      for (const auto& e : fs::directory_iterator(fio_dir)) fs::remove(e.path());
     }
     world.barrier().wait();
 
     // 2. Synchronous save.
     const std::string sync_dir = dir + "/sync";
-    save.v.push_back(timed(world, [&] { ck.save(sync_dir, state, world_ptr, so); }));
+    r["save"].push_back(timed(world, [&] { ck.save(sync_dir, state, world_ptr, so); }));
 
     // 3. Load, cold cache, into zeroed tensors.
     if (rank == 0) ckpt_resident = std::max(ckpt_resident, drop_dir(sync_dir));
     for (auto& [name, e] : loaded.entries) e.local.zero_();
-    load.v.push_back(timed(world, [&] { ck.load(sync_dir, loaded, world_ptr, lo); }));
+    r["load"].push_back(timed(world, [&] { ck.load(sync_dir, loaded, world_ptr, lo); }));
     load_ok &= max_over(world, same_values(b, state, loaded) ? 0 : 1) == 0;
 
-    // 4. save_async: blocked time, then until committed.
-    const std::string async_dir = dir + "/async";
-    {
+    // 4. A training step alone, then with each kind of asynchronous save.
+    r["step.alone"].push_back(timed(world, [&] { compute_phase(step_mms); }));
+    for (const bool defer : {false, true}) {
+      const std::string prefix = defer ? "defer." : "async.";
+      const std::string async_dir = dir + (defer ? "/deferred" : "/async");
+      tessera::ckpt::SaveOptions aso = so;
+      aso.defer_copy = defer;
       world.barrier().wait();
       Stopwatch w;
-      tessera::ckpt::SaveHandle h = ck.save_async(async_dir, state, world_ptr, so);
-      const double b_s = w.seconds();
+      tessera::ckpt::SaveHandle h = ck.save_async(async_dir, state, world_ptr, aso);
+      double blocked = w.seconds();
+      compute_phase(step_mms);
+      if (defer) {
+        Stopwatch rel;
+        h.release_tensors();
+        blocked += rel.seconds();
+      }
+      const double step_s = w.seconds();
       h.wait();
-      const double t_s = w.seconds();
-      blocked.v.push_back(max_over(world, b_s));
-      async_total.v.push_back(max_over(world, t_s));
-    }
-
-    // 4b. save_async with defer_copy around a compute phase; the same
-    //     compute phase alone right before, for the slowdown.
-    const std::string deferred_dir = dir + "/deferred";
-    {
-      compute_alone.v.push_back(timed(world, [&] { compute_phase(step_mms); }));
-      tessera::ckpt::SaveOptions dso = so;
-      dso.defer_copy = true;
-      world.barrier().wait();
-      Stopwatch w;
-      tessera::ckpt::SaveHandle h = ck.save_async(deferred_dir, state, world_ptr, dso);
-      const double in_save = w.seconds();
-      const double c_s = compute_phase(step_mms);
-      Stopwatch r;
-      h.release_tensors();
-      const double in_release = r.seconds();
-      h.wait();
-      const double t_s = w.seconds();
-      deferred_blocked.v.push_back(max_over(world, in_save + in_release));
-      deferred_total.v.push_back(max_over(world, t_s));
-      compute_saving.v.push_back(max_over(world, c_s));
-      const double copied = static_cast<double>(h.stats().bytes_copied) /
-                            std::max<uint64_t>(1, h.stats().bytes_written);
-      deferred_copied.v.push_back(max_over(world, copied));
+      const double total_s = w.seconds();
+      r[prefix + "blocked"].push_back(max_over(world, blocked));
+      r[prefix + "step"].push_back(max_over(world, step_s));
+      r[prefix + "total"].push_back(max_over(world, total_s));
+      if (defer) {
+        const double copied = static_cast<double>(h.stats().bytes_copied) /
+                              std::max<uint64_t>(1, h.stats().bytes_written);
+        r["defer.copied_fraction"].push_back(max_over(world, copied));
+      }
     }
 
     // 5. Baseline: gather to rank 0, one file; read back and scatter.
     const std::string one_file = dir + "/one_file.bin";
-    base_save.v.push_back(timed(world, [&] { one_bytes = baseline_save(one_file, b, state, world); }));
+    r["baseline.save"].push_back(
+        timed(world, [&] { one_bytes = baseline_save(one_file, b, state, world); }));
     if (rank == 0) one_resident = std::max(one_resident, drop_cache(one_file));
     for (auto& [name, e] : loaded.entries) e.local.zero_();
-    base_load.v.push_back(timed(world, [&] { baseline_load(one_file, b, loaded, world); }));
+    r["baseline.load"].push_back(timed(world, [&] { baseline_load(one_file, b, loaded, world); }));
     base_ok &= max_over(world, same_values(b, state, loaded) ? 0 : 1) == 0;
 
     world.barrier().wait();
     if (rank == 0) {
       fs::remove_all(sync_dir);
-      fs::remove_all(async_dir);
-      fs::remove_all(deferred_dir);
+      fs::remove_all(dir + "/async");
+      fs::remove_all(dir + "/deferred");
       fs::remove(one_file);
     }
     world.barrier().wait();
+
+    // 6. DCP, same state and ranks, started by rank 0 (the others wait):
+    //    its own warm-up round in its first process, one timed round each.
+    if (have_dcp && timed_round) {
+      if (rank == 0) {
+        DcpRound d = run_dcp(o, n, step_mms, dir, /*warmup=*/1);
+        for (auto& [id, v] : d.series) r["dcp." + id] = v;
+        dcp_config = d.config;
+        dcp_skipped = d.skipped;
+      }
+      // Rank 0 tells the others whether DCP can run at all.
+      have_dcp = max_over(world, dcp_skipped.empty() ? 0 : 1) == 0;
+      world.barrier().wait();
+    }
+    if (timed_round) {
+      for (auto& [id, v] : r) s[id].insert(s[id].end(), v.begin(), v.end());
+    }
   }
 
   if (rank == 0) {
-    struct sysinfo si {};
-    ::sysinfo(&si);
-    const double seq_w = gb / seq_write.median(), seq_r = gb / seq_read.median();
+    auto med = [&](const std::string& id) { return tessera::bench::median(s[id]); };
     auto pct = [](double f) {
-      char s[32];
-      if (f < 0) return std::string("unknown");
-      std::snprintf(s, sizeof(s), "%.0f%%", f * 100);
-      return std::string(s);
+      char t[32];
+      std::snprintf(t, sizeof(t), "%.0f%%", f * 100);
+      return std::string(t);
     };
-    // "| what | median s | min–max s | GB/s | vs sequential |"
-    auto row = [&](const std::string& what, const Samples& x, double bytes_gb, double reference) {
-      const double m = x.median();
-      std::printf("| %s | %.3f | %.3f–%.3f | %.2f | ", what.c_str(), m, x.min(), x.max(), bytes_gb / m);
-      if (reference > 0) {
-        std::printf("%.2f |\n", bytes_gb / m / reference);
+    // "| what | median s | min–max s | GB/s | vs fio |"
+    auto row = [&](const std::string& what, const std::string& id, double bytes_gb,
+                   const std::string& ref) {
+      if (s[id].empty()) return;
+      const double m = med(id);
+      std::printf("| %s | %.3f | %.3f–%.3f | %.2f | ", what.c_str(), m,
+                  tessera::bench::min_of(s[id]), tessera::bench::max_of(s[id]), bytes_gb / m);
+      if (!ref.empty() && !s[ref].empty()) {
+        std::printf("%.2f |\n", med(ref) / m);
       } else {
         std::printf("— |\n");
       }
     };
-    std::printf("\n### ckpt_bench: %d ranks, %.2f GiB state (%d float32 tensors [%lld, %lld], "
-                "rows sharded), %zu I/O threads per rank, median of %d rounds\n\n",
-                n, total / double(1 << 30), o.tensors, static_cast<long long>(b.shapes[0][0]),
-                static_cast<long long>(kCols), o.io_threads, o.repeat);
-    std::printf("Machine: %u CPU cores online, %.1f GiB RAM, %s at %s. GB = 1e9 bytes; times are "
-                "the slowest rank's. Page cache after posix_fadvise(DONTNEED), worst round: "
-                "sequential file %s, checkpoint files %s, baseline file %s still cached.\n\n",
-                std::thread::hardware_concurrency(), si.totalram * double(si.mem_unit) / (1 << 30),
-                fs_type(dir).c_str(), dir.c_str(), pct(seq_resident).c_str(),
-                pct(ckpt_resident).c_str(), pct(one_resident).c_str());
-    std::printf("| operation | median s | range s | GB/s | vs sequential |\n|---|---:|---:|---:|---:|\n");
-    row("sequential write: 1 file, 16 MiB writes + fsync (rank 0 alone)", seq_write, gb, seq_w);
-    row("sequential read: same file, page cache dropped, 16 MiB reads", seq_read, gb, seq_r);
-    row("ckpt::save, synchronous (" + std::to_string(n) + " files in parallel, CRC-32C, fsync, commit)",
-        save, gb, seq_w);
-    row(std::string("ckpt::load, page cache dropped, checksums verified (values ") +
-            (load_ok ? "equal" : "DIFFER") + ")",
-        load, gb, seq_r);
-    row("ckpt::save_async: caller blocked (plan + snapshot to staging)", blocked, gb, 0);
-    row("ckpt::save_async: until committed", async_total, gb, seq_w);
-    row("ckpt::save_async, defer_copy: caller blocked (save_async + release_tensors after the "
-        "compute phase)",
-        deferred_blocked, gb, 0);
-    row("ckpt::save_async, defer_copy: until committed", deferred_total, gb, seq_w);
-    row("baseline save: each tensor gathered to rank 0, torch::save, fsync",
-        base_save, one_bytes / 1e9, seq_w);
-    row(std::string("baseline load: rank 0 torch::load (cache dropped), sends each rank its rows (values ") +
+    std::printf(
+        "\n### ckpt_bench: %d ranks, %.3f GiB state (%d float32 tensors [%lld, %lld], "
+        "rows sharded), %zu I/O threads per rank, median of %d rounds (after %d warm-up)\n\n",
+        n, total / double(1 << 30), o.tensors, static_cast<long long>(b.shapes[0][0]),
+        static_cast<long long>(kCols), o.io_threads, o.rep.reps, o.rep.warmup);
+    std::printf(
+        "Page cache after posix_fadvise(DONTNEED), worst round: checkpoint files %s, "
+        "baseline file %s still cached. fio: %s, %d streams, 1 MiB writes / 4 MiB reads, "
+        "direct I/O.\n\n",
+        pct(ckpt_resident).c_str(), pct(one_resident).c_str(),
+        have_fio ? fio_version_text.c_str() : "not found (no anchor)", fio_jobs);
+    std::printf("| operation | median s | range s | GB/s | vs fio |\n|---|---:|---:|---:|---:|\n");
+    row("fio sequential write (anchor)", "fio.write", gb, "fio.write");
+    row("fio sequential read (anchor)", "fio.read", gb, "fio.read");
+    row("ckpt::save, synchronous", "save", gb, "fio.write");
+    row(std::string("ckpt::load, cold cache (values ") + (load_ok ? "equal" : "DIFFER") + ")",
+        "load", gb, "fio.read");
+    row("ckpt::save_async: caller blocked", "async.blocked", gb, "");
+    row("ckpt::save_async: until committed (compute phase overlapping)", "async.total", gb,
+        "fio.write");
+    row("ckpt::save_async, defer_copy: caller blocked (incl. release_tensors)", "defer.blocked", gb,
+        "");
+    row("ckpt::save_async, defer_copy: until committed", "defer.total", gb, "fio.write");
+    row("baseline save: gather to rank 0, torch::save, fsync", "baseline.save", one_bytes / 1e9,
+        "fio.write");
+    row(std::string("baseline load: rank 0 torch::load, scatter (values ") +
             (base_ok ? "equal" : "DIFFER") + ")",
-        base_load, one_bytes / 1e9, seq_r);
-    std::printf("\nsave_async blocks the training step for %.1f%% of the synchronous save time; "
-                "with defer_copy, %.1f%% (medians).\n",
-                100.0 * blocked.median() / save.median(),
-                100.0 * deferred_blocked.median() / save.median());
-    std::printf("defer_copy: compute phase of %lld matmuls (384x384 fp32) on every rank: %.3f s "
-                "alone, %.3f s while the save was writing (+%.0f%%, medians); release_tensors "
-                "copied %.0f%% of a rank's bytes (median; %.0f–%.0f%%).\n",
-                static_cast<long long>(step_mms), compute_alone.median(), compute_saving.median(),
-                100.0 * (compute_saving.median() / compute_alone.median() - 1),
-                100.0 * deferred_copied.median(), 100.0 * deferred_copied.min(),
-                100.0 * deferred_copied.max());
+        "baseline.load", one_bytes / 1e9, "fio.read");
+    row("dcp.save (FileSystemWriter)", "dcp.save", gb, "fio.write");
+    row("dcp.load (FileSystemReader), cold cache", "dcp.load", gb, "fio.read");
+    row("dcp.async_save: caller blocked", "dcp.async.blocked", gb, "");
+    row("dcp.async_save: until the future completes", "dcp.async.total", gb, "fio.write");
+    std::printf(
+        "\nTraining step (%lld matmuls 384x384 fp32 per rank): %.3f s alone; with save_async "
+        "%.3f s, with defer_copy %.3f s (medians)",
+        static_cast<long long>(step_mms), med("step.alone"), med("async.step"), med("defer.step"));
+    if (!s["dcp.async.step"].empty()) {
+      std::printf("; DCP: %.3f s alone, %.3f s with dcp.async_save", med("dcp.step.alone"),
+                  med("dcp.async.step"));
+    }
+    std::printf(".\n");
     std::fflush(stdout);
+
+    tessera::bench::Report report("ckpt_np" + std::to_string(n), argc, argv, o.rep.quick);
+    report.config() = {{"ranks", n},
+                       {"state_bytes", total},
+                       {"tensors", o.tensors},
+                       {"tensor_shape", b.shapes[0]},
+                       {"io_threads", o.io_threads},
+                       {"reps", o.rep.reps},
+                       {"warmup", o.rep.warmup},
+                       {"step_seconds_target", o.step_seconds},
+                       {"step_matmuls", step_mms},
+                       {"save_request_bytes", kSaveRequestBytes},
+                       {"load_request_bytes", kLoadRequestBytes},
+                       {"fio", have_fio ? nlohmann::json{{"version", fio_version_text},
+                                                         {"jobs", fio_jobs},
+                                                         {"bytes_per_job", fio_job_bytes},
+                                                         {"direct", true},
+                                                         {"ioengine", "psync"},
+                                                         {"write_bs", kSaveRequestBytes},
+                                                         {"read_bs", kLoadRequestBytes}}
+                                        : nlohmann::json(nullptr)},
+                       {"dcp", have_dcp ? dcp_config : nlohmann::json(nullptr)},
+                       {"dcp_skipped", dcp_skipped}};
+    report.facts() = {{"load_values_equal", load_ok},
+                      {"baseline_values_equal", base_ok},
+                      {"baseline_file_bytes", one_bytes},
+                      {"ckpt_resident_after_drop", ckpt_resident},
+                      {"baseline_resident_after_drop", one_resident}};
+    for (const auto& [id, v] : s) {
+      report.add_series(id, id == "defer.copied_fraction" ? "fraction" : "s", v,
+                        {{"side", id.rfind("dcp.", 0) == 0       ? "dcp"
+                                  : id.rfind("fio.", 0) == 0     ? "fio"
+                                  : id.rfind("baseline", 0) == 0 ? "baseline"
+                                                                 : "tessera"}});
+    }
+    report.write(o.rep.json, dir);
   }
   world.barrier().wait();
   if (rank == 0 && !o.keep) fs::remove_all(dir);
@@ -555,7 +678,7 @@ int main(int argc, char** argv) {
   if (auto code = parse(argc, argv, &options)) return *code;
   tessera::init_runtime();
   try {
-    return run(options);
+    return run(options, argc, argv);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ckpt_bench: %s\n", e.what());
     return 1;

@@ -3,31 +3,35 @@
 
 The same state as benchmarks/ckpt_bench.cpp: K float32 tensors [rows, 4096]
 whose rows are sharded evenly over the ranks (DTensor, Shard(0), on a CPU
-device mesh, Gloo), --gib GiB in all. Prints a Markdown table (rank 0) with
-the same rows where DCP has them:
+device mesh, Gloo), --gib GiB in all. Each round (after --warmup untimed
+ones) measures, the slowest rank's time between barriers:
 
-  * sequential write / read: rank 0 alone writes one file the size of the
-    state with 16 MiB writes + fsync, drops it from the page cache
-    (posix_fadvise DONTNEED) and reads it back;
-  * dcp.save (synchronous), dcp.load after the checkpoint files were dropped
-    from the page cache (values compared);
-  * dcp.async_save (torch >= 2.3): time the caller is blocked, and until the
-    returned future completes.
+  * save: dcp.save with FileSystemWriter(thread_count=--io-threads), files
+    fsynced (sync_files, its default);
+  * load: dcp.load with FileSystemReader after the checkpoint's files were
+    dropped from the page cache (posix_fadvise DONTNEED); values compared;
+  * step.alone: --step-matmuls fp32 matmuls 384x384 on every rank, the
+    stand-in for a training step's forward and backward pass (ckpt_bench
+    passes the count it calibrated);
+  * async.blocked / async.step / async.total: dcp.async_save (torch >= 2.3):
+    the time the caller is blocked; the time until the same compute phase
+    run right after it ends; until the returned future completes.
 
-Times are the slowest rank's, between barriers; GB = 1e9 bytes; median of
---repeat rounds.
+Prints a Markdown table (rank 0); --json FILE writes every round's numbers
+(schema tessera-bench/1, as the C++ benchmarks). ckpt_bench runs this once
+per round with --reps 1, so that its rounds and DCP's interleave.
 
-  python3 benchmarks/dcp_bench.py --nproc 4 --gib 2          # spawns the ranks
+  python benchmarks/dcp_bench.py --nproc 4 --gib 2 --io-threads 4   # spawns the ranks
   torchrun --nproc-per-node 4 benchmarks/dcp_bench.py --gib 2
 
-Needs torch >= 2.0 with torch.distributed (DTensor + DCP) and numpy, e.g.
-`python3 -m pip install torch==2.5.1 numpy` into the pip interpreter (PyPI's
-wheel; the measurements in docs/benchmarks.md used 2.5.1). Without it the
-script prints why it is skipped and exits 0: Debian's torch 1.13 has a
-torch.distributed.checkpoint module, but no DTensor it can save.
+Needs torch >= 2.0 with torch.distributed (DTensor + DCP) and numpy:
+scripts/setup-bench-venv.sh makes build/bench-venv with PyPI's torch.
+Without it the script prints why it is skipped and exits 0: Debian's torch
+1.13 has a torch.distributed.checkpoint module, but no DTensor it can save.
 """
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -36,7 +40,6 @@ import tempfile
 import time
 
 COLS = 4096
-IO_BYTES = 16 << 20
 
 
 def skip(reason):
@@ -79,25 +82,29 @@ def dtensor_api():
     return mesh, DTensor, Shard
 
 
-def dcp_api(version):
+def dcp_api(version, threads):
     """(save(state, path), load(state, path), async_save or None)."""
     import torch.distributed.checkpoint as dcp
+
+    def writer(path):
+        return dcp.FileSystemWriter(path, thread_count=threads)
+
     if version >= (2, 2) and hasattr(dcp, "save"):
         def save(state, path):
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(path))
+            dcp.save(state, storage_writer=writer(path))
 
         def load(state, path):
             dcp.load(state, storage_reader=dcp.FileSystemReader(path))
     else:
         def save(state, path):
-            dcp.save_state_dict(state, storage_writer=dcp.FileSystemWriter(path))
+            dcp.save_state_dict(state, storage_writer=writer(path))
 
         def load(state, path):
             dcp.load_state_dict(state, storage_reader=dcp.FileSystemReader(path))
     async_save = None
     if hasattr(dcp, "async_save"):
         def async_save(state, path):
-            return dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path))
+            return dcp.async_save(state, storage_writer=writer(path))
     return save, load, async_save
 
 
@@ -152,36 +159,24 @@ def drop_dir(path):
     return worst
 
 
-def sequential(path, size):
-    """Rank 0 alone: write `size` bytes (16 MiB writes, fsync), drop, read."""
-    block = bytes((i * 2654435761 >> 13) & 0xFF for i in range(4096)) * (IO_BYTES // 4096)
-    t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    done = 0
-    while done < size:
-        done += os.write(fd, memoryview(block)[: min(len(block), size - done)])
-    os.fsync(fd)
-    os.close(fd)
-    write_s = time.perf_counter() - t
-    left = drop_cache(path)
-    t = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY)
-    buf = bytearray(IO_BYTES)
-    while os.readv(fd, [buf]) > 0:
-        pass
-    os.close(fd)
-    read_s = time.perf_counter() - t
-    os.remove(path)
-    return write_s, read_s, left
+def machine(threads):
+    """The torch side's own view of the machine (ckpt_bench records the rest)."""
+    import platform
+    import torch
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "intra_op_threads": threads}
 
 
 def run(rank, world, args):
     torch, version = torch_or_skip()
     import torch.distributed as dist
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // world)  # as Tessera's ranks: usable cores / local ranks
+    torch.set_num_threads(threads)
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=args.init_method, rank=rank, world_size=world)
     make_mesh, DTensor, Shard = dtensor_api()
-    save, load, async_save = dcp_api(version)
+    save, load, async_save = dcp_api(version, args.io_threads)
     mesh = make_mesh(world)
 
     total = args.gib * (1 << 30)
@@ -202,6 +197,13 @@ def run(rank, world, args):
     src, dst = state(True), state(False)
     nbytes = args.tensors * rows * COLS * 4
     gb = nbytes / 1e9
+    mm_a, mm_b = torch.randn(384, 384), torch.randn(384, 384)
+
+    def compute_phase():
+        acc = torch.zeros(384, 384)
+        for _ in range(args.step_matmuls):
+            acc.add_(mm_a @ mm_b)
+        acc.sum().item()
 
     def slowest(seconds):
         t = torch.tensor([seconds], dtype=torch.float64)
@@ -225,67 +227,87 @@ def run(rank, world, args):
         shutil.rmtree(root, ignore_errors=True)
         os.makedirs(root)
     dist.barrier()
-    rows_out = {k: [] for k in ("seq_w", "seq_r", "save", "load", "blocked", "async")}
-    left_seq = left_ckpt = 0.0
+    keys = ("save", "load", "step.alone", "async.blocked", "async.step", "async.total")
+    series = {k: [] for k in keys}
+    left_ckpt = 0.0
     ok = True
-    for _ in range(args.repeat):
-        if rank == 0:
-            w, r, left = sequential(os.path.join(root, "sequential.bin"), nbytes)
-            rows_out["seq_w"].append(w)
-            rows_out["seq_r"].append(r)
-            left_seq = max(left_seq, left or 0.0)
-        dist.barrier()
+    for round_index in range(args.warmup + args.reps):
+        r = {}
         sync_dir = os.path.join(root, "sync")
-        rows_out["save"].append(timed(lambda: save(src, sync_dir)))
+        r["save"] = timed(lambda: save(src, sync_dir))
         if rank == 0:
             left_ckpt = max(left_ckpt, drop_dir(sync_dir))
         for v in dst.values():
             v.to_local().zero_()
-        rows_out["load"].append(timed(lambda: load(dst, sync_dir)))
+        r["load"] = timed(lambda: load(dst, sync_dir))
         ok &= equal()
+        r["step.alone"] = timed(compute_phase)
         if async_save is not None:
             async_dir = os.path.join(root, "async")
             dist.barrier()
             t = time.perf_counter()
             future = async_save(src, async_dir)
             blocked = time.perf_counter() - t
+            compute_phase()
+            step = time.perf_counter() - t
             future.result()
-            rows_out["blocked"].append(slowest(blocked))
-            rows_out["async"].append(slowest(time.perf_counter() - t))
+            r["async.blocked"] = slowest(blocked)
+            r["async.step"] = slowest(step)
+            r["async.total"] = slowest(time.perf_counter() - t)
         dist.barrier()
         if rank == 0:
             shutil.rmtree(sync_dir, ignore_errors=True)
             shutil.rmtree(os.path.join(root, "async"), ignore_errors=True)
         dist.barrier()
+        if round_index >= args.warmup:
+            for k, v in r.items():
+                series[k].append(v)
 
     if rank == 0:
-        med = {k: statistics.median(v) for k, v in rows_out.items() if v}
-        rng = {k: (min(v), max(v)) for k, v in rows_out.items() if v}
-        seq_w, seq_r = gb / med["seq_w"], gb / med["seq_r"]
-
-        def row(what, key, ref):
-            if key not in med:
-                print(f"| {what} | n/a | n/a | n/a | n/a |")
+        def row(what, key, with_bw=True):
+            v = series[key]
+            if not v:
+                print(f"| {what} | n/a | n/a | n/a |")
                 return
-            m = med[key]
-            vs = f"{gb / m / ref:.2f}" if ref else "—"
-            print(f"| {what} | {m:.3f} | {rng[key][0]:.3f}–{rng[key][1]:.3f} | {gb / m:.2f} | {vs} |")
+            m = statistics.median(v)
+            bw = f"{gb / m:.2f}" if with_bw else "—"
+            print(f"| {what} | {m:.3f} | {min(v):.3f}–{max(v):.3f} | {bw} |")
 
-        print(f"\n### dcp_bench: {world} ranks, {nbytes / (1 << 30):.2f} GiB state "
+        print(f"\n### dcp_bench: {world} ranks, {nbytes / (1 << 30):.3f} GiB state "
               f"({args.tensors} float32 DTensors [{rows}, {COLS}], Shard(0)), torch "
-              f"{torch.__version__}, median of {args.repeat} rounds\n")
-        print(f"Page cache after posix_fadvise(DONTNEED), worst round: sequential file "
-              f"{left_seq:.0%}, checkpoint files {left_ckpt:.0%} still cached. "
-              "GB = 1e9 bytes; times are the slowest rank's.\n")
-        print("| operation | median s | range s | GB/s | vs sequential |\n|---|---:|---:|---:|---:|")
-        row("sequential write: 1 file, 16 MiB writes + fsync (rank 0 alone)", "seq_w", seq_w)
-        row("sequential read: same file, page cache dropped", "seq_r", seq_r)
-        row("dcp.save (FileSystemWriter)", "save", seq_w)
-        row(f"dcp.load, page cache dropped (values {'equal' if ok else 'DIFFER'})", "load", seq_r)
+              f"{torch.__version__}, {threads} threads per rank, FileSystemWriter thread_count "
+              f"{args.io_threads}, median of {args.reps} rounds after {args.warmup} warm-up\n")
+        print(f"Page cache after posix_fadvise(DONTNEED), worst round: checkpoint files "
+              f"{left_ckpt:.0%} still cached. GB = 1e9 bytes; times are the slowest rank's.\n")
+        print("| operation | median s | range s | GB/s |\n|---|---:|---:|---:|")
+        row("dcp.save (FileSystemWriter)", "save")
+        row(f"dcp.load, page cache dropped (values {'equal' if ok else 'DIFFER'})", "load")
+        row(f"training step alone ({args.step_matmuls} matmuls)", "step.alone", False)
         row("dcp.async_save: caller blocked" if async_save else
-            "dcp.async_save: caller blocked (not in this torch)", "blocked", 0)
-        row("dcp.async_save: until the future completes", "async", seq_w)
+            "dcp.async_save: caller blocked (not in this torch)", "async.blocked")
+        row("dcp.async_save: step with the save overlapping", "async.step", False)
+        row("dcp.async_save: until the future completes", "async.total")
         sys.stdout.flush()
+        if args.json:
+            doc = {
+                "schema": "tessera-bench/1", "benchmark": "dcp",
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "command": " ".join(sys.argv), "quick": False,
+                "config": {"ranks": world, "state_bytes": nbytes, "tensors": args.tensors,
+                           "tensor_shape": [rows, COLS], "writer_thread_count": args.io_threads,
+                           "reader": "FileSystemReader (no thread count)",
+                           "step_matmuls": args.step_matmuls, "reps": args.reps,
+                           "warmup": args.warmup, "async_save": async_save is not None,
+                           **machine(threads)},
+                "facts": {"load_values_equal": ok, "resident_after_drop": left_ckpt},
+                "series": [{"id": k, "unit": "s", "values": v, "labels": {"side": "dcp"}}
+                           for k, v in series.items() if v],
+            }
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, args.json)
     dist.barrier()
     if rank == 0 and not args.keep:
         shutil.rmtree(root, ignore_errors=True)
@@ -304,7 +326,13 @@ def main():
     p.add_argument("--dir", default="/tmp/tessera_dcp_bench", help="scratch directory (removed)")
     p.add_argument("--nproc", type=int, default=2,
                    help="ranks to spawn when not started by torchrun")
-    p.add_argument("--repeat", type=int, default=3, help="rounds; the table shows the median")
+    p.add_argument("--io-threads", type=int, default=4,
+                   help="FileSystemWriter thread_count (ckpt_bench passes its I/O threads)")
+    p.add_argument("--reps", type=int, default=5, help="timed rounds; the table shows the median")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--step-matmuls", type=int, default=100,
+                   help="matmuls 384x384 of the compute phase around async_save")
+    p.add_argument("--json", default="", help="write every round's numbers to this file")
     p.add_argument("--keep", action="store_true", help="leave the files in --dir")
     args = p.parse_args()
     torch_or_skip()  # before spawning anything

@@ -28,11 +28,11 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <map>
-#include <mutex>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "bench_report.h"
@@ -58,13 +58,15 @@ class NoopRole : public tr::Role {
  public:
   void setup(tr::WorkerContext& ctx, tr::MethodTable& methods) override {
     tr::MethodMesh mesh{ctx.size, 1, ctx.rank, 0};
-    methods.add("make", tr::Protocol::kDpCompute, mesh, [](const tr::Batch& in, const tessera::ConfigObject& a) {
-      const int64_t rows = in.at("n").size(0) * a.get_int("per_row");
-      return tr::MethodResult{{{"x", at::ones({rows, 256})}}, {}};
-    });
-    methods.add("touch", tr::Protocol::kDpCompute, mesh, [](const tr::Batch& in, const tessera::ConfigObject&) {
-      return tr::MethodResult{{}, {{"rows", static_cast<double>(in.at("x").size(0))}}};
-    });
+    methods.add("make", tr::Protocol::kDpCompute, mesh,
+                [](const tr::Batch& in, const tessera::ConfigObject& a) {
+                  const int64_t rows = in.at("n").size(0) * a.get_int("per_row");
+                  return tr::MethodResult{{{"x", at::ones({rows, 256})}}, {}};
+                });
+    methods.add("touch", tr::Protocol::kDpCompute, mesh,
+                [](const tr::Batch& in, const tessera::ConfigObject&) {
+                  return tr::MethodResult{{}, {{"rows", static_cast<double>(in.at("x").size(0))}}};
+                });
   }
 };
 
@@ -76,8 +78,8 @@ struct GrpoResult {
 
 // actor_processes 0: colocated on all 4 processes; else the actor's pool
 // has that many processes and the reference + reward pool the rest.
-GrpoResult run_placement(const std::string& model_dir, int actor_processes, bool pin, int64_t iterations,
-                         int64_t prompts) {
+GrpoResult run_placement(const std::string& model_dir, int actor_processes, bool pin,
+                         int64_t iterations, int64_t prompts) {
   const bool split = actor_processes > 0;
   const int actor_pool = split ? actor_processes : 4;
   tr::DriverOptions d;
@@ -145,8 +147,8 @@ class ReceivedBytes : public tessera::dist::CollectiveObserver {
 // The transition as it was before it went through dist's planner: one
 // all_gather inside the micro-DP group, blocks put side by side along `dim`
 // (equal blocks only). Kept here to measure the planner path against it.
-at::Tensor direct_all_gather(const at::Tensor& local, tessera::dist::ProcessGroup& micro, int64_t dim,
-                             int64_t* received) {
+at::Tensor direct_all_gather(const at::Tensor& local, tessera::dist::ProcessGroup& micro,
+                             int64_t dim, int64_t* received) {
   const int n = micro.size();
   std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());
   shape[0] *= n;
@@ -160,124 +162,152 @@ at::Tensor direct_all_gather(const at::Tensor& local, tessera::dist::ProcessGrou
 // Transition on 4 thread ranks: training tp 4, generation tp 2. Each method
 // runs `reps` times (after `warmup`), interleaved. Bytes received are the
 // observer's count on rank 0 (every rank receives the same amount here).
-void transition_bench(const tn::ModelConfig& cfg, int reps, int warmup, tessera::bench::Report& report) {
+void transition_bench(const tn::ModelConfig& cfg, int reps, int warmup,
+                      tessera::bench::Report& report) {
   const int world = 4, t = 4, tg = 2;
   struct Out {
     std::vector<double> planner_s, direct_s, naive_s;
-    int64_t planner_bytes = 0, direct_bytes = 0, naive_bytes = 0, planner_held = 0, naive_held = 0, model_bytes = 0,
-            sharded_bytes = 0, planner_claimed = 0;
+    int64_t planner_bytes = 0, direct_bytes = 0, naive_bytes = 0, planner_held = 0, naive_held = 0,
+            model_bytes = 0, sharded_bytes = 0, planner_claimed = 0;
   } out;
   std::mutex mu;
   auto observer = std::make_shared<ReceivedBytes>();
   tessera::dist::ProcessGroupOptions pgo;
   pgo.observer = observer;
-  tessera::dist::run_thread_ranks(world, [&](std::shared_ptr<tessera::dist::ProcessGroup> g) {
-    const int me = g->rank();
-    tn::Transformer model(cfg, {g, nullptr});  // training: tp over all 4 ranks
-    model.init_random(1);
-    auto engine = tr::hybrid_engine_groups(world, t, tg);
-    auto micro = tr::make_micro_dp_group(*g, engine);
-    int64_t model_bytes = 0, sharded_bytes = 0;
-    for (const auto& name : model.full_parameter_names()) {
-      int64_t n = 4;
-      for (int64_t s : model.full_shape(name)) n *= s;
-      model_bytes += n;
-      auto layout = model.layout_of(name);
-      if (layout.local_numel(me) != layout.global_numel()) sharded_bytes += n;
-    }
-    // Seconds of `body` between barriers, and the bytes the observer saw
-    // this rank receive during it (the barriers move none).
-    auto timed = [&](auto&& body, int64_t* received) {
-      g->barrier().wait();
-      const int64_t before = observer->received(me);
-      tessera::Stopwatch w;
-      body();
-      g->barrier().wait();
-      *received = observer->received(me) - before;
-      return w.seconds();
-    };
-    auto dim_of = [&](const std::string& name, const at::Tensor& local) {
-      return local.size(0) == model.full_shape(name)[0] ? int64_t{1} : int64_t{0};
-    };
-    int64_t pb = 0, held_p = 0, db = 0, nb = 0, held_n = 0, p_seen = 0, d_seen = 0, n_seen = 0;
-    std::vector<double> ps, ds, ns;
-    for (int rep = 0; rep < warmup + reps; ++rep) {
-      pb = held_p = db = nb = held_n = 0;
-      const double p = timed([&] {
-        for (const auto& [name, local] : model.named_parameters()) {
+  tessera::dist::run_thread_ranks(
+      world,
+      [&](std::shared_ptr<tessera::dist::ProcessGroup> g) {
+        const int me = g->rank();
+        tn::Transformer model(cfg, {g, nullptr});  // training: tp over all 4 ranks
+        model.init_random(1);
+        auto engine = tr::hybrid_engine_groups(world, t, tg);
+        auto micro = tr::make_micro_dp_group(*g, engine);
+        int64_t model_bytes = 0, sharded_bytes = 0;
+        for (const auto& name : model.full_parameter_names()) {
+          int64_t n = 4;
+          for (int64_t s : model.full_shape(name)) n *= s;
+          model_bytes += n;
           auto layout = model.layout_of(name);
-          const bool whole = layout.local_numel(me) == layout.global_numel();
-          at::Tensor shard = whole ? local : tr::gather_generation_shard(local.detach(), micro, &pb, dim_of(name, local));
-          held_p += static_cast<int64_t>(shard.nbytes());
+          if (layout.local_numel(me) != layout.global_numel()) sharded_bytes += n;
         }
-      }, &p_seen);
-      const double d = timed([&] {
-        for (const auto& [name, local] : model.named_parameters()) {
-          auto layout = model.layout_of(name);
-          if (layout.local_numel(me) == layout.global_numel()) continue;
-          (void)direct_all_gather(local.detach(), *micro, dim_of(name, local), &db);
-        }
-      }, &d_seen);
-      const double n = timed([&] {
-        for (const auto& [name, local] : model.named_parameters()) {
-          auto layout = model.layout_of(name);
-          const bool whole = layout.local_numel(me) == layout.global_numel();
-          if (whole) {
-            held_n += static_cast<int64_t>(local.nbytes());
-            continue;
+        // Seconds of `body` between barriers, and the bytes the observer saw
+        // this rank receive during it (the barriers move none).
+        auto timed = [&](auto&& body, int64_t* received) {
+          g->barrier().wait();
+          const int64_t before = observer->received(me);
+          tessera::Stopwatch w;
+          body();
+          g->barrier().wait();
+          *received = observer->received(me) - before;
+          return w.seconds();
+        };
+        auto dim_of = [&](const std::string& name, const at::Tensor& local) {
+          return local.size(0) == model.full_shape(name)[0] ? int64_t{1} : int64_t{0};
+        };
+        int64_t pb = 0, held_p = 0, db = 0, nb = 0, held_n = 0, p_seen = 0, d_seen = 0, n_seen = 0;
+        std::vector<double> ps, ds, ns;
+        for (int rep = 0; rep < warmup + reps; ++rep) {
+          pb = held_p = db = nb = held_n = 0;
+          const double p = timed(
+              [&] {
+                for (const auto& [name, local] : model.named_parameters()) {
+                  auto layout = model.layout_of(name);
+                  const bool whole = layout.local_numel(me) == layout.global_numel();
+                  at::Tensor shard = whole ? local
+                                           : tr::gather_generation_shard(local.detach(), micro, &pb,
+                                                                         dim_of(name, local));
+                  held_p += static_cast<int64_t>(shard.nbytes());
+                }
+              },
+              &p_seen);
+          const double d = timed(
+              [&] {
+                for (const auto& [name, local] : model.named_parameters()) {
+                  auto layout = model.layout_of(name);
+                  if (layout.local_numel(me) == layout.global_numel()) continue;
+                  (void)direct_all_gather(local.detach(), *micro, dim_of(name, local), &db);
+                }
+              },
+              &d_seen);
+          const double n = timed(
+              [&] {
+                for (const auto& [name, local] : model.named_parameters()) {
+                  auto layout = model.layout_of(name);
+                  const bool whole = layout.local_numel(me) == layout.global_numel();
+                  if (whole) {
+                    held_n += static_cast<int64_t>(local.nbytes());
+                    continue;
+                  }
+                  // Naive: every rank gathers the whole weight, then keeps its slice.
+                  std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());
+                  shape[0] *= world;
+                  at::Tensor full = at::empty(shape, local.options());
+                  g->all_gather(full, local.detach().contiguous()).wait();
+                  nb += static_cast<int64_t>(local.nbytes()) * (world - 1);
+                  held_n += static_cast<int64_t>(full.nbytes());
+                }
+              },
+              &n_seen);
+          if (rep >= warmup) {
+            ps.push_back(p);
+            ds.push_back(d);
+            ns.push_back(n);
           }
-          // Naive: every rank gathers the whole weight, then keeps its slice.
-          std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());
-          shape[0] *= world;
-          at::Tensor full = at::empty(shape, local.options());
-          g->all_gather(full, local.detach().contiguous()).wait();
-          nb += static_cast<int64_t>(local.nbytes()) * (world - 1);
-          held_n += static_cast<int64_t>(full.nbytes());
         }
-      }, &n_seen);
-      if (rep >= warmup) {
-        ps.push_back(p);
-        ds.push_back(d);
-        ns.push_back(n);
-      }
-    }
-    if (me == 0) {
-      std::lock_guard<std::mutex> lock(mu);
-      out = {ps, ds, ns, p_seen, d_seen, n_seen, held_p, held_n, model_bytes, sharded_bytes, pb};
-    }
-  }, pgo);
+        if (me == 0) {
+          std::lock_guard<std::mutex> lock(mu);
+          out = {ps,     ds,     ns,          p_seen,        d_seen, n_seen,
+                 held_p, held_n, model_bytes, sharded_bytes, pb};
+        }
+      },
+      pgo);
   auto median = [](std::vector<double> v) { return tessera::bench::median(std::move(v)); };
   const double m = static_cast<double>(out.model_bytes);
   const double formula = tr::hybrid_engine_bytes_per_rank(out.sharded_bytes, t, tg);
-  std::printf("\n2. transition, training tp %d -> generation tp %d on %d ranks (threads), model %.1f MB, %d reps\n", t,
-              tg, world, m / 1e6, reps);
-  std::printf("%-44s %10s %18s %14s %16s\n", "", "ms (med)", "ms (min-max)", "MB received", "MB held (gen)");
+  std::printf(
+      "\n2. transition, training tp %d -> generation tp %d on %d ranks (threads), model %.1f MB, "
+      "%d reps\n",
+      t, tg, world, m / 1e6, reps);
+  std::printf("%-44s %10s %18s %14s %16s\n", "", "ms (med)", "ms (min-max)", "MB received",
+              "MB held (gen)");
   auto row = [&](const char* what, const std::vector<double>& s, int64_t bytes, double held) {
     std::printf("%-44s %10.2f %8.2f-%-9.2f %14.2f %16s\n", what, median(s) * 1e3,
                 tessera::bench::min_of(s) * 1e3, tessera::bench::max_of(s) * 1e3, bytes / 1e6,
                 held < 0 ? "" : std::to_string(held / 1e6).substr(0, 6).c_str());
   };
-  row("3D-HybridEngine via dist planner (now)", out.planner_s, out.planner_bytes, static_cast<double>(out.planner_held));
+  row("3D-HybridEngine via dist planner (now)", out.planner_s, out.planner_bytes,
+      static_cast<double>(out.planner_held));
   row("3D-HybridEngine, direct all_gather (before)", out.direct_s, out.direct_bytes, -1);
-  row("naive (full all-gather per rank)", out.naive_s, out.naive_bytes, static_cast<double>(out.naive_held));
-  std::printf("MB received as counted by the process group's observer; the engine's own count: %.2f MB\n",
-              out.planner_claimed / 1e6);
-  std::printf("formula (d_g - 1) / (t p) M = %.2f MB (M = %.2f MB of tensor-parallel weights); "
-              "planner / direct: bytes %.2fx, time %.2fx; planner / naive: bytes %.2fx, held %.2fx, time %.2fx\n",
-              formula / 1e6, out.sharded_bytes / 1e6,
-              double(out.planner_bytes) / out.direct_bytes, median(out.planner_s) / median(out.direct_s),
-              double(out.planner_bytes) / out.naive_bytes, double(out.planner_held) / out.naive_held,
-              median(out.planner_s) / median(out.naive_s));
-  report.add_series("transition.planner", "s", out.planner_s, {{"method", "3D-HybridEngine via dist planner"}});
-  report.add_series("transition.direct", "s", out.direct_s, {{"method", "3D-HybridEngine, direct all_gather"}});
-  report.add_series("transition.naive", "s", out.naive_s, {{"method", "naive full all-gather per rank"}});
-  report.facts()["transition"] = {
-      {"training_tp", t}, {"generation_tp", tg}, {"ranks", world},
-      {"model_bytes", out.model_bytes}, {"sharded_bytes", out.sharded_bytes},
-      {"formula_bytes", formula},
-      {"planner_received_bytes", out.planner_bytes}, {"direct_received_bytes", out.direct_bytes},
-      {"naive_received_bytes", out.naive_bytes}, {"planner_engine_count_bytes", out.planner_claimed},
-      {"planner_held_bytes", out.planner_held}, {"naive_held_bytes", out.naive_held}};
+  row("naive (full all-gather per rank)", out.naive_s, out.naive_bytes,
+      static_cast<double>(out.naive_held));
+  std::printf(
+      "MB received as counted by the process group's observer; the engine's own count: %.2f MB\n",
+      out.planner_claimed / 1e6);
+  std::printf(
+      "formula (d_g - 1) / (t p) M = %.2f MB (M = %.2f MB of tensor-parallel weights); "
+      "planner / direct: bytes %.2fx, time %.2fx; planner / naive: bytes %.2fx, held %.2fx, time "
+      "%.2fx\n",
+      formula / 1e6, out.sharded_bytes / 1e6, double(out.planner_bytes) / out.direct_bytes,
+      median(out.planner_s) / median(out.direct_s), double(out.planner_bytes) / out.naive_bytes,
+      double(out.planner_held) / out.naive_held, median(out.planner_s) / median(out.naive_s));
+  report.add_series("transition.planner", "s", out.planner_s,
+                    {{"method", "3D-HybridEngine via dist planner"}});
+  report.add_series("transition.direct", "s", out.direct_s,
+                    {{"method", "3D-HybridEngine, direct all_gather"}});
+  report.add_series("transition.naive", "s", out.naive_s,
+                    {{"method", "naive full all-gather per rank"}});
+  report.facts()["transition"] = {{"training_tp", t},
+                                  {"generation_tp", tg},
+                                  {"ranks", world},
+                                  {"model_bytes", out.model_bytes},
+                                  {"sharded_bytes", out.sharded_bytes},
+                                  {"formula_bytes", formula},
+                                  {"planner_received_bytes", out.planner_bytes},
+                                  {"direct_received_bytes", out.direct_bytes},
+                                  {"naive_received_bytes", out.naive_bytes},
+                                  {"planner_engine_count_bytes", out.planner_claimed},
+                                  {"planner_held_bytes", out.planner_held},
+                                  {"naive_held_bytes", out.naive_held}};
 }
 
 void overhead_bench(int reps, int64_t max_per_row, tessera::bench::Report& report) {
@@ -286,7 +316,8 @@ void overhead_bench(int reps, int64_t max_per_row, tessera::bench::Report& repor
   d.roles = {{"noop", "noop", "all", "{}"}};
   tr::Driver driver(d);
   auto noop = driver.group("noop");
-  std::printf("\n3. driver overhead per DP_COMPUTE call (batch on the workers, [rows, 256] fp32)\n");
+  std::printf(
+      "\n3. driver overhead per DP_COMPUTE call (batch on the workers, [rows, 256] fp32)\n");
   std::printf("%10s %12s %14s %16s\n", "rows", "MB", "ms per call", "request bytes");
   for (int64_t per_row : {int64_t{1}, int64_t{16}, int64_t{256}, int64_t{4096}}) {
     if (per_row > max_per_row) break;
@@ -301,10 +332,12 @@ void overhead_bench(int reps, int64_t max_per_row, tessera::bench::Report& repor
       ms.push_back(w.milliseconds());
     }
     const int64_t request = (driver.request_bytes() - before) / reps;
-    std::printf("%10lld %12.1f %14.3f %16lld\n", static_cast<long long>(x.rows), x.rows * 256 * 4 / 1e6,
-                tessera::bench::median(ms), static_cast<long long>(request));
-    report.add_series("overhead.rows" + std::to_string(x.rows), "ms", ms,
-                      {{"rows", x.rows}, {"batch_bytes", x.rows * 256 * 4}, {"request_bytes", request}});
+    std::printf("%10lld %12.1f %14.3f %16lld\n", static_cast<long long>(x.rows),
+                x.rows * 256 * 4 / 1e6, tessera::bench::median(ms),
+                static_cast<long long>(request));
+    report.add_series(
+        "overhead.rows" + std::to_string(x.rows), "ms", ms,
+        {{"rows", x.rows}, {"batch_bytes", x.rows * 256 * 4}, {"request_bytes", request}});
     driver.release("noop");
   }
 }
@@ -353,20 +386,23 @@ int main(int argc, char** argv) {
   cfg.max_position_embeddings = 256;
   cfg.eos_token_ids = {255};
   const std::string dir = (std::filesystem::temp_directory_path() /
-                           ("tessera-rlhf-bench-model-" + std::to_string(::getpid()))).string();
+                           ("tessera-rlhf-bench-model-" + std::to_string(::getpid())))
+                              .string();
   tn::write_random_model(dir, cfg, 1);
   tessera::bench::Report report("rlhf", argc, argv, rep.quick);
 
   const bool all = only.empty();
   json placements = json::array();
   if (all || only == "grpo") {
-    std::printf("1. GRPO, 4 worker processes, random %lld-hidden 4-layer model, %lld prompts x 4 samples, "
-                "16 new tokens, %lld timed iterations\n",
-                static_cast<long long>(hidden), static_cast<long long>(prompts),
-                static_cast<long long>(iterations));
+    std::printf(
+        "1. GRPO, 4 worker processes, random %lld-hidden 4-layer model, %lld prompts x 4 samples, "
+        "16 new tokens, %lld timed iterations\n",
+        static_cast<long long>(hidden), static_cast<long long>(prompts),
+        static_cast<long long>(iterations));
     std::printf("%-60s %14s %12s\n", "placement", "s/iteration", "tokens/s");
     // Quick: the pinned colocated and 2|2 placements only.
-    const std::vector<int> splits = rep.quick ? std::vector<int>{0, 2} : std::vector<int>{0, 1, 2, 3};
+    const std::vector<int> splits =
+        rep.quick ? std::vector<int>{0, 2} : std::vector<int>{0, 1, 2, 3};
     for (bool pin : rep.quick ? std::vector<bool>{true} : std::vector<bool>{true, false}) {
       const char* how = pin ? "pools own their CPUs" : "all processes share all CPUs";
       for (int a : splits) {
@@ -388,8 +424,10 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (all || only == "transition") transition_bench(cfg, rep.quick ? 2 : rep.reps, rep.warmup, report);
-  if (all || only == "overhead") overhead_bench(rep.quick ? 3 : std::max(rep.reps, 20), rep.quick ? 16 : 4096, report);
+  if (all || only == "transition")
+    transition_bench(cfg, rep.quick ? 2 : rep.reps, rep.warmup, report);
+  if (all || only == "overhead")
+    overhead_bench(rep.quick ? 3 : std::max(rep.reps, 20), rep.quick ? 16 : 4096, report);
   report.config() = {{"hidden", hidden},
                      {"layers", cfg.num_hidden_layers},
                      {"heads", cfg.num_attention_heads},

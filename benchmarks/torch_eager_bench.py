@@ -5,8 +5,17 @@ thread count, Debian's PyTorch on the same LibTorch and BLAS.
 
     torch_eager_bench.py MODEL_DIR JSON_ARGS   -> prints one JSON line
 
-JSON_ARGS: {"threads": 2, "train_batch": 8, "train_seq": 128, "train_steps": 3,
-            "gen_batches": [1, 16], "prompt_len": 16, "new_tokens": 32}
+JSON_ARGS: {"threads": 2, "train_batch": 8, "train_seq": 128, "train_steps": 20,
+            "warmup": 1, "gen_batches": [1, 16], "gen_calls": 3, "prompt_len": 16,
+            "new_tokens": 32}
+
+Written as a careful eager user would: training is forward + cross-entropy +
+backward + gradient clipping + AdamW (foreach), `warmup` untimed steps then
+`train_steps` timed ones, each timed alone; generation is greedy with a KV
+cache preallocated for the whole sequence, `warmup` untimed then `gen_calls`
+timed calls per batch size. The JSON line holds every step's and call's
+seconds ("train_step_seconds", "gen_b<B>_seconds") and the tokens each
+counts ("train_tokens_per_step", "gen_b<B>_tokens").
 """
 import json
 import math
@@ -67,12 +76,14 @@ def main():
     g = torch.Generator().manual_seed(0)
 
     # Training: forward + backward + AdamW, as the C++ Trainer does.
+    warmup = args.get("warmup", 1)
     if args.get("train_steps", 0) > 0:
         params = {k: v.clone().requires_grad_(True) for k, v in w.items()}
-        opt = torch.optim.AdamW(params.values(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        opt = torch.optim.AdamW(params.values(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                foreach=True)
         B, T = args["train_batch"], args["train_seq"]
         times = []
-        for step in range(args["train_steps"] + 1):
+        for step in range(warmup + args["train_steps"]):
             ids = torch.randint(0, V, (B, T + 1), generator=g)
             t0 = time.perf_counter()
             logits = ref.forward(cfg, params, ids[:, :T])
@@ -80,26 +91,33 @@ def main():
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
             opt.step()
-            opt.zero_grad()
-            if step > 0:
+            opt.zero_grad(set_to_none=True)
+            if step >= warmup:
                 times.append(time.perf_counter() - t0)
-        out["train_tokens_per_s"] = B * T / (sum(times) / len(times))
+        out["train_step_seconds"] = times
+        out["train_tokens_per_step"] = B * T
 
-    # Generation with a KV cache, greedy.
+    # Generation with a preallocated KV cache, greedy.
     nh = cfg["num_attention_heads"]
     nkv = cfg.get("num_key_value_heads", nh)
     hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
     with torch.no_grad():
         for B in args["gen_batches"]:
             P, N = args["prompt_len"], args["new_tokens"]
-            cache = [(torch.zeros(B, nkv, P + N, hd), torch.zeros(B, nkv, P + N, hd))
-                     for _ in range(cfg["num_hidden_layers"])]
-            ids = torch.randint(0, V, (B, P), generator=g)
-            t0 = time.perf_counter()
-            nxt = forward_cached(cfg, w, ids, cache, 0).argmax(-1)
-            for i in range(1, N):
-                nxt = forward_cached(cfg, w, nxt, cache, P + i - 1).argmax(-1)
-            out[f"gen_b{B}_tokens_per_s"] = B * N / (time.perf_counter() - t0)
+            times = []
+            for call in range(warmup + args.get("gen_calls", 3)):
+                cache = [(torch.zeros(B, nkv, P + N, hd), torch.zeros(B, nkv, P + N, hd))
+                         for _ in range(cfg["num_hidden_layers"])]
+                ids = torch.randint(0, V, (B, P), generator=g)
+                t0 = time.perf_counter()
+                nxt = forward_cached(cfg, w, ids, cache, 0).argmax(-1)
+                for i in range(1, N):
+                    nxt = forward_cached(cfg, w, nxt, cache, P + i - 1).argmax(-1)
+                if call >= warmup:
+                    times.append(time.perf_counter() - t0)
+            out[f"gen_b{B}_seconds"] = times
+            out[f"gen_b{B}_tokens"] = B * N
+    out["torch"] = torch.__version__
     print(json.dumps(out))
 
 
