@@ -119,6 +119,21 @@ at::Tensor Adapter::apply(const std::string& name, const at::Tensor& x, const at
   return translate_errors("lora Adapter::apply", [&]() -> at::Tensor {
   if (!adapts(name)) return y;
   at::Tensor in = dropout_ > 0 && training_ ? at::dropout(x, dropout_, true) : x;
+  if (context.token_adapters.defined()) {
+    // Rows of a flattened input, each with its own choice (paged and
+    // batch-invariant forwards): rows whose id is negative get nothing.
+    const int64_t rows = context.token_adapters.numel();
+    TESSERA_CHECK(x.numel() == rows * x.size(-1), InvalidArgument, "adapter on '", name, "': ",
+                  rows, " token adapter ids for input ", shape_string(x.sizes()));
+    at::Tensor x2 = in.reshape({rows, x.size(-1)});
+    at::Tensor delta = context.batch_invariant
+                           ? nn::linear_invariant(nn::linear_invariant(x2, a(name).detach()),
+                                                  b(name).detach())
+                           : at::matmul(at::matmul(x2, a(name).t()), b(name).t());
+    delta = delta * scale();
+    at::Tensor on = (context.token_adapters.view({rows, 1}) >= 0).to(delta.scalar_type());
+    return y + (delta * on).to(y.scalar_type()).view(y.sizes());
+  }
   at::Tensor delta = at::matmul(at::matmul(in, a(name).t()), b(name).t()) * scale();
   if (context.sequence_adapters.defined()) {
     // As a lone adapter: sequences that asked for none get nothing.
@@ -602,6 +617,7 @@ int64_t AdapterBank::add(std::shared_ptr<Adapter> adapter) {
   adapter->set_training(false);
   adapters_.push_back(std::move(adapter));
   stacks_.clear();
+  factors_.clear();
   return static_cast<int64_t>(adapters_.size()) - 1;
 }
 
@@ -632,7 +648,11 @@ const AdapterBank::Stack& AdapterBank::stack(const std::string& module, const at
 at::Tensor AdapterBank::apply(const std::string& name, const at::Tensor& x, const at::Tensor& y,
                               const nn::AdapterContext& context) {
   return translate_errors("lora AdapterBank::apply", [&]() -> at::Tensor {
-  if (!context.sequence_adapters.defined() || adapters_.empty()) return y;
+  if (adapters_.empty()) return y;
+  if (context.token_adapters.defined() && (context.batch_invariant || x.dim() == 2)) {
+    return apply_rows(name, x, y, context.token_adapters, context.batch_invariant);
+  }
+  if (!context.sequence_adapters.defined()) return y;
   const at::Tensor& ids = context.sequence_adapters;
   TESSERA_CHECK(x.dim() == 3 && x.size(0) == ids.size(0), InvalidArgument, "AdapterBank on '",
                 name, "': per-sequence adapters need [batch, tokens, features] inputs (not MoE experts)");
@@ -654,6 +674,51 @@ at::Tensor AdapterBank::apply(const std::string& name, const at::Tensor& x, cons
   at::Tensor expanded = at::bmm(shrunk, b.transpose(1, 2));       // [B, T, out]
   return y + expanded * s.scale.index_select(0, slot).view({-1, 1, 1});
   }, ErrorCode::kInvalidArgument);
+}
+
+at::Tensor AdapterBank::apply_rows(const std::string& name, const at::Tensor& x, const at::Tensor& y,
+                                   const at::Tensor& token_adapters, bool invariant) {
+  const int64_t in = x.size(-1), out = y.size(-1);
+  const int64_t rows = token_adapters.numel();
+  TESSERA_CHECK(x.numel() == rows * in && y.numel() == rows * out, InvalidArgument,
+                "AdapterBank on '", name, "': ", rows, " token adapter ids for input ",
+                shape_string(x.sizes()));
+  at::Tensor ids = token_adapters.to(at::kLong).cpu().contiguous();
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  // Rows per adapter, in row order.
+  std::map<int64_t, std::vector<int64_t>> groups;
+  for (int64_t r = 0; r < rows; ++r) {
+    TESSERA_CHECK(idp[r] < size(), InvalidArgument, "AdapterBank: adapter id ", idp[r],
+                  " but the bank holds ", size());
+    if (idp[r] >= 0 && adapters_[idp[r]]->adapts(name)) groups[idp[r]].push_back(r);
+  }
+  if (groups.empty()) return y;
+  at::NoGradGuard no_grad;
+  at::Tensor x2 = x.reshape({rows, in});
+  at::Tensor result = y.reshape({rows, out}).clone();
+  for (const auto& [id, members] : groups) {
+    const Factors& f = factors(name, id);
+    at::Tensor idx = at::tensor(members, at::kLong).to(x.device());
+    at::Tensor xr = x2.index_select(0, idx);
+    // The adapter's own rank (no zero padding), each row by itself in a
+    // fixed order when invariant: a row's result does not depend on which
+    // other rows or adapters share the forward.
+    at::Tensor delta = invariant ? nn::linear_invariant(nn::linear_invariant(xr, f.a), f.b)
+                                 : at::matmul(at::matmul(xr, f.a.t()), f.b.t());
+    result.index_copy_(0, idx, result.index_select(0, idx) + (delta * f.scale).to(y.scalar_type()));
+  }
+  return result.view(y.sizes());
+}
+
+const AdapterBank::Factors& AdapterBank::factors(const std::string& module, int64_t id) {
+  const std::string key = module + "#" + std::to_string(id);
+  auto it = factors_.find(key);
+  if (it != factors_.end()) return it->second;
+  at::NoGradGuard no_grad;
+  Adapter& ad = *adapters_[id];
+  Factors f{ad.a(module).detach().to(at::kFloat).contiguous(),
+            ad.b(module).detach().to(at::kFloat).contiguous(), ad.scale()};
+  return factors_.emplace(key, std::move(f)).first->second;
 }
 
 // ---------------------------------------------------------------------------

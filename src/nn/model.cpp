@@ -4,11 +4,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <numeric>
 #include <vector>
 
+#include "invariant_ops.h"
 #include "parallel_ops.h"
 #include "parameter_names.h"
 #include "tessera/core/error.h"
@@ -108,6 +111,16 @@ at::Tensor rope_inv_freq(const ModelConfig& c) {
   return inv.to(at::kFloat);
 }
 
+// ForwardOptions::input_embeds after checking its shape and dtype against
+// what the embedding lookup would have produced.
+at::Tensor checked_input_embeds(const at::Tensor& embeds, at::IntArrayRef expected,
+                                at::ScalarType dtype) {
+  TESSERA_CHECK(embeds.sizes() == expected && embeds.scalar_type() == dtype, InvalidArgument,
+                "forward: input_embeds must be ", dtype_name(dtype), " ", shape_string(expected),
+                ", got ", dtype_name(embeds.scalar_type()), " ", shape_string(embeds.sizes()));
+  return embeds;
+}
+
 // Reductions (norms, softmax) run in at least fp32; fp64 models stay fp64.
 at::ScalarType accumulate_type(at::ScalarType t) { return at::promote_types(t, at::kFloat); }
 
@@ -117,10 +130,14 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return normed.to(x.scalar_type()) * w;
 }
 
-// rms_norm with one fixed summation order per row (batch-invariant).
-at::Tensor rms_norm_invariant(const at::Tensor& x, const at::Tensor& w, double eps) {
+void check_invariant_input(const at::Tensor& x) {
   TESSERA_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), InvalidArgument,
                 "batch_invariant forward: fp32 CPU models only");
+}
+
+// rms_norm with one fixed summation order per row (batch-invariant).
+at::Tensor rms_norm_invariant(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_invariant_input(x);
   at::Tensor xc = x.contiguous();
   const int64_t H = xc.size(-1), rows = xc.numel() / std::max<int64_t>(H, 1);
   at::Tensor out = at::empty_like(xc);
@@ -128,100 +145,60 @@ at::Tensor rms_norm_invariant(const at::Tensor& x, const at::Tensor& w, double e
   const float* src = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* v = src + r * H;
-      float ss = 0.f;
-      for (int64_t i = 0; i < H; ++i) ss += v[i] * v[i];
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
-      for (int64_t i = 0; i < H; ++i) dst[r * H + i] = v[i] * inv * wp[i];
-    }
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    detail::rms_norm_rows(src + r0 * H, wp, dst + r0 * H, r1 - r0, H, static_cast<float>(eps));
   });
   return out;
 }
 
-// Causal attention with fixed-order loops (batch-invariant): q [B, nh, T,
-// hd], k and v [B, nkv, L, hd] (any strides), mask [B, 1, T, L] (true:
-// hidden). Returns [B, nh, T, hd].
-at::Tensor attention_invariant(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& mask) {
-  TESSERA_CHECK(q.scalar_type() == at::kFloat && q.device().is_cpu(), InvalidArgument,
-                "batch_invariant forward: fp32 CPU models only");
-  // k and v are usually views of the KV cache: read them in place (rows of
-  // head_dim contiguous), copying only if the innermost stride is not 1.
-  at::Tensor qc = q.contiguous();
-  at::Tensor kc = k.stride(3) == 1 ? k : k.contiguous();
-  at::Tensor vc = v.stride(3) == 1 ? v : v.contiguous();
-  at::Tensor mc = mask.to(at::kBool).contiguous();
-  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hd = q.size(3);
-  const int64_t nkv = k.size(1), L = k.size(2), rep = nh / nkv;
-  at::Tensor out = at::zeros({B, nh, T, hd}, at::kFloat);
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = kc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
-  const int64_t ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = kc.stride(2);
-  const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2);
-  const bool* mp = mc.data_ptr<bool>();
+// silu(gate) * up elementwise (batch-invariant: a scalar exp per value).
+at::Tensor silu_mul_invariant(const at::Tensor& gate, const at::Tensor& up) {
+  at::Tensor g = gate.contiguous(), u = up.contiguous();
+  at::Tensor out = at::empty_like(g);
+  const float* gp = g.data_ptr<float>();
+  const float* upp = u.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  at::parallel_for(0, B * nh, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(L);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / nh, h = i % nh, kvh = h / rep;
-      const float* kb = kp + b * ks0 + kvh * ks1;
-      const float* vb = vp + b * vs0 + kvh * vs1;
-      for (int64_t t = 0; t < T; ++t) {
-        const float* qr = qp + ((b * nh + h) * T + t) * hd;
-        const bool* mr = mp + (b * T + t) * L;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < L; ++j) {
-          if (mr[j]) continue;
-          float d = 0.f;
-          for (int64_t e = 0; e < hd; ++e) d += qr[e] * kb[j * ks2 + e];
-          scores[j] = d * scale;
-          mx = std::max(mx, scores[j]);
-        }
-        float denom = 0.f;
-        for (int64_t j = 0; j < L; ++j) {
-          if (mr[j]) continue;
-          scores[j] = std::exp(scores[j] - mx);
-          denom += scores[j];
-        }
-        float* orow = op + ((b * nh + h) * T + t) * hd;
-        if (denom == 0.f) continue;
-        for (int64_t j = 0; j < L; ++j) {
-          if (mr[j]) continue;
-          const float p = scores[j] / denom;
-          for (int64_t e = 0; e < hd; ++e) orow[e] += p * vb[j * vs2 + e];
-        }
-      }
-    }
+  at::parallel_for(0, g.numel(), 32768, [&](int64_t i0, int64_t i1) {
+    detail::silu_mul(gp + i0, upp + i0, op + i0, i1 - i0);
   });
   return out;
 }
 
-// x [N, K] times w [E, K]^T with one fixed summation order per output
-// (batch-invariant; for small layers such as MoE routers).
-at::Tensor linear_invariant(const at::Tensor& x, const at::Tensor& w) {
-  TESSERA_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), InvalidArgument,
-                "batch_invariant forward: fp32 CPU models only");
-  at::Tensor xc = x.contiguous(), wc = w.to(at::kFloat).contiguous();
-  const int64_t N = xc.size(0), K = xc.size(1), E = wc.size(0);
-  at::Tensor out = at::empty({N, E}, at::kFloat);
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t e = 0; e < E; ++e) {
-        float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) acc += xp[n * K + k] * wp[e * K + k];
-        op[n * E + e] = acc;
-      }
+// Keys visited by one query of the KV-cache (or cache-less) forward:
+// positions j of one sequence and kv head, rows `stride` floats apart,
+// hidden where the mask row says so.
+struct MaskedKeys {
+  const float* k;
+  const float* v;
+  int64_t k_stride, v_stride, n;
+  const bool* hidden;
+  template <typename F>
+  void operator()(F&& f) const {
+    for (int64_t j = 0; j < n; ++j) {
+      if (!hidden[j]) f(j, k + j * k_stride, v + j * v_stride);
     }
-  });
-  return out;
-}
+  }
+};
+
+// Keys of one sequence and kv head in a paged cache: positions [0, n) in
+// blocks table[p / block_size], each block `block_stride` floats from the
+// previous, rows hd floats apart within a block.
+struct PagedKeys {
+  const float* k;  // kv head's rows of block 0
+  const float* v;
+  const int32_t* table;
+  int64_t block_stride, block_size, hd, n;
+  template <typename F>
+  void operator()(F&& f) const {
+    int64_t j = 0;
+    for (int64_t b = 0; j < n; ++b) {
+      const float* kb = k + table[b] * block_stride;
+      const float* vb = v + table[b] * block_stride;
+      for (int64_t s = 0; s < block_size && j < n; ++s, ++j) f(j, kb + s * hd, vb + s * hd);
+    }
+  }
+};
 
 at::Tensor rotate_half(const at::Tensor& x) {
   const int64_t half = x.size(-1) / 2;
@@ -243,6 +220,88 @@ std::pair<int64_t, int64_t> split_range(int64_t n, int64_t parts, int64_t index)
 }
 
 }  // namespace
+
+at::Tensor linear_invariant(const at::Tensor& x, const at::Tensor& w) {
+  return detail::linear_fixed(x, w);
+}
+
+std::vector<at::Tensor> LinearOverride::linear_group(const std::vector<std::string>& names,
+                                                     const at::Tensor& x) {
+  std::vector<at::Tensor> out;
+  for (const std::string& name : names) out.push_back(linear(name, x));
+  return out;
+}
+
+// Heads [first, first + count) of query row `row` (rows of nh * hd floats
+// in q and out) attend to `keys`, at most detail::kMaxQueryGroup at a time.
+template <typename Keys>
+void attend_heads(const float* q, float* out, int64_t row, int64_t nh, int64_t first, int64_t count,
+                  int64_t hd, float scale, const Keys& keys, float* scores, int64_t stride) {
+  for (int64_t h0 = first; h0 < first + count; h0 += detail::kMaxQueryGroup) {
+    const int n = static_cast<int>(std::min<int64_t>(detail::kMaxQueryGroup, first + count - h0));
+    const float* qs[detail::kMaxQueryGroup];
+    float* os[detail::kMaxQueryGroup];
+    for (int k = 0; k < n; ++k) {
+      qs[k] = q + (row * nh + h0 + k) * hd;
+      os[k] = out + (row * nh + h0 + k) * hd;
+    }
+    detail::attend_queries(qs, n, hd, scale, keys, scores, stride, os);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// PagedKVCache
+
+PagedKVCache::PagedKVCache(const ModelConfig& config, int64_t num_blocks, int64_t block_size)
+    : num_blocks_(num_blocks), block_size_(block_size) {
+  TESSERA_CHECK(num_blocks >= 1 && block_size >= 1, InvalidArgument,
+                "paged KV cache: num_blocks (", num_blocks, ") and block_size (", block_size,
+                ") must be positive");
+  const int64_t heads = config.num_key_value_heads, hd = config.head_size();
+  for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+    keys_.push_back(at::zeros({num_blocks, heads, block_size, hd}, at::kFloat));
+    values_.push_back(at::zeros({num_blocks, heads, block_size, hd}, at::kFloat));
+  }
+}
+
+void PagedKVCache::copy_block(int64_t src, int64_t dst) {
+  TESSERA_CHECK(src >= 0 && src < num_blocks_ && dst >= 0 && dst < num_blocks_, InvalidArgument,
+                "paged KV cache: block copy ", src, " -> ", dst, " outside [0, ", num_blocks_, ")");
+  if (src == dst) return;
+  for (size_t l = 0; l < keys_.size(); ++l) {
+    keys_[l][dst].copy_(keys_[l][src]);
+    values_[l][dst].copy_(values_[l][src]);
+  }
+}
+
+void PagedKVCache::copy_slots(int64_t src_block, int64_t src_slot, int64_t dst_block,
+                              int64_t dst_slot, int64_t count) {
+  auto in_range = [&](int64_t block, int64_t slot) {
+    return block >= 0 && block < num_blocks_ && slot >= 0 && count >= 0 &&
+           slot + count <= block_size_;
+  };
+  TESSERA_CHECK(in_range(src_block, src_slot) && in_range(dst_block, dst_slot), InvalidArgument,
+                "paged KV cache: slot copy of ", count, " from block ", src_block, " slot ",
+                src_slot, " to block ", dst_block, " slot ", dst_slot, " leaves the ",
+                num_blocks_, " blocks of ", block_size_, " slots");
+  if (count == 0 || (src_block == dst_block && src_slot == dst_slot)) return;
+  for (size_t l = 0; l < keys_.size(); ++l) {
+    for (at::Tensor* pool : {&keys_[l], &values_[l]}) {
+      (*pool)[dst_block].narrow(1, dst_slot, count).copy_((*pool)[src_block].narrow(1, src_slot, count));
+    }
+  }
+}
+
+int64_t PagedKVCache::bytes() const {
+  int64_t n = 0;
+  for (size_t l = 0; l < keys_.size(); ++l) n += tensor_bytes(keys_[l]) + tensor_bytes(values_[l]);
+  return n;
+}
+
+int64_t PagedKVCache::bytes_per_block(const ModelConfig& config, int64_t block_size) {
+  return 2 * config.num_hidden_layers * config.num_key_value_heads * block_size *
+         config.head_size() * static_cast<int64_t>(sizeof(float));
+}
 
 // ---------------------------------------------------------------------------
 // Transformer
@@ -267,7 +326,11 @@ struct Transformer::Impl {
   bool invariant = false;          // ForwardOptions::batch_invariant of the forward in progress
   bool record_attention = false;   // keep the last attention's argmax key per query (routing records)
   const ForwardOptions* options = nullptr;  // of the forward in progress
+  bool routing_stats = true;  // load and aux-loss statistics of MoE layers (off in paged forwards)
   at::Tensor last_attention_argmax;
+  // RoPE tables of the batch-invariant paths, [positions, hd] each, grown
+  // on demand (rows are computed one by one, so growing changes no row).
+  at::Tensor rope_cos, rope_sin;
 
   // A linear layer by Hugging Face module name, with the override and the
   // adapter applied.
@@ -276,17 +339,97 @@ struct Transformer::Impl {
     at::Tensor y;
     if (linear_override) y = linear_override->linear(name, x);
     if (!y.defined()) {
-      y = dense(x, w, b);
+      if (invariant) {
+        y = linear_invariant(x, w);
+        if (b.defined()) y = y + b;
+      } else {
+        y = dense(x, w, b);
+      }
     } else if (b.defined()) {
       y = y + b;
     }
     return adapter ? adapter->apply(name, x, y, adapter_context) : y;
   }
 
+  // Several proj() of one input x, through LinearOverride::linear_group
+  // (one product where the override can fuse them). Batch-invariant
+  // forwards only. `biases` entries may point to undefined tensors.
+  std::vector<at::Tensor> proj_group(const at::Tensor& x, const std::vector<const at::Tensor*>& weights,
+                                     const std::vector<const at::Tensor*>& biases,
+                                     const std::vector<std::string>& names) {
+    std::vector<at::Tensor> ys;
+    if (linear_override) ys = linear_override->linear_group(names, x);
+    ys.resize(names.size());
+    for (size_t i = 0; i < names.size(); ++i) {
+      if (!ys[i].defined()) ys[i] = linear_invariant(x, *weights[i]);
+      if (biases[i]->defined()) ys[i] = ys[i] + *biases[i];
+      if (adapter) ys[i] = adapter->apply(names[i], x, ys[i], adapter_context);
+    }
+    return ys;
+  }
+
   at::Tensor mlp(const at::Tensor& x, const ExpertWeights& e, const std::string& gate,
                  const std::string& up, const std::string& down) {
+    if (invariant) {
+      const at::Tensor none;
+      auto ys = proj_group(x, {&e.gate, &e.up}, {&none, &none}, {gate, up});
+      return proj(silu_mul_invariant(ys[0], ys[1]), e.down, {}, down);
+    }
     if (!adapter && !linear_override) return swiglu(x, e.gate, e.up, e.down);
     return proj(at::silu(proj(x, e.gate, {}, gate)) * proj(x, e.up, {}, up), e.down, {}, down);
+  }
+
+  // Makes the RoPE tables cover positions [0, n): cos and sin of position *
+  // inv_freq in fp32, one scalar call per value.
+  void ensure_rope(int64_t n) {
+    const int64_t have = rope_cos.defined() ? rope_cos.size(0) : 0;
+    if (n <= have) return;
+    const int64_t rows = std::max<int64_t>({n, 2 * have, 256});
+    const int64_t hd = config.head_size(), half = hd / 2;
+    at::Tensor cos_t = at::empty({rows, hd}, at::kFloat), sin_t = at::empty({rows, hd}, at::kFloat);
+    if (have > 0) {
+      cos_t.narrow(0, 0, have).copy_(rope_cos);
+      sin_t.narrow(0, 0, have).copy_(rope_sin);
+    }
+    at::Tensor inv = inv_freq.to(at::kFloat).contiguous();
+    const float* f = inv.data_ptr<float>();
+    float* cp = cos_t.data_ptr<float>();
+    float* sp = sin_t.data_ptr<float>();
+    for (int64_t p = have; p < rows; ++p) {
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = static_cast<float>(p) * f[i];
+        cp[p * hd + i] = cp[p * hd + half + i] = std::cos(angle);
+        sp[p * hd + i] = sp[p * hd + half + i] = std::sin(angle);
+      }
+    }
+    rope_cos = cos_t;
+    rope_sin = sin_t;
+  }
+
+  // q, k, v projections of h (rows of any leading shape) with RoPE applied
+  // to q and k at `positions` (one per row), batch-invariantly. Returns
+  // contiguous [rows, heads * hd] tensors.
+  std::array<at::Tensor, 3> qkv_invariant(const LayerWeights& w, const at::Tensor& h,
+                                          const std::vector<int64_t>& positions) {
+    const ModelConfig& c = config;
+    const int64_t hd = c.head_size();
+    const int64_t nh = c.num_attention_heads / groups.tp_size();
+    const int64_t nkv = c.num_key_value_heads / groups.tp_size();
+    const int64_t rows = static_cast<int64_t>(positions.size());
+    const std::string a = w.prefix + "self_attn.";
+    auto ys = proj_group(h, {&w.q, &w.k, &w.v}, {&w.q_bias, &w.k_bias, &w.v_bias},
+                         {a + "q_proj", a + "k_proj", a + "v_proj"});
+    at::Tensor q = ys[0].reshape({rows, nh * hd}).contiguous();
+    at::Tensor k = ys[1].reshape({rows, nkv * hd}).contiguous();
+    at::Tensor v = ys[2].reshape({rows, nkv * hd}).contiguous();
+    int64_t top = 0;
+    for (int64_t p : positions) top = std::max(top, p + 1);
+    ensure_rope(top);
+    detail::rope_rows(q.data_ptr<float>(), rows, nh, hd, positions.data(),
+                      rope_cos.data_ptr<float>(), rope_sin.data_ptr<float>());
+    detail::rope_rows(k.data_ptr<float>(), rows, nkv, hd, positions.data(),
+                      rope_cos.data_ptr<float>(), rope_sin.data_ptr<float>());
+    return {q, k, v};
   }
 
   bool owns(const ParameterSpec& s) const {
@@ -355,6 +498,7 @@ struct Transformer::Impl {
     const int64_t nh = c.num_attention_heads / groups.tp_size();
     const int64_t nkv = c.num_key_value_heads / groups.tp_size();
     const std::string a = w.prefix + "self_attn.";
+    if (invariant) return attention_invariant(w, h, mask, cache, layer, starts, kv_len);
     at::Tensor q = proj(h, w.q, w.q_bias, a + "q_proj").view({B, T, nh, hd}).transpose(1, 2);
     at::Tensor k = proj(h, w.k, w.k_bias, a + "k_proj").view({B, T, nkv, hd}).transpose(1, 2);
     at::Tensor v = proj(h, w.v, w.v_bias, a + "v_proj").view({B, T, nkv, hd}).transpose(1, 2);
@@ -373,10 +517,6 @@ struct Transformer::Impl {
       v = vc.narrow(2, 0, kv_len);
     }
     const int64_t rep = nh / nkv;
-    if (invariant) {
-      at::Tensor out = attention_invariant(q, k, v, mask).transpose(1, 2).reshape({B, T, nh * hd});
-      return proj(out, w.o, {}, a + "o_proj");
-    }
     if (rep > 1) {
       const int64_t L = k.size(2);
       k = k.unsqueeze(2).expand({B, nkv, rep, L, hd}).reshape({B, nh, L, hd});
@@ -390,6 +530,107 @@ struct Transformer::Impl {
     return proj(out, w.o, {}, a + "o_proj");
   }
 
+  // The batch-invariant attention of the KV-cache (or cache-less) forward:
+  // h [B, T, H], mask [B, 1, T, kv_len] (true: hidden).
+  at::Tensor attention_invariant(const LayerWeights& w, const at::Tensor& h, const at::Tensor& mask,
+                                 KVCache* cache, int64_t layer, const at::Tensor& starts,
+                                 int64_t kv_len) {
+    const ModelConfig& c = config;
+    const int64_t B = h.size(0), T = h.size(1), hd = c.head_size();
+    const int64_t nh = c.num_attention_heads / groups.tp_size();
+    const int64_t nkv = c.num_key_value_heads / groups.tp_size();
+    check_invariant_input(h);
+    std::vector<int64_t> positions(B * T);
+    auto st = starts.accessor<int64_t, 1>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) positions[b * T + t] = st[b] + t;
+    auto [q, k, v] = qkv_invariant(w, h, positions);
+    // Keys [B, nkv, L, hd] with strides; the cache's, or this forward's own.
+    at::Tensor keys, values;
+    if (cache) {
+      at::Tensor& kc = cache->key(layer);
+      at::Tensor& vc = cache->value(layer);
+      at::Tensor rows = at::arange(B, at::kLong).view({B, 1}).expand({B, T});
+      at::Tensor cols = starts.view({B, 1}) + at::arange(T, at::kLong).view({1, T});
+      kc.permute({0, 2, 1, 3}).index_put_({rows, cols}, k.view({B, T, nkv, hd}));
+      vc.permute({0, 2, 1, 3}).index_put_({rows, cols}, v.view({B, T, nkv, hd}));
+      keys = kc;
+      values = vc;
+    } else {
+      keys = k.view({B, T, nkv, hd}).transpose(1, 2);
+      values = v.view({B, T, nkv, hd}).transpose(1, 2);
+    }
+    TESSERA_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, Internal,
+                  "attention: key rows must be contiguous");
+    at::Tensor mc = mask.to(at::kBool).contiguous();
+    const bool* mp = mc.data_ptr<bool>();
+    const float* qp = q.data_ptr<float>();
+    const float* kp = keys.data_ptr<float>();
+    const float* vp = values.data_ptr<float>();
+    at::Tensor out = at::empty({B, T, nh * hd}, at::kFloat);
+    float* op = out.data_ptr<float>();
+    const int64_t rep = nh / nkv;
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+    // One task per (query row, kv head): the kv head's query heads together.
+    at::parallel_for(0, B * T * nkv, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores(std::min<int64_t>(rep, detail::kMaxQueryGroup) * kv_len);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t row = i / nkv, kvh = i % nkv, b = row / T, t = row % T;
+        MaskedKeys keys_of{kp + b * keys.stride(0) + kvh * keys.stride(1),
+                           vp + b * values.stride(0) + kvh * values.stride(1),
+                           keys.stride(2), values.stride(2), kv_len, mp + (b * T + t) * kv_len};
+        attend_heads(qp, op, row, nh, kvh * rep, rep, hd, scale, keys_of, scores.data(), kv_len);
+      }
+    });
+    return proj(out, w.o, {}, w.prefix + "self_attn.o_proj");
+  }
+
+  // Attention of a paged forward: h [N, H] are the batch's tokens, whose
+  // keys and values go to their slots before any token attends.
+  at::Tensor attention_paged(const LayerWeights& w, const at::Tensor& h, int64_t layer,
+                             const PagedBatch& batch, const std::vector<int64_t>& positions,
+                             const std::vector<int64_t>& seq_of) {
+    const ModelConfig& c = config;
+    const int64_t N = h.size(0), hd = c.head_size();
+    const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, rep = nh / nkv;
+    PagedKVCache& cache = *batch.cache;
+    const int64_t bs = cache.block_size();
+    auto [q, k, v] = qkv_invariant(w, h, positions);
+    float* kpool = cache.key(layer).data_ptr<float>();
+    float* vpool = cache.value(layer).data_ptr<float>();
+    const int64_t block_stride = nkv * bs * hd;
+    const float* kp = k.data_ptr<float>();
+    const float* vp = v.data_ptr<float>();
+    for (int64_t i = 0; i < N; ++i) {
+      const auto& table = batch.sequences[seq_of[i]].block_table;
+      const int64_t p = positions[i];
+      const int64_t base = table[p / bs] * block_stride + (p % bs) * hd;
+      for (int64_t g = 0; g < nkv; ++g) {
+        std::copy(kp + (i * nkv + g) * hd, kp + (i * nkv + g + 1) * hd, kpool + base + g * bs * hd);
+        std::copy(vp + (i * nkv + g) * hd, vp + (i * nkv + g + 1) * hd, vpool + base + g * bs * hd);
+      }
+    }
+    const float* qp = q.data_ptr<float>();
+    at::Tensor out = at::empty({N, nh * hd}, at::kFloat);
+    float* op = out.data_ptr<float>();
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+    int64_t longest = 0;
+    for (int64_t p : positions) longest = std::max(longest, p + 1);
+    // One task per (token, kv head); grain so that short contexts share a task.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, longest * hd * rep));
+    at::parallel_for(0, N * nkv, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores(std::min<int64_t>(rep, detail::kMaxQueryGroup) * longest);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t row = i / nkv, kvh = i % nkv;
+        const auto& table = batch.sequences[seq_of[row]].block_table;
+        PagedKeys keys_of{kpool + kvh * bs * hd, vpool + kvh * bs * hd, table.data(), block_stride,
+                          bs, hd, positions[row] + 1};
+        attend_heads(qp, op, row, nh, kvh * rep, rep, hd, scale, keys_of, scores.data(), longest);
+      }
+    });
+    return proj(out, w.o, {}, w.prefix + "self_attn.o_proj");
+  }
+
   // The router's decision for tokens x [N, H]: logits and probs [N, E]
   // (accumulation type), each token's top-k experts top_e [N, K] and their
   // weights top_w [N, K] (normalized when norm_topk_prob, in x's dtype).
@@ -399,13 +640,57 @@ struct Transformer::Impl {
   MoeRouting route(const LayerWeights& w, const at::Tensor& x) {
     const ModelConfig& c = config;
     MoeRouting r;
-    // [N, E]; the batch-invariant path multiplies row by row in a fixed order.
-    r.logits = invariant ? linear_invariant(x, w.router)
-                         : dense(x, w.router).to(accumulate_type(x.scalar_type()));
+    if (invariant) return route_invariant(w, x);
+    r.logits = dense(x, w.router).to(accumulate_type(x.scalar_type()));
     r.probs = at::softmax(r.logits, -1);
     std::tie(r.top_w, r.top_e) = r.probs.topk(c.num_experts_per_tok, -1);
     if (c.norm_topk_prob) r.top_w = r.top_w / r.top_w.sum(-1, true);
     r.top_w = r.top_w.to(x.scalar_type());
+    return r;
+  }
+
+  // route() with every row computed by itself in a fixed order: softmax with
+  // scalar exps, top-k by repeated selection (ties: lower expert first),
+  // weights renormalised in slot order.
+  MoeRouting route_invariant(const LayerWeights& w, const at::Tensor& x) {
+    const ModelConfig& c = config;
+    const int64_t N = x.size(0), E = c.num_experts, K = c.num_experts_per_tok;
+    MoeRouting r;
+    r.logits = linear_invariant(x, w.router);
+    r.probs = at::empty({N, E}, at::kFloat);
+    r.top_w = at::empty({N, K}, at::kFloat);
+    r.top_e = at::empty({N, K}, at::kLong);
+    const float* lp = r.logits.data_ptr<float>();
+    float* pp = r.probs.data_ptr<float>();
+    float* wp = r.top_w.data_ptr<float>();
+    int64_t* ep = r.top_e.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      const float* l = lp + n * E;
+      float* p = pp + n * E;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[e]);
+      float sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) {
+        p[e] = std::exp(l[e] - mx);
+        sum += p[e];
+      }
+      for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+      float total = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e) {
+          bool taken = false;
+          for (int64_t j = 0; j < k; ++j) taken = taken || ep[n * K + j] == e;
+          if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        ep[n * K + k] = best;
+        wp[n * K + k] = p[best];
+        total += p[best];
+      }
+      if (c.norm_topk_prob) {
+        for (int64_t k = 0; k < K; ++k) wp[n * K + k] /= total;
+      }
+    }
     return r;
   }
 
@@ -526,12 +811,23 @@ struct Transformer::Impl {
       at::Tensor in = ins.size() == 1 ? ins[0] : at::cat(ins, 0);
       const ExpertWeights& ew = w.experts[e];
       at::Tensor y;
-      if (adapter || linear_override) {
+      if (invariant && in.size(0) == 0) {
+        y = at::empty({0, in.size(1)}, in.options());
+      } else if (adapter || linear_override || invariant) {
         MoeNames names = moe_names(c, layer);
         auto strip = [](std::string n) { return n.substr(0, n.size() - 7); };  // ".weight"
         const int64_t j = first_expert + e;
+        // Per-row adapters follow the rows to their expert (one source rank:
+        // the rows are this forward's own tokens, in d.order).
+        const at::Tensor all_tokens = adapter_context.token_adapters;
+        if (all_tokens.defined() && sources == 1) {
+          const int64_t off = spans[e][0].first, n = spans[e][0].second;
+          adapter_context.token_adapters = all_tokens.index_select(
+              0, d.order.narrow(0, off, n).div(c.num_experts_per_tok, "floor"));
+        }
         y = mlp(in, ew, strip(with_expert(names.expert_gate, j)),
                 strip(with_expert(names.expert_up, j)), strip(with_expert(names.expert_down, j)));
+        adapter_context.token_adapters = all_tokens;
       } else {
         y = swiglu(in, ew.gate, ew.up, ew.down);
       }
@@ -552,7 +848,7 @@ struct Transformer::Impl {
     const ModelConfig& c = config;
     const int64_t N = x.size(0), K = c.num_experts_per_tok;
     const MoeRouting r = route(w, x);
-    account_routing(r, N, layer, out, record, loads);
+    if (routing_stats) account_routing(r, N, layer, out, record, loads);
     if (options && options->expert_override) return override_experts(w, x, layer, r);
     // Tokens on a GPU: nn::moe_mixture, whose device path is the token
     // permutation kernels (kernels/moe). Same assignments as dispatch()
@@ -570,6 +866,7 @@ struct Transformer::Impl {
     at::Tensor back = run_local_experts(w, layer, d);
     if (groups.ep_size() > 1) back = all_to_all_rows(back, groups.ep, d.send_splits, d.recv_splits);
 
+    if (invariant) return add_shared_expert(w, x, combine_invariant(r, d, back, N));
     // Combine: each kept assignment's output times its weight, summed per token.
     at::Tensor weights = r.top_w.reshape({-1}).index_select(0, d.order).unsqueeze(1);
     at::Tensor result = at::zeros({N, x.size(1)}, x.options())
@@ -577,8 +874,45 @@ struct Transformer::Impl {
     return add_shared_expert(w, x, result);
   }
 
+  // Each token's output: its slots' expert outputs times their weights,
+  // added in slot order (batch-invariant). back holds one row per entry of
+  // d.order (every assignment is kept: no capacity drops when invariant).
+  at::Tensor combine_invariant(const MoeRouting& r, const MoeDispatch& d, const at::Tensor& back,
+                               int64_t N) {
+    const int64_t K = config.num_experts_per_tok, H = back.size(1);
+    TESSERA_CHECK(d.order.numel() == N * K, Internal, "MoE combine: ", d.order.numel(),
+                  " assignments for ", N, " tokens of ", K);
+    std::vector<int64_t> row_of(N * K);
+    auto order = d.order.accessor<int64_t, 1>();
+    for (int64_t i = 0; i < N * K; ++i) row_of[order[i]] = i;
+    at::Tensor bc = back.contiguous();
+    at::Tensor result = at::empty({N, H}, at::kFloat);
+    const float* bp = bc.data_ptr<float>();
+    const float* wp = r.top_w.data_ptr<float>();
+    float* op = result.data_ptr<float>();
+    for (int64_t n = 0; n < N; ++n) {
+      float* o = op + n * H;
+      std::fill(o, o + H, 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        const float weight = wp[n * K + k];
+        const float* row = bp + row_of[n * K + k] * H;
+        for (int64_t h = 0; h < H; ++h) o[h] += row[h] * weight;
+      }
+    }
+    return result;
+  }
+
   // Adds a Qwen2-MoE shared expert's gated output (when the model has one).
   at::Tensor add_shared_expert(const LayerWeights& w, const at::Tensor& x, at::Tensor result) {
+    if (config.shared_expert_intermediate_size > 0 && invariant) {
+      at::Tensor shared = linear_invariant(silu_mul_invariant(linear_invariant(x, w.shared.gate),
+                                                              linear_invariant(x, w.shared.up)),
+                                           w.shared.down);
+      at::Tensor gate = linear_invariant(x, w.shared_gate).contiguous();  // [N, 1]
+      float* g = gate.data_ptr<float>();
+      for (int64_t i = 0; i < gate.numel(); ++i) g[i] = 1.f / (1.f + std::exp(-g[i]));
+      return result + gate * shared;
+    }
     if (config.shared_expert_intermediate_size > 0) {
       at::Tensor shared = swiglu(x, w.shared.gate, w.shared.up, w.shared.down);
       // The sigmoid gate is replicated; the shared expert's output is
@@ -586,6 +920,103 @@ struct Transformer::Impl {
       result = result + at::sigmoid(dense(x, w.shared_gate)) * shared;
     }
     return result;
+  }
+
+  // Transformer::forward with ForwardOptions::paged.
+  ForwardOutput forward_paged(const at::Tensor& input_ids, const ForwardOptions& options) {
+    const ModelConfig& c = config;
+    const PagedBatch& batch = *options.paged;
+    TESSERA_CHECK(groups.tp_size() == 1 && groups.ep_size() == 1, InvalidArgument,
+                  "paged forward: single-rank models only (tp = ep = 1)");
+    TESSERA_CHECK(dtype == at::kFloat && embed.device().is_cpu(), InvalidArgument,
+                  "paged forward: fp32 CPU models only");
+    TESSERA_CHECK(!options.cache && !options.lengths.defined() && !options.last_logits_only &&
+                      !options.sequence_adapters.defined() && !options.record_routing,
+                  InvalidArgument,
+                  "paged forward: cache, lengths, last_logits_only, sequence_adapters and "
+                  "record_routing do not apply (the PagedBatch describes the batch)");
+    TESSERA_CHECK(batch.cache != nullptr, InvalidArgument, "paged forward: PagedBatch::cache is null");
+    PagedKVCache& cache = *batch.cache;
+    TESSERA_CHECK(cache.num_layers() == c.num_hidden_layers &&
+                      cache.key(0).size(1) == c.num_key_value_heads &&
+                      cache.key(0).size(3) == c.head_size(),
+                  InvalidArgument, "paged forward: the cache was made for another model config");
+    TESSERA_CHECK(input_ids.size(0) == 1, InvalidArgument,
+                  "paged forward: input_ids must be [1, tokens], got ", shape_string(input_ids.sizes()));
+    const int64_t N = input_ids.size(1), bs = cache.block_size();
+    std::vector<int64_t> positions, seq_of;
+    positions.reserve(N);
+    seq_of.reserve(N);
+    std::vector<int64_t> token_adapters;
+    for (size_t s = 0; s < batch.sequences.size(); ++s) {
+      const PagedBatch::Sequence& seq = batch.sequences[s];
+      TESSERA_CHECK(seq.num_tokens >= 1 && seq.start_position >= 0, InvalidArgument,
+                    "paged forward: sequence ", s, " has ", seq.num_tokens, " tokens from position ",
+                    seq.start_position);
+      const int64_t end = seq.start_position + seq.num_tokens;
+      TESSERA_CHECK(static_cast<int64_t>(seq.block_table.size()) * bs >= end, InvalidArgument,
+                    "paged forward: sequence ", s, "'s block table (", seq.block_table.size(),
+                    " blocks of ", bs, ") does not cover position ", end - 1);
+      for (int64_t b = 0; b < (end + bs - 1) / bs; ++b) {
+        TESSERA_CHECK(seq.block_table[b] >= 0 && seq.block_table[b] < cache.num_blocks(),
+                      InvalidArgument, "paged forward: sequence ", s, " names block ",
+                      seq.block_table[b], " of a cache of ", cache.num_blocks());
+      }
+      for (int64_t t = 0; t < seq.num_tokens; ++t) {
+        positions.push_back(seq.start_position + t);
+        seq_of.push_back(static_cast<int64_t>(s));
+        token_adapters.push_back(seq.adapter);
+      }
+    }
+    TESSERA_CHECK(static_cast<int64_t>(positions.size()) == N, InvalidArgument, "paged forward: ",
+                  N, " input tokens but the sequences hold ", positions.size());
+    for (int64_t r : batch.logits_rows) {
+      TESSERA_CHECK(r >= 0 && r < N, InvalidArgument, "paged forward: logits row ", r,
+                    " outside the ", N, " tokens");
+    }
+    at::Tensor ids = input_ids.reshape({N}).contiguous();
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      TESSERA_CHECK(idp[i] >= 0 && idp[i] < c.vocab_size, InvalidArgument, "paged forward: token id ",
+                    idp[i], " outside the vocabulary of ", c.vocab_size);
+    }
+
+    invariant = true;
+    record_attention = false;
+    routing_stats = false;
+    this->options = &options;
+    adapter_context = AdapterContext{};
+    adapter_context.batch_invariant = true;
+    if (adapter) adapter_context.token_adapters = at::tensor(token_adapters, at::kLong);
+
+    at::Tensor x = options.input_embeds.defined()
+                       ? checked_input_embeds(options.input_embeds, {1, N, c.hidden_size}, dtype)
+                             .reshape({N, c.hidden_size})
+                       : at::embedding(embed, ids);  // [N, H]
+    ForwardOutput out;
+    std::vector<at::Tensor> loads;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const LayerWeights& w = layers[l];
+      at::Tensor h = rms_norm_invariant(x, w.input_norm, c.rms_norm_eps);
+      x = x + attention_paged(w, h, l, batch, positions, seq_of);
+      h = rms_norm_invariant(x, w.post_norm, c.rms_norm_eps);
+      at::Tensor y = w.moe ? moe(w, h, l, out, false, loads)
+                           : mlp(h, {w.gate, w.up, w.down}, w.prefix + "mlp.gate_proj",
+                                 w.prefix + "mlp.up_proj", w.prefix + "mlp.down_proj");
+      x = x + y;
+    }
+    at::Tensor rows = at::tensor(batch.logits_rows, at::kLong);
+    at::Tensor h = rms_norm_invariant(x.index_select(0, rows), final_norm, c.rms_norm_eps);
+    out.aux_loss = at::zeros({}, at::kFloat);
+    if (options.hidden_only) {
+      out.hidden = h.unsqueeze(0);
+      return out;
+    }
+    at::Tensor logits;
+    if (linear_override) logits = linear_override->linear("lm_head", h);
+    if (!logits.defined()) logits = linear_invariant(h, lm_head);
+    out.logits = logits.unsqueeze(0);
+    return out;
   }
 };
 
@@ -720,6 +1151,7 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
   TESSERA_CHECK(input_ids.dim() == 2 && input_ids.scalar_type() == at::kLong, InvalidArgument,
                 "forward: input_ids must be int64 [batch, tokens], got ",
                 dtype_name(input_ids.scalar_type()), " ", shape_string(input_ids.sizes()));
+  if (options.paged) return m.forward_paged(input_ids, options);
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
   TESSERA_CHECK(T >= 1, InvalidArgument, "forward: empty input");
   KVCache* cache = options.cache;
@@ -738,9 +1170,14 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
   at::Tensor positions = starts.unsqueeze(1) + at::arange(T, at::kLong).unsqueeze(0);
   // In fp32 like Hugging Face's rotary embedding (fp64 for fp64 models).
   const at::ScalarType rope_type = accumulate_type(m.dtype);
-  at::Tensor freqs = positions.to(rope_type).unsqueeze(-1) * m.inv_freq.to(rope_type);  // [B, T, hd/2]
-  at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
-  at::Tensor cos = emb.cos().to(m.dtype), sin = emb.sin().to(m.dtype);
+  // (The batch-invariant path uses its own tables instead.)
+  at::Tensor cos, sin;
+  if (!options.batch_invariant) {
+    at::Tensor freqs = positions.to(rope_type).unsqueeze(-1) * m.inv_freq.to(rope_type);  // [B, T, hd/2]
+    at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
+    cos = emb.cos().to(m.dtype);
+    sin = emb.sin().to(m.dtype);
+  }
   // Mask [B, 1, T, kv_len]: key j is hidden from query i when j is beyond
   // the query's own position, or beyond the sequence's real tokens.
   at::Tensor key_pos = at::arange(kv_len, at::kLong).view({1, 1, kv_len});
@@ -749,7 +1186,9 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
 
   // Vocabulary-parallel embedding: each rank looks up its shard's ids.
   at::Tensor x;
-  if (m.groups.tp_size() > 1) {
+  if (options.input_embeds.defined()) {
+    x = checked_input_embeds(options.input_embeds, {B, T, c.hidden_size}, m.dtype);
+  } else if (m.groups.tp_size() > 1) {
     at::Tensor local = input_ids - m.vocab_start;
     at::Tensor inside = (local >= 0) & (local < m.vocab_local);
     at::Tensor part = at::embedding(m.embed, at::where(inside, local, at::zeros_like(local)));
@@ -773,7 +1212,16 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
   };
   ForwardOutput out;
   std::vector<at::Tensor> loads;
+  m.routing_stats = true;
+  m.adapter_context = AdapterContext{};
   m.adapter_context.sequence_adapters = options.sequence_adapters;
+  m.adapter_context.batch_invariant = invariant;
+  if (invariant && options.sequence_adapters.defined()) {
+    TESSERA_CHECK(options.sequence_adapters.numel() == B, InvalidArgument, "forward: ",
+                  options.sequence_adapters.numel(), " sequence adapters for a batch of ", B);
+    m.adapter_context.token_adapters =
+        options.sequence_adapters.to(at::kLong).cpu().repeat_interleave(T);
+  }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& w = m.layers[l];
     at::Tensor h = copy_to_group(norm(x, w.input_norm), m.groups.tp);
@@ -805,7 +1253,10 @@ ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOpt
   }
   at::Tensor logits;
   if (m.linear_override) logits = m.linear_override->linear("lm_head", h);
-  if (!logits.defined()) logits = dense(copy_to_group(h, m.groups.tp), m.lm_head);
+  if (!logits.defined()) {
+    logits = invariant ? linear_invariant(copy_to_group(h, m.groups.tp), m.lm_head)
+                       : dense(copy_to_group(h, m.groups.tp), m.lm_head);
+  }
   if (options.gather_logits) logits = gather_last_dim(logits, m.groups.tp, m.vocab_sizes);
   out.logits = logits;
   return out;

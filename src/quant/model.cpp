@@ -145,7 +145,77 @@ at::Tensor QuantizedModel::linear(const std::string& name, const at::Tensor& x) 
   }, ErrorCode::kInvalidArgument);
 }
 
+std::vector<at::Tensor> QuantizedModel::linear_group(const std::vector<std::string>& names,
+                                                     const at::Tensor& x) {
+  return translate_errors("QuantizedModel::linear_group", [&]() -> std::vector<at::Tensor> {
+  const Mode m = mode();
+  if (m == Mode::kFloat) return std::vector<at::Tensor>(names.size());
+  std::string key;
+  for (const auto& n : names) key += n + "|";
+  std::shared_ptr<const QuantizedWeight> fused;
+  {
+    std::lock_guard<std::mutex> lock(fused_mu_);
+    auto it = fused_.find(key);
+    if (it == fused_.end()) {
+      // Stackable: every layer packed, unsmoothed, same width, group
+      // settings and device.
+      std::vector<const QuantizedWeight*> parts;
+      for (const auto& n : names) {
+        auto w = weights_.find(n);
+        if (w == weights_.end() || smooth_.count(n)) {
+          parts.clear();
+          break;
+        }
+        parts.push_back(&w->second);
+      }
+      bool same = names.size() > 1 && parts.size() == names.size();
+      for (size_t i = 1; same && i < parts.size(); ++i) {
+        const QuantizedWeight& a = *parts[0];
+        const QuantizedWeight& b = *parts[i];
+        same = a.in_features == b.in_features && a.config.group_size == b.config.group_size &&
+               a.config.rotate == b.config.rotate && a.codes.device() == b.codes.device();
+      }
+      std::shared_ptr<const QuantizedWeight> made;
+      if (same) {
+        auto w = std::make_shared<QuantizedWeight>(*parts[0]);
+        std::vector<at::Tensor> codes, scales, zeros;
+        w->out_features = 0;
+        for (const QuantizedWeight* p : parts) {
+          codes.push_back(p->codes);
+          scales.push_back(p->scales);
+          zeros.push_back(p->zeros);
+          w->out_features += p->out_features;
+        }
+        w->codes = at::cat(codes, 0).contiguous();
+        w->scales = at::cat(scales, 0).contiguous();
+        w->zeros = at::cat(zeros, 0).contiguous();
+        made = w;
+      }
+      it = fused_.emplace(key, made).first;
+    }
+    fused = it->second;
+  }
+  std::vector<at::Tensor> out;
+  if (!fused) {
+    for (const auto& n : names) out.push_back(linear(n, x));
+    return out;
+  }
+  at::Tensor y = quant::linear(x, *fused, m, isa_);
+  int64_t offset = 0;
+  for (const auto& n : names) {
+    const int64_t width = weights_.at(n).out_features;
+    out.push_back(y.narrow(-1, offset, width));
+    offset += width;
+  }
+  return out;
+  }, ErrorCode::kInvalidArgument);
+}
+
 void QuantizedModel::to(const at::Device& device) {
+  {
+    std::lock_guard<std::mutex> lock(fused_mu_);
+    fused_.clear();
+  }
   for (auto& [name, w] : weights_) w = w.to(device);
   for (auto& [name, s] : smooth_) s = s.to(device);
 }

@@ -146,7 +146,10 @@ std::shared_ptr<Adapter> load_adapter(const std::string& dir, const nn::Transfor
 // AdapterContext::sequence_adapters (index into the bank, -1: none); A and B
 // of all adapters are stacked (zero-padded to the largest rank) per module,
 // and the shrink x·Aᵀ and expand h·Bᵀ are batched matmuls over the rows
-// gathered per sequence (the BGMV idea), not a loop over adapters.
+// gathered per sequence (the BGMV idea), not a loop over adapters. In
+// batch-invariant and paged forwards (AdapterContext::token_adapters) each
+// adapter's rows are gathered and multiplied by its own factors with
+// nn::linear_invariant, so a row's output does not depend on the batch.
 class AdapterBank : public nn::LinearAdapter {
  public:
   // Returns the adapter's index in the bank.
@@ -161,9 +164,21 @@ class AdapterBank : public nn::LinearAdapter {
     at::Tensor b;      // [adapters + 1, out, r_max]
     at::Tensor scale;  // [adapters + 1]
   };
+  // One adapter's A [rank, in] and B [out, rank] of a module, fp32 CPU.
+  struct Factors {
+    at::Tensor a, b;
+    double scale = 1;
+  };
   const Stack& stack(const std::string& module, const at::Tensor& x, const at::Tensor& y);
+  const Factors& factors(const std::string& module, int64_t id);
+  // Per-row choices (AdapterContext::token_adapters): the rows of each
+  // adapter gathered and multiplied by its own A and B (fixed-order
+  // products when `invariant`).
+  at::Tensor apply_rows(const std::string& name, const at::Tensor& x, const at::Tensor& y,
+                        const at::Tensor& token_adapters, bool invariant);
   std::vector<std::shared_ptr<Adapter>> adapters_;
-  std::map<std::string, Stack> stacks_;  // by "<module>@<device>"
+  std::map<std::string, Stack> stacks_;      // by "<module>@<device>"
+  std::map<std::string, Factors> factors_;   // by "<module>#<adapter index>"
 };
 
 // Adapters by name from folders under `root` (root/<name>/), loaded on

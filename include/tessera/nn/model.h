@@ -76,6 +76,66 @@ class KVCache {
   at::Tensor lengths_;
 };
 
+// The KV cache of a serving engine: per layer, a pool of fixed-size blocks
+// of key and value rows, [num_blocks, kv_heads_local, block_size, head_dim]
+// fp32 each. Which block holds which positions of which sequence is the
+// caller's business (serve::BlockManager decides it); a forward reads and
+// writes the pools through a PagedBatch. Not thread-safe.
+class PagedKVCache {
+ public:
+  // InvalidArgument for num_blocks or block_size < 1.
+  PagedKVCache(const ModelConfig& config, int64_t num_blocks, int64_t block_size);
+
+  int64_t num_blocks() const { return num_blocks_; }
+  int64_t block_size() const { return block_size_; }
+  int64_t num_layers() const { return static_cast<int64_t>(keys_.size()); }
+  at::Tensor& key(int64_t layer) { return keys_[layer]; }
+  at::Tensor& value(int64_t layer) { return values_[layer]; }
+  // Copies every slot of block `src` into block `dst`, in every layer
+  // (copy-on-write of a shared block). InvalidArgument out of range.
+  void copy_block(int64_t src, int64_t dst);
+  // Copies `count` consecutive slots from (src_block, src_slot) to
+  // (dst_block, dst_slot), in every layer; the ranges stay within their
+  // blocks. InvalidArgument otherwise.
+  void copy_slots(int64_t src_block, int64_t src_slot, int64_t dst_block, int64_t dst_slot,
+                  int64_t count);
+  int64_t bytes() const;
+  // Bytes one block takes over all layers: what a memory budget divides by.
+  static int64_t bytes_per_block(const ModelConfig& config, int64_t block_size);
+
+ private:
+  int64_t num_blocks_, block_size_;
+  std::vector<at::Tensor> keys_, values_;
+};
+
+// A flat batch of tokens from several sequences, for one forward over a
+// PagedKVCache (ForwardOptions::paged). input_ids is [1, N]: the tokens of
+// sequences[0], then those of sequences[1], and so on. Each token's keys
+// and values are written to its position's slot before attention, and it
+// attends to positions [0, its own] of its sequence, so the model sees
+// exactly what a KVCache forward of the same tokens would.
+struct PagedBatch {
+  PagedKVCache* cache = nullptr;
+  struct Sequence {
+    int64_t num_tokens = 0;      // >= 1 consecutive entries of input_ids
+    int64_t start_position = 0;  // position of the first; [0, start) are in the cache
+    // Position p lives in block block_table[p / block_size], slot
+    // p % block_size; the table covers every position up to the last token.
+    std::vector<int32_t> block_table;
+    int64_t adapter = -1;  // AdapterContext::token_adapters of its tokens (-1: none)
+  };
+  std::vector<Sequence> sequences;
+  // Tokens (indices into input_ids) whose logits the forward computes, in
+  // this order: ForwardOutput::logits is [1, logits_rows.size(), V].
+  std::vector<int64_t> logits_rows;
+};
+
+// x [..., K] times w [N, K]^T in fp32 on the CPU, each output computed by
+// one fixed sequence of operations whatever the number of rows (the
+// batch-invariant forward's linear layers). InvalidArgument for other
+// dtypes or devices, or mismatched shapes.
+at::Tensor linear_invariant(const at::Tensor& x, const at::Tensor& w);
+
 // One MoE layer's routing decisions for one forward (traces for the
 // serverless-MoE planner and for load statistics).
 struct RoutingRecord {
@@ -95,6 +155,13 @@ struct AdapterContext {
   // [batch] int64: which adapter each sequence uses (-1: none). Undefined:
   // the adapter's default for every sequence.
   at::Tensor sequence_adapters;
+  // [tokens] int64, set alongside sequence_adapters in batch-invariant and
+  // paged forwards: the adapter of every row of a layer's input flattened to
+  // [tokens, in] (for MoE experts, of the rows the expert receives).
+  at::Tensor token_adapters;
+  // The forward is batch-invariant (ForwardOptions::batch_invariant, or
+  // paged): the adapter must compute each row with a fixed operation order.
+  bool batch_invariant = false;
 };
 
 // Extra computation on the output of named linear layers: LoRA-style
@@ -122,6 +189,14 @@ class LinearOverride {
  public:
   virtual ~LinearOverride() = default;
   virtual at::Tensor linear(const std::string& name, const at::Tensor& x) = 0;
+  // The products of several layers that read the same input x (one
+  // layer's q, k and v projections; an MLP's gate and up), in the order of
+  // `names`, each exactly what linear(name, x) returns. The default calls
+  // linear() per name; an override may run them as one product (one pass
+  // over x, one parallel region) when that gives the same bits. The
+  // batch-invariant forwards call this.
+  virtual std::vector<at::Tensor> linear_group(const std::vector<std::string>& names,
+                                               const at::Tensor& x);
 };
 
 struct ForwardOptions {
@@ -137,17 +212,27 @@ struct ForwardOptions {
   bool last_logits_only = false;
   // Per-sequence adapter choice, passed to the model's adapter (if any).
   at::Tensor sequence_adapters;
-  // Attention and norms computed so that each token's result does not
-  // depend on how many tokens run in the same forward (fixed-order loops
-  // instead of BLAS, whose blocking changes with the shape). With a
+  // Every layer computed so that each token's result does not depend on
+  // how many tokens run in the same forward (fixed-order loops instead of
+  // BLAS, whose blocking changes with the shape): norms, RoPE, attention,
+  // the fp32 linear layers (linear_invariant), MoE routing and combining,
+  // and adapters that honour AdapterContext::batch_invariant. With a
   // batch-invariant LinearOverride (tessera::quant), verifying k tokens in
   // one forward gives bit-identical logits to decoding them one at a time.
-  // fp32 CPU models only; slower than the default for long contexts.
+  // fp32 CPU models only; fp32 linear layers run at a fraction of BLAS's
+  // speed for large batches.
   bool batch_invariant = false;
   // Skip the LM head: ForwardOutput::hidden gets the final-normed hidden
   // states [B, T, H] (or [B, 1, H] with last_logits_only) and logits stay
   // undefined. For value heads (critics, reward models).
   bool hidden_only = false;
+  // Input embeddings used instead of looking up input_ids in the embedding
+  // table: [B, T, hidden_size] (paged: [1, N, hidden_size]) in the model's
+  // dtype, e.g. text embeddings with image features spliced in
+  // (nn::VisionLanguageModel). input_ids still give the shape and must be
+  // valid ids. Undefined: the usual lookup. Differentiable. Single-rank or
+  // tensor-parallel models (each tp rank passes the full embeddings).
+  at::Tensor input_embeds;
   // Computes the routed experts of every MoE layer elsewhere (a serverless
   // platform, a simulator): called with the layer index, the layer's tokens
   // [N, H], the chosen experts [N, k] and their weights [N, k]; returns the
@@ -155,6 +240,12 @@ struct ForwardOptions {
   // Single-rank models only (no tp / ep); no capacity drops.
   std::function<at::Tensor(int64_t layer, const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights)>
       expert_override;
+  // A paged forward (the serving engine's): input_ids [1, N] are the
+  // tokens of paged->sequences, read and written through paged->cache, with
+  // logits only for paged->logits_rows. Always batch-invariant (fp32 CPU
+  // models, single rank); cache, lengths, last_logits_only,
+  // sequence_adapters and record_routing must be left unset.
+  const PagedBatch* paged = nullptr;
 };
 
 struct ForwardOutput {

@@ -18,7 +18,9 @@
 #include <atomic>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "tessera/nn/model.h"
 #include "tessera/quant/quant.h"
@@ -52,6 +54,13 @@ class QuantizedModel final : public nn::LinearOverride {
   Isa isa() const { return isa_; }
 
   at::Tensor linear(const std::string& name, const at::Tensor& x) override;
+  // Layers that share their input run as one product over their packed
+  // weights stacked by output (built on first use, kept per name list):
+  // each output row is computed by the same kernel operations as in
+  // linear(), so the results are bit-identical. Layers with smoothing, or
+  // with differing widths or group settings, run one by one.
+  std::vector<at::Tensor> linear_group(const std::vector<std::string>& names,
+                                       const at::Tensor& x) override;
 
   // Moves every packed weight to `device` (CUDA models run kernels/quant).
   void to(const at::Device& device);
@@ -91,6 +100,10 @@ class QuantizedModel final : public nn::LinearOverride {
   QuantConfig config_;
   std::map<std::string, QuantizedWeight> weights_;
   std::map<std::string, at::Tensor> smooth_;
+  // linear_group()'s stacked weights by joined names; a null entry: the
+  // group cannot be stacked. Guarded by fused_mu_.
+  std::mutex fused_mu_;
+  std::map<std::string, std::shared_ptr<const QuantizedWeight>> fused_;
   std::atomic<Mode> mode_{Mode::kW4A16};
   Isa isa_ = best_isa();
 };

@@ -1,0 +1,275 @@
+#include "invariant_ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "tessera/core/error.h"
+#include "tessera/core/tensor.h"
+
+namespace tessera::nn::detail {
+namespace {
+
+// out[m, n] for rows m in [0, M) and outputs n in [n0, n1) of x [M, K] w^T,
+// w [N, K]; out rows are N apart.
+using LinearKernel = void (*)(const float* x, int64_t M, const float* w, int64_t N, int64_t K,
+                              float* out, int64_t n0, int64_t n1);
+
+// --- AVX-512: 16 lanes, one fused multiply-add per lane and step of 16
+// inputs, the tail masked, then _mm512_reduce_add_ps's fixed tree.
+
+#define TESSERA_AVX512 __attribute__((target("avx512f,avx512dq,fma")))
+
+template <int MB, int NB>
+TESSERA_AVX512 inline void tile_avx512(const float* x, const float* w, int64_t K, float* out,
+                                       int64_t ldo, int64_t m0, int64_t n0) {
+  __m512 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(w + (n0 + j) * K + k);
+    for (int i = 0; i < MB; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_ps(mask, w + (n0 + j) * K + k);
+    for (int i = 0; i < MB; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + i) * K + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out[(m0 + i) * ldo + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int MB>
+TESSERA_AVX512 inline void tile_avx512_nb(int nb, const float* x, const float* w, int64_t K,
+                                          float* out, int64_t ldo, int64_t m0, int64_t n0) {
+  switch (nb) {
+    case 4: tile_avx512<MB, 4>(x, w, K, out, ldo, m0, n0); break;
+    case 3: tile_avx512<MB, 3>(x, w, K, out, ldo, m0, n0); break;
+    case 2: tile_avx512<MB, 2>(x, w, K, out, ldo, m0, n0); break;
+    default: tile_avx512<MB, 1>(x, w, K, out, ldo, m0, n0); break;
+  }
+}
+
+TESSERA_AVX512 void linear_avx512(const float* x, int64_t M, const float* w, int64_t N, int64_t K,
+                                  float* out, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int nb = static_cast<int>(std::min<int64_t>(4, n1 - n));
+    for (int64_t m = 0; m < M; m += 4) {
+      switch (std::min<int64_t>(4, M - m)) {
+        case 4: tile_avx512_nb<4>(nb, x, w, K, out, N, m, n); break;
+        case 3: tile_avx512_nb<3>(nb, x, w, K, out, N, m, n); break;
+        case 2: tile_avx512_nb<2>(nb, x, w, K, out, N, m, n); break;
+        default: tile_avx512_nb<1>(nb, x, w, K, out, N, m, n); break;
+      }
+    }
+  }
+}
+
+// --- AVX2: 8 lanes, fused multiply-add, the tail in a scalar lane loop
+// folded into lane 0..r-1, then a fixed tree.
+
+#define TESSERA_AVX2 __attribute__((target("avx2,fma")))
+
+TESSERA_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MB, int NB>
+TESSERA_AVX2 inline void tile_avx2(const float* x, const float* w, int64_t K, float* out,
+                                   int64_t ldo, int64_t m0, int64_t n0) {
+  __m256 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm256_loadu_ps(w + (n0 + j) * K + k);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  if (k < K) {
+    alignas(32) int32_t lanes[8];
+    for (int l = 0; l < 8; ++l) lanes[l] = k + l < K ? -1 : 0;
+    const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+    __m256 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm256_maskload_ps(w + (n0 + j) * K + k, mask);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xv = _mm256_maskload_ps(x + (m0 + i) * K + k, mask);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) out[(m0 + i) * ldo + n0 + j] = hsum256(acc[i][j]);
+}
+
+template <int MB>
+TESSERA_AVX2 inline void tile_avx2_nb(int nb, const float* x, const float* w, int64_t K, float* out,
+                                      int64_t ldo, int64_t m0, int64_t n0) {
+  switch (nb) {
+    case 4: tile_avx2<MB, 4>(x, w, K, out, ldo, m0, n0); break;
+    case 3: tile_avx2<MB, 3>(x, w, K, out, ldo, m0, n0); break;
+    case 2: tile_avx2<MB, 2>(x, w, K, out, ldo, m0, n0); break;
+    default: tile_avx2<MB, 1>(x, w, K, out, ldo, m0, n0); break;
+  }
+}
+
+TESSERA_AVX2 void linear_avx2(const float* x, int64_t M, const float* w, int64_t N, int64_t K,
+                              float* out, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int nb = static_cast<int>(std::min<int64_t>(4, n1 - n));
+    for (int64_t m = 0; m < M; m += 2) {
+      if (M - m >= 2) {
+        tile_avx2_nb<2>(nb, x, w, K, out, N, m, n);
+      } else {
+        tile_avx2_nb<1>(nb, x, w, K, out, N, m, n);
+      }
+    }
+  }
+}
+
+// --- Portable: dot_fixed per output.
+
+void linear_generic(const float* x, int64_t M, const float* w, int64_t N, int64_t K, float* out,
+                    int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) out[m * N + n] = dot_fixed(x + m * K, w + n * K, K);
+  }
+}
+
+// --- Dot products and axpy (see invariant_ops.h).
+
+TESSERA_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+  if (k < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - k)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + k), _mm512_maskz_loadu_ps(mask, b + k), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+float dot_generic(const float* a, const float* b, int64_t n) {
+  float s[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    for (int l = 0; l < 16; ++l) s[l] += a[k + l] * b[k + l];
+  }
+  for (int l = 0; k + l < n; ++l) s[l] += a[k + l] * b[k + l];
+  for (int width = 8; width >= 1; width /= 2) {
+    for (int l = 0; l < width; ++l) s[l] += s[l + width];
+  }
+  return s[0];
+}
+
+TESSERA_AVX512 void axpy_avx512(float p, const float* v, float* out, int64_t n) {
+  const __m512 pv = _mm512_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(out + i), _mm512_mul_ps(pv, _mm512_loadu_ps(v + i))));
+  }
+  for (; i < n; ++i) out[i] += p * v[i];
+}
+
+void axpy_generic(float p, const float* v, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] += p * v[i];
+}
+
+bool has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
+
+LinearKernel pick_linear_kernel() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return linear_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return linear_avx2;
+  return linear_generic;
+}
+
+}  // namespace
+
+const DotFn dot_fixed_kernel = has_avx512() ? dot_avx512 : dot_generic;
+const AxpyFn axpy_kernel = has_avx512() ? axpy_avx512 : axpy_generic;
+
+at::Tensor linear_fixed(const at::Tensor& x, const at::Tensor& w) {
+  TESSERA_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), InvalidArgument,
+                "batch-invariant linear: fp32 CPU inputs only, got ", dtype_name(x.scalar_type()),
+                " on ", x.device().str());
+  TESSERA_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), InvalidArgument,
+                "batch-invariant linear: input ", shape_string(x.sizes()), " and weight ",
+                shape_string(w.sizes()), " do not match");
+  static const LinearKernel kernel = pick_linear_kernel();
+  const int64_t K = w.size(1), N = w.size(0);
+  at::Tensor xc = x.reshape({-1, K}).contiguous();
+  at::Tensor wc = w.scalar_type() == at::kFloat ? w.contiguous() : w.to(at::kFloat).contiguous();
+  const int64_t M = xc.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
+  if (M == 0 || N == 0) return out;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // Outputs per task: about 2^16 multiply-adds, in multiples of the tile width.
+  const int64_t grain = std::max<int64_t>(4, ((int64_t{1} << 16) / std::max<int64_t>(1, M * K) + 3) / 4 * 4);
+  if (N <= grain) {
+    kernel(xp, M, wp, N, K, op, 0, N);
+  } else {
+    at::parallel_for(0, (N + 3) / 4, grain / 4, [&](int64_t b0, int64_t b1) {
+      kernel(xp, M, wp, N, K, op, b0 * 4, std::min(N, b1 * 4));
+    });
+  }
+  return out;
+}
+
+void rms_norm_rows(const float* x, const float* w, float* out, int64_t rows, int64_t H, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* v = x + r * H;
+    const float ss = dot_fixed(v, v, H);
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+    float* o = out + r * H;
+    for (int64_t i = 0; i < H; ++i) o[i] = v[i] * inv * w[i];
+  }
+}
+
+void rope_rows(float* x, int64_t rows, int64_t heads, int64_t hd, const int64_t* positions,
+               const float* cos_table, const float* sin_table) {
+  const int64_t half = hd / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* c = cos_table + positions[r] * hd;
+    const float* s = sin_table + positions[r] * hd;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (r * heads + h) * hd;
+      // x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        const float lo = a * c[i] + (-b) * s[i];
+        const float hi = b * c[i + half] + a * s[i + half];
+        v[i] = lo;
+        v[i + half] = hi;
+      }
+    }
+  }
+}
+
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.f + std::exp(-g)) * up[i];
+  }
+}
+
+}  // namespace tessera::nn::detail
