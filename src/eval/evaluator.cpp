@@ -6,6 +6,7 @@
 
 #include "tessera/core/error.h"
 #include "tessera/core/log.h"
+#include "tessera/core/metrics.h"
 
 namespace tessera::eval {
 
@@ -45,6 +46,17 @@ RunReport run_task(const Task& task, Backend& backend, const RunOptions& options
     if (!records.count(i)) todo.push_back(i);
   }
   const bool generate = task.config().output_type == OutputType::kGenerateUntil;
+  const Stopwatch watch;
+  auto progress = [&] {
+    if (!options.on_progress) return;
+    RunProgress p;
+    p.done = records.size();
+    p.total = n;
+    p.resumed = report.resumed;
+    p.seconds = watch.seconds();
+    options.on_progress(p);
+  };
+  progress();
   size_t next = 0;
   while (next < todo.size()) {
     // A batch of whole documents, at most batch_size requests unless one
@@ -93,8 +105,11 @@ RunReport run_task(const Task& task, Backend& backend, const RunOptions& options
       if (writer) writer->append(record);
       records.emplace(docs[j], std::move(record));
     }
+    report.evaluated += docs.size();
     TESSERA_LOG(Debug, "eval") << task.name() << ": " << records.size() << "/" << n << " documents";
+    progress();
   }
+  report.seconds = watch.seconds();
 
   for (auto& [i, r] : records) report.records.push_back(std::move(r));
   report.result = aggregate(task, report.records, options.aggregate);

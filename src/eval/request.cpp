@@ -60,11 +60,12 @@ std::vector<DocRequests> build_requests(const Task& task, const BuildOptions& op
       }
       case OutputType::kMultipleChoice:
         for (const std::string& choice : impl.choices[i]) {
-          d.loglikelihood.push_back({context, messages, c.target_delimiter + choice});
+          d.loglikelihood.push_back({context, messages, c.target_delimiter + choice, choice});
         }
         break;
       case OutputType::kLoglikelihood:
-        d.loglikelihood.push_back({context, messages, c.target_delimiter + impl.targets[i]});
+        d.loglikelihood.push_back(
+            {context, messages, c.target_delimiter + impl.targets[i], impl.targets[i]});
         break;
     }
     out.push_back(std::move(d));

@@ -424,11 +424,16 @@ bool is_data_file(const fs::path& p) {
 // `names` is empty and `all_when_empty`).
 std::vector<fs::path> split_files(const fs::path& dir, const std::vector<std::string>& names,
                                   const std::string& where) {
+  // std::error_code overloads throughout: a path the file system refuses
+  // (too long, not readable) is a NotFound naming it, not a filesystem_error.
   std::vector<fs::path> files;
+  std::error_code ec;
   if (names.empty()) {
-    for (const auto& e : fs::directory_iterator(dir)) {
-      if (e.is_regular_file() && is_data_file(e.path())) files.push_back(e.path());
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+      std::error_code type_ec;
+      if (it->is_regular_file(type_ec) && is_data_file(it->path())) files.push_back(it->path());
     }
+    TESSERA_CHECK(!ec, NotFound, where, ": cannot list ", dir.string(), ": ", ec.message());
     std::sort(files.begin(), files.end());
     TESSERA_CHECK(!files.empty(), InvalidArgument, where, ": no .json or .jsonl files in ",
                   dir.string());
@@ -436,7 +441,7 @@ std::vector<fs::path> split_files(const fs::path& dir, const std::vector<std::st
   }
   for (const std::string& n : names) {
     const fs::path p = dir / n;
-    TESSERA_CHECK(fs::is_regular_file(p), NotFound, where, ": '", n, "' not found in ",
+    TESSERA_CHECK(fs::is_regular_file(p, ec), NotFound, where, ": '", n, "' not found in ",
                   dir.string());
     files.push_back(p);
   }
@@ -614,6 +619,12 @@ Task Task::load(const std::string& yaml_path, const TaskLoadOptions& options) {
     if (n < 0 || n > 1000) reader("num_fewshot").fail("expected 0..1000, got " + std::to_string(n));
     c.num_fewshot = static_cast<int>(n);
   }
+  if (options.num_fewshot) {
+    TESSERA_CHECK(*options.num_fewshot >= 0 && *options.num_fewshot <= 1000, InvalidArgument, leaf,
+                  ": num_fewshot override: expected 0..1000, got ", *options.num_fewshot);
+    c.num_fewshot = *options.num_fewshot;
+  }
+  if (!options.task_name.empty()) c.task = options.task_name;
   if (has("fewshot_config")) {
     const Reader r = reader("fewshot_config");
     r.keys({"sampler", "seed"});
@@ -755,11 +766,13 @@ Task Task::load(const std::string& yaml_path, const TaskLoadOptions& options) {
   const std::string data_file = raw.at("dataset_path").file;
   fs::path dataset = c.dataset_path;
   if (dataset.is_relative()) dataset = fs::path(options.data_root) / dataset;
-  TESSERA_CHECK(fs::exists(dataset), NotFound, data_file, ": dataset_path '", c.dataset_path,
-                "' not found (looked for ", dataset.string(), ")");
+  std::error_code dataset_ec;
+  TESSERA_CHECK(fs::exists(dataset, dataset_ec), NotFound, data_file, ": dataset_path '",
+                c.dataset_path, "' not found (looked for ", dataset.string(),
+                dataset_ec ? ": " + dataset_ec.message() : std::string(), ")");
   const fs::path label_base = fs::path(c.dataset_path);
   LoadedDocs test, shots;
-  const bool folder = fs::is_directory(dataset);
+  const bool folder = fs::is_directory(dataset, dataset_ec);
   if (folder) {
     for (const fs::path& f :
          split_files(dataset, c.test_split,
@@ -820,7 +833,9 @@ Task Task::load(const std::string& yaml_path, const TaskLoadOptions& options) {
     const size_t pool = impl->fewshot_texts.size();
     const size_t draw = static_cast<size_t>(c.num_fewshot) + (separate_fewshot ? 0 : 1);
     if (draw > pool) {
-      const std::string key_file = raw.at("num_fewshot").file;
+      const std::string key_file =
+          options.num_fewshot ? leaf + " (num_fewshot override)"
+                              : (has("num_fewshot") ? raw.at("num_fewshot").file : leaf);
       TESSERA_THROW(InvalidArgument, key_file, ": num_fewshot: ", c.num_fewshot, " examples need ",
                     draw, " few-shot documents",
                     separate_fewshot

@@ -186,6 +186,9 @@ OrderedJson parse_json_text(std::string_view text, std::string_view source) {
     std::string reason = colon == std::string::npos ? what : what.substr(colon + 2);
     TESSERA_THROW(InvalidArgument, source, ": malformed JSON at line ", line, ", column ", column,
                   ": ", reason);
+  } catch (const OrderedJson::out_of_range& e) {
+    // A number too large for a double ("1e999"): out_of_range.406.
+    TESSERA_THROW(InvalidArgument, source, ": malformed JSON: ", e.what());
   }
 }
 

@@ -464,5 +464,23 @@ TEST_F(TaskFiles, BadDataFilesAreNamed) {
   }
 }
 
+// Regression (found by fuzz/eval_task_fuzz.cpp): a dataset_path or split
+// name the file system refuses (here: longer than NAME_MAX) made
+// std::filesystem throw filesystem_error out of Task::load instead of
+// NotFound naming the key.
+TEST_F(TaskFiles, FuzzOverlongDatasetPathIsNotFound) {
+  const std::string long_name(300, '+');
+  const std::string rest = "output_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n";
+  EXPECT_NE(error_of("task: t\ndataset_path: Yue-MMLU" + long_name + "\n" + rest)
+                .find("dataset_path 'Yue-MMLU++"),
+            std::string::npos);
+  EXPECT_NE(error_of("task: t\ndataset_path: .\ntest_split: " + long_name + ".json\n" + rest)
+                .find("not found in"),
+            std::string::npos);
+  EXPECT_NE(error_of("task: t\ndataset_path: .\nfewshot_split: " + long_name + "\n" + rest)
+                .find("not found in"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace tessera::eval

@@ -181,5 +181,18 @@ TEST(Template, TypeErrorsAreReported) {
   EXPECT_NE(error_of("{{ n // 0 }}").find("division or modulo by zero"), std::string::npos);
 }
 
+// Regression (the bug fuzz/sim_cluster_fuzz.cpp found in sim's JSON reader,
+// present here too): a number too large for a double in a JSON document
+// escaped as nlohmann's out_of_range.406 instead of InvalidArgument.
+TEST(Value, FuzzNumberTooLargeForADoubleIsInvalidArgument) {
+  try {
+    Value::parse_json(R"({"answer": 1e999})", "docs.json");
+    FAIL() << "no exception";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("docs.json: malformed JSON"), std::string::npos)
+        << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace tessera::eval

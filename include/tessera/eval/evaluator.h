@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,14 @@
 #include "tessera/eval/task.h"
 
 namespace tessera::eval {
+
+// Where a run stands, for progress displays.
+struct RunProgress {
+  size_t done = 0;     // documents finished (resumed ones included)
+  size_t total = 0;    // documents in this run (after the limit)
+  size_t resumed = 0;  // documents taken from the sample log
+  double seconds = 0;  // wall time spent on new documents so far
+};
 
 struct RunOptions {
   // Requests per backend call; a document's requests (one per choice) are
@@ -38,6 +47,9 @@ struct RunOptions {
   // JSON Lines sample log; empty for none. An existing log is resumed.
   std::string sample_log_path;
   AggregateOptions aggregate;
+  // Called on the calling thread once before the first batch and after each
+  // batch. Exceptions it throws propagate (the log keeps what was written).
+  std::function<void(const RunProgress&)> on_progress;
 };
 
 struct RunReport {
@@ -45,6 +57,8 @@ struct RunReport {
   std::vector<SampleRecord> records;  // by document index
   size_t resumed = 0;                 // documents taken from the existing log
   bool log_was_truncated = false;     // the log's last line was cut off and redone
+  size_t evaluated = 0;               // documents the backend answered in this run
+  double seconds = 0;  // wall time for them: backend calls, scoring and logging
 };
 
 // Errors: those of the backend (propagated), Internal when the backend

@@ -65,6 +65,10 @@ struct LoglikelihoodRequest {
   std::vector<ChatMessage> messages;
   // Scored after the context; starts with the task's target_delimiter.
   std::string continuation;
+  // Scored after `messages` rendered by a chat template: the continuation
+  // without the target_delimiter, since the answer opens the assistant's
+  // turn (lm-eval drops the delimiter when it applies a chat template).
+  std::string chat_continuation;
 };
 
 struct LoglikelihoodResult {

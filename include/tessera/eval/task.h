@@ -75,6 +75,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tessera/eval/filters.h"
@@ -137,8 +138,17 @@ struct TaskConfig {
 };
 
 struct TaskLoadOptions {
+  TaskLoadOptions() = default;
+  // The common case, Task::load(path, {data_root}).
+  TaskLoadOptions(std::string root) : data_root(std::move(root)) {}  // NOLINT: implicit on purpose
+
   // Folder that dataset_path is relative to (an absolute dataset_path ignores it).
   std::string data_root;
+  // Replaces the file's num_fewshot (lm-eval's --num_fewshot); 0..1000.
+  std::optional<int> num_fewshot;
+  // Replaces the file's task name (empty: keep it), e.g. for a task run
+  // with another num_fewshot than its file's.
+  std::string task_name;
 };
 
 class Task {
