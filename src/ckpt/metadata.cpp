@@ -50,7 +50,8 @@ Metadata Metadata::parse(const std::string& text, const std::string& source) {
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // parse_error, or out_of_range for a number too large for a double.
     TESSERA_THROW(DataLoss, "checkpoint metadata '", source, "' is not valid JSON: ", e.what());
   }
   TESSERA_CHECK(j.is_object() && j.contains("format_version"), DataLoss, "checkpoint metadata '",

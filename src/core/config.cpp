@@ -66,6 +66,10 @@ ConfigObject ConfigObject::parse(std::string_view text, std::string source) {
     std::string reason = colon == std::string::npos ? what : what.substr(colon + 2);
     TESSERA_THROW(InvalidArgument, node->source, ": malformed JSON at line ", line, ", column ",
                   column, ": ", reason);
+  } catch (const json::out_of_range& e) {
+    // A number too large for a double ("1e999"): nlohmann's parser reports
+    // it as out_of_range.406, not as a parse_error.
+    TESSERA_THROW(InvalidArgument, node->source, ": malformed JSON: ", e.what());
   }
   TESSERA_CHECK(node->value.is_object(), InvalidArgument, node->source,
                 ": expected a JSON object at the top level, got ", type_name(node->value));

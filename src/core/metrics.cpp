@@ -44,6 +44,44 @@ std::string escape_help(const std::string& help) {
   return out;
 }
 
+bool valid_label_name(const std::string& name) {
+  if (name.empty() || name.rfind("__", 0) == 0) return false;
+  auto head = [](char c) { return std::isalpha(static_cast<unsigned char>(c)) || c == '_'; };
+  if (!head(name[0])) return false;
+  return std::all_of(name.begin(), name.end(), [&](char c) {
+    return head(c) || std::isdigit(static_cast<unsigned char>(c));
+  });
+}
+
+std::string escape_label_value(const std::string& value) {
+  std::string out;
+  for (char c : value) {
+    if (c == '\\') out += "\\\\";
+    else if (c == '"') out += "\\\"";
+    else if (c == '\n') out += "\\n";
+    else out += c;
+  }
+  return out;
+}
+
+// The pairs inside the braces, rendered: a="x",b="y" ("" without labels).
+std::string render_labels(const MetricLabels& labels, bool histogram) {
+  std::string out;
+  for (const auto& [name, value] : labels) {
+    TESSERA_CHECK(valid_label_name(name) && !(histogram && name == "le"), InvalidArgument,
+                  "invalid metric label name '", name, "'");
+    out += (out.empty() ? "" : ",") + name + "=\"" + escape_label_value(value) + "\"";
+  }
+  return out;
+}
+
+// name{labels} or name{labels,extra}, without braces when both are empty.
+std::string series(const std::string& name, const std::string& labels, const std::string& extra = "") {
+  std::string inside = labels;
+  if (!extra.empty()) inside += (inside.empty() ? "" : ",") + extra;
+  return inside.empty() ? name : name + "{" + inside + "}";
+}
+
 enum Kind { kCounter = 0, kGauge = 1, kHistogram = 2 };
 const char* kind_name(int kind) {
   return kind == kCounter ? "counter" : kind == kGauge ? "gauge" : "histogram";
@@ -90,9 +128,10 @@ Histogram::Snapshot Histogram::snapshot() const {
 struct MetricsRegistry::Entry {
   int kind;
   std::string help;
-  std::unique_ptr<Counter> counter;
-  std::unique_ptr<Gauge> gauge;
-  std::unique_ptr<Histogram> histogram;
+  // Series by rendered labels ("" : none).
+  std::map<std::string, std::unique_ptr<Counter>> counters;
+  std::map<std::string, std::unique_ptr<Gauge>> gauges;
+  std::map<std::string, std::unique_ptr<Histogram>> histograms;
 };
 
 MetricsRegistry::MetricsRegistry() = default;
@@ -114,25 +153,46 @@ MetricsRegistry::Entry& MetricsRegistry::find_or_add(const std::string& name,
 }
 
 Counter& MetricsRegistry::counter(const std::string& name, const std::string& help) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Entry& e = find_or_add(name, help, kCounter);
-  if (!e.counter) e.counter = std::make_unique<Counter>();
-  return *e.counter;
+  return counter(name, help, MetricLabels{});
 }
 
 Gauge& MetricsRegistry::gauge(const std::string& name, const std::string& help) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Entry& e = find_or_add(name, help, kGauge);
-  if (!e.gauge) e.gauge = std::make_unique<Gauge>();
-  return *e.gauge;
+  return gauge(name, help, MetricLabels{});
 }
 
 Histogram& MetricsRegistry::histogram(const std::string& name, const std::string& help,
                                       std::vector<double> bounds) {
+  return histogram(name, help, std::move(bounds), MetricLabels{});
+}
+
+Counter& MetricsRegistry::counter(const std::string& name, const std::string& help,
+                                  const MetricLabels& labels) {
+  const std::string key = render_labels(labels, false);
+  std::lock_guard<std::mutex> lock(mu_);
+  Entry& e = find_or_add(name, help, kCounter);
+  auto& c = e.counters[key];
+  if (!c) c = std::make_unique<Counter>();
+  return *c;
+}
+
+Gauge& MetricsRegistry::gauge(const std::string& name, const std::string& help,
+                              const MetricLabels& labels) {
+  const std::string key = render_labels(labels, false);
+  std::lock_guard<std::mutex> lock(mu_);
+  Entry& e = find_or_add(name, help, kGauge);
+  auto& g = e.gauges[key];
+  if (!g) g = std::make_unique<Gauge>();
+  return *g;
+}
+
+Histogram& MetricsRegistry::histogram(const std::string& name, const std::string& help,
+                                      std::vector<double> bounds, const MetricLabels& labels) {
+  const std::string key = render_labels(labels, true);
   std::lock_guard<std::mutex> lock(mu_);
   Entry& e = find_or_add(name, help, kHistogram);
-  if (!e.histogram) e.histogram = std::make_unique<Histogram>(std::move(bounds));
-  return *e.histogram;
+  auto& h = e.histograms[key];
+  if (!h) h = std::make_unique<Histogram>(std::move(bounds));
+  return *h;
 }
 
 std::string MetricsRegistry::to_prometheus() const {
@@ -141,19 +201,22 @@ std::string MetricsRegistry::to_prometheus() const {
   for (const auto& [name, e] : entries_) {
     out << "# HELP " << name << " " << escape_help(e->help) << "\n";
     out << "# TYPE " << name << " " << kind_name(e->kind) << "\n";
-    if (e->kind == kCounter) {
-      out << name << " " << format_value(e->counter->value()) << "\n";
-    } else if (e->kind == kGauge) {
-      out << name << " " << format_value(e->gauge->value()) << "\n";
-    } else {
-      auto snap = e->histogram->snapshot();
+    for (const auto& [labels, c] : e->counters) {
+      out << series(name, labels) << " " << format_value(c->value()) << "\n";
+    }
+    for (const auto& [labels, g] : e->gauges) {
+      out << series(name, labels) << " " << format_value(g->value()) << "\n";
+    }
+    for (const auto& [labels, h] : e->histograms) {
+      auto snap = h->snapshot();
       for (size_t i = 0; i < snap.bounds.size(); ++i) {
-        out << name << "_bucket{le=\"" << format_value(snap.bounds[i]) << "\"} "
-            << snap.cumulative[i] << "\n";
+        out << series(name + "_bucket", labels, "le=\"" + format_value(snap.bounds[i]) + "\"")
+            << " " << snap.cumulative[i] << "\n";
       }
-      out << name << "_bucket{le=\"+Inf\"} " << snap.cumulative.back() << "\n";
-      out << name << "_sum " << format_value(snap.sum) << "\n";
-      out << name << "_count " << snap.count << "\n";
+      out << series(name + "_bucket", labels, "le=\"+Inf\"") << " " << snap.cumulative.back()
+          << "\n";
+      out << series(name + "_sum", labels) << " " << format_value(snap.sum) << "\n";
+      out << series(name + "_count", labels) << " " << snap.count << "\n";
     }
   }
   return out.str();

@@ -128,7 +128,8 @@ json read_header(const std::string& path, const MappedFile& file, uint64_t& data
     const auto* begin = reinterpret_cast<const char*>(file.data()) + 8;
     try {
       header = json::parse(begin, begin + header_len);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
+      // parse_error, or out_of_range for a number too large for a double.
       corrupt(path, "", "header is not valid JSON: ", e.what());
     }
   }
@@ -291,7 +292,10 @@ at::Tensor SafetensorsFile::get(const std::string& name) const {
   auto options = at::TensorOptions().dtype(info.dtype).device(at::kCPU);
   if (reinterpret_cast<uintptr_t>(ptr) % dtype_size(info.dtype) != 0) {
     at::Tensor copy = at::empty(info.shape, options);
-    std::memcpy(copy.data_ptr(), ptr, info.data_end - info.data_begin);
+    // An empty tensor's data_ptr() is null, and memcpy(nullptr, p, 0) is undefined.
+    if (info.data_end > info.data_begin) {
+      std::memcpy(copy.data_ptr(), ptr, info.data_end - info.data_begin);
+    }
     return copy;
   }
   // The deleter owns a reference to the mapping: the tensor (and every view
@@ -366,7 +370,8 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
   out.append(&header_len, 8);
   out.append(text.data(), text.size());
   for (size_t i : order) {
-    const auto& [name, t] = tensors[i];
+    const std::string& name = tensors[i].first;
+    const at::Tensor& t = tensors[i].second;  // lambdas cannot capture structured bindings
     at::Tensor cpu = translate_errors(
         "saving " + path + ", tensor '" + name + "'",
         [&] { return t.to(at::kCPU).contiguous(); }, ErrorCode::kInternal);
@@ -430,7 +435,8 @@ SafetensorsFolder SafetensorsFolder::open(const std::string& dir) {
     const auto* text = reinterpret_cast<const char*>(mapped->data());
     try {
       index = json::parse(text, text + mapped->size());
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
+      // parse_error, or out_of_range for a number too large for a double.
       TESSERA_THROW(DataLoss, "safetensors index ", source, " is not valid JSON: ", e.what());
     }
   }

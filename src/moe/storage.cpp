@@ -22,7 +22,14 @@ using Clock = std::chrono::steady_clock;
 
 template <typename Try>
 at::Tensor wait_for(const std::string& key, std::chrono::milliseconds wait, Try&& attempt) {
-  const auto until = Clock::now() + wait;
+  // Saturates, so that milliseconds::max() ("wait for ever") or a negative
+  // wait cannot overflow the clock arithmetic.
+  const auto now = Clock::now();
+  const auto until = wait <= std::chrono::milliseconds::zero() ? now
+                     : wait >= std::chrono::duration_cast<std::chrono::milliseconds>(
+                                   Clock::time_point::max() - now)
+                         ? Clock::time_point::max()
+                         : now + wait;
   auto pause = std::chrono::microseconds(100);
   while (true) {
     at::Tensor t = attempt();

@@ -121,9 +121,10 @@ at::Tensor from_proto(const TensorProto& proto) {
   for (int64_t s : shape) {
     TESSERA_CHECK(s >= 0 && s < (int64_t{1} << 40), InvalidArgument, "tensor '", proto.name(),
                   "': bad dimension ", s);
+    // Checked before multiplying: two dimensions below 2^40 can overflow int64.
+    TESSERA_CHECK(s == 0 || numel < ((int64_t{1} << 40) + s - 1) / s, InvalidArgument, "tensor '",
+                  proto.name(), "': too many elements");
     numel *= s;
-    TESSERA_CHECK(numel < (int64_t{1} << 40), InvalidArgument, "tensor '", proto.name(),
-                  "': too many elements");
   }
   const size_t expected = static_cast<size_t>(numel) * dtype_size(dtype);
   TESSERA_CHECK(proto.data().size() == expected, InvalidArgument, "tensor '", proto.name(), "': ",

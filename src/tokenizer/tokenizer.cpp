@@ -190,6 +190,9 @@ json parse_json(const std::string& text, const std::string& path) {
     std::string reason = colon == std::string::npos ? what : what.substr(colon + 2);
     TESSERA_THROW(InvalidArgument, path, ": malformed JSON at line ", line, ", column ", column,
                   ": ", reason);
+  } catch (const json::out_of_range& e) {
+    // A number too large for a double ("1e999"): out_of_range.406.
+    TESSERA_THROW(InvalidArgument, path, ": malformed JSON: ", e.what());
   }
 }
 

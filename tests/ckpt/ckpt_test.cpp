@@ -786,5 +786,18 @@ TEST_F(CorruptionTest, UnknownFormatVersionIsRefused) {
   }
 }
 
+// Regression (the bug fuzz/sim_cluster_fuzz.cpp found in sim's JSON reader,
+// present here too): a number too large for a double escaped
+// Metadata::parse as nlohmann's out_of_range.406 instead of DataLoss.
+TEST(Metadata, FuzzNumberTooLargeForADoubleIsDataLoss) {
+  try {
+    Metadata::parse(R"({"format_version": 1, "world_size": 1e999})", "ckpt/metadata.json");
+    FAIL() << "no exception";
+  } catch (const DataLoss& e) {
+    EXPECT_NE(e.message().find("'ckpt/metadata.json' is not valid JSON"), std::string::npos)
+        << e.message();
+  }
+}
+
 }  // namespace
 }  // namespace tessera::ckpt

@@ -82,5 +82,18 @@ TEST(Config, LoadFileAndMissingFile) {
   EXPECT_THROW(ConfigObject::load_file(path), NotFound);
 }
 
+// Regression (the bug fuzz/sim_cluster_fuzz.cpp found in sim's JSON reader,
+// present here too): a number too large for a double made nlohmann throw
+// out_of_range.406, which escaped parse() instead of InvalidArgument.
+TEST(Config, FuzzNumberTooLargeForADoubleIsInvalidArgument) {
+  try {
+    ConfigObject::parse(R"({"lr": 1e999})", "run.json");
+    FAIL() << "no exception";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(e.message().find("run.json: malformed JSON"), std::string::npos) << e.message();
+  }
+  EXPECT_THROW(ConfigObject::parse("[-123456789012345678901234567890e400]"), InvalidArgument);
+}
+
 }  // namespace
 }  // namespace tessera

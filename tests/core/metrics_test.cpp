@@ -44,6 +44,41 @@ TEST(Metrics, SameNameSameMetricOtherKindRejected) {
   EXPECT_THROW(a.increment(-1), InvalidArgument);
 }
 
+TEST(Metrics, LabelledSeriesShareOneHelpAndType) {
+  MetricsRegistry reg;
+  auto& stop = reg.counter("vllm:request_success_total", "Finished requests",
+                           {{"model_name", "m"}, {"finished_reason", "stop"}});
+  auto& length = reg.counter("vllm:request_success_total", "Finished requests",
+                             {{"model_name", "m"}, {"finished_reason", "length"}});
+  EXPECT_NE(&stop, &length);
+  EXPECT_EQ(&stop, &reg.counter("vllm:request_success_total", "",
+                                {{"model_name", "m"}, {"finished_reason", "stop"}}));
+  stop.increment(2);
+  length.increment();
+  reg.gauge("g", "A gauge", {{"model_name", "a \"quoted\"\\ name\n"}}).set(1);
+  auto& h = reg.histogram("lat_seconds", "Latency", {1.0}, {{"model_name", "m"}});
+  h.observe(0.5);
+  h.observe(2);
+  EXPECT_EQ(reg.to_prometheus(),
+            "# HELP g A gauge\n"
+            "# TYPE g gauge\n"
+            "g{model_name=\"a \\\"quoted\\\"\\\\ name\\n\"} 1\n"
+            "# HELP lat_seconds Latency\n"
+            "# TYPE lat_seconds histogram\n"
+            "lat_seconds_bucket{model_name=\"m\",le=\"1\"} 1\n"
+            "lat_seconds_bucket{model_name=\"m\",le=\"+Inf\"} 2\n"
+            "lat_seconds_sum{model_name=\"m\"} 2.5\n"
+            "lat_seconds_count{model_name=\"m\"} 2\n"
+            "# HELP vllm:request_success_total Finished requests\n"
+            "# TYPE vllm:request_success_total counter\n"
+            "vllm:request_success_total{model_name=\"m\",finished_reason=\"length\"} 1\n"
+            "vllm:request_success_total{model_name=\"m\",finished_reason=\"stop\"} 2\n");
+  EXPECT_THROW(reg.counter("c", "", {{"9bad", "x"}}), InvalidArgument);
+  EXPECT_THROW(reg.counter("c", "", {{"__reserved", "x"}}), InvalidArgument);
+  EXPECT_THROW(reg.histogram("h", "", {1.0}, {{"le", "x"}}), InvalidArgument);
+  EXPECT_THROW(reg.gauge("vllm:request_success_total", "", {{"model_name", "m"}}), InvalidArgument);
+}
+
 TEST(Metrics, CounterIsThreadSafe) {
   MetricsRegistry reg;
   auto& c = reg.counter("hits", "");

@@ -451,5 +451,34 @@ save_file({"a": torch.arange(6, dtype=torch.bfloat16).view(2, 3), "b": torch.ten
   EXPECT_EQ(file.metadata().at("k"), "v");
 }
 
+// Regression (the bug fuzz/sim_cluster_fuzz.cpp found in sim's JSON reader,
+// present here too): a number too large for a double in the header (or in a
+// folder's index) escaped as nlohmann's out_of_range.406 instead of DataLoss.
+TEST_F(SafetensorsTest, FuzzNumberTooLargeForADoubleIsDataLoss) {
+  EXPECT_THROW(SafetensorsFile::open(write_raw(
+                   "big.safetensors",
+                   R"({"w": {"dtype": "F32", "shape": [1e999], "data_offsets": [0, 4]}})", "1234")),
+               DataLoss);
+  std::ofstream(path(kSafetensorsIndexFile))
+      << R"({"metadata": {"total_size": 1e999}, "weight_map": {}})";
+  EXPECT_THROW(SafetensorsFolder::open(dir_.string()), DataLoss);
+}
+
+// Regression (found by fuzz/safetensors_fuzz.cpp): an empty tensor whose
+// bytes are not aligned to its element size took the copying path, which
+// called memcpy with the null data pointer of the empty copy (undefined
+// behaviour; the asan preset's UBSan reports it).
+TEST_F(SafetensorsTest, FuzzMisalignedEmptyTensorIsReadWithoutMemcpyFromNull) {
+  // Header padded to a multiple of 4 bytes: the data section starts 4-byte
+  // aligned, so "e" (after the 1-byte "a") is misaligned for float32.
+  std::string header = R"({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},)"
+                       R"( "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [1, 1]}})";
+  header.append((4 - header.size() % 4) % 4, ' ');
+  const auto file = SafetensorsFile::open(write_raw("empty.safetensors", header, "x"));
+  const at::Tensor e = file.get("e", at::kFloat, {0, 3});
+  EXPECT_EQ(e.numel(), 0);
+  EXPECT_EQ(file.get("a").item<uint8_t>(), 'x');
+}
+
 }  // namespace
 }  // namespace tessera::nn

@@ -8,15 +8,18 @@
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <thread>
 
-#include "tessera/core/subprocess.h"
 #include "tessera/core/error.h"
+#include "tessera/core/subprocess.h"
 #include "tessera/moe/deploy.h"
 #include "tessera/moe/prediction.h"
 #include "tessera/moe/search.h"
+#include "tessera/moe/storage.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
 
+#include <unistd.h>
 #include <cstdio>
 #include <filesystem>
 
@@ -291,6 +294,25 @@ TEST(Errors, LibTorchErrorsSurfaceAsTesseraErrors) {
   } catch (const std::exception& e) {
     ADD_FAILURE() << "non-tessera error: " << e.what();
   }
+}
+
+// Regression (the overflow fuzz/moe_function_request_fuzz.cpp found in the
+// function's wait): the storage channel added the wait to now() unchecked,
+// so milliseconds::max() ("wait for ever") overflowed into a deadline in the
+// past and get() gave up at once on an object that was about to appear.
+TEST(Storage, FuzzWaitForeverDoesNotOverflowTheDeadline) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("tessera-moe-storage-" + std::to_string(getpid()));
+  auto storage = StorageChannel::open("files:" + dir.string());
+  std::thread writer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    storage->put("late", at::arange(3, at::kFloat));
+  });
+  const at::Tensor got = storage->get("late", std::chrono::milliseconds::max());
+  writer.join();
+  EXPECT_TRUE(at::equal(got, at::arange(3, at::kFloat)));
+  EXPECT_THROW(storage->get("missing", std::chrono::milliseconds(-5)), NotFound);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

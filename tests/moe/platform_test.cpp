@@ -224,6 +224,28 @@ TEST(Platform, PayloadLimitIsEnforcedAndTheGateFallsBackToStorage) {
   EXPECT_LT(relative_error(y, moe_layer_reference(g_model->layer, x, r)), 1e-5);
 }
 
+// Regression (found by fuzz/moe_function_request_fuzz.cpp): the function
+// turned wait_seconds into milliseconds with std::llround, so a NaN or a
+// wait beyond int64 milliseconds (here: milliseconds::max(), "for ever")
+// overflowed (UBSan: signed integer overflow in the deadline) instead of
+// being refused with INVALID_ARGUMENT.
+TEST(Platform, FuzzWaitBeyondADayIsInvalidArgument) {
+  FunctionPlatform platform(options());
+  platform.deploy("f", {g_model->layer.weights, g_model->layer.prefix + "experts.0.", 512});
+  platform.put("in", at::randn({4, 64}));
+  for (auto wait :
+       {std::chrono::milliseconds::max(), std::chrono::milliseconds(int64_t{90000} * 1000)}) {
+    try {
+      platform.invoke("f", {at::Tensor(), {"in"}, wait});
+      ADD_FAILURE() << "no error for a wait of " << wait.count() << " ms";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("wait_seconds"), std::string::npos) << e.what();
+    }
+  }
+  // A day is still accepted (the key is there, so nothing waits).
+  EXPECT_EQ(platform.invoke("f", {at::Tensor(), {"in"}, std::chrono::hours(24)}).attempts, 1);
+}
+
 TEST(Platform, KilledFunctionIsRetriedOrReported) {
   for (int retries : {1, 0}) {
     SCOPED_TRACE(testing::Message() << retries << " retries");

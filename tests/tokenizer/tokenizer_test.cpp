@@ -723,5 +723,16 @@ TEST(Gpt2Files, BadMergeLineIsNamed) {
   EXPECT_THROW((void)Tokenizer::from_gpt2_files(dup, merges), InvalidArgument);
 }
 
+// Regression (the bug fuzz/sim_cluster_fuzz.cpp found in sim's JSON reader,
+// present here too): a number too large for a double escaped
+// from_tokenizer_json as nlohmann's out_of_range.406 instead of
+// InvalidArgument naming the file.
+TEST(TokenizerJson, FuzzNumberTooLargeForADoubleIsInvalidArgument) {
+  TempDir dir;
+  const std::string path = dir.write("tokenizer.json", R"({"model": {"dropout": 1e999}})");
+  const std::string message = error_of([&] { (void)Tokenizer::from_tokenizer_json(path); });
+  EXPECT_NE(message.find(path + ": malformed JSON"), std::string::npos) << message;
+}
+
 }  // namespace
 }  // namespace tessera::nn

@@ -24,6 +24,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace tessera {
@@ -98,9 +99,22 @@ class ScopedTimer {
   Stopwatch watch_;
 };
 
-// Owns metrics by name. Asking twice for the same name returns the same
-// metric; asking for an existing name as another kind throws InvalidArgument.
-// Names must match [a-zA-Z_:][a-zA-Z0-9_:]*.
+// Prometheus labels of one series, as (name, value) pairs; the order given
+// is the order rendered. Label names match [a-zA-Z_][a-zA-Z0-9_]* and do not
+// start with "__"; histograms may not use "le". Values are any UTF-8.
+using MetricLabels = std::vector<std::pair<std::string, std::string>>;
+
+// Owns metrics by name. Asking twice for the same name (and labels) returns
+// the same metric; asking for an existing name as another kind throws
+// InvalidArgument. Names must match [a-zA-Z_:][a-zA-Z0-9_:]*.
+//
+// A name may carry several series that differ in their labels
+// (vllm:request_success_total{finished_reason="stop"} and
+// {finished_reason="length"}): each is its own metric, rendered under one
+// HELP and TYPE. The overloads without labels are the series with none.
+//
+//   auto& ok = registry.counter("vllm:request_success_total", "Finished requests",
+//                               {{"model_name", "smollm2"}, {"finished_reason", "stop"}});
 class MetricsRegistry {
  public:
   MetricsRegistry();
@@ -112,8 +126,15 @@ class MetricsRegistry {
   Gauge& gauge(const std::string& name, const std::string& help);
   Histogram& histogram(const std::string& name, const std::string& help,
                        std::vector<double> bounds);
+  // The series of `name` with `labels` (InvalidArgument for a bad label
+  // name). A histogram's bounds are those of its first series.
+  Counter& counter(const std::string& name, const std::string& help, const MetricLabels& labels);
+  Gauge& gauge(const std::string& name, const std::string& help, const MetricLabels& labels);
+  Histogram& histogram(const std::string& name, const std::string& help,
+                       std::vector<double> bounds, const MetricLabels& labels);
 
-  // Prometheus text format, metrics sorted by name.
+  // Prometheus text format, metrics sorted by name, then series by their
+  // rendered labels.
   std::string to_prometheus() const;
 
  private:

@@ -69,6 +69,7 @@ class FunctionPlatform {
   struct Request {
     at::Tensor tokens;                   // direct
     std::vector<std::string> input_keys; // indirect / pipelined (keys in the storage channel)
+    // At most a day: the function refuses longer waits (InvalidArgument).
     std::chrono::milliseconds wait{30000};  // pipelined: how long a key may take to appear
   };
   struct Result {

@@ -42,6 +42,9 @@ namespace {
 
 namespace rpc = tessera::rpc;
 
+// The longest a pipelined request may ask to wait for one input (a day).
+constexpr double kMaxWaitSeconds = 86400;
+
 class Function final : public tessera::moe::proto::ExpertFunction::Service {
  public:
   Function(at::Tensor w1, at::Tensor w2, at::Tensor w3, int64_t memory_mb, int threads,
@@ -78,6 +81,11 @@ class Function final : public tessera::moe::proto::ExpertFunction::Service {
         // Pipelined when there are several keys: the next minibatch is read
         // while this one computes, and each output is written as soon as it
         // is ready.
+        // The wait comes from the caller: NaN or a count of milliseconds
+        // beyond int64 would make std::llround and the deadline overflow.
+        TESSERA_CHECK(!std::isnan(req->wait_seconds()) && req->wait_seconds() <= kMaxWaitSeconds,
+                      InvalidArgument, "wait_seconds ", req->wait_seconds(),
+                      " is not a number of seconds of at most ", kMaxWaitSeconds);
         std::future<at::Tensor> next;
         auto fetch = [&](int i) {
           return std::async(std::launch::async, [this, key = req->input_keys(i), wait = std::max(req->wait_seconds(), 1.0)] {
