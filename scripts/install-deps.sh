@@ -25,18 +25,26 @@ packages=(
   # optimised one it is the reference BLAS (~6 GFLOP/s here vs ~200).
   libopenblas0-openmp
   libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libyaml-cpp-dev
+  # The evaluation harness's client for OpenAI-compatible servers.
+  libcpp-httplib-dev
   # The training simulator's overlap-slowdown regressor.
   libxgboost-dev
   # Formatting check and the disk anchor of the checkpoint benchmarks.
   clang-format fio
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  # PNG and JPEG decoding for the vision-language models (nn/image.h).
+  libpng-dev libjpeg-dev
   # The serverless-MoE platform's optional Redis storage channel (tests start a server).
   libhiredis-dev redis-server
   # Debian's PyTorch for /usr/bin/python3: the independent reference forward
   # the model tests compare against, and the PyTorch-eager side of the
   # benchmarks (same LibTorch, same BLAS, same threads).
   python3-torch python3-venv
+  # PIL: the reference for image decoding and resizing (tests/nn/reference_vlm.py).
+  python3-pil
+  # The plots of docs/benchmarks.md (benchmarks/render_docs.py).
+  python3-matplotlib
 )
 
 sudo_cmd=()

@@ -47,6 +47,8 @@ struct Work::Impl {
   std::chrono::milliseconds default_timeout{0};
   // Runs once after the transport finished: copy back, scale, cast.
   std::function<void()> finish;
+  // Runs once after `finish`: the observer's on_complete.
+  std::function<void()> on_done;
   std::mutex mu;
   bool done = false;  // guarded by mu
 };
@@ -83,6 +85,7 @@ void Work::wait(std::chrono::milliseconds timeout) {
   }
   if (impl_->finish) impl_->finish();
   impl_->done = true;
+  if (impl_->on_done) impl_->on_done();
 }
 
 // ---------------------------------------------------------------------------
@@ -96,6 +99,21 @@ struct ProcessGroup::Impl {
   int size = 1;
   std::vector<int> world_ranks;
   int next_subgroup = 0;
+  // create_placeholder(): no store, no backend; operations complete at once.
+  bool placeholder = false;
+  // Shared by a root group and its sub-groups: the last CollectiveCall::id.
+  std::shared_ptr<std::atomic<uint64_t>> call_ids = std::make_shared<std::atomic<uint64_t>>(0);
+
+  CollectiveCall call(const char* op, int64_t bytes, at::ScalarType dtype) const {
+    CollectiveCall c;
+    c.op = op;
+    c.group = options.name;
+    c.ranks = world_ranks;
+    c.rank = rank;
+    c.bytes = bytes;
+    c.dtype = dtype;
+    return c;
+  }
 
   std::string describe(const char* op) const {
     return std::string(op) + " on group '" + options.name + "' (rank " + std::to_string(rank) +
@@ -130,10 +148,14 @@ at::Tensor as_bytes(const at::Tensor& t) {
 ::c10d::ReduceOp to_c10d(ReduceOp op) {
   switch (op) {
     case ReduceOp::kSum:
-    case ReduceOp::kAvg: return ::c10d::ReduceOp::SUM;
-    case ReduceOp::kMax: return ::c10d::ReduceOp::MAX;
-    case ReduceOp::kMin: return ::c10d::ReduceOp::MIN;
-    case ReduceOp::kProduct: return ::c10d::ReduceOp::PRODUCT;
+    case ReduceOp::kAvg:
+      return ::c10d::ReduceOp::SUM;
+    case ReduceOp::kMax:
+      return ::c10d::ReduceOp::MAX;
+    case ReduceOp::kMin:
+      return ::c10d::ReduceOp::MIN;
+    case ReduceOp::kProduct:
+      return ::c10d::ReduceOp::PRODUCT;
   }
   return ::c10d::ReduceOp::SUM;
 }
@@ -161,13 +183,137 @@ int64_t row_elements(const at::Tensor& t) {
 
 }  // namespace
 
+namespace {
+
+// Placeholder results (create_placeholder): what the operation would leave
+// if every member held this rank's data.
+void placeholder_reduce(at::Tensor& t, ReduceOp op, int size) {
+  at::NoGradGuard no_grad;
+  switch (op) {
+    case ReduceOp::kSum:
+      t.mul_(size);
+      break;
+    case ReduceOp::kProduct:
+      t.pow_(size);
+      break;
+    case ReduceOp::kAvg:
+    case ReduceOp::kMax:
+    case ReduceOp::kMin:
+      break;
+  }
+}
+
+// An all_to_all's checked row splits.
+struct AllToAllPlan {
+  std::vector<int64_t> output_splits, input_splits;  // rows per group rank
+  int64_t row_bytes = 0;
+};
+
+AllToAllPlan plan_all_to_all(const ProcessGroup::Impl& g, const at::Tensor& output,
+                             const at::Tensor& input, std::vector<int64_t> output_splits,
+                             std::vector<int64_t> input_splits) {
+  const std::string what = g.describe("all_to_all");
+  TESSERA_CHECK(input.dim() >= 1 && output.dim() == input.dim() &&
+                    output.scalar_type() == input.scalar_type() &&
+                    row_elements(input) == row_elements(output),
+                InvalidArgument, what, ": input ", shape_string(input.sizes()), " and output ",
+                shape_string(output.sizes()), " must share dtype and row shape");
+  if (input_splits.empty()) input_splits = equal_splits(input.size(0), g.size, "input");
+  if (output_splits.empty()) output_splits = equal_splits(output.size(0), g.size, "output");
+  auto check_splits = [&](const std::vector<int64_t>& splits, int64_t rows, const char* which) {
+    TESSERA_CHECK(static_cast<int>(splits.size()) == g.size, InvalidArgument, what, ": ", which,
+                  " splits have ", splits.size(), " entries for ", g.size, " ranks");
+    int64_t total = 0;
+    for (int64_t s : splits) {
+      TESSERA_CHECK(s >= 0, InvalidArgument, what, ": negative ", which, " split ", s);
+      total += s;
+    }
+    TESSERA_CHECK(total == rows, InvalidArgument, what, ": ", which, " splits sum to ", total,
+                  " but the ", which, " has ", rows, " rows");
+  };
+  check_splits(input_splits, input.size(0), "input");
+  check_splits(output_splits, output.size(0), "output");
+  AllToAllPlan plan;
+  plan.output_splits = std::move(output_splits);
+  plan.input_splits = std::move(input_splits);
+  plan.row_bytes = row_elements(input) * static_cast<int64_t>(input.element_size());
+  return plan;
+}
+
+// The transport part of an all_to_all (or its placeholder). Not observed:
+// all_gather and reduce_scatter use it under their own names.
+Work run_all_to_all(ProcessGroup::Impl& g, at::Tensor& output, const at::Tensor& input,
+                    AllToAllPlan plan) {
+  if (g.placeholder) {
+    // Rows from every source: the rows this rank sends to itself.
+    at::NoGradGuard no_grad;
+    int64_t self_begin = 0;
+    for (int r = 0; r < g.rank; ++r) self_begin += plan.input_splits[r];
+    at::Tensor self_rows = input.narrow(0, self_begin, plan.input_splits[g.rank]);
+    int64_t at_row = 0;
+    for (int r = 0; r < g.size; ++r) {
+      const int64_t n = plan.output_splits[r];
+      const int64_t copied = std::min(n, self_rows.size(0));
+      if (copied > 0) output.narrow(0, at_row, copied).copy_(self_rows.narrow(0, 0, copied));
+      if (n > copied) output.narrow(0, at_row + copied, n - copied).zero_();
+      at_row += n;
+    }
+    return Work();
+  }
+  at::Tensor in = input.contiguous();
+  bool copy_back = !output.is_contiguous();
+  at::Tensor out = copy_back ? at::empty_like(output, at::MemoryFormat::Contiguous) : output;
+  at::Tensor in_wire = in, out_wire = out;
+  std::vector<int64_t> input_splits = std::move(plan.input_splits);
+  std::vector<int64_t> output_splits = std::move(plan.output_splits);
+  if (g.gloo()) {
+    // Gloo's alltoall lacks some dtypes (bfloat16); bytes work for all.
+    for (auto& s : input_splits) s *= plan.row_bytes;
+    for (auto& s : output_splits) s *= plan.row_bytes;
+    in_wire = as_bytes(in);
+    out_wire = as_bytes(out);
+  } else {
+    // Flatten rows so that splits count rows of any trailing shape.
+    in_wire = in.view({in.size(0), row_elements(in)});
+    out_wire = out.view({out.size(0), row_elements(out)});
+  }
+  ::c10d::AllToAllOptions opts;
+  auto work = translate_errors(
+      g.describe("all_to_all"),
+      [&] {
+        return g.backend->alltoall_base(out_wire, in_wire, output_splits, input_splits, opts);
+      },
+      ErrorCode::kUnavailable);
+  at::Tensor target = output;
+  return g.make_work("all_to_all", work, [in, out, target, copy_back]() mutable {
+    if (copy_back) target.copy_(out);
+  });
+}
+
+}  // namespace
+
 ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 ProcessGroup::~ProcessGroup() = default;
 
+Work ProcessGroup::observed(Impl& group, CollectiveCall call, const std::function<Work()>& run) {
+  const std::shared_ptr<CollectiveObserver> observer = group.options.observer;
+  if (!observer) return run();
+  call.id = ++*group.call_ids;
+  observer->on_issue(call);
+  Work work = run();
+  if (!work.impl_) {
+    // Completed synchronously: a handle that reports on its first wait().
+    work.impl_ = std::make_shared<Work::Impl>();
+    work.impl_->what = group.describe(call.op.c_str());
+    work.impl_->default_timeout = group.options.timeout;
+  }
+  work.impl_->on_done = [observer, call = std::move(call)] { observer->on_complete(call); };
+  return work;
+}
+
 std::shared_ptr<ProcessGroup> ProcessGroup::create(std::shared_ptr<Store> store, int rank, int size,
                                                    const ProcessGroupOptions& options) {
-  TESSERA_CHECK(store != nullptr, InvalidArgument, "process group '", options.name,
-                "': no store");
+  TESSERA_CHECK(store != nullptr, InvalidArgument, "process group '", options.name, "': no store");
   TESSERA_CHECK(size >= 1 && rank >= 0 && rank < size, InvalidArgument, "process group '",
                 options.name, "': rank ", rank, " outside a group of ", size);
   auto impl = std::make_unique<Impl>();
@@ -217,28 +363,53 @@ std::shared_ptr<ProcessGroup> ProcessGroup::create(std::shared_ptr<Store> store,
   return std::shared_ptr<ProcessGroup>(new ProcessGroup(std::move(impl)));
 }
 
+std::shared_ptr<ProcessGroup> ProcessGroup::create_placeholder(int rank, int size,
+                                                               const ProcessGroupOptions& options) {
+  TESSERA_CHECK(size >= 1 && rank >= 0 && rank < size, InvalidArgument,
+                "placeholder process group '", options.name, "': rank ", rank,
+                " outside a group of ", size);
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->rank = rank;
+  impl->size = size;
+  impl->placeholder = true;
+  impl->world_ranks.resize(size);
+  std::iota(impl->world_ranks.begin(), impl->world_ranks.end(), 0);
+  return std::shared_ptr<ProcessGroup>(new ProcessGroup(std::move(impl)));
+}
+
 int ProcessGroup::rank() const { return impl_->rank; }
 int ProcessGroup::size() const { return impl_->size; }
 const std::string& ProcessGroup::name() const { return impl_->options.name; }
 Backend ProcessGroup::backend() const { return impl_->options.backend; }
 std::chrono::milliseconds ProcessGroup::timeout() const { return impl_->options.timeout; }
 const std::vector<int>& ProcessGroup::world_ranks() const { return impl_->world_ranks; }
+bool ProcessGroup::is_placeholder() const { return impl_->placeholder; }
 
 Work ProcessGroup::all_reduce(at::Tensor& tensor, ReduceOp op) {
   Impl& g = *impl_;
   TESSERA_CHECK(tensor.defined(), InvalidArgument, g.describe("all_reduce"), ": undefined tensor");
-  at::ScalarType wire = reduce_dtype(tensor, g.gloo());
-  bool copy_back = wire != tensor.scalar_type() || !tensor.is_contiguous();
-  std::vector<at::Tensor> buf{copy_back ? tensor.to(wire).contiguous() : tensor};
-  ::c10d::AllreduceOptions opts;
-  opts.reduceOp = to_c10d(op);
-  auto work = translate_errors(g.describe("all_reduce"),
-                               [&] { return g.backend->allreduce(buf, opts); }, ErrorCode::kUnavailable);
-  int size = g.size;
-  at::Tensor target = tensor;
-  return g.make_work("all_reduce", work, [buf, target, op, size, copy_back]() mutable {
-    if (op == ReduceOp::kAvg) buf[0].div_(size);
-    if (copy_back) target.copy_(buf[0]);
+  CollectiveCall call = g.call("all_reduce", tensor_bytes(tensor), tensor.scalar_type());
+  call.reduce = op;
+  return observed(g, std::move(call), [&]() -> Work {
+    if (g.placeholder) {
+      placeholder_reduce(tensor, op, g.size);
+      return Work();
+    }
+    at::ScalarType wire = reduce_dtype(tensor, g.gloo());
+    bool copy_back = wire != tensor.scalar_type() || !tensor.is_contiguous();
+    std::vector<at::Tensor> buf{copy_back ? tensor.to(wire).contiguous() : tensor};
+    ::c10d::AllreduceOptions opts;
+    opts.reduceOp = to_c10d(op);
+    auto work = translate_errors(
+        g.describe("all_reduce"), [&] { return g.backend->allreduce(buf, opts); },
+        ErrorCode::kUnavailable);
+    int size = g.size;
+    at::Tensor target = tensor;
+    return g.make_work("all_reduce", work, [buf, target, op, size, copy_back]() mutable {
+      if (op == ReduceOp::kAvg) buf[0].div_(size);
+      if (copy_back) target.copy_(buf[0]);
+    });
   });
 }
 
@@ -246,187 +417,196 @@ Work ProcessGroup::broadcast(at::Tensor& tensor, int root) {
   Impl& g = *impl_;
   TESSERA_CHECK(root >= 0 && root < g.size, InvalidArgument, g.describe("broadcast"), ": root ",
                 root, " outside the group");
-  bool copy_back = !tensor.is_contiguous();
-  at::Tensor data = copy_back ? tensor.contiguous() : tensor;
-  std::vector<at::Tensor> buf{g.gloo() ? as_bytes(data) : data};
-  ::c10d::BroadcastOptions opts;
-  opts.rootRank = root;
-  auto work = translate_errors(g.describe("broadcast"),
-                               [&] { return g.backend->broadcast(buf, opts); }, ErrorCode::kUnavailable);
-  at::Tensor target = tensor;
-  return g.make_work("broadcast", work, [data, target, copy_back]() mutable {
-    if (copy_back) target.copy_(data);
+  CollectiveCall call = g.call("broadcast", tensor_bytes(tensor), tensor.scalar_type());
+  call.peer = root;
+  return observed(g, std::move(call), [&]() -> Work {
+    if (g.placeholder) return Work();
+    bool copy_back = !tensor.is_contiguous();
+    at::Tensor data = copy_back ? tensor.contiguous() : tensor;
+    std::vector<at::Tensor> buf{g.gloo() ? as_bytes(data) : data};
+    ::c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    auto work = translate_errors(
+        g.describe("broadcast"), [&] { return g.backend->broadcast(buf, opts); },
+        ErrorCode::kUnavailable);
+    at::Tensor target = tensor;
+    return g.make_work("broadcast", work, [data, target, copy_back]() mutable {
+      if (copy_back) target.copy_(data);
+    });
   });
 }
 
 Work ProcessGroup::all_gather(at::Tensor& output, const at::Tensor& input) {
   Impl& g = *impl_;
-  TESSERA_CHECK(input.dim() >= 1 && output.dim() == input.dim() &&
-                    output.size(0) == input.size(0) * g.size &&
-                    output.numel() == input.numel() * g.size &&
-                    output.scalar_type() == input.scalar_type(),
-                InvalidArgument, g.describe("all_gather"), ": output ",
-                shape_string(output.sizes()), " must be [", g.size, " * ", input.size(0),
-                ", ...] of the input's dtype for input ", shape_string(input.sizes()));
-  at::Tensor in = input.contiguous();
-  if (g.gloo()) {
-    // Gloo's allgather copies through per-peer staging buffers and runs at a
-    // third of its all_to_all's bandwidth for large tensors on loopback
-    // (docs/benchmarks.md); sending the input to every peer with one
-    // all_to_all costs one extra local copy and is faster at every size.
-    std::vector<int64_t> expanded(in.dim() + 1, -1);
-    expanded[0] = g.size;
-    std::vector<int64_t> shape = input.sizes().vec();
-    shape[0] *= g.size;
-    at::Tensor fanout = in.unsqueeze(0).expand(expanded).reshape(shape);
-    return all_to_all(output, fanout);
-  }
-  bool copy_back = !output.is_contiguous();
-  at::Tensor out = copy_back ? at::empty_like(output, at::MemoryFormat::Contiguous) : output;
-  std::vector<at::Tensor> inputs{g.gloo() ? as_bytes(in) : in};
-  std::vector<std::vector<at::Tensor>> outputs(1);
-  for (int r = 0; r < g.size; ++r) {
-    at::Tensor slot = out.narrow(0, r * input.size(0), input.size(0));
-    outputs[0].push_back(g.gloo() ? as_bytes(slot) : slot);
-  }
-  auto work = translate_errors(g.describe("all_gather"),
-                               [&] { return g.backend->allgather(outputs, inputs); }, ErrorCode::kUnavailable);
-  at::Tensor target = output;
-  return g.make_work("all_gather", work, [in, out, target, copy_back]() mutable {
-    if (copy_back) target.copy_(out);
+  TESSERA_CHECK(
+      input.dim() >= 1 && output.dim() == input.dim() && output.size(0) == input.size(0) * g.size &&
+          output.numel() == input.numel() * g.size && output.scalar_type() == input.scalar_type(),
+      InvalidArgument, g.describe("all_gather"), ": output ", shape_string(output.sizes()),
+      " must be [", g.size, " * ", input.size(0), ", ...] of the input's dtype for input ",
+      shape_string(input.sizes()));
+  CollectiveCall call = g.call("all_gather", tensor_bytes(output), output.scalar_type());
+  return observed(g, std::move(call), [&]() -> Work {
+    at::Tensor in = input.contiguous();
+    if (g.placeholder) {
+      at::NoGradGuard no_grad;
+      for (int r = 0; r < g.size; ++r) output.narrow(0, r * input.size(0), input.size(0)).copy_(in);
+      return Work();
+    }
+    if (g.gloo()) {
+      // Gloo's allgather copies through per-peer staging buffers and runs at a
+      // third of its all_to_all's bandwidth for large tensors on loopback
+      // (docs/benchmarks.md); sending the input to every peer with one
+      // all_to_all costs one extra local copy and is faster at every size.
+      std::vector<int64_t> expanded(in.dim() + 1, -1);
+      expanded[0] = g.size;
+      std::vector<int64_t> shape = input.sizes().vec();
+      shape[0] *= g.size;
+      at::Tensor fanout = in.unsqueeze(0).expand(expanded).reshape(shape);
+      return run_all_to_all(g, output, fanout, plan_all_to_all(g, output, fanout, {}, {}));
+    }
+    bool copy_back = !output.is_contiguous();
+    at::Tensor out = copy_back ? at::empty_like(output, at::MemoryFormat::Contiguous) : output;
+    std::vector<at::Tensor> inputs{in};
+    std::vector<std::vector<at::Tensor>> outputs(1);
+    for (int r = 0; r < g.size; ++r) {
+      outputs[0].push_back(out.narrow(0, r * input.size(0), input.size(0)));
+    }
+    auto work = translate_errors(
+        g.describe("all_gather"), [&] { return g.backend->allgather(outputs, inputs); },
+        ErrorCode::kUnavailable);
+    at::Tensor target = output;
+    return g.make_work("all_gather", work, [in, out, target, copy_back]() mutable {
+      if (copy_back) target.copy_(out);
+    });
   });
 }
 
 Work ProcessGroup::reduce_scatter(at::Tensor& output, const at::Tensor& input, ReduceOp op) {
   Impl& g = *impl_;
-  TESSERA_CHECK(input.dim() >= 1 && output.dim() == input.dim() &&
-                    input.size(0) == output.size(0) * g.size &&
-                    input.numel() == output.numel() * g.size &&
-                    output.scalar_type() == input.scalar_type(),
-                InvalidArgument, g.describe("reduce_scatter"), ": input ",
-                shape_string(input.sizes()), " must be [", g.size, " * ", output.size(0),
-                ", ...] of the output's dtype for output ", shape_string(output.sizes()));
-  // One all_to_all brings every rank the size pieces of its own slice (the
-  // same bytes a ring reduce-scatter moves), then a local reduction. Works
-  // on every backend and dtype; the reduction order is fixed (rank order),
-  // so results are deterministic.
-  at::Tensor in = input.contiguous();
-  at::Tensor gathered = at::empty_like(in, at::MemoryFormat::Contiguous);
-  Work exchange = all_to_all(gathered, in);
-  int size = g.size;
-  at::Tensor target = output;
-  auto finish = [exchange, gathered, target, op, size]() mutable {
-    exchange.wait();
-    std::vector<int64_t> shape = target.sizes().vec();
-    shape.insert(shape.begin(), size);
-    shape[1] = target.size(0);
-    at::Tensor parts = gathered.view(shape);
-    at::ScalarType acc = parts.scalar_type() == at::kBFloat16 || parts.scalar_type() == at::kHalf
-                             ? at::kFloat
-                             : parts.scalar_type();
-    at::Tensor result;
-    switch (op) {
-      case ReduceOp::kSum: result = parts.sum(0, false, acc); break;
-      case ReduceOp::kAvg: result = parts.sum(0, false, acc).div_(size); break;
-      case ReduceOp::kMax: result = std::get<0>(parts.max(0)); break;
-      case ReduceOp::kMin: result = std::get<0>(parts.min(0)); break;
-      case ReduceOp::kProduct: result = parts.prod(0, false, acc); break;
+  TESSERA_CHECK(
+      input.dim() >= 1 && output.dim() == input.dim() && input.size(0) == output.size(0) * g.size &&
+          input.numel() == output.numel() * g.size && output.scalar_type() == input.scalar_type(),
+      InvalidArgument, g.describe("reduce_scatter"), ": input ", shape_string(input.sizes()),
+      " must be [", g.size, " * ", output.size(0), ", ...] of the output's dtype for output ",
+      shape_string(output.sizes()));
+  CollectiveCall call = g.call("reduce_scatter", tensor_bytes(input), input.scalar_type());
+  call.reduce = op;
+  return observed(g, std::move(call), [&]() -> Work {
+    if (g.placeholder) {
+      at::NoGradGuard no_grad;
+      output.copy_(input.narrow(0, g.rank * output.size(0), output.size(0)));
+      placeholder_reduce(output, op, g.size);
+      return Work();
     }
-    target.copy_(result);
-  };
-  auto impl = std::make_shared<Work::Impl>();
-  impl->what = g.describe("reduce_scatter");
-  impl->default_timeout = g.options.timeout;
-  impl->finish = std::move(finish);
-  return Work(std::move(impl));
+    // One all_to_all brings every rank the size pieces of its own slice (the
+    // same bytes a ring reduce-scatter moves), then a local reduction. Works
+    // on every backend and dtype; the reduction order is fixed (rank order),
+    // so results are deterministic.
+    at::Tensor in = input.contiguous();
+    at::Tensor gathered = at::empty_like(in, at::MemoryFormat::Contiguous);
+    Work exchange = run_all_to_all(g, gathered, in, plan_all_to_all(g, gathered, in, {}, {}));
+    int size = g.size;
+    at::Tensor target = output;
+    auto finish = [exchange, gathered, target, op, size]() mutable {
+      exchange.wait();
+      std::vector<int64_t> shape = target.sizes().vec();
+      shape.insert(shape.begin(), size);
+      shape[1] = target.size(0);
+      at::Tensor parts = gathered.view(shape);
+      at::ScalarType acc = parts.scalar_type() == at::kBFloat16 || parts.scalar_type() == at::kHalf
+                               ? at::kFloat
+                               : parts.scalar_type();
+      at::Tensor result;
+      switch (op) {
+        case ReduceOp::kSum:
+          result = parts.sum(0, false, acc);
+          break;
+        case ReduceOp::kAvg:
+          result = parts.sum(0, false, acc).div_(size);
+          break;
+        case ReduceOp::kMax:
+          result = std::get<0>(parts.max(0));
+          break;
+        case ReduceOp::kMin:
+          result = std::get<0>(parts.min(0));
+          break;
+        case ReduceOp::kProduct:
+          result = parts.prod(0, false, acc);
+          break;
+      }
+      target.copy_(result);
+    };
+    auto impl = std::make_shared<Work::Impl>();
+    impl->what = g.describe("reduce_scatter");
+    impl->default_timeout = g.options.timeout;
+    impl->finish = std::move(finish);
+    return Work(std::move(impl));
+  });
 }
 
 Work ProcessGroup::all_to_all(at::Tensor& output, const at::Tensor& input,
                               std::vector<int64_t> output_splits,
                               std::vector<int64_t> input_splits) {
   Impl& g = *impl_;
-  const std::string what = g.describe("all_to_all");
-  TESSERA_CHECK(input.dim() >= 1 && output.dim() == input.dim() &&
-                    output.scalar_type() == input.scalar_type() &&
-                    row_elements(input) == row_elements(output),
-                InvalidArgument, what, ": input ", shape_string(input.sizes()), " and output ",
-                shape_string(output.sizes()), " must share dtype and row shape");
-  if (input_splits.empty()) input_splits = equal_splits(input.size(0), g.size, "input");
-  if (output_splits.empty()) output_splits = equal_splits(output.size(0), g.size, "output");
-  auto check_splits = [&](const std::vector<int64_t>& splits, int64_t rows, const char* which) {
-    TESSERA_CHECK(static_cast<int>(splits.size()) == g.size, InvalidArgument, what, ": ", which,
-                  " splits have ", splits.size(), " entries for ", g.size, " ranks");
-    int64_t total = 0;
-    for (int64_t s : splits) {
-      TESSERA_CHECK(s >= 0, InvalidArgument, what, ": negative ", which, " split ", s);
-      total += s;
-    }
-    TESSERA_CHECK(total == rows, InvalidArgument, what, ": ", which, " splits sum to ", total,
-                  " but the ", which, " has ", rows, " rows");
-  };
-  check_splits(input_splits, input.size(0), "input");
-  check_splits(output_splits, output.size(0), "output");
-
-  at::Tensor in = input.contiguous();
-  bool copy_back = !output.is_contiguous();
-  at::Tensor out = copy_back ? at::empty_like(output, at::MemoryFormat::Contiguous) : output;
-  at::Tensor in_wire = in, out_wire = out;
-  if (g.gloo()) {
-    // Gloo's alltoall lacks some dtypes (bfloat16); bytes work for all.
-    int64_t row_bytes = row_elements(in) * static_cast<int64_t>(in.element_size());
-    for (auto& s : input_splits) s *= row_bytes;
-    for (auto& s : output_splits) s *= row_bytes;
-    in_wire = as_bytes(in);
-    out_wire = as_bytes(out);
-  } else {
-    // Flatten rows so that splits count rows of any trailing shape.
-    in_wire = in.view({in.size(0), row_elements(in)});
-    out_wire = out.view({out.size(0), row_elements(out)});
-  }
-  ::c10d::AllToAllOptions opts;
-  auto work = translate_errors(
-      what,
-      [&] { return g.backend->alltoall_base(out_wire, in_wire, output_splits, input_splits, opts); },
-      ErrorCode::kUnavailable);
-  at::Tensor target = output;
-  return g.make_work("all_to_all", work, [in, out, target, copy_back]() mutable {
-    if (copy_back) target.copy_(out);
-  });
+  AllToAllPlan plan =
+      plan_all_to_all(g, output, input, std::move(output_splits), std::move(input_splits));
+  CollectiveCall call = g.call("all_to_all", input.size(0) * plan.row_bytes, input.scalar_type());
+  for (int64_t rows : plan.input_splits) call.send_bytes.push_back(rows * plan.row_bytes);
+  for (int64_t rows : plan.output_splits) call.recv_bytes.push_back(rows * plan.row_bytes);
+  return observed(g, std::move(call),
+                  [&]() -> Work { return run_all_to_all(g, output, input, std::move(plan)); });
 }
 
 Work ProcessGroup::send(const at::Tensor& tensor, int dst, int tag) {
   Impl& g = *impl_;
   TESSERA_CHECK(dst >= 0 && dst < g.size && dst != g.rank, InvalidArgument, g.describe("send"),
                 ": bad destination rank ", dst);
-  at::Tensor data = tensor.contiguous();
-  std::vector<at::Tensor> buf{g.gloo() ? as_bytes(data) : data};
-  auto work = translate_errors(g.describe("send"), [&] { return g.backend->send(buf, dst, tag); },
-                               ErrorCode::kUnavailable);
-  return g.make_work("send", work, [data]() {});
+  CollectiveCall call = g.call("send", tensor_bytes(tensor), tensor.scalar_type());
+  call.peer = dst;
+  call.tag = tag;
+  return observed(g, std::move(call), [&]() -> Work {
+    if (g.placeholder) return Work();
+    at::Tensor data = tensor.contiguous();
+    std::vector<at::Tensor> buf{g.gloo() ? as_bytes(data) : data};
+    auto work = translate_errors(
+        g.describe("send"), [&] { return g.backend->send(buf, dst, tag); },
+        ErrorCode::kUnavailable);
+    return g.make_work("send", work, [data]() {});
+  });
 }
 
 Work ProcessGroup::recv(at::Tensor& tensor, int src, int tag) {
   Impl& g = *impl_;
   TESSERA_CHECK(src >= 0 && src < g.size && src != g.rank, InvalidArgument, g.describe("recv"),
                 ": bad source rank ", src);
-  bool copy_back = !tensor.is_contiguous();
-  at::Tensor data = copy_back ? tensor.contiguous() : tensor;
-  std::vector<at::Tensor> buf{g.gloo() ? as_bytes(data) : data};
-  auto work = translate_errors(g.describe("recv"), [&] { return g.backend->recv(buf, src, tag); },
-                               ErrorCode::kUnavailable);
-  at::Tensor target = tensor;
-  return g.make_work("recv", work, [data, target, copy_back]() mutable {
-    if (copy_back) target.copy_(data);
+  CollectiveCall call = g.call("recv", tensor_bytes(tensor), tensor.scalar_type());
+  call.peer = src;
+  call.tag = tag;
+  return observed(g, std::move(call), [&]() -> Work {
+    if (g.placeholder) return Work();
+    bool copy_back = !tensor.is_contiguous();
+    at::Tensor data = copy_back ? tensor.contiguous() : tensor;
+    std::vector<at::Tensor> buf{g.gloo() ? as_bytes(data) : data};
+    auto work = translate_errors(
+        g.describe("recv"), [&] { return g.backend->recv(buf, src, tag); },
+        ErrorCode::kUnavailable);
+    at::Tensor target = tensor;
+    return g.make_work("recv", work, [data, target, copy_back]() mutable {
+      if (copy_back) target.copy_(data);
+    });
   });
 }
 
 Work ProcessGroup::barrier() {
   Impl& g = *impl_;
-  ::c10d::BarrierOptions opts;
-  opts.timeout = g.options.timeout;
-  auto work = translate_errors(g.describe("barrier"), [&] { return g.backend->barrier(opts); },
-                               ErrorCode::kUnavailable);
-  return g.make_work("barrier", work);
+  return observed(g, g.call("barrier", 0, at::kByte), [&]() -> Work {
+    if (g.placeholder) return Work();
+    ::c10d::BarrierOptions opts;
+    opts.timeout = g.options.timeout;
+    auto work = translate_errors(
+        g.describe("barrier"), [&] { return g.backend->barrier(opts); }, ErrorCode::kUnavailable);
+    return g.make_work("barrier", work);
+  });
 }
 
 std::shared_ptr<ProcessGroup> ProcessGroup::new_subgroup(const std::vector<int>& ranks,
@@ -444,10 +624,14 @@ std::shared_ptr<ProcessGroup> ProcessGroup::new_subgroup(const std::vector<int>&
   if (it == ranks.end()) return nullptr;
   ProcessGroupOptions options = g.options;
   options.name = name.empty() ? g.options.name + "/sub" + std::to_string(id) : name;
-  auto store = Store::prefixed(g.store, g.options.name + "/sub" + std::to_string(id));
-  auto group = create(store, static_cast<int>(it - ranks.begin()), static_cast<int>(ranks.size()),
-                      options);
+  const int sub_rank = static_cast<int>(it - ranks.begin());
+  const int sub_size = static_cast<int>(ranks.size());
+  auto group = g.placeholder
+                   ? create_placeholder(sub_rank, sub_size, options)
+                   : create(Store::prefixed(g.store, g.options.name + "/sub" + std::to_string(id)),
+                            sub_rank, sub_size, options);
   for (size_t i = 0; i < ranks.size(); ++i) group->impl_->world_ranks[i] = g.world_ranks[ranks[i]];
+  group->impl_->call_ids = g.call_ids;
   return group;
 }
 

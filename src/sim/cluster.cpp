@@ -201,6 +201,15 @@ ClusterSpec ClusterSpec::parse(std::string_view text, std::string source) {
   c.topology.nics_per_node = static_cast<int>(nics);
   c.topology.intra_node = parse_link(topo.get_object("intra_node"));
   c.topology.inter_node = parse_link(topo.get_object("inter_node"));
+  if (topo.has("host_compute_slowdown")) {
+    const json& list = topo.get_array("host_compute_slowdown");
+    for (const json& v : list) {
+      if (!v.is_number()) {
+        topo.fail("host_compute_slowdown", "expected a list of numbers, found " + v.dump());
+      }
+      c.topology.host_compute_slowdown.push_back(v.get<double>());
+    }
+  }
   topo.check_keys();
 
   c.defaults = parse_algorithms(top.get_object("algorithms"));
@@ -248,6 +257,11 @@ void ClusterSpec::validate(const std::string& source) const {
     TESSERA_CHECK(std::isfinite(link.latency_us) && link.latency_us >= 0, InvalidArgument, topo,
                   ".", key, ": field 'latency_us': must be >= 0, got ", link.latency_us);
   }
+  for (size_t k = 0; k < topology.host_compute_slowdown.size(); ++k) {
+    const double v = topology.host_compute_slowdown[k];
+    TESSERA_CHECK(std::isfinite(v) && v > 0, InvalidArgument, topo,
+                  ": field 'host_compute_slowdown': entry ", k, " must be > 0, got ", v);
+  }
   for (const auto& [algorithm, regimes] : defaults.algorithms) {
     validate_regimes(regimes, source + ": algorithms." + algorithm_name(algorithm));
   }
@@ -269,6 +283,9 @@ std::string ClusterSpec::to_json() const {
                {"inter_node",
                 {{"bandwidth_gbps", topology.inter_node.bandwidth_gbps},
                  {"latency_us", topology.inter_node.latency_us}}}};
+  if (!topology.host_compute_slowdown.empty()) {
+    topo["host_compute_slowdown"] = topology.host_compute_slowdown;
+  }
   json root = {{"schema", kSchema},
                {"name", name},
                {"topology", std::move(topo)},
@@ -315,6 +332,14 @@ std::string cluster_difference(const ClusterSpec& a, const ClusterSpec& b, doubl
   if (!close(x.inter_node.bandwidth_gbps, y.inter_node.bandwidth_gbps, rel_tol) ||
       !close(x.inter_node.latency_us, y.inter_node.latency_us, rel_tol)) {
     return "topology.inter_node differs";
+  }
+  if (x.host_compute_slowdown.size() != y.host_compute_slowdown.size()) {
+    return "topology.host_compute_slowdown differs in length";
+  }
+  for (size_t k = 0; k < x.host_compute_slowdown.size(); ++k) {
+    if (!close(x.host_compute_slowdown[k], y.host_compute_slowdown[k], rel_tol)) {
+      return "topology.host_compute_slowdown[" + std::to_string(k) + "] differs";
+    }
   }
   std::string diff = params_difference(a.defaults, b.defaults, "algorithms", rel_tol);
   if (!diff.empty()) return diff;

@@ -38,6 +38,9 @@ inline json parse_json(std::string_view text, const std::string& source) {
     std::string reason = colon == std::string::npos ? what : what.substr(colon + 2);
     TESSERA_THROW(InvalidArgument, source, ": malformed JSON at line ", line, ", column ", column,
                   ": ", reason);
+  } catch (const json::out_of_range& e) {
+    // A number too large for a double ("1e999"): out_of_range.406.
+    TESSERA_THROW(InvalidArgument, source, ": malformed JSON: ", e.what());
   }
 }
 

@@ -129,8 +129,15 @@ class Simulator {
     heap_.push(Event{t, event_seq_++, type, a, b, gen});
   }
   void account(RankState& rs, double t);
-  double rate_for(const TraceNode& node, const RankState& rs);
+  double overlap_rate(const TraceNode& node, const RankState& rs);
+  // The overlap slowdown times the host-sharing slowdown of the rank's node.
+  double rate_for(int rank, const TraceNode& node, const RankState& rs);
   void retime(int rank, double t);
+  // Re-times every computing rank of a node whose count of computing ranks
+  // changed (host sharing).
+  void retime_host(int host, double t);
+  // Counts a rank in or out of its node's computing ranks.
+  void set_computing(int rank, bool computing, double t);
   double collective_time(CollectiveKind op, const GroupShape& shape, int64_t bytes);
 
   void on_ready(int rank, int node, double t);
@@ -159,6 +166,11 @@ class Simulator {
   uint64_t event_seq_ = 0;
   std::unordered_map<std::string, double> rate_cache_;
   std::unordered_map<std::string, double> time_cache_;
+  // Host sharing (Topology::host_compute_slowdown non-empty): ranks of each
+  // node that have a compute node running.
+  bool host_sharing_ = false;
+  int devices_per_node_ = 1;
+  std::vector<int> host_computing_;
 };
 
 int Simulator::intern_group(const std::string& partition, const std::vector<int>& members) {
@@ -262,7 +274,14 @@ void Simulator::account(RankState& rs, double t) {
   rs.last_change = t;
 }
 
-double Simulator::rate_for(const TraceNode& node, const RankState& rs) {
+double Simulator::rate_for(int rank, const TraceNode& node, const RankState& rs) {
+  const double overlap = overlap_rate(node, rs);
+  if (!host_sharing_) return overlap;
+  const Topology& topo = options_.collectives->cluster().topology;
+  return overlap * topo.host_slowdown(host_computing_[rank / devices_per_node_]);
+}
+
+double Simulator::overlap_rate(const TraceNode& node, const RankState& rs) {
   if (options_.overlap == nullptr || rs.comms.empty()) return 1.0;
   OverlapFeatures f;
   f.compute_kind = node.compute_kind.empty() ? "other" : node.compute_kind;
@@ -301,10 +320,10 @@ double Simulator::rate_for(const TraceNode& node, const RankState& rs) {
 // Re-times the running compute nodes of a rank after its set of running
 // communication ops changed at time t.
 void Simulator::retime(int rank, double t) {
-  if (options_.overlap == nullptr) return;
+  if (options_.overlap == nullptr && !host_sharing_) return;
   RankState& rs = ranks_[rank];
   for (RunningCompute& c : rs.compute) {
-    const double new_rate = rate_for(node_at(rank, c.node), rs);
+    const double new_rate = rate_for(rank, node_at(rank, c.node), rs);
     if (new_rate == c.rate) continue;
     c.remaining = std::max(0.0, c.remaining - (t - c.last) / c.rate);
     c.last = t;
@@ -312,6 +331,21 @@ void Simulator::retime(int rank, double t) {
     ++c.gen;
     push(t + c.remaining * c.rate, kComputeDone, rank, c.node, c.gen);
   }
+}
+
+void Simulator::retime_host(int host, double t) {
+  const int first = host * devices_per_node_;
+  const int last = std::min(static_cast<int>(ranks_.size()), first + devices_per_node_);
+  for (int r = first; r < last; ++r) {
+    if (!ranks_[r].compute.empty()) retime(r, t);
+  }
+}
+
+void Simulator::set_computing(int rank, bool computing, double t) {
+  if (!host_sharing_) return;
+  const int host = rank / devices_per_node_;
+  host_computing_[host] += computing ? 1 : -1;
+  retime_host(host, t);
 }
 
 double Simulator::collective_time(CollectiveKind op, const GroupShape& shape, int64_t bytes) {
@@ -333,11 +367,15 @@ void Simulator::on_ready(int rank, int node, double t) {
   switch (n.kind) {
     case NodeKind::kCompute: {
       account(rs, t);
+      const bool starts_computing = rs.compute.empty();
       RunningCompute c{node, n.duration.count(), 1.0, t, 0, t};
-      c.rate = rate_for(n, rs);
+      if (starts_computing && host_sharing_) ++host_computing_[rank / devices_per_node_];
+      c.rate = rate_for(rank, n, rs);
       rs.compute.push_back(c);
       if (!events_.empty()) events_[rank][node].start = Microseconds(t);
       push(t + c.remaining * c.rate, kComputeDone, rank, node, 0);
+      // The other computing ranks of the node slow down.
+      if (starts_computing && host_sharing_) retime_host(rank / devices_per_node_, t);
       break;
     }
     case NodeKind::kCollective:
@@ -465,6 +503,7 @@ void Simulator::finish_compute(int rank, int node, uint32_t gen, double t) {
   rs.compute.erase(it);
   const double measured = node_at(rank, node).duration.count();
   rs.slowdown_extra += std::max(0.0, (t - start) - measured);
+  if (rs.compute.empty()) set_computing(rank, false, t);
   if (!events_.empty()) {
     SimEvent& e = events_[rank][node];
     e.end = Microseconds(t);
@@ -600,6 +639,10 @@ SimulationResult Simulator::run() {
   }
   plan();
   ranks_.resize(static_cast<size_t>(world));
+  host_sharing_ = !topo.host_compute_slowdown.empty();
+  devices_per_node_ = topo.devices_per_node;
+  host_computing_.assign(static_cast<size_t>((world + devices_per_node_ - 1) / devices_per_node_),
+                         0);
   size_t total_nodes = 0;
   for (int r = 0; r < world; ++r) {
     RankState& rs = ranks_[r];

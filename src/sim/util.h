@@ -3,8 +3,12 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
+
+#include "tessera/core/error.h"
 
 namespace tessera::sim::detail {
 
@@ -35,6 +39,16 @@ std::string format(const char* fmt, Args... args) {
   std::string out(static_cast<size_t>(n > 0 ? n : 0), '\0');
   std::snprintf(out.data(), out.size() + 1, fmt, args...);
   return out;
+}
+
+// The whole file as text; NotFound naming `what` and the path when it
+// cannot be opened.
+inline std::string read_text_file(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  TESSERA_CHECK(in.good(), NotFound, "cannot open ", what, " '", path, "'");
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
 }
 
 }  // namespace tessera::sim::detail

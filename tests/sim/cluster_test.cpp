@@ -121,5 +121,14 @@ TEST(ClusterSpec, StrictKeysAndNamedErrors) {
   EXPECT_THROW(ClusterSpec::load_file("/nonexistent/cluster.json"), NotFound);
 }
 
+// Regression (found by fuzz/sim_cluster_fuzz.cpp): a number too large for a
+// double made nlohmann throw out_of_range.406, which escaped parse() instead
+// of an InvalidArgument naming the file. The fuzzer's input, verbatim.
+TEST(ClusterSpec, FuzzNumberTooLargeForADoubleIsInvalidArgument) {
+  expect_error("{\n  \"algorithms\": \n  866888880888881E88888088\r\r\r\r\r&\r\r\r\r\r",
+               "c.json: malformed JSON");
+  expect_error(edit(R"("intra_gbps": 140)", R"("intra_gbps": 1e999)"), "c.json: malformed JSON");
+}
+
 }  // namespace
 }  // namespace tessera::sim

@@ -203,5 +203,12 @@ TEST(TraceValidation, InMemoryTracesAreCheckedByValidate) {
   EXPECT_THROW(t.validate(), InvalidArgument);
 }
 
+// Regression (the bug fuzz/sim_cluster_fuzz.cpp found, in the parser traces
+// share): a number too large for a double escaped parse() as nlohmann's
+// out_of_range.406 instead of an InvalidArgument naming the file.
+TEST(TraceValidation, FuzzNumberTooLargeForADoubleIsInvalidArgument) {
+  expect_error(edit(R"("bytes": 4096)", R"("bytes": 4e999)"), {"step.json: malformed JSON"});
+}
+
 }  // namespace
 }  // namespace tessera::sim

@@ -21,11 +21,19 @@
 // tessera::Unavailable / DeadlineExceeded naming the operation, the group and
 // the rank. A ProcessGroup may be used from one thread at a time per group;
 // collectives must be issued in the same order on every member.
+//
+// Observing and placeholders (the training simulator's tracer, tests): a
+// CollectiveObserver in ProcessGroupOptions sees every operation a group and
+// its sub-groups issue, and when it completes; create_placeholder() makes a
+// group with no peers and no transport, for running one rank of a job this
+// process does not have (its operations finish at once with placeholder
+// results, as if every member held this rank's data).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -56,7 +64,48 @@ class Work {
   explicit Work(std::shared_ptr<Impl> impl);
 
  private:
+  friend class ProcessGroup;  // attaches observer notifications
   std::shared_ptr<Impl> impl_;
+};
+
+// One operation as an observer sees it.
+struct CollectiveCall {
+  // 1, 2, ... in issue order over a root group (create / create_placeholder)
+  // and every sub-group made from it; on_complete gets the same value.
+  uint64_t id = 0;
+  std::string op;          // "all_reduce", "broadcast", "all_gather", "reduce_scatter",
+                           // "all_to_all", "send", "recv", "barrier"
+  std::string group;       // the group's name
+  std::vector<int> ranks;  // the group's members as world ranks, in group-rank order
+  int rank = 0;            // the issuing rank's position in the group
+  // Size in the nccl-tests convention: all_reduce and broadcast the tensor,
+  // all_gather its output, reduce_scatter its input, all_to_all this rank's
+  // whole send buffer, send/recv the message; 0 for barrier.
+  int64_t bytes = 0;
+  at::ScalarType dtype = at::kByte;
+  ReduceOp reduce = ReduceOp::kSum;  // all_reduce, reduce_scatter
+  int peer = -1;                     // broadcast: root; send: destination; recv: source
+                                     // (group ranks)
+  int tag = 0;                       // send/recv
+  // all_to_all only: bytes this rank sends to / receives from each group
+  // rank (the splits times the row size).
+  std::vector<int64_t> send_bytes;
+  std::vector<int64_t> recv_bytes;
+};
+
+// Receives every operation of the groups it is attached to (through
+// ProcessGroupOptions::observer; sub-groups inherit it). Both calls come on
+// the thread that issued or waited; an observer shared by groups used from
+// several threads must synchronise itself. Exceptions thrown by an observer
+// propagate out of the collective call or wait().
+class CollectiveObserver {
+ public:
+  virtual ~CollectiveObserver() = default;
+  // After the arguments were checked, before the transport starts.
+  virtual void on_issue(const CollectiveCall& call) = 0;
+  // When the first Work::wait() of the operation returns successfully
+  // (results in place). Operations never waited are never reported here.
+  virtual void on_complete(const CollectiveCall& call) = 0;
 };
 
 struct ProcessGroupOptions {
@@ -71,6 +120,8 @@ struct ProcessGroupOptions {
   // host, the host name's address otherwise.
   std::string gloo_interface;
   std::string gloo_address;
+  // Sees every operation of this group and of its sub-groups (may be null).
+  std::shared_ptr<CollectiveObserver> observer;
 };
 
 // True when this build can create NCCL groups (LibTorch with CUDA and c10d
@@ -84,6 +135,19 @@ class ProcessGroup {
   // rank has connected (DeadlineExceeded after options.timeout).
   static std::shared_ptr<ProcessGroup> create(std::shared_ptr<Store> store, int rank, int size,
                                               const ProcessGroupOptions& options = {});
+  // A group of `size` ranks of which only `rank` exists: no store, no
+  // transport. Every operation checks its arguments as a real group does,
+  // completes at once and leaves placeholder results, computed as if every
+  // member held this rank's data: all_reduce sums multiply by size (average,
+  // max and min leave the tensor, product raises it to the size-th power);
+  // broadcast leaves the tensor; all_gather repeats the input; reduce_scatter
+  // takes this rank's slice of the input (times size for sums);
+  // all_to_all fills the rows from each source with the rows this rank sends
+  // to itself, as far as they go, and zeros beyond; recv leaves the tensor.
+  // Sub-groups are placeholders too. options.backend is only reported.
+  // InvalidArgument for a rank outside [0, size).
+  static std::shared_ptr<ProcessGroup> create_placeholder(int rank, int size,
+                                                          const ProcessGroupOptions& options = {});
   ~ProcessGroup();
   ProcessGroup(const ProcessGroup&) = delete;
   ProcessGroup& operator=(const ProcessGroup&) = delete;
@@ -95,6 +159,8 @@ class ProcessGroup {
   std::chrono::milliseconds timeout() const;
   // This group's members as ranks of the world group, in group-rank order.
   const std::vector<int>& world_ranks() const;
+  // True for groups made by create_placeholder() (and their sub-groups).
+  bool is_placeholder() const;
 
   // In place on every rank.
   Work all_reduce(at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
@@ -111,8 +177,7 @@ class ProcessGroup {
   // output rows from rank j land at [sum(out_splits[:j]), +out_splits[j]).
   // Every rank's out_splits[j] must equal rank j's in_splits[this rank].
   Work all_to_all(at::Tensor& output, const at::Tensor& input,
-                  std::vector<int64_t> output_splits = {},
-                  std::vector<int64_t> input_splits = {});
+                  std::vector<int64_t> output_splits = {}, std::vector<int64_t> input_splits = {});
   Work send(const at::Tensor& tensor, int dst, int tag = 0);
   Work recv(at::Tensor& tensor, int src, int tag = 0);
   Work barrier();
@@ -127,6 +192,8 @@ class ProcessGroup {
 
  private:
   explicit ProcessGroup(std::unique_ptr<Impl> impl);
+  // Reports `call` to the observer now and `work`'s completion later.
+  static Work observed(Impl& group, CollectiveCall call, const std::function<Work()>& run);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -13,7 +13,8 @@
 //       "num_nodes": 4,                  // 0 = as many as a job needs
 //       "nics_per_node": 8,
 //       "intra_node": {"bandwidth_gbps": 300, "latency_us": 1.0},   // nominal, per device
-//       "inter_node": {"bandwidth_gbps": 25, "latency_us": 5.0}     // nominal, per NIC
+//       "inter_node": {"bandwidth_gbps": 25, "latency_us": 5.0},    // nominal, per NIC
+//       "host_compute_slowdown": [1.0, 1.1, 1.6, 2.1]   // optional, see below
 //     },
 //     "algorithms": {                    // shared by every collective
 //       "ring":   [ {regime}, ... ],
@@ -31,7 +32,14 @@
 //   {"protocol": "simple", "max_bytes": 0, "setup_us": 55.9, "intra_hop_us": 0.99,
 //    "inter_hop_us": 3.1, "intra_gbps": 216.7, "inter_gbps": 126.1, "reduce_gbps": 0}
 //
-// It applies to messages of at most max_bytes (0 = no bound; regimes are
+// host_compute_slowdown is for CPU training, where the "devices" of a node
+// are processes sharing the host's cores: entry k-1 is how much a rank's
+// compute slows while k ranks of its node compute at the same time
+// (measured by `tessera-sim calibrate host`; every entry > 0, the first
+// normally 1). Beyond the list, the last entry grows in proportion to k.
+// Absent or empty (accelerators): ranks never slow each other.
+//
+// A regime applies to messages of at most max_bytes (0 = no bound; regimes are
 // listed by increasing max_bytes and only the last is unbounded). What the
 // terms mean, and the formulas that combine them, are in collective_model.h.
 // Bandwidths are GB/s (1e9 bytes per second, as nccl-tests reports them),
@@ -93,9 +101,22 @@ struct Topology {
   int nics_per_node = 1;     // >= 1
   LinkSpec intra_node{300, 1.0};
   LinkSpec inter_node{25, 5.0};
+  // CPU hosts: compute slowdown with k ranks of a node computing, k = 1, 2,
+  // ... (see above); empty: none.
+  std::vector<double> host_compute_slowdown;
 
   // The node of a global rank (ranks fill nodes in order).
   int node_of(int rank) const { return rank / devices_per_node; }
+  // The compute slowdown with `computing` (>= 1) ranks of a node computing
+  // at once: 1 without host_compute_slowdown.
+  double host_slowdown(int computing) const {
+    if (host_compute_slowdown.empty() || computing <= 1) {
+      return host_compute_slowdown.empty() ? 1.0 : host_compute_slowdown.front();
+    }
+    const int n = static_cast<int>(host_compute_slowdown.size());
+    if (computing <= n) return host_compute_slowdown[computing - 1];
+    return host_compute_slowdown.back() * computing / n;
+  }
 };
 
 class ClusterSpec {

@@ -11,6 +11,11 @@
 //     ops (OverlapFeatures with overlap_fraction = 1), and the node's
 //     remaining work is re-timed whenever that set changes. Without an
 //     overlap model s = 1.
+//   * On a cluster whose topology has host_compute_slowdown (CPU hosts whose
+//     ranks share cores, cluster.h), a compute node is further stretched by
+//     host_slowdown(k), k = the ranks of its node with a compute node
+//     running, and re-timed whenever k changes: a rank waiting in a
+//     collective frees its share of the cores.
 //   * A collective is *issued* when ready. The k-th collective a rank issues
 //     on a group (same members, and same partition name when named) is the
 //     same call as the k-th of every other member; it starts when the last

@@ -1,0 +1,95 @@
+// tessera/sim/calibration.h — measurements on this machine that the
+// simulator's models are fitted to: collective times on Tessera's process
+// groups, compute slowed by concurrent communication, and compute slowed by
+// other ranks computing on the same host.
+//
+// Every function is collective over `world` (run it under tessera-launch on
+// every rank) and returns its results on every rank.
+//
+//   auto world = tessera::dist::init_process_group();
+//   auto m = tessera::sim::measure_collectives(*world, {});
+//   if (world->rank() == 0) write(collective_bench_to_json(m, world->size()));
+//
+// Timing follows tessera-train's steps: before each timed call the ranks
+// meet in a barrier, each times its own call (issue to the end of wait()),
+// and the slowest rank's time counts; the median over repetitions is kept.
+//
+// Not thread-safe (one call at a time per group); sets LibTorch's intra-op
+// thread count for its duration (restored afterwards).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tessera/dist/process_group.h"
+#include "tessera/sim/collective_model.h"
+#include "tessera/sim/overlap.h"
+#include "tessera/sim/training_job.h"
+
+namespace tessera::sim {
+
+struct CollectiveSweepOptions {
+  // Operations to time (send_recv is not timed).
+  std::vector<CollectiveKind> ops = {CollectiveKind::kAllReduce, CollectiveKind::kAllGather,
+                                     CollectiveKind::kReduceScatter, CollectiveKind::kAllToAll,
+                                     CollectiveKind::kBroadcast};
+  // Sizes (nccl-tests convention, fp32 elements): min_bytes, min_bytes * step, ... <= max_bytes.
+  int64_t min_bytes = 256;
+  int64_t max_bytes = int64_t{64} << 20;
+  double size_step = 2;
+  // Repetitions per size: at least min_repeats, then until target_seconds
+  // of measuring or max_repeats (rank 0's clock decides for all).
+  int min_repeats = 5;
+  int max_repeats = 40;
+  double target_seconds = 0.25;
+  // Ranks per group: 0 = the whole world; otherwise the world splits into
+  // consecutive groups of this size that all run the operation at once
+  // (e.g. the tp groups of a dp x tp job). Must divide the world size.
+  int group_size = 0;
+  // Intra-op threads (0: usable cores / world size, at least 1).
+  int threads = 0;
+};
+
+// One Measurement per (op, size): shape = the group's size on one node.
+// InvalidArgument for bad options.
+std::vector<Measurement> measure_collectives(dist::ProcessGroup& world,
+                                             const CollectiveSweepOptions& options);
+
+struct OverlapSweepOptions {
+  // Square fp32 GEMMs [n, n] x [n, n], repeated to about gemm_ms each.
+  std::vector<int64_t> gemm_sizes = {64, 128, 256, 384, 512};
+  double gemm_ms = 20;
+  // Sizes of the all_reduce running beside the GEMMs (bytes).
+  std::vector<int64_t> comm_bytes = {int64_t{16} << 10, int64_t{256} << 10, int64_t{1} << 20,
+                                     int64_t{4} << 20,  int64_t{16} << 20,  int64_t{64} << 20};
+  // Timed repetitions per (GEMM, size) pair; the median is kept.
+  int repeats = 5;
+  int threads = 0;  // as CollectiveSweepOptions::threads
+};
+
+// Compute slowed by concurrent communication: every rank times its GEMMs
+// alone, and again after issuing an all_reduce over the world that runs
+// while they compute. One sample per (GEMM size, comm size) from rank 0's
+// timings: slowdown = with / alone; overlap_fraction = (time the all_reduce
+// takes alone) / (GEMM time with it), capped at 1; compute_kind "gemm";
+// comm_threads 2 (Gloo's threads per group).
+std::vector<OverlapSample> measure_overlap(dist::ProcessGroup& world,
+                                           const OverlapSweepOptions& options);
+
+struct HostSharingOptions {
+  // The work each rank runs: one optimiser step of this job on a single
+  // rank (its layout is ignored), repeated.
+  TrainingJobConfig job;
+  int repeats = 5;
+  int threads = 0;  // as CollectiveSweepOptions::threads
+};
+
+// Compute slowed by other ranks computing on the same host: for k = 1 ..
+// world size, ranks 0 .. k-1 run the work at the same time while the others
+// wait in a barrier; slowdown[k - 1] = (rank 0's median time with k
+// running) / (its time alone). slowdown[0] is 1.
+std::vector<double> measure_host_sharing(dist::ProcessGroup& world,
+                                         const HostSharingOptions& options);
+
+}  // namespace tessera::sim

@@ -1,0 +1,250 @@
+#include "tessera/sim/calibration.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+
+#include "tessera/core/error.h"
+#include "tessera/core/log.h"
+#include "tessera/core/metrics.h"
+#include "tessera/core/runtime.h"
+
+namespace tessera::sim {
+
+namespace {
+
+class ThreadScope {
+ public:
+  explicit ThreadScope(int threads) : previous_(at::get_num_threads()) {
+    if (threads != previous_) at::set_num_threads(threads);
+  }
+  ~ThreadScope() {
+    if (at::get_num_threads() != previous_) at::set_num_threads(previous_);
+  }
+  ThreadScope(const ThreadScope&) = delete;
+  ThreadScope& operator=(const ThreadScope&) = delete;
+
+ private:
+  int previous_;
+};
+
+int thread_count(int requested, const dist::ProcessGroup& world) {
+  return requested > 0 ? requested : std::max(1, usable_cores() / world.size());
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// The slowest rank's value.
+double world_max(dist::ProcessGroup& world, double value) {
+  at::Tensor t = at::full({1}, value, at::kDouble);
+  world.all_reduce(t, dist::ReduceOp::kMax).wait();
+  return t.item<double>();
+}
+
+// Rank 0's value on every rank.
+double from_rank0(dist::ProcessGroup& world, double value) {
+  at::Tensor t = at::full({1}, value, at::kDouble);
+  world.broadcast(t, 0).wait();
+  return t.item<double>();
+}
+
+// Median over repetitions of the slowest rank's time of fn() (seconds),
+// each repetition started after a barrier; repetitions as in
+// CollectiveSweepOptions.
+double time_collective(dist::ProcessGroup& world, const std::function<void()>& fn, int min_repeats,
+                       int max_repeats, double target_seconds) {
+  fn();  // warm-up: connections, allocations
+  std::vector<double> samples;
+  Stopwatch total;
+  while (static_cast<int>(samples.size()) < max_repeats) {
+    world.barrier().wait();
+    Stopwatch watch;
+    fn();
+    samples.push_back(world_max(world, watch.seconds()));
+    if (static_cast<int>(samples.size()) >= min_repeats &&
+        from_rank0(world, total.seconds()) >= target_seconds) {
+      break;
+    }
+  }
+  return median(samples);
+}
+
+}  // namespace
+
+std::vector<Measurement> measure_collectives(dist::ProcessGroup& world,
+                                             const CollectiveSweepOptions& options) {
+  TESSERA_CHECK(options.min_bytes >= 4 && options.max_bytes >= options.min_bytes &&
+                    options.size_step > 1 && options.min_repeats >= 1 &&
+                    options.max_repeats >= options.min_repeats,
+                InvalidArgument,
+                "measure_collectives: need 4 <= min_bytes <= max_bytes, size_step > 1 and "
+                "1 <= min_repeats <= max_repeats");
+  const int world_size = world.size();
+  const int n = options.group_size == 0 ? world_size : options.group_size;
+  TESSERA_CHECK(n >= 1 && world_size % n == 0, InvalidArgument, "measure_collectives: group_size ",
+                options.group_size, " does not divide the world of ", world_size);
+  ThreadScope threads(thread_count(options.threads, world));
+  std::shared_ptr<dist::ProcessGroup> group;
+  if (n == world_size) {
+    // Non-owning: the caller's world outlives this call.
+    group = std::shared_ptr<dist::ProcessGroup>(&world, [](dist::ProcessGroup*) {});
+  } else {
+    for (int first = 0; first < world_size; first += n) {
+      std::vector<int> ranks;
+      for (int r = first; r < first + n; ++r) ranks.push_back(r);
+      auto sub = world.new_subgroup(ranks, world.name() + "/calibration" + std::to_string(first));
+      if (sub) group = sub;
+    }
+  }
+  std::vector<Measurement> out;
+  for (CollectiveKind op : options.ops) {
+    TESSERA_CHECK(op != CollectiveKind::kSendRecv, InvalidArgument,
+                  "measure_collectives: send_recv is not timed");
+    for (double size = static_cast<double>(options.min_bytes);
+         size <= static_cast<double>(options.max_bytes) * (1 + 1e-9); size *= options.size_step) {
+      // fp32 elements, a multiple of the group size.
+      int64_t elems = std::max<int64_t>(n, static_cast<int64_t>(size) / 4 / n * n);
+      at::Tensor full = at::ones({elems});
+      at::Tensor part = at::ones({elems / n});
+      at::Tensor out_full = at::empty({elems});
+      at::Tensor out_part = at::empty({elems / n});
+      std::function<void()> fn;
+      switch (op) {
+        case CollectiveKind::kAllReduce:
+          fn = [&] { group->all_reduce(full).wait(); };
+          break;
+        case CollectiveKind::kAllGather:
+          fn = [&] { group->all_gather(out_full, part).wait(); };
+          break;
+        case CollectiveKind::kReduceScatter:
+          fn = [&] { group->reduce_scatter(out_part, full).wait(); };
+          break;
+        case CollectiveKind::kAllToAll:
+          fn = [&] { group->all_to_all(out_full, full).wait(); };
+          break;
+        case CollectiveKind::kBroadcast:
+          fn = [&] { group->broadcast(full, 0).wait(); };
+          break;
+        case CollectiveKind::kSendRecv:
+          break;
+      }
+      const double seconds = time_collective(world, fn, options.min_repeats, options.max_repeats,
+                                             options.target_seconds);
+      Measurement m;
+      m.op = op;
+      m.shape = GroupShape{n, 1, n};
+      m.bytes = elems * 4;
+      m.time = Microseconds(seconds * 1e6);
+      m.origin = "measure_collectives(" + std::to_string(world_size) + " ranks, groups of " +
+                 std::to_string(n) + ")";
+      out.push_back(m);
+      TESSERA_LOG(Debug, "sim") << collective_kind_name(op) << " " << m.bytes << " B over " << n
+                                << " ranks: " << m.time.count() << " us";
+    }
+  }
+  return out;
+}
+
+std::vector<OverlapSample> measure_overlap(dist::ProcessGroup& world,
+                                           const OverlapSweepOptions& options) {
+  TESSERA_CHECK(!options.gemm_sizes.empty() && !options.comm_bytes.empty() &&
+                    options.repeats >= 1 && options.gemm_ms > 0,
+                InvalidArgument,
+                "measure_overlap: need GEMM sizes, comm sizes, repeats >= 1 and gemm_ms > 0");
+  ThreadScope threads(thread_count(options.threads, world));
+  std::vector<OverlapSample> samples;
+  for (int64_t n : options.gemm_sizes) {
+    TESSERA_CHECK(n >= 1, InvalidArgument, "measure_overlap: GEMM size ", n, " < 1");
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(n);
+    at::Tensor a = at::randn({n, n}, gen), b = at::randn({n, n}, gen);
+    at::Tensor c = at::empty({n, n});
+    at::mm_out(c, a, b);  // warm-up
+    // Repetitions for about gemm_ms, decided on rank 0.
+    Stopwatch probe;
+    for (int i = 0; i < 3; ++i) at::mm_out(c, a, b);
+    const double one = probe.seconds() / 3;
+    const int reps = static_cast<int>(
+        from_rank0(world, std::max(1.0, std::ceil(options.gemm_ms * 1e-3 / std::max(one, 1e-9)))));
+    auto gemms = [&] {
+      for (int i = 0; i < reps; ++i) at::mm_out(c, a, b);
+    };
+    std::vector<double> alone;
+    for (int r = 0; r < options.repeats; ++r) {
+      world.barrier().wait();
+      Stopwatch w;
+      gemms();
+      alone.push_back(w.seconds());
+    }
+    const double t_alone = median(alone);
+    for (int64_t bytes : options.comm_bytes) {
+      at::Tensor buf = at::ones({std::max<int64_t>(1, bytes / 4)});
+      const double t_comm = time_collective(
+          world, [&] { world.all_reduce(buf).wait(); }, options.repeats, options.repeats, 0);
+      std::vector<double> with;
+      for (int r = 0; r < options.repeats; ++r) {
+        world.barrier().wait();
+        dist::Work work = world.all_reduce(buf);
+        Stopwatch w;
+        gemms();
+        with.push_back(w.seconds());
+        work.wait();
+      }
+      const double t_with = median(with);
+      OverlapSample s;
+      s.features.compute_kind = "gemm";
+      s.features.compute_flops = 2.0 * static_cast<double>(n) * n * n * reps;
+      s.features.compute_duration_us = t_alone * 1e6;
+      s.features.comm_kind = CollectiveKind::kAllReduce;
+      s.features.comm_bytes = static_cast<double>(buf.numel() * 4);
+      s.features.comm_ranks = world.size();
+      s.features.concurrent_comms = 1;
+      s.features.comm_threads = 2;
+      s.features.overlap_fraction = std::min(1.0, t_comm / t_with);
+      s.slowdown = t_with / t_alone;
+      s.origin = "measure_overlap(gemm " + std::to_string(n) + ", " + std::to_string(bytes) +
+                 " B, rank " + std::to_string(world.rank()) + ")";
+      samples.push_back(s);
+    }
+  }
+  return samples;
+}
+
+std::vector<double> measure_host_sharing(dist::ProcessGroup& world,
+                                         const HostSharingOptions& options) {
+  TESSERA_CHECK(options.repeats >= 1, InvalidArgument,
+                "measure_host_sharing: repeats must be >= 1");
+  ThreadScope threads(thread_count(options.threads, world));
+  TrainingJobConfig config = options.job.with_layout(ParallelLayout{});
+  config.zero1 = false;
+  auto solo = dist::ProcessGroup::create_placeholder(0, 1);
+  auto job = TrainingJob::create(config, solo);
+  const nn::TokenDataset::Batch batch = job->batch(0);
+  job->step(batch);  // warm-up
+  std::vector<double> slowdown;
+  double alone = 0;
+  for (int k = 1; k <= world.size(); ++k) {
+    std::vector<double> times;
+    for (int r = 0; r < options.repeats; ++r) {
+      world.barrier().wait();
+      if (world.rank() < k) {
+        Stopwatch w;
+        job->step(batch);
+        times.push_back(w.seconds());
+      }
+      world.barrier().wait();
+    }
+    const double t = from_rank0(world, world.rank() == 0 ? median(times) : 0.0);
+    if (k == 1) alone = t;
+    slowdown.push_back(t / alone);
+  }
+  return slowdown;
+}
+
+}  // namespace tessera::sim

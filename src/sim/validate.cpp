@@ -1,0 +1,387 @@
+#include "tessera/sim/validate.h"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "json_reader.h"
+#include "tessera/core/error.h"
+#include "tessera/core/file_io.h"
+#include "tessera/core/log.h"
+#include "tessera/core/subprocess.h"
+#include "tessera/sim/collective_model.h"
+#include "tessera/sim/overlap.h"
+#include "tessera/sim/tracer.h"
+#include "util.h"
+
+namespace tessera::sim {
+
+namespace fs = std::filesystem;
+
+ValidationSuite ValidationSuite::parse(std::string_view text, const std::string& source,
+                                       const std::string& base_dir) {
+  const detail::json root = detail::parse_json(text, source);
+  detail::JsonObject top(root, source);
+  const std::string schema = top.get_string("schema");
+  if (schema != "tessera.sim.validation/1") {
+    top.fail("schema", "expected 'tessera.sim.validation/1', got '" + schema + "'");
+  }
+  ValidationSuite s;
+  s.source = source;
+  detail::JsonObject clusters = top.get_object("clusters");
+  for (const std::string& key : clusters.keys()) {
+    char* end = nullptr;
+    const long world = std::strtol(key.c_str(), &end, 10);
+    if (key.empty() || *end != '\0' || world < 1) {
+      clusters.fail(key, "keys are world sizes (positive integers)");
+    }
+    s.clusters[static_cast<int>(world)] = clusters.get_string(key);
+  }
+  clusters.check_keys();
+  s.overlap = top.get_string("overlap", "");
+  s.warmup_steps = static_cast<int>(top.get_size("warmup_steps", s.warmup_steps));
+  s.measured_steps = static_cast<int>(top.get_size("measured_steps", s.measured_steps));
+  if (s.measured_steps < 1) top.fail("measured_steps", "must be >= 1");
+  if (top.has("trace")) {
+    detail::JsonObject t = top.get_object("trace");
+    s.trace_warmup_steps = static_cast<int>(t.get_size("warmup_steps", s.trace_warmup_steps));
+    s.trace_measured_steps = static_cast<int>(t.get_size("measured_steps", s.trace_measured_steps));
+    if (s.trace_measured_steps < 1) t.fail("measured_steps", "must be >= 1");
+    t.check_keys();
+  }
+  const detail::json& cases = top.get_array("cases");
+  for (size_t i = 0; i < cases.size(); ++i) {
+    detail::JsonObject c(cases[i], source, "cases[" + std::to_string(i) + "]");
+    ValidationCase vc;
+    vc.name = c.get_string("name");
+    if (vc.name.empty()) c.fail("name", "must not be empty");
+    for (const ValidationCase& other : s.cases) {
+      if (other.name == vc.name) c.fail("name", "'" + vc.name + "' is used twice");
+    }
+    const std::string job = c.get_string("job");
+    vc.job_file = fs::path(job).is_absolute() ? job : (fs::path(base_dir) / job).string();
+    if (c.has("layout")) {
+      try {
+        vc.layout = ParallelLayout::parse(c.get_string("layout"));
+      } catch (const InvalidArgument& e) {
+        c.fail("layout", e.message());
+      }
+    }
+    if (c.has("zero1")) vc.zero1 = c.get_bool("zero1", false);
+    c.check_keys();
+    s.cases.push_back(std::move(vc));
+  }
+  if (s.cases.empty()) top.fail("cases", "no cases");
+  top.check_keys();
+  return s;
+}
+
+ValidationSuite ValidationSuite::load_file(const std::string& path) {
+  const std::string text = detail::read_text_file(path, "validation suite");
+  const std::string dir = fs::path(path).parent_path().string();
+  return parse(text, path, dir.empty() ? "." : dir);
+}
+
+namespace {
+
+void write_text(const std::string& path, const std::string& text) {
+  AtomicFileWriter out(path);
+  out.append(text.data(), text.size());
+  out.commit();
+}
+
+// "dense-s dp=2" -> "dense-s_dp_2"
+std::string file_stem(const std::string& name) {
+  std::string out;
+  for (char c : name) {
+    out.push_back(std::isalnum(static_cast<unsigned char>(c)) || c == '-' ? c : '_');
+  }
+  return out;
+}
+
+std::string tail(const std::string& text, size_t n) {
+  return text.size() <= n ? text : "..." + text.substr(text.size() - n);
+}
+
+// CPU time of the whole host and of this process and its reaped children.
+struct CpuSnapshot {
+  double host_busy_s = 0;  // all CPUs, all processes
+  double mine_s = 0;       // this process + reaped children
+  std::chrono::steady_clock::time_point at;
+
+  static CpuSnapshot take() {
+    CpuSnapshot s;
+    s.at = std::chrono::steady_clock::now();
+    std::ifstream stat("/proc/stat");
+    std::string cpu;
+    stat >> cpu;
+    std::vector<double> fields;
+    double v = 0;
+    while (fields.size() < 8 && stat >> v) fields.push_back(v);
+    const double hz = static_cast<double>(sysconf(_SC_CLK_TCK));
+    if (fields.size() >= 5 && hz > 0) {
+      double total = 0;
+      for (double f : fields) total += f;
+      s.host_busy_s = (total - fields[3] - fields[4]) / hz;  // minus idle and iowait
+    }
+    auto seconds = [](const rusage& u) {
+      return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+             1e-6 * static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+    };
+    rusage self{}, children{};
+    getrusage(RUSAGE_SELF, &self);
+    getrusage(RUSAGE_CHILDREN, &children);
+    s.mine_s = seconds(self) + seconds(children);
+    return s;
+  }
+};
+
+int host_cpus() { return std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)); }
+
+// Share of the host's CPU time between two snapshots used by processes
+// other than this one and its children.
+double foreign_share(const CpuSnapshot& a, const CpuSnapshot& b) {
+  const double wall = std::chrono::duration<double>(b.at - a.at).count();
+  if (wall <= 0) return 0;
+  const double foreign = (b.host_busy_s - a.host_busy_s) - (b.mine_s - a.mine_s);
+  return std::max(0.0, foreign / (wall * host_cpus()));
+}
+
+// Waits until the host was at least `idle` idle over two seconds.
+void wait_until_quiet(double idle, std::chrono::seconds timeout) {
+  if (idle <= 0) return;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (true) {
+    const CpuSnapshot a = CpuSnapshot::take();
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    const CpuSnapshot b = CpuSnapshot::take();
+    const double wall = std::chrono::duration<double>(b.at - a.at).count();
+    const double busy = (b.host_busy_s - a.host_busy_s) / (wall * host_cpus());
+    if (1 - busy >= idle) return;
+    if (std::chrono::steady_clock::now() > deadline) {
+      TESSERA_LOG(Warn, "sim") << "the host stayed busy (" << static_cast<int>(100 * busy)
+                               << " % of its CPU time) for " << timeout.count()
+                               << " s; measuring anyway";
+      return;
+    }
+  }
+}
+
+}  // namespace
+
+void summarize(ValidationReport& report) {
+  std::vector<double> errors;
+  for (const ValidationRow& r : report.rows) errors.push_back(std::abs(r.error));
+  if (errors.empty()) return;
+  std::sort(errors.begin(), errors.end());
+  const size_t n = errors.size();
+  report.median_abs_error = n % 2 ? errors[n / 2] : 0.5 * (errors[n / 2 - 1] + errors[n / 2]);
+  report.max_abs_error = errors.back();
+  double sum = 0;
+  for (double e : errors) sum += e;
+  report.mean_abs_error = sum / static_cast<double>(n);
+}
+
+ValidationReport run_validation(const ValidationSuite& suite, const ValidationOptions& options) {
+  auto find = [&](const std::string& name, const char* what) {
+    return options.find_data_file ? options.find_data_file(name, what) : name;
+  };
+  fs::create_directories(options.work_dir);
+  std::unique_ptr<OverlapModel> overlap;
+  if (!suite.overlap.empty()) overlap = load_overlap_model(find(suite.overlap, "overlap model"));
+  std::map<int, std::unique_ptr<CollectiveModel>> models;
+  ValidationReport report;
+  for (const ValidationCase& vc : suite.cases) {
+    if (!options.only.empty() &&
+        std::find(options.only.begin(), options.only.end(), vc.name) == options.only.end()) {
+      continue;
+    }
+    TrainingJobConfig job = TrainingJobConfig::load_file(vc.job_file);
+    if (vc.layout) job.layout = *vc.layout;
+    if (vc.zero1) job.zero1 = *vc.zero1;
+    job.name = vc.name;
+    job.validate();
+    const int world = job.layout.world_size();
+    auto cluster_it = suite.clusters.find(world);
+    TESSERA_CHECK(cluster_it != suite.clusters.end(), InvalidArgument, suite.source, ": case '",
+                  vc.name, "' has ", world, " ranks but 'clusters' has no entry \"", world, "\"");
+    auto& model = models[world];
+    if (!model) {
+      model = std::make_unique<CollectiveModel>(
+          ClusterSpec::load_file(find(cluster_it->second, "cluster")));
+    }
+    const std::string stem = (fs::path(options.work_dir) / file_stem(vc.name)).string();
+    const std::string job_path = stem + ".job.json";
+    const std::string trace_path = stem + ".trace.json";
+    const std::string timings_path = stem + ".timings.json";
+    job.source = job_path;
+    write_text(job_path, job.to_json());
+
+    ValidationRow row;
+    row.name = vc.name;
+    row.layout = job.layout.to_string();
+    row.world_size = world;
+    row.zero1 = job.zero1;
+    row.moe = job.model.num_experts > 0;
+
+    // 1. Trace and predict.
+    Trace trace;
+    if (options.reuse_measurements && fs::exists(trace_path)) {
+      trace = Trace::load_file(trace_path);
+    } else {
+      TracerOptions tracer;
+      tracer.warmup_steps = suite.trace_warmup_steps;
+      tracer.measured_steps = suite.trace_measured_steps;
+      double best = 2;
+      for (int attempt = 0; attempt < std::max(1, options.max_attempts); ++attempt) {
+        wait_until_quiet(options.quiet_idle, options.quiet_timeout);
+        const CpuSnapshot before = CpuSnapshot::take();
+        TraceResult traced = trace_training_job(job, tracer);
+        const double foreign = foreign_share(before, CpuSnapshot::take());
+        if (foreign < best) {
+          best = foreign;
+          row.trace_seconds = traced.seconds;
+          trace = std::move(traced.trace);
+        }
+        if (foreign <= options.max_foreign_cpu) break;
+        TESSERA_LOG(Info, "sim") << vc.name << ": other processes used "
+                                 << static_cast<int>(100 * foreign)
+                                 << " % of the CPU while tracing; tracing again";
+      }
+      row.trace_foreign_cpu = best;
+      write_text(trace_path, trace.to_json());
+    }
+    for (const RankTrace& e : trace.entries) {
+      double sum = 0;
+      for (const TraceNode& n : e.nodes) sum += n.duration.count();
+      row.traced_alone_s = std::max(row.traced_alone_s, sum * 1e-6);
+    }
+    SimulationOptions sim;
+    sim.collectives = model.get();
+    sim.overlap = overlap.get();
+    SimulationResult result = simulate(trace, sim);
+    write_text(stem + ".timeline.json", chrome_trace_json(trace, result));
+    row.predicted_s = result.step_time.count() * 1e-6;
+    const RankBreakdown& slow = result.ranks[result.slowest_rank];
+    row.compute_s = slow.compute.count() * 1e-6;
+    row.exposed_comm_s = slow.exposed_comm.count() * 1e-6;
+    row.sync_wait_s = slow.sync_wait.count() * 1e-6;
+    row.collective_calls = static_cast<int>(result.collective_calls);
+    row.simulate_seconds = result.wall_seconds;
+
+    // 2. Measure.
+    if (!(options.reuse_measurements && fs::exists(timings_path))) {
+      const std::vector<std::string> argv = {options.launch_bin,
+                                             "--nproc",
+                                             std::to_string(world),
+                                             "--",
+                                             options.train_bin,
+                                             job_path,
+                                             "--timings",
+                                             timings_path,
+                                             "--warmup",
+                                             std::to_string(suite.warmup_steps),
+                                             "--measure",
+                                             std::to_string(suite.measured_steps),
+                                             "--log-every",
+                                             "0"};
+      double best = 2;
+      const std::string attempt_path = stem + ".attempt.json";
+      for (int attempt = 0; attempt < std::max(1, options.max_attempts); ++attempt) {
+        wait_until_quiet(options.quiet_idle, options.quiet_timeout);
+        std::vector<std::string> args = argv;
+        args[7] = attempt_path;
+        const CpuSnapshot before = CpuSnapshot::take();
+        CommandResult run = run_command(args, options.run_timeout);
+        const double foreign = foreign_share(before, CpuSnapshot::take());
+        TESSERA_CHECK(run.status.success(), Unavailable, "validation case '", vc.name, "': '",
+                      options.launch_bin, " --nproc ", world, " -- ", options.train_bin, " ",
+                      job_path, " ...' ", run.status.describe(), ": ", tail(run.output, 2000));
+        ++row.run_attempts;
+        if (foreign < best) {
+          best = foreign;
+          fs::rename(attempt_path, timings_path);
+        }
+        if (foreign <= options.max_foreign_cpu) break;
+        TESSERA_LOG(Info, "sim") << vc.name << ": other processes used "
+                                 << static_cast<int>(100 * foreign)
+                                 << " % of the CPU during the run; running again";
+      }
+      fs::remove(attempt_path);
+      row.run_foreign_cpu = best;
+    }
+    const StepTimings timings =
+        StepTimings::parse(detail::read_text_file(timings_path, "step timings"), timings_path);
+    row.measured_s = timings.median_seconds;
+    row.measured_min_s = timings.min_seconds;
+    row.measured_max_s = timings.max_seconds;
+    row.error = (row.predicted_s - row.measured_s) / row.measured_s;
+    TESSERA_LOG(Info, "sim") << vc.name << ": measured " << row.measured_s << " s, predicted "
+                             << row.predicted_s << " s (" << 100 * row.error << " %)";
+    if (options.on_row) options.on_row(row);
+    report.rows.push_back(std::move(row));
+  }
+  summarize(report);
+  return report;
+}
+
+std::string ValidationReport::to_markdown() const {
+  std::string out =
+      "| case | ranks | layout | measured ms (min-max) | predicted ms | error | compute ms | "
+      "exposed comm ms | sync wait ms | calls |\n"
+      "|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const ValidationRow& r : rows) {
+    out += detail::format(
+        "| %s | %d | %s%s | %.1f (%.1f-%.1f) | %.1f | %+.1f %% | %.1f | %.1f | %.1f | %d |\n",
+        r.name.c_str(), r.world_size, r.layout.c_str(), r.zero1 ? " ZeRO-1" : "",
+        r.measured_s * 1e3, r.measured_min_s * 1e3, r.measured_max_s * 1e3, r.predicted_s * 1e3,
+        100 * r.error, r.compute_s * 1e3, r.exposed_comm_s * 1e3, r.sync_wait_s * 1e3,
+        r.collective_calls);
+  }
+  out += detail::format("\n%zu configurations: median |error| %.1f %%, mean %.1f %%, max %.1f %%\n",
+                        rows.size(), 100 * median_abs_error, 100 * mean_abs_error,
+                        100 * max_abs_error);
+  return out;
+}
+
+std::string ValidationReport::to_json() const {
+  nlohmann::ordered_json rows_json = nlohmann::ordered_json::array();
+  for (const ValidationRow& r : rows) {
+    rows_json.push_back({{"name", r.name},
+                         {"world_size", r.world_size},
+                         {"layout", r.layout},
+                         {"zero1", r.zero1},
+                         {"moe", r.moe},
+                         {"measured_s", r.measured_s},
+                         {"measured_min_s", r.measured_min_s},
+                         {"measured_max_s", r.measured_max_s},
+                         {"predicted_s", r.predicted_s},
+                         {"error", r.error},
+                         {"traced_alone_s", r.traced_alone_s},
+                         {"compute_s", r.compute_s},
+                         {"exposed_comm_s", r.exposed_comm_s},
+                         {"sync_wait_s", r.sync_wait_s},
+                         {"collective_calls", r.collective_calls},
+                         {"trace_seconds", r.trace_seconds},
+                         {"trace_foreign_cpu", r.trace_foreign_cpu},
+                         {"run_foreign_cpu", r.run_foreign_cpu},
+                         {"run_attempts", r.run_attempts},
+                         {"simulate_seconds", r.simulate_seconds}});
+  }
+  nlohmann::ordered_json j;
+  j["schema"] = "tessera.sim.validation_report/1";
+  j["rows"] = std::move(rows_json);
+  j["median_abs_error"] = median_abs_error;
+  j["mean_abs_error"] = mean_abs_error;
+  j["max_abs_error"] = max_abs_error;
+  return j.dump(2) + "\n";
+}
+
+}  // namespace tessera::sim

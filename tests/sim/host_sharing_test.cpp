@@ -1,0 +1,155 @@
+// sim: ranks that share a CPU host (Topology::host_compute_slowdown) — the
+// cluster field's parsing and errors, Topology::host_slowdown, and the
+// composer's processor sharing on hand-computed timelines.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "tessera/core/error.h"
+#include "tessera/sim/cluster.h"
+#include "tessera/sim/collective_model.h"
+#include "tessera/sim/timeline.h"
+#include "tessera/sim/trace.h"
+
+namespace tessera::sim {
+namespace {
+
+// all_reduce over 2 ranks of one node: 10 + bytes / 1000 us.
+ClusterSpec host_cluster(std::vector<double> slowdown, int devices_per_node = 2) {
+  ClusterSpec c;
+  c.name = "host";
+  c.topology.devices_per_node = devices_per_node;
+  c.topology.host_compute_slowdown = std::move(slowdown);
+  RegimeParams ring;
+  ring.protocol = "simple";
+  ring.setup_us = 10;
+  ring.intra_gbps = 1;
+  ring.inter_gbps = 1;
+  c.defaults.algorithms[Algorithm::kRing] = {ring};
+  return c;
+}
+
+SimulationResult run(const std::string& entries, int world, const ClusterSpec& cluster) {
+  const Trace trace =
+      Trace::parse(R"({"schema": "tessera.sim.trace/1", "metadata": {"world_size": )" +
+                       std::to_string(world) + R"(}, "ranks": [)" + entries + "]}",
+                   "host.json");
+  const CollectiveModel model(cluster);
+  SimulationOptions o;
+  o.collectives = &model;
+  return simulate(trace, o);
+}
+
+std::string rank_entry(int rank, double compute_us, const std::string& group) {
+  return R"({"ranks": [)" + std::to_string(rank) + R"(], "nodes": [
+      {"id": 0, "kind": "compute", "name": "work", "duration_us": )" +
+         std::to_string(compute_us) + R"(},
+      {"id": 1, "kind": "collective", "name": "ar", "op": "all_reduce", "group": )" +
+         group +
+         R"(, "bytes": 20000, "deps": [0]},
+      {"id": 2, "kind": "compute", "name": "tail", "duration_us": 10, "deps": [1]}]})";
+}
+
+TEST(HostSharing, SlowdownTable) {
+  Topology t;
+  EXPECT_DOUBLE_EQ(t.host_slowdown(3), 1.0);  // accelerators: never
+  t.host_compute_slowdown = {1.0, 1.5};
+  EXPECT_DOUBLE_EQ(t.host_slowdown(1), 1.0);
+  EXPECT_DOUBLE_EQ(t.host_slowdown(2), 1.5);
+  EXPECT_DOUBLE_EQ(t.host_slowdown(4), 3.0);  // beyond the table: 1.5 * 4 / 2
+}
+
+TEST(HostSharing, WaitingRankFreesItsShare) {
+  // Both ranks compute from 0 at half speed (slowdown 2 with 2 computing).
+  // Rank 1's 50 us of work end at 100; rank 0 has done 50 of its 100 by
+  // then and does the other 50 alone (slowdown 1), ending at 150. The
+  // all_reduce (10 + 20 us) runs 150-180; both tails (10 us each, again
+  // together: 20 us) end at 200.
+  const std::string entries = rank_entry(0, 100, "[0, 1]") + ", " + rank_entry(1, 50, "[0, 1]");
+  const SimulationResult r = run(entries, 2, host_cluster({1.0, 2.0}));
+  EXPECT_DOUBLE_EQ(r.events[1][0].end.count(), 100);
+  EXPECT_DOUBLE_EQ(r.events[0][0].end.count(), 150);
+  EXPECT_DOUBLE_EQ(r.events[0][0].slowdown, 1.5);
+  EXPECT_DOUBLE_EQ(r.events[0][1].start.count(), 150);
+  EXPECT_DOUBLE_EQ(r.events[0][1].end.count(), 180);
+  EXPECT_DOUBLE_EQ(r.events[0][2].end.count(), 200);
+  EXPECT_DOUBLE_EQ(r.step_time.count(), 200);
+  EXPECT_DOUBLE_EQ(r.ranks[1].sync_wait.count(), 50);
+  EXPECT_DOUBLE_EQ(r.ranks[0].slowdown_extra.count(), 50 + 10);
+}
+
+TEST(HostSharing, RanksOnOtherNodesDoNotCount) {
+  // One rank per node: nobody shares, the table's k = 1 entry applies.
+  const std::string entries = rank_entry(0, 100, "[0, 1]") + ", " + rank_entry(1, 50, "[0, 1]");
+  const SimulationResult r = run(entries, 2, host_cluster({1.0, 2.0}, /*devices_per_node=*/1));
+  EXPECT_DOUBLE_EQ(r.events[1][0].end.count(), 50);
+  EXPECT_DOUBLE_EQ(r.events[0][0].end.count(), 100);
+}
+
+TEST(HostSharing, WithoutTheFieldRanksAreIndependent) {
+  const std::string entries = rank_entry(0, 100, "[0, 1]") + ", " + rank_entry(1, 50, "[0, 1]");
+  const SimulationResult r = run(entries, 2, host_cluster({}));
+  EXPECT_DOUBLE_EQ(r.events[0][0].end.count(), 100);
+  EXPECT_DOUBLE_EQ(r.step_time.count(), 100 + 30 + 10);
+}
+
+TEST(HostSharing, FourRanksBeyondTheTable) {
+  // 4 ranks computing 30 us each on one node with table [1, 1.5]:
+  // slowdown 1.5 * 4 / 2 = 3, all end at 90.
+  std::string entries;
+  for (int r = 0; r < 4; ++r) {
+    if (r) entries += ", ";
+    entries += R"({"ranks": [)" + std::to_string(r) +
+               R"(], "nodes": [{"id": 0, "kind": "compute", "name": "w", "duration_us": 30}]})";
+  }
+  const SimulationResult res = run(entries, 4, host_cluster({1.0, 1.5}, 4));
+  for (int r = 0; r < 4; ++r) EXPECT_DOUBLE_EQ(res.events[r][0].end.count(), 90) << r;
+}
+
+const char* kClusterDoc = R"({
+  "schema": "tessera.sim.cluster/1", "name": "cpu",
+  "topology": {"devices_per_node": 4, "num_nodes": 1, "nics_per_node": 1,
+               "intra_node": {"bandwidth_gbps": 10, "latency_us": 50},
+               "inter_node": {"bandwidth_gbps": 1, "latency_us": 100}SLOWDOWN},
+  "algorithms": {"ring": [{"protocol": "simple", "max_bytes": 0, "setup_us": 100,
+                           "intra_hop_us": 10, "inter_hop_us": 20, "intra_gbps": 1,
+                           "inter_gbps": 1}]}})";
+
+std::string cluster_doc(const std::string& slowdown) {
+  std::string doc = kClusterDoc;
+  return doc.replace(doc.find("SLOWDOWN"), 8, slowdown);
+}
+
+TEST(HostSharing, ClusterFieldRoundTrips) {
+  const ClusterSpec c =
+      ClusterSpec::parse(cluster_doc(R"(, "host_compute_slowdown": [1.0, 1.1, 1.6, 2.2])"), "c");
+  ASSERT_EQ(c.topology.host_compute_slowdown.size(), 4u);
+  EXPECT_DOUBLE_EQ(c.topology.host_compute_slowdown[2], 1.6);
+  const ClusterSpec again = ClusterSpec::parse(c.to_json(), "again");
+  EXPECT_EQ(cluster_difference(c, again, 0), "");
+  ClusterSpec other = again;
+  other.topology.host_compute_slowdown[3] = 2.3;
+  EXPECT_NE(cluster_difference(c, other, 1e-6).find("host_compute_slowdown[3]"), std::string::npos);
+  // Absent: empty, and not written back.
+  const ClusterSpec plain = ClusterSpec::parse(cluster_doc(""), "plain");
+  EXPECT_TRUE(plain.topology.host_compute_slowdown.empty());
+  EXPECT_EQ(plain.to_json().find("host_compute_slowdown"), std::string::npos);
+}
+
+TEST(HostSharing, ClusterFieldErrorsNameTheField) {
+  for (const char* bad :
+       {R"(, "host_compute_slowdown": [1.0, 0])", R"(, "host_compute_slowdown": [1.0, -2])",
+        R"(, "host_compute_slowdown": [1.0, "x"])", R"(, "host_compute_slowdown": 2)"}) {
+    SCOPED_TRACE(bad);
+    try {
+      ClusterSpec::parse(cluster_doc(bad), "cpu.json");
+      FAIL() << "accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("cpu.json"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("host_compute_slowdown"), std::string::npos) << e.what();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tessera::sim

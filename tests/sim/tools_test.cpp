@@ -1,0 +1,168 @@
+// sim through its programs, as a user runs them: tessera-sim collective
+// (one line and the nccl-tests table), trace --device + predict + sweep on
+// the bundled A100 files, a real trace + predict on this machine,
+// tessera-train under tessera-launch writing step timings, and a small
+// validation suite end to end (real 2-rank runs through tessera-launch).
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+
+#include "tessera/core/subprocess.h"
+#include "tessera/sim/collective_model.h"
+#include "tessera/sim/sweep.h"
+#include "tessera/sim/training_job.h"
+
+namespace tessera::sim {
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::string kData = std::string(TESSERA_SOURCE_DIR) + "/data/sim";
+
+CommandResult run(std::vector<std::string> argv, int seconds = 300) {
+  return run_command(argv, std::chrono::seconds(seconds), /*merge_stderr=*/true);
+}
+
+std::string temp_dir(const std::string& name) {
+  const std::string dir = ::testing::TempDir() + "/" + name + "_" + std::to_string(getpid());
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+std::string read(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+TEST(TesseraSim, CollectiveOneLineAndTable) {
+  const auto line = run({TESSERA_SIM_BIN, "collective", "--op", "all_reduce", "--gpus", "16",
+                         "--bytes", "64M", "--cluster", "a100_ib"});
+  ASSERT_TRUE(line.status.success()) << line.output;
+  // The same number the library computes from the bundled file.
+  CollectiveCommand cmd;
+  cmd.op = CollectiveKind::kAllReduce;
+  cmd.gpus = 16;
+  cmd.bytes = int64_t{64} << 20;
+  EXPECT_EQ(line.output,
+            run_collective_command(cmd, ClusterSpec::load_file(kData + "/a100_ib.json")));
+  const auto table = run({TESSERA_SIM_BIN, "collective", "--op", "all_reduce", "--gpus", "32",
+                          "--cluster", kData + "/a100_ib.json", "--table"});
+  ASSERT_TRUE(table.status.success()) << table.output;
+  // nccl-tests format: it parses back into one measurement per size.
+  const auto rows = parse_nccl_tests(table.output, "table");
+  EXPECT_EQ(rows.size(), 28u);  // 8 B .. 1 GiB
+  EXPECT_EQ(rows[0].shape.ranks, 32);
+  const auto bad = run({TESSERA_SIM_BIN, "collective", "--op", "all_reduce", "--gpus", "16",
+                        "--cluster", "no-such-cluster", "--bytes", "1K"});
+  EXPECT_EQ(bad.status.code, 3);
+  EXPECT_NE(bad.output.find("no-such-cluster"), std::string::npos) << bad.output;
+}
+
+TEST(TesseraSim, AnalyticalTracePredictAndSweep) {
+  const std::string dir = temp_dir("sim_tools_synth");
+  const auto trace = run({TESSERA_SIM_BIN, "trace", "--job", kData + "/jobs/mixtral-8x7b.json",
+                          "--device", "a100_sxm4_80gb", "-o", dir + "/t.json"});
+  ASSERT_TRUE(trace.status.success()) << trace.output;
+  const auto predict = run({TESSERA_SIM_BIN, "predict", "--trace", dir + "/t.json", "--cluster",
+                            "a100_ib", "--chrome", dir + "/tl.json"});
+  ASSERT_TRUE(predict.status.success()) << predict.output;
+  EXPECT_NE(predict.output.find("64 ranks on a100-ib"), std::string::npos) << predict.output;
+  const auto chrome = nlohmann::json::parse(read(dir + "/tl.json"));
+  EXPECT_GT(chrome.at("traceEvents").size(), 64u);
+  const auto sweep = run({TESSERA_SIM_BIN, "sweep", "--job", kData + "/jobs/llama-70b.json",
+                          "--layouts", "tp=8", "--world", "64", "1024", "--device",
+                          "a100_sxm4_80gb", "--cluster", "a100_ib", "--csv", dir + "/s.csv"});
+  ASSERT_TRUE(sweep.status.success()) << sweep.output;
+  const std::string csv = read(dir + "/s.csv");
+  EXPECT_NE(csv.find("\"tp=8\",64,1"), std::string::npos) << csv;
+  EXPECT_NE(csv.find("\"tp=8\",1024,1"), std::string::npos) << csv;
+  fs::remove_all(dir);
+}
+
+const char* kTinyJob = R"({
+  "name": "tiny",
+  "model": {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64},
+  "layout": {"dp": 2},
+  "batch": {"global_batch": 4, "seq_len": 16},
+  "steps": 5
+})";
+
+TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
+  const std::string dir = temp_dir("sim_tools_real");
+  std::ofstream(dir + "/tiny.json") << kTinyJob;
+  // Trace on this machine and predict on the bundled 2-rank cluster.
+  const auto trace = run({TESSERA_SIM_BIN, "trace", "--job", dir + "/tiny.json", "--layout", "tp=2",
+                          "-o", dir + "/t.json", "--warmup", "1", "--measure", "2"});
+  ASSERT_TRUE(trace.status.success()) << trace.output;
+  const auto predict =
+      run({TESSERA_SIM_BIN, "predict", "--trace", dir + "/t.json", "--cluster", "gloo_local_np2"});
+  ASSERT_TRUE(predict.status.success()) << predict.output;
+  // tessera-train for real under tessera-launch.
+  const auto train =
+      run({TESSERA_LAUNCH_BIN, "--nproc", "2", "--", TESSERA_TRAIN_BIN, dir + "/tiny.json",
+           "--timings", dir + "/timings.json", "--warmup", "1", "--measure", "3"});
+  ASSERT_TRUE(train.status.success()) << train.output;
+  const StepTimings t = StepTimings::parse(read(dir + "/timings.json"), "timings.json");
+  EXPECT_EQ(t.step_seconds.size(), 3u);
+  EXPECT_EQ(t.world_size, 2);
+  EXPECT_EQ(t.layout, "dp=2");
+  EXPECT_GT(t.median_seconds, 0);
+  // A two-case suite, end to end.
+  std::ofstream(dir + "/suite.json") << R"({"schema": "tessera.sim.validation/1",
+    "clusters": {"2": "gloo_local_np2"}, "warmup_steps": 1, "measured_steps": 3,
+    "trace": {"warmup_steps": 1, "measured_steps": 2},
+    "cases": [{"name": "tiny dp2", "job": "tiny.json"},
+              {"name": "tiny tp2", "job": "tiny.json", "layout": "tp=2"}]})";
+  const auto validate = run(
+      {TESSERA_SIM_BIN, "validate", dir + "/suite.json", "--work-dir", dir + "/work",
+       "--quiet-idle", "0", "--attempts", "1", "--json", dir + "/report.json", "--max-error", "10"},
+      600);
+  ASSERT_TRUE(validate.status.success()) << validate.output;
+  const auto report = nlohmann::json::parse(read(dir + "/report.json"));
+  ASSERT_EQ(report.at("rows").size(), 2u);
+  for (const auto& row : report.at("rows")) {
+    EXPECT_GT(row.at("measured_s").get<double>(), 0);
+    EXPECT_GT(row.at("predicted_s").get<double>(), 0);
+    const double error = row.at("error").get<double>();
+    EXPECT_DOUBLE_EQ(error,
+                     (row.at("predicted_s").get<double>() - row.at("measured_s").get<double>()) /
+                         row.at("measured_s").get<double>());
+  }
+  EXPECT_TRUE(fs::exists(dir + "/work/tiny_tp2.trace.json"));
+  EXPECT_TRUE(fs::exists(dir + "/work/tiny_tp2.timings.json"));
+  EXPECT_TRUE(fs::exists(dir + "/work/tiny_tp2.timeline.json"));
+  // Re-predicting from the same traces and timings runs nothing again.
+  const auto again =
+      run({TESSERA_SIM_BIN, "validate", dir + "/suite.json", "--work-dir", dir + "/work", "--reuse",
+           "--quiet-idle", "0", "--json", dir + "/report2.json", "--max-error", "10"});
+  ASSERT_TRUE(again.status.success()) << again.output;
+  const auto report2 = nlohmann::json::parse(read(dir + "/report2.json"));
+  EXPECT_EQ(report2.at("rows")[1].at("measured_s"), report.at("rows")[1].at("measured_s"));
+  EXPECT_EQ(report2.at("rows")[1].at("predicted_s"), report.at("rows")[1].at("predicted_s"));
+  fs::remove_all(dir);
+}
+
+TEST(TesseraTrain, BadJobFileIsAClearError) {
+  const std::string dir = temp_dir("sim_tools_bad");
+  std::ofstream(dir + "/bad.json") << R"({"model": {"model_type": "llama"}, "layout": {"tq": 2}})";
+  const auto r = run({TESSERA_TRAIN_BIN, dir + "/bad.json"});
+  EXPECT_EQ(r.status.code, 3);
+  EXPECT_NE(r.output.find("bad.json"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("tq"), std::string::npos) << r.output;
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace tessera::sim
