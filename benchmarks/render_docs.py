@@ -52,7 +52,9 @@ TARGETS = {
     "rlhf_colocated": 1.5,          # colocated >= 1.5x the best split (pools own CPUs)
     "moe_vs_cluster": 0.7567,       # ours at least 75.67 % cheaper than the CPU cluster
     "moe_vs_lambdaml": 0.4341,      # and 43.41 % cheaper than LambdaML
-    "moe_throughput_loss": 0.1876,  # with at most 18.76 % lower throughput
+    "moe_throughput_loss": 0.1876,
+    "serve_tpot_c1": 1.0,           # one client: TPOT at most llama-server's (ours / theirs <= 1)
+    "serve_throughput_c8": 2.0,     # 8 clients: output tokens/s >= 2x llama-server's  # with at most 18.76 % lower throughput
 }
 
 # Results files the page uses; each section renders "not measured" without its files.
@@ -64,6 +66,7 @@ SECTIONS = {
     "qspec": ["qspec"],
     "rlhf": ["rlhf"],
     "moe": ["moe"],
+    "serve": ["serve"],
 }
 
 
@@ -930,6 +933,78 @@ def moe_section(results, plots):
     return p
 
 
+def pctl(values, q):
+    """The q-quantile (0..1) by linear interpolation between order statistics."""
+    v = sorted(values)
+    if len(v) == 1:
+        return v[0]
+    x = q * (len(v) - 1)
+    i = int(math.floor(x))
+    j = min(i + 1, len(v) - 1)
+    return v[i] + (v[j] - v[i]) * (x - i)
+
+
+def serve_section(results, plots):
+    r = results["serve"]
+    c = r.config
+    p = {}
+    servers = c["servers"]
+    rows = []
+    for load in c["loads"]:
+        for side in servers:
+            key = f"{side}.{load}"
+            if not r.has(f"{key}.completed"):
+                continue
+            done = sum(r.values(f"{key}.completed"))
+            failed = sum(r.values(f"{key}.failed"))
+            row = [load, side, f"{done}/{done + failed}"]
+            if r.has(f"{key}.output_throughput"):
+                row.append(cell(r, f"{key}.request_throughput", 2))
+                row.append(cell(r, f"{key}.output_throughput", 1))
+                for m, scale in (("ttft", 1e3), ("tpot", 1e3), ("itl", 1e3), ("e2e", 1.0)):
+                    sid = f"{key}.{m}"
+                    if r.has(sid):
+                        v = [x * scale for x in r.values(sid)]
+                        d = 0 if scale > 1 else 2
+                        row.append(f"{statistics.mean(v):.{d}f} / {median(v):.{d}f} / {pctl(v, 0.99):.{d}f}")
+                    else:
+                        row.append("—")
+            else:
+                row += ["—"] * 6
+            rows.append(row)
+    p["serve.table"] = table(
+        ["load", "server", "completed", "requests/s", "output tokens/s", "TTFT ms (mean / median / p99)",
+         "TPOT ms (mean / median / p99)", "ITL ms (mean / median / p99)", "e2e s (mean / median / p99)"],
+        rows, ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])
+    f_ = r.facts
+    p["serve.setup"] = (
+        f"{c['model']}, {c['threads']} threads per server, {c['max_seqs']} sequences at once "
+        f"(tessera-serve `--max-num-seqs`, llama-server `--parallel`), prompts of {c['input_words']} random "
+        f"words ({f_.get('tessera.prompt_tokens', '?')} tokens), {c['output_tokens']} output tokens "
+        f"(ignore_eos), greedy; Tessera with `--quant {c['tessera_quant']}`; {c['reps']} repetitions of every "
+        f"load, servers alternating; requests per load: "
+        + ", ".join(f"{k} {v}" for k, v in c["requests"].items()) + ". Throughputs: median (min–max) over "
+        "the repetitions; latencies over every request of every repetition.")
+    v = []
+    if "llama.cpp" in servers:
+        def med_of(side, load, m):
+            sid = f"{side}.{load}.{m}"
+            return median(r.values(sid)) if r.has(sid) else None
+        a, b = med_of("tessera", "c1", "tpot"), med_of("llama.cpp", "c1", "tpot")
+        if a is not None and b is not None:
+            v.append(f"one client, median TPOT at most llama-server's: {verdict(a / b <= TARGETS['serve_tpot_c1'])} "
+                     f"({a * 1e3:.1f} ms vs {b * 1e3:.1f} ms, {a / b:.2f}x)")
+        a, b = med_of("tessera", "c8", "output_throughput"), med_of("llama.cpp", "c8", "output_throughput")
+        ta, tb = med_of("tessera", "c8", "ttft"), med_of("llama.cpp", "c8", "ttft")
+        if a is not None and b is not None and ta is not None and tb is not None:
+            ok = a / b >= TARGETS["serve_throughput_c8"] and ta < tb
+            v.append(f"8 clients, output tokens/s ≥ {TARGETS['serve_throughput_c8']:.0f}x llama-server's with a lower "
+                     f"median TTFT: {verdict(ok)} ({a:.1f} vs {b:.1f} tokens/s, {a / b:.2f}x; median TTFT "
+                     f"{ta * 1e3:.0f} ms vs {tb * 1e3:.0f} ms)")
+    p["serve.verdicts"] = "\n".join(f"- {x}" for x in v) if v else "_(no llama-server rows)_"
+    return p
+
+
 RENDERERS = {
     "collectives": collectives_section,
     "model": model_section,
@@ -938,6 +1013,7 @@ RENDERERS = {
     "qspec": qspec_section,
     "rlhf": rlhf_section,
     "moe": moe_section,
+    "serve": serve_section,
 }
 
 

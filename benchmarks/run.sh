@@ -9,7 +9,7 @@
 #                 runs and writes valid JSON (CI smoke); the numbers are not
 #                 measurements
 #   --only NAME   run only these (collectives, model, lora, ckpt, qspec, rlhf,
-#                 moe); repeatable
+#                 moe, serve); repeatable
 #   --out DIR     where the results go (default benchmarks/results)
 #   --build DIR   the build to run (default build/release; nothing is built)
 #   --no-render   leave docs/benchmarks.md alone (default: re-render it when
@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-all=(collectives model lora ckpt qspec rlhf moe)
+all=(collectives model lora ckpt qspec rlhf moe serve)
 [ ${#only[@]} -eq 0 ] && only=("${all[@]}")
 for name in "${only[@]}"; do
   [[ " ${all[*]} " == *" $name "* ]] || { echo "run.sh: unknown benchmark '$name' (${all[*]})" >&2; exit 2; }
@@ -127,6 +127,17 @@ for name in "${only[@]}"; do
     lora)
       args=()
       [ -n "$smollm2" ] && [ $quick -eq 0 ] && args+=(--smollm2 "$smollm2")
+      corpus="$root/../shared/testdata/text/moby-dick.txt"
+      if [ ! -f "$corpus" ]; then
+        if [ $quick -eq 0 ]; then
+          echo "run.sh: lora needs $corpus (the shared test data); skipped" >&2
+          continue
+        fi
+        # The smoke run only checks that the benchmark runs: any English text will do.
+        corpus="$logs/lora_corpus.txt"
+        cat "$root"/docs/*.md > "$corpus"
+        args+=(--corpus "$corpus")
+      fi
       run lora "$out/lora.json" "$bin/lora_bench" $(rep 5 1) "${args[@]}" --json "$out/lora.json" ;;
     ckpt)
       args=()
@@ -157,6 +168,18 @@ for name in "${only[@]}"; do
         run moe "$out/moe.json" "$bin/moe_bench" $(rep 5 1) "${args[@]}" --json "$out/moe.json"
       else
         echo "run.sh: moe_bench not built (TESSERA_WITH_GRPC off); skipped" >&2
+      fi ;;
+    serve)
+      if [ -z "$smollm2" ]; then
+        echo "run.sh: no SmolLM2 GGUF (scripts/install-deps.sh); serve skipped" >&2
+      else
+        args=(--tessera-serve "$bin/tessera-serve" --model "$smollm2" --logs "$logs")
+        if [ $quick -eq 1 ]; then
+          args+=(--quick)
+        elif [ -n "$llama_cpp" ] && [ -x "$llama_cpp/llama-server" ]; then
+          args+=(--llama-server "$llama_cpp/llama-server")
+        fi
+        run serve "$out/serve.json" "$py" "$root/benchmarks/serve_bench.py" "${args[@]}" --json "$out/serve.json"
       fi ;;
   esac
 done

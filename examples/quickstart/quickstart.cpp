@@ -37,17 +37,31 @@
 // (trained tensor parallel, generating through the 3D-HybridEngine), the
 // reference policy and a rule reward, and runs a few GRPO iterations on the
 // pretrained MoE, printing the mean reward per iteration.
+//
+// Stage 6 (serving): the serving engine and its OpenAI-compatible HTTP
+// server (what tessera-serve runs) start in this process on
+// SmolLM2-135M-Instruct with int4 weights (W4A16), and 8 clients send
+// streamed chat requests at once over loopback; it prints each request's
+// time to first token and time per output token, and checks that every KV
+// block is free afterwards. Without SmolLM2 (scripts/install-deps.sh
+// installs it) the stage says so and is skipped.
 #include <ATen/ATen.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <random>
 #include <filesystem>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <thread>
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
 
 #include "command_line.h"
+#include "smollm2.h"
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
@@ -63,6 +77,8 @@
 #include "tessera/nn/train.h"
 #include "tessera/rlhf/driver.h"
 #include "tessera/rlhf/pipeline.h"
+#include "tessera/serve/engine.h"
+#include "tessera/serve/http_server.h"
 #include "tessera/specdec/qspec.h"
 #include "tessera/tasks/arithmetic.h"
 
@@ -92,7 +108,7 @@ void stage_distributed(td::ProcessGroup& world, const std::shared_ptr<td::Proces
   const int64_t tp = n % 2 == 0 ? 2 : 1;
   auto mesh = td::DeviceMesh::create(world_ptr, {{"dp", n / tp}, {"tp", tp}});
   if (me == 0) {
-    std::cout << "[1/5] distributed runtime: " << n << " ranks on a mesh dp=" << n / tp
+    std::cout << "[1/6] distributed runtime: " << n << " ranks on a mesh dp=" << n / tp
               << " x tp=" << tp << " (" << td::backend_name(world.backend()) << ")\n";
   }
 
@@ -199,7 +215,7 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   tn::Trainer trainer(model, opts, groups.ep ? nullptr : world);
   const int64_t global_batch = 16 * n, seq_len = 64;
   if (me == 0) {
-    std::cout << "[2/5] pretrain " << cfg.summary() << "\n      on " << data.num_tokens()
+    std::cout << "[2/6] pretrain " << cfg.summary() << "\n      on " << data.num_tokens()
               << " tokens of arithmetic text, " << (groups.ep ? "experts" : "data")
               << " parallel over " << n << " ranks, " << opts.steps << " steps of "
               << global_batch * seq_len << " tokens\n";
@@ -382,7 +398,7 @@ void stage_adapters(const std::shared_ptr<td::ProcessGroup>& world) {
   };
   tn::Transformer base = tn::load_hf_model(output_dir() + "/pretrained");
   if (me == 0) {
-    std::cout << "[3/5] adapters: the pretrained model frozen, multiplication (never seen) learnt by "
+    std::cout << "[3/6] adapters: the pretrained model frozen, multiplication (never seen) learnt by "
                  "adapters, data parallel over " << n << " ranks\n";
   }
   run("LoRA", tessera::lora::make_lora(base, {16, 32, 0.0, false, targets}, 1), base);
@@ -403,7 +419,7 @@ void stage_qspec(const std::shared_ptr<td::ProcessGroup>& world) {
   tn::Transformer model = tn::load_hf_model(output_dir() + "/pretrained");
   auto packed = tq::QuantizedModel::pack(model, {64, true});
   model.set_linear_override(packed);
-  std::cout << "[4/5] QSPEC: " << packed->weights().size() << " linear layers packed to int4 ("
+  std::cout << "[4/6] QSPEC: " << packed->weights().size() << " linear layers packed to int4 ("
             << packed->bytes() / 1024 << " KiB; fp32 " << model.num_local_parameters() * 4 / 1024
             << " KiB), kernels " << tq::isa_name(tq::best_isa()) << "\n";
   std::vector<std::vector<int64_t>> prompts;
@@ -448,7 +464,7 @@ int stage_grpo() {
               "{\"model\": " + model + ", \"tp\": 2, \"gen_tp\": 1, \"lr\": 1e-4, \"max_new_tokens\": 6}"},
              {"reference", "reference", "all", "{\"model\": " + model + "}"},
              {"reward", "reward_rule", "all", "{\"tokenizer\": \"bytes\"}"}};
-  std::cout << "[5/5] RLHF: GRPO on the pretrained MoE (1 driver + 2 worker processes; actor trains tp 2,\n"
+  std::cout << "[5/6] RLHF: GRPO on the pretrained MoE (1 driver + 2 worker processes; actor trains tp 2,\n"
                "      generates tp 1 via the 3D-HybridEngine; reference and rule reward colocated)" << std::endl;
   tr::Driver driver(d);
   tr::PipelineOptions o;
@@ -467,8 +483,131 @@ int stage_grpo() {
   const double last = (rewards[rewards.size() - 1] + rewards[rewards.size() - 2] + rewards[rewards.size() - 3]) / 3;
   std::printf("      mean reward, first 3 iterations %.3f -> last 3 %.3f (examples/rlhf_grpo runs longer)\n", first, last);
   driver.shutdown();
-  std::cout << "quickstart: done" << std::endl;
   return 0;
+}
+
+// One streamed chat request over HTTP, timed from sending it.
+struct StreamTiming {
+  double ttft = 0;  // seconds to the first piece of the answer
+  double e2e = 0;   // seconds to the end of the stream
+  int64_t completion_tokens = 0;
+  std::string text;
+};
+
+StreamTiming streamed_chat(int port, const std::string& question) {
+  httplib::Client client("127.0.0.1", port);
+  client.set_read_timeout(300, 0);
+  nlohmann::json body = {{"messages", {{{"role", "user"}, {"content", question}}}},
+                         {"max_tokens", 32},
+                         {"temperature", 0},
+                         {"stream", true},
+                         {"stream_options", {{"include_usage", true}}}};
+  StreamTiming t;
+  std::string pending;
+  tessera::Stopwatch watch;
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/chat/completions";
+  req.body = body.dump();
+  req.set_header("Content-Type", "application/json");
+  // Server-sent events: "data: {chunk}" lines, then "data: [DONE]".
+  req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+    pending.append(data, n);
+    for (size_t nl; (nl = pending.find('\n')) != std::string::npos;) {
+      const std::string line = pending.substr(0, nl);
+      pending.erase(0, nl + 1);
+      if (line.rfind("data: {", 0) != 0) continue;
+      const auto chunk = nlohmann::json::parse(line.substr(6));
+      if (chunk.contains("usage") && chunk["usage"].is_object()) {
+        t.completion_tokens = chunk["usage"]["completion_tokens"].get<int64_t>();
+      }
+      if (chunk["choices"].empty()) continue;
+      const auto& delta = chunk["choices"][0]["delta"];
+      if (delta.contains("content") && !delta["content"].get<std::string>().empty()) {
+        if (t.text.empty()) t.ttft = watch.seconds();
+        t.text += delta["content"].get<std::string>();
+      }
+    }
+    return true;
+  };
+  httplib::Response res;
+  httplib::Error error = httplib::Error::Success;
+  TESSERA_CHECK(client.send(req, res, error) && res.status == 200, Unavailable,
+                "quickstart: streamed request to 127.0.0.1:", port, " failed: ",
+                error != httplib::Error::Success ? httplib::to_string(error) : res.body);
+  t.e2e = watch.seconds();
+  return t;
+}
+
+// Stage 6: the engine and the HTTP server, 8 concurrent streamed requests.
+void stage_serve() {
+  namespace tsv = tessera::serve;
+  const std::string gguf = tessera::examples::smollm2_gguf_path();
+  if (gguf.empty()) {
+    std::cout << "[6/6] serving: skipped, SmolLM2-135M-Instruct is not installed "
+                 "(scripts/install-deps.sh installs it)" << std::endl;
+    return;
+  }
+  tsv::EngineOptions eo;
+  eo.model = gguf;
+  eo.quantization = "w4a16";
+  eo.max_num_seqs = 8;
+  eo.kv_memory_bytes = int64_t{64} << 20;
+  auto engine = tsv::Engine::create(eo);
+  tsv::HttpServerOptions ho;
+  ho.port = 0;  // a free one
+  auto server = tsv::HttpServer::start(*engine, ho);
+  std::cout << "[6/6] serving: " << engine->model_name() << " (int4 weights, W4A16) behind the OpenAI API on "
+            << server->url() << ",\n      8 clients streaming chat answers at once" << std::endl;
+  const std::vector<std::string> questions = {
+      "What is the capital of France?", "Name three primary colors.", "What is 7 times 8?",
+      "Who wrote Romeo and Juliet?", "What is the boiling point of water in Celsius?",
+      "Name a planet in our solar system.", "What language is spoken in Brazil?",
+      "How many days are there in a week?"};
+  std::vector<StreamTiming> timings(questions.size());
+  tessera::Stopwatch wall;
+  {
+    std::vector<std::thread> clients;
+    std::vector<std::exception_ptr> errors(questions.size());
+    for (size_t i = 0; i < questions.size(); ++i) {
+      clients.emplace_back([&, i] {
+        try {
+          timings[i] = streamed_chat(server->port(), questions[i]);
+        } catch (...) {
+          errors[i] = std::current_exception();
+        }
+      });
+    }
+    for (auto& c : clients) c.join();
+    for (auto& e : errors) {
+      if (e) std::rethrow_exception(e);
+    }
+  }
+  const double seconds = wall.seconds();
+  int64_t tokens = 0;
+  std::vector<double> ttft, tpot;
+  for (const auto& t : timings) {
+    tokens += t.completion_tokens;
+    ttft.push_back(t.ttft);
+    if (t.completion_tokens > 1) tpot.push_back((t.e2e - t.ttft) / static_cast<double>(t.completion_tokens - 1));
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+  };
+  std::printf("      time to first token: median %.0f ms (max %.0f ms); time per output token: median %.1f ms\n",
+              median(ttft) * 1e3, *std::max_element(ttft.begin(), ttft.end()) * 1e3, median(tpot) * 1e3);
+  std::printf("      %lld tokens in %.1f s (%.0f tokens/s over all streams)\n", static_cast<long long>(tokens),
+              seconds, static_cast<double>(tokens) / seconds);
+  std::string answer = timings[0].text;
+  for (auto& ch : answer) if (ch == '\n') ch = ' ';
+  std::cout << "      \"" << questions[0] << "\" -> \"" << answer << "\"" << std::endl;
+  server->drain(std::chrono::seconds(10));
+  const tsv::EngineStats st = engine->stats();
+  TESSERA_CHECK(st.free_blocks == st.num_blocks, Internal, "quickstart: ", st.num_blocks - st.free_blocks,
+                " KV blocks still held after every request finished");
+  std::cout << "      every KV block free again (" << st.num_blocks << " blocks of " << eo.block_size
+            << " tokens)" << std::endl;
 }
 
 }  // namespace
@@ -482,8 +621,8 @@ int main(int argc, char** argv) {
     }
     // No options; the ranks it starts get the same (empty) command line.
     CLI::App app{
-        "Tessera's tour in five stages: distributed runtime, MoE pretraining with "
-        "checkpoints, LoRA and MoS adapters, QSPEC decoding, GRPO.",
+        "Tessera's tour in six stages: distributed runtime, MoE pretraining with "
+        "checkpoints, LoRA and MoS adapters, QSPEC decoding, GRPO, serving.",
         "quickstart"};
     app.footer(
         "Run by hand it starts 2 local ranks itself; or run it under tessera-launch.\n"
@@ -494,7 +633,10 @@ int main(int argc, char** argv) {
       const int code = relaunch_self(argc, argv, 2);
       if (code != 0) return code;
       tessera::init_runtime();
-      return stage_grpo();
+      if (const int grpo = stage_grpo(); grpo != 0) return grpo;
+      stage_serve();
+      std::cout << "quickstart: done" << std::endl;
+      return 0;
     }
     auto info = tessera::init_runtime();
     auto world = td::init_process_group();

@@ -299,9 +299,10 @@ Engine::~Engine() {
 
 RequestHandle Engine::submit(const GenerateRequest& request, TokenCallback callback) {
   Impl& m = *impl_;
-  const SamplingParams& p = request.params;
   auto r = std::make_shared<detail::RequestState>();
   r->request = request;
+  // The request's own copy: max_tokens 0 is resolved in place below.
+  const SamplingParams& p = r->request.params;
   r->callback = std::move(callback);
   r->submitted = Clock::now();
 
@@ -314,8 +315,14 @@ RequestHandle Engine::submit(const GenerateRequest& request, TokenCallback callb
     TESSERA_CHECK(r->prompt[i] >= 0 && r->prompt[i] < m.vocab, InvalidArgument, "request: prompt token ", i,
                   " is ", r->prompt[i], ", outside the vocabulary [0, ", m.vocab, ")");
   }
-  TESSERA_CHECK(p.max_tokens >= 1, InvalidArgument, "request: max_tokens must be >= 1, got ", p.max_tokens);
+  TESSERA_CHECK(p.max_tokens >= 0, InvalidArgument, "request: max_tokens must be >= 1 (or 0: the rest of the context), got ",
+                p.max_tokens);
   const int64_t prompt_len = static_cast<int64_t>(r->prompt.size());
+  if (p.max_tokens == 0) {
+    TESSERA_CHECK(prompt_len < m.max_len, InvalidArgument, "request: the prompt's ", prompt_len,
+                  " tokens leave no room for an answer within max_model_len ", m.max_len);
+    r->request.params.max_tokens = m.max_len - prompt_len;
+  }
   TESSERA_CHECK(prompt_len + p.max_tokens <= m.max_len, InvalidArgument, "request: the prompt's ",
                 prompt_len, " tokens + max_tokens ", p.max_tokens, " = ", prompt_len + p.max_tokens,
                 " exceed max_model_len ", m.max_len);

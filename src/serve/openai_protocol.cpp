@@ -78,7 +78,9 @@ void refuse_unsupported(const json& j) {
 SamplingParams sampling(const json& j, const Engine& engine, bool chat) {
   SamplingParams s;
   const int64_t max_len = engine.max_model_len();
-  const int64_t default_max = chat ? max_len : 16;
+  // Chat without a limit may answer up to the end of the context (as vLLM
+  // does): 0 asks the engine for max_model_len minus the prompt.
+  const int64_t default_max = chat ? 0 : 16;
   s.max_tokens = get_int(j, "max_tokens", default_max, 1, max_len);
   if (chat) s.max_tokens = get_int(j, "max_completion_tokens", s.max_tokens, 1, max_len);
   s.temperature = get_number(j, "temperature", 1.0, 0.0, 2.0);

@@ -359,7 +359,9 @@ TEST(ReferencePackages, BleuRougeAnd13aMatchSacrebleuAndRougeScore) {
     }
     EXPECT_EQ(tokenize_13a(trimmed), ref["tok13a"][k].get<std::string>()) << s;
   }
-  EXPECT_GT(checked, 300u);  // many pairs, every smoothing method
+  // Many pairs, every smoothing method (fewer without the Yue-Benchmark
+  // sentences, which add 40 Cantonese and 40 English pairs).
+  EXPECT_GT(checked, testing::have_yue_data() ? 300u : 100u);
 }
 
 constexpr const char* kRandomScript = R"PY(

@@ -768,11 +768,21 @@ TEST(EngineRequests, BadRequestsNameTheProblem) {
   r.prompt_tokens = {1, kVocab};
   expect_invalid(r, "prompt token 1");
   r = ok;
-  r.params.max_tokens = 0;
+  r.params.max_tokens = -1;
   expect_invalid(r, "max_tokens");
   r = ok;
   r.params.max_tokens = 98;
   expect_invalid(r, "max_model_len 100");
+  r = ok;
+  r.params.max_tokens = 0;
+  r.prompt_tokens.assign(100, 1);
+  expect_invalid(r, "no room");
+  // max_tokens 0: whatever the context leaves (the chat endpoint's default).
+  r = ok;
+  r.params.max_tokens = 0;
+  r.params.temperature = 0;
+  r.params.ignore_eos = true;
+  EXPECT_EQ(run_one(*engine, r).tokens.size(), 97u);
   r = ok;
   r.params.temperature = -1;
   expect_invalid(r, "temperature");

@@ -7,7 +7,9 @@
 // model step at a time. Requests are submitted from any thread; their
 // tokens come back through a callback as they are generated.
 //
-//   auto engine = tessera::serve::Engine::create(tessera::serve::EngineOptions::from_gguf(path));
+//   tessera::serve::EngineOptions options;
+//   options.model = path;                            // GGUF file or Hugging Face folder
+//   auto engine = tessera::serve::Engine::create(options);
 //   tessera::serve::GenerateRequest r;
 //   r.prompt_text = engine->apply_chat_template({{"user", "What is the capital of France?"}});
 //   r.params.max_tokens = 32;
@@ -115,7 +117,7 @@ struct EngineOptions {
 };
 
 struct SamplingParams {
-  int64_t max_tokens = 16;   // >= 1
+  int64_t max_tokens = 16;   // >= 1; 0: up to max_model_len (what the context leaves after the prompt)
   double temperature = 1.0;  // 0: greedy
   double top_p = 1.0;        // (0, 1]
   int64_t top_k = 0;         // 0 (or -1): off

@@ -34,7 +34,7 @@
 //    "memory_gbps": 2039, "memory_bytes": 85899345920,
 //    "matmul_efficiency": 0.7, "memory_efficiency": 0.8, "kernel_overhead_us": 4}
 //
-//   auto device = tessera::sim::DeviceSpec::load_file("data/sim/a100_sxm4_80gb.device.json");
+//   auto device = tessera::sim::DeviceSpec::load_file("data/sim/a100_sxm4_80gb.json");
 //   tessera::sim::Trace t = tessera::sim::synthesize_trace(job, device);
 //
 // Pure functions; DeviceSpec is a plain value (thread-compatible).

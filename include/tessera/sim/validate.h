@@ -7,7 +7,7 @@
 //     "schema": "tessera.sim.validation/1",
 //     "clusters": {"2": "gloo_local_np2", "4": "gloo_local_np4"},  // per world size:
 //                                      // a cluster file or bundled name
-//     "overlap": "overlap_gloo_local",  // optional overlap model (file or bundled name)
+//     "overlap": "my_overlap.json",     // optional overlap model file (none is shipped)
 //     "warmup_steps": 2, "measured_steps": 10,         // of each real run
 //     "trace": {"warmup_steps": 2, "measured_steps": 5}, // of each traced rank
 //     "cases": [

@@ -126,7 +126,7 @@ int64_t parse_size(const std::string& text) {
 int main(int argc, char** argv) {
   CLI::App app{
       "Predicts the step time of a Tessera training job at any world size and layout "
-      "(trace, predict, collective).",
+      "(sub-commands below; tessera-sim SUBCOMMAND --help).",
       "tessera-sim"};
   app.option_defaults()->always_capture_default();
   app.require_subcommand(1);
