@@ -278,14 +278,16 @@ def status_section(results, run):
     if not results:
         p["status.banner"] = "**No results yet: benchmarks/results/ is empty.**"
     elif quick:
+        full = sorted(n for n in results if n not in quick)
         p["status.banner"] = (
-            "**Smoke numbers, not measurements.** The results below come from "
+            "**Smoke numbers, not measurements, except where marked full.** The results of "
+            + ", ".join(f"`{n}`" for n in quick) + " come from "
             "`benchmarks/run.sh --quick` (tiny sizes, one or two repetitions), "
             "which only checks that every benchmark runs and writes "
-            "its results. They say nothing about speed, and the met / not met lines below "
-            "are computed from them only to show the page working. The full run "
-            "(procedure below) replaces them.\n\n"
-            "Smoke results: " + ", ".join(f"`{n}`" for n in quick) + ".")
+            "its results. They say nothing about speed, and the met / not met lines computed "
+            "from them only show the page working. The full run "
+            "(procedure below) replaces them."
+            + ("\n\nMeasured in a full run: " + ", ".join(f"`{n}`" for n in full) + "." if full else ""))
     else:
         dates = sorted(r.doc["date"] for r in results.values())
         p["status.banner"] = (f"Full run: every table below was measured between {dates[0]} and "
@@ -965,7 +967,7 @@ def serve_section(results, plots):
                     sid = f"{key}.{m}"
                     if r.has(sid):
                         v = [x * scale for x in r.values(sid)]
-                        d = 0 if scale > 1 else 2
+                        d = {"ttft": 0, "tpot": 1, "itl": 1, "e2e": 2}[m]
                         row.append(f"{statistics.mean(v):.{d}f} / {median(v):.{d}f} / {pctl(v, 0.99):.{d}f}")
                     else:
                         row.append("—")
