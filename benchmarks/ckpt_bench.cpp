@@ -658,6 +658,9 @@ int run(const Options& o, int argc, char** argv) {
                       {"ckpt_resident_after_drop", ckpt_resident},
                       {"baseline_resident_after_drop", one_resident}};
     for (const auto& [id, v] : s) {
+      // Peers that did not run (no DCP, no fio) leave no series; the
+      // configuration says why (dcp_skipped, fio null).
+      if (v.empty()) continue;
       report.add_series(id, id == "defer.copied_fraction" ? "fraction" : "s", v,
                         {{"side", id.rfind("dcp.", 0) == 0       ? "dcp"
                                   : id.rfind("fio.", 0) == 0     ? "fio"

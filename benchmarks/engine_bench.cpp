@@ -42,10 +42,14 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-const std::vector<std::string> kQuestions = {
-    "What is the capital of France?", "Name three colors.",       "What is 2+2?",
-    "Write a haiku about the sea.",   "How many legs does a dog have?", "What is the opposite of hot?",
-    "Explain gravity in one sentence.", "List the days of the week."};
+const std::vector<std::string> kQuestions = {"What is the capital of France?",
+                                             "Name three colors.",
+                                             "What is 2+2?",
+                                             "Write a haiku about the sea.",
+                                             "How many legs does a dog have?",
+                                             "What is the opposite of hot?",
+                                             "Explain gravity in one sentence.",
+                                             "List the days of the week."};
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -84,7 +88,8 @@ Run run_requests(ts::Engine& engine, int64_t concurrency, int64_t tokens) {
       times[i].count += static_cast<int64_t>(e.tokens.size());
     }));
   }
-  for (auto& h : handles) TESSERA_CHECK(h.wait(std::chrono::minutes(30)), Internal, "request timed out");
+  for (auto& h : handles)
+    TESSERA_CHECK(h.wait(std::chrono::minutes(30)), Internal, "request timed out");
   Run run;
   run.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   double tps = 0;
@@ -106,20 +111,25 @@ int main(int argc, char** argv) try {
   int threads = 0;
   std::vector<int64_t> concurrency = {1, 8, 16};
   std::vector<std::string> quantizations = {"w4a16"};
-  CLI::App app{"Serving engine speed: batch-1 decode tokens/s and throughput under concurrent requests.",
-               "engine_bench"};
+  CLI::App app{
+      "Serving engine speed: batch-1 decode tokens/s and throughput under concurrent requests.",
+      "engine_bench"};
   app.option_defaults()->always_capture_default();
-  app.add_option("--smollm2", smollm2, "SmolLM2-135M-Instruct GGUF file (default: the installed one)");
-  app.add_option("--tokens", tokens, "new tokens per request (no stop tokens)")->check(tessera::examples::positive());
+  app.add_option("--smollm2", smollm2,
+                 "SmolLM2-135M-Instruct GGUF file (default: the installed one)");
+  app.add_option("--tokens", tokens, "new tokens per request (no stop tokens)")
+      ->check(tessera::examples::positive());
   app.add_option("--reps", reps, "timed repetitions (the median is printed), after one warm-up")
       ->check(tessera::examples::positive());
   app.add_option("--concurrency", concurrency, "concurrent request counts, comma-separated")
       ->delimiter(',')
       ->check(tessera::examples::positive());
-  app.add_option("--quantization", quantizations, "engine quantizations to measure: w4a16, fp, qspec")
+  app.add_option("--quantization", quantizations,
+                 "engine quantizations to measure: w4a16, fp, qspec")
       ->delimiter(',')
       ->check(CLI::IsMember({"w4a16", "fp", "qspec"}));
-  app.add_option("--threads", threads, "intra-op threads (0: all usable cores)")->check(tessera::examples::at_least(0));
+  app.add_option("--threads", threads, "intra-op threads (0: all usable cores)")
+      ->check(tessera::examples::at_least(0));
   if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
 
   tessera::RuntimeOptions ro;
@@ -127,11 +137,15 @@ int main(int argc, char** argv) try {
   const tessera::RuntimeInfo info = tessera::init_runtime(ro);
   if (smollm2.empty()) smollm2 = tessera::examples::smollm2_gguf_path();
   if (smollm2.empty()) {
-    std::fprintf(stderr, "engine_bench: SmolLM2 is not installed (scripts/install-deps.sh); pass --smollm2 PATH\n");
+    std::fprintf(
+        stderr,
+        "engine_bench: SmolLM2 is not installed (scripts/install-deps.sh); pass --smollm2 PATH\n");
     return 1;
   }
-  std::printf("engine_bench: %d threads, BLAS %s, %lld new tokens per request, median of %d repetitions\n\n",
-              info.num_threads, info.blas_name.c_str(), static_cast<long long>(tokens), reps);
+  std::printf(
+      "engine_bench: %d threads, BLAS %s, %lld new tokens per request, median of %d "
+      "repetitions\n\n",
+      info.num_threads, info.blas_name.c_str(), static_cast<long long>(tokens), reps);
 
   for (const std::string& q : quantizations) {
     ts::EngineOptions o;
@@ -150,7 +164,8 @@ int main(int argc, char** argv) try {
         packed = tessera::quant::QuantizedModel::pack(*loaded.model);
         loaded.model->set_linear_override(packed);
       }
-      auto ids = loaded.tokenizer.encode(tessera::nn::format_chat(loaded.chat_template, {{"user", kQuestions[0]}}));
+      auto ids = loaded.tokenizer.encode(
+          tessera::nn::format_chat(loaded.chat_template, {{"user", kQuestions[0]}}));
       std::vector<int64_t> prompt(ids.begin(), ids.end());
       tessera::nn::SamplingOptions so;
       so.max_new_tokens = tokens;
@@ -166,12 +181,15 @@ int main(int argc, char** argv) try {
     std::printf("### SmolLM2-135M-Instruct, engine %s\n\n", q.c_str());
     std::vector<double> batch1;
     (void)run_requests(*engine, 1, tokens);  // warm-up
-    for (int rep = 0; rep < reps; ++rep) batch1.push_back(run_requests(*engine, 1, tokens).decode_tps);
+    for (int rep = 0; rep < reps; ++rep)
+      batch1.push_back(run_requests(*engine, 1, tokens).decode_tps);
     std::printf("batch-1 decode: engine %.1f tok/s", median(batch1));
     if (generate_tps > 0) {
-      std::printf(", nn::generate %.1f tok/s (engine / generate %.2fx)", generate_tps, median(batch1) / generate_tps);
+      std::printf(", nn::generate %.1f tok/s (engine / generate %.2fx)", generate_tps,
+                  median(batch1) / generate_tps);
     }
-    std::printf("\n\n| concurrent requests | throughput tok/s | per-request decode tok/s | wall s |\n");
+    std::printf(
+        "\n\n| concurrent requests | throughput tok/s | per-request decode tok/s | wall s |\n");
     std::printf("|---:|---:|---:|---:|\n");
     for (int64_t c : concurrency) {
       (void)run_requests(*engine, c, tokens);  // warm-up
@@ -182,14 +200,15 @@ int main(int argc, char** argv) try {
         per.push_back(r.decode_tps);
         wall.push_back(r.wall_seconds);
       }
-      std::printf("| %lld | %.1f | %.1f | %.2f |\n", static_cast<long long>(c), median(tput), median(per),
-                  median(wall));
+      std::printf("| %lld | %.1f | %.1f | %.2f |\n", static_cast<long long>(c), median(tput),
+                  median(per), median(wall));
       std::fflush(stdout);
     }
     const ts::EngineStats st = engine->stats();
     std::printf("\nsteps %lld, preemptions %lld, prefix-cache hits %lld of %lld prompt tokens",
                 static_cast<long long>(st.steps), static_cast<long long>(st.preemptions),
-                static_cast<long long>(st.prefix_cache_hits), static_cast<long long>(st.prefix_cache_queries));
+                static_cast<long long>(st.prefix_cache_hits),
+                static_cast<long long>(st.prefix_cache_queries));
     if (q == "qspec") {
       std::printf(", QSPEC accepted %lld of %lld drafts", static_cast<long long>(st.spec_accepted),
                   static_cast<long long>(st.spec_drafted));

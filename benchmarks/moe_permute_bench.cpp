@@ -16,13 +16,13 @@
 
 namespace tk = tessera::kernels;
 
-#define CHECK_CUDA(x)                                                              \
-  do {                                                                             \
-    cudaError_t e = (x);                                                           \
-    if (e != cudaSuccess) {                                                        \
-      std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(e));          \
-      return 1;                                                                    \
-    }                                                                              \
+#define CHECK_CUDA(x)                                                     \
+  do {                                                                    \
+    cudaError_t e = (x);                                                  \
+    if (e != cudaSuccess) {                                               \
+      std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(e)); \
+      return 1;                                                           \
+    }                                                                     \
   } while (0)
 
 int main(int argc, char** argv) {
@@ -64,9 +64,12 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMemcpy(d_x, x.data_ptr(), x.numel() * 4, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(d_w, w.data_ptr(), n * 4, cudaMemcpyHostToDevice));
   auto run = [&]() -> cudaError_t {
-    cudaError_t e = tk::invoke_moe_sort(d_ids, n, experts, d_sorted, d_pos, d_off, d_ws, ws, nullptr);
-    if (e == cudaSuccess) e = tk::invoke_moe_gather_rows(d_x, d_sorted, n, top_k, hidden, d_rows, nullptr);
-    if (e == cudaSuccess) e = tk::invoke_moe_combine(d_rows, d_pos, d_w, tokens, top_k, hidden, d_out, nullptr);
+    cudaError_t e =
+        tk::invoke_moe_sort(d_ids, n, experts, d_sorted, d_pos, d_off, d_ws, ws, nullptr);
+    if (e == cudaSuccess)
+      e = tk::invoke_moe_gather_rows(d_x, d_sorted, n, top_k, hidden, d_rows, nullptr);
+    if (e == cudaSuccess)
+      e = tk::invoke_moe_combine(d_rows, d_pos, d_w, tokens, top_k, hidden, d_out, nullptr);
     return e;
   };
   CHECK_CUDA(run());
@@ -82,10 +85,13 @@ int main(int argc, char** argv) {
   std::tie(sorted_ids, order) = at::sort(ids, /*stable=*/true, 0, false);
   at::Tensor rows = x.index_select(0, order.div(top_k, "floor"));
   at::Tensor position = at::empty_like(order).scatter_(0, order, at::arange(n, at::kLong));
-  at::Tensor combined = (rows.index_select(0, position) * w.unsqueeze(1)).view({tokens, top_k, hidden}).sum(1);
+  at::Tensor combined =
+      (rows.index_select(0, position) * w.unsqueeze(1)).view({tokens, top_k, hidden}).sum(1);
   double cpu_ms = cpu.milliseconds();
   double bytes = 3.0 * n * hidden * 4 + 1.0 * tokens * hidden * 4;
-  std::printf("| %d tokens x top-%d, %d experts, hidden %d | GPU %.3f ms (%.0f GB/s) | CPU ATen %.1f ms | %.0fx |\n",
-              tokens, top_k, experts, hidden, gpu_ms, bytes / gpu_ms / 1e6, cpu_ms, cpu_ms / gpu_ms);
+  std::printf(
+      "| %d tokens x top-%d, %d experts, hidden %d | GPU %.3f ms (%.0f GB/s) | CPU ATen %.1f ms | "
+      "%.0fx |\n",
+      tokens, top_k, experts, hidden, gpu_ms, bytes / gpu_ms / 1e6, cpu_ms, cpu_ms / gpu_ms);
   return 0;
 }

@@ -17,7 +17,8 @@ LocalComparison compare_policies_locally(nn::Transformer& model, const std::stri
                                          const LocalComparisonOptions& o) {
   const nn::ModelConfig& cfg = model.config();
   TESSERA_CHECK(cfg.num_experts > 0, InvalidArgument, "compare_policies_locally: not an MoE model");
-  TESSERA_CHECK(o.batches > 0 && o.profile_batches > 0, InvalidArgument, "compare_policies_locally: batch counts");
+  TESSERA_CHECK(o.batches > 0 && o.profile_batches > 0, InvalidArgument,
+                "compare_policies_locally: batch counts");
   CountTable table(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok);
   for (int64_t b = 0; b < o.profile_batches; ++b) table.add(trace_batch(model, batch(b)));
 
@@ -25,9 +26,10 @@ LocalComparison compare_policies_locally(nn::Transformer& model, const std::stri
   std::vector<ExpertLayer> layers;
   std::vector<std::unique_ptr<ServerlessMoE>> gates;
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
-    layers.push_back({weights, "model.layers." + std::to_string(l) + ".block_sparse_moe.", cfg.num_experts,
-                      cfg.num_experts_per_tok, cfg.norm_topk_prob});
-    gates.push_back(std::make_unique<ServerlessMoE>(platform, layers.back(), "layer" + std::to_string(l)));
+    layers.push_back({weights, "model.layers." + std::to_string(l) + ".block_sparse_moe.",
+                      cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob});
+    gates.push_back(
+        std::make_unique<ServerlessMoE>(platform, layers.back(), "layer" + std::to_string(l)));
   }
   LocalComparison out;
   // Calibrated with a layer's experts computing at once, as they will.
@@ -44,7 +46,8 @@ LocalComparison compare_policies_locally(nn::Transformer& model, const std::stri
     r.name = name;
     for (size_t l = 0; l < gates.size(); ++l) gates[l]->configure(plans[l], out.profile);
     nn::ForwardOptions fo;
-    fo.expert_override = [&](int64_t layer, const at::Tensor& x, const at::Tensor& e, const at::Tensor& w) {
+    fo.expert_override = [&](int64_t layer, const at::Tensor& x, const at::Tensor& e,
+                             const at::Tensor& w) {
       return gates[layer]->forward(x, {e, w.to(at::kFloat)});
     };
     at::NoGradGuard no_grad;
@@ -57,7 +60,8 @@ LocalComparison compare_policies_locally(nn::Transformer& model, const std::stri
       at::Tensor served = model.forward(ids, fo).logits;
       r.seconds += watch.seconds();
       at::Tensor local = model.forward(ids).logits;
-      r.max_error = std::max(r.max_error, (served - local).abs().max().item<double>() / local.abs().max().item<double>());
+      r.max_error = std::max(r.max_error, (served - local).abs().max().item<double>() /
+                                              local.abs().max().item<double>());
     }
     r.cost = platform.meter().total_cost() - before;
     r.tokens_per_second = tokens / r.seconds;
@@ -76,7 +80,8 @@ LocalComparison compare_policies_locally(nn::Transformer& model, const std::stri
       cluster.seconds += watch.seconds();
     }
   }
-  cluster.cost = cluster.seconds / 3600.0 * prices.cpu_cluster_per_hour * at::get_num_threads() / 128.0;
+  cluster.cost =
+      cluster.seconds / 3600.0 * prices.cpu_cluster_per_hour * at::get_num_threads() / 128.0;
   cluster.tokens_per_second = tokens / cluster.seconds;
   out.policies.push_back(cluster);
 

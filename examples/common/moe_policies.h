@@ -33,17 +33,17 @@ struct LocalComparisonOptions {
 
 struct PolicyResult {
   std::string name;
-  double cost = 0;              // billed $ over the timed batches
-  double seconds = 0;           // wall time over the timed batches
+  double cost = 0;     // billed $ over the timed batches
+  double seconds = 0;  // wall time over the timed batches
   double tokens_per_second = 0;
-  double max_error = 0;         // max |served - in-process| / max |in-process| of the logits
+  double max_error = 0;  // max |served - in-process| / max |in-process| of the logits
 };
 
 struct LocalComparison {
-  moe::PlatformProfile profile;      // calibrated
+  moe::PlatformProfile profile;        // calibrated
   std::vector<PolicyResult> policies;  // cpu-cluster, lambdaml, ours
-  moe::Deployment ours;              // its plan (predicted cost and latency)
-  double slo_seconds = 0;       // per batch
+  moe::Deployment ours;                // its plan (predicted cost and latency)
+  double slo_seconds = 0;              // per batch
   int64_t tokens_per_batch = 0;
   moe::FunctionPlatform::Stats platform;
 };

@@ -27,7 +27,8 @@ class Progress {
     last_ = now;
     const double rate = static_cast<double>(done_) / now;
     const double left = rate > 0 ? static_cast<double>(total_ - done_) / rate : 0;
-    std::printf("  %s: step %lld/%lld", what_.c_str(), static_cast<long long>(done_), static_cast<long long>(total_));
+    std::printf("  %s: step %lld/%lld", what_.c_str(), static_cast<long long>(done_),
+                static_cast<long long>(total_));
     if (loss >= 0) std::printf("  loss %.3f", loss);
     std::printf("  %.1f steps/s  %.0f s elapsed, ~%.0f s left\n", rate, now, left);
     std::fflush(stdout);

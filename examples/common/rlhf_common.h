@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "command_line.h"
-#include "smollm2.h"
 #include "progress.h"
+#include "smollm2.h"
 #include "tessera/core/error.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
@@ -27,13 +27,14 @@ namespace tn = tessera::nn;
 namespace tr = tessera::rlhf;
 
 struct Options {
-  std::string model = "smollm2";    // smollm2 | small
-  std::string gguf;                 // SmolLM2 file (default: scripts/smollm2-path.sh)
+  std::string model = "smollm2";  // smollm2 | small
+  std::string gguf;               // SmolLM2 file (default: scripts/smollm2-path.sh)
   std::string small_dir = "/tmp/tessera-rlhf-small";
   std::string placement = "colocated";  // colocated | split
-  int processes = 4, tp = 0, gen_tp = 1;  // tp 0: per-model default (SmolLM2's 9 heads allow 1 or 3)
-  double lr = 0;                    // 0: per-model default
-  std::string ckpt;                 // checkpoint root ("" : none)
+  int processes = 4, tp = 0,
+      gen_tp = 1;    // tp 0: per-model default (SmolLM2's 9 heads allow 1 or 3)
+  double lr = 0;     // 0: per-model default
+  std::string ckpt;  // checkpoint root ("" : none)
   int64_t checkpoint_every = 1;
   bool resume = false;
   tr::PipelineOptions run;
@@ -83,7 +84,8 @@ inline std::optional<int> parse(int argc, char** argv, const std::string& algori
       ->check(CLI::IsMember({"colocated", "split"}));
   app.add_option("--tp", o->tp,
                  "the actor's tensor-parallel degree in training (SmolLM2's 9 heads allow 1 "
-                 "or 3)" + per_model("1", "2"))
+                 "or 3)" +
+                     per_model("1", "2"))
       ->default_str("");
   app.add_option("--gen-tp", o->gen_tp,
                  "the actor's tensor-parallel degree in generation (at most --tp)");
@@ -101,7 +103,8 @@ inline std::optional<int> parse(int argc, char** argv, const std::string& algori
   // Defaults per model: SmolLM2 iterations cost ~15 s on 2 cores, the small
   // model's ~0.4 s, so it takes more and larger iterations in the same time.
   const bool small = o->model == "small";
-  if (o->run.iterations < 0) o->run.iterations = small ? 5 * default_iterations : default_iterations;
+  if (o->run.iterations < 0)
+    o->run.iterations = small ? 5 * default_iterations : default_iterations;
   if (o->run.prompts_per_iteration < 0) o->run.prompts_per_iteration = small ? 16 : 8;
   if (o->run.samples < 0) o->run.samples = small ? 8 : 4;
   o->run.checkpoint_dir = o->ckpt;
@@ -129,7 +132,8 @@ inline std::string small_model(const std::string& dir) {
   std::printf("pretraining the small model (once, into %s)...\n", dir.c_str());
   auto tokenizer = tn::Tokenizer::bytes({"<|endoftext|>"});
   std::filesystem::create_directories(dir);
-  tn::TokenDataset::write(dir + "/arithmetic.tokens", tessera::tasks::arithmetic_corpus(tokenizer, 20000, /*seed=*/1));
+  tn::TokenDataset::write(dir + "/arithmetic.tokens",
+                          tessera::tasks::arithmetic_corpus(tokenizer, 20000, /*seed=*/1));
   auto data = tn::TokenDataset::open(dir + "/arithmetic.tokens");
   tn::ModelConfig cfg = tessera::tasks::small_arithmetic_config(tokenizer.vocab_size());
   tn::Transformer model(cfg);
@@ -152,8 +156,8 @@ inline std::string small_model(const std::string& dir) {
 // Pools and roles for the chosen placement: colocated puts every role on
 // all processes (time-shared); split gives the actor half the processes
 // and the other roles the other half.
-inline tr::DriverOptions placement(const Options& o, const std::string& model_json, const std::string& tokenizer,
-                                   double lr, bool with_critic) {
+inline tr::DriverOptions placement(const Options& o, const std::string& model_json,
+                                   const std::string& tokenizer, double lr, bool with_critic) {
   tr::DriverOptions d;
   const bool split = o.placement == "split";
   const int actor_procs = split ? o.processes / 2 : o.processes;
@@ -161,16 +165,19 @@ inline tr::DriverOptions placement(const Options& o, const std::string& model_js
   d.pools = {{split ? "actor" : "all", actor_procs}};
   if (split) d.pools.push_back({"others", o.processes - actor_procs});
   const int tp = std::min(o.tp, actor_procs);
-  const std::string actor = "{\"model\": " + model_json + ", \"tp\": " + std::to_string(tp) +
-                            ", \"gen_tp\": " + std::to_string(std::min(o.gen_tp, tp)) +
-                            ", \"lr\": " + std::to_string(lr) +
-                            ", \"temperature\": 1.0, \"max_new_tokens\": 8, \"micro_batch\": 16, \"seed\": 1}";
+  const std::string actor =
+      "{\"model\": " + model_json + ", \"tp\": " + std::to_string(tp) +
+      ", \"gen_tp\": " + std::to_string(std::min(o.gen_tp, tp)) +
+      ", \"lr\": " + std::to_string(lr) +
+      ", \"temperature\": 1.0, \"max_new_tokens\": 8, \"micro_batch\": 16, \"seed\": 1}";
   d.roles.push_back({"actor", "actor", d.pools[0].name, actor});
-  d.roles.push_back({"reference", "reference", other, "{\"model\": " + model_json + ", \"micro_batch\": 16}"});
+  d.roles.push_back(
+      {"reference", "reference", other, "{\"model\": " + model_json + ", \"micro_batch\": 16}"});
   d.roles.push_back({"reward", "reward_rule", other, "{\"tokenizer\": \"" + tokenizer + "\"}"});
   if (with_critic) {
     d.roles.push_back({"critic", "critic", other,
-                       "{\"model\": " + model_json + ", \"lr\": " + std::to_string(lr) + ", \"micro_batch\": 16}"});
+                       "{\"model\": " + model_json + ", \"lr\": " + std::to_string(lr) +
+                           ", \"micro_batch\": 16}"});
   }
   return d;
 }
@@ -198,19 +205,21 @@ inline Prepared prepare(Options& o, bool with_critic) {
     if (lr == 0) lr = 1e-4;
     if (o.tp == 0) o.tp = 2;
   }
-  Prepared p{placement(o, model_json, tokenizer_spec, lr, with_critic), tr::load_tokenizer(tokenizer_spec)};
+  Prepared p{placement(o, model_json, tokenizer_spec, lr, with_critic),
+             tr::load_tokenizer(tokenizer_spec)};
   return p;
 }
 
 inline void print_header() {
-  std::printf("%5s %8s %9s %8s %7s %8s %9s %12s %11s\n", "iter", "reward", "pg_loss", "kl", "clip", "sec",
-              "tok/s", "reshard MB", "gen wts MB");
+  std::printf("%5s %8s %9s %8s %7s %8s %9s %12s %11s\n", "iter", "reward", "pg_loss", "kl", "clip",
+              "sec", "tok/s", "reshard MB", "gen wts MB");
 }
 
 inline void print_row(const tr::IterationStats& s) {
-  std::printf("%5lld %8.3f %9.4f %8.4f %7.3f %8.2f %9.1f %12.2f %11.2f\n", static_cast<long long>(s.iteration),
-              s.mean_score, s.pg_loss, s.kl, s.clip_fraction, s.seconds, s.tokens_per_second,
-              s.transition_bytes / 1e6, s.generation_weight_bytes / 1e6);
+  std::printf("%5lld %8.3f %9.4f %8.4f %7.3f %8.2f %9.1f %12.2f %11.2f\n",
+              static_cast<long long>(s.iteration), s.mean_score, s.pg_loss, s.kl, s.clip_fraction,
+              s.seconds, s.tokens_per_second, s.transition_bytes / 1e6,
+              s.generation_weight_bytes / 1e6);
   std::fflush(stdout);
 }
 
@@ -222,7 +231,8 @@ inline void print_summary(const std::vector<tr::IterationStats>& stats) {
     first += stats[i].mean_score / k;
     last += stats[stats.size() - 1 - i].mean_score / k;
   }
-  std::printf("mean reward: first %zu iterations %.3f -> last %zu iterations %.3f\n", k, first, k, last);
+  std::printf("mean reward: first %zu iterations %.3f -> last %zu iterations %.3f\n", k, first, k,
+              last);
 }
 
 // The examples' main(): spawned copies run their roles; the driver parses
@@ -237,9 +247,10 @@ int example_main(int argc, char** argv, const char* name, bool with_critic, Algo
   try {
     auto prepared = prepare(o, with_critic);
     tr::Driver driver(prepared.driver);
-    std::printf("%s, %s model, %s placement on %d processes, %lld prompts x %lld samples per iteration\n", name,
-                o.model.c_str(), o.placement.c_str(), o.processes, static_cast<long long>(o.run.prompts_per_iteration),
-                static_cast<long long>(o.run.samples));
+    std::printf(
+        "%s, %s model, %s placement on %d processes, %lld prompts x %lld samples per iteration\n",
+        name, o.model.c_str(), o.placement.c_str(), o.processes,
+        static_cast<long long>(o.run.prompts_per_iteration), static_cast<long long>(o.run.samples));
     print_header();
     print_summary(algorithm(driver, prepared.tokenizer, o.run, on_iteration));
     driver.shutdown();

@@ -20,8 +20,8 @@
 #include "tessera/core/runtime.h"
 #include "tessera/lora/lora.h"
 #include "tessera/nn/loader.h"
-#include "tessera/tokenizer/tokenizer.h"
 #include "tessera/nn/train.h"
+#include "tessera/tokenizer/tokenizer.h"
 
 namespace tl = tessera::lora;
 namespace tn = tessera::nn;
@@ -30,13 +30,15 @@ namespace tn = tessera::nn;
 std::pair<at::Tensor, at::Tensor> questions(uint64_t seed, int64_t count) {
   auto tokenizer = tn::Tokenizer::bytes();
   std::mt19937_64 rng(seed);
-  at::Tensor ids = at::zeros({count, 24}, at::kLong), labels = at::full({count, 24}, -100, at::kLong);
+  at::Tensor ids = at::zeros({count, 24}, at::kLong),
+             labels = at::full({count, 24}, -100, at::kLong);
   for (int64_t i = 0; i < count; ++i) {
     int a = static_cast<int>(rng() % 10), b = static_cast<int>(rng() % 10);
     std::string q = "Q: " + std::to_string(a) + "*" + std::to_string(b) + "=? A: ";
     auto t = tokenizer.encode(q + std::to_string(a * b) + "\n");
     for (size_t j = 0; j < t.size(); ++j) ids[i][static_cast<int64_t>(j)] = t[j];
-    for (size_t j = q.size() - 1; j + 1 < t.size(); ++j) labels[i][static_cast<int64_t>(j)] = t[j + 1];
+    for (size_t j = q.size() - 1; j + 1 < t.size(); ++j)
+      labels[i][static_cast<int64_t>(j)] = t[j + 1];
   }
   return {ids, labels};
 }
@@ -60,8 +62,8 @@ int main(int argc, char** argv) {
     tn::Transformer model = tn::load_hf_model(dir);
     std::printf("base: %s (frozen)\n\n| adapter | trainable | held-out loss |\n|---|---|---|\n",
                 model.config().summary().c_str());
-    const std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3",
-                                           "gate_proj", "up_proj", "down_proj"};
+    const std::vector<std::string> targets{"q_proj", "k_proj", "v_proj",    "o_proj",  "w1",
+                                           "w2",     "w3",     "gate_proj", "up_proj", "down_proj"};
     auto held_out = questions(/*seed=*/999, 256);
     // Fine-tunes one adapter and prints its row.
     auto run = [&](const std::string& name, const std::shared_ptr<tl::Adapter>& adapter) {
@@ -86,7 +88,8 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     };
     for (int64_t r : {2, 4, 8, 16, 32, 64}) {
-      run("LoRA r=" + std::to_string(r), tl::make_lora(model, {r, 2.0 * r, 0.0, false, targets}, r));
+      run("LoRA r=" + std::to_string(r),
+          tl::make_lora(model, {r, 2.0 * r, 0.0, false, targets}, r));
     }
     auto mos = [&](double fraction) {
       tl::MosConfig c;

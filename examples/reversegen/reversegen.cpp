@@ -59,12 +59,12 @@ int main(int argc, char** argv) {
   std::string work_dir = "runs/reversegen";
   std::string model = tessera::examples::smollm2_gguf_path();
   int64_t rounds = 3;
-  int64_t num_seeds = 200;             // seed questions (few-shot material, the seed baseline)
-  int64_t warmup_examples = 160;       // few-shot prompts the proposer warms up on
-  int64_t prompts_per_round = 16;      // few-shot prompts sampled per round
-  int64_t samples_per_prompt = 8;      // questions per prompt
-  int64_t heldout = 100;               // held-out questions for the target's accuracy
-  int64_t final_examples = 64;         // fine-tuning questions per condition
+  int64_t num_seeds = 200;         // seed questions (few-shot material, the seed baseline)
+  int64_t warmup_examples = 160;   // few-shot prompts the proposer warms up on
+  int64_t prompts_per_round = 16;  // few-shot prompts sampled per round
+  int64_t samples_per_prompt = 8;  // questions per prompt
+  int64_t heldout = 100;           // held-out questions for the target's accuracy
+  int64_t final_examples = 64;     // fine-tuning questions per condition
   int64_t target_seeds = 3;
   int64_t threads = 0;
   bool no_target = false;
@@ -75,10 +75,13 @@ int main(int argc, char** argv) {
       "reversegen"};
   app.option_defaults()->always_capture_default();
   app.add_option("--work-dir", work_dir, "where every stage keeps its files (resumable)");
-  app.add_option("--model", model, "GGUF file or Hugging Face folder: the target and the proposer's start");
-  app.add_option("--rounds", rounds, "DPO rounds of the proposer")->check(tessera::examples::positive());
+  app.add_option("--model", model,
+                 "GGUF file or Hugging Face folder: the target and the proposer's start");
+  app.add_option("--rounds", rounds, "DPO rounds of the proposer")
+      ->check(tessera::examples::positive());
   app.add_option("--seed-tasks", num_seeds, "seed questions")->check(tessera::examples::positive());
-  app.add_option("--warmup-examples", warmup_examples, "few-shot examples of the proposer's warm-up")
+  app.add_option("--warmup-examples", warmup_examples,
+                 "few-shot examples of the proposer's warm-up")
       ->check(tessera::examples::positive());
   app.add_option("--prompts-per-round", prompts_per_round, "few-shot prompts per round")
       ->check(tessera::examples::positive());
@@ -155,24 +158,28 @@ int main(int argc, char** argv) {
       // Round `rounds` only samples: the final proposer's questions.
       reports.push_back(rg.run_round(r, /*train=*/r < rounds));
       const auto& x = reports.back();
-      std::printf("proposer %lld: failure rate %.3f (%lld/%lld valid), invalid %lld, duplicates %lld "
-                  "(%.3f), distinct-1/2/3 %.3f %.3f %.3f, pairs %lld\n",
-                  static_cast<long long>(r), x.failure_rate, static_cast<long long>(x.failures),
-                  static_cast<long long>(x.valid), static_cast<long long>(x.invalid),
-                  static_cast<long long>(x.duplicates), x.duplicate_rate, x.distinct_1, x.distinct_2,
-                  x.distinct_3, static_cast<long long>(x.pairs));
+      std::printf(
+          "proposer %lld: failure rate %.3f (%lld/%lld valid), invalid %lld, duplicates %lld "
+          "(%.3f), distinct-1/2/3 %.3f %.3f %.3f, pairs %lld\n",
+          static_cast<long long>(r), x.failure_rate, static_cast<long long>(x.failures),
+          static_cast<long long>(x.valid), static_cast<long long>(x.invalid),
+          static_cast<long long>(x.duplicates), x.duplicate_rate, x.distinct_1, x.distinct_2,
+          x.distinct_3, static_cast<long long>(x.pairs));
       std::fflush(stdout);
     }
-    md << "| proposer | sampled | duplicates | invalid | valid | failures | failure rate | distinct-1 | "
-          "distinct-2 | distinct-3 | pairs | DPO margin (last step) | sample s | label s | DPO s |\n"
+    md << "| proposer | sampled | duplicates | invalid | valid | failures | failure rate | "
+          "distinct-1 | "
+          "distinct-2 | distinct-3 | pairs | DPO margin (last step) | sample s | label s | DPO s "
+          "|\n"
        << "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const auto& x : reports) {
       md << "| " << x.round << (x.round == 0 ? " (warm-up)" : "") << " | " << x.sampled << " | "
          << x.duplicates << " | " << x.invalid << " | " << x.valid << " | " << x.failures << " | "
          << fmt("%.3f", x.failure_rate) << " | " << fmt("%.3f", x.distinct_1) << " | "
-         << fmt("%.3f", x.distinct_2) << " | " << fmt("%.3f", x.distinct_3) << " | " << x.pairs << " | "
-         << (x.dpo_steps > 0 ? fmt("%.2f", x.dpo_margin) : "-") << " | " << fmt("%.0f", x.sample_seconds)
-         << " | " << fmt("%.0f", x.label_seconds) << " | " << fmt("%.0f", x.dpo_seconds) << " |\n";
+         << fmt("%.3f", x.distinct_2) << " | " << fmt("%.3f", x.distinct_3) << " | " << x.pairs
+         << " | " << (x.dpo_steps > 0 ? fmt("%.2f", x.dpo_margin) : "-") << " | "
+         << fmt("%.0f", x.sample_seconds) << " | " << fmt("%.0f", x.label_seconds) << " | "
+         << fmt("%.0f", x.dpo_seconds) << " |\n";
     }
     md << "\nwarm-up: " << fmt("%.0f", warmup_seconds) << " s\n";
 
@@ -194,9 +201,10 @@ int main(int argc, char** argv) {
       std::shuffle(warm_questions.begin(), warm_questions.end(), std::mt19937_64(11));
       std::vector<std::string> seed_questions(seeds.begin(), seeds.end());
       std::shuffle(seed_questions.begin(), seed_questions.end(), std::mt19937_64(12));
-      const int64_t n = std::min<int64_t>({final_examples, static_cast<int64_t>(rg_questions.size()),
-                                           static_cast<int64_t>(warm_questions.size()),
-                                           static_cast<int64_t>(seed_questions.size())});
+      const int64_t n =
+          std::min<int64_t>({final_examples, static_cast<int64_t>(rg_questions.size()),
+                             static_cast<int64_t>(warm_questions.size()),
+                             static_cast<int64_t>(seed_questions.size())});
       std::printf("fine-tuning on %lld questions per condition\n", static_cast<long long>(n));
       std::map<std::string, std::vector<std::string>> conditions = {
           {"reversegen", rg_questions}, {"warmup", warm_questions}, {"seed", seed_questions}};
@@ -208,7 +216,8 @@ int main(int argc, char** argv) {
       std::printf("target before fine-tuning: accuracy %.3f on %lld held-out questions (%.0f s)\n",
                   base.accuracy, static_cast<long long>(base.valid), base.seconds);
       md << "\n| target fine-tuned on | accuracy (mean ± sd over " << target_seeds
-         << " seeds) | per seed | fine-tuning s (mean) | evaluation s (mean) |\n|---|---|---|---|---|\n"
+         << " seeds) | per seed | fine-tuning s (mean) | evaluation s (mean) "
+            "|\n|---|---|---|---|---|\n"
          << "| nothing (SmolLM2-135M-Instruct) | " << fmt("%.3f", base.accuracy) << " | - | - | "
          << fmt("%.0f", base.seconds) << " |\n";
       for (const auto& [name, questions] : conditions) {
@@ -222,7 +231,8 @@ int main(int argc, char** argv) {
         for (int64_t s = 1; s <= target_seeds; ++s) {
           const std::string run = name + "-s" + std::to_string(s);
           double seconds = 0;
-          const std::string adapter = rg.sft_target(run, data, t, static_cast<uint64_t>(s), &seconds);
+          const std::string adapter =
+              rg.sft_target(run, data, t, static_cast<uint64_t>(s), &seconds);
           auto e = rg.evaluate(run, adapter, test);
           acc.push_back(e.accuracy);
           train_s += seconds;
@@ -233,9 +243,9 @@ int main(int argc, char** argv) {
           std::fflush(stdout);
         }
         auto [m, sd] = mean_sd(acc);
-        md << "| " << name << " (" << n << " questions) | " << fmt("%.3f", m) << " ± " << fmt("%.3f", sd)
-           << " | " << per_seed << " | " << fmt("%.0f", train_s / target_seeds) << " | "
-           << fmt("%.0f", eval_s / target_seeds) << " |\n";
+        md << "| " << name << " (" << n << " questions) | " << fmt("%.3f", m) << " ± "
+           << fmt("%.3f", sd) << " | " << per_seed << " | " << fmt("%.0f", train_s / target_seeds)
+           << " | " << fmt("%.0f", eval_s / target_seeds) << " |\n";
       }
     }
     std::ofstream(work_dir + "/results.md") << md.str();

@@ -16,5 +16,6 @@
 
 int main(int argc, char** argv) {
   tessera::init_runtime();
-  return rlhf_example::example_main(argc, argv, "GRPO", /*with_critic=*/false, tessera::rlhf::run_grpo);
+  return rlhf_example::example_main(argc, argv, "GRPO", /*with_critic=*/false,
+                                    tessera::rlhf::run_grpo);
 }

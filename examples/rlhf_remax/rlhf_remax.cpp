@@ -39,7 +39,8 @@ int main(int argc, char** argv) {
     tr::DriverOptions d;
     d.pools = {{"all", 4}};
     d.roles = {{"actor", "actor", "all",
-                "{\"model\": " + model + ", \"tp\": 2, \"gen_tp\": 1, \"lr\": 1e-4, \"max_new_tokens\": 8}"},
+                "{\"model\": " + model +
+                    ", \"tp\": 2, \"gen_tp\": 1, \"lr\": 1e-4, \"max_new_tokens\": 8}"},
                {"reward", "reward_rule", "all", "{\"tokenizer\": \"bytes\"}"}};
     tr::Driver driver(d);
     auto actor = driver.group("actor");
@@ -58,24 +59,31 @@ int main(int argc, char** argv) {
         c.output = tag + what;
         return c;
       };
-      tr::BatchRef prompts = driver.put(tag + "prompts", tr::arithmetic_prompts(tokenizer, data, it));
+      tr::BatchRef prompts =
+          driver.put(tag + "prompts", tr::arithmetic_prompts(tokenizer, data, it));
       // Sampled and greedy responses are independent: issue both, then wait.
-      auto sampled_f = actor.call("generate", {prompts}, tr::Args().set("iteration", it), named("sampled"));
-      auto greedy_f = actor.call("generate", {prompts}, tr::Args().set("iteration", it).set("greedy", true),
-                                 named("greedy"));
+      auto sampled_f =
+          actor.call("generate", {prompts}, tr::Args().set("iteration", it), named("sampled"));
+      auto greedy_f =
+          actor.call("generate", {prompts}, tr::Args().set("iteration", it).set("greedy", true),
+                     named("greedy"));
       tr::CallResult sampled = sampled_f.get(), greedy = greedy_f.get();
       auto score_f = reward.call("score", {sampled.output}, {}, named("score"));
       auto base_f = reward.call("score", {greedy.output}, {}, named("baseline"));
       const at::Tensor score = driver.get(score_f.get().output).at("scores");
       const at::Tensor baseline = driver.get(base_f.get().output).at("scores");
       tr::Batch g = driver.get(sampled.output);
-      const at::Tensor mask =
-          tr::response_mask(g.at("prompt_lengths"), g.at("response_lengths"), g.at("sequences").size(1));
-      tr::BatchRef adv = driver.put(tag + "adv", {{"advantages", tr::remax_advantages(score, baseline, mask)}});
-      tr::CallResult up = actor.call("update", {sampled.output, adv}, tr::Args().set("iteration", it), named("update")).get();
+      const at::Tensor mask = tr::response_mask(g.at("prompt_lengths"), g.at("response_lengths"),
+                                                g.at("sequences").size(1));
+      tr::BatchRef adv =
+          driver.put(tag + "adv", {{"advantages", tr::remax_advantages(score, baseline, mask)}});
+      tr::CallResult up = actor
+                              .call("update", {sampled.output, adv},
+                                    tr::Args().set("iteration", it), named("update"))
+                              .get();
       rewards.push_back(score.mean().item<double>());
-      std::printf("%4lld  reward %.3f  greedy %.3f  grad norm %.4f\n", static_cast<long long>(it), rewards.back(),
-                  baseline.mean().item<double>(), up.metric("grad_norm"));
+      std::printf("%4lld  reward %.3f  greedy %.3f  grad norm %.4f\n", static_cast<long long>(it),
+                  rewards.back(), baseline.mean().item<double>(), up.metric("grad_norm"));
       driver.release(tag);
     }
     const size_t k = std::max<size_t>(1, rewards.size() / 3);
@@ -84,7 +92,8 @@ int main(int argc, char** argv) {
       first += rewards[i] / k;
       last += rewards[rewards.size() - 1 - i] / k;
     }
-    std::printf("mean reward: first %zu iterations %.3f -> last %zu iterations %.3f\n", k, first, k, last);
+    std::printf("mean reward: first %zu iterations %.3f -> last %zu iterations %.3f\n", k, first, k,
+                last);
     driver.shutdown();
     return 0;
   } catch (const std::exception& e) {

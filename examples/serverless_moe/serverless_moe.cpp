@@ -28,14 +28,14 @@
 #include <string>
 
 #include "command_line.h"
+#include "moe_policies.h"
+#include "progress.h"
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
 #include "tessera/moe/deploy.h"
 #include "tessera/moe/platform.h"
 #include "tessera/moe/prediction.h"
-#include "moe_policies.h"
-#include "progress.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
 #include "tessera/tasks/arithmetic.h"
@@ -52,13 +52,15 @@ std::string prepare(const std::string& dir, std::string* model_dir) {
   const std::string tokens = dir + "/arithmetic.tokens";
   auto tokenizer = tn::Tokenizer::bytes({"<|endoftext|>"});
   if (!std::filesystem::exists(tokens)) {
-    tn::TokenDataset::write(tokens, tessera::tasks::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
+    tn::TokenDataset::write(tokens,
+                            tessera::tasks::arithmetic_corpus(tokenizer, 40000, /*seed=*/1));
   }
   if (model_dir->empty()) {
     *model_dir = dir + "/model";
     if (!std::filesystem::exists(*model_dir + "/config.json")) {
       std::printf("training a small MoE (once, into %s)...\n", model_dir->c_str());
-      tn::ModelConfig cfg = tessera::tasks::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/4);
+      tn::ModelConfig cfg =
+          tessera::tasks::small_arithmetic_config(tokenizer.vocab_size(), /*num_experts=*/4);
       tn::Transformer model(cfg);
       model.init_random(7);
       tn::TrainerOptions to;
@@ -111,14 +113,19 @@ int main(int argc, char** argv) {
     std::printf("profiling routing, calibrating the platform (%zu memory sizes), serving...\n",
                 lo.platform.prices.memory_sizes_mb.size());
     const tessera::examples::LocalComparison c = tessera::examples::compare_policies_locally(
-        model, model_dir + "/model.safetensors", [&](int64_t b) { return data.batch(b, rows, seq).input_ids; }, lo);
+        model, model_dir + "/model.safetensors",
+        [&](int64_t b) { return data.batch(b, rows, seq).input_ids; }, lo);
     const tmoe::PlatformProfile& profile = c.profile;
-    std::printf("  cold start %.0f ms, t_head %.1f ms, storage %.2f ms + %.0f MB/s, calls %.0f MB/s, expert %.2f us/token at %lld MB\n",
-                profile.cold_start * 1e3, profile.t_head * 1e3, profile.t_dl * 1e3, profile.storage_bandwidth / 1e6, profile.call_bandwidth / 1e6,
-                profile.t_cal.back() * 1e6, static_cast<long long>(profile.memory_mb.back()));
+    std::printf(
+        "  cold start %.0f ms, t_head %.1f ms, storage %.2f ms + %.0f MB/s, calls %.0f MB/s, "
+        "expert %.2f us/token at %lld MB\n",
+        profile.cold_start * 1e3, profile.t_head * 1e3, profile.t_dl * 1e3,
+        profile.storage_bandwidth / 1e6, profile.call_bandwidth / 1e6, profile.t_cal.back() * 1e6,
+        static_cast<long long>(profile.memory_mb.back()));
     std::printf("\n%lld batches of %lld tokens through %lld MoE layers x %lld experts (top %lld)\n",
                 static_cast<long long>(batches), static_cast<long long>(c.tokens_per_batch),
-                static_cast<long long>(cfg.num_hidden_layers), static_cast<long long>(cfg.num_experts),
+                static_cast<long long>(cfg.num_hidden_layers),
+                static_cast<long long>(cfg.num_experts),
                 static_cast<long long>(cfg.num_experts_per_tok));
     std::printf("%-12s %14s %12s %14s\n", "policy", "billed $", "tokens/s", "max rel. err");
     for (const auto& p : c.policies) {
@@ -128,19 +135,24 @@ int main(int argc, char** argv) {
     }
     const auto& lm = c.policies[1];
     const auto& ours = c.policies[2];
-    std::printf("ours vs lambdaml: cost %+.1f%%, throughput %+.1f%%; predicted latency %.3f s/batch (SLO %.3f)\n",
-                100 * (ours.cost / lm.cost - 1), 100 * (ours.tokens_per_second / lm.tokens_per_second - 1),
-                c.ours.seconds, c.slo_seconds);
+    std::printf(
+        "ours vs lambdaml: cost %+.1f%%, throughput %+.1f%%; predicted latency %.3f s/batch (SLO "
+        "%.3f)\n",
+        100 * (ours.cost / lm.cost - 1), 100 * (ours.tokens_per_second / lm.tokens_per_second - 1),
+        c.ours.seconds, c.slo_seconds);
     for (size_t l = 0; l < c.ours.layers.size(); ++l) {
       std::printf("  layer %zu: %s", l, tmoe::method_name(c.ours.layers[l].method));
       for (const auto& e : c.ours.layers[l].experts) {
-        std::printf(" %lldMBx%d", static_cast<long long>(profile.memory_mb[e.memory_index]), e.replicas);
+        std::printf(" %lldMBx%d", static_cast<long long>(profile.memory_mb[e.memory_index]),
+                    e.replicas);
       }
       std::printf("\n");
     }
     std::printf("platform: %lld cold starts, %lld warm, %lld retries, %lld reclaimed\n",
-                static_cast<long long>(c.platform.cold_starts), static_cast<long long>(c.platform.warm_starts),
-                static_cast<long long>(c.platform.retries), static_cast<long long>(c.platform.reclaimed));
+                static_cast<long long>(c.platform.cold_starts),
+                static_cast<long long>(c.platform.warm_starts),
+                static_cast<long long>(c.platform.retries),
+                static_cast<long long>(c.platform.reclaimed));
     return ours.max_error < 1e-4 && lm.max_error < 1e-4 ? 0 : 2;
   } catch (const std::exception& e) {
     std::cerr << "serverless_moe: " << e.what() << "\n";

@@ -28,8 +28,8 @@ __global__ void shrink(const float* __restrict__ x, const float* __restrict__ a_
 // One block per row; threads stride over outputs, each a dot product over
 // the (small) rank.
 __global__ void expand(const float* __restrict__ h, const float* __restrict__ b_stack,
-                       const int32_t* __restrict__ index, const float* __restrict__ scale,
-                       int rank, int out, float* __restrict__ y) {
+                       const int32_t* __restrict__ index, const float* __restrict__ scale, int rank,
+                       int out, float* __restrict__ y) {
   const int row = blockIdx.x;
   const int adapter = index[row];
   if (adapter < 0) return;

@@ -23,8 +23,8 @@
 namespace tessera::kernels {
 
 // h[r, :] = x[r, :] · a_stack[index[r]]ᵀ   (zero where index[r] < 0)
-cudaError_t invoke_lora_shrink(const float* x, const float* a_stack, const int32_t* index,
-                               int rows, int in, int rank, float* h, cudaStream_t stream);
+cudaError_t invoke_lora_shrink(const float* x, const float* a_stack, const int32_t* index, int rows,
+                               int in, int rank, float* h, cudaStream_t stream);
 
 // y[r, :] += scale[index[r]] · h[r, :] · b_stack[index[r]]ᵀ
 cudaError_t invoke_lora_expand(const float* h, const float* b_stack, const int32_t* index,

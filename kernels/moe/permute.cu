@@ -23,7 +23,8 @@ struct WorkspaceLayout {
 WorkspaceLayout layout_for(int n, int num_experts) {
   WorkspaceLayout w{};
   cub::DeviceRadixSort::SortPairs(nullptr, w.sort_temp_bytes, static_cast<const int32_t*>(nullptr),
-                                  static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                  static_cast<int32_t*>(nullptr),
+                                  static_cast<const int32_t*>(nullptr),
                                   static_cast<int32_t*>(nullptr), n, 0, bits_for(num_experts));
   cub::DeviceScan::ExclusiveSum(nullptr, w.scan_temp_bytes, static_cast<const int32_t*>(nullptr),
                                 static_cast<int32_t*>(nullptr), num_experts + 1);
@@ -130,7 +131,7 @@ cudaError_t invoke_moe_combine(const float* expert_out, const int32_t* position,
   if (num_tokens < 0 || top_k < 1 || hidden < 1) return cudaErrorInvalidValue;
   if (num_tokens == 0) return cudaSuccess;
   combine<<<num_tokens, threads_for(hidden), 0, stream>>>(expert_out, position, weights, top_k,
-                                                           hidden, out);
+                                                          hidden, out);
   return cudaGetLastError();
 }
 

@@ -98,8 +98,8 @@ HugeBuffer::HugeBuffer(size_t bytes) : size_(bytes) {
   TESSERA_CHECK(raw != MAP_FAILED, ResourceExhausted, "checkpoint staging: cannot map ", bytes,
                 " bytes of host memory: ", std::strerror(errno));
   auto* base = static_cast<uint8_t*>(raw);
-  auto* aligned = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) / kHugePage * kHugePage);
+  auto* aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(base) + kHugePage - 1) /
+                                             kHugePage * kHugePage);
   if (aligned > base) ::munmap(base, aligned - base);
   uint8_t* end = aligned + mapped_;
   if (base + span > end) ::munmap(end, base + span - end);

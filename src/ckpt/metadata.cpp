@@ -40,7 +40,8 @@ std::string Metadata::to_json(int indent) const {
                        {"byte_length", b.byte_length},
                        {"crc32c", b.crc32c}});
     }
-    tensors_j[name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"attrs", t.attrs}, {"boxes", boxes}};
+    tensors_j[name] = {
+        {"dtype", t.dtype}, {"shape", t.shape}, {"attrs", t.attrs}, {"boxes", boxes}};
   }
   j["tensors"] = tensors_j;
   return j.dump(indent);
@@ -95,10 +96,10 @@ Metadata Metadata::parse(const std::string& text, const std::string& source) {
         sb.byte_offset = b.at("byte_offset").get<uint64_t>();
         sb.byte_length = b.at("byte_length").get<uint64_t>();
         sb.crc32c = b.at("crc32c").get<std::vector<uint32_t>>();
-        TESSERA_CHECK(sb.box.offset.size() == tm.shape.size() &&
-                          sb.box.length.size() == tm.shape.size(),
-                      DataLoss, "checkpoint metadata '", source, "': tensor '", name,
-                      "' has a box of the wrong rank");
+        TESSERA_CHECK(
+            sb.box.offset.size() == tm.shape.size() && sb.box.length.size() == tm.shape.size(),
+            DataLoss, "checkpoint metadata '", source, "': tensor '", name,
+            "' has a box of the wrong rank");
         tm.boxes.push_back(std::move(sb));
       }
       m.tensors.emplace(name, std::move(tm));

@@ -90,7 +90,7 @@ class PosixWritableFile : public WritableFile {
  private:
   std::string path_;
   FileDescriptor fd_;
-  FileDescriptor direct_;  // -1 where O_DIRECT is refused (tmpfs, some FUSE)
+  FileDescriptor direct_;                    // -1 where O_DIRECT is refused (tmpfs, some FUSE)
   std::atomic<bool> direct_refused_{false};  // a direct write failed with EINVAL
 };
 
@@ -127,16 +127,14 @@ class PosixReadableFile : public ReadableFile {
       size -= static_cast<size_t>(r);
     }
   }
-  size_t direct_alignment() const override {
-    return direct_.get() >= 0 ? kDirectAlignment : 0;
-  }
+  size_t direct_alignment() const override { return direct_.get() >= 0 ? kDirectAlignment : 0; }
   uint64_t size() const override { return size_; }
   const std::string& path() const override { return path_; }
 
  private:
   std::string path_;
   FileDescriptor fd_;
-  FileDescriptor direct_;  // -1 where O_DIRECT is refused
+  FileDescriptor direct_;                            // -1 where O_DIRECT is refused
   mutable std::atomic<bool> direct_refused_{false};  // a direct read failed with EINVAL
   uint64_t size_;
 };

@@ -10,8 +10,8 @@
 #include "tessera/core/tensor.h"
 #include "tessera/dist/redistribute.h"
 #include "tessera/dist/rendezvous.h"
-#include "tessera/nn/loader.h"
 #include "tessera/formats/safetensors.h"
+#include "tessera/nn/loader.h"
 
 namespace tessera::ckpt {
 
@@ -51,8 +51,7 @@ std::map<std::string, Layout> zero1_layouts(
       const int64_t n = l.local_numel(r);
       if (n > 0) {
         TESSERA_CHECK(l.chunks(r).size() == 1 && !l.is_flat(), InvalidArgument,
-                      "zero1_layouts: parameter '", name,
-                      "' must have one regular chunk per rank");
+                      "zero1_layouts: parameter '", name, "' must have one regular chunk per rank");
         const Box& box = l.chunks(r)[0].box;
         for (int d = 0; d < dp_size; ++d) {
           const int64_t a = std::max(off, d * shard), b = std::min(off + n, (d + 1) * shard);
@@ -80,8 +79,8 @@ namespace {
 
 // The split and owning expert are stored so that tools can rebuild the
 // layouts for other parallel degrees from the metadata alone.
-std::map<std::string, std::string> param_attrs(const nn::Transformer& model, const std::string& name,
-                                               int64_t order) {
+std::map<std::string, std::string> param_attrs(const nn::Transformer& model,
+                                               const std::string& name, int64_t order) {
   const nn::ParameterSpec spec = nn::parameter_spec(model.config(), name);
   return {{"split", nn::split_name(spec.split)},
           {"expert", std::to_string(spec.expert)},
@@ -99,7 +98,8 @@ void set_model_user(State& state, const nn::Transformer& model, const ModelState
 // nn::parameter_layout gives).
 std::vector<std::pair<std::string, Layout>> model_replica_layouts(const nn::Transformer& model) {
   std::vector<std::pair<std::string, Layout>> out;
-  for (const auto& name : model.full_parameter_names()) out.emplace_back(name, model.layout_of(name));
+  for (const auto& name : model.full_parameter_names())
+    out.emplace_back(name, model.layout_of(name));
   return out;
 }
 
@@ -117,8 +117,8 @@ void add_model(State& state, const nn::Transformer& model, const ModelState& whe
   int64_t order = 0;
   for (auto& [name, l] : layouts) {
     auto it = locals.find(name);
-    at::Tensor local = it != locals.end() ? it->second.detach()
-                                          : at::empty({0}, locals.begin()->second.options());
+    at::Tensor local =
+        it != locals.end() ? it->second.detach() : at::empty({0}, locals.begin()->second.options());
     auto attrs = param_attrs(model, name, order++);
     attrs["role"] = "param";
     state.add(name, local, over_dp(l, where.dp_size), std::move(attrs));
@@ -161,7 +161,8 @@ void add_zero1_optimizer(State& state, const nn::Transformer& model, const Model
       attrs["key"] = key;
       attrs["param"] = name;
       attrs["zero1"] = "1";
-      at::Tensor local = n > 0 ? buffer.detach().narrow(0, start, n) : buffer.detach().narrow(0, 0, 0);
+      at::Tensor local =
+          n > 0 ? buffer.detach().narrow(0, start, n) : buffer.detach().narrow(0, 0, 0);
       state.add(optim_name(key, name), local, zl, std::move(attrs));
     }
     ++order;
@@ -179,8 +180,9 @@ void add_optimizer(State& state, const nn::Transformer& model, const ModelState&
   int64_t order = 0;
   for (const auto& [name, l] : layouts) {
     for (const auto& [key, tensors] : per_param) {
-      TESSERA_CHECK(tensors.size() == params.size(), InvalidArgument, "checkpoint: optimizer state '",
-                    key, "' has ", tensors.size(), " tensors for ", params.size(), " parameters");
+      TESSERA_CHECK(tensors.size() == params.size(), InvalidArgument,
+                    "checkpoint: optimizer state '", key, "' has ", tensors.size(), " tensors for ",
+                    params.size(), " parameters");
       auto it = index.find(name);
       at::Tensor local = it != index.end() ? tensors[it->second].detach()
                                            : at::empty({0}, tensors.front().options());
@@ -352,7 +354,8 @@ std::vector<std::string> import_hf(const std::string& hf_dir, State& state, int 
 }
 
 void reshard(const std::string& dir, const std::string& out, int tp, int dp, int ep) {
-  TESSERA_CHECK(tp >= 1 && dp >= 1 && ep >= 1, InvalidArgument, "reshard: tp, dp and ep must be >= 1");
+  TESSERA_CHECK(tp >= 1 && dp >= 1 && ep >= 1, InvalidArgument,
+                "reshard: tp, dp and ep must be >= 1");
   Metadata meta = read_metadata(dir);
   nn::ModelConfig config = config_of(meta, dir);
   const int R = tp * ep, world = R * dp;
@@ -366,11 +369,13 @@ void reshard(const std::string& dir, const std::string& out, int tp, int dp, int
   std::vector<std::pair<std::string, Layout>> replica;
   for (const auto& [order, name] : params) {
     const TensorMeta& tm = meta.tensors.at(name);
-    nn::ParameterSpec spec{name, tm.shape, nn::parse_split(attr(tm, "split")), attr_int(tm, "expert", -1)};
+    nn::ParameterSpec spec{name, tm.shape, nn::parse_split(attr(tm, "split")),
+                           attr_int(tm, "expert", -1)};
     replica.emplace_back(name, nn::parameter_layout(spec, config.num_experts, tp, ep));
   }
   std::map<std::string, Layout> replica_by_name(replica.begin(), replica.end());
-  std::map<std::string, Layout> zero = zero1 ? zero1_layouts(replica, dp) : std::map<std::string, Layout>{};
+  std::map<std::string, Layout> zero =
+      zero1 ? zero1_layouts(replica, dp) : std::map<std::string, Layout>{};
   std::map<std::string, Layout> target;
   std::map<std::string, std::map<std::string, std::string>> attrs;
   for (const auto& [name, tm] : meta.tensors) {

@@ -14,8 +14,8 @@ using json = nlohmann::json;
 
 struct ConfigObject::Node {
   json value;
-  std::string source;   // file name or "<inline>"
-  std::string path;     // dotted key path below the root, "" for the root
+  std::string source;  // file name or "<inline>"
+  std::string path;    // dotted key path below the root, "" for the root
   std::set<std::string, std::less<>> used;
   std::map<std::string, std::shared_ptr<Node>, std::less<>> children;
 
@@ -98,23 +98,23 @@ std::vector<std::string> ConfigObject::keys() const {
 
 // Getter bodies share these: find the key and mark it read, require it,
 // and check its JSON type.
-#define TESSERA_CONFIG_FIND(key)                                         \
-  const json* found = nullptr;                                           \
-  {                                                                      \
-    auto it = node_->value.find(std::string(key));                       \
-    if (it != node_->value.end()) {                                      \
-      node_->used.emplace(key);                                          \
-      found = &*it;                                                      \
-    }                                                                    \
+#define TESSERA_CONFIG_FIND(key)                   \
+  const json* found = nullptr;                     \
+  {                                                \
+    auto it = node_->value.find(std::string(key)); \
+    if (it != node_->value.end()) {                \
+      node_->used.emplace(key);                    \
+      found = &*it;                                \
+    }                                              \
   }
 
-#define TESSERA_CONFIG_REQUIRE(key)                                                   \
-  TESSERA_CONFIG_FIND(key)                                                            \
+#define TESSERA_CONFIG_REQUIRE(key)                                                           \
+  TESSERA_CONFIG_FIND(key)                                                                    \
   TESSERA_CHECK(found != nullptr, InvalidArgument, node_->source, ": missing required key '", \
                 node_->key_path(key), "'");
 
-#define TESSERA_CONFIG_TYPE(cond, key, expected)                                          \
-  TESSERA_CHECK(cond, InvalidArgument, node_->source, ": key '", node_->key_path(key),    \
+#define TESSERA_CONFIG_TYPE(cond, key, expected)                                       \
+  TESSERA_CHECK(cond, InvalidArgument, node_->source, ": key '", node_->key_path(key), \
                 "' must be ", expected, ", got ", found->type_name(), " ", found->dump());
 
 int64_t ConfigObject::get_int(std::string_view key) const {

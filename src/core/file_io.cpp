@@ -26,19 +26,28 @@ void throw_io_error(const std::string& what, int err) {
   ErrorCode code = ErrorCode::kInternal;
   switch (err) {
     case ENOENT:
-    case ENOTDIR: code = ErrorCode::kNotFound; break;
+    case ENOTDIR:
+      code = ErrorCode::kNotFound;
+      break;
     case ENOSPC:
     case EDQUOT:
     case EMFILE:
     case ENFILE:
-    case ENOMEM: code = ErrorCode::kResourceExhausted; break;
+    case ENOMEM:
+      code = ErrorCode::kResourceExhausted;
+      break;
     case EACCES:
     case EPERM:
     case EISDIR:
     case EROFS:
-    case ENAMETOOLONG: code = ErrorCode::kInvalidArgument; break;
-    case EIO: code = ErrorCode::kDataLoss; break;
-    default: break;
+    case ENAMETOOLONG:
+      code = ErrorCode::kInvalidArgument;
+      break;
+    case EIO:
+      code = ErrorCode::kDataLoss;
+      break;
+    default:
+      break;
   }
   throw_error(code, what + ": " + std::strerror(err));
 }
@@ -112,7 +121,8 @@ void AtomicFileWriter::commit() {
   // Make the rename durable. A failure here is not worth an error: the file
   // is complete and visible, only its crash-durability is weaker.
   std::filesystem::path dir = std::filesystem::path(path_).parent_path();
-  FileDescriptor dir_fd(::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  FileDescriptor dir_fd(
+      ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (dir_fd.get() >= 0) ::fsync(dir_fd.get());
 }
 

@@ -17,12 +17,18 @@ namespace {
 
 spdlog::level::level_enum to_spdlog(Level level) {
   switch (level) {
-    case Level::kTrace: return spdlog::level::trace;
-    case Level::kDebug: return spdlog::level::debug;
-    case Level::kInfo: return spdlog::level::info;
-    case Level::kWarn: return spdlog::level::warn;
-    case Level::kError: return spdlog::level::err;
-    case Level::kOff: return spdlog::level::off;
+    case Level::kTrace:
+      return spdlog::level::trace;
+    case Level::kDebug:
+      return spdlog::level::debug;
+    case Level::kInfo:
+      return spdlog::level::info;
+    case Level::kWarn:
+      return spdlog::level::warn;
+    case Level::kError:
+      return spdlog::level::err;
+    case Level::kOff:
+      return spdlog::level::off;
   }
   return spdlog::level::info;
 }
@@ -128,9 +134,9 @@ class Registry {
   }
 
   std::mutex mu_;
-  Level default_level_ = Level::kInfo;                           // guarded by mu_
-  std::map<std::string, Level, std::less<>> module_levels_;      // guarded by mu_
-  int rank_ = -1;                                                // guarded by mu_
+  Level default_level_ = Level::kInfo;                       // guarded by mu_
+  std::map<std::string, Level, std::less<>> module_levels_;  // guarded by mu_
+  int rank_ = -1;                                            // guarded by mu_
   std::shared_ptr<spdlog::sinks::sink> sink_;
   std::map<std::string, std::shared_ptr<spdlog::logger>, std::less<>> loggers_;  // guarded by mu_
 };
@@ -154,7 +160,9 @@ Level parse_level(std::string_view text) {
 void set_level(Level level, std::string_view module) { Registry::get().set_level(level, module); }
 void configure(std::string_view spec) { Registry::get().apply_spec(spec); }
 void set_rank(int rank) { Registry::get().set_rank(rank); }
-bool enabled(std::string_view module, Level level) { return Registry::get().enabled(module, level); }
+bool enabled(std::string_view module, Level level) {
+  return Registry::get().enabled(module, level);
+}
 void write(std::string_view module, Level level, const std::string& message) {
   Registry::get().write(module, level, message);
 }

@@ -18,7 +18,9 @@ void atomic_add(std::atomic<double>& target, double by) {
 
 bool valid_name(const std::string& name) {
   if (name.empty()) return false;
-  auto head = [](char c) { return std::isalpha(static_cast<unsigned char>(c)) || c == '_' || c == ':'; };
+  auto head = [](char c) {
+    return std::isalpha(static_cast<unsigned char>(c)) || c == '_' || c == ':';
+  };
   if (!head(name[0])) return false;
   return std::all_of(name.begin(), name.end(), [&](char c) {
     return head(c) || std::isdigit(static_cast<unsigned char>(c));
@@ -37,9 +39,12 @@ std::string format_value(double v) {
 std::string escape_help(const std::string& help) {
   std::string out;
   for (char c : help) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -56,10 +61,14 @@ bool valid_label_name(const std::string& name) {
 std::string escape_label_value(const std::string& value) {
   std::string out;
   for (char c : value) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '"')
+      out += "\\\"";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -76,7 +85,8 @@ std::string render_labels(const MetricLabels& labels, bool histogram) {
 }
 
 // name{labels} or name{labels,extra}, without braces when both are empty.
-std::string series(const std::string& name, const std::string& labels, const std::string& extra = "") {
+std::string series(const std::string& name, const std::string& labels,
+                   const std::string& extra = "") {
   std::string inside = labels;
   if (!extra.empty()) inside += (inside.empty() ? "" : ",") + extra;
   return inside.empty() ? name : name + "{" + inside + "}";

@@ -134,12 +134,13 @@ RuntimeInfo init_runtime(const RuntimeOptions& options) {
   if (options.check_blas && info.blas_is_reference) {
     // Once per process is enough; this runs in every rank.
     static std::once_flag warned;
-    std::call_once(warned, [&] {
-      TESSERA_LOG(Warn, "core")
-          << "LibTorch is calling the REFERENCE BLAS (" << info.blas_library
-          << "): fp32 matmuls will run ~30x slower than with an optimised BLAS. "
-             "Install one: apt-get install libopenblas0-openmp (scripts/install-deps.sh does).";
-    });
+    std::call_once(
+        warned, [&] {
+          TESSERA_LOG(Warn, "core")
+              << "LibTorch is calling the REFERENCE BLAS (" << info.blas_library
+              << "): fp32 matmuls will run ~30x slower than with an optimised BLAS. "
+                 "Install one: apt-get install libopenblas0-openmp (scripts/install-deps.sh does).";
+        });
   }
   TESSERA_LOG(Debug, "core") << info.summary();
   return info;

@@ -283,14 +283,17 @@ Subprocess Subprocess::spawn(const SpawnOptions& options) {
   using Stream = SpawnOptions::Stream;
   TESSERA_CHECK(!options.argv.empty() && !options.argv[0].empty(), InvalidArgument,
                 "spawn: no program given");
-  TESSERA_CHECK(options.stdout_mode != Stream::kStdout, InvalidArgument,
-                "spawn '", options.argv[0], "': kStdout is for stderr only");
-  TESSERA_CHECK(options.stdout_mode != Stream::kFile || !options.stdout_file.empty(), InvalidArgument,
-                "spawn '", options.argv[0], "': stdout to a file needs stdout_file");
-  TESSERA_CHECK(options.stderr_mode != Stream::kFile || !options.stderr_file.empty(), InvalidArgument,
-                "spawn '", options.argv[0], "': stderr to a file needs stderr_file");
-  Spawned s = options.die_with_parent ? SpawnerThread::instance().run([&] { return fork_exec(options); })
-                                      : fork_exec(options);
+  TESSERA_CHECK(options.stdout_mode != Stream::kStdout, InvalidArgument, "spawn '", options.argv[0],
+                "': kStdout is for stderr only");
+  TESSERA_CHECK(options.stdout_mode != Stream::kFile || !options.stdout_file.empty(),
+                InvalidArgument, "spawn '", options.argv[0],
+                "': stdout to a file needs stdout_file");
+  TESSERA_CHECK(options.stderr_mode != Stream::kFile || !options.stderr_file.empty(),
+                InvalidArgument, "spawn '", options.argv[0],
+                "': stderr to a file needs stderr_file");
+  Spawned s = options.die_with_parent
+                  ? SpawnerThread::instance().run([&] { return fork_exec(options); })
+                  : fork_exec(options);
   Subprocess p;
   p.pid_ = s.pid;
   p.group_ = options.new_process_group;
@@ -411,7 +414,8 @@ CommandResult run_command(const std::vector<std::string>& argv, std::chrono::mil
     }
     // A process the command left behind may hold the pipe open after the
     // command itself ended: read what is there for a moment, then stop.
-    if (drain_until == Clock::time_point{} && !p.running()) drain_until = now + std::chrono::milliseconds(200);
+    if (drain_until == Clock::time_point{} && !p.running())
+      drain_until = now + std::chrono::milliseconds(200);
     if (drain_until != Clock::time_point{} && now >= drain_until) break;
     pollfd fd{p.stdout_fd(), POLLIN, 0};
     const int ready = ::poll(&fd, 1, 20);

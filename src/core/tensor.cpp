@@ -14,17 +14,28 @@ namespace tessera {
 
 std::string dtype_name(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kByte: return "uint8";
-    case at::kChar: return "int8";
-    case at::kShort: return "int16";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    case at::kBool: return "bool";
-    default: return c10::toString(dtype);
+    case at::kFloat:
+      return "float32";
+    case at::kDouble:
+      return "float64";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kByte:
+      return "uint8";
+    case at::kChar:
+      return "int8";
+    case at::kShort:
+      return "int16";
+    case at::kInt:
+      return "int32";
+    case at::kLong:
+      return "int64";
+    case at::kBool:
+      return "bool";
+    default:
+      return c10::toString(dtype);
   }
 }
 
@@ -32,7 +43,8 @@ at::ScalarType parse_dtype(std::string_view name) {
   std::string lower(name);
   std::transform(lower.begin(), lower.end(), lower.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  if (lower == "float32" || lower == "float" || lower == "f32" || lower == "fp32") return at::kFloat;
+  if (lower == "float32" || lower == "float" || lower == "f32" || lower == "fp32")
+    return at::kFloat;
   if (lower == "float64" || lower == "double" || lower == "f64") return at::kDouble;
   if (lower == "float16" || lower == "half" || lower == "f16" || lower == "fp16") return at::kHalf;
   if (lower == "bfloat16" || lower == "bf16") return at::kBFloat16;
@@ -57,9 +69,9 @@ at::Device parse_device(std::string_view name) {
                   "' requested but this build of LibTorch or this machine has no CUDA device");
     int index = 0;
     if (text.size() > 4) {
-      TESSERA_CHECK(text[4] == ':' && text.size() > 5 &&
-                        std::all_of(text.begin() + 5, text.end(), ::isdigit),
-                    InvalidArgument, "malformed device '", text, "' (expected cuda or cuda:N)");
+      TESSERA_CHECK(
+          text[4] == ':' && text.size() > 5 && std::all_of(text.begin() + 5, text.end(), ::isdigit),
+          InvalidArgument, "malformed device '", text, "' (expected cuda or cuda:N)");
       index = std::stoi(text.substr(5));
     }
     return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index));

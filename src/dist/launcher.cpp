@@ -9,8 +9,8 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cmath>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -82,7 +82,8 @@ double parse_seconds(const std::string& flag, const std::string& value) {
     if (used == value.size() && v >= 0 && v <= 3600) return v;
   } catch (const std::exception&) {
   }
-  TESSERA_THROW(InvalidArgument, flag, " expects seconds in [0, 3600], got '", value, "'\n", kUsage);
+  TESSERA_THROW(InvalidArgument, flag, " expects seconds in [0, 3600], got '", value, "'\n",
+                kUsage);
 }
 
 int pick_free_port(const std::string& addr) {
@@ -91,7 +92,8 @@ int pick_free_port(const std::string& addr) {
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
   sa.sin_port = 0;
-  if (inet_pton(AF_INET, addr.c_str(), &sa.sin_addr) != 1) sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (inet_pton(AF_INET, addr.c_str(), &sa.sin_addr) != 1)
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t len = sizeof(sa);
   if (bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0 ||
       getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len) != 0) {
@@ -166,7 +168,8 @@ class NodeAgents {
   NodeAgents(const LaunchOptions& o, std::ostream& log) : o_(o), log_(log) {
     if (o.nnodes == 1) return;
     const int port = o.agent_port != 0 ? o.agent_port : o.master_port + 1;
-    store_ = Store::tcp(o.master_addr, port, /*is_server=*/o.node_rank == 0, std::chrono::seconds(120));
+    store_ =
+        Store::tcp(o.master_addr, port, /*is_server=*/o.node_rank == 0, std::chrono::seconds(120));
   }
 
   // A failure another node recorded: (exit code, reason), or nothing.
@@ -187,7 +190,8 @@ class NodeAgents {
     if (!store_) return;
     try {
       if (store_->add("failures", 1) == 1) {
-        store_->set("failed", std::to_string(code) + " node " + std::to_string(o_.node_rank) + ": " + reason);
+        store_->set("failed",
+                    std::to_string(code) + " node " + std::to_string(o_.node_rank) + ": " + reason);
       }
     } catch (const std::exception& e) {
       lost(e);
@@ -201,7 +205,8 @@ class NodeAgents {
       store_->add("finished", 1);
       if (o_.node_rank != 0) return;
       const auto deadline = std::chrono::steady_clock::now() + wait;
-      while (store_->add("finished", 0) < o_.nnodes && std::chrono::steady_clock::now() < deadline) {
+      while (store_->add("finished", 0) < o_.nnodes &&
+             std::chrono::steady_clock::now() < deadline) {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
       }
     } catch (const std::exception& e) {
@@ -228,9 +233,12 @@ LaunchOptions parse_launch_args(const std::vector<std::string>& args) {
   // Defaults from the environment: torchrun's MASTER_ADDR / MASTER_PORT and,
   // with one launcher per node under Slurm, the node count and index.
   if (const char* v = std::getenv("MASTER_ADDR")) o.master_addr = v;
-  if (const char* v = std::getenv("MASTER_PORT")) o.master_port = parse_int("MASTER_PORT", v, 1, 65535);
-  if (const char* v = std::getenv("SLURM_NNODES")) o.nnodes = parse_int("SLURM_NNODES", v, 1, 1 << 20);
-  if (const char* v = std::getenv("SLURM_NODEID")) o.node_rank = parse_int("SLURM_NODEID", v, 0, 1 << 20);
+  if (const char* v = std::getenv("MASTER_PORT"))
+    o.master_port = parse_int("MASTER_PORT", v, 1, 65535);
+  if (const char* v = std::getenv("SLURM_NNODES"))
+    o.nnodes = parse_int("SLURM_NNODES", v, 1, 1 << 20);
+  if (const char* v = std::getenv("SLURM_NODEID"))
+    o.node_rank = parse_int("SLURM_NODEID", v, 0, 1 << 20);
   size_t i = 0;
   auto value = [&](const std::string& flag) -> const std::string& {
     TESSERA_CHECK(i + 1 < args.size(), InvalidArgument, flag, " needs a value\n", kUsage);

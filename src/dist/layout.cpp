@@ -52,7 +52,8 @@ void decompose_into(const std::vector<int64_t>& shape, size_t dim, std::vector<i
     emit(begin, end - begin);
     return;
   }
-  int64_t first_row = begin / inner, last_row = end / inner;  // last_row: first row not fully inside
+  int64_t first_row = begin / inner,
+          last_row = end / inner;  // last_row: first row not fully inside
   auto recurse_row = [&](int64_t row, int64_t b, int64_t e) {
     prefix.push_back(row);
     decompose_into(shape, dim + 1, prefix, b, e, out);
@@ -105,8 +106,9 @@ Box regular_box(const std::vector<int64_t>& shape, const MeshShape& mesh,
 
 void check_placements(const std::vector<int64_t>& shape, const MeshShape& mesh,
                       const std::vector<Placement>& placements) {
-  TESSERA_CHECK(placements.size() == mesh.sizes.size(), InvalidArgument, "layout: ",
-                placements.size(), " placements for a mesh of ", mesh.sizes.size(), " axes");
+  TESSERA_CHECK(placements.size() == mesh.sizes.size(), InvalidArgument,
+                "layout: ", placements.size(), " placements for a mesh of ", mesh.sizes.size(),
+                " axes");
   for (size_t axis = 0; axis < placements.size(); ++axis) {
     const Placement& p = placements[axis];
     if (p.kind == Placement::Kind::kShard) {
@@ -260,8 +262,8 @@ void Layout::validate() const {
       TESSERA_CHECK(intersect(c.box, all) == c.box, InvalidArgument, "layout: box ",
                     c.box.to_string(), " of rank ", r, " lies outside the tensor ",
                     shape_text(global_shape_));
-      TESSERA_CHECK(c.local_offset == expected_offset, InvalidArgument,
-                    "layout: chunks of rank ", r, " must be stored back to back");
+      TESSERA_CHECK(c.local_offset == expected_offset, InvalidArgument, "layout: chunks of rank ",
+                    r, " must be stored back to back");
       expected_offset += c.box.numel();
     }
   }
@@ -292,8 +294,8 @@ int64_t Layout::local_numel(int rank) const {
 
 std::string Layout::to_string() const {
   std::ostringstream out;
-  out << (flat_ ? "flat " : "regular ") << shape_text(global_shape_) << " over "
-      << world_size() << " ranks:";
+  out << (flat_ ? "flat " : "regular ") << shape_text(global_shape_) << " over " << world_size()
+      << " ranks:";
   for (int r = 0; r < world_size(); ++r) {
     out << " r" << r << "=";
     for (size_t i = 0; i < chunks_[r].size(); ++i) {
@@ -374,8 +376,8 @@ RedistributePlan plan_redistribute(const Layout& from, const Layout& to) {
                 "redistribute: source shape ", shape_text(from.global_shape()),
                 " differs from target shape ", shape_text(to.global_shape()));
   TESSERA_CHECK(from.world_size() == to.world_size(), InvalidArgument,
-                "redistribute: source layout has ", from.world_size(),
-                " ranks, target layout has ", to.world_size());
+                "redistribute: source layout has ", from.world_size(), " ranks, target layout has ",
+                to.world_size());
   auto sources = distinct_boxes(from);
   std::string problem = tiling_problem(from, sources);
   TESSERA_CHECK(problem.empty(), InvalidArgument,

@@ -101,8 +101,8 @@ at::Tensor redistribute(ProcessGroup& group, const at::Tensor& local, const Layo
   const int me = group.rank();
   const int world = group.size();
   TESSERA_CHECK(from.world_size() == world && to.world_size() == world, InvalidArgument,
-                "redistribute on group '", group.name(), "' of ", world,
-                " ranks: layouts are for ", from.world_size(), " and ", to.world_size(), " ranks");
+                "redistribute on group '", group.name(), "' of ", world, " ranks: layouts are for ",
+                from.world_size(), " and ", to.world_size(), " ranks");
   check_local(from, me, local, "redistribute source");
   const int gather_dim = all_gather_dim(from, to);
   if (gather_dim >= 0) return gather_along(group, local, gather_dim);
@@ -130,8 +130,8 @@ at::Tensor redistribute(ProcessGroup& group, const at::Tensor& local, const Layo
   int64_t pos = 0;
   for (const Transfer& t : plan.transfers) {
     if (t.src_rank != me) continue;
-    at::Tensor from_view = piece_view(chunk_view(src, src_chunks[t.src_chunk]),
-                                      src_chunks[t.src_chunk], t.box);
+    at::Tensor from_view =
+        piece_view(chunk_view(src, src_chunks[t.src_chunk]), src_chunks[t.src_chunk], t.box);
     if (t.dst_rank == me) {
       piece_view(chunk_view(dst, dst_chunks[t.dst_chunk]), dst_chunks[t.dst_chunk], t.box)
           .copy_(from_view);

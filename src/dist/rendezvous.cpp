@@ -118,25 +118,28 @@ std::shared_ptr<Store> Store::prefixed(std::shared_ptr<Store> base, const std::s
 }
 
 void Store::set(const std::string& key, const std::string& value) {
-  translate_errors("store set '" + key + "'", [&] {
-    impl_->store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
-  }, ErrorCode::kUnavailable);
+  translate_errors(
+      "store set '" + key + "'",
+      [&] { impl_->store->set(key, std::vector<uint8_t>(value.begin(), value.end())); },
+      ErrorCode::kUnavailable);
 }
 
 std::string Store::get(const std::string& key) {
-  auto bytes = translate_errors("store get '" + key + "'", [&] { return impl_->store->get(key); },
-                                ErrorCode::kDeadlineExceeded);
+  auto bytes = translate_errors(
+      "store get '" + key + "'", [&] { return impl_->store->get(key); },
+      ErrorCode::kDeadlineExceeded);
   return std::string(bytes.begin(), bytes.end());
 }
 
 int64_t Store::add(const std::string& key, int64_t delta) {
-  return translate_errors("store add '" + key + "'", [&] { return impl_->store->add(key, delta); },
-                          ErrorCode::kUnavailable);
+  return translate_errors(
+      "store add '" + key + "'", [&] { return impl_->store->add(key, delta); },
+      ErrorCode::kUnavailable);
 }
 
 bool Store::check(const std::vector<std::string>& keys) {
-  return translate_errors("store check", [&] { return impl_->store->check(keys); },
-                          ErrorCode::kUnavailable);
+  return translate_errors(
+      "store check", [&] { return impl_->store->check(keys); }, ErrorCode::kUnavailable);
 }
 
 std::chrono::milliseconds Store::timeout() const { return impl_->store->getTimeout(); }

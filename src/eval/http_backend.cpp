@@ -75,8 +75,8 @@ LoglikelihoodResult parse_echo_logprobs(const std::string& body, int64_t n_conte
   try {
     answer = json::parse(body);
   } catch (const json::exception& e) {
-    TESSERA_THROW(DataLoss, where, ": the answer is not JSON (", e.what(), "): ",
-                  body.substr(0, 200));
+    TESSERA_THROW(DataLoss, where, ": the answer is not JSON (", e.what(),
+                  "): ", body.substr(0, 200));
   }
   const json& choices = field(answer, "choices", where, "");
   TESSERA_CHECK(choices.is_array() && !choices.empty(), DataLoss, where,
@@ -86,10 +86,11 @@ LoglikelihoodResult parse_echo_logprobs(const std::string& body, int64_t n_conte
                 ": choices[0].logprobs is null: the server did not return log-probabilities");
   const json& token_logprobs = field(logprobs, "token_logprobs", where, "choices[0].logprobs");
   const json& top_logprobs = field(logprobs, "top_logprobs", where, "choices[0].logprobs");
-  TESSERA_CHECK(token_logprobs.is_array() && top_logprobs.is_array() &&
-                    top_logprobs.size() == token_logprobs.size(),
-                DataLoss, where,
-                ": choices[0].logprobs.token_logprobs and top_logprobs are not lists of one length");
+  TESSERA_CHECK(
+      token_logprobs.is_array() && top_logprobs.is_array() &&
+          top_logprobs.size() == token_logprobs.size(),
+      DataLoss, where,
+      ": choices[0].logprobs.token_logprobs and top_logprobs are not lists of one length");
   const int64_t n = static_cast<int64_t>(token_logprobs.size());
 
   // Which entries are the continuation's.
@@ -174,8 +175,8 @@ struct HttpBackend::Impl {
       }
       httplib::Client client(endpoint.scheme_host_port);
       const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(options.timeout);
-      const auto micros = std::chrono::duration_cast<std::chrono::microseconds>(
-          options.timeout - seconds);
+      const auto micros =
+          std::chrono::duration_cast<std::chrono::microseconds>(options.timeout - seconds);
       client.set_connection_timeout(seconds.count(), micros.count());
       client.set_read_timeout(seconds.count(), micros.count());
       client.set_write_timeout(seconds.count(), micros.count());
@@ -184,17 +185,17 @@ struct HttpBackend::Impl {
         headers.emplace("Authorization", "Bearer " + options.api_key);
       }
       const Stopwatch watch;
-      httplib::Result res = method == "GET"
-                                ? client.Get(endpoint.prefix + path, headers)
-                                : client.Post(endpoint.prefix + path, headers, body,
-                                              "application/json");
+      httplib::Result res =
+          method == "GET" ? client.Get(endpoint.prefix + path, headers)
+                          : client.Post(endpoint.prefix + path, headers, body, "application/json");
       if (!res) {
         const httplib::Error err = res.error();
         timed_out = err == httplib::Error::ConnectionTimeout ||
                     (err == httplib::Error::Read &&
                      watch.seconds() * 1000 >= 0.9 * static_cast<double>(options.timeout.count()));
-        last_error = timed_out ? "no answer within " + std::to_string(options.timeout.count()) + " ms"
-                               : "request failed (" + httplib::to_string(err) + ")";
+        last_error = timed_out
+                         ? "no answer within " + std::to_string(options.timeout.count()) + " ms"
+                         : "request failed (" + httplib::to_string(err) + ")";
         continue;
       }
       timed_out = false;
@@ -300,12 +301,13 @@ struct HttpBackend::Impl {
 
   LoglikelihoodResult loglikelihood_one(const LoglikelihoodRequest& r, size_t index) {
     if (!chat_likelihood && chat_generation && options.chat_template != ChatTemplateMode::kOff) {
-      std::call_once(plain_likelihood_warning, [&] {
-        TESSERA_LOG(Warn, "eval")
-            << url("/completions")
-            << ": log-likelihoods use plain prompts (no chat template is known here; pass the "
-               "model's tokenizer to score with its template)";
-      });
+      std::call_once(
+          plain_likelihood_warning, [&] {
+            TESSERA_LOG(Warn, "eval")
+                << url("/completions")
+                << ": log-likelihoods use plain prompts (no chat template is known here; pass the "
+                   "model's tokenizer to score with its template)";
+          });
     }
     const detail::TextPair pair = detail::loglikelihood_text(
         r, chat_likelihood, tokenizer ? tokenizer->chat_template : std::string());
@@ -345,7 +347,8 @@ std::unique_ptr<HttpBackend> HttpBackend::create(const HttpBackendOptions& optio
                 "HttpBackend: concurrency must be at least 1, got ", options.concurrency);
   TESSERA_CHECK(options.max_retries >= 0, InvalidArgument,
                 "HttpBackend: max_retries must not be negative, got ", options.max_retries);
-  TESSERA_CHECK(options.timeout.count() > 0, InvalidArgument, "HttpBackend: timeout must be positive");
+  TESSERA_CHECK(options.timeout.count() > 0, InvalidArgument,
+                "HttpBackend: timeout must be positive");
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->endpoint = parse_url(options.base_url);
@@ -414,8 +417,8 @@ const std::string& HttpBackend::model_name() const { return impl_->model; }
 std::string HttpBackend::describe() const {
   std::ostringstream d;
   d << impl_->endpoint.scheme_host_port << impl_->endpoint.prefix << ", model " << impl_->model
-    << ", generation " << (impl_->chat_generation ? "chat" : "completions")
-    << ", log-likelihoods " << (impl_->chat_likelihood ? "chat template" : "plain");
+    << ", generation " << (impl_->chat_generation ? "chat" : "completions") << ", log-likelihoods "
+    << (impl_->chat_likelihood ? "chat template" : "plain");
   if (!impl_->options.tokenizer_path.empty()) d << ", tokenizer " << impl_->options.tokenizer_path;
   return d.str();
 }

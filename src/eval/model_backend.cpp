@@ -130,7 +130,8 @@ struct Sequence {
 
 }  // namespace
 
-std::vector<std::string> ModelBackend::Impl::generate(const std::vector<GenerateRequest>& requests) {
+std::vector<std::string> ModelBackend::Impl::generate(
+    const std::vector<GenerateRequest>& requests) {
   std::vector<std::string> out(requests.size());
   std::vector<Sequence> seqs(requests.size());
   for (size_t i = 0; i < requests.size(); ++i) {
@@ -312,8 +313,8 @@ std::vector<LoglikelihoodResult> ModelBackend::Impl::loglikelihood(
       }
       // Every row appends the padded width, so the copy holds the longest
       // context plus the longest rest.
-      nn::KVCache copy(config, R, longest_context + longest_rest,
-                       at::TensorOptions().dtype(dtype), model->groups().tp_size());
+      nn::KVCache copy(config, R, longest_context + longest_rest, at::TensorOptions().dtype(dtype),
+                       model->groups().tp_size());
       for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
         copy.key(l).narrow(2, 0, longest_context).copy_(cache.key(l).index_select(0, index));
         copy.value(l).narrow(2, 0, longest_context).copy_(cache.value(l).index_select(0, index));
@@ -358,7 +359,8 @@ void ModelBackend::Impl::setup(const std::string& source) {
   const ModelBackendOptions& o = impl.options;
   TESSERA_CHECK(o.max_batch > 0, InvalidArgument, "ModelBackend: max_batch must be positive");
   TESSERA_CHECK(o.chunk_tokens > 0, InvalidArgument, "ModelBackend: chunk_tokens must be positive");
-  TESSERA_CHECK(o.max_length >= 0, InvalidArgument, "ModelBackend: max_length must not be negative");
+  TESSERA_CHECK(o.max_length >= 0, InvalidArgument,
+                "ModelBackend: max_length must not be negative");
   const nn::ModelConfig& config = impl.model->config();
   impl.max_length = o.max_length > 0 ? std::min(o.max_length, config.max_position_embeddings)
                                      : config.max_position_embeddings;
@@ -402,41 +404,45 @@ void ModelBackend::Impl::setup(const std::string& source) {
   }
 
   std::ostringstream d;
-  d << source << ", decoding " << o.decoding << ", chat template "
-    << (impl.chat ? "on" : "off") << (impl.add_bos ? ", BOS" : "")
-    << (impl.batch_invariant() ? ", batch-invariant" : "");
+  d << source << ", decoding " << o.decoding << ", chat template " << (impl.chat ? "on" : "off")
+    << (impl.add_bos ? ", BOS" : "") << (impl.batch_invariant() ? ", batch-invariant" : "");
   if (!o.adapter_path.empty()) d << ", adapter " << o.adapter_path;
   impl.description = d.str();
   TESSERA_LOG(Info, "eval") << "model backend: " << impl.description;
 }
 
 std::unique_ptr<ModelBackend> ModelBackend::create(const ModelBackendOptions& options) {
-  return translate_errors("ModelBackend::create", [&] {
-    TESSERA_CHECK(!options.model_path.empty(), InvalidArgument, "ModelBackend: no model_path");
-    TESSERA_CHECK(fs::exists(options.model_path), NotFound, "model '", options.model_path,
-                  "' does not exist");
-    std::unique_ptr<Impl> impl;
-    if (fs::is_directory(options.model_path)) {
-      auto model = std::make_unique<nn::Transformer>(nn::load_hf_model(options.model_path));
-      const std::string tok_path = options.tokenizer_path.empty()
-                                       ? (fs::path(options.model_path) / "tokenizer.json").string()
-                                       : options.tokenizer_path;
-      impl = std::make_unique<Impl>(std::move(model), nn::Tokenizer::from_tokenizer_json(tok_path));
-      detail::read_tokenizer_config(fs::path(tok_path).parent_path().string(),
-                                    &impl->chat_template, &impl->add_bos);
-    } else {
-      nn::LoadedModel loaded = nn::load_gguf_model(options.model_path);
-      impl = std::make_unique<Impl>(std::move(loaded.model), std::move(loaded.tokenizer));
-      impl->chat_template = std::move(loaded.chat_template);
-      impl->add_bos = detail::gguf_add_bos(options.model_path);
-    }
-    impl->options = options;
-    if (!options.adapter_path.empty()) {
-      impl->model->set_adapter(lora::load_adapter(options.adapter_path, *impl->model));
-    }
-    impl->setup(options.model_path);
-    return std::unique_ptr<ModelBackend>(new ModelBackend(std::move(impl)));
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "ModelBackend::create",
+      [&] {
+        TESSERA_CHECK(!options.model_path.empty(), InvalidArgument, "ModelBackend: no model_path");
+        TESSERA_CHECK(fs::exists(options.model_path), NotFound, "model '", options.model_path,
+                      "' does not exist");
+        std::unique_ptr<Impl> impl;
+        if (fs::is_directory(options.model_path)) {
+          auto model = std::make_unique<nn::Transformer>(nn::load_hf_model(options.model_path));
+          const std::string tok_path =
+              options.tokenizer_path.empty()
+                  ? (fs::path(options.model_path) / "tokenizer.json").string()
+                  : options.tokenizer_path;
+          impl = std::make_unique<Impl>(std::move(model),
+                                        nn::Tokenizer::from_tokenizer_json(tok_path));
+          detail::read_tokenizer_config(fs::path(tok_path).parent_path().string(),
+                                        &impl->chat_template, &impl->add_bos);
+        } else {
+          nn::LoadedModel loaded = nn::load_gguf_model(options.model_path);
+          impl = std::make_unique<Impl>(std::move(loaded.model), std::move(loaded.tokenizer));
+          impl->chat_template = std::move(loaded.chat_template);
+          impl->add_bos = detail::gguf_add_bos(options.model_path);
+        }
+        impl->options = options;
+        if (!options.adapter_path.empty()) {
+          impl->model->set_adapter(lora::load_adapter(options.adapter_path, *impl->model));
+        }
+        impl->setup(options.model_path);
+        return std::unique_ptr<ModelBackend>(new ModelBackend(std::move(impl)));
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 std::unique_ptr<ModelBackend> ModelBackend::from_model(std::unique_ptr<nn::Transformer> model,
@@ -444,14 +450,17 @@ std::unique_ptr<ModelBackend> ModelBackend::from_model(std::unique_ptr<nn::Trans
                                                        std::string chat_template, bool add_bos,
                                                        const ModelBackendOptions& options) {
   TESSERA_CHECK(model != nullptr, InvalidArgument, "ModelBackend::from_model: no model");
-  return translate_errors("ModelBackend::from_model", [&] {
-    auto impl = std::make_unique<Impl>(std::move(model), std::move(tokenizer));
-    impl->options = options;
-    impl->chat_template = std::move(chat_template);
-    impl->add_bos = add_bos;
-    impl->setup("<in-memory model>");
-    return std::unique_ptr<ModelBackend>(new ModelBackend(std::move(impl)));
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "ModelBackend::from_model",
+      [&] {
+        auto impl = std::make_unique<Impl>(std::move(model), std::move(tokenizer));
+        impl->options = options;
+        impl->chat_template = std::move(chat_template);
+        impl->add_bos = add_bos;
+        impl->setup("<in-memory model>");
+        return std::unique_ptr<ModelBackend>(new ModelBackend(std::move(impl)));
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 std::vector<std::string> ModelBackend::generate(const std::vector<GenerateRequest>& requests) {

@@ -70,9 +70,10 @@ TokenizerFiles gguf_tokenizer(const std::string& path) {
       }
     }
   }
-  spec.pre = file.has("tokenizer.ggml.pre")
-                 ? nn::Tokenizer::pre_tokenizer_from_gguf_name(file.get_string("tokenizer.ggml.pre"))
-                 : nn::PreTokenizerKind::kGpt2;
+  spec.pre =
+      file.has("tokenizer.ggml.pre")
+          ? nn::Tokenizer::pre_tokenizer_from_gguf_name(file.get_string("tokenizer.ggml.pre"))
+          : nn::PreTokenizerKind::kGpt2;
   spec.ignore_merges = spec.pre == nn::PreTokenizerKind::kLlama3;
   auto id = [&](const char* key) -> std::optional<int32_t> {
     if (!file.has(key)) return std::nullopt;
@@ -95,7 +96,8 @@ TokenizerFiles gguf_tokenizer(const std::string& path) {
 
 TokenizerFiles load_tokenizer_files(const std::string& path) {
   TESSERA_CHECK(fs::exists(path), NotFound, "tokenizer '", path, "' does not exist");
-  if (fs::is_directory(path)) return load_tokenizer_files((fs::path(path) / "tokenizer.json").string());
+  if (fs::is_directory(path))
+    return load_tokenizer_files((fs::path(path) / "tokenizer.json").string());
   if (fs::path(path).extension() == ".json") {
     TokenizerFiles out{nn::Tokenizer::from_tokenizer_json(path), "", false};
     read_tokenizer_config(fs::path(path).parent_path().string(), &out.chat_template, &out.add_bos);

@@ -833,9 +833,9 @@ Task Task::load(const std::string& yaml_path, const TaskLoadOptions& options) {
     const size_t pool = impl->fewshot_texts.size();
     const size_t draw = static_cast<size_t>(c.num_fewshot) + (separate_fewshot ? 0 : 1);
     if (draw > pool) {
-      const std::string key_file =
-          options.num_fewshot ? leaf + " (num_fewshot override)"
-                              : (has("num_fewshot") ? raw.at("num_fewshot").file : leaf);
+      const std::string key_file = options.num_fewshot
+                                       ? leaf + " (num_fewshot override)"
+                                       : (has("num_fewshot") ? raw.at("num_fewshot").file : leaf);
       TESSERA_THROW(InvalidArgument, key_file, ": num_fewshot: ", c.num_fewshot, " examples need ",
                     draw, " few-shot documents",
                     separate_fewshot

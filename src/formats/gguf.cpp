@@ -32,8 +32,8 @@ namespace {
 
 constexpr uint32_t kGgufMagic = 0x46554747;  // "GGUF" read as a little-endian uint32
 constexpr uint64_t kDefaultAlignment = 32;
-constexpr uint32_t kMaxDims = 4;             // GGML_MAX_DIMS
-constexpr int64_t kQuantBlock = 32;          // QK4_0 == QK4_1 == QK8_0
+constexpr uint32_t kMaxDims = 4;     // GGML_MAX_DIMS
+constexpr int64_t kQuantBlock = 32;  // QK4_0 == QK4_1 == QK8_0
 // Blocks per at::parallel_for task: 2048 blocks = 64K values, enough work to
 // amortise scheduling while still splitting a 576x576 matrix across threads.
 constexpr int64_t kDequantGrain = 2048;
@@ -47,16 +47,21 @@ size_t scalar_size(uint32_t type) {
   switch (static_cast<GgufType>(type)) {
     case GgufType::kUint8:
     case GgufType::kInt8:
-    case GgufType::kBool: return 1;
+    case GgufType::kBool:
+      return 1;
     case GgufType::kUint16:
-    case GgufType::kInt16: return 2;
+    case GgufType::kInt16:
+      return 2;
     case GgufType::kUint32:
     case GgufType::kInt32:
-    case GgufType::kFloat32: return 4;
+    case GgufType::kFloat32:
+      return 4;
     case GgufType::kUint64:
     case GgufType::kInt64:
-    case GgufType::kFloat64: return 8;
-    default: return 0;
+    case GgufType::kFloat64:
+      return 8;
+    default:
+      return 0;
   }
 }
 
@@ -69,8 +74,10 @@ bool is_integer(GgufType t) {
     case GgufType::kUint32:
     case GgufType::kInt32:
     case GgufType::kUint64:
-    case GgufType::kInt64: return true;
-    default: return false;
+    case GgufType::kInt64:
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -86,17 +93,17 @@ struct GgmlTraits {
   int64_t type_size;
 };
 constexpr GgmlTraits kGgmlTraits[] = {
-    {0, "F32", 1, 4},          {1, "F16", 1, 2},           {2, "Q4_0", 32, 18},
-    {3, "Q4_1", 32, 20},       {6, "Q5_0", 32, 22},        {7, "Q5_1", 32, 24},
-    {8, "Q8_0", 32, 34},       {9, "Q8_1", 32, 36},        {10, "Q2_K", 256, 84},
-    {11, "Q3_K", 256, 110},    {12, "Q4_K", 256, 144},     {13, "Q5_K", 256, 176},
-    {14, "Q6_K", 256, 210},    {15, "Q8_K", 256, 292},     {16, "IQ2_XXS", 256, 66},
-    {17, "IQ2_XS", 256, 74},   {18, "IQ3_XXS", 256, 98},   {19, "IQ1_S", 256, 50},
-    {20, "IQ4_NL", 32, 18},    {21, "IQ3_S", 256, 110},    {22, "IQ2_S", 256, 82},
-    {23, "IQ4_XS", 256, 136},  {24, "I8", 1, 1},           {25, "I16", 1, 2},
-    {26, "I32", 1, 4},         {27, "I64", 1, 8},          {28, "F64", 1, 8},
-    {29, "IQ1_M", 256, 56},    {30, "BF16", 1, 2},         {34, "TQ1_0", 256, 54},
-    {35, "TQ2_0", 256, 66},    {39, "MXFP4", 32, 17},
+    {0, "F32", 1, 4},         {1, "F16", 1, 2},         {2, "Q4_0", 32, 18},
+    {3, "Q4_1", 32, 20},      {6, "Q5_0", 32, 22},      {7, "Q5_1", 32, 24},
+    {8, "Q8_0", 32, 34},      {9, "Q8_1", 32, 36},      {10, "Q2_K", 256, 84},
+    {11, "Q3_K", 256, 110},   {12, "Q4_K", 256, 144},   {13, "Q5_K", 256, 176},
+    {14, "Q6_K", 256, 210},   {15, "Q8_K", 256, 292},   {16, "IQ2_XXS", 256, 66},
+    {17, "IQ2_XS", 256, 74},  {18, "IQ3_XXS", 256, 98}, {19, "IQ1_S", 256, 50},
+    {20, "IQ4_NL", 32, 18},   {21, "IQ3_S", 256, 110},  {22, "IQ2_S", 256, 82},
+    {23, "IQ4_XS", 256, 136}, {24, "I8", 1, 1},         {25, "I16", 1, 2},
+    {26, "I32", 1, 4},        {27, "I64", 1, 8},        {28, "F64", 1, 8},
+    {29, "IQ1_M", 256, 56},   {30, "BF16", 1, 2},       {34, "TQ1_0", 256, 54},
+    {35, "TQ2_0", 256, 66},   {39, "MXFP4", 32, 17},
 };
 
 const GgmlTraits* find_traits(uint32_t id) {
@@ -180,7 +187,7 @@ struct KvEntry {
   std::string key;
   GgufType type = GgufType::kUint8;
   GgufType element_type = GgufType::kUint8;  // arrays only
-  uint64_t count = 0;     // arrays only
+  uint64_t count = 0;                        // arrays only
   // Offset of the value in the file: the scalar, the string's length
   // prefix, or an array's first element.
   uint64_t payload = 0;
@@ -190,19 +197,32 @@ struct KvEntry {
 
 std::string gguf_type_name(GgufType type) {
   switch (type) {
-    case GgufType::kUint8: return "uint8";
-    case GgufType::kInt8: return "int8";
-    case GgufType::kUint16: return "uint16";
-    case GgufType::kInt16: return "int16";
-    case GgufType::kUint32: return "uint32";
-    case GgufType::kInt32: return "int32";
-    case GgufType::kFloat32: return "float32";
-    case GgufType::kBool: return "bool";
-    case GgufType::kString: return "string";
-    case GgufType::kArray: return "array";
-    case GgufType::kUint64: return "uint64";
-    case GgufType::kInt64: return "int64";
-    case GgufType::kFloat64: return "float64";
+    case GgufType::kUint8:
+      return "uint8";
+    case GgufType::kInt8:
+      return "int8";
+    case GgufType::kUint16:
+      return "uint16";
+    case GgufType::kInt16:
+      return "int16";
+    case GgufType::kUint32:
+      return "uint32";
+    case GgufType::kInt32:
+      return "int32";
+    case GgufType::kFloat32:
+      return "float32";
+    case GgufType::kBool:
+      return "bool";
+    case GgufType::kString:
+      return "string";
+    case GgufType::kArray:
+      return "array";
+    case GgufType::kUint64:
+      return "uint64";
+    case GgufType::kInt64:
+      return "int64";
+    case GgufType::kFloat64:
+      return "float64";
   }
   return "type" + std::to_string(static_cast<uint32_t>(type));
 }
@@ -221,17 +241,17 @@ struct GgufFile::Impl {
   uint32_t version = 0;
   uint64_t alignment = kDefaultAlignment;
   uint64_t data_offset = 0;
-  std::vector<KvEntry> kvs;                       // file order
+  std::vector<KvEntry> kvs;  // file order
   std::unordered_map<std::string, size_t> kv_index;
-  std::vector<GgufTensorInfo> tensors;            // file order
+  std::vector<GgufTensorInfo> tensors;  // file order
   std::unordered_map<std::string, size_t> tensor_index;
 
   const uint8_t* at(uint64_t offset) const { return file->data() + offset; }
 
   const KvEntry& kv(const std::string& key) const {
     auto it = kv_index.find(key);
-    TESSERA_CHECK(it != kv_index.end(), NotFound, "GGUF file ", path, " has no metadata key '",
-                  key, "'");
+    TESSERA_CHECK(it != kv_index.end(), NotFound, "GGUF file ", path, " has no metadata key '", key,
+                  "'");
     return kvs[it->second];
   }
   [[noreturn]] void wrong_type(const KvEntry& e, const char* wanted) const {
@@ -244,21 +264,29 @@ struct GgufFile::Impl {
   int64_t int_at(const KvEntry& e, GgufType type, uint64_t offset) const {
     const uint8_t* p = at(offset);
     switch (type) {
-      case GgufType::kUint8: return read_le<uint8_t>(p);
-      case GgufType::kInt8: return read_le<int8_t>(p);
-      case GgufType::kUint16: return read_le<uint16_t>(p);
-      case GgufType::kInt16: return read_le<int16_t>(p);
-      case GgufType::kUint32: return read_le<uint32_t>(p);
-      case GgufType::kInt32: return read_le<int32_t>(p);
-      case GgufType::kInt64: return read_le<int64_t>(p);
+      case GgufType::kUint8:
+        return read_le<uint8_t>(p);
+      case GgufType::kInt8:
+        return read_le<int8_t>(p);
+      case GgufType::kUint16:
+        return read_le<uint16_t>(p);
+      case GgufType::kInt16:
+        return read_le<int16_t>(p);
+      case GgufType::kUint32:
+        return read_le<uint32_t>(p);
+      case GgufType::kInt32:
+        return read_le<int32_t>(p);
+      case GgufType::kInt64:
+        return read_le<int64_t>(p);
       case GgufType::kUint64: {
         const uint64_t v = read_le<uint64_t>(p);
         TESSERA_CHECK(v <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
-                      InvalidArgument, "GGUF file ", path, ", key '", e.key, "': uint64 value ",
-                      v, " does not fit in int64");
+                      InvalidArgument, "GGUF file ", path, ", key '", e.key, "': uint64 value ", v,
+                      " does not fit in int64");
         return static_cast<int64_t>(v);
       }
-      default: wrong_type(e, "an integer");
+      default:
+        wrong_type(e, "an integer");
     }
   }
   double float_at(GgufType type, uint64_t offset) const {
@@ -711,16 +739,36 @@ std::vector<uint8_t> encode_array(GgufType element_type, const std::vector<T>& v
 }
 }  // namespace
 
-void GgufWriter::add_uint8(const std::string& k, uint8_t v) { add_key(k, GgufType::kUint8, encode_scalar(v)); }
-void GgufWriter::add_int8(const std::string& k, int8_t v) { add_key(k, GgufType::kInt8, encode_scalar(v)); }
-void GgufWriter::add_uint16(const std::string& k, uint16_t v) { add_key(k, GgufType::kUint16, encode_scalar(v)); }
-void GgufWriter::add_int16(const std::string& k, int16_t v) { add_key(k, GgufType::kInt16, encode_scalar(v)); }
-void GgufWriter::add_uint32(const std::string& k, uint32_t v) { add_key(k, GgufType::kUint32, encode_scalar(v)); }
-void GgufWriter::add_int32(const std::string& k, int32_t v) { add_key(k, GgufType::kInt32, encode_scalar(v)); }
-void GgufWriter::add_uint64(const std::string& k, uint64_t v) { add_key(k, GgufType::kUint64, encode_scalar(v)); }
-void GgufWriter::add_int64(const std::string& k, int64_t v) { add_key(k, GgufType::kInt64, encode_scalar(v)); }
-void GgufWriter::add_float32(const std::string& k, float v) { add_key(k, GgufType::kFloat32, encode_scalar(v)); }
-void GgufWriter::add_float64(const std::string& k, double v) { add_key(k, GgufType::kFloat64, encode_scalar(v)); }
+void GgufWriter::add_uint8(const std::string& k, uint8_t v) {
+  add_key(k, GgufType::kUint8, encode_scalar(v));
+}
+void GgufWriter::add_int8(const std::string& k, int8_t v) {
+  add_key(k, GgufType::kInt8, encode_scalar(v));
+}
+void GgufWriter::add_uint16(const std::string& k, uint16_t v) {
+  add_key(k, GgufType::kUint16, encode_scalar(v));
+}
+void GgufWriter::add_int16(const std::string& k, int16_t v) {
+  add_key(k, GgufType::kInt16, encode_scalar(v));
+}
+void GgufWriter::add_uint32(const std::string& k, uint32_t v) {
+  add_key(k, GgufType::kUint32, encode_scalar(v));
+}
+void GgufWriter::add_int32(const std::string& k, int32_t v) {
+  add_key(k, GgufType::kInt32, encode_scalar(v));
+}
+void GgufWriter::add_uint64(const std::string& k, uint64_t v) {
+  add_key(k, GgufType::kUint64, encode_scalar(v));
+}
+void GgufWriter::add_int64(const std::string& k, int64_t v) {
+  add_key(k, GgufType::kInt64, encode_scalar(v));
+}
+void GgufWriter::add_float32(const std::string& k, float v) {
+  add_key(k, GgufType::kFloat32, encode_scalar(v));
+}
+void GgufWriter::add_float64(const std::string& k, double v) {
+  add_key(k, GgufType::kFloat64, encode_scalar(v));
+}
 void GgufWriter::add_bool(const std::string& k, bool v) {
   add_key(k, GgufType::kBool, encode_scalar<uint8_t>(v ? 1 : 0));
 }
@@ -730,16 +778,36 @@ void GgufWriter::add_string(const std::string& k, const std::string& v) {
   add_key(k, GgufType::kString, std::move(out));
 }
 
-void GgufWriter::add_array(const std::string& k, const std::vector<uint8_t>& v) { add_key(k, GgufType::kArray, encode_array(GgufType::kUint8, v)); }
-void GgufWriter::add_array(const std::string& k, const std::vector<int8_t>& v) { add_key(k, GgufType::kArray, encode_array(GgufType::kInt8, v)); }
-void GgufWriter::add_array(const std::string& k, const std::vector<uint16_t>& v) { add_key(k, GgufType::kArray, encode_array(GgufType::kUint16, v)); }
-void GgufWriter::add_array(const std::string& k, const std::vector<int16_t>& v) { add_key(k, GgufType::kArray, encode_array(GgufType::kInt16, v)); }
-void GgufWriter::add_array(const std::string& k, const std::vector<uint32_t>& v) { add_key(k, GgufType::kArray, encode_array(GgufType::kUint32, v)); }
-void GgufWriter::add_array(const std::string& k, const std::vector<int32_t>& v) { add_key(k, GgufType::kArray, encode_array(GgufType::kInt32, v)); }
-void GgufWriter::add_array(const std::string& k, const std::vector<uint64_t>& v) { add_key(k, GgufType::kArray, encode_array(GgufType::kUint64, v)); }
-void GgufWriter::add_array(const std::string& k, const std::vector<int64_t>& v) { add_key(k, GgufType::kArray, encode_array(GgufType::kInt64, v)); }
-void GgufWriter::add_array(const std::string& k, const std::vector<float>& v) { add_key(k, GgufType::kArray, encode_array(GgufType::kFloat32, v)); }
-void GgufWriter::add_array(const std::string& k, const std::vector<double>& v) { add_key(k, GgufType::kArray, encode_array(GgufType::kFloat64, v)); }
+void GgufWriter::add_array(const std::string& k, const std::vector<uint8_t>& v) {
+  add_key(k, GgufType::kArray, encode_array(GgufType::kUint8, v));
+}
+void GgufWriter::add_array(const std::string& k, const std::vector<int8_t>& v) {
+  add_key(k, GgufType::kArray, encode_array(GgufType::kInt8, v));
+}
+void GgufWriter::add_array(const std::string& k, const std::vector<uint16_t>& v) {
+  add_key(k, GgufType::kArray, encode_array(GgufType::kUint16, v));
+}
+void GgufWriter::add_array(const std::string& k, const std::vector<int16_t>& v) {
+  add_key(k, GgufType::kArray, encode_array(GgufType::kInt16, v));
+}
+void GgufWriter::add_array(const std::string& k, const std::vector<uint32_t>& v) {
+  add_key(k, GgufType::kArray, encode_array(GgufType::kUint32, v));
+}
+void GgufWriter::add_array(const std::string& k, const std::vector<int32_t>& v) {
+  add_key(k, GgufType::kArray, encode_array(GgufType::kInt32, v));
+}
+void GgufWriter::add_array(const std::string& k, const std::vector<uint64_t>& v) {
+  add_key(k, GgufType::kArray, encode_array(GgufType::kUint64, v));
+}
+void GgufWriter::add_array(const std::string& k, const std::vector<int64_t>& v) {
+  add_key(k, GgufType::kArray, encode_array(GgufType::kInt64, v));
+}
+void GgufWriter::add_array(const std::string& k, const std::vector<float>& v) {
+  add_key(k, GgufType::kArray, encode_array(GgufType::kFloat32, v));
+}
+void GgufWriter::add_array(const std::string& k, const std::vector<double>& v) {
+  add_key(k, GgufType::kArray, encode_array(GgufType::kFloat64, v));
+}
 
 void GgufWriter::add_array(const std::string& k, const std::vector<bool>& v) {
   std::vector<uint8_t> out;
@@ -786,13 +854,12 @@ void GgufWriter::add_raw_tensor(const std::string& name, GgmlType type,
 
 void GgufWriter::add_tensor(const std::string& name, const at::Tensor& tensor, GgmlType type) {
   const std::string what = "GGUF tensor '" + name + "'";
-  TESSERA_CHECK(tensor.defined() && at::isFloatingType(tensor.scalar_type()), InvalidArgument,
-                what, ": expected a floating-point tensor");
+  TESSERA_CHECK(tensor.defined() && at::isFloatingType(tensor.scalar_type()), InvalidArgument, what,
+                ": expected a floating-point tensor");
   TESSERA_CHECK(tensor.dim() >= 1 && tensor.dim() <= static_cast<int64_t>(kMaxDims),
                 InvalidArgument, what, ": expected 1 to 4 dimensions, got ", tensor.dim());
-  const at::Tensor x = translate_errors(what, [&] {
-    return tensor.to(at::kCPU, at::kFloat).contiguous();
-  });
+  const at::Tensor x =
+      translate_errors(what, [&] { return tensor.to(at::kCPU, at::kFloat).contiguous(); });
   const std::vector<int64_t> shape = x.sizes().vec();
   const int64_t n = x.numel();
   std::vector<uint8_t> bytes;

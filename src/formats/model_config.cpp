@@ -13,11 +13,29 @@ namespace {
 // Fields that record how a checkpoint was made or how Hugging Face should
 // run it; they do not change the model's function.
 const char* const kIgnoredFields[] = {
-    "architectures", "transformers_version", "torch_dtype", "use_cache", "initializer_range",
-    "pad_token_id", "_name_or_path", "auto_map", "output_router_logits", "model_input_names",
-    "tokenizer_class", "quantization_config", "attention_dropout", "hidden_dropout",
-    "is_llama_config", "rope_interleaved", "use_bfloat16", "id2label", "label2id",
-    "output_attentions", "output_hidden_states", "return_dict", "dtype",
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "use_cache",
+    "initializer_range",
+    "pad_token_id",
+    "_name_or_path",
+    "auto_map",
+    "output_router_logits",
+    "model_input_names",
+    "tokenizer_class",
+    "quantization_config",
+    "attention_dropout",
+    "hidden_dropout",
+    "is_llama_config",
+    "rope_interleaved",
+    "use_bfloat16",
+    "id2label",
+    "label2id",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "dtype",
 };
 
 bool contains(const std::vector<int64_t>& v, int64_t x) {
@@ -33,8 +51,8 @@ bool ModelConfig::is_moe_layer(int64_t layer) const {
 
 int64_t ModelConfig::num_parameters() const {
   const int64_t h = hidden_size, hd = head_size();
-  int64_t attn = h * hd * (num_attention_heads + 2 * num_key_value_heads) +
-                 hd * num_attention_heads * h;
+  int64_t attn =
+      h * hd * (num_attention_heads + 2 * num_key_value_heads) + hd * num_attention_heads * h;
   if (attention_bias) attn += hd * (num_attention_heads + 2 * num_key_value_heads);
   int64_t total = vocab_size * h * (tie_word_embeddings ? 1 : 2) + h;
   for (int64_t l = 0; l < num_hidden_layers; ++l) {
@@ -54,7 +72,8 @@ int64_t ModelConfig::num_active_parameters() const {
   ModelConfig dense = *this;
   int64_t inactive = 0;
   for (int64_t l = 0; l < num_hidden_layers; ++l) {
-    if (is_moe_layer(l)) inactive += (num_experts - num_experts_per_tok) * 3 * hidden_size * expert_intermediate();
+    if (is_moe_layer(l))
+      inactive += (num_experts - num_experts_per_tok) * 3 * hidden_size * expert_intermediate();
   }
   return num_parameters() - inactive;
 }
@@ -89,18 +108,19 @@ void ModelConfig::validate() const {
   TESSERA_CHECK(head_dim > 0 || hidden_size % num_attention_heads == 0, InvalidArgument,
                 "model config: hidden_size ", hidden_size, " is not divisible by ",
                 num_attention_heads, " heads and head_dim is not given");
-  TESSERA_CHECK(head_size() % 2 == 0, InvalidArgument, "model config: head dimension ",
-                head_size(), " must be even for rotary embeddings");
+  TESSERA_CHECK(head_size() % 2 == 0, InvalidArgument, "model config: head dimension ", head_size(),
+                " must be even for rotary embeddings");
   if (num_experts > 0) {
-    TESSERA_CHECK(num_experts_per_tok >= 1 && num_experts_per_tok <= num_experts,
-                  InvalidArgument, "model config: num_experts_per_tok ", num_experts_per_tok,
+    TESSERA_CHECK(num_experts_per_tok >= 1 && num_experts_per_tok <= num_experts, InvalidArgument,
+                  "model config: num_experts_per_tok ", num_experts_per_tok,
                   " must lie in [1, num_experts=", num_experts, "]");
     positive(decoder_sparse_step, "decoder_sparse_step");
     positive(expert_intermediate(), "moe_intermediate_size");
   } else {
     positive(intermediate_size, "intermediate_size");
   }
-  TESSERA_CHECK(capacity_factor >= 0, InvalidArgument, "model config: capacity_factor must be >= 0");
+  TESSERA_CHECK(capacity_factor >= 0, InvalidArgument,
+                "model config: capacity_factor must be >= 0");
 }
 
 ModelConfig ModelConfig::from_config(const ConfigObject& cfg) {
@@ -250,10 +270,10 @@ std::string ModelConfig::to_json() const {
     j["router_z_loss_coef"] = router_z_loss_coef;
     j["capacity_factor"] = capacity_factor;
   }
-  j["architectures"] = {model_type == "llama"      ? "LlamaForCausalLM"
-                        : model_type == "qwen2"    ? "Qwen2ForCausalLM"
-                        : model_type == "mixtral"  ? "MixtralForCausalLM"
-                                                   : "Qwen2MoeForCausalLM"};
+  j["architectures"] = {model_type == "llama"     ? "LlamaForCausalLM"
+                        : model_type == "qwen2"   ? "Qwen2ForCausalLM"
+                        : model_type == "mixtral" ? "MixtralForCausalLM"
+                                                  : "Qwen2MoeForCausalLM"};
   return j.dump(2);
 }
 

@@ -49,9 +49,8 @@ constexpr DtypeName kDtypes[] = {
     {"U8", at::kByte},    {"BOOL", at::kBool},
 };
 // Defined by the format but with no LibTorch 1.13 dtype to view them as.
-constexpr const char* kUnsupportedDtypes[] = {"U16",     "U32",     "U64",     "F8_E4M3",
-                                              "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2",
-                                              "F4",      "C64"};
+constexpr const char* kUnsupportedDtypes[] = {"U16",     "U32",     "U64",     "F8_E4M3", "F8_E5M2",
+                                              "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4",      "C64"};
 
 // Safetensors name of `dtype`, or nullptr when the format cannot hold it.
 const char* safetensors_dtype_name(at::ScalarType dtype) {
@@ -86,7 +85,8 @@ at::ScalarType parse_entry_dtype(const std::string& path, const std::string& nam
 // A JSON array of non-negative integers, as shape and data_offsets must be.
 std::vector<uint64_t> parse_uint_array(const std::string& path, const std::string& name,
                                        const char* field, const json& value) {
-  if (!value.is_array()) corrupt(path, name, "\"", field, "\" must be an array, got ", value.dump());
+  if (!value.is_array())
+    corrupt(path, name, "\"", field, "\" must be an array, got ", value.dump());
   std::vector<uint64_t> out;
   out.reserve(value.size());
   for (const auto& v : value) {
@@ -237,14 +237,14 @@ struct SafetensorsFile::Impl {
   std::string path;
   std::shared_ptr<const MappedFile> file;
   uint64_t data_offset = 0;
-  std::vector<SafetensorsTensorInfo> tensors;  // ascending data_begin
+  std::vector<SafetensorsTensorInfo> tensors;     // ascending data_begin
   std::unordered_map<std::string, size_t> index;  // name -> position in tensors
   std::map<std::string, std::string> metadata;
 
   const SafetensorsTensorInfo& find(const std::string& name) const {
     auto it = index.find(name);
-    TESSERA_CHECK(it != index.end(), NotFound, "safetensors file ", path, " has no tensor '",
-                  name, "'");
+    TESSERA_CHECK(it != index.end(), NotFound, "safetensors file ", path, " has no tensor '", name,
+                  "'");
     return tensors[it->second];
   }
 };
@@ -301,7 +301,8 @@ at::Tensor SafetensorsFile::get(const std::string& name) const {
   // The deleter owns a reference to the mapping: the tensor (and every view
   // of it) keeps the file mapped after this SafetensorsFile is gone.
   std::shared_ptr<const MappedFile> keep_alive = impl_->file;
-  return at::from_blob(ptr, info.shape, [keep_alive](void*) {}, options);
+  return at::from_blob(
+      ptr, info.shape, [keep_alive](void*) {}, options);
 }
 
 at::Tensor SafetensorsFile::get(const std::string& name, at::ScalarType expected_dtype,
@@ -330,10 +331,10 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
                   ": duplicate tensor name '", name, "'");
     TESSERA_CHECK(t.defined(), InvalidArgument, "saving ", path, ", tensor '", name,
                   "': tensor is undefined");
-    TESSERA_CHECK(t.layout() == at::kStrided, InvalidArgument, "saving ", path, ", tensor '",
-                  name, "': only dense (strided) tensors can be saved");
-    TESSERA_CHECK(safetensors_dtype_name(t.scalar_type()) != nullptr, InvalidArgument,
-                  "saving ", path, ", tensor '", name, "': dtype ", dtype_name(t.scalar_type()),
+    TESSERA_CHECK(t.layout() == at::kStrided, InvalidArgument, "saving ", path, ", tensor '", name,
+                  "': only dense (strided) tensors can be saved");
+    TESSERA_CHECK(safetensors_dtype_name(t.scalar_type()) != nullptr, InvalidArgument, "saving ",
+                  path, ", tensor '", name, "': dtype ", dtype_name(t.scalar_type()),
                   " has no safetensors equivalent supported here");
   }
 
@@ -373,8 +374,8 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
     const std::string& name = tensors[i].first;
     const at::Tensor& t = tensors[i].second;  // lambdas cannot capture structured bindings
     at::Tensor cpu = translate_errors(
-        "saving " + path + ", tensor '" + name + "'",
-        [&] { return t.to(at::kCPU).contiguous(); }, ErrorCode::kInternal);
+        "saving " + path + ", tensor '" + name + "'", [&] { return t.to(at::kCPU).contiguous(); },
+        ErrorCode::kInternal);
     out.append(cpu.data_ptr(), static_cast<size_t>(tensor_bytes(cpu)));
   }
   out.commit();
@@ -417,8 +418,8 @@ SafetensorsFolder SafetensorsFolder::open(const std::string& dir) {
 
   std::error_code ec;
   if (!fs::exists(index_path, ec)) {
-    TESSERA_CHECK(fs::exists(single_path, ec), NotFound, "safetensors folder ", dir, " has neither ",
-                  kSafetensorsIndexFile, " nor ", kSafetensorsSingleFile);
+    TESSERA_CHECK(fs::exists(single_path, ec), NotFound, "safetensors folder ", dir,
+                  " has neither ", kSafetensorsIndexFile, " nor ", kSafetensorsSingleFile);
     impl->source = single_path.string();
     SafetensorsFile file = SafetensorsFile::open(impl->source);
     for (const auto& t : file.tensors()) impl->weight_map.emplace(t.name, kSafetensorsSingleFile);
@@ -440,10 +441,10 @@ SafetensorsFolder SafetensorsFolder::open(const std::string& dir) {
       TESSERA_THROW(DataLoss, "safetensors index ", source, " is not valid JSON: ", e.what());
     }
   }
-  TESSERA_CHECK(index.is_object() && index.contains("weight_map") &&
-                    index["weight_map"].is_object(),
-                DataLoss, "safetensors index ", source,
-                " must be a JSON object with a \"weight_map\" object");
+  TESSERA_CHECK(
+      index.is_object() && index.contains("weight_map") && index["weight_map"].is_object(),
+      DataLoss, "safetensors index ", source,
+      " must be a JSON object with a \"weight_map\" object");
   for (const auto& [name, file] : index["weight_map"].items()) {
     TESSERA_CHECK(file.is_string(), DataLoss, "safetensors index ", source, ": weight_map entry '",
                   name, "' must be a file name string, got ", file.dump());
@@ -508,7 +509,8 @@ void save_safetensors_folder(const std::string& dir, const NamedTensors& tensors
   uint64_t shard_bytes = 0;
   uint64_t total_bytes = 0;
   for (const auto& entry : tensors) {
-    const uint64_t bytes = entry.second.defined() ? static_cast<uint64_t>(tensor_bytes(entry.second)) : 0;
+    const uint64_t bytes =
+        entry.second.defined() ? static_cast<uint64_t>(tensor_bytes(entry.second)) : 0;
     if (shards.empty() || (!shards.back().empty() && shard_bytes + bytes > max_shard_bytes)) {
       shards.emplace_back();
       shard_bytes = 0;

@@ -13,6 +13,7 @@ namespace tessera::lora::detail {
 // Not differentiable (serving). Internal error naming the kernel on a
 // CUDA failure.
 at::Tensor bank_apply_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a_stack,
-                           const at::Tensor& b_stack, const at::Tensor& scale, const at::Tensor& slot);
+                           const at::Tensor& b_stack, const at::Tensor& scale,
+                           const at::Tensor& slot);
 
 }  // namespace tessera::lora::detail

@@ -49,7 +49,9 @@ std::vector<TargetModule> find_targets(const nn::Transformer& model,
   std::vector<TargetModule> out;
   const std::string suffix = ".weight";
   for (const auto& name : model.full_parameter_names()) {
-    if (name.size() <= suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix)) continue;
+    if (name.size() <= suffix.size() ||
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix))
+      continue;
     std::string module = name.substr(0, name.size() - suffix.size());
     // Linear layers only: 2-D weights that are not embeddings, the LM head
     // or routers.
@@ -116,34 +118,38 @@ std::vector<at::Tensor> Adapter::trainable() {
 
 at::Tensor Adapter::apply(const std::string& name, const at::Tensor& x, const at::Tensor& y,
                           const nn::AdapterContext& context) {
-  return translate_errors("lora Adapter::apply", [&]() -> at::Tensor {
-  if (!adapts(name)) return y;
-  at::Tensor in = dropout_ > 0 && training_ ? at::dropout(x, dropout_, true) : x;
-  if (context.token_adapters.defined()) {
-    // Rows of a flattened input, each with its own choice (paged and
-    // batch-invariant forwards): rows whose id is negative get nothing.
-    const int64_t rows = context.token_adapters.numel();
-    TESSERA_CHECK(x.numel() == rows * x.size(-1), InvalidArgument, "adapter on '", name, "': ",
-                  rows, " token adapter ids for input ", shape_string(x.sizes()));
-    at::Tensor x2 = in.reshape({rows, x.size(-1)});
-    at::Tensor delta = context.batch_invariant
-                           ? nn::linear_invariant(nn::linear_invariant(x2, a(name).detach()),
-                                                  b(name).detach())
-                           : at::matmul(at::matmul(x2, a(name).t()), b(name).t());
-    delta = delta * scale();
-    at::Tensor on = (context.token_adapters.view({rows, 1}) >= 0).to(delta.scalar_type());
-    return y + (delta * on).to(y.scalar_type()).view(y.sizes());
-  }
-  at::Tensor delta = at::matmul(at::matmul(in, a(name).t()), b(name).t()) * scale();
-  if (context.sequence_adapters.defined()) {
-    // As a lone adapter: sequences that asked for none get nothing.
-    TESSERA_CHECK(x.dim() == 3 && x.size(0) == context.sequence_adapters.size(0), InvalidArgument,
-                  "adapter on '", name, "': per-sequence adapter ids need [batch, tokens, features] input");
-    at::Tensor on = (context.sequence_adapters >= 0).to(delta.scalar_type()).view({-1, 1, 1});
-    delta = delta * on;
-  }
-  return y + delta.to(y.scalar_type());
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "lora Adapter::apply",
+      [&]() -> at::Tensor {
+        if (!adapts(name)) return y;
+        at::Tensor in = dropout_ > 0 && training_ ? at::dropout(x, dropout_, true) : x;
+        if (context.token_adapters.defined()) {
+          // Rows of a flattened input, each with its own choice (paged and
+          // batch-invariant forwards): rows whose id is negative get nothing.
+          const int64_t rows = context.token_adapters.numel();
+          TESSERA_CHECK(x.numel() == rows * x.size(-1), InvalidArgument, "adapter on '", name,
+                        "': ", rows, " token adapter ids for input ", shape_string(x.sizes()));
+          at::Tensor x2 = in.reshape({rows, x.size(-1)});
+          at::Tensor delta = context.batch_invariant
+                                 ? nn::linear_invariant(nn::linear_invariant(x2, a(name).detach()),
+                                                        b(name).detach())
+                                 : at::matmul(at::matmul(x2, a(name).t()), b(name).t());
+          delta = delta * scale();
+          at::Tensor on = (context.token_adapters.view({rows, 1}) >= 0).to(delta.scalar_type());
+          return y + (delta * on).to(y.scalar_type()).view(y.sizes());
+        }
+        at::Tensor delta = at::matmul(at::matmul(in, a(name).t()), b(name).t()) * scale();
+        if (context.sequence_adapters.defined()) {
+          // As a lone adapter: sequences that asked for none get nothing.
+          TESSERA_CHECK(x.dim() == 3 && x.size(0) == context.sequence_adapters.size(0),
+                        InvalidArgument, "adapter on '", name,
+                        "': per-sequence adapter ids need [batch, tokens, features] input");
+          at::Tensor on = (context.sequence_adapters >= 0).to(delta.scalar_type()).view({-1, 1, 1});
+          delta = delta * on;
+        }
+        return y + delta.to(y.scalar_type());
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 // ---------------------------------------------------------------------------
@@ -170,7 +176,8 @@ class LoraAdapter : public Adapter {
   double alpha() const { return alpha_; }
   bool rslora() const { return rslora_; }
   double scale() const override {
-    return rslora_ ? alpha_ / std::sqrt(static_cast<double>(rank_)) : alpha_ / static_cast<double>(rank_);
+    return rslora_ ? alpha_ / std::sqrt(static_cast<double>(rank_))
+                   : alpha_ / static_cast<double>(rank_);
   }
   at::Tensor a(const std::string& module) override { return a_[index(module)]; }
   at::Tensor b(const std::string& module) override { return b_[index(module)]; }
@@ -219,12 +226,13 @@ class MosAdapter : public Adapter {
     const int64_t hidden = model.config().hidden_size;
     if (c.vector_sharding) {
       TESSERA_CHECK(c.shards_per_vector >= 1 && hidden % c.shards_per_vector == 0, InvalidArgument,
-                    "MoS: hidden size ", hidden, " does not split into ", c.shards_per_vector, " shards");
+                    "MoS: hidden size ", hidden, " does not split into ", c.shards_per_vector,
+                    " shards");
       shard_ = hidden / c.shards_per_vector;
       for (const auto& t : targets_) {
         TESSERA_CHECK(t.in % shard_ == 0 && t.out % shard_ == 0, InvalidArgument, "MoS: module '",
-                      t.name, "' (", t.in, " -> ", t.out, ") is not a multiple of the shard length ",
-                      shard_);
+                      t.name, "' (", t.in, " -> ", t.out,
+                      ") is not a multiple of the shard length ", shard_);
       }
     }
     build(model);
@@ -336,14 +344,16 @@ class MosAdapter : public Adapter {
     // Public pools, one per shard length: A random as LoRA's A, B zero so
     // the adapter starts as the identity.
     for (auto [len, need] : need_a) {
-      int64_t rows = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(need * c.public_fraction)));
+      int64_t rows =
+          std::max<int64_t>(1, static_cast<int64_t>(std::ceil(need * c.public_fraction)));
       pool_a_[len] = kaiming(rows, len * (c.vector_sharding ? c.shards_per_vector : 1), gen)
                          .narrow(1, 0, len)
                          .contiguous()
                          .requires_grad_(true);
     }
     for (auto [len, need] : need_b) {
-      int64_t rows = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(need * c.public_fraction)));
+      int64_t rows =
+          std::max<int64_t>(1, static_cast<int64_t>(std::ceil(need * c.public_fraction)));
       pool_b_[len] = at::zeros({rows, len}).requires_grad_(true);
     }
     const int64_t priv = c.privatization ? c.private_shards : 0;
@@ -378,7 +388,8 @@ class MosAdapter : public Adapter {
     } else {
       for (int64_t k = 0; k < rank; ++k) {
         std::mt19937_64 pair_rng(tie ? tie * 1000003 + k : rng());
-        for (int64_t s = 0; s < shards; ++s) acc[k][s] = static_cast<int64_t>(pair_rng() % pool_rows);
+        for (int64_t s = 0; s < shards; ++s)
+          acc[k][s] = static_cast<int64_t>(pair_rng() % pool_rows);
       }
     }
     if (priv > 0) {
@@ -405,7 +416,8 @@ class MosAdapter : public Adapter {
     at::Tensor source = priv.defined() ? at::cat({pool, priv}, 0) : pool;
     const at::Tensor& index = is_a ? m.index_a : m.index_b;
     // [rank, shards, len] -> rank vectors of full width.
-    at::Tensor vectors = source.index_select(0, index.reshape({-1})).view({config_.rank, is_a ? t.in : t.out});
+    at::Tensor vectors =
+        source.index_select(0, index.reshape({-1})).view({config_.rank, is_a ? t.in : t.out});
     if (m.scaling.defined() && is_a) vectors = vectors * m.scaling.unsqueeze(1);
     return is_a ? vectors : vectors.t();  // A [rank, in], B [out, rank]
   }
@@ -420,9 +432,9 @@ class MosAdapter : public Adapter {
 
 std::shared_ptr<Adapter> make_lora(const nn::Transformer& model, const LoraConfig& config,
                                    uint64_t seed) {
-  auto adapter = std::make_shared<LoraAdapter>(find_targets(model, config.target_modules),
-                                               config.rank, config.alpha, config.dropout,
-                                               config.use_rslora);
+  auto adapter =
+      std::make_shared<LoraAdapter>(find_targets(model, config.target_modules), config.rank,
+                                    config.alpha, config.dropout, config.use_rslora);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   at::NoGradGuard no_grad;
   for (size_t i = 0; i < adapter->targets().size(); ++i) {
@@ -512,7 +524,8 @@ void save_adapter(Adapter& adapter, const std::string& dir) {
     cfg["privatization"] = c.privatization;
     cfg["rank_scaling"] = c.rank_scaling;
     cfg["seed"] = c.seed;
-    for (auto& [name, t] : mos->named_trainable()) tensors.push_back({name, t.detach().contiguous()});
+    for (auto& [name, t] : mos->named_trainable())
+      tensors.push_back({name, t.detach().contiguous()});
     for (auto& [name, t] : mos->named_indices()) tensors.push_back({name, t.contiguous()});
   } else {
     TESSERA_THROW(InvalidArgument, "save_adapter: unknown adapter kind '", adapter.kind(), "'");
@@ -535,7 +548,8 @@ std::shared_ptr<Adapter> load_adapter(const std::string& dir, const nn::Transfor
       targets = cfg.get_string_list("target_modules");
     }
   }
-  TESSERA_CHECK(!targets.empty(), InvalidArgument, cfg_path, ": target_modules is missing or empty");
+  TESSERA_CHECK(!targets.empty(), InvalidArgument, cfg_path,
+                ": target_modules is missing or empty");
   auto weights = nn::SafetensorsFile::open((fs::path(dir) / "adapter_model.safetensors").string());
   const std::string wfile = weights.path();
 
@@ -565,7 +579,8 @@ std::shared_ptr<Adapter> load_adapter(const std::string& dir, const nn::Transfor
       at::Tensor a = weights.get(name_a), b = weights.get(name_b);
       TESSERA_CHECK(a.dim() == 2 && a.size(0) == c.rank && a.size(1) == t.in, InvalidArgument,
                     wfile, ": tensor '", name_a, "' has shape ", shape_string(a.sizes()),
-                    ", expected [", c.rank, ", ", t.in, "] (r from adapter_config.json, the module's input)");
+                    ", expected [", c.rank, ", ", t.in,
+                    "] (r from adapter_config.json, the module's input)");
       TESSERA_CHECK(b.dim() == 2 && b.size(0) == t.out && b.size(1) == c.rank, InvalidArgument,
                     wfile, ": tensor '", name_b, "' has shape ", shape_string(b.sizes()),
                     ", expected [", t.out, ", ", c.rank, "]");
@@ -647,37 +662,43 @@ const AdapterBank::Stack& AdapterBank::stack(const std::string& module, const at
 
 at::Tensor AdapterBank::apply(const std::string& name, const at::Tensor& x, const at::Tensor& y,
                               const nn::AdapterContext& context) {
-  return translate_errors("lora AdapterBank::apply", [&]() -> at::Tensor {
-  if (adapters_.empty()) return y;
-  if (context.token_adapters.defined() && (context.batch_invariant || x.dim() == 2)) {
-    return apply_rows(name, x, y, context.token_adapters, context.batch_invariant);
-  }
-  if (!context.sequence_adapters.defined()) return y;
-  const at::Tensor& ids = context.sequence_adapters;
-  TESSERA_CHECK(x.dim() == 3 && x.size(0) == ids.size(0), InvalidArgument, "AdapterBank on '",
-                name, "': per-sequence adapters need [batch, tokens, features] inputs (not MoE experts)");
-  TESSERA_CHECK(ids.max().item<int64_t>() < size(), InvalidArgument, "AdapterBank: adapter id ",
-                ids.max().item<int64_t>(), " but the bank holds ", size());
-  const Stack& s = stack(name, x, y);
-  at::Tensor slot = at::where(ids < 0, at::full_like(ids, size()), ids).to(at::kLong);
+  return translate_errors(
+      "lora AdapterBank::apply",
+      [&]() -> at::Tensor {
+        if (adapters_.empty()) return y;
+        if (context.token_adapters.defined() && (context.batch_invariant || x.dim() == 2)) {
+          return apply_rows(name, x, y, context.token_adapters, context.batch_invariant);
+        }
+        if (!context.sequence_adapters.defined()) return y;
+        const at::Tensor& ids = context.sequence_adapters;
+        TESSERA_CHECK(
+            x.dim() == 3 && x.size(0) == ids.size(0), InvalidArgument, "AdapterBank on '", name,
+            "': per-sequence adapters need [batch, tokens, features] inputs (not MoE experts)");
+        TESSERA_CHECK(ids.max().item<int64_t>() < size(), InvalidArgument,
+                      "AdapterBank: adapter id ", ids.max().item<int64_t>(), " but the bank holds ",
+                      size());
+        const Stack& s = stack(name, x, y);
+        at::Tensor slot = at::where(ids < 0, at::full_like(ids, size()), ids).to(at::kLong);
 #ifdef TESSERA_LORA_CUDA
-  // Serving on a GPU: the gathered shrink/expand kernels (kernels/lora).
-  if (x.is_cuda() && x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
-      !(at::GradMode::is_enabled() && (x.requires_grad() || y.requires_grad()))) {
-    return detail::bank_apply_cuda(x, y, s.a, s.b, s.scale, slot);
-  }
+        // Serving on a GPU: the gathered shrink/expand kernels (kernels/lora).
+        if (x.is_cuda() && x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
+            !(at::GradMode::is_enabled() && (x.requires_grad() || y.requires_grad()))) {
+          return detail::bank_apply_cuda(x, y, s.a, s.b, s.scale, slot);
+        }
 #endif
-  // Gather each sequence's A and B, then two batched matmuls.
-  at::Tensor a = s.a.index_select(0, slot);                       // [B, r, in]
-  at::Tensor b = s.b.index_select(0, slot);                       // [B, out, r]
-  at::Tensor shrunk = at::bmm(x, a.transpose(1, 2));              // [B, T, r]
-  at::Tensor expanded = at::bmm(shrunk, b.transpose(1, 2));       // [B, T, out]
-  return y + expanded * s.scale.index_select(0, slot).view({-1, 1, 1});
-  }, ErrorCode::kInvalidArgument);
+        // Gather each sequence's A and B, then two batched matmuls.
+        at::Tensor a = s.a.index_select(0, slot);                  // [B, r, in]
+        at::Tensor b = s.b.index_select(0, slot);                  // [B, out, r]
+        at::Tensor shrunk = at::bmm(x, a.transpose(1, 2));         // [B, T, r]
+        at::Tensor expanded = at::bmm(shrunk, b.transpose(1, 2));  // [B, T, out]
+        return y + expanded * s.scale.index_select(0, slot).view({-1, 1, 1});
+      },
+      ErrorCode::kInvalidArgument);
 }
 
-at::Tensor AdapterBank::apply_rows(const std::string& name, const at::Tensor& x, const at::Tensor& y,
-                                   const at::Tensor& token_adapters, bool invariant) {
+at::Tensor AdapterBank::apply_rows(const std::string& name, const at::Tensor& x,
+                                   const at::Tensor& y, const at::Tensor& token_adapters,
+                                   bool invariant) {
   const int64_t in = x.size(-1), out = y.size(-1);
   const int64_t rows = token_adapters.numel();
   TESSERA_CHECK(x.numel() == rows * in && y.numel() == rows * out, InvalidArgument,
@@ -726,7 +747,8 @@ const AdapterBank::Factors& AdapterBank::factors(const std::string& module, int6
 
 AdapterRegistry::AdapterRegistry(Options options, const nn::Transformer& base)
     : options_(std::move(options)), base_(base) {
-  TESSERA_CHECK(options_.max_resident >= 1, InvalidArgument, "AdapterRegistry: max_resident must be >= 1");
+  TESSERA_CHECK(options_.max_resident >= 1, InvalidArgument,
+                "AdapterRegistry: max_resident must be >= 1");
 }
 
 std::shared_ptr<Adapter> AdapterRegistry::get(const std::string& name) {

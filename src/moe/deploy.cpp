@@ -42,7 +42,8 @@ PriceSheet PriceSheet::from_json(const std::string& text, const std::string& sou
   p.cpu_cluster_name = c.get_string("cpu_cluster_name", "");
   p.cpu_cluster_per_hour = c.get_double("cpu_cluster_per_hour", 0);
   c.check_no_unknown_keys();
-  TESSERA_CHECK(p.gb_second > 0 && p.per_request >= 0 && p.billing_granularity_ms > 0 && !p.memory_sizes_mb.empty(),
+  TESSERA_CHECK(p.gb_second > 0 && p.per_request >= 0 && p.billing_granularity_ms > 0 &&
+                    !p.memory_sizes_mb.empty(),
                 InvalidArgument, source, ": prices must be positive and memory sizes given");
   return p;
 }
@@ -62,11 +63,13 @@ double PriceSheet::billed_seconds(double seconds) const {
 }
 
 double PriceSheet::invocation_cost(int64_t memory_mb, double seconds) const {
-  return billed_seconds(seconds) * (static_cast<double>(memory_mb) / 1024.0) * gb_second + per_request;
+  return billed_seconds(seconds) * (static_cast<double>(memory_mb) / 1024.0) * gb_second +
+         per_request;
 }
 
 double BillingMeter::record(const std::string& function, int64_t memory_mb, double seconds) {
-  TESSERA_CHECK(memory_mb > 0 && seconds >= 0, InvalidArgument, "BillingMeter: bad invocation of ", function);
+  TESSERA_CHECK(memory_mb > 0 && seconds >= 0, InvalidArgument, "BillingMeter: bad invocation of ",
+                function);
   Invocation i{function, memory_mb, seconds, prices_.billed_seconds(seconds), 0};
   i.cost = prices_.invocation_cost(memory_mb, seconds);
   gb_seconds_ += i.billed_seconds * static_cast<double>(memory_mb) / 1024.0;
@@ -77,24 +80,30 @@ double BillingMeter::record(const std::string& function, int64_t memory_mb, doub
 
 const char* method_name(Method m) {
   switch (m) {
-    case Method::kPipelined: return "pipelined";
-    case Method::kIndirect: return "indirect";
-    case Method::kDirect: return "direct";
+    case Method::kPipelined:
+      return "pipelined";
+    case Method::kIndirect:
+      return "indirect";
+    case Method::kDirect:
+      return "direct";
   }
   return "?";
 }
 
-double replica_seconds(const PlatformProfile& p, const PriceSheet& prices, const ReplicaWork& work) {
+double replica_seconds(const PlatformProfile& p, const PriceSheet& prices,
+                       const ReplicaWork& work) {
   const Method method = work.method;
   const int memory_index = work.memory_index;
   const int64_t tokens = work.tokens, beta = work.beta;
   if (tokens <= 0) return 0;
   const double mem_bytes = static_cast<double>(p.memory_mb.at(memory_index)) * (1 << 20);
   const double t_cal = p.t_cal.at(memory_index);
-  const double din = static_cast<double>(p.input_bytes_per_token), dout = static_cast<double>(p.output_bytes_per_token);
+  const double din = static_cast<double>(p.input_bytes_per_token),
+               dout = static_cast<double>(p.output_bytes_per_token);
   const int64_t held = method == Method::kPipelined ? std::min(beta, tokens) : tokens;
   const double need = static_cast<double>(p.expert_weight_bytes + p.runtime_overhead_bytes) +
-                      static_cast<double>(held) * (static_cast<double>(p.intermediate_bytes_per_token) + din + dout);
+                      static_cast<double>(held) *
+                          (static_cast<double>(p.intermediate_bytes_per_token) + din + dout);
   if (need > mem_bytes) return kInf;
   const double r = static_cast<double>(tokens);
   switch (method) {
@@ -130,7 +139,8 @@ ExpertCost expert_cost(const PlatformProfile& p, const PriceSheet& prices, const
     out.cost = kInf;
     return out;
   }
-  out.cost = choice.replicas * prices.invocation_cost(p.memory_mb[choice.memory_index], out.seconds);
+  out.cost =
+      choice.replicas * prices.invocation_cost(p.memory_mb[choice.memory_index], out.seconds);
   return out;
 }
 
@@ -157,8 +167,8 @@ std::vector<ExpertChoice> choices(const PlatformProfile& p, const SearchSpace& s
   return out;
 }
 
-ExpertOptions expert_options(const PlatformProfile& p, const PriceSheet& prices, Method method, int64_t beta,
-                             double tokens, const std::vector<ExpertChoice>& all) {
+ExpertOptions expert_options(const PlatformProfile& p, const PriceSheet& prices, Method method,
+                             int64_t beta, double tokens, const std::vector<ExpertChoice>& all) {
   ExpertOptions o;
   if (tokens <= 0) {
     o.by_time.push_back({{0, 0}, 0, 0});
@@ -173,7 +183,8 @@ ExpertOptions expert_options(const PlatformProfile& p, const PriceSheet& prices,
   }
   for (size_t i = 0; i < o.by_time.size(); ++i) {
     const int prev = i ? o.best_upto[i - 1] : -1;
-    o.best_upto.push_back(prev >= 0 && o.by_time[prev].cost <= o.by_time[i].cost ? prev : static_cast<int>(i));
+    o.best_upto.push_back(
+        prev >= 0 && o.by_time[prev].cost <= o.by_time[i].cost ? prev : static_cast<int>(i));
   }
   return o;
 }
@@ -184,8 +195,8 @@ std::vector<int64_t> betas_for(Method m, const SearchSpace& s) {
 
 // The Pareto front of one layer: for each achievable layer time, the
 // cheapest plan no slower than it.
-std::vector<LayerPlan> layer_front(const PlatformProfile& p, const PriceSheet& prices, const std::vector<double>& loads,
-                                   const SearchSpace& s) {
+std::vector<LayerPlan> layer_front(const PlatformProfile& p, const PriceSheet& prices,
+                                   const std::vector<double>& loads, const SearchSpace& s) {
   std::vector<LayerPlan> points;
   const std::vector<ExpertChoice> all = choices(p, s);
   for (Method m : s.methods) {
@@ -240,7 +251,8 @@ struct Merged {
 };
 
 void check_loads(const PlatformProfile& p, const std::vector<std::vector<double>>& loads) {
-  TESSERA_CHECK(!loads.empty() && p.memory_mb.size() == p.t_cal.size() && !p.memory_mb.empty(), InvalidArgument,
+  TESSERA_CHECK(!loads.empty() && p.memory_mb.size() == p.t_cal.size() && !p.memory_mb.empty(),
+                InvalidArgument,
                 "deployment: need loads for at least one layer and t_cal for every memory size");
 }
 
@@ -248,15 +260,15 @@ void check_loads(const PlatformProfile& p, const std::vector<std::vector<double>
 
 Deployment evaluate(const PlatformProfile& p, const PriceSheet& prices, const Deployment& plan,
                     const std::vector<std::vector<double>>& loads) {
-  TESSERA_CHECK(plan.layers.size() == loads.size(), InvalidArgument, "evaluate: plan for ", plan.layers.size(),
-                " layers, loads for ", loads.size());
+  TESSERA_CHECK(plan.layers.size() == loads.size(), InvalidArgument, "evaluate: plan for ",
+                plan.layers.size(), " layers, loads for ", loads.size());
   Deployment out = plan;
   out.seconds = out.cost = 0;
   out.feasible = true;
   for (size_t l = 0; l < loads.size(); ++l) {
     LayerPlan& lp = out.layers[l];
-    TESSERA_CHECK(lp.experts.size() == loads[l].size(), InvalidArgument, "evaluate: layer ", l, " plans ",
-                  lp.experts.size(), " experts, loads for ", loads[l].size());
+    TESSERA_CHECK(lp.experts.size() == loads[l].size(), InvalidArgument, "evaluate: layer ", l,
+                  " plans ", lp.experts.size(), " experts, loads for ", loads[l].size());
     lp.seconds = lp.cost = 0;
     for (size_t e = 0; e < loads[l].size(); ++e) {
       ExpertCost ec = expert_cost(p, prices, {lp.method, lp.beta, lp.experts[e], loads[l][e]});
@@ -285,12 +297,13 @@ Deployment optimal_deployment(const PlatformProfile& p, const PriceSheet& prices
   for (size_t l = 0; l < fronts.size(); ++l) {
     std::vector<Merged> all;
     if (l == 0) {
-      for (size_t i = 0; i < fronts[0].size(); ++i) all.push_back({fronts[0][i].seconds, fronts[0][i].cost, -1, int(i)});
+      for (size_t i = 0; i < fronts[0].size(); ++i)
+        all.push_back({fronts[0][i].seconds, fronts[0][i].cost, -1, int(i)});
     } else {
       for (size_t a = 0; a < merged[l - 1].size(); ++a) {
         for (size_t b = 0; b < fronts[l].size(); ++b) {
-          all.push_back({merged[l - 1][a].seconds + fronts[l][b].seconds, merged[l - 1][a].cost + fronts[l][b].cost,
-                         int(a), int(b)});
+          all.push_back({merged[l - 1][a].seconds + fronts[l][b].seconds,
+                         merged[l - 1][a].cost + fronts[l][b].cost, int(a), int(b)});
         }
       }
     }
@@ -396,7 +409,8 @@ Deployment repair_deployment(const PlatformProfile& p, const PriceSheet& prices,
   std::vector<int> at;
   for (const auto& layer : loads) {
     fronts.push_back(layer_front(p, prices, layer, space));
-    TESSERA_CHECK(!fronts.back().empty(), InvalidArgument, "deployment: a layer has no feasible option");
+    TESSERA_CHECK(!fronts.back().empty(), InvalidArgument,
+                  "deployment: a layer has no feasible option");
     at.push_back(static_cast<int>(fronts.back().size()) - 1);  // the cheapest point is the slowest
   }
   auto total = [&] {
@@ -408,7 +422,9 @@ Deployment repair_deployment(const PlatformProfile& p, const PriceSheet& prices,
   for (int round = 0; round < max_rounds && total() > slo_seconds; ++round) {
     int slowest = -1;
     for (size_t l = 0; l < fronts.size(); ++l) {
-      if (at[l] > 0 && (slowest < 0 || fronts[l][at[l]].seconds > fronts[slowest][at[slowest]].seconds)) slowest = int(l);
+      if (at[l] > 0 &&
+          (slowest < 0 || fronts[l][at[l]].seconds > fronts[slowest][at[slowest]].seconds))
+        slowest = int(l);
     }
     if (slowest < 0) break;
     --at[slowest];
@@ -420,8 +436,10 @@ Deployment repair_deployment(const PlatformProfile& p, const PriceSheet& prices,
   return e;
 }
 
-double cpu_cluster_cost(const PriceSheet& prices, double token_layers, double cluster_tokens_per_second) {
-  TESSERA_CHECK(cluster_tokens_per_second > 0, InvalidArgument, "cpu_cluster_cost: throughput must be positive");
+double cpu_cluster_cost(const PriceSheet& prices, double token_layers,
+                        double cluster_tokens_per_second) {
+  TESSERA_CHECK(cluster_tokens_per_second > 0, InvalidArgument,
+                "cpu_cluster_cost: throughput must be positive");
   return token_layers / cluster_tokens_per_second / 3600.0 * prices.cpu_cluster_per_hour;
 }
 

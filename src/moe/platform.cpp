@@ -35,7 +35,9 @@ std::string default_program() {
   char self[PATH_MAX];
   const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
   if (n > 0) {
-    auto candidate = std::filesystem::path(std::string(self, static_cast<size_t>(n))).parent_path() / "tessera-function";
+    auto candidate =
+        std::filesystem::path(std::string(self, static_cast<size_t>(n))).parent_path() /
+        "tessera-function";
     if (std::filesystem::exists(candidate)) return candidate.string();
   }
   return "tessera-function";
@@ -79,19 +81,26 @@ struct FunctionPlatform::Impl {
   // exited before listening).
   Subprocess spawn(const FunctionSpec& spec, int* port) {
     int fds[2];
-    TESSERA_CHECK(pipe2(fds, O_CLOEXEC) == 0, Unavailable, "function platform: pipe failed: ",
-                  std::strerror(errno));
+    TESSERA_CHECK(pipe2(fds, O_CLOEXEC) == 0, Unavailable,
+                  "function platform: pipe failed: ", std::strerror(errno));
     // Only the write end crosses exec (the child inherits it by number).
     fcntl(fds[1], F_SETFD, 0);
     SpawnOptions so;
     so.argv = {opt.program,
-               "--port-fd", std::to_string(fds[1]),
-               "--memory-mb", std::to_string(spec.memory_mb),
-               "--weights", spec.weights,
-               "--prefix", spec.prefix,
-               "--payload-limit", std::to_string(opt.prices.payload_limit_bytes),
-               "--mb-per-vcpu", std::to_string(opt.prices.memory_mb_per_vcpu),
-               "--storage", channel->url()};
+               "--port-fd",
+               std::to_string(fds[1]),
+               "--memory-mb",
+               std::to_string(spec.memory_mb),
+               "--weights",
+               spec.weights,
+               "--prefix",
+               spec.prefix,
+               "--payload-limit",
+               std::to_string(opt.prices.payload_limit_bytes),
+               "--mb-per-vcpu",
+               std::to_string(opt.prices.memory_mb_per_vcpu),
+               "--storage",
+               channel->url()};
     so.new_process_group = false;
     Subprocess process;
     try {
@@ -150,10 +159,12 @@ struct FunctionPlatform::Impl {
       if (in->port == 0) {
         in->process.stop(std::chrono::milliseconds(0));
         in->pid = -1;
-        throw Unavailable(detail::concat("function '", name, "': the instance did not start (its error, if any, is above)"));
+        throw Unavailable(detail::concat(
+            "function '", name, "': the instance did not start (its error, if any, is above)"));
       }
       const std::string address = "127.0.0.1:" + std::to_string(in->port);
-      in->stub = proto::ExpertFunction::NewStub(rpc::channel(address, {static_cast<int>(opt.prices.payload_limit_bytes)}));
+      in->stub = proto::ExpertFunction::NewStub(
+          rpc::channel(address, {static_cast<int>(opt.prices.payload_limit_bytes)}));
       // Wait for the instance to serve, watching that it is still alive.
       const auto until = Clock::now() + opt.start_timeout;
       while (true) {
@@ -166,7 +177,8 @@ struct FunctionPlatform::Impl {
         if (st.ok() && reply.pid() == in->pid) break;
         if (std::optional<ExitStatus> status = in->process.poll()) {
           in->pid = -1;
-          throw Unavailable(detail::concat("function '", name, "': the instance exited during its cold start (it ",
+          throw Unavailable(detail::concat("function '", name,
+                                           "': the instance exited during its cold start (it ",
                                            status->describe(), "; its error, if any, is above)"));
         }
         TESSERA_CHECK(Clock::now() < until, Unavailable, "function '", name, "': no answer within ",
@@ -205,7 +217,8 @@ struct FunctionPlatform::Impl {
           auto& in = *it;
           const bool stale = in->version != f.version;
           const double idle = std::chrono::duration<double>(now - in->last_used).count();
-          if (!in->busy && in->ready && (stale || idle > std::chrono::duration<double>(opt.keep_alive).count())) {
+          if (!in->busy && in->ready &&
+              (stale || idle > std::chrono::duration<double>(opt.keep_alive).count())) {
             victims.push_back(in);
             it = f.instances.erase(it);
           } else {
@@ -227,7 +240,9 @@ FunctionPlatform::FunctionPlatform(PlatformOptions options) : impl_(std::make_un
   if (d.opt.program.empty()) d.opt.program = default_program();
   if (d.opt.storage.empty()) {
     std::random_device rd;
-    const std::string base = std::filesystem::exists("/dev/shm") ? "/dev/shm" : std::filesystem::temp_directory_path().string();
+    const std::string base = std::filesystem::exists("/dev/shm")
+                                 ? "/dev/shm"
+                                 : std::filesystem::temp_directory_path().string();
     d.own_dir = detail::concat(base, "/tessera-functions-", getpid(), "-", std::hex, rd());
     d.opt.storage = "files:" + d.own_dir;
   }
@@ -267,7 +282,8 @@ void FunctionPlatform::deploy(const std::string& name, const FunctionSpec& spec)
                 ": memory size and weights are required");
   std::lock_guard<std::mutex> lock(impl_->mu);
   auto& f = impl_->functions[name];
-  const bool same = f.spec.weights == spec.weights && f.spec.prefix == spec.prefix && f.spec.memory_mb == spec.memory_mb;
+  const bool same = f.spec.weights == spec.weights && f.spec.prefix == spec.prefix &&
+                    f.spec.memory_mb == spec.memory_mb;
   if (!same) {
     f.spec = spec;
     ++f.version;  // older instances are reclaimed once idle
@@ -315,30 +331,34 @@ FunctionPlatform::Result FunctionPlatform::invoke(const std::string& name, const
       d.release(in);
       result.seconds = seconds;
       result.compute_seconds = reply.compute_seconds();
-      if (reply.has_outputs() && reply.outputs().shape_size() > 0) result.outputs = rpc::from_proto(reply.outputs());
+      if (reply.has_outputs() && reply.outputs().shape_size() > 0)
+        result.outputs = rpc::from_proto(reply.outputs());
       return result;
     }
     const auto code = st.error_code();
-    if (code == grpc::StatusCode::INVALID_ARGUMENT || code == grpc::StatusCode::RESOURCE_EXHAUSTED ||
-        code == grpc::StatusCode::NOT_FOUND) {
+    if (code == grpc::StatusCode::INVALID_ARGUMENT ||
+        code == grpc::StatusCode::RESOURCE_EXHAUSTED || code == grpc::StatusCode::NOT_FOUND) {
       d.release(in);
       rpc::check(st, "invoke " + name, "127.0.0.1:" + std::to_string(in->port));
     }
     // The instance died or hung: remove it and try another.
     last_error = st.error_message();
-    TESSERA_LOG(Warn, "moe") << "function '" << name << "' instance (pid " << in->pid << ") failed mid-request: "
-                             << last_error << (attempt < d.opt.retries ? "; retrying" : "");
+    TESSERA_LOG(Warn, "moe") << "function '" << name << "' instance (pid " << in->pid
+                             << ") failed mid-request: " << last_error
+                             << (attempt < d.opt.retries ? "; retrying" : "");
     d.remove(name, in);
     std::lock_guard<std::mutex> lock(d.mu);
     if (attempt < d.opt.retries) ++d.stats.retries;
   }
-  throw Unavailable(detail::concat("function '", name, "': the request failed on ", d.opt.retries + 1,
-                                   " instances (last: ", last_error, ")"));
+  throw Unavailable(detail::concat("function '", name, "': the request failed on ",
+                                   d.opt.retries + 1, " instances (last: ", last_error, ")"));
 }
 
 std::string FunctionPlatform::storage_key(const std::string& name) const { return name; }
 
-void FunctionPlatform::put(const std::string& key, const at::Tensor& x) { impl_->channel->put(key, x); }
+void FunctionPlatform::put(const std::string& key, const at::Tensor& x) {
+  impl_->channel->put(key, x);
+}
 
 at::Tensor FunctionPlatform::get(const std::string& key, std::chrono::milliseconds wait) {
   return impl_->channel->get(key, wait);
@@ -352,7 +372,8 @@ FunctionPlatform::Stats FunctionPlatform::stats() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   Stats s = impl_->stats;
   s.instances = 0;
-  for (const auto& [name, f] : impl_->functions) s.instances += static_cast<int64_t>(f.instances.size());
+  for (const auto& [name, f] : impl_->functions)
+    s.instances += static_cast<int64_t>(f.instances.size());
   return s;
 }
 
@@ -374,14 +395,17 @@ const PlatformOptions& FunctionPlatform::options() const { return impl_->opt; }
 // --- The gate ------------------------------------------------------------------
 
 Routing route(const ExpertLayer& layer, const at::Tensor& x) {
-  return translate_errors("moe route", [&]() -> Routing {
-  auto file = nn::SafetensorsFile::open(layer.weights);
-  at::Tensor gate = file.get(layer.prefix + "gate.weight").to(at::kFloat);
-  at::Tensor probs = at::softmax(at::matmul(x, gate.t()), -1);
-  auto [w, e] = probs.topk(layer.top_k, -1);
-  if (layer.normalize_top_k) w = w / w.sum(-1, true);
-  return {e, w};
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "moe route",
+      [&]() -> Routing {
+        auto file = nn::SafetensorsFile::open(layer.weights);
+        at::Tensor gate = file.get(layer.prefix + "gate.weight").to(at::kFloat);
+        at::Tensor probs = at::softmax(at::matmul(x, gate.t()), -1);
+        auto [w, e] = probs.topk(layer.top_k, -1);
+        if (layer.normalize_top_k) w = w / w.sum(-1, true);
+        return {e, w};
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 namespace {
@@ -402,20 +426,27 @@ std::vector<Assignment> assignments(const Routing& r, int64_t experts) {
 }
 }  // namespace
 
-at::Tensor moe_layer_reference(const ExpertLayer& layer, const at::Tensor& x, const Routing& routing) {
-  return translate_errors("moe moe_layer_reference", [&]() -> at::Tensor {
-  auto file = nn::SafetensorsFile::open(layer.weights);
-  at::Tensor out = at::zeros_like(x);
-  auto parts = assignments(routing, layer.num_experts);
-  for (int64_t e = 0; e < layer.num_experts; ++e) {
-    if (parts[e].rows.numel() == 0) continue;
-    const std::string p = layer.prefix + "experts." + std::to_string(e) + ".";
-    at::Tensor xe = x.index_select(0, parts[e].rows);
-    at::Tensor h = at::silu(at::matmul(xe, file.get(p + "w1.weight").t())) * at::matmul(xe, file.get(p + "w3.weight").t());
-    out.index_add_(0, parts[e].rows, at::matmul(h, file.get(p + "w2.weight").t()) * parts[e].weights.unsqueeze(1));
-  }
-  return out;
-  }, ErrorCode::kInvalidArgument);
+at::Tensor moe_layer_reference(const ExpertLayer& layer, const at::Tensor& x,
+                               const Routing& routing) {
+  return translate_errors(
+      "moe moe_layer_reference",
+      [&]() -> at::Tensor {
+        auto file = nn::SafetensorsFile::open(layer.weights);
+        at::Tensor out = at::zeros_like(x);
+        auto parts = assignments(routing, layer.num_experts);
+        for (int64_t e = 0; e < layer.num_experts; ++e) {
+          if (parts[e].rows.numel() == 0) continue;
+          const std::string p = layer.prefix + "experts." + std::to_string(e) + ".";
+          at::Tensor xe = x.index_select(0, parts[e].rows);
+          at::Tensor h = at::silu(at::matmul(xe, file.get(p + "w1.weight").t())) *
+                         at::matmul(xe, file.get(p + "w3.weight").t());
+          out.index_add_(
+              0, parts[e].rows,
+              at::matmul(h, file.get(p + "w2.weight").t()) * parts[e].weights.unsqueeze(1));
+        }
+        return out;
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 ServerlessMoE::ServerlessMoE(FunctionPlatform& platform, ExpertLayer layer, std::string name)
@@ -423,7 +454,8 @@ ServerlessMoE::ServerlessMoE(FunctionPlatform& platform, ExpertLayer layer, std:
 
 void ServerlessMoE::configure(const LayerPlan& plan, const PlatformProfile& profile) {
   TESSERA_CHECK(static_cast<int64_t>(plan.experts.size()) == layer_.num_experts, InvalidArgument,
-                name_, ": plan for ", plan.experts.size(), " experts, the layer has ", layer_.num_experts);
+                name_, ": plan for ", plan.experts.size(), " experts, the layer has ",
+                layer_.num_experts);
   plan_ = plan;
   for (int64_t e = 0; e < layer_.num_experts; ++e) {
     platform_.deploy(name_ + ".expert" + std::to_string(e),
@@ -433,96 +465,106 @@ void ServerlessMoE::configure(const LayerPlan& plan, const PlatformProfile& prof
 }
 
 at::Tensor ServerlessMoE::forward(const at::Tensor& x, const Routing& routing, Stats* stats) {
-  return translate_errors("moe ServerlessMoE::forward", [&]() -> at::Tensor {
-  TESSERA_CHECK(!plan_.experts.empty(), FailedPrecondition, name_, ": configure() before forward()");
-  Stopwatch watch;
-  const uint64_t call = ++calls_;
-  auto parts = assignments(routing, layer_.num_experts);
-  struct Piece {
-    at::Tensor rows, weights;
-    std::future<at::Tensor> out;
-  };
-  std::vector<Piece> pieces;
-  std::atomic<int64_t> invocations{0}, fallbacks{0};
-  for (int64_t e = 0; e < layer_.num_experts; ++e) {
-    const int64_t n = parts[e].rows.numel();
-    if (n == 0) continue;
-    const std::string fn = name_ + ".expert" + std::to_string(e);
-    const int replicas = std::max(1, std::min<int>(plan_.experts[e].replicas, static_cast<int>(n)));
-    const int64_t per = (n + replicas - 1) / replicas;
-    for (int r = 0; r < replicas; ++r) {
-      const int64_t b = r * per, len = std::min(per, n - b);
-      if (len <= 0) break;
-      Piece piece{parts[e].rows.narrow(0, b, len), parts[e].weights.narrow(0, b, len), {}};
-      at::Tensor xe = x.index_select(0, piece.rows).contiguous();
-      const std::string key = platform_.storage_key(detail::concat(name_, ".", call, ".e", e, ".r", r));
-      const Method method = plan_.method;
-      const int64_t beta = std::max<int64_t>(plan_.beta, 1);
-      piece.out = std::async(std::launch::async, [this, fn, xe, key, method, beta, &invocations, &fallbacks] {
-        ++invocations;
-        auto indirect = [&] {
-          platform_.put(key, xe);
-          platform_.invoke(fn, {at::Tensor(), {key}, std::chrono::seconds(30)});
-          at::Tensor y = platform_.get(key + ".out");
-          platform_.remove(key);
-          platform_.remove(key + ".out");
-          return y;
+  return translate_errors(
+      "moe ServerlessMoE::forward",
+      [&]() -> at::Tensor {
+        TESSERA_CHECK(!plan_.experts.empty(), FailedPrecondition, name_,
+                      ": configure() before forward()");
+        Stopwatch watch;
+        const uint64_t call = ++calls_;
+        auto parts = assignments(routing, layer_.num_experts);
+        struct Piece {
+          at::Tensor rows, weights;
+          std::future<at::Tensor> out;
         };
-        if (method == Method::kDirect) {
-          try {
-            return platform_.invoke(fn, {xe, {}, std::chrono::seconds(0)}).outputs;
-          } catch (const ResourceExhausted&) {
-            ++fallbacks;  // over the payload limit: through storage instead
-            return indirect();
+        std::vector<Piece> pieces;
+        std::atomic<int64_t> invocations{0}, fallbacks{0};
+        for (int64_t e = 0; e < layer_.num_experts; ++e) {
+          const int64_t n = parts[e].rows.numel();
+          if (n == 0) continue;
+          const std::string fn = name_ + ".expert" + std::to_string(e);
+          const int replicas =
+              std::max(1, std::min<int>(plan_.experts[e].replicas, static_cast<int>(n)));
+          const int64_t per = (n + replicas - 1) / replicas;
+          for (int r = 0; r < replicas; ++r) {
+            const int64_t b = r * per, len = std::min(per, n - b);
+            if (len <= 0) break;
+            Piece piece{parts[e].rows.narrow(0, b, len), parts[e].weights.narrow(0, b, len), {}};
+            at::Tensor xe = x.index_select(0, piece.rows).contiguous();
+            const std::string key =
+                platform_.storage_key(detail::concat(name_, ".", call, ".e", e, ".r", r));
+            const Method method = plan_.method;
+            const int64_t beta = std::max<int64_t>(plan_.beta, 1);
+            piece.out = std::async(
+                std::launch::async, [this, fn, xe, key, method, beta, &invocations, &fallbacks] {
+                  ++invocations;
+                  auto indirect = [&] {
+                    platform_.put(key, xe);
+                    platform_.invoke(fn, {at::Tensor(), {key}, std::chrono::seconds(30)});
+                    at::Tensor y = platform_.get(key + ".out");
+                    platform_.remove(key);
+                    platform_.remove(key + ".out");
+                    return y;
+                  };
+                  if (method == Method::kDirect) {
+                    try {
+                      return platform_.invoke(fn, {xe, {}, std::chrono::seconds(0)}).outputs;
+                    } catch (const ResourceExhausted&) {
+                      ++fallbacks;  // over the payload limit: through storage instead
+                      return indirect();
+                    }
+                  }
+                  if (method == Method::kIndirect) return indirect();
+                  // Pipelined: the invocation starts first and reads minibatches as
+                  // they are written.
+                  std::vector<std::string> keys;
+                  for (int64_t b = 0; b < xe.size(0); b += beta)
+                    keys.push_back(key + ".b" + std::to_string(b / beta));
+                  auto call = std::async(std::launch::async, [&] {
+                    return platform_.invoke(fn, {at::Tensor(), keys, std::chrono::seconds(30)});
+                  });
+                  for (size_t i = 0; i < keys.size(); ++i) {
+                    const int64_t b = static_cast<int64_t>(i) * beta;
+                    platform_.put(keys[i], xe.narrow(0, b, std::min(beta, xe.size(0) - b)));
+                  }
+                  call.get();  // every output is written before the function returns
+                  std::vector<at::Tensor> ys;
+                  for (const auto& k : keys) ys.push_back(platform_.get(k + ".out"));
+                  for (const auto& k : keys) {
+                    platform_.remove(k);
+                    platform_.remove(k + ".out");
+                  }
+                  return at::cat(ys, 0);
+                });
+            pieces.push_back(std::move(piece));
           }
         }
-        if (method == Method::kIndirect) return indirect();
-        // Pipelined: the invocation starts first and reads minibatches as
-        // they are written.
-        std::vector<std::string> keys;
-        for (int64_t b = 0; b < xe.size(0); b += beta) keys.push_back(key + ".b" + std::to_string(b / beta));
-        auto call = std::async(std::launch::async, [&] { return platform_.invoke(fn, {at::Tensor(), keys, std::chrono::seconds(30)}); });
-        for (size_t i = 0; i < keys.size(); ++i) {
-          const int64_t b = static_cast<int64_t>(i) * beta;
-          platform_.put(keys[i], xe.narrow(0, b, std::min(beta, xe.size(0) - b)));
+        at::Tensor out = at::zeros_like(x);
+        std::exception_ptr error;
+        std::vector<at::Tensor> results(pieces.size());
+        for (size_t i = 0; i < pieces.size(); ++i) {
+          try {
+            results[i] = pieces[i].out.get();
+          } catch (...) {
+            if (!error) error = std::current_exception();
+          }
         }
-        call.get();  // every output is written before the function returns
-        std::vector<at::Tensor> ys;
-        for (const auto& k : keys) ys.push_back(platform_.get(k + ".out"));
-        for (const auto& k : keys) {
-          platform_.remove(k);
-          platform_.remove(k + ".out");
+        if (error) std::rethrow_exception(error);
+        for (size_t i = 0; i < pieces.size(); ++i) {
+          out.index_add_(0, pieces[i].rows, results[i] * pieces[i].weights.unsqueeze(1));
         }
-        return at::cat(ys, 0);
-      });
-      pieces.push_back(std::move(piece));
-    }
-  }
-  at::Tensor out = at::zeros_like(x);
-  std::exception_ptr error;
-  std::vector<at::Tensor> results(pieces.size());
-  for (size_t i = 0; i < pieces.size(); ++i) {
-    try {
-      results[i] = pieces[i].out.get();
-    } catch (...) {
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
-  for (size_t i = 0; i < pieces.size(); ++i) {
-    out.index_add_(0, pieces[i].rows, results[i] * pieces[i].weights.unsqueeze(1));
-  }
-  if (stats) {
-    stats->seconds = watch.seconds();
-    stats->invocations = invocations;
-    stats->fallbacks = fallbacks;
-  }
-  return out;
-  }, ErrorCode::kInvalidArgument);
+        if (stats) {
+          stats->seconds = watch.seconds();
+          stats->invocations = invocations;
+          stats->fallbacks = fallbacks;
+        }
+        return out;
+      },
+      ErrorCode::kInvalidArgument);
 }
 
-PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer& layer, int64_t hidden,
-                                   int64_t intermediate, int concurrency) {
+PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer& layer,
+                                   int64_t hidden, int64_t intermediate, int concurrency) {
   const PriceSheet& prices = platform.options().prices;
   PlatformProfile p;
   p.memory_mb = prices.memory_sizes_mb;
@@ -547,7 +589,9 @@ PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer
       // `concurrency` invocations at once (instances of the same function).
       std::vector<std::future<FunctionPlatform::Result>> calls;
       for (int c = 0; c < concurrency; ++c) {
-        calls.push_back(std::async(std::launch::async, [&] { return platform.invoke(fn, {tokens, {}, std::chrono::seconds(0)}); }));
+        calls.push_back(std::async(std::launch::async, [&] {
+          return platform.invoke(fn, {tokens, {}, std::chrono::seconds(0)});
+        }));
       }
       double worst = 0;
       for (auto& c : calls) worst = std::max(worst, c.get().compute_seconds);
@@ -582,14 +626,16 @@ PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer
   Stopwatch large;
   platform.put(key, big);
   platform.get(key);
-  p.storage_bandwidth = 2.0 * static_cast<double>(big.nbytes()) / std::max(1e-6, large.seconds() - 2 * p.t_dl);
+  p.storage_bandwidth =
+      2.0 * static_cast<double>(big.nbytes()) / std::max(1e-6, large.seconds() - 2 * p.t_dl);
   platform.remove(key);
   // Per-minibatch latency as a pipelined function sees it (waiting for the
   // object, reading, writing its output): 16 minibatches of one token.
   {
     const std::string fn = "calibrate." + std::to_string(p.memory_mb.back());
     std::vector<std::string> keys;
-    for (int b = 0; b < 16; ++b) keys.push_back(platform.storage_key("calibrate.block" + std::to_string(b)));
+    for (int b = 0; b < 16; ++b)
+      keys.push_back(platform.storage_key("calibrate.block" + std::to_string(b)));
     for (const auto& k : keys) platform.put(k, one);
     auto res = platform.invoke(fn, {at::Tensor(), keys, std::chrono::seconds(5)});
     p.t_dl = std::max(p.t_dl, (res.seconds - res.compute_seconds - p.t_head) / (2.0 * keys.size()));

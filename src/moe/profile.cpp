@@ -14,11 +14,13 @@ namespace tessera::moe {
 
 PlatformProfile profile_platform(int64_t hidden, int64_t intermediate, const PriceSheet& prices,
                                  const std::string& scratch_dir, PlatformProfile p) {
-  TESSERA_CHECK(hidden > 0 && intermediate > 0, InvalidArgument, "profile_platform: bad expert sizes");
+  TESSERA_CHECK(hidden > 0 && intermediate > 0, InvalidArgument,
+                "profile_platform: bad expert sizes");
   // One expert on one thread.
   const int threads = at::get_num_threads();
   at::set_num_threads(1);
-  at::Tensor w1 = at::randn({intermediate, hidden}) * 0.02, w3 = at::randn({intermediate, hidden}) * 0.02;
+  at::Tensor w1 = at::randn({intermediate, hidden}) * 0.02,
+             w3 = at::randn({intermediate, hidden}) * 0.02;
   at::Tensor w2 = at::randn({hidden, intermediate}) * 0.02;
   at::Tensor x = at::randn({256, hidden});
   auto expert = [&] {

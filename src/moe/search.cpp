@@ -10,9 +10,10 @@
 
 namespace tessera::moe {
 
-Simulation simulate(const PlatformProfile& p, const PriceSheet& prices, const Deployment& plan, const Loads& real) {
-  TESSERA_CHECK(plan.layers.size() == real.size(), InvalidArgument, "simulate: plan for ", plan.layers.size(),
-                " layers, loads for ", real.size());
+Simulation simulate(const PlatformProfile& p, const PriceSheet& prices, const Deployment& plan,
+                    const Loads& real) {
+  TESSERA_CHECK(plan.layers.size() == real.size(), InvalidArgument, "simulate: plan for ",
+                plan.layers.size(), " layers, loads for ", real.size());
   Simulation s;
   s.memory_factor.assign(real.size(), {});
   s.payload_factor.assign(real.size(), {});
@@ -30,7 +31,8 @@ Simulation simulate(const PlatformProfile& p, const PriceSheet& prices, const De
       if (!ec.feasible && m == Method::kDirect) {
         // Over the payload limit: the gate sends it through storage.
         const double per = std::ceil(tokens / c.replicas);
-        if (per * static_cast<double>(p.input_bytes_per_token) > static_cast<double>(prices.payload_limit_bytes)) {
+        if (per * static_cast<double>(p.input_bytes_per_token) >
+            static_cast<double>(prices.payload_limit_bytes)) {
           ++s.payload_overflows;
           s.payload_factor[l][e] = std::ceil(per * static_cast<double>(p.input_bytes_per_token) /
                                              static_cast<double>(prices.payload_limit_bytes));
@@ -118,8 +120,9 @@ double expected_improvement(double mean, double sd, double best) {
 
 }  // namespace
 
-BoTrace bayesian_optimisation(const PlatformProfile& p, const PriceSheet& prices, const Loads& predicted,
-                              const std::function<Loads(int)>& real_batch, const BoOptions& o) {
+BoTrace bayesian_optimisation(const PlatformProfile& p, const PriceSheet& prices,
+                              const Loads& predicted, const std::function<Loads(int)>& real_batch,
+                              const BoOptions& o) {
   TESSERA_CHECK(!predicted.empty() && o.max_iterations > 0 && o.lambda > 0, InvalidArgument,
                 "bayesian_optimisation: need predicted loads and positive iteration counts");
   const size_t L = predicted.size(), E = predicted.front().size();
@@ -135,7 +138,8 @@ BoTrace bayesian_optimisation(const PlatformProfile& p, const PriceSheet& prices
   auto loads_for = [&](const std::vector<double>& x) {
     Loads out = predicted;
     for (size_t l = 0; l < L; ++l)
-      for (size_t e = 0; e < E; ++e) out[l][e] = predicted[l][e] * std::exp(x[l * E + e] + x[dims - 1]);
+      for (size_t e = 0; e < E; ++e)
+        out[l][e] = predicted[l][e] * std::exp(x[l * E + e] + x[dims - 1]);
     return out;
   };
   int since_improvement = 0;
@@ -193,8 +197,10 @@ BoTrace bayesian_optimisation(const PlatformProfile& p, const PriceSheet& prices
             best_x[k] += 0.5 * (std::log(real[l][e] / predicted[l][e]) - best_x[k] - x[dims - 1]);
           }
         }
-        if (sim.memory_factor[l][e] > 1) best_x[k] = std::max(best_x[k], x[k] + std::log(sim.memory_factor[l][e]));
-        if (sim.payload_factor[l][e] > 1) best_x[k] = std::max(best_x[k], x[k] + std::log(sim.payload_factor[l][e]));
+        if (sim.memory_factor[l][e] > 1)
+          best_x[k] = std::max(best_x[k], x[k] + std::log(sim.memory_factor[l][e]));
+        if (sim.payload_factor[l][e] > 1)
+          best_x[k] = std::max(best_x[k], x[k] + std::log(sim.payload_factor[l][e]));
       }
     }
     ++trace.iterations;
@@ -212,7 +218,8 @@ BoTrace bayesian_optimisation(const PlatformProfile& p, const PriceSheet& prices
   }
   trace.corrections.assign(L, std::vector<double>(E, 1.0));
   for (size_t l = 0; l < L; ++l)
-    for (size_t e = 0; e < E; ++e) trace.corrections[l][e] = std::exp(best_x[l * E + e] + best_x[dims - 1]);
+    for (size_t e = 0; e < E; ++e)
+      trace.corrections[l][e] = std::exp(best_x[l * E + e] + best_x[dims - 1]);
   return trace;
 }
 

@@ -35,7 +35,8 @@ at::Tensor wait_for(const std::string& key, std::chrono::milliseconds wait, Try&
     at::Tensor t = attempt();
     if (t.defined()) return t;
     TESSERA_CHECK(Clock::now() < until, NotFound, "storage object '", key, "' is missing",
-                  wait.count() > 0 ? " (waited " + std::to_string(wait.count() / 1000.0) + " s)" : std::string());
+                  wait.count() > 0 ? " (waited " + std::to_string(wait.count() / 1000.0) + " s)"
+                                   : std::string());
     std::this_thread::sleep_for(pause);
     pause = std::min(pause * 2, std::chrono::microseconds(1000));
   }
@@ -43,12 +44,17 @@ at::Tensor wait_for(const std::string& key, std::chrono::milliseconds wait, Try&
 
 class Files final : public StorageChannel {
  public:
-  explicit Files(std::string dir) : dir_(std::move(dir)) { std::filesystem::create_directories(dir_); }
-  void put(const std::string& key, const at::Tensor& x) override { nn::save_safetensors(path(key), {{"x", x}}); }
+  explicit Files(std::string dir) : dir_(std::move(dir)) {
+    std::filesystem::create_directories(dir_);
+  }
+  void put(const std::string& key, const at::Tensor& x) override {
+    nn::save_safetensors(path(key), {{"x", x}});
+  }
   at::Tensor get(const std::string& key, std::chrono::milliseconds wait) override {
     return wait_for(key, wait, [&] {
       const std::string p = path(key);
-      return std::filesystem::exists(p) ? nn::SafetensorsFile::open(p).get("x").clone() : at::Tensor();
+      return std::filesystem::exists(p) ? nn::SafetensorsFile::open(p).get("x").clone()
+                                        : at::Tensor();
     });
   }
   void remove(const std::string& key) override {
@@ -90,30 +96,38 @@ class Redis final : public StorageChannel {
   at::Tensor get(const std::string& key, std::chrono::milliseconds wait) override {
     return wait_for(key, wait, [&] {
       at::Tensor t;
-      command("GET", [&] { return static_cast<redisReply*>(redisCommand(ctx_, "GET %b", key.data(), key.size())); },
-              [&](redisReply* r) {
-                if (r->type != REDIS_REPLY_STRING) return;
-                rpc::TensorProto proto;
-                TESSERA_CHECK(proto.ParseFromArray(r->str, static_cast<int>(r->len)), DataLoss, "Redis object '",
-                              key, "' is not a tensor");
-                t = rpc::from_proto(proto);
-              });
+      command(
+          "GET",
+          [&] {
+            return static_cast<redisReply*>(redisCommand(ctx_, "GET %b", key.data(), key.size()));
+          },
+          [&](redisReply* r) {
+            if (r->type != REDIS_REPLY_STRING) return;
+            rpc::TensorProto proto;
+            TESSERA_CHECK(proto.ParseFromArray(r->str, static_cast<int>(r->len)), DataLoss,
+                          "Redis object '", key, "' is not a tensor");
+            t = rpc::from_proto(proto);
+          });
       return t;
     });
   }
   void remove(const std::string& key) override {
-    command("DEL", [&] { return static_cast<redisReply*>(redisCommand(ctx_, "DEL %b", key.data(), key.size())); });
+    command("DEL", [&] {
+      return static_cast<redisReply*>(redisCommand(ctx_, "DEL %b", key.data(), key.size()));
+    });
   }
   std::string url() const override { return "redis://" + host_ + ":" + std::to_string(port_); }
 
  private:
   template <typename Send, typename Use = void (*)(redisReply*)>
-  void command(const char* what, Send&& send, Use&& use = [](redisReply*) {}) {
+  void command(
+      const char* what, Send&& send, Use&& use = [](redisReply*) {}) {
     std::lock_guard<std::mutex> lock(mu_);
     redisReply* r = send();
     TESSERA_CHECK(r, Unavailable, "Redis ", what, " at ", host_, ":", port_, ": ", ctx_->errstr);
     std::unique_ptr<redisReply, void (*)(void*)> owned(r, freeReplyObject);
-    TESSERA_CHECK(r->type != REDIS_REPLY_ERROR, Unavailable, "Redis ", what, ": ", std::string(r->str, r->len));
+    TESSERA_CHECK(r->type != REDIS_REPLY_ERROR, Unavailable, "Redis ", what, ": ",
+                  std::string(r->str, r->len));
     use(r);
   }
   std::string host_;

@@ -18,8 +18,9 @@ ResponseBatch make_response_batch(const std::vector<std::vector<int64_t>>& promp
                                   const std::vector<std::vector<int64_t>>& responses,
                                   const BatchOptions& options) {
   TESSERA_CHECK(!prompts.empty(), InvalidArgument, "response batch: no rows");
-  TESSERA_CHECK(prompts.size() == responses.size(), InvalidArgument, "response batch: ",
-                prompts.size(), " prompts but ", responses.size(), " responses");
+  TESSERA_CHECK(prompts.size() == responses.size(), InvalidArgument,
+                "response batch: ", prompts.size(), " prompts but ", responses.size(),
+                " responses");
   TESSERA_CHECK(options.max_length >= 0, InvalidArgument,
                 "response batch: max_length must be >= 0, got ", options.max_length);
   const int64_t n = static_cast<int64_t>(prompts.size());
@@ -116,12 +117,13 @@ PreferenceBatch slice_pairs(const PreferenceBatch& batch, int64_t begin, int64_t
 
 at::Tensor response_logprob_sums(const at::Tensor& logits, const at::Tensor& input_ids,
                                  const at::Tensor& response_mask) {
-  TESSERA_CHECK(input_ids.dim() == 2 && input_ids.size(1) >= 2 && input_ids.scalar_type() == at::kLong,
-                InvalidArgument, "response_logprob_sums: input_ids must be int64 [N, L >= 2]");
+  TESSERA_CHECK(
+      input_ids.dim() == 2 && input_ids.size(1) >= 2 && input_ids.scalar_type() == at::kLong,
+      InvalidArgument, "response_logprob_sums: input_ids must be int64 [N, L >= 2]");
   const int64_t N = input_ids.size(0), L = input_ids.size(1);
-  TESSERA_CHECK(logits.dim() == 3 && logits.size(0) == N && logits.size(1) == L - 1, InvalidArgument,
-                "response_logprob_sums: logits must be [", N, ", ", L - 1, ", V], got ",
-                logits.sizes());
+  TESSERA_CHECK(logits.dim() == 3 && logits.size(0) == N && logits.size(1) == L - 1,
+                InvalidArgument, "response_logprob_sums: logits must be [", N, ", ", L - 1,
+                ", V], got ", logits.sizes());
   TESSERA_CHECK(response_mask.sizes() == input_ids.sizes(), InvalidArgument,
                 "response_logprob_sums: response_mask must be shaped like input_ids [", N, ", ", L,
                 "], got ", response_mask.sizes());
@@ -133,17 +135,21 @@ at::Tensor response_logprob_sums(const at::Tensor& logits, const at::Tensor& inp
 
 at::Tensor sequence_logprobs(Transformer& model, const ResponseBatch& batch,
                              const ForwardOptions& options) {
-  return translate_errors("sequence_logprobs", [&]() -> at::Tensor {
-    TESSERA_CHECK(options.cache == nullptr && !options.last_logits_only && !options.hidden_only &&
-                      options.paged == nullptr,
-                  InvalidArgument,
-                  "sequence_logprobs: cache, last_logits_only, hidden_only and paged must be unset");
-    const int64_t L = batch.input_ids.size(1);
-    ForwardOptions o = options;
-    o.gather_logits = true;
-    at::Tensor logits = model.forward(batch.input_ids.narrow(1, 0, L - 1), o).logits;
-    return response_logprob_sums(logits, batch.input_ids, batch.response_mask);
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "sequence_logprobs",
+      [&]() -> at::Tensor {
+        TESSERA_CHECK(
+            options.cache == nullptr && !options.last_logits_only && !options.hidden_only &&
+                options.paged == nullptr,
+            InvalidArgument,
+            "sequence_logprobs: cache, last_logits_only, hidden_only and paged must be unset");
+        const int64_t L = batch.input_ids.size(1);
+        ForwardOptions o = options;
+        o.gather_logits = true;
+        at::Tensor logits = model.forward(batch.input_ids.narrow(1, 0, L - 1), o).logits;
+        return response_logprob_sums(logits, batch.input_ids, batch.response_mask);
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 DpoLoss dpo_loss(const at::Tensor& policy_chosen, const at::Tensor& policy_rejected,
@@ -273,87 +279,95 @@ void DpoTrainer::set_steps(int64_t steps) {
 }
 
 at::Tensor DpoTrainer::reference_logprobs(const PreferenceBatch& batch) {
-  return translate_errors("DpoTrainer::reference_logprobs", [&]() -> at::Tensor {
-    Impl& t = *impl_;
-    at::NoGradGuard no_grad;
-    const int64_t B = batch.num_pairs;
-    const int64_t micro = std::min<int64_t>(t.options.grad_accumulation, B);
-    std::vector<at::Tensor> chosen, rejected;
-    for (int64_t begin = 0; begin < B;) {
-      const int64_t count = std::min(B - begin, (B + micro - 1) / micro);
-      PreferenceBatch part = slice_pairs(batch, begin, count);
-      at::Tensor sums;
-      if (t.reference != nullptr) {
-        sums = sequence_logprobs(*t.reference, part.rows);
-      } else {
-        AdapterDetached base(*t.policy);
-        sums = sequence_logprobs(*t.policy, part.rows);
-      }
-      sums = sums.to(at::kDouble);
-      chosen.push_back(sums.narrow(0, 0, count));
-      rejected.push_back(sums.narrow(0, count, count));
-      begin += count;
-    }
-    return at::cat({at::cat(chosen), at::cat(rejected)});
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "DpoTrainer::reference_logprobs",
+      [&]() -> at::Tensor {
+        Impl& t = *impl_;
+        at::NoGradGuard no_grad;
+        const int64_t B = batch.num_pairs;
+        const int64_t micro = std::min<int64_t>(t.options.grad_accumulation, B);
+        std::vector<at::Tensor> chosen, rejected;
+        for (int64_t begin = 0; begin < B;) {
+          const int64_t count = std::min(B - begin, (B + micro - 1) / micro);
+          PreferenceBatch part = slice_pairs(batch, begin, count);
+          at::Tensor sums;
+          if (t.reference != nullptr) {
+            sums = sequence_logprobs(*t.reference, part.rows);
+          } else {
+            AdapterDetached base(*t.policy);
+            sums = sequence_logprobs(*t.policy, part.rows);
+          }
+          sums = sums.to(at::kDouble);
+          chosen.push_back(sums.narrow(0, 0, count));
+          rejected.push_back(sums.narrow(0, count, count));
+          begin += count;
+        }
+        return at::cat({at::cat(chosen), at::cat(rejected)});
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 DpoStepStats DpoTrainer::step(const PreferenceBatch& batch) {
-  return translate_errors("DpoTrainer::step", [&]() -> DpoStepStats {
-    Impl& t = *impl_;
-    Stopwatch watch;
-    const int64_t B = batch.num_pairs;
-    const int64_t micro = t.options.grad_accumulation;
-    TESSERA_CHECK(B > 0 && B % micro == 0, InvalidArgument, "DPO: ", B,
-                  " pairs do not split into ", micro, " micro-batches");
-    TESSERA_CHECK(batch.rows.input_ids.size(0) == 2 * B, InvalidArgument, "DPO: a batch of ", B,
-                  " pairs needs ", 2 * B, " rows, got ", batch.rows.input_ids.size(0));
-    at::Tensor reference =
-        batch.reference_logprobs.defined() ? batch.reference_logprobs : reference_logprobs(batch);
-    TESSERA_CHECK(reference.dim() == 1 && reference.size(0) == 2 * B, InvalidArgument,
-                  "DPO: reference_logprobs must be [", 2 * B, "], got ", reference.sizes());
-    const int64_t mb = B / micro;
-    // Sums over this rank's pairs: loss, margin, accuracy, chosen and rejected rewards.
-    double sums[5] = {0, 0, 0, 0, 0};
-    for (int64_t i = 0; i < micro; ++i) {
-      PreferenceBatch part = slice_pairs(batch, i * mb, mb);
-      at::Tensor policy = sequence_logprobs(*t.policy, part.rows);
-      at::Tensor ref = at::cat({reference.narrow(0, i * mb, mb), reference.narrow(0, B + i * mb, mb)});
-      DpoLoss d = dpo_loss(policy.narrow(0, 0, mb), policy.narrow(0, mb, mb), ref.narrow(0, 0, mb),
-                           ref.narrow(0, mb, mb), t.options.beta, t.options.label_smoothing);
-      (d.loss / static_cast<double>(micro)).backward();
-      sums[0] += d.loss.item<double>() * mb;
-      sums[1] += d.margin * mb;
-      sums[2] += d.accuracy * mb;
-      sums[3] += d.chosen_rewards.sum().item<double>();
-      sums[4] += d.rejected_rewards.sum().item<double>();
-    }
-    if (t.dp) all_reduce_gradients(t.params, *t.dp);
-    DpoStepStats stats;
-    stats.lr = warmup_cosine_lr(t.step, t.options.warmup, t.options.steps, t.options.lr,
-                                t.options.min_lr);
-    stats.grad_norm = t.optimizer->step(stats.lr, t.options.max_grad_norm);
-    t.optimizer->zero_grad();
-    stats.step = t.step++;
-    at::Tensor totals = at::tensor({sums[0], sums[1], sums[2], sums[3], sums[4],
-                                    static_cast<double>(B)}, at::kDouble);
-    if (t.dp) t.dp->all_reduce(totals).wait();
-    const double pairs = totals[5].item<double>();
-    stats.loss = totals[0].item<double>() / pairs;
-    stats.margin = totals[1].item<double>() / pairs;
-    stats.accuracy = totals[2].item<double>() / pairs;
-    stats.chosen_reward = totals[3].item<double>() / pairs;
-    stats.rejected_reward = totals[4].item<double>() / pairs;
-    stats.seconds = watch.seconds();
-    if (t.options.log_every > 0 &&
-        (stats.step % t.options.log_every == 0 || t.step == t.options.steps)) {
-      TESSERA_LOG(Info, "nn") << "dpo step " << stats.step + 1 << "/" << t.options.steps << " loss "
-                              << stats.loss << " margin " << stats.margin << " accuracy "
-                              << stats.accuracy << " grad-norm " << stats.grad_norm << " lr "
-                              << stats.lr;
-    }
-    return stats;
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "DpoTrainer::step",
+      [&]() -> DpoStepStats {
+        Impl& t = *impl_;
+        Stopwatch watch;
+        const int64_t B = batch.num_pairs;
+        const int64_t micro = t.options.grad_accumulation;
+        TESSERA_CHECK(B > 0 && B % micro == 0, InvalidArgument, "DPO: ", B,
+                      " pairs do not split into ", micro, " micro-batches");
+        TESSERA_CHECK(batch.rows.input_ids.size(0) == 2 * B, InvalidArgument, "DPO: a batch of ", B,
+                      " pairs needs ", 2 * B, " rows, got ", batch.rows.input_ids.size(0));
+        at::Tensor reference = batch.reference_logprobs.defined() ? batch.reference_logprobs
+                                                                  : reference_logprobs(batch);
+        TESSERA_CHECK(reference.dim() == 1 && reference.size(0) == 2 * B, InvalidArgument,
+                      "DPO: reference_logprobs must be [", 2 * B, "], got ", reference.sizes());
+        const int64_t mb = B / micro;
+        // Sums over this rank's pairs: loss, margin, accuracy, chosen and rejected rewards.
+        double sums[5] = {0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < micro; ++i) {
+          PreferenceBatch part = slice_pairs(batch, i * mb, mb);
+          at::Tensor policy = sequence_logprobs(*t.policy, part.rows);
+          at::Tensor ref =
+              at::cat({reference.narrow(0, i * mb, mb), reference.narrow(0, B + i * mb, mb)});
+          DpoLoss d =
+              dpo_loss(policy.narrow(0, 0, mb), policy.narrow(0, mb, mb), ref.narrow(0, 0, mb),
+                       ref.narrow(0, mb, mb), t.options.beta, t.options.label_smoothing);
+          (d.loss / static_cast<double>(micro)).backward();
+          sums[0] += d.loss.item<double>() * mb;
+          sums[1] += d.margin * mb;
+          sums[2] += d.accuracy * mb;
+          sums[3] += d.chosen_rewards.sum().item<double>();
+          sums[4] += d.rejected_rewards.sum().item<double>();
+        }
+        if (t.dp) all_reduce_gradients(t.params, *t.dp);
+        DpoStepStats stats;
+        stats.lr = warmup_cosine_lr(t.step, t.options.warmup, t.options.steps, t.options.lr,
+                                    t.options.min_lr);
+        stats.grad_norm = t.optimizer->step(stats.lr, t.options.max_grad_norm);
+        t.optimizer->zero_grad();
+        stats.step = t.step++;
+        at::Tensor totals = at::tensor(
+            {sums[0], sums[1], sums[2], sums[3], sums[4], static_cast<double>(B)}, at::kDouble);
+        if (t.dp) t.dp->all_reduce(totals).wait();
+        const double pairs = totals[5].item<double>();
+        stats.loss = totals[0].item<double>() / pairs;
+        stats.margin = totals[1].item<double>() / pairs;
+        stats.accuracy = totals[2].item<double>() / pairs;
+        stats.chosen_reward = totals[3].item<double>() / pairs;
+        stats.rejected_reward = totals[4].item<double>() / pairs;
+        stats.seconds = watch.seconds();
+        if (t.options.log_every > 0 &&
+            (stats.step % t.options.log_every == 0 || t.step == t.options.steps)) {
+          TESSERA_LOG(Info, "nn") << "dpo step " << stats.step + 1 << "/" << t.options.steps
+                                  << " loss " << stats.loss << " margin " << stats.margin
+                                  << " accuracy " << stats.accuracy << " grad-norm "
+                                  << stats.grad_norm << " lr " << stats.lr;
+        }
+        return stats;
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 }  // namespace tessera::nn

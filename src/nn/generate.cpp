@@ -56,97 +56,103 @@ GenerationResult generate(Transformer& model, const std::vector<std::vector<int6
 
 GenerationResult generate(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
                           const SamplingOptions& options, std::unique_ptr<KVCache>* cache_out) {
-  return translate_errors("generate", [&] {
-  TESSERA_CHECK(options.use_cache || cache_out == nullptr, InvalidArgument,
-                "generate: no cache to hand back with use_cache = false");
-  const PaddedPrompts padded = pad_prompts(prompts);
-  TESSERA_CHECK(options.max_new_tokens >= 0, InvalidArgument, "generate: max_new_tokens < 0");
-  at::NoGradGuard no_grad;
-  const int64_t B = static_cast<int64_t>(prompts.size());
-  const int64_t longest = padded.longest;
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+  return translate_errors(
+      "generate",
+      [&] {
+        TESSERA_CHECK(options.use_cache || cache_out == nullptr, InvalidArgument,
+                      "generate: no cache to hand back with use_cache = false");
+        const PaddedPrompts padded = pad_prompts(prompts);
+        TESSERA_CHECK(options.max_new_tokens >= 0, InvalidArgument, "generate: max_new_tokens < 0");
+        at::NoGradGuard no_grad;
+        const int64_t B = static_cast<int64_t>(prompts.size());
+        const int64_t longest = padded.longest;
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
 
-  GenerationResult result;
-  result.tokens.assign(B, {});
-  result.finish_reason.assign(B, "length");
-  std::vector<bool> done(B, options.max_new_tokens == 0);
-  auto is_stop = [&](int64_t t) {
-    return std::find(options.stop_tokens.begin(), options.stop_tokens.end(), t) !=
-           options.stop_tokens.end();
-  };
-  auto accept = [&](const at::Tensor& next) {
-    auto acc = next.accessor<int64_t, 1>();
-    for (int64_t b = 0; b < B; ++b) {
-      if (done[b]) continue;
-      result.tokens[b].push_back(acc[b]);
-      ++result.new_tokens;
-      if (is_stop(acc[b])) {
-        done[b] = true;
-        result.finish_reason[b] = "stop";
-      } else if (static_cast<int64_t>(result.tokens[b].size()) >= options.max_new_tokens) {
-        done[b] = true;
-      }
-    }
-  };
-  auto all_done = [&] { return std::all_of(done.begin(), done.end(), [](bool d) { return d; }); };
+        GenerationResult result;
+        result.tokens.assign(B, {});
+        result.finish_reason.assign(B, "length");
+        std::vector<bool> done(B, options.max_new_tokens == 0);
+        auto is_stop = [&](int64_t t) {
+          return std::find(options.stop_tokens.begin(), options.stop_tokens.end(), t) !=
+                 options.stop_tokens.end();
+        };
+        auto accept = [&](const at::Tensor& next) {
+          auto acc = next.accessor<int64_t, 1>();
+          for (int64_t b = 0; b < B; ++b) {
+            if (done[b]) continue;
+            result.tokens[b].push_back(acc[b]);
+            ++result.new_tokens;
+            if (is_stop(acc[b])) {
+              done[b] = true;
+              result.finish_reason[b] = "stop";
+            } else if (static_cast<int64_t>(result.tokens[b].size()) >= options.max_new_tokens) {
+              done[b] = true;
+            }
+          }
+        };
+        auto all_done = [&] {
+          return std::all_of(done.begin(), done.end(), [](bool d) { return d; });
+        };
 
-  const at::ScalarType dtype = model.named_parameters().front().second.scalar_type();
-  if (!options.use_cache) {
-    // Reference path: every step runs each sequence from its first token.
-    Stopwatch watch;
-    while (!all_done()) {
-      std::vector<int64_t> next(B, 0);
-      for (int64_t b = 0; b < B; ++b) {
-        if (done[b]) continue;
-        std::vector<int64_t> seq = prompts[b];
-        seq.insert(seq.end(), result.tokens[b].begin(), result.tokens[b].end());
-        at::Tensor ids = at::tensor(seq, at::kLong).view({1, -1});
-        ForwardOptions one;
-        one.batch_invariant = options.batch_invariant;
-        if (!options.sequence_adapters.empty()) {
-          one.sequence_adapters = at::full({1}, options.sequence_adapters[b], at::kLong);
+        const at::ScalarType dtype = model.named_parameters().front().second.scalar_type();
+        if (!options.use_cache) {
+          // Reference path: every step runs each sequence from its first token.
+          Stopwatch watch;
+          while (!all_done()) {
+            std::vector<int64_t> next(B, 0);
+            for (int64_t b = 0; b < B; ++b) {
+              if (done[b]) continue;
+              std::vector<int64_t> seq = prompts[b];
+              seq.insert(seq.end(), result.tokens[b].begin(), result.tokens[b].end());
+              at::Tensor ids = at::tensor(seq, at::kLong).view({1, -1});
+              ForwardOptions one;
+              one.batch_invariant = options.batch_invariant;
+              if (!options.sequence_adapters.empty()) {
+                one.sequence_adapters = at::full({1}, options.sequence_adapters[b], at::kLong);
+              }
+              at::Tensor logits = model.forward(ids, one).logits.select(1, ids.size(1) - 1);
+              next[b] = sample_next(logits, options, gen).item<int64_t>();
+            }
+            accept(at::tensor(next, at::kLong));
+          }
+          result.decode_seconds = watch.seconds();
+          return result;
         }
-        at::Tensor logits = model.forward(ids, one).logits.select(1, ids.size(1) - 1);
-        next[b] = sample_next(logits, options, gen).item<int64_t>();
-      }
-      accept(at::tensor(next, at::kLong));
-    }
-    result.decode_seconds = watch.seconds();
-    return result;
-  }
 
-  auto cache = std::make_unique<KVCache>(model.config(), B,
-                                         longest + std::max<int64_t>(options.max_new_tokens, 1),
-                                         at::TensorOptions().dtype(dtype), model.groups().tp_size());
-  result.cache_bytes = cache->bytes();
-  Stopwatch watch;
-  ForwardOptions fwd;
-  fwd.cache = cache.get();
-  fwd.batch_invariant = options.batch_invariant;
-  fwd.lengths = padded.lengths;
-  fwd.last_logits_only = true;
-  if (!options.sequence_adapters.empty()) {
-    TESSERA_CHECK(static_cast<int64_t>(options.sequence_adapters.size()) == B, InvalidArgument,
-                  "generate: ", options.sequence_adapters.size(), " adapter ids for ", B, " prompts");
-    fwd.sequence_adapters = at::tensor(options.sequence_adapters, at::kLong);
-  }
-  at::Tensor logits = model.forward(padded.ids, fwd).logits.select(1, 0);
-  if (!all_done()) accept(sample_next(logits, options, gen));
-  result.prefill_seconds = watch.seconds();
-  watch.reset();
-  fwd.lengths = at::ones({B}, at::kLong);
-  while (!all_done()) {
-    at::Tensor last = at::empty({B, 1}, at::kLong);
-    for (int64_t b = 0; b < B; ++b) {
-      last[b][0] = result.tokens[b].empty() ? 0 : result.tokens[b].back();
-    }
-    logits = model.forward(last, fwd).logits.select(1, 0);
-    accept(sample_next(logits, options, gen));
-  }
-  result.decode_seconds = watch.seconds();
-  if (cache_out) *cache_out = std::move(cache);
-  return result;
-  }, ErrorCode::kInvalidArgument);
+        auto cache = std::make_unique<KVCache>(
+            model.config(), B, longest + std::max<int64_t>(options.max_new_tokens, 1),
+            at::TensorOptions().dtype(dtype), model.groups().tp_size());
+        result.cache_bytes = cache->bytes();
+        Stopwatch watch;
+        ForwardOptions fwd;
+        fwd.cache = cache.get();
+        fwd.batch_invariant = options.batch_invariant;
+        fwd.lengths = padded.lengths;
+        fwd.last_logits_only = true;
+        if (!options.sequence_adapters.empty()) {
+          TESSERA_CHECK(static_cast<int64_t>(options.sequence_adapters.size()) == B,
+                        InvalidArgument, "generate: ", options.sequence_adapters.size(),
+                        " adapter ids for ", B, " prompts");
+          fwd.sequence_adapters = at::tensor(options.sequence_adapters, at::kLong);
+        }
+        at::Tensor logits = model.forward(padded.ids, fwd).logits.select(1, 0);
+        if (!all_done()) accept(sample_next(logits, options, gen));
+        result.prefill_seconds = watch.seconds();
+        watch.reset();
+        fwd.lengths = at::ones({B}, at::kLong);
+        while (!all_done()) {
+          at::Tensor last = at::empty({B, 1}, at::kLong);
+          for (int64_t b = 0; b < B; ++b) {
+            last[b][0] = result.tokens[b].empty() ? 0 : result.tokens[b].back();
+          }
+          logits = model.forward(last, fwd).logits.select(1, 0);
+          accept(sample_next(logits, options, gen));
+        }
+        result.decode_seconds = watch.seconds();
+        if (cache_out) *cache_out = std::move(cache);
+        return result;
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 }  // namespace tessera::nn

@@ -54,10 +54,18 @@ template <int MB>
 TESSERA_AVX512 inline void tile_avx512_nb(int nb, const float* x, const float* w, int64_t K,
                                           float* out, int64_t ldo, int64_t m0, int64_t n0) {
   switch (nb) {
-    case 4: tile_avx512<MB, 4>(x, w, K, out, ldo, m0, n0); break;
-    case 3: tile_avx512<MB, 3>(x, w, K, out, ldo, m0, n0); break;
-    case 2: tile_avx512<MB, 2>(x, w, K, out, ldo, m0, n0); break;
-    default: tile_avx512<MB, 1>(x, w, K, out, ldo, m0, n0); break;
+    case 4:
+      tile_avx512<MB, 4>(x, w, K, out, ldo, m0, n0);
+      break;
+    case 3:
+      tile_avx512<MB, 3>(x, w, K, out, ldo, m0, n0);
+      break;
+    case 2:
+      tile_avx512<MB, 2>(x, w, K, out, ldo, m0, n0);
+      break;
+    default:
+      tile_avx512<MB, 1>(x, w, K, out, ldo, m0, n0);
+      break;
   }
 }
 
@@ -67,10 +75,18 @@ TESSERA_AVX512 void linear_avx512(const float* x, int64_t M, const float* w, int
     const int nb = static_cast<int>(std::min<int64_t>(4, n1 - n));
     for (int64_t m = 0; m < M; m += 4) {
       switch (std::min<int64_t>(4, M - m)) {
-        case 4: tile_avx512_nb<4>(nb, x, w, K, out, N, m, n); break;
-        case 3: tile_avx512_nb<3>(nb, x, w, K, out, N, m, n); break;
-        case 2: tile_avx512_nb<2>(nb, x, w, K, out, N, m, n); break;
-        default: tile_avx512_nb<1>(nb, x, w, K, out, N, m, n); break;
+        case 4:
+          tile_avx512_nb<4>(nb, x, w, K, out, N, m, n);
+          break;
+        case 3:
+          tile_avx512_nb<3>(nb, x, w, K, out, N, m, n);
+          break;
+        case 2:
+          tile_avx512_nb<2>(nb, x, w, K, out, N, m, n);
+          break;
+        default:
+          tile_avx512_nb<1>(nb, x, w, K, out, N, m, n);
+          break;
       }
     }
   }
@@ -122,10 +138,18 @@ template <int MB>
 TESSERA_AVX2 inline void tile_avx2_nb(int nb, const float* x, const float* w, int64_t K, float* out,
                                       int64_t ldo, int64_t m0, int64_t n0) {
   switch (nb) {
-    case 4: tile_avx2<MB, 4>(x, w, K, out, ldo, m0, n0); break;
-    case 3: tile_avx2<MB, 3>(x, w, K, out, ldo, m0, n0); break;
-    case 2: tile_avx2<MB, 2>(x, w, K, out, ldo, m0, n0); break;
-    default: tile_avx2<MB, 1>(x, w, K, out, ldo, m0, n0); break;
+    case 4:
+      tile_avx2<MB, 4>(x, w, K, out, ldo, m0, n0);
+      break;
+    case 3:
+      tile_avx2<MB, 3>(x, w, K, out, ldo, m0, n0);
+      break;
+    case 2:
+      tile_avx2<MB, 2>(x, w, K, out, ldo, m0, n0);
+      break;
+    default:
+      tile_avx2<MB, 1>(x, w, K, out, ldo, m0, n0);
+      break;
   }
 }
 
@@ -157,10 +181,12 @@ void linear_generic(const float* x, int64_t M, const float* w, int64_t N, int64_
 TESSERA_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+  for (; k + 16 <= n; k += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
   if (k < n) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (n - k)) - 1u);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + k), _mm512_maskz_loadu_ps(mask, b + k), acc);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + k), _mm512_maskz_loadu_ps(mask, b + k),
+                          acc);
   }
   return _mm512_reduce_add_ps(acc);
 }
@@ -182,7 +208,8 @@ TESSERA_AVX512 void axpy_avx512(float p, const float* v, float* out, int64_t n) 
   const __m512 pv = _mm512_set1_ps(p);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(out + i), _mm512_mul_ps(pv, _mm512_loadu_ps(v + i))));
+    _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(out + i),
+                                            _mm512_mul_ps(pv, _mm512_loadu_ps(v + i))));
   }
   for (; i < n; ++i) out[i] += p * v[i];
 }
@@ -191,7 +218,9 @@ void axpy_generic(float p, const float* v, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] += p * v[i];
 }
 
-bool has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+}
 
 LinearKernel pick_linear_kernel() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return linear_avx512;
@@ -224,7 +253,8 @@ at::Tensor linear_fixed(const at::Tensor& x, const at::Tensor& w) {
   const float* wp = wc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   // Outputs per task: about 2^16 multiply-adds, in multiples of the tile width.
-  const int64_t grain = std::max<int64_t>(4, ((int64_t{1} << 16) / std::max<int64_t>(1, M * K) + 3) / 4 * 4);
+  const int64_t grain =
+      std::max<int64_t>(4, ((int64_t{1} << 16) / std::max<int64_t>(1, M * K) + 3) / 4 * 4);
   if (N <= grain) {
     kernel(xp, M, wp, N, K, op, 0, N);
   } else {

@@ -26,7 +26,9 @@ at::Tensor linear_fixed(const at::Tensor& x, const at::Tensor& w);
 // with AVX-512, else 16 interleaved partial sums and a fixed tree.
 using DotFn = float (*)(const float* a, const float* b, int64_t n);
 extern const DotFn dot_fixed_kernel;
-inline float dot_fixed(const float* a, const float* b, int64_t n) { return dot_fixed_kernel(a, b, n); }
+inline float dot_fixed(const float* a, const float* b, int64_t n) {
+  return dot_fixed_kernel(a, b, n);
+}
 
 // out[i] += p * v[i] for i < n: a multiply, then an add (never fused), so
 // every instruction set gives the same bits.

@@ -38,8 +38,8 @@ Transformer load_hf_model(const std::string& dir, ParallelGroups groups, at::Sca
                   "' is missing from the checkpoint");
     at::Tensor t = folder.get(name);
     TESSERA_CHECK(t.sizes() == at::IntArrayRef(shape), InvalidArgument, folder.file_of(name),
-                  ": tensor '", name, "' has shape ", shape_string(t.sizes()), " but config.json implies ",
-                  shape_string(shape));
+                  ": tensor '", name, "' has shape ", shape_string(t.sizes()),
+                  " but config.json implies ", shape_string(shape));
     TESSERA_CHECK(at::isFloatingType(t.scalar_type()), InvalidArgument, folder.file_of(name),
                   ": tensor '", name, "' has dtype ", dtype_name(t.scalar_type()),
                   ", expected a floating-point type");
@@ -47,7 +47,6 @@ Transformer load_hf_model(const std::string& dir, ParallelGroups groups, at::Sca
   }
   return model;
 }
-
 
 WeightMap gather_full_weights(Transformer& model,
                               const std::shared_ptr<dist::ProcessGroup>& replica) {
@@ -82,7 +81,6 @@ WeightMap write_random_model(const std::string& dir, const ModelConfig& config, 
   return weights;
 }
 
-
 LoadedModel load_gguf_model(const std::string& path, ParallelGroups groups) {
   GgufModel g = read_gguf_model(path);
   auto model = std::make_unique<Transformer>(g.config, std::move(groups));
@@ -90,6 +88,5 @@ LoadedModel load_gguf_model(const std::string& path, ParallelGroups groups) {
   return LoadedModel{std::move(model), Tokenizer::from_spec(std::move(g.tokenizer)),
                      std::move(g.chat_template)};
 }
-
 
 }  // namespace tessera::nn

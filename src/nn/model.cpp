@@ -25,10 +25,10 @@ namespace tessera::nn {
 using detail::all_to_all_rows;
 using detail::copy_to_group;
 using detail::gather_last_dim;
-using detail::reduce_from_group;
 using detail::layer_prefix;
-using detail::MoeNames;
 using detail::moe_names;
+using detail::MoeNames;
+using detail::reduce_from_group;
 using detail::with_expert;
 
 // ---------------------------------------------------------------------------
@@ -39,8 +39,9 @@ KVCache::KVCache(const ModelConfig& config, int64_t batch, int64_t max_length,
     : batch_(batch), max_length_(max_length) {
   TESSERA_CHECK(batch >= 1 && max_length >= 1, InvalidArgument,
                 "KV cache: batch and max_length must be positive");
-  TESSERA_CHECK(config.num_key_value_heads % tp_size == 0, InvalidArgument, "KV cache: ",
-                config.num_key_value_heads, " kv heads do not split over tp=", tp_size);
+  TESSERA_CHECK(config.num_key_value_heads % tp_size == 0, InvalidArgument,
+                "KV cache: ", config.num_key_value_heads,
+                " kv heads do not split over tp=", tp_size);
   const int64_t heads = config.num_key_value_heads / tp_size;
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     keys_.push_back(at::zeros({batch, heads, max_length, config.head_size()}, options));
@@ -79,11 +80,11 @@ struct LayerWeights {
   at::Tensor input_norm, post_norm;
   at::Tensor q, k, v, o, q_bias, k_bias, v_bias;
   bool moe = false;
-  at::Tensor gate, up, down;            // dense MLP
-  at::Tensor router;                    // [E, H]
-  std::vector<ExpertWeights> experts;   // local experts, in order
-  ExpertWeights shared;                 // Qwen2-MoE shared expert
-  at::Tensor shared_gate;               // [1, H]
+  at::Tensor gate, up, down;           // dense MLP
+  at::Tensor router;                   // [E, H]
+  std::vector<ExpertWeights> experts;  // local experts, in order
+  ExpertWeights shared;                // Qwen2-MoE shared expert
+  at::Tensor shared_gate;              // [1, H]
 };
 
 // RoPE inverse frequencies [head_dim / 2] with the configured scaling.
@@ -254,9 +255,8 @@ void attend_heads(const float* q, float* out, int64_t row, int64_t nh, int64_t f
 
 PagedKVCache::PagedKVCache(const ModelConfig& config, int64_t num_blocks, int64_t block_size)
     : num_blocks_(num_blocks), block_size_(block_size) {
-  TESSERA_CHECK(num_blocks >= 1 && block_size >= 1, InvalidArgument,
-                "paged KV cache: num_blocks (", num_blocks, ") and block_size (", block_size,
-                ") must be positive");
+  TESSERA_CHECK(num_blocks >= 1 && block_size >= 1, InvalidArgument, "paged KV cache: num_blocks (",
+                num_blocks, ") and block_size (", block_size, ") must be positive");
   const int64_t heads = config.num_key_value_heads, hd = config.head_size();
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     keys_.push_back(at::zeros({num_blocks, heads, block_size, hd}, at::kFloat));
@@ -282,12 +282,14 @@ void PagedKVCache::copy_slots(int64_t src_block, int64_t src_slot, int64_t dst_b
   };
   TESSERA_CHECK(in_range(src_block, src_slot) && in_range(dst_block, dst_slot), InvalidArgument,
                 "paged KV cache: slot copy of ", count, " from block ", src_block, " slot ",
-                src_slot, " to block ", dst_block, " slot ", dst_slot, " leaves the ",
-                num_blocks_, " blocks of ", block_size_, " slots");
+                src_slot, " to block ", dst_block, " slot ", dst_slot, " leaves the ", num_blocks_,
+                " blocks of ", block_size_, " slots");
   if (count == 0 || (src_block == dst_block && src_slot == dst_slot)) return;
   for (size_t l = 0; l < keys_.size(); ++l) {
     for (at::Tensor* pool : {&keys_[l], &values_[l]}) {
-      (*pool)[dst_block].narrow(1, dst_slot, count).copy_((*pool)[src_block].narrow(1, src_slot, count));
+      (*pool)[dst_block]
+          .narrow(1, dst_slot, count)
+          .copy_((*pool)[src_block].narrow(1, src_slot, count));
     }
   }
 }
@@ -310,7 +312,7 @@ struct Transformer::Impl {
   ModelConfig config;
   ParallelGroups groups;
   at::ScalarType dtype;
-  std::vector<ParameterSpec> specs;                    // full model
+  std::vector<ParameterSpec> specs;  // full model
   std::map<std::string, size_t> spec_index;
   std::vector<std::pair<std::string, at::Tensor>> params;  // this rank's
   std::map<std::string, size_t> param_index;
@@ -324,7 +326,8 @@ struct Transformer::Impl {
   std::shared_ptr<LinearOverride> linear_override;
   AdapterContext adapter_context;  // of the forward in progress
   bool invariant = false;          // ForwardOptions::batch_invariant of the forward in progress
-  bool record_attention = false;   // keep the last attention's argmax key per query (routing records)
+  bool record_attention =
+      false;  // keep the last attention's argmax key per query (routing records)
   const ForwardOptions* options = nullptr;  // of the forward in progress
   bool routing_stats = true;  // load and aux-loss statistics of MoE layers (off in paged forwards)
   at::Tensor last_attention_argmax;
@@ -354,7 +357,8 @@ struct Transformer::Impl {
   // Several proj() of one input x, through LinearOverride::linear_group
   // (one product where the override can fuse them). Batch-invariant
   // forwards only. `biases` entries may point to undefined tensors.
-  std::vector<at::Tensor> proj_group(const at::Tensor& x, const std::vector<const at::Tensor*>& weights,
+  std::vector<at::Tensor> proj_group(const at::Tensor& x,
+                                     const std::vector<const at::Tensor*>& weights,
                                      const std::vector<const at::Tensor*>& biases,
                                      const std::vector<std::string>& names) {
     std::vector<at::Tensor> ys;
@@ -473,11 +477,13 @@ struct Transformer::Impl {
         MoeNames n = moe_names(c, l);
         w.router = param(n.router);
         for (int64_t j = first_expert; j < first_expert + experts_per_rank; ++j) {
-          w.experts.push_back({param(with_expert(n.expert_gate, j)), param(with_expert(n.expert_up, j)),
+          w.experts.push_back({param(with_expert(n.expert_gate, j)),
+                               param(with_expert(n.expert_up, j)),
                                param(with_expert(n.expert_down, j))});
         }
         if (c.shared_expert_intermediate_size > 0) {
-          w.shared = {param(n.shared_gate_proj), param(n.shared_up_proj), param(n.shared_down_proj)};
+          w.shared = {param(n.shared_gate_proj), param(n.shared_up_proj),
+                      param(n.shared_down_proj)};
           w.shared_gate = param(n.shared_gate);
         }
       } else {
@@ -490,9 +496,8 @@ struct Transformer::Impl {
 
   // Self-attention of one layer; returns the row-parallel partial output.
   at::Tensor attention(const LayerWeights& w, const at::Tensor& h, const at::Tensor& cos,
-                       const at::Tensor& sin, const at::Tensor& mask, KVCache* cache,
-                       int64_t layer, const at::Tensor& starts, int64_t kv_len,
-                       bool invariant) {
+                       const at::Tensor& sin, const at::Tensor& mask, KVCache* cache, int64_t layer,
+                       const at::Tensor& starts, int64_t kv_len, bool invariant) {
     const ModelConfig& c = config;
     const int64_t B = h.size(0), T = h.size(1), hd = c.head_size();
     const int64_t nh = c.num_attention_heads / groups.tp_size();
@@ -522,9 +527,11 @@ struct Transformer::Impl {
       k = k.unsqueeze(2).expand({B, nkv, rep, L, hd}).reshape({B, nh, L, hd});
       v = v.unsqueeze(2).expand({B, nkv, rep, L, hd}).reshape({B, nh, L, hd});
     }
-    at::Tensor scores = at::matmul(q, k.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(hd)));
+    at::Tensor scores =
+        at::matmul(q, k.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(hd)));
     scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
-    at::Tensor probs = at::softmax(scores.to(accumulate_type(scores.scalar_type())), -1).to(q.scalar_type());
+    at::Tensor probs =
+        at::softmax(scores.to(accumulate_type(scores.scalar_type())), -1).to(q.scalar_type());
     if (record_attention) last_attention_argmax = probs.detach().sum(1).argmax(-1).reshape({B * T});
     at::Tensor out = at::matmul(probs, v).transpose(1, 2).reshape({B, T, nh * hd});
     return proj(out, w.o, {}, a + "o_proj");
@@ -578,7 +585,10 @@ struct Transformer::Impl {
         const int64_t row = i / nkv, kvh = i % nkv, b = row / T, t = row % T;
         MaskedKeys keys_of{kp + b * keys.stride(0) + kvh * keys.stride(1),
                            vp + b * values.stride(0) + kvh * values.stride(1),
-                           keys.stride(2), values.stride(2), kv_len, mp + (b * T + t) * kv_len};
+                           keys.stride(2),
+                           values.stride(2),
+                           kv_len,
+                           mp + (b * T + t) * kv_len};
         attend_heads(qp, op, row, nh, kvh * rep, rep, hd, scale, keys_of, scores.data(), kv_len);
       }
     });
@@ -617,14 +627,16 @@ struct Transformer::Impl {
     int64_t longest = 0;
     for (int64_t p : positions) longest = std::max(longest, p + 1);
     // One task per (token, kv head); grain so that short contexts share a task.
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, longest * hd * rep));
+    const int64_t grain =
+        std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, longest * hd * rep));
     at::parallel_for(0, N * nkv, grain, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores(std::min<int64_t>(rep, detail::kMaxQueryGroup) * longest);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t row = i / nkv, kvh = i % nkv;
         const auto& table = batch.sequences[seq_of[row]].block_table;
-        PagedKeys keys_of{kpool + kvh * bs * hd, vpool + kvh * bs * hd, table.data(), block_stride,
-                          bs, hd, positions[row] + 1};
+        PagedKeys keys_of{
+            kpool + kvh * bs * hd, vpool + kvh * bs * hd, table.data(), block_stride, bs, hd,
+            positions[row] + 1};
         attend_heads(qp, op, row, nh, kvh * rep, rep, hd, scale, keys_of, scores.data(), longest);
       }
     });
@@ -855,10 +867,11 @@ struct Transformer::Impl {
     // without capacity drops; the CPU path below keeps its own order.
     const bool drops = c.capacity_factor > 0 && !invariant;
     if (x.is_cuda() && groups.ep_size() == 1 && !drops && !adapter && !linear_override) {
-      at::Tensor result = moe_mixture(x, r.top_e, r.top_w, c.num_experts, [&](int64_t e, const at::Tensor& rows) {
-        const ExpertWeights& ew = w.experts[e];
-        return swiglu(rows, ew.gate, ew.up, ew.down);
-      });
+      at::Tensor result =
+          moe_mixture(x, r.top_e, r.top_w, c.num_experts, [&](int64_t e, const at::Tensor& rows) {
+            const ExpertWeights& ew = w.experts[e];
+            return swiglu(rows, ew.gate, ew.up, ew.down);
+          });
       return add_shared_expert(w, x, result);
     }
 
@@ -905,9 +918,9 @@ struct Transformer::Impl {
   // Adds a Qwen2-MoE shared expert's gated output (when the model has one).
   at::Tensor add_shared_expert(const LayerWeights& w, const at::Tensor& x, at::Tensor result) {
     if (config.shared_expert_intermediate_size > 0 && invariant) {
-      at::Tensor shared = linear_invariant(silu_mul_invariant(linear_invariant(x, w.shared.gate),
-                                                              linear_invariant(x, w.shared.up)),
-                                           w.shared.down);
+      at::Tensor shared = linear_invariant(
+          silu_mul_invariant(linear_invariant(x, w.shared.gate), linear_invariant(x, w.shared.up)),
+          w.shared.down);
       at::Tensor gate = linear_invariant(x, w.shared_gate).contiguous();  // [N, 1]
       float* g = gate.data_ptr<float>();
       for (int64_t i = 0; i < gate.numel(); ++i) g[i] = 1.f / (1.f + std::exp(-g[i]));
@@ -935,14 +948,16 @@ struct Transformer::Impl {
                   InvalidArgument,
                   "paged forward: cache, lengths, last_logits_only, sequence_adapters and "
                   "record_routing do not apply (the PagedBatch describes the batch)");
-    TESSERA_CHECK(batch.cache != nullptr, InvalidArgument, "paged forward: PagedBatch::cache is null");
+    TESSERA_CHECK(batch.cache != nullptr, InvalidArgument,
+                  "paged forward: PagedBatch::cache is null");
     PagedKVCache& cache = *batch.cache;
     TESSERA_CHECK(cache.num_layers() == c.num_hidden_layers &&
                       cache.key(0).size(1) == c.num_key_value_heads &&
                       cache.key(0).size(3) == c.head_size(),
                   InvalidArgument, "paged forward: the cache was made for another model config");
     TESSERA_CHECK(input_ids.size(0) == 1, InvalidArgument,
-                  "paged forward: input_ids must be [1, tokens], got ", shape_string(input_ids.sizes()));
+                  "paged forward: input_ids must be [1, tokens], got ",
+                  shape_string(input_ids.sizes()));
     const int64_t N = input_ids.size(1), bs = cache.block_size();
     std::vector<int64_t> positions, seq_of;
     positions.reserve(N);
@@ -951,8 +966,8 @@ struct Transformer::Impl {
     for (size_t s = 0; s < batch.sequences.size(); ++s) {
       const PagedBatch::Sequence& seq = batch.sequences[s];
       TESSERA_CHECK(seq.num_tokens >= 1 && seq.start_position >= 0, InvalidArgument,
-                    "paged forward: sequence ", s, " has ", seq.num_tokens, " tokens from position ",
-                    seq.start_position);
+                    "paged forward: sequence ", s, " has ", seq.num_tokens,
+                    " tokens from position ", seq.start_position);
       const int64_t end = seq.start_position + seq.num_tokens;
       TESSERA_CHECK(static_cast<int64_t>(seq.block_table.size()) * bs >= end, InvalidArgument,
                     "paged forward: sequence ", s, "'s block table (", seq.block_table.size(),
@@ -968,8 +983,8 @@ struct Transformer::Impl {
         token_adapters.push_back(seq.adapter);
       }
     }
-    TESSERA_CHECK(static_cast<int64_t>(positions.size()) == N, InvalidArgument, "paged forward: ",
-                  N, " input tokens but the sequences hold ", positions.size());
+    TESSERA_CHECK(static_cast<int64_t>(positions.size()) == N, InvalidArgument,
+                  "paged forward: ", N, " input tokens but the sequences hold ", positions.size());
     for (int64_t r : batch.logits_rows) {
       TESSERA_CHECK(r >= 0 && r < N, InvalidArgument, "paged forward: logits row ", r,
                     " outside the ", N, " tokens");
@@ -977,8 +992,9 @@ struct Transformer::Impl {
     at::Tensor ids = input_ids.reshape({N}).contiguous();
     const int64_t* idp = ids.data_ptr<int64_t>();
     for (int64_t i = 0; i < N; ++i) {
-      TESSERA_CHECK(idp[i] >= 0 && idp[i] < c.vocab_size, InvalidArgument, "paged forward: token id ",
-                    idp[i], " outside the vocabulary of ", c.vocab_size);
+      TESSERA_CHECK(idp[i] >= 0 && idp[i] < c.vocab_size, InvalidArgument,
+                    "paged forward: token id ", idp[i], " outside the vocabulary of ",
+                    c.vocab_size);
     }
 
     invariant = true;
@@ -1029,9 +1045,9 @@ Transformer::Transformer(ModelConfig config, ParallelGroups groups, at::ScalarTy
   m.dtype = dtype;
   const ModelConfig& c = m.config;
   const int tp = m.groups.tp_size(), ep = m.groups.ep_size();
-  TESSERA_CHECK(c.num_key_value_heads % tp == 0 && c.num_attention_heads % tp == 0,
-                InvalidArgument, "tensor parallel size ", tp, " must divide the ",
-                c.num_attention_heads, " attention and ", c.num_key_value_heads, " kv heads");
+  TESSERA_CHECK(c.num_key_value_heads % tp == 0 && c.num_attention_heads % tp == 0, InvalidArgument,
+                "tensor parallel size ", tp, " must divide the ", c.num_attention_heads,
+                " attention and ", c.num_key_value_heads, " kv heads");
   if (c.num_experts > 0) {
     TESSERA_CHECK(c.num_experts % ep == 0, InvalidArgument, "expert parallel size ", ep,
                   " must divide num_experts=", c.num_experts);
@@ -1130,7 +1146,8 @@ const std::shared_ptr<LinearAdapter>& Transformer::adapter() const { return impl
 
 void Transformer::set_linear_override(std::shared_ptr<LinearOverride> override_) {
   TESSERA_CHECK(!override_ || (impl_->groups.tp_size() == 1 && impl_->groups.ep_size() == 1),
-                InvalidArgument, "linear overrides run on single-rank model replicas (tp = ep = 1)");
+                InvalidArgument,
+                "linear overrides run on single-rank model replicas (tp = ep = 1)");
   impl_->linear_override = std::move(override_);
 }
 
@@ -1145,145 +1162,156 @@ int64_t Transformer::num_local_parameters() const {
 }
 
 ForwardOutput Transformer::forward(const at::Tensor& input_ids, const ForwardOptions& options) {
-  return translate_errors("Transformer::forward", [&]() -> ForwardOutput {
-  Impl& m = *impl_;
-  const ModelConfig& c = m.config;
-  TESSERA_CHECK(input_ids.dim() == 2 && input_ids.scalar_type() == at::kLong, InvalidArgument,
-                "forward: input_ids must be int64 [batch, tokens], got ",
-                dtype_name(input_ids.scalar_type()), " ", shape_string(input_ids.sizes()));
-  if (options.paged) return m.forward_paged(input_ids, options);
-  const int64_t B = input_ids.size(0), T = input_ids.size(1);
-  TESSERA_CHECK(T >= 1, InvalidArgument, "forward: empty input");
-  KVCache* cache = options.cache;
-  at::Tensor lengths = options.lengths.defined() ? options.lengths.to(at::kLong).cpu()
-                                                 : at::full({B}, T, at::kLong);
-  at::Tensor starts = cache ? cache->lengths().clone() : at::zeros({B}, at::kLong);
-  if (cache) {
-    TESSERA_CHECK(cache->batch() == B, InvalidArgument, "forward: cache holds ", cache->batch(),
-                  " sequences, input has ", B);
-    TESSERA_CHECK((starts + T).max().item<int64_t>() <= cache->max_length(), ResourceExhausted,
-                  "forward: ", T, " more tokens overflow the KV cache of ", cache->max_length());
-  }
-  const int64_t kv_len = cache ? (starts + T).max().item<int64_t>() : T;
+  return translate_errors(
+      "Transformer::forward",
+      [&]() -> ForwardOutput {
+        Impl& m = *impl_;
+        const ModelConfig& c = m.config;
+        TESSERA_CHECK(input_ids.dim() == 2 && input_ids.scalar_type() == at::kLong, InvalidArgument,
+                      "forward: input_ids must be int64 [batch, tokens], got ",
+                      dtype_name(input_ids.scalar_type()), " ", shape_string(input_ids.sizes()));
+        if (options.paged) return m.forward_paged(input_ids, options);
+        const int64_t B = input_ids.size(0), T = input_ids.size(1);
+        TESSERA_CHECK(T >= 1, InvalidArgument, "forward: empty input");
+        KVCache* cache = options.cache;
+        at::Tensor lengths = options.lengths.defined() ? options.lengths.to(at::kLong).cpu()
+                                                       : at::full({B}, T, at::kLong);
+        at::Tensor starts = cache ? cache->lengths().clone() : at::zeros({B}, at::kLong);
+        if (cache) {
+          TESSERA_CHECK(cache->batch() == B, InvalidArgument, "forward: cache holds ",
+                        cache->batch(), " sequences, input has ", B);
+          TESSERA_CHECK((starts + T).max().item<int64_t>() <= cache->max_length(),
+                        ResourceExhausted, "forward: ", T, " more tokens overflow the KV cache of ",
+                        cache->max_length());
+        }
+        const int64_t kv_len = cache ? (starts + T).max().item<int64_t>() : T;
 
-  // Positions [B, T] and RoPE tables [B, 1, T, hd].
-  at::Tensor positions = starts.unsqueeze(1) + at::arange(T, at::kLong).unsqueeze(0);
-  // In fp32 like Hugging Face's rotary embedding (fp64 for fp64 models).
-  const at::ScalarType rope_type = accumulate_type(m.dtype);
-  // (The batch-invariant path uses its own tables instead.)
-  at::Tensor cos, sin;
-  if (!options.batch_invariant) {
-    at::Tensor freqs = positions.to(rope_type).unsqueeze(-1) * m.inv_freq.to(rope_type);  // [B, T, hd/2]
-    at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
-    cos = emb.cos().to(m.dtype);
-    sin = emb.sin().to(m.dtype);
-  }
-  // Mask [B, 1, T, kv_len]: key j is hidden from query i when j is beyond
-  // the query's own position, or beyond the sequence's real tokens.
-  at::Tensor key_pos = at::arange(kv_len, at::kLong).view({1, 1, kv_len});
-  at::Tensor end = (starts + lengths).view({B, 1, 1});
-  at::Tensor mask = ((key_pos > positions.unsqueeze(-1)) | (key_pos >= end)).unsqueeze(1);
+        // Positions [B, T] and RoPE tables [B, 1, T, hd].
+        at::Tensor positions = starts.unsqueeze(1) + at::arange(T, at::kLong).unsqueeze(0);
+        // In fp32 like Hugging Face's rotary embedding (fp64 for fp64 models).
+        const at::ScalarType rope_type = accumulate_type(m.dtype);
+        // (The batch-invariant path uses its own tables instead.)
+        at::Tensor cos, sin;
+        if (!options.batch_invariant) {
+          at::Tensor freqs =
+              positions.to(rope_type).unsqueeze(-1) * m.inv_freq.to(rope_type);  // [B, T, hd/2]
+          at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
+          cos = emb.cos().to(m.dtype);
+          sin = emb.sin().to(m.dtype);
+        }
+        // Mask [B, 1, T, kv_len]: key j is hidden from query i when j is beyond
+        // the query's own position, or beyond the sequence's real tokens.
+        at::Tensor key_pos = at::arange(kv_len, at::kLong).view({1, 1, kv_len});
+        at::Tensor end = (starts + lengths).view({B, 1, 1});
+        at::Tensor mask = ((key_pos > positions.unsqueeze(-1)) | (key_pos >= end)).unsqueeze(1);
 
-  // Vocabulary-parallel embedding: each rank looks up its shard's ids.
-  at::Tensor x;
-  if (options.input_embeds.defined()) {
-    x = checked_input_embeds(options.input_embeds, {B, T, c.hidden_size}, m.dtype);
-  } else if (m.groups.tp_size() > 1) {
-    at::Tensor local = input_ids - m.vocab_start;
-    at::Tensor inside = (local >= 0) & (local < m.vocab_local);
-    at::Tensor part = at::embedding(m.embed, at::where(inside, local, at::zeros_like(local)));
-    part = part * inside.unsqueeze(-1).to(part.scalar_type());
-    x = reduce_from_group(part, m.groups.tp);
-  } else {
-    TESSERA_CHECK(input_ids.numel() == 0 ||
-                      (input_ids.min().item<int64_t>() >= 0 &&
-                       input_ids.max().item<int64_t>() < c.vocab_size),
-                  InvalidArgument, "forward: token id outside the vocabulary of ", c.vocab_size);
-    x = at::embedding(m.embed, input_ids);
-  }
+        // Vocabulary-parallel embedding: each rank looks up its shard's ids.
+        at::Tensor x;
+        if (options.input_embeds.defined()) {
+          x = checked_input_embeds(options.input_embeds, {B, T, c.hidden_size}, m.dtype);
+        } else if (m.groups.tp_size() > 1) {
+          at::Tensor local = input_ids - m.vocab_start;
+          at::Tensor inside = (local >= 0) & (local < m.vocab_local);
+          at::Tensor part = at::embedding(m.embed, at::where(inside, local, at::zeros_like(local)));
+          part = part * inside.unsqueeze(-1).to(part.scalar_type());
+          x = reduce_from_group(part, m.groups.tp);
+        } else {
+          TESSERA_CHECK(input_ids.numel() == 0 || (input_ids.min().item<int64_t>() >= 0 &&
+                                                   input_ids.max().item<int64_t>() < c.vocab_size),
+                        InvalidArgument, "forward: token id outside the vocabulary of ",
+                        c.vocab_size);
+          x = at::embedding(m.embed, input_ids);
+        }
 
-  const bool invariant = options.batch_invariant;
-  m.invariant = invariant;
-  m.record_attention = options.record_routing;
-  m.options = &options;
-  m.last_attention_argmax = at::Tensor();
-  auto norm = [&](const at::Tensor& v, const at::Tensor& weight) {
-    return invariant ? rms_norm_invariant(v, weight, c.rms_norm_eps) : rms_norm(v, weight, c.rms_norm_eps);
-  };
-  ForwardOutput out;
-  std::vector<at::Tensor> loads;
-  m.routing_stats = true;
-  m.adapter_context = AdapterContext{};
-  m.adapter_context.sequence_adapters = options.sequence_adapters;
-  m.adapter_context.batch_invariant = invariant;
-  if (invariant && options.sequence_adapters.defined()) {
-    TESSERA_CHECK(options.sequence_adapters.numel() == B, InvalidArgument, "forward: ",
-                  options.sequence_adapters.numel(), " sequence adapters for a batch of ", B);
-    m.adapter_context.token_adapters =
-        options.sequence_adapters.to(at::kLong).cpu().repeat_interleave(T);
-  }
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const LayerWeights& w = m.layers[l];
-    at::Tensor h = copy_to_group(norm(x, w.input_norm), m.groups.tp);
-    x = x + reduce_from_group(m.attention(w, h, cos, sin, mask, cache, l, starts, kv_len, invariant),
-                              m.groups.tp);
-    h = copy_to_group(norm(x, w.post_norm), m.groups.tp);
-    at::Tensor mlp;
-    if (w.moe) {
-      mlp = m.moe(w, h.reshape({B * T, c.hidden_size}), l, out, options.record_routing, loads)
-                .view({B, T, c.hidden_size});
-    } else {
-      mlp = m.mlp(h, {w.gate, w.up, w.down}, w.prefix + "mlp.gate_proj", w.prefix + "mlp.up_proj",
-                  w.prefix + "mlp.down_proj");
-    }
-    x = x + reduce_from_group(mlp, m.groups.tp);
-  }
-  if (cache) cache->set_lengths(starts + lengths);
+        const bool invariant = options.batch_invariant;
+        m.invariant = invariant;
+        m.record_attention = options.record_routing;
+        m.options = &options;
+        m.last_attention_argmax = at::Tensor();
+        auto norm = [&](const at::Tensor& v, const at::Tensor& weight) {
+          return invariant ? rms_norm_invariant(v, weight, c.rms_norm_eps)
+                           : rms_norm(v, weight, c.rms_norm_eps);
+        };
+        ForwardOutput out;
+        std::vector<at::Tensor> loads;
+        m.routing_stats = true;
+        m.adapter_context = AdapterContext{};
+        m.adapter_context.sequence_adapters = options.sequence_adapters;
+        m.adapter_context.batch_invariant = invariant;
+        if (invariant && options.sequence_adapters.defined()) {
+          TESSERA_CHECK(options.sequence_adapters.numel() == B, InvalidArgument,
+                        "forward: ", options.sequence_adapters.numel(),
+                        " sequence adapters for a batch of ", B);
+          m.adapter_context.token_adapters =
+              options.sequence_adapters.to(at::kLong).cpu().repeat_interleave(T);
+        }
+        for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+          const LayerWeights& w = m.layers[l];
+          at::Tensor h = copy_to_group(norm(x, w.input_norm), m.groups.tp);
+          x = x + reduce_from_group(
+                      m.attention(w, h, cos, sin, mask, cache, l, starts, kv_len, invariant),
+                      m.groups.tp);
+          h = copy_to_group(norm(x, w.post_norm), m.groups.tp);
+          at::Tensor mlp;
+          if (w.moe) {
+            mlp = m.moe(w, h.reshape({B * T, c.hidden_size}), l, out, options.record_routing, loads)
+                      .view({B, T, c.hidden_size});
+          } else {
+            mlp = m.mlp(h, {w.gate, w.up, w.down}, w.prefix + "mlp.gate_proj",
+                        w.prefix + "mlp.up_proj", w.prefix + "mlp.down_proj");
+          }
+          x = x + reduce_from_group(mlp, m.groups.tp);
+        }
+        if (cache) cache->set_lengths(starts + lengths);
 
-  at::Tensor h = norm(x, m.final_norm);
-  if (options.last_logits_only) {
-    at::Tensor last = (lengths - 1).clamp_min(0);
-    h = h.gather(1, last.view({B, 1, 1}).expand({B, 1, h.size(2)}).to(h.device()));
-  }
-  if (!out.aux_loss.defined()) out.aux_loss = at::zeros({}, at::kFloat);
-  if (!loads.empty()) out.expert_load = at::stack(loads);
-  if (options.hidden_only) {
-    out.hidden = h;
-    return out;
-  }
-  at::Tensor logits;
-  if (m.linear_override) logits = m.linear_override->linear("lm_head", h);
-  if (!logits.defined()) {
-    logits = invariant ? linear_invariant(copy_to_group(h, m.groups.tp), m.lm_head)
-                       : dense(copy_to_group(h, m.groups.tp), m.lm_head);
-  }
-  if (options.gather_logits) logits = gather_last_dim(logits, m.groups.tp, m.vocab_sizes);
-  out.logits = logits;
-  return out;
-  }, ErrorCode::kInvalidArgument);
+        at::Tensor h = norm(x, m.final_norm);
+        if (options.last_logits_only) {
+          at::Tensor last = (lengths - 1).clamp_min(0);
+          h = h.gather(1, last.view({B, 1, 1}).expand({B, 1, h.size(2)}).to(h.device()));
+        }
+        if (!out.aux_loss.defined()) out.aux_loss = at::zeros({}, at::kFloat);
+        if (!loads.empty()) out.expert_load = at::stack(loads);
+        if (options.hidden_only) {
+          out.hidden = h;
+          return out;
+        }
+        at::Tensor logits;
+        if (m.linear_override) logits = m.linear_override->linear("lm_head", h);
+        if (!logits.defined()) {
+          logits = invariant ? linear_invariant(copy_to_group(h, m.groups.tp), m.lm_head)
+                             : dense(copy_to_group(h, m.groups.tp), m.lm_head);
+        }
+        if (options.gather_logits) logits = gather_last_dim(logits, m.groups.tp, m.vocab_sizes);
+        out.logits = logits;
+        return out;
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 Transformer::Loss Transformer::loss(const at::Tensor& input_ids, const at::Tensor& labels) {
-  return translate_errors("Transformer::loss", [&]() -> Transformer::Loss {
-  Impl& m = *impl_;
-  check_shape(labels, input_ids.sizes(), "loss: labels");
-  ForwardOptions opts;
-  opts.gather_logits = false;
-  ForwardOutput out = forward(input_ids, opts);
-  at::Tensor flat_logits = out.logits.reshape({-1, out.logits.size(-1)});
-  at::Tensor targets = labels.reshape({-1}).to(at::kLong);
-  at::Tensor per_token =
-      detail::vocab_parallel_cross_entropy(flat_logits, targets, m.vocab_start, m.groups.tp);
-  int64_t n = (targets != -100).sum().item<int64_t>();
-  Loss result;
-  at::Tensor ce = per_token.sum() / static_cast<double>(std::max<int64_t>(n, 1));
-  result.total = ce + out.aux_loss;
-  result.ce = ce.detach();
-  result.aux = out.aux_loss.detach();
-  result.tokens = n;
-  result.expert_load = out.expert_load;
-  return result;
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "Transformer::loss",
+      [&]() -> Transformer::Loss {
+        Impl& m = *impl_;
+        check_shape(labels, input_ids.sizes(), "loss: labels");
+        ForwardOptions opts;
+        opts.gather_logits = false;
+        ForwardOutput out = forward(input_ids, opts);
+        at::Tensor flat_logits = out.logits.reshape({-1, out.logits.size(-1)});
+        at::Tensor targets = labels.reshape({-1}).to(at::kLong);
+        at::Tensor per_token =
+            detail::vocab_parallel_cross_entropy(flat_logits, targets, m.vocab_start, m.groups.tp);
+        int64_t n = (targets != -100).sum().item<int64_t>();
+        Loss result;
+        at::Tensor ce = per_token.sum() / static_cast<double>(std::max<int64_t>(n, 1));
+        result.total = ce + out.aux_loss;
+        result.ce = ce.detach();
+        result.aux = out.aux_loss.detach();
+        result.tokens = n;
+        result.expert_load = out.expert_load;
+        return result;
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 UpcycledModel upcycle_to_moe(const ModelConfig& dense,

@@ -125,7 +125,8 @@ struct VocabParallelCE : Function<VocabParallelCE> {
     at::Tensor local_t = targets - vocab_start;
     at::Tensor in_shard = (local_t >= 0) & (local_t < v_local) & (targets != -100);
     at::Tensor safe_t = at::where(in_shard, local_t, at::zeros_like(local_t));
-    at::Tensor picked = shifted.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1) * in_shard.to(at::kFloat);
+    at::Tensor picked =
+        shifted.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1) * in_shard.to(at::kFloat);
     group->all_reduce(picked).wait();
     at::Tensor valid = (targets != -100).to(at::kFloat);
     at::Tensor loss = (sum_exp.log() - picked) * valid;

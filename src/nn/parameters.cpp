@@ -8,8 +8,8 @@
 namespace tessera::nn {
 
 using detail::layer_prefix;
-using detail::MoeNames;
 using detail::moe_names;
+using detail::MoeNames;
 using detail::with_expert;
 
 const char* split_name(Split split) {
@@ -81,19 +81,21 @@ ParameterSpec parameter_spec(const ModelConfig& config, const std::string& name)
   for (auto& s : parameter_specs(config)) {
     if (s.name == name) return s;
   }
-  TESSERA_THROW(InvalidArgument, "a ", config.model_type, " model has no parameter named '", name, "'");
+  TESSERA_THROW(InvalidArgument, "a ", config.model_type, " model has no parameter named '", name,
+                "'");
 }
 
 dist::Layout parameter_layout(const ParameterSpec& spec, int64_t num_experts, int tp, int ep) {
   TESSERA_CHECK(tp >= 1 && ep >= 1, InvalidArgument, "parameter_layout: tp and ep must be >= 1");
   dist::MeshShape mesh{{ep, tp}, {"ep", "tp"}};
-  std::vector<dist::Placement> placements{dist::Placement::Replicate(),
-                                          spec.split == Split::kRows   ? dist::Placement::Shard(0)
-                                          : spec.split == Split::kCols ? dist::Placement::Shard(1)
-                                                                       : dist::Placement::Replicate()};
+  std::vector<dist::Placement> placements{
+      dist::Placement::Replicate(), spec.split == Split::kRows   ? dist::Placement::Shard(0)
+                                    : spec.split == Split::kCols ? dist::Placement::Shard(1)
+                                                                 : dist::Placement::Replicate()};
   dist::Layout full = dist::Layout::sharded(spec.shape, mesh, placements);
   if (spec.expert < 0) return full;
-  TESSERA_CHECK(num_experts % ep == 0, InvalidArgument, num_experts, " experts cannot be split over ep=", ep);
+  TESSERA_CHECK(num_experts % ep == 0, InvalidArgument, num_experts,
+                " experts cannot be split over ep=", ep);
   // An expert lives only on the ep rank that owns it.
   const int64_t owner = spec.expert / (num_experts / ep);
   std::vector<std::vector<dist::Chunk>> chunks(ep * tp);

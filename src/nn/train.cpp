@@ -58,8 +58,9 @@ AdamW::AdamW(std::vector<at::Tensor> params, AdamWOptions options,
     if (g && g->size() > 1) s.norm_groups.push_back(std::move(g));
   }
   s.norm_weights = norm_weights.empty() ? std::vector<double>(s.params.size(), 1.0) : norm_weights;
-  TESSERA_CHECK(s.norm_weights.size() == s.params.size(), InvalidArgument, "AdamW: ",
-                s.norm_weights.size(), " norm weights for ", s.params.size(), " parameters");
+  TESSERA_CHECK(s.norm_weights.size() == s.params.size(), InvalidArgument,
+                "AdamW: ", s.norm_weights.size(), " norm weights for ", s.params.size(),
+                " parameters");
   at::NoGradGuard no_grad;
   if (!s.zero) {
     for (const auto& p : s.params) {
@@ -114,7 +115,8 @@ std::vector<std::pair<std::string, at::Tensor>> AdamW::state_tensors() {
     return out;
   }
   for (size_t i = 0; i < s.m.size(); ++i) out.emplace_back("exp_avg." + std::to_string(i), s.m[i]);
-  for (size_t i = 0; i < s.v.size(); ++i) out.emplace_back("exp_avg_sq." + std::to_string(i), s.v[i]);
+  for (size_t i = 0; i < s.v.size(); ++i)
+    out.emplace_back("exp_avg_sq." + std::to_string(i), s.v[i]);
   return out;
 }
 
@@ -133,61 +135,65 @@ void AdamW::zero_grad() {
 }
 
 double AdamW::step(double lr, double max_grad_norm) {
-  return translate_errors("AdamW::step", [&]() -> double {
-  Impl& s = *impl_;
-  at::NoGradGuard no_grad;
-  ++s.step;
-  const auto& o = s.options;
-  const double bc1 = 1 - std::pow(o.beta1, static_cast<double>(s.step));
-  const double bc2 = 1 - std::pow(o.beta2, static_cast<double>(s.step));
-  auto grad_of = [](const at::Tensor& p) {
-    return p.grad().defined() ? p.grad().to(at::kFloat) : at::zeros_like(p, at::kFloat);
-  };
-  if (!s.zero) {
-    double sq = 0;
-    std::vector<at::Tensor> grads;
-    for (size_t i = 0; i < s.params.size(); ++i) {
-      grads.push_back(grad_of(s.params[i]));
-      sq += grads.back().pow(2).sum().item<double>() * s.norm_weights[i];
-    }
-    double norm = s.global_norm(sq);
-    double scale = max_grad_norm > 0 && norm > max_grad_norm ? max_grad_norm / (norm + 1e-6) : 1.0;
-    for (size_t i = 0; i < s.params.size(); ++i) {
-      at::Tensor g = grads[i] * scale;
-      s.m[i].mul_(o.beta1).add_(g, 1 - o.beta1);
-      s.v[i].mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
-      at::Tensor p32 = s.params[i].detach().to(at::kFloat);
-      if (s.decays(s.params[i])) p32.mul_(1 - lr * o.weight_decay);
-      p32.addcdiv_(s.m[i] / bc1, (s.v[i] / bc2).sqrt_().add_(o.eps), -lr);
-      s.params[i].detach().copy_(p32);
-    }
-    return norm;
-  }
-  // ZeRO-1: average-reduce-scatter the flat gradients, update this slice,
-  // all_gather the parameters.
-  std::vector<at::Tensor> flat;
-  for (const auto& p : s.params) flat.push_back(grad_of(p).reshape({-1}));
-  at::Tensor all = at::cat(flat);
-  if (s.padded > s.total) all = at::cat({all, at::zeros({s.padded - s.total})});
-  at::Tensor g = at::empty({s.shard});
-  s.zero->reduce_scatter(g, all, dist::ReduceOp::kAvg).wait();
-  at::Tensor sq = (g.pow(2) * s.norm_weight_flat).sum().to(at::kDouble).view({1});
-  s.zero->all_reduce(sq).wait();
-  double norm = s.global_norm(sq.item<double>());
-  if (max_grad_norm > 0 && norm > max_grad_norm) g.mul_(max_grad_norm / (norm + 1e-6));
-  s.m_flat.mul_(o.beta1).add_(g, 1 - o.beta1);
-  s.v_flat.mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
-  s.master.mul_(1 - lr * o.weight_decay * s.decay_mask);
-  s.master.addcdiv_(s.m_flat / bc1, (s.v_flat / bc2).sqrt_().add_(o.eps), -lr);
-  at::Tensor gathered = at::empty({s.padded});
-  s.zero->all_gather(gathered, s.master).wait();
-  int64_t offset = 0;
-  for (auto& p : s.params) {
-    p.detach().copy_(gathered.narrow(0, offset, p.numel()).view(p.sizes()));
-    offset += p.numel();
-  }
-  return norm;
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "AdamW::step",
+      [&]() -> double {
+        Impl& s = *impl_;
+        at::NoGradGuard no_grad;
+        ++s.step;
+        const auto& o = s.options;
+        const double bc1 = 1 - std::pow(o.beta1, static_cast<double>(s.step));
+        const double bc2 = 1 - std::pow(o.beta2, static_cast<double>(s.step));
+        auto grad_of = [](const at::Tensor& p) {
+          return p.grad().defined() ? p.grad().to(at::kFloat) : at::zeros_like(p, at::kFloat);
+        };
+        if (!s.zero) {
+          double sq = 0;
+          std::vector<at::Tensor> grads;
+          for (size_t i = 0; i < s.params.size(); ++i) {
+            grads.push_back(grad_of(s.params[i]));
+            sq += grads.back().pow(2).sum().item<double>() * s.norm_weights[i];
+          }
+          double norm = s.global_norm(sq);
+          double scale =
+              max_grad_norm > 0 && norm > max_grad_norm ? max_grad_norm / (norm + 1e-6) : 1.0;
+          for (size_t i = 0; i < s.params.size(); ++i) {
+            at::Tensor g = grads[i] * scale;
+            s.m[i].mul_(o.beta1).add_(g, 1 - o.beta1);
+            s.v[i].mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
+            at::Tensor p32 = s.params[i].detach().to(at::kFloat);
+            if (s.decays(s.params[i])) p32.mul_(1 - lr * o.weight_decay);
+            p32.addcdiv_(s.m[i] / bc1, (s.v[i] / bc2).sqrt_().add_(o.eps), -lr);
+            s.params[i].detach().copy_(p32);
+          }
+          return norm;
+        }
+        // ZeRO-1: average-reduce-scatter the flat gradients, update this slice,
+        // all_gather the parameters.
+        std::vector<at::Tensor> flat;
+        for (const auto& p : s.params) flat.push_back(grad_of(p).reshape({-1}));
+        at::Tensor all = at::cat(flat);
+        if (s.padded > s.total) all = at::cat({all, at::zeros({s.padded - s.total})});
+        at::Tensor g = at::empty({s.shard});
+        s.zero->reduce_scatter(g, all, dist::ReduceOp::kAvg).wait();
+        at::Tensor sq = (g.pow(2) * s.norm_weight_flat).sum().to(at::kDouble).view({1});
+        s.zero->all_reduce(sq).wait();
+        double norm = s.global_norm(sq.item<double>());
+        if (max_grad_norm > 0 && norm > max_grad_norm) g.mul_(max_grad_norm / (norm + 1e-6));
+        s.m_flat.mul_(o.beta1).add_(g, 1 - o.beta1);
+        s.v_flat.mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
+        s.master.mul_(1 - lr * o.weight_decay * s.decay_mask);
+        s.master.addcdiv_(s.m_flat / bc1, (s.v_flat / bc2).sqrt_().add_(o.eps), -lr);
+        at::Tensor gathered = at::empty({s.padded});
+        s.zero->all_gather(gathered, s.master).wait();
+        int64_t offset = 0;
+        for (auto& p : s.params) {
+          p.detach().copy_(gathered.narrow(0, offset, p.numel()).view(p.sizes()));
+          offset += p.numel();
+        }
+        return norm;
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 void all_reduce_gradients(const std::vector<at::Tensor>& params, dist::ProcessGroup& group,
@@ -259,7 +265,8 @@ TokenDataset TokenDataset::open(const std::string& path, int bytes_per_token) {
   return d;
 }
 
-void TokenDataset::write(const std::string& path, const std::vector<int64_t>& ids, int bytes_per_token) {
+void TokenDataset::write(const std::string& path, const std::vector<int64_t>& ids,
+                         int bytes_per_token) {
   TESSERA_CHECK(bytes_per_token == 2 || bytes_per_token == 4, InvalidArgument,
                 "token file: bytes_per_token must be 2 or 4");
   const int64_t limit = bytes_per_token == 2 ? 65535 : 0xffffffffLL;
@@ -267,7 +274,8 @@ void TokenDataset::write(const std::string& path, const std::vector<int64_t>& id
   for (size_t i = 0; i < ids.size(); ++i) {
     TESSERA_CHECK(ids[i] >= 0 && ids[i] <= limit, InvalidArgument, "token file: id ", ids[i],
                   " does not fit in ", bytes_per_token, " bytes");
-    for (int b = 0; b < bytes_per_token; ++b) bytes[i * bytes_per_token + b] = (ids[i] >> (8 * b)) & 0xff;
+    for (int b = 0; b < bytes_per_token; ++b)
+      bytes[i * bytes_per_token + b] = (ids[i] >> (8 * b)) & 0xff;
   }
   AtomicFileWriter out(path);
   out.append(bytes.data(), bytes.size());
@@ -377,10 +385,10 @@ Trainer::Trainer(Transformer& model, TrainerOptions options, std::shared_ptr<dis
     for (int r = 0; r < layout.world_size(); ++r) held += layout.local_numel(r);
     norm_weights.push_back(held > 0 ? static_cast<double>(layout.global_numel()) / held : 1.0);
   }
-  t.optimizer = std::make_unique<AdamW>(t.params, options.adamw, options.zero1 ? t.dp : nullptr,
-                                        std::vector<std::shared_ptr<dist::ProcessGroup>>{
-                                            model.groups().tp, model.groups().ep},
-                                        norm_weights);
+  t.optimizer = std::make_unique<AdamW>(
+      t.params, options.adamw, options.zero1 ? t.dp : nullptr,
+      std::vector<std::shared_ptr<dist::ProcessGroup>>{model.groups().tp, model.groups().ep},
+      norm_weights);
 }
 
 Trainer::~Trainer() = default;
@@ -395,75 +403,82 @@ void Trainer::set_steps(int64_t steps) {
 }
 
 StepStats Trainer::step(const at::Tensor& input_ids, const at::Tensor& labels) {
-  return translate_errors("Trainer::step", [&]() -> StepStats {
-  Impl& t = *impl_;
-  Stopwatch watch;
-  const int64_t micro = t.options.grad_accumulation;
-  TESSERA_CHECK(input_ids.size(0) % micro == 0, InvalidArgument, "trainer: batch of ",
-                input_ids.size(0), " does not split into ", micro, " micro-batches");
-  const int64_t mb = input_ids.size(0) / micro;
-  double ce_sum = 0, aux_sum = 0;
-  at::Tensor load;
-  for (int64_t i = 0; i < micro; ++i) {
-    Bf16Autocast autocast(t.options.bf16_autocast);
-    auto loss = t.model->loss(input_ids.narrow(0, i * mb, mb), labels.narrow(0, i * mb, mb));
-    (loss.total / static_cast<double>(micro)).backward();
-    ce_sum += loss.ce.item<double>();
-    aux_sum += loss.aux.item<double>();
-    if (loss.expert_load.defined()) load = load.defined() ? load + loss.expert_load : loss.expert_load;
-  }
-  const auto& groups = t.model->groups();
-  if (groups.ep_size() > 1) {
-    // Expert parallel ranks see different tokens: average the dense
-    // parameters' gradients over them; an expert's gradient already holds
-    // every rank's contribution (through the all_to_all backward), so it is
-    // scaled to the mean.
-    std::vector<at::Tensor> dense;
-    for (const auto& [name, p] : t.model->named_parameters()) {
-      if (name.find(".experts.") != std::string::npos) {
-        if (p.grad().defined()) p.mutable_grad().div_(groups.ep_size());
-      } else {
-        dense.push_back(p);
-      }
-    }
-    all_reduce_gradients(dense, *groups.ep);
-  }
-  if (t.dp && !t.options.zero1) all_reduce_gradients(t.params, *t.dp);
-  double lr = warmup_cosine_lr(t.step, t.options.warmup, t.options.steps, t.options.lr, t.options.min_lr);
-  if (t.options.before_update) t.options.before_update();
-  StepStats stats;
-  stats.grad_norm = t.optimizer->step(lr, t.options.max_grad_norm);
-  t.optimizer->zero_grad();
-  stats.step = t.step++;
-  stats.lr = lr;
-  at::Tensor totals = at::tensor({ce_sum / micro, aux_sum / micro}, at::kDouble);
-  auto* mean_group = t.dp ? t.dp.get() : groups.ep_size() > 1 ? groups.ep.get() : nullptr;
-  if (mean_group) mean_group->all_reduce(totals, dist::ReduceOp::kAvg).wait();
-  stats.loss = totals[0].item<double>();
-  stats.aux_loss = totals[1].item<double>();
-  if (load.defined()) {
-    if (mean_group) mean_group->all_reduce(load).wait();
-    stats.expert_load = load;
-  }
-  const double world = mean_group ? mean_group->size() : 1;
-  stats.tokens_per_second = static_cast<double>(input_ids.numel()) * world / watch.seconds();
-  if (t.options.log_every > 0 && (stats.step % t.options.log_every == 0 || t.step == t.options.steps)) {
-    TESSERA_LOG(Info, "nn") << [&] {
-      std::ostringstream line;
-      line << "step " << stats.step + 1 << "/" << t.options.steps << " loss " << stats.loss
-           << " grad-norm " << stats.grad_norm << " lr " << stats.lr << " "
-           << static_cast<int64_t>(stats.tokens_per_second) << " tok/s";
-      if (stats.expert_load.defined()) {
-        at::Tensor load = stats.expert_load.sum(0);
-        load = load / load.sum().clamp_min(1) * 100;
-        line << " expert load %:";
-        for (int64_t e = 0; e < load.size(0); ++e) line << " " << static_cast<int>(load[e].item<double>() + 0.5);
-      }
-      return line.str();
-    }();
-  }
-  return stats;
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "Trainer::step",
+      [&]() -> StepStats {
+        Impl& t = *impl_;
+        Stopwatch watch;
+        const int64_t micro = t.options.grad_accumulation;
+        TESSERA_CHECK(input_ids.size(0) % micro == 0, InvalidArgument, "trainer: batch of ",
+                      input_ids.size(0), " does not split into ", micro, " micro-batches");
+        const int64_t mb = input_ids.size(0) / micro;
+        double ce_sum = 0, aux_sum = 0;
+        at::Tensor load;
+        for (int64_t i = 0; i < micro; ++i) {
+          Bf16Autocast autocast(t.options.bf16_autocast);
+          auto loss = t.model->loss(input_ids.narrow(0, i * mb, mb), labels.narrow(0, i * mb, mb));
+          (loss.total / static_cast<double>(micro)).backward();
+          ce_sum += loss.ce.item<double>();
+          aux_sum += loss.aux.item<double>();
+          if (loss.expert_load.defined())
+            load = load.defined() ? load + loss.expert_load : loss.expert_load;
+        }
+        const auto& groups = t.model->groups();
+        if (groups.ep_size() > 1) {
+          // Expert parallel ranks see different tokens: average the dense
+          // parameters' gradients over them; an expert's gradient already holds
+          // every rank's contribution (through the all_to_all backward), so it is
+          // scaled to the mean.
+          std::vector<at::Tensor> dense;
+          for (const auto& [name, p] : t.model->named_parameters()) {
+            if (name.find(".experts.") != std::string::npos) {
+              if (p.grad().defined()) p.mutable_grad().div_(groups.ep_size());
+            } else {
+              dense.push_back(p);
+            }
+          }
+          all_reduce_gradients(dense, *groups.ep);
+        }
+        if (t.dp && !t.options.zero1) all_reduce_gradients(t.params, *t.dp);
+        double lr = warmup_cosine_lr(t.step, t.options.warmup, t.options.steps, t.options.lr,
+                                     t.options.min_lr);
+        if (t.options.before_update) t.options.before_update();
+        StepStats stats;
+        stats.grad_norm = t.optimizer->step(lr, t.options.max_grad_norm);
+        t.optimizer->zero_grad();
+        stats.step = t.step++;
+        stats.lr = lr;
+        at::Tensor totals = at::tensor({ce_sum / micro, aux_sum / micro}, at::kDouble);
+        auto* mean_group = t.dp ? t.dp.get() : groups.ep_size() > 1 ? groups.ep.get() : nullptr;
+        if (mean_group) mean_group->all_reduce(totals, dist::ReduceOp::kAvg).wait();
+        stats.loss = totals[0].item<double>();
+        stats.aux_loss = totals[1].item<double>();
+        if (load.defined()) {
+          if (mean_group) mean_group->all_reduce(load).wait();
+          stats.expert_load = load;
+        }
+        const double world = mean_group ? mean_group->size() : 1;
+        stats.tokens_per_second = static_cast<double>(input_ids.numel()) * world / watch.seconds();
+        if (t.options.log_every > 0 &&
+            (stats.step % t.options.log_every == 0 || t.step == t.options.steps)) {
+          TESSERA_LOG(Info, "nn") << [&] {
+            std::ostringstream line;
+            line << "step " << stats.step + 1 << "/" << t.options.steps << " loss " << stats.loss
+                 << " grad-norm " << stats.grad_norm << " lr " << stats.lr << " "
+                 << static_cast<int64_t>(stats.tokens_per_second) << " tok/s";
+            if (stats.expert_load.defined()) {
+              at::Tensor load = stats.expert_load.sum(0);
+              load = load / load.sum().clamp_min(1) * 100;
+              line << " expert load %:";
+              for (int64_t e = 0; e < load.size(0); ++e)
+                line << " " << static_cast<int>(load[e].item<double>() + 0.5);
+            }
+            return line.str();
+          }();
+        }
+        return stats;
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 }  // namespace tessera::nn

@@ -10,7 +10,6 @@ namespace tessera::quant::kernels {
 
 namespace {
 
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -53,7 +52,8 @@ inline void w4a16_rows(const float* xf, int64_t m0, const Packed& w, float* out,
                             codes_to_float<2>(hi, z), codes_to_float<3>(hi, z)};
       for (int t = 0; t < MB; ++t) {
         const float* x = xf + (m0 + t) * K + k0;
-        for (int c = 0; c < 8; ++c) gacc[t] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + 8 * c), gacc[t]);
+        for (int c = 0; c < 8; ++c)
+          gacc[t] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + 8 * c), gacc[t]);
       }
     }
     const __m256 s = _mm256_set1_ps(w.scales[n * G + g]);
@@ -82,7 +82,8 @@ inline void w4ax_rows(const int8_t* xq, const float* xs, const int32_t* xsum, in
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
         // u8 codes (<= 15) x s8 activations: pair sums stay far from the
         // int16 limits (2 * 15 * 127 per pair, two pairs added).
-        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+        const __m256i s16 =
+            _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
         iacc[t] = _mm256_add_epi32(iacc[t], _mm256_madd_epi16(s16, ones));
       }
     }
@@ -90,7 +91,8 @@ inline void w4ax_rows(const int8_t* xq, const float* xs, const int32_t* xsum, in
     const float s = w.scales[n * G + g];
     for (int t = 0; t < MB; ++t) {
       const int64_t mg = (m0 + t) * G + g;
-      const __m256i fixed = _mm256_sub_epi32(iacc[t], _mm256_setr_epi32(z * xsum[mg], 0, 0, 0, 0, 0, 0, 0));
+      const __m256i fixed =
+          _mm256_sub_epi32(iacc[t], _mm256_setr_epi32(z * xsum[mg], 0, 0, 0, 0, 0, 0, 0));
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fixed), _mm256_set1_ps(s * xs[mg]), acc[t]);
     }
   }
@@ -104,14 +106,17 @@ inline void w4ax_rows(const int8_t* xq, const float* xs, const int32_t* xsum, in
 void w4a16_avx2(const uint16_t* /*x*/, const float* xf, int64_t M, const Packed& w, float* out,
                 int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    for_token_blocks(M, [&](auto mb, int64_t m0) { w4a16_rows<decltype(mb)::value>(xf, m0, w, out, n); });
+    for_token_blocks(
+        M, [&](auto mb, int64_t m0) { w4a16_rows<decltype(mb)::value>(xf, m0, w, out, n); });
   }
 }
 
 void w4ax_avx2(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t M, const Packed& w,
                float* out, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    for_token_blocks(M, [&](auto mb, int64_t m0) { w4ax_rows<decltype(mb)::value>(xq, xs, xsum, m0, w, out, n); });
+    for_token_blocks(M, [&](auto mb, int64_t m0) {
+      w4ax_rows<decltype(mb)::value>(xq, xs, xsum, m0, w, out, n);
+    });
   }
 }
 

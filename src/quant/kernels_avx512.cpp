@@ -12,7 +12,6 @@ namespace tessera::quant::kernels {
 
 namespace {
 
-
 // The 64 codes of one block in input order (u8 lanes).
 inline __m512i unpack64(const uint8_t* p) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
@@ -93,7 +92,8 @@ inline void w4ax_rows(const int8_t* xq, const float* xs, const int32_t* xsum, in
     for (int t = 0; t < MB; ++t) {
       const int64_t mg = (m0 + t) * G + g;
       // Zero point: subtract z * sum(x codes) from lane 0, in integers.
-      const __m512i fixed = _mm512_mask_sub_epi32(iacc[t], 1, iacc[t], _mm512_set1_epi32(z * xsum[mg]));
+      const __m512i fixed =
+          _mm512_mask_sub_epi32(iacc[t], 1, iacc[t], _mm512_set1_epi32(z * xsum[mg]));
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fixed), _mm512_set1_ps(s * xs[mg]), acc[t]);
     }
   }
@@ -106,14 +106,17 @@ void w4a16_avx512(const uint16_t* x, const float* /*xf*/, int64_t M, const Packe
                   int64_t n0, int64_t n1) {
   const Bf16Tables& tab = tables();
   for (int64_t n = n0; n < n1; ++n) {
-    for_token_blocks(M, [&](auto mb, int64_t m0) { w4a16_rows<decltype(mb)::value>(x, m0, w, out, n, tab); });
+    for_token_blocks(
+        M, [&](auto mb, int64_t m0) { w4a16_rows<decltype(mb)::value>(x, m0, w, out, n, tab); });
   }
 }
 
-void w4ax_avx512(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t M,
-                 const Packed& w, float* out, int64_t n0, int64_t n1) {
+void w4ax_avx512(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t M, const Packed& w,
+                 float* out, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    for_token_blocks(M, [&](auto mb, int64_t m0) { w4ax_rows<decltype(mb)::value>(xq, xs, xsum, m0, w, out, n); });
+    for_token_blocks(M, [&](auto mb, int64_t m0) {
+      w4ax_rows<decltype(mb)::value>(xq, xs, xsum, m0, w, out, n);
+    });
   }
 }
 

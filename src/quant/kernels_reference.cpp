@@ -12,8 +12,8 @@ inline int code_at(const uint8_t* row, int64_t k) {
 }
 }  // namespace
 
-void w4a16_reference(const uint16_t* /*x*/, const float* xf, int64_t M, const Packed& w,
-                     float* out, int64_t n0, int64_t n1) {
+void w4a16_reference(const uint16_t* /*x*/, const float* xf, int64_t M, const Packed& w, float* out,
+                     int64_t n0, int64_t n1) {
   const int64_t G = w.K / w.group;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * (w.K / 2);

@@ -13,7 +13,8 @@ constexpr const char* kFormat = "tessera-quant";
 constexpr const char* kVersion = "1";
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // The linear layer a parameter belongs to ("" if it is not packed).
@@ -22,7 +23,8 @@ std::string packed_layer_of(const std::string& param, const nn::ModelConfig& c) 
   if (param == "model.embed_tokens.weight") return "";
   if (!ends_with(param, ".weight") || param.find("norm") != std::string::npos) return "";
   // Routers and the shared expert stay in floating point.
-  if (ends_with(param, ".gate.weight") || param.find("shared_expert") != std::string::npos) return "";
+  if (ends_with(param, ".gate.weight") || param.find("shared_expert") != std::string::npos)
+    return "";
   return param.substr(0, param.size() - 7);
 }
 
@@ -112,8 +114,8 @@ std::shared_ptr<QuantizedModel> QuantizedModel::pack(
   try {
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < calibration.size(); ++i) {
-      TESSERA_CHECK(!calibration[i].empty(), InvalidArgument, "QuantizedModel::pack: calibration sequence ",
-                    i, " is empty");
+      TESSERA_CHECK(!calibration[i].empty(), InvalidArgument,
+                    "QuantizedModel::pack: calibration sequence ", i, " is empty");
       model.forward(at::tensor(calibration[i], at::kLong).view({1, -1}));
     }
   } catch (...) {
@@ -132,83 +134,89 @@ void QuantizedModel::set_isa(Isa isa) {
 }
 
 at::Tensor QuantizedModel::linear(const std::string& name, const at::Tensor& x) {
-  return translate_errors("QuantizedModel::linear", [&]() -> at::Tensor {
-  const Mode m = mode();
-  if (m == Mode::kFloat) return {};  // the model's own weights
-  auto it = weights_.find(name);
-  if (it == weights_.end()) return {};
-  auto sm = smooth_.find(name);
-  if (sm == smooth_.end()) return quant::linear(x, it->second, m, isa_);
-  // QuantizedModel::to() moves the smoothing with the weights; this .to()
-  // only converts the dtype when x is not fp32.
-  return quant::linear(x * sm->second.to(x.scalar_type()), it->second, m, isa_);
-  }, ErrorCode::kInvalidArgument);
+  return translate_errors(
+      "QuantizedModel::linear",
+      [&]() -> at::Tensor {
+        const Mode m = mode();
+        if (m == Mode::kFloat) return {};  // the model's own weights
+        auto it = weights_.find(name);
+        if (it == weights_.end()) return {};
+        auto sm = smooth_.find(name);
+        if (sm == smooth_.end()) return quant::linear(x, it->second, m, isa_);
+        // QuantizedModel::to() moves the smoothing with the weights; this .to()
+        // only converts the dtype when x is not fp32.
+        return quant::linear(x * sm->second.to(x.scalar_type()), it->second, m, isa_);
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 std::vector<at::Tensor> QuantizedModel::linear_group(const std::vector<std::string>& names,
                                                      const at::Tensor& x) {
-  return translate_errors("QuantizedModel::linear_group", [&]() -> std::vector<at::Tensor> {
-  const Mode m = mode();
-  if (m == Mode::kFloat) return std::vector<at::Tensor>(names.size());
-  std::string key;
-  for (const auto& n : names) key += n + "|";
-  std::shared_ptr<const QuantizedWeight> fused;
-  {
-    std::lock_guard<std::mutex> lock(fused_mu_);
-    auto it = fused_.find(key);
-    if (it == fused_.end()) {
-      // Stackable: every layer packed, unsmoothed, same width, group
-      // settings and device.
-      std::vector<const QuantizedWeight*> parts;
-      for (const auto& n : names) {
-        auto w = weights_.find(n);
-        if (w == weights_.end() || smooth_.count(n)) {
-          parts.clear();
-          break;
+  return translate_errors(
+      "QuantizedModel::linear_group",
+      [&]() -> std::vector<at::Tensor> {
+        const Mode m = mode();
+        if (m == Mode::kFloat) return std::vector<at::Tensor>(names.size());
+        std::string key;
+        for (const auto& n : names) key += n + "|";
+        std::shared_ptr<const QuantizedWeight> fused;
+        {
+          std::lock_guard<std::mutex> lock(fused_mu_);
+          auto it = fused_.find(key);
+          if (it == fused_.end()) {
+            // Stackable: every layer packed, unsmoothed, same width, group
+            // settings and device.
+            std::vector<const QuantizedWeight*> parts;
+            for (const auto& n : names) {
+              auto w = weights_.find(n);
+              if (w == weights_.end() || smooth_.count(n)) {
+                parts.clear();
+                break;
+              }
+              parts.push_back(&w->second);
+            }
+            bool same = names.size() > 1 && parts.size() == names.size();
+            for (size_t i = 1; same && i < parts.size(); ++i) {
+              const QuantizedWeight& a = *parts[0];
+              const QuantizedWeight& b = *parts[i];
+              same = a.in_features == b.in_features && a.config.group_size == b.config.group_size &&
+                     a.config.rotate == b.config.rotate && a.codes.device() == b.codes.device();
+            }
+            std::shared_ptr<const QuantizedWeight> made;
+            if (same) {
+              auto w = std::make_shared<QuantizedWeight>(*parts[0]);
+              std::vector<at::Tensor> codes, scales, zeros;
+              w->out_features = 0;
+              for (const QuantizedWeight* p : parts) {
+                codes.push_back(p->codes);
+                scales.push_back(p->scales);
+                zeros.push_back(p->zeros);
+                w->out_features += p->out_features;
+              }
+              w->codes = at::cat(codes, 0).contiguous();
+              w->scales = at::cat(scales, 0).contiguous();
+              w->zeros = at::cat(zeros, 0).contiguous();
+              made = w;
+            }
+            it = fused_.emplace(key, made).first;
+          }
+          fused = it->second;
         }
-        parts.push_back(&w->second);
-      }
-      bool same = names.size() > 1 && parts.size() == names.size();
-      for (size_t i = 1; same && i < parts.size(); ++i) {
-        const QuantizedWeight& a = *parts[0];
-        const QuantizedWeight& b = *parts[i];
-        same = a.in_features == b.in_features && a.config.group_size == b.config.group_size &&
-               a.config.rotate == b.config.rotate && a.codes.device() == b.codes.device();
-      }
-      std::shared_ptr<const QuantizedWeight> made;
-      if (same) {
-        auto w = std::make_shared<QuantizedWeight>(*parts[0]);
-        std::vector<at::Tensor> codes, scales, zeros;
-        w->out_features = 0;
-        for (const QuantizedWeight* p : parts) {
-          codes.push_back(p->codes);
-          scales.push_back(p->scales);
-          zeros.push_back(p->zeros);
-          w->out_features += p->out_features;
+        std::vector<at::Tensor> out;
+        if (!fused) {
+          for (const auto& n : names) out.push_back(linear(n, x));
+          return out;
         }
-        w->codes = at::cat(codes, 0).contiguous();
-        w->scales = at::cat(scales, 0).contiguous();
-        w->zeros = at::cat(zeros, 0).contiguous();
-        made = w;
-      }
-      it = fused_.emplace(key, made).first;
-    }
-    fused = it->second;
-  }
-  std::vector<at::Tensor> out;
-  if (!fused) {
-    for (const auto& n : names) out.push_back(linear(n, x));
-    return out;
-  }
-  at::Tensor y = quant::linear(x, *fused, m, isa_);
-  int64_t offset = 0;
-  for (const auto& n : names) {
-    const int64_t width = weights_.at(n).out_features;
-    out.push_back(y.narrow(-1, offset, width));
-    offset += width;
-  }
-  return out;
-  }, ErrorCode::kInvalidArgument);
+        at::Tensor y = quant::linear(x, *fused, m, isa_);
+        int64_t offset = 0;
+        for (const auto& n : names) {
+          const int64_t width = weights_.at(n).out_features;
+          out.push_back(y.narrow(-1, offset, width));
+          offset += width;
+        }
+        return out;
+      },
+      ErrorCode::kInvalidArgument);
 }
 
 void QuantizedModel::to(const at::Device& device) {
@@ -279,7 +287,8 @@ QuantizedModel::Loaded QuantizedModel::load(const std::string& path) {
   for (const std::string& name : out.model.full_parameter_names()) {
     const std::string layer = packed_layer_of(name, config);
     if (!layer.empty() && file.contains(layer + ".codes")) continue;
-    TESSERA_CHECK(file.contains(name), InvalidArgument, "'", path, "' lacks parameter '", name, "'");
+    TESSERA_CHECK(file.contains(name), InvalidArgument, "'", path, "' lacks parameter '", name,
+                  "'");
     out.model.load_full(name, file.get(name));
   }
   for (const auto& info : file.tensors()) {
@@ -290,29 +299,30 @@ QuantizedModel::Loaded QuantizedModel::load(const std::string& path) {
     w.codes = file.get(layer + ".codes").contiguous();
     w.scales = file.get(layer + ".scales").to(at::kFloat).contiguous();
     w.zeros = file.get(layer + ".zeros").contiguous();
-    TESSERA_CHECK(w.codes.dim() == 2 && w.codes.scalar_type() == at::kByte && w.zeros.scalar_type() == at::kByte,
+    TESSERA_CHECK(w.codes.dim() == 2 && w.codes.scalar_type() == at::kByte &&
+                      w.zeros.scalar_type() == at::kByte,
                   InvalidArgument, "'", path, "': layer '", layer, "' has malformed codes");
     w.out_features = w.codes.size(0);
     w.in_features = w.codes.size(1) * 2;
     TESSERA_CHECK(w.in_features % qc.group_size == 0 && w.scales.sizes() == w.zeros.sizes() &&
                       w.scales.dim() == 2 && w.scales.size(0) == w.out_features &&
                       w.scales.size(1) == w.in_features / qc.group_size,
-                  InvalidArgument, "'", path, "': layer '", layer, "': codes ",
-                  w.codes.sizes(), ", scales ", w.scales.sizes(), " and zeros ", w.zeros.sizes(),
+                  InvalidArgument, "'", path, "': layer '", layer, "': codes ", w.codes.sizes(),
+                  ", scales ", w.scales.sizes(), " and zeros ", w.zeros.sizes(),
                   " disagree with group size ", qc.group_size);
     at::Tensor smooth;
     if (file.contains(layer + ".smooth")) {
       smooth = file.get(layer + ".smooth").to(at::kFloat).contiguous();
-      TESSERA_CHECK(smooth.dim() == 1 && smooth.size(0) == w.in_features, InvalidArgument, "'", path,
-                    "': layer '", layer, "': smoothing of ", smooth.sizes(), " for ", w.in_features,
-                    " inputs");
+      TESSERA_CHECK(smooth.dim() == 1 && smooth.size(0) == w.in_features, InvalidArgument, "'",
+                    path, "': layer '", layer, "': smoothing of ", smooth.sizes(), " for ",
+                    w.in_features, " inputs");
     }
     const std::string param = layer == "lm_head" && config.tie_word_embeddings
                                   ? "model.embed_tokens.weight"
                                   : layer + ".weight";
     if (!(layer == "lm_head" && config.tie_word_embeddings)) {
-      TESSERA_CHECK(out.model.has_parameter(param), InvalidArgument, "'", path,
-                    "': packed layer '", layer, "' is not part of the model");
+      TESSERA_CHECK(out.model.has_parameter(param), InvalidArgument, "'", path, "': packed layer '",
+                    layer, "' is not part of the model");
       at::Tensor full = dequantize(w);
       if (smooth.defined()) full = full * smooth.unsqueeze(0);  // undo W diag(m)
       out.model.load_full(param, full);

@@ -18,10 +18,14 @@ namespace tessera::quant {
 
 const char* mode_name(Mode mode) {
   switch (mode) {
-    case Mode::kFloat: return "fp";
-    case Mode::kW4A16: return "w4a16";
-    case Mode::kW4A8: return "w4a8";
-    case Mode::kW4A4: return "w4a4";
+    case Mode::kFloat:
+      return "fp";
+    case Mode::kW4A16:
+      return "w4a16";
+    case Mode::kW4A8:
+      return "w4a8";
+    case Mode::kW4A4:
+      return "w4a4";
   }
   return "?";
 }
@@ -36,17 +40,22 @@ Mode parse_mode(const std::string& name) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kReference: return "reference";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kAvx512: return "avx512";
+    case Isa::kReference:
+      return "reference";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
   }
   return "?";
 }
 
 bool isa_supported(Isa isa) {
   switch (isa) {
-    case Isa::kReference: return true;
-    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::kReference:
+      return true;
+    case Isa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
@@ -60,11 +69,15 @@ Isa best_isa() {
     Isa limit = Isa::kAvx512;
     if (const char* env = std::getenv("TESSERA_QUANT_ISA")) {
       const std::string v = env;
-      if (v == "reference") limit = Isa::kReference;
-      else if (v == "avx2") limit = Isa::kAvx2;
-      else if (v == "avx512" || v.empty()) limit = Isa::kAvx512;
-      else TESSERA_THROW(InvalidArgument, "TESSERA_QUANT_ISA='", v,
-                         "' (expected reference, avx2 or avx512)");
+      if (v == "reference")
+        limit = Isa::kReference;
+      else if (v == "avx2")
+        limit = Isa::kAvx2;
+      else if (v == "avx512" || v.empty())
+        limit = Isa::kAvx512;
+      else
+        TESSERA_THROW(InvalidArgument, "TESSERA_QUANT_ISA='", v,
+                      "' (expected reference, avx2 or avx512)");
     }
     for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
       if (static_cast<int>(isa) <= static_cast<int>(limit) && isa_supported(isa)) return isa;
@@ -96,8 +109,12 @@ void check_group(int64_t group, int64_t K, const char* what) {
 }
 
 kernels::Packed packed_view(const QuantizedWeight& w) {
-  return {w.codes.data_ptr<uint8_t>(), w.scales.data_ptr<float>(), w.zeros.data_ptr<uint8_t>(),
-          w.out_features, w.in_features, w.config.group_size};
+  return {w.codes.data_ptr<uint8_t>(),
+          w.scales.data_ptr<float>(),
+          w.zeros.data_ptr<uint8_t>(),
+          w.out_features,
+          w.in_features,
+          w.config.group_size};
 }
 
 // Output features per parallel task: enough work to amortise a task.
@@ -151,7 +168,8 @@ QuantizedWeight quantize(const at::Tensor& weight, const QuantConfig& requested)
                 "quantize: expected a 2-D weight [out, in], got ",
                 weight.defined() ? shape_string(weight.sizes()) : std::string("undefined"));
   TESSERA_CHECK(at::isFloatingType(weight.scalar_type()), InvalidArgument,
-                "quantize: expected a floating-point weight, got ", dtype_name(weight.scalar_type()));
+                "quantize: expected a floating-point weight, got ",
+                dtype_name(weight.scalar_type()));
   const int64_t N = weight.size(0), K = weight.size(1);
   const QuantConfig config = resolve_group_size(requested, {K});
   check_group(config.group_size, K, "quantize");
@@ -194,9 +212,9 @@ at::Tensor dequantize(const QuantizedWeight& w) {
   at::Tensor packed = w.codes.view({N, K / 64, 1, 32});
   at::Tensor codes = at::cat({at::bitwise_and(packed, 0x0F), packed.div(16, "floor")}, 2)
                          .view({N, G, w.config.group_size});
-  at::Tensor full = ((codes.to(at::kFloat) - w.zeros.to(at::kFloat).unsqueeze(-1)) *
-                     w.scales.unsqueeze(-1))
-                        .view({N, K});
+  at::Tensor full =
+      ((codes.to(at::kFloat) - w.zeros.to(at::kFloat).unsqueeze(-1)) * w.scales.unsqueeze(-1))
+          .view({N, K});
   return w.config.rotate ? hadamard_rotate(full) : full;
 }
 
@@ -213,7 +231,8 @@ QuantConfig resolve_group_size(const QuantConfig& config, const std::vector<int6
   }
   std::string widths;
   for (int64_t k : in_features) widths += (widths.empty() ? "" : ", ") + std::to_string(k);
-  TESSERA_THROW(InvalidArgument, "int4 packing needs every input width to be a multiple of 64; got ", widths);
+  TESSERA_THROW(InvalidArgument,
+                "int4 packing needs every input width to be a multiple of 64; got ", widths);
 }
 
 QuantizedActivations quantize_activations(const at::Tensor& x, int64_t group_size, Mode mode) {
@@ -273,24 +292,25 @@ at::Tensor linear_cuda(const at::Tensor& x, const QuantizedWeight& w, Mode mode)
   cudaError_t err;
   if (mode == Mode::kW4A16) {
     at::Tensor xb = x2.to(at::kBFloat16).contiguous();
-    err = ::tessera::kernels::invoke_w4a16_gemm(reinterpret_cast<const uint16_t*>(xb.data_ptr()), M,
-                                     w.codes.data_ptr<uint8_t>(), w.scales.data_ptr<float>(),
-                                     w.zeros.data_ptr<uint8_t>(), N, K, group,
-                                     out.data_ptr<float>(), nullptr);
+    err = ::tessera::kernels::invoke_w4a16_gemm(
+        reinterpret_cast<const uint16_t*>(xb.data_ptr()), M, w.codes.data_ptr<uint8_t>(),
+        w.scales.data_ptr<float>(), w.zeros.data_ptr<uint8_t>(), N, K, group, out.data_ptr<float>(),
+        nullptr);
   } else {
     const double qmax = mode == Mode::kW4A8 ? 127.0 : 7.0;
     at::Tensor xg = x2.to(at::kFloat).view({M, K / group, group});
     at::Tensor amax = xg.abs().amax(-1);
     at::Tensor inv = at::where(amax > 0, qmax / amax, at::zeros_like(amax));
-    at::Tensor codes = (xg * inv.unsqueeze(-1)).round().clamp(-qmax, qmax).to(at::kChar).contiguous();
+    at::Tensor codes =
+        (xg * inv.unsqueeze(-1)).round().clamp(-qmax, qmax).to(at::kChar).contiguous();
     at::Tensor scales = (amax / qmax).contiguous();
-    err = ::tessera::kernels::invoke_w4ax_gemm(codes.data_ptr<int8_t>(), scales.data_ptr<float>(), M,
-                                    w.codes.data_ptr<uint8_t>(), w.scales.data_ptr<float>(),
-                                    w.zeros.data_ptr<uint8_t>(), N, K, group,
-                                    out.data_ptr<float>(), nullptr);
+    err = ::tessera::kernels::invoke_w4ax_gemm(
+        codes.data_ptr<int8_t>(), scales.data_ptr<float>(), M, w.codes.data_ptr<uint8_t>(),
+        w.scales.data_ptr<float>(), w.zeros.data_ptr<uint8_t>(), N, K, group, out.data_ptr<float>(),
+        nullptr);
   }
-  TESSERA_CHECK(err == cudaSuccess, Internal, "quant::linear: CUDA kernel failed: ",
-                cudaGetErrorString(err));
+  TESSERA_CHECK(err == cudaSuccess, Internal,
+                "quant::linear: CUDA kernel failed: ", cudaGetErrorString(err));
   return out;
 #else
   (void)w;
@@ -351,7 +371,8 @@ at::Tensor linear(const at::Tensor& x, const QuantizedWeight& w, Mode mode, Isa 
     const int8_t* xq = qa.codes.data_ptr<int8_t>();
     const float* xs = qa.scales.data_ptr<float>();
     const int32_t* xsum = qa.sums.data_ptr<int32_t>();
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { fn(xq, xs, xsum, M, pw, o, n0, n1); });
+    at::parallel_for(0, N, grain,
+                     [&](int64_t n0, int64_t n1) { fn(xq, xs, xsum, M, pw, o, n0, n1); });
   }
   return (x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type())).view(out_shape);
 }

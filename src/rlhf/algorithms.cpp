@@ -59,7 +59,8 @@ PolicyLoss ppo_policy_loss(const at::Tensor& logp, const at::Tensor& old_logp,
   check_tokens(logp, mask, "ppo_policy_loss: logp");
   check_tokens(old_logp, mask, "ppo_policy_loss: old_logp");
   check_tokens(advantages, mask, "ppo_policy_loss: advantages");
-  TESSERA_CHECK(clip_eps > 0, InvalidArgument, "ppo_policy_loss: clip_eps must be > 0, got ", clip_eps);
+  TESSERA_CHECK(clip_eps > 0, InvalidArgument, "ppo_policy_loss: clip_eps must be > 0, got ",
+                clip_eps);
   at::Tensor adv = advantages.detach().to(logp.scalar_type());
   at::Tensor ratio = at::exp(logp - old_logp.detach());
   at::Tensor unclipped = -adv * ratio;
@@ -84,14 +85,18 @@ at::Tensor value_loss(const at::Tensor& values, const at::Tensor& old_values,
   return masked_mean(loss, mask);
 }
 
-at::Tensor kl_divergence(const at::Tensor& logp, const at::Tensor& ref_logp, KlEstimator estimator) {
+at::Tensor kl_divergence(const at::Tensor& logp, const at::Tensor& ref_logp,
+                         KlEstimator estimator) {
   TESSERA_CHECK(logp.sizes() == ref_logp.sizes(), InvalidArgument, "kl_divergence: shapes ",
                 shape_string(logp.sizes()), " and ", shape_string(ref_logp.sizes()), " differ");
   at::Tensor d = logp - ref_logp;
   switch (estimator) {
-    case KlEstimator::kK1: return d;
-    case KlEstimator::kK2: return d.pow(2) * 0.5;
-    case KlEstimator::kK3: return at::exp(-d) + d - 1.0;
+    case KlEstimator::kK1:
+      return d;
+    case KlEstimator::kK2:
+      return d.pow(2) * 0.5;
+    case KlEstimator::kK3:
+      return at::exp(-d) + d - 1.0;
   }
   return d;
 }
@@ -119,8 +124,8 @@ at::Tensor grpo_advantages(const at::Tensor& scores, int64_t group_size, const a
                 InvalidArgument, "grpo_advantages: expected scores [B] and mask [B, T], got ",
                 shape_string(scores.sizes()), " and ", shape_string(mask.sizes()));
   TESSERA_CHECK(group_size >= 2 && scores.size(0) % group_size == 0, InvalidArgument,
-                "grpo_advantages: ", scores.size(0), " responses do not form groups of ", group_size,
-                " (need group_size >= 2 dividing the batch)");
+                "grpo_advantages: ", scores.size(0), " responses do not form groups of ",
+                group_size, " (need group_size >= 2 dividing the batch)");
   at::Tensor s = scores.to(at::kDouble).view({-1, group_size});
   at::Tensor centered = s - s.mean(1, true);
   at::Tensor adv = divide_by_std ? centered / (s.std(1, /*unbiased=*/true, true) + eps) : centered;
@@ -131,14 +136,16 @@ at::Tensor remax_advantages(const at::Tensor& scores, const at::Tensor& baseline
                             const at::Tensor& mask) {
   TESSERA_CHECK(scores.dim() == 1 && scores.sizes() == baseline_scores.sizes() && mask.dim() == 2 &&
                     mask.size(0) == scores.size(0),
-                InvalidArgument, "remax_advantages: expected scores and baselines [B] and mask [B, T]");
+                InvalidArgument,
+                "remax_advantages: expected scores and baselines [B] and mask [B, T]");
   return ((scores - baseline_scores).to(at::kFloat).unsqueeze(1) * mask.to(at::kFloat));
 }
 
 at::Tensor token_logprobs(nn::Transformer& model, const at::Tensor& sequences) {
-  TESSERA_CHECK(sequences.dim() == 2 && sequences.size(1) >= 2 && sequences.scalar_type() == at::kLong,
-                InvalidArgument, "token_logprobs: expected int64 sequences [batch, length >= 2], got ",
-                shape_string(sequences.sizes()));
+  TESSERA_CHECK(
+      sequences.dim() == 2 && sequences.size(1) >= 2 && sequences.scalar_type() == at::kLong,
+      InvalidArgument, "token_logprobs: expected int64 sequences [batch, length >= 2], got ",
+      shape_string(sequences.sizes()));
   const int64_t L = sequences.size(1);
   at::Tensor logits = model.forward(sequences.narrow(1, 0, L - 1)).logits.to(at::kFloat);
   at::Tensor logp = at::log_softmax(logits, -1);

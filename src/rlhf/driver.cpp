@@ -4,9 +4,9 @@
 #include "tessera/rlhf/driver.h"
 
 #include <ATen/ATen.h>
-#include <nlohmann/json.hpp>
 #include <signal.h>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -25,8 +25,8 @@
 #include "tessera/core/log.h"
 #include "tessera/core/subprocess.h"
 #include "tessera/dist/launcher.h"
-#include "tessera/rpc/rpc.h"
 #include "tessera/rlhf/worker.grpc.pb.h"
+#include "tessera/rpc/rpc.h"
 
 namespace tessera::rlhf {
 
@@ -57,7 +57,8 @@ std::exception_ptr error_ptr(ErrorCode code, const std::string& message) {
 }
 
 Protocol parse_protocol(const std::string& name) {
-  for (Protocol p : {Protocol::kOneToAll, Protocol::kAllToAll, Protocol::kRankZero, Protocol::kDpCompute}) {
+  for (Protocol p :
+       {Protocol::kOneToAll, Protocol::kAllToAll, Protocol::kRankZero, Protocol::kDpCompute}) {
     if (name == protocol_name(p)) return p;
   }
   throw InvalidArgument("unknown transfer protocol '" + name + "'");
@@ -120,20 +121,23 @@ struct Driver::Impl final : public proto::Driver::Service {
   std::thread monitor;
 
   // --- Registration (Driver service) ---------------------------------------
-  grpc::Status Register(grpc::ServerContext*, const proto::RegisterRequest* req, proto::RegisterReply*) override {
+  grpc::Status Register(grpc::ServerContext*, const proto::RegisterRequest* req,
+                        proto::RegisterReply*) override {
     return rpc::guard([&] {
       std::lock_guard<std::mutex> lock(mu);
-      TESSERA_CHECK(req->run_id() == run_id, InvalidArgument, "registration for run '", req->run_id(),
-                    "', this driver runs '", run_id, "'");
-      TESSERA_CHECK(req->process() >= 0 && req->process() < static_cast<int>(procs.size()), InvalidArgument,
-                    "registration of unknown process ", req->process());
+      TESSERA_CHECK(req->run_id() == run_id, InvalidArgument, "registration for run '",
+                    req->run_id(), "', this driver runs '", run_id, "'");
+      TESSERA_CHECK(req->process() >= 0 && req->process() < static_cast<int>(procs.size()),
+                    InvalidArgument, "registration of unknown process ", req->process());
       Process& p = procs[req->process()];
       if (!req->error().empty()) {
-        if (setup_error.empty()) setup_error = describe(req->process(), "") + " failed to set up: " + req->error();
+        if (setup_error.empty())
+          setup_error = describe(req->process(), "") + " failed to set up: " + req->error();
         cv.notify_all();
         return;
       }
-      TESSERA_CHECK(p.info.address.empty(), InvalidArgument, "process ", req->process(), " registered twice");
+      TESSERA_CHECK(p.info.address.empty(), InvalidArgument, "process ", req->process(),
+                    " registered twice");
       p.info.address = req->address();
       p.stub = proto::Worker::NewStub(rpc::channel(req->address(), {opt.max_message_bytes}));
       p.last_healthy = Clock::now();
@@ -152,13 +156,15 @@ struct Driver::Impl final : public proto::Driver::Service {
   // "actor rank 1 (pid 4242, pool 'all' rank 1; also hosts reference, reward)".
   std::string describe(int process, const std::string& role) const {
     const Process& p = procs[process];
-    std::string name = role.empty() ? (p.info.roles.empty() ? "worker" : p.info.roles.front()) : role;
+    std::string name =
+        role.empty() ? (p.info.roles.empty() ? "worker" : p.info.roles.front()) : role;
     std::string others;
     for (const std::string& r : p.info.roles) {
       if (r != name) others += (others.empty() ? "" : ", ") + r;
     }
-    return detail::concat(name, " rank ", p.info.rank, " (pid ", p.pid, ", pool '", p.info.pool, "' rank ",
-                          p.info.rank, others.empty() ? "" : "; also hosts " + others, ")");
+    return detail::concat(name, " rank ", p.info.rank, " (pid ", p.pid, ", pool '", p.info.pool,
+                          "' rank ", p.info.rank, others.empty() ? "" : "; also hosts " + others,
+                          ")");
   }
 
   // The call in flight on a process (null when none), for messages. mu held.
@@ -194,7 +200,8 @@ struct Driver::Impl final : public proto::Driver::Service {
     const int cpus = std::max(1, static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)));
     int first_cpu = 0;
     for (const PoolSpec& pool : opt.pools) {
-      TESSERA_CHECK(pool.processes >= 1, InvalidArgument, "pool '", pool.name, "' needs at least one process");
+      TESSERA_CHECK(pool.processes >= 1, InvalidArgument, "pool '", pool.name,
+                    "' needs at least one process");
       nlohmann::json roles = nlohmann::json::array();
       std::vector<std::string> role_names;
       for (const RoleSpec& r : opt.roles) {
@@ -243,7 +250,8 @@ struct Driver::Impl final : public proto::Driver::Service {
     SpawnOptions so;
     so.argv = {opt.program};
     so.argv.insert(so.argv.end(), opt.program_args.begin(), opt.program_args.end());
-    for (const std::string& e : extra_env) so.env[e.substr(0, e.find('='))] = e.substr(e.find('=') + 1);
+    for (const std::string& e : extra_env)
+      so.env[e.substr(0, e.find('='))] = e.substr(e.find('=') + 1);
     if (cpu >= 0) so.cpus = {cpu};
     so.new_process_group = false;
     so.inherit_stdin = true;
@@ -265,11 +273,12 @@ struct Driver::Impl final : public proto::Driver::Service {
           if (!status) continue;
           p.exited = true;
           const Inflight* owner = running_on(p.info.process);
-          fail_locked(ErrorCode::kUnavailable,
-                      detail::concat("worker ", describe(p.info.process, owner ? owner->role : ""), " ",
-                                     status->describe(),
-                                     owner ? " during " + owner->role + "." + owner->method : std::string(),
-                                     "; stopping the run"));
+          fail_locked(
+              ErrorCode::kUnavailable,
+              detail::concat("worker ", describe(p.info.process, owner ? owner->role : ""), " ",
+                             status->describe(),
+                             owner ? " during " + owner->role + "." + owner->method : std::string(),
+                             "; stopping the run"));
           break;
         }
         if (!failure_message.empty()) break;
@@ -278,7 +287,8 @@ struct Driver::Impl final : public proto::Driver::Service {
       for (Process& p : procs) {
         if (!p.stub || p.exited) continue;
         grpc::ClientContext ctx;
-        rpc::set_deadline(ctx, std::max<std::chrono::milliseconds>(std::chrono::seconds(1), opt.health_interval * 2));
+        rpc::set_deadline(ctx, std::max<std::chrono::milliseconds>(std::chrono::seconds(1),
+                                                                   opt.health_interval * 2));
         proto::HealthRequest req;
         proto::HealthReply reply;
         grpc::Status st = p.stub->Health(&ctx, req, &reply);
@@ -287,8 +297,10 @@ struct Driver::Impl final : public proto::Driver::Service {
           p.last_healthy = Clock::now();
         } else if (Clock::now() - p.last_healthy > opt.health_timeout) {
           fail_locked(ErrorCode::kUnavailable,
-                      detail::concat("worker ", describe(p.info.process, ""), " stopped answering health checks for ",
-                                     opt.health_timeout.count() / 1000.0, " s (", st.error_message(), "); stopping the run"));
+                      detail::concat("worker ", describe(p.info.process, ""),
+                                     " stopped answering health checks for ",
+                                     opt.health_timeout.count() / 1000.0, " s (",
+                                     st.error_message(), "); stopping the run"));
         }
       }
     }
@@ -307,7 +319,8 @@ struct Driver::Impl final : public proto::Driver::Service {
   }
 
   void reap_all(double seconds) {
-    const auto until = Clock::now() + std::chrono::microseconds(static_cast<int64_t>(seconds * 1e6));
+    const auto until =
+        Clock::now() + std::chrono::microseconds(static_cast<int64_t>(seconds * 1e6));
     while (true) {
       bool all = true;
       for (Process& p : procs) {
@@ -338,14 +351,16 @@ struct Driver::Impl final : public proto::Driver::Service {
         auto it = driver_batches.find(ref.name);
         TESSERA_CHECK(it != driver_batches.end(), NotFound, "batch '", ref.name, "' was released");
         for (const auto& [k, t] : it->second) {
-          rpc::to_proto(t.narrow(0, part.offset + (b - part.begin), e - b), k, bp->add_inline_rows());
+          rpc::to_proto(t.narrow(0, part.offset + (b - part.begin), e - b), k,
+                        bp->add_inline_rows());
         }
       }
     }
   }
 
   std::future<CallResult> call(const std::string& role, const std::string& method,
-                               const std::vector<BatchRef>& inputs, const Args& args, const CallOptions& co) {
+                               const std::vector<BatchRef>& inputs, const Args& args,
+                               const CallOptions& co) {
     auto f = std::make_shared<Inflight>();
     f->role = role;
     f->method = method;
@@ -360,28 +375,32 @@ struct Driver::Impl final : public proto::Driver::Service {
       if (m == r->second.end()) {
         std::string known;
         for (const auto& [k, v] : r->second) known += (known.empty() ? "" : ", ") + k;
-        throw InvalidArgument(detail::concat("role '", role, "' has no method '", method, "' (has: ", known, ")"));
+        throw InvalidArgument(
+            detail::concat("role '", role, "' has no method '", method, "' (has: ", known, ")"));
       }
       f->protocol = m->second.protocol;
       f->mesh = m->second.mesh;
       workers = role_processes.at(role);
-      f->output = co.output.empty() ? detail::concat(role, ".", method, "#", ++call_counter) : co.output;
+      f->output =
+          co.output.empty() ? detail::concat(role, ".", method, "#", ++call_counter) : co.output;
     }
     int64_t rows = 0;
     for (size_t i = 0; i < inputs.size(); ++i) {
-      TESSERA_CHECK(!inputs[i].empty(), InvalidArgument, role, ".", method, ": input ", i, " is an empty reference");
+      TESSERA_CHECK(!inputs[i].empty(), InvalidArgument, role, ".", method, ": input ", i,
+                    " is an empty reference");
       if (i == 0) rows = inputs[i].rows;
       TESSERA_CHECK(inputs[i].rows == rows || f->protocol == Protocol::kOneToAll ||
                         f->protocol == Protocol::kRankZero,
-                    InvalidArgument, role, ".", method, ": inputs have ", rows, " and ", inputs[i].rows,
-                    " rows; ", protocol_name(f->protocol), " splits them together");
+                    InvalidArgument, role, ".", method, ": inputs have ", rows, " and ",
+                    inputs[i].rows, " rows; ", protocol_name(f->protocol), " splits them together");
     }
     const int n = static_cast<int>(workers.size());
     if (f->protocol == Protocol::kAllToAll) {
-      TESSERA_CHECK(rows % n == 0, InvalidArgument, role, ".", method, ": ALL_TO_ALL needs rows (", rows,
-                    ") divisible by the ", n, " workers");
+      TESSERA_CHECK(rows % n == 0, InvalidArgument, role, ".", method, ": ALL_TO_ALL needs rows (",
+                    rows, ") divisible by the ", n, " workers");
     }
-    const std::chrono::milliseconds timeout = co.timeout.count() > 0 ? co.timeout : opt.call_timeout;
+    const std::chrono::milliseconds timeout =
+        co.timeout.count() > 0 ? co.timeout : opt.call_timeout;
     const std::string args_json = args.json();
     f->repeat.assign(n, 0);
     for (int w = 0; w < n; ++w) {
@@ -393,7 +412,8 @@ struct Driver::Impl final : public proto::Driver::Service {
       req.set_method(method);
       req.set_args_json(args_json);
       req.set_output(f->output);
-      req.set_publish(true);  // consumers may sit on other processes (other dp layouts, other pools)
+      req.set_publish(
+          true);  // consumers may sit on other processes (other dp layouts, other pools)
       // Rows [begin, end) of the inputs, then the last of them `repeat`
       // more times; `padding` of the chunk's rows are not real.
       int64_t begin = 0, end = rows, repeat = 0, padding = 0;
@@ -416,9 +436,10 @@ struct Driver::Impl final : public proto::Driver::Service {
         add_parts(ref, begin, end, in);
       }
       const size_t bytes = req.ByteSizeLong();
-      TESSERA_CHECK(bytes <= static_cast<size_t>(opt.max_message_bytes), ResourceExhausted, role, ".", method,
-                    ": the request to worker ", w, " is ", bytes, " bytes, over the ", opt.max_message_bytes,
-                    "-byte message limit (put() is for small batches; larger data moves between workers)");
+      TESSERA_CHECK(
+          bytes <= static_cast<size_t>(opt.max_message_bytes), ResourceExhausted, role, ".", method,
+          ": the request to worker ", w, " is ", bytes, " bytes, over the ", opt.max_message_bytes,
+          "-byte message limit (put() is for small batches; larger data moves between workers)");
       request_bytes += static_cast<int64_t>(bytes);
       rpc::set_deadline(p->ctx, timeout);
       f->calls.push_back(std::move(p));
@@ -435,10 +456,10 @@ struct Driver::Impl final : public proto::Driver::Service {
     for (auto& p : f->calls) {
       Pending* raw = p.get();
       procs[raw->process].stub->async()->Call(&raw->ctx, &raw->request, &raw->reply,
-                                               [this, f, raw](grpc::Status status) {
-                                                 raw->status = std::move(status);
-                                                 if (--f->remaining == 0) finish(f);
-                                               });
+                                              [this, f, raw](grpc::Status status) {
+                                                raw->status = std::move(status);
+                                                if (--f->remaining == 0) finish(f);
+                                              });
     }
     return future;
   }
@@ -452,7 +473,8 @@ struct Driver::Impl final : public proto::Driver::Service {
     for (const auto& p : f->calls) {
       if (p->status.ok()) continue;
       const grpc::StatusCode code = p->status.error_code();
-      const std::string what = detail::concat(f->role, ".", f->method, " on ", describe(p->process, f->role));
+      const std::string what =
+          detail::concat(f->role, ".", f->method, " on ", describe(p->process, f->role));
       if (!failure_message.empty()) {
         const std::string msg = failure_message;
         const ErrorCode c = failure_code;
@@ -461,7 +483,8 @@ struct Driver::Impl final : public proto::Driver::Service {
         return;
       }
       if (code == grpc::StatusCode::INVALID_ARGUMENT || code == grpc::StatusCode::NOT_FOUND ||
-          code == grpc::StatusCode::RESOURCE_EXHAUSTED || code == grpc::StatusCode::FAILED_PRECONDITION) {
+          code == grpc::StatusCode::RESOURCE_EXHAUSTED ||
+          code == grpc::StatusCode::FAILED_PRECONDITION) {
         lock.unlock();
         try {
           rpc::check(p->status, what, procs[p->process].info.address);
@@ -487,7 +510,8 @@ struct Driver::Impl final : public proto::Driver::Service {
     if (f->protocol == Protocol::kDpCompute) {
       std::map<int, int> by_dp;
       for (int w = 0; w < n; ++w) {
-        if (f->mesh[w].tp_rank == 0 && !by_dp.count(f->mesh[w].dp_rank)) by_dp[f->mesh[w].dp_rank] = w;
+        if (f->mesh[w].tp_rank == 0 && !by_dp.count(f->mesh[w].dp_rank))
+          by_dp[f->mesh[w].dp_rank] = w;
       }
       for (const auto& [dp, w] : by_dp) collected.push_back(w);
     } else if (f->protocol == Protocol::kRankZero) {
@@ -495,7 +519,8 @@ struct Driver::Impl final : public proto::Driver::Service {
     } else {
       for (int w = 0; w < n; ++w) collected.push_back(w);
     }
-    const bool rows_from_all = f->protocol == Protocol::kDpCompute || f->protocol == Protocol::kAllToAll;
+    const bool rows_from_all =
+        f->protocol == Protocol::kDpCompute || f->protocol == Protocol::kAllToAll;
     int64_t row = 0;
     for (size_t i = 0; i < collected.size(); ++i) {
       const Pending& p = *f->calls[collected[i]];
@@ -529,7 +554,8 @@ int WorkerGroup::size() const {
 
 PendingCall WorkerGroup::call(const std::string& method, const std::vector<BatchRef>& inputs,
                               const Args& args, const CallOptions& options) {
-  return driver_->pending(driver_->impl_->call(role_, method, inputs, args, options), role_ + "." + method);
+  return driver_->pending(driver_->impl_->call(role_, method, inputs, args, options),
+                          role_ + "." + method);
 }
 
 PendingCall Driver::pending(std::future<CallResult> result, std::string what) {
@@ -561,12 +587,14 @@ Driver::Driver(DriverOptions options) : impl_(std::make_unique<Impl>()) {
                 "driver: needs at least one pool and one role");
   std::set<std::string> pools, roles;
   for (const PoolSpec& p : d.opt.pools) {
-    TESSERA_CHECK(pools.insert(p.name).second, InvalidArgument, "driver: pool '", p.name, "' defined twice");
+    TESSERA_CHECK(pools.insert(p.name).second, InvalidArgument, "driver: pool '", p.name,
+                  "' defined twice");
   }
   for (const RoleSpec& r : d.opt.roles) {
-    TESSERA_CHECK(roles.insert(r.name).second, InvalidArgument, "driver: role '", r.name, "' defined twice");
-    TESSERA_CHECK(pools.count(r.pool), InvalidArgument, "driver: role '", r.name, "' is placed on unknown pool '",
-                  r.pool, "'");
+    TESSERA_CHECK(roles.insert(r.name).second, InvalidArgument, "driver: role '", r.name,
+                  "' defined twice");
+    TESSERA_CHECK(pools.count(r.pool), InvalidArgument, "driver: role '", r.name,
+                  "' is placed on unknown pool '", r.pool, "'");
   }
   if (d.opt.program.empty()) {
     char self[PATH_MAX];
@@ -576,18 +604,19 @@ Driver::Driver(DriverOptions options) : impl_(std::make_unique<Impl>()) {
   }
   std::random_device rd;
   d.run_id = detail::concat(getpid(), "-", std::hex, rd());
-  const std::string base = std::filesystem::exists("/dev/shm") ? "/dev/shm" : std::filesystem::temp_directory_path().string();
+  const std::string base = std::filesystem::exists("/dev/shm")
+                               ? "/dev/shm"
+                               : std::filesystem::temp_directory_path().string();
   d.scratch = base + "/tessera-rlhf-" + d.run_id;
   std::filesystem::create_directories(d.scratch);
   d.server = rpc::Server::start({&d}, {"127.0.0.1", 0, d.opt.max_message_bytes});
   d.spawn_all();
   d.monitor = std::thread([&d] { d.monitor_loop(); });
   std::unique_lock<std::mutex> lock(d.mu);
-  const bool ok = d.cv.wait_for(
-      lock, d.opt.start_timeout, [&] {
-        return d.registered == static_cast<int>(d.procs.size()) || !d.setup_error.empty() ||
-               !d.failure_message.empty();
-      });
+  const bool ok = d.cv.wait_for(lock, d.opt.start_timeout, [&] {
+    return d.registered == static_cast<int>(d.procs.size()) || !d.setup_error.empty() ||
+           !d.failure_message.empty();
+  });
   std::string error;
   ErrorCode code = ErrorCode::kDeadlineExceeded;
   if (!d.setup_error.empty()) {
@@ -600,9 +629,11 @@ Driver::Driver(DriverOptions options) : impl_(std::make_unique<Impl>()) {
   } else if (!ok) {
     std::string missing;
     for (const auto& p : d.procs) {
-      if (p.info.address.empty()) missing += (missing.empty() ? "" : ", ") + d.describe(p.info.process, "");
+      if (p.info.address.empty())
+        missing += (missing.empty() ? "" : ", ") + d.describe(p.info.process, "");
     }
-    error = detail::concat("driver: workers did not register within ", d.opt.start_timeout.count() / 1000.0, " s: ", missing);
+    error = detail::concat("driver: workers did not register within ",
+                           d.opt.start_timeout.count() / 1000.0, " s: ", missing);
     d.fail_locked(code, error);
   }
   lock.unlock();
@@ -613,8 +644,8 @@ Driver::Driver(DriverOptions options) : impl_(std::make_unique<Impl>()) {
     std::filesystem::remove_all(d.scratch, ec);
     throw_error(code, error);
   }
-  TESSERA_LOG(Info, "rlhf") << "driver: " << d.procs.size() << " worker processes registered (run " << d.run_id
-                            << ")";
+  TESSERA_LOG(Info, "rlhf") << "driver: " << d.procs.size() << " worker processes registered (run "
+                            << d.run_id << ")";
 }
 
 Driver::~Driver() {
@@ -685,7 +716,8 @@ Batch Driver::get(const BatchRef& ref) {
     if (part.process == -1) {
       std::lock_guard<std::mutex> lock(impl_->mu);
       auto it = impl_->driver_batches.find(ref.name);
-      TESSERA_CHECK(it != impl_->driver_batches.end(), NotFound, "batch '", ref.name, "' was released");
+      TESSERA_CHECK(it != impl_->driver_batches.end(), NotFound, "batch '", ref.name,
+                    "' was released");
       Batch b;
       for (const auto& [k, t] : it->second) b[k] = t.narrow(0, part.offset, part.end - part.begin);
       pieces.push_back(b);
@@ -714,9 +746,10 @@ Batch Driver::get(const BatchRef& ref) {
                     "' missing from some workers' rows");
       parts.push_back(it->second);
     }
-    out[k] = translate_errors("batch '" + ref.name + "', tensor '" + k + "'",
-                              [&] { return parts.size() == 1 ? parts[0] : at::cat(parts, 0); },
-                              ErrorCode::kInvalidArgument);
+    out[k] = translate_errors(
+        "batch '" + ref.name + "', tensor '" + k + "'",
+        [&] { return parts.size() == 1 ? parts[0] : at::cat(parts, 0); },
+        ErrorCode::kInvalidArgument);
   }
   return out;
 }

@@ -9,10 +9,12 @@
 namespace tessera::rlhf {
 
 HybridEngineGroups hybrid_engine_groups(int world, int train_tp, int gen_tp) {
-  TESSERA_CHECK(world >= 1 && train_tp >= 1 && gen_tp >= 1 && world % train_tp == 0 &&
-                    train_tp % gen_tp == 0,
-                InvalidArgument, "hybrid_engine_groups: need train_tp dividing world and gen_tp "
-                "dividing train_tp (world ", world, ", train_tp ", train_tp, ", gen_tp ", gen_tp, ")");
+  TESSERA_CHECK(
+      world >= 1 && train_tp >= 1 && gen_tp >= 1 && world % train_tp == 0 && train_tp % gen_tp == 0,
+      InvalidArgument,
+      "hybrid_engine_groups: need train_tp dividing world and gen_tp "
+      "dividing train_tp (world ",
+      world, ", train_tp ", train_tp, ", gen_tp ", gen_tp, ")");
   HybridEngineGroups g;
   g.world = world;
   g.train_tp = train_tp;
@@ -38,7 +40,8 @@ HybridEngineGroups hybrid_engine_groups(int world, int train_tp, int gen_tp) {
 }
 
 int HybridEngineGroups::gen_tp_rank(int rank) const {
-  TESSERA_CHECK(rank >= 0 && rank < world, InvalidArgument, "rank ", rank, " outside world ", world);
+  TESSERA_CHECK(rank >= 0 && rank < world, InvalidArgument, "rank ", rank, " outside world ",
+                world);
   return (rank % train_tp) / micro_dp;
 }
 
@@ -50,7 +53,8 @@ int HybridEngineGroups::micro_dp_group_of(int rank) const {
 
 int64_t hybrid_engine_bytes_per_rank(int64_t model_bytes, int train_tp, int gen_tp) {
   TESSERA_CHECK(train_tp >= 1 && gen_tp >= 1 && train_tp % gen_tp == 0, InvalidArgument,
-                "hybrid_engine_bytes_per_rank: gen_tp ", gen_tp, " must divide train_tp ", train_tp);
+                "hybrid_engine_bytes_per_rank: gen_tp ", gen_tp, " must divide train_tp ",
+                train_tp);
   const int64_t micro_dp = train_tp / gen_tp;
   return (micro_dp - 1) * model_bytes / train_tp;
 }
@@ -71,16 +75,19 @@ at::Tensor gather_generation_shard(const at::Tensor& local,
                                    const std::shared_ptr<dist::ProcessGroup>& micro_dp_group,
                                    int64_t* bytes_received, int64_t dim,
                                    const std::vector<int64_t>& block_sizes) {
-  TESSERA_CHECK(local.defined() && local.dim() >= 1 && dim >= 0 && dim < local.dim(), InvalidArgument,
-                "gather_generation_shard: expected a training shard with at least one dimension and a "
-                "dimension inside it");
+  TESSERA_CHECK(
+      local.defined() && local.dim() >= 1 && dim >= 0 && dim < local.dim(), InvalidArgument,
+      "gather_generation_shard: expected a training shard with at least one dimension and a "
+      "dimension inside it");
   const int n = micro_dp_group ? micro_dp_group->size() : 1;
   if (n == 1) return local;
   const int me = micro_dp_group->rank();
-  std::vector<int64_t> sizes = block_sizes.empty() ? std::vector<int64_t>(n, local.size(dim)) : block_sizes;
-  TESSERA_CHECK(static_cast<int>(sizes.size()) == n && sizes[me] == local.size(dim), InvalidArgument,
-                "gather_generation_shard: ", sizes.size(), " block sizes for a micro-DP group of ", n,
-                ", or this rank's block (", local.size(dim), ") differs from its size in the list");
+  std::vector<int64_t> sizes =
+      block_sizes.empty() ? std::vector<int64_t>(n, local.size(dim)) : block_sizes;
+  TESSERA_CHECK(static_cast<int>(sizes.size()) == n && sizes[me] == local.size(dim),
+                InvalidArgument, "gather_generation_shard: ", sizes.size(),
+                " block sizes for a micro-DP group of ", n, ", or this rank's block (",
+                local.size(dim), ") differs from its size in the list");
   // The generation shard is the "global" tensor of this sub-problem: member
   // i holds its block i along `dim`, every member ends with all of it.
   std::vector<int64_t> shape(local.sizes().begin(), local.sizes().end());

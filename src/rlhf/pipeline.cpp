@@ -19,7 +19,8 @@
 
 namespace tessera::rlhf {
 
-Batch arithmetic_prompts(const nn::Tokenizer& tokenizer, const PipelineOptions& o, int64_t iteration) {
+Batch arithmetic_prompts(const nn::Tokenizer& tokenizer, const PipelineOptions& o,
+                         int64_t iteration) {
   const int64_t p = o.prompts_per_iteration;
   // The question stream: iteration i takes questions [i p, (i + 1) p).
   auto all = tessera::tasks::arithmetic_examples((iteration + 1) * p, o.data_seed, o.max_operand);
@@ -29,16 +30,19 @@ Batch arithmetic_prompts(const nn::Tokenizer& tokenizer, const PipelineOptions& 
     const auto& ex = all[iteration * p + i];
     std::string text = ex.prompt;
     if (o.prompt_format == "chat") {
-      text = nn::format_chat(o.chat_template, {{"user", "Answer with the number only. " + ex.prompt}}) + "A: ";
+      text = nn::format_chat(o.chat_template,
+                             {{"user", "Answer with the number only. " + ex.prompt}}) +
+             "A: ";
     } else {
-      TESSERA_CHECK(o.prompt_format == "plain", InvalidArgument, "prompt_format: 'plain' or 'chat', got '",
-                    o.prompt_format, "'");
+      TESSERA_CHECK(o.prompt_format == "plain", InvalidArgument,
+                    "prompt_format: 'plain' or 'chat', got '", o.prompt_format, "'");
     }
     encoded.push_back(tokenizer.encode(text));
     answers[i] = static_cast<int64_t>(std::stoll(ex.answer));
   }
   int64_t longest = 0;
-  for (const auto& e : encoded) longest = std::max<int64_t>(longest, static_cast<int64_t>(e.size()));
+  for (const auto& e : encoded)
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(e.size()));
   at::Tensor ids = at::zeros({p, longest}, at::kLong), lengths = at::empty({p}, at::kLong);
   for (int64_t i = 0; i < p; ++i) {
     for (size_t j = 0; j < encoded[i].size(); ++j) ids[i][static_cast<int64_t>(j)] = encoded[i][j];
@@ -76,11 +80,15 @@ bool has_role(Driver& driver, const std::string& role) {
   return false;
 }
 
-std::string driver_state_path(const PipelineOptions& o) { return o.checkpoint_dir + "/driver.json"; }
+std::string driver_state_path(const PipelineOptions& o) {
+  return o.checkpoint_dir + "/driver.json";
+}
 
 // The iteration to start from: the committed driver state when resuming.
-int64_t restore(Driver& driver, const PipelineOptions& o, const std::vector<std::string>& trained_roles) {
-  if (!o.resume || o.checkpoint_dir.empty() || !std::filesystem::exists(driver_state_path(o))) return 0;
+int64_t restore(Driver& driver, const PipelineOptions& o,
+                const std::vector<std::string>& trained_roles) {
+  if (!o.resume || o.checkpoint_dir.empty() || !std::filesystem::exists(driver_state_path(o)))
+    return 0;
   std::ifstream in(driver_state_path(o));
   const int64_t iteration = nlohmann::json::parse(in).at("iteration").get<int64_t>();
   std::vector<PendingCall> loads;
@@ -93,8 +101,8 @@ int64_t restore(Driver& driver, const PipelineOptions& o, const std::vector<std:
   return iteration;
 }
 
-void checkpoint(Driver& driver, const PipelineOptions& o, const std::vector<std::string>& trained_roles,
-                int64_t done) {
+void checkpoint(Driver& driver, const PipelineOptions& o,
+                const std::vector<std::string>& trained_roles, int64_t done) {
   if (o.checkpoint_dir.empty() || o.checkpoint_every <= 0 || done % o.checkpoint_every != 0) return;
   std::vector<PendingCall> saves;
   for (const std::string& role : trained_roles) {
@@ -109,7 +117,8 @@ void checkpoint(Driver& driver, const PipelineOptions& o, const std::vector<std:
   const std::string text = nlohmann::json{{"iteration", done}}.dump();
   state.append(text.data(), text.size());
   state.commit();
-  for (const std::string& role : trained_roles) ckpt::apply_retention(o.checkpoint_dir + "/" + role, o.keep_last);
+  for (const std::string& role : trained_roles)
+    ckpt::apply_retention(o.checkpoint_dir + "/" + role, o.keep_last);
 }
 
 struct Step {
@@ -127,7 +136,8 @@ void fill_generation_stats(IterationStats& s, const CallResult& gen) {
 }
 
 template <typename Body>
-std::vector<IterationStats> loop(Driver& driver, const PipelineOptions& o, const std::vector<std::string>& trained,
+std::vector<IterationStats> loop(Driver& driver, const PipelineOptions& o,
+                                 const std::vector<std::string>& trained,
                                  const IterationCallback& callback, Body&& body) {
   std::vector<IterationStats> out;
   const int64_t start = restore(driver, o, trained);
@@ -157,8 +167,8 @@ CallOptions named(int64_t it, const std::string& what, const PipelineOptions& o)
 
 }  // namespace
 
-std::vector<IterationStats> run_grpo(Driver& driver, const nn::Tokenizer& tokenizer, const PipelineOptions& o,
-                                     const IterationCallback& callback) {
+std::vector<IterationStats> run_grpo(Driver& driver, const nn::Tokenizer& tokenizer,
+                                     const PipelineOptions& o, const IterationCallback& callback) {
   TESSERA_CHECK(o.samples >= 2, InvalidArgument, "GRPO needs at least 2 samples per prompt");
   const bool with_reference = has_role(driver, "reference");
   auto actor = driver.group("actor");
@@ -167,22 +177,29 @@ std::vector<IterationStats> run_grpo(Driver& driver, const nn::Tokenizer& tokeni
     IterationStats s;
     const std::string tag = "it" + std::to_string(it) + "/";
     BatchRef prompts = driver.put(tag + "prompts", arithmetic_prompts(tokenizer, o, it));
-    CallResult gen = actor.call("generate", {prompts}, Args().set("iteration", it).set("samples", o.samples),
-                                named(it, "gen", o)).get();
+    CallResult gen =
+        actor
+            .call("generate", {prompts}, Args().set("iteration", it).set("samples", o.samples),
+                  named(it, "gen", o))
+            .get();
     fill_generation_stats(s, gen);
     // Reference log-probs and rewards do not depend on each other.
     PendingCall ref;
-    if (with_reference) ref = driver.group("reference").call("compute_logprobs", {gen.output}, {}, named(it, "ref", o));
+    if (with_reference)
+      ref =
+          driver.group("reference").call("compute_logprobs", {gen.output}, {}, named(it, "ref", o));
     CallResult scores = reward.call("score", {gen.output}, {}, named(it, "scores", o)).get();
     Batch g = driver.get(gen.output);
     const at::Tensor score = driver.get(scores.output).at("scores");
     const at::Tensor mask =
         response_mask(g.at("prompt_lengths"), g.at("response_lengths"), g.at("sequences").size(1));
     s.mean_score = score.mean().item<double>();
-    BatchRef adv = driver.put(tag + "adv", {{"advantages", grpo_advantages(score, o.samples, mask)}});
+    BatchRef adv =
+        driver.put(tag + "adv", {{"advantages", grpo_advantages(score, o.samples, mask)}});
     std::vector<BatchRef> inputs = {gen.output, adv};
     if (with_reference) inputs.push_back(ref.get().output);
-    CallResult up = actor.call("update", inputs, Args().set("iteration", it), named(it, "update", o)).get();
+    CallResult up =
+        actor.call("update", inputs, Args().set("iteration", it), named(it, "update", o)).get();
     s.pg_loss = up.metric("pg_loss");
     s.kl = up.metric("kl");
     s.clip_fraction = up.metric("clip_fraction");
@@ -192,8 +209,8 @@ std::vector<IterationStats> run_grpo(Driver& driver, const nn::Tokenizer& tokeni
   });
 }
 
-std::vector<IterationStats> run_ppo(Driver& driver, const nn::Tokenizer& tokenizer, const PipelineOptions& o,
-                                    const IterationCallback& callback) {
+std::vector<IterationStats> run_ppo(Driver& driver, const nn::Tokenizer& tokenizer,
+                                    const PipelineOptions& o, const IterationCallback& callback) {
   auto actor = driver.group("actor");
   auto critic = driver.group("critic");
   auto reference = driver.group("reference");
@@ -202,8 +219,11 @@ std::vector<IterationStats> run_ppo(Driver& driver, const nn::Tokenizer& tokeniz
     IterationStats s;
     const std::string tag = "it" + std::to_string(it) + "/";
     BatchRef prompts = driver.put(tag + "prompts", arithmetic_prompts(tokenizer, o, it));
-    CallResult gen = actor.call("generate", {prompts}, Args().set("iteration", it).set("samples", o.samples),
-                                named(it, "gen", o)).get();
+    CallResult gen =
+        actor
+            .call("generate", {prompts}, Args().set("iteration", it).set("samples", o.samples),
+                  named(it, "gen", o))
+            .get();
     fill_generation_stats(s, gen);
     // Four independent reads of the same responses.
     auto old_f = actor.call("compute_logprobs", {gen.output}, {}, named(it, "old", o));
@@ -227,9 +247,10 @@ std::vector<IterationStats> run_ppo(Driver& driver, const nn::Tokenizer& tokeniz
     at::Tensor var = masked_mean((gae_out.advantages - mean).pow(2), mask);
     at::Tensor adv = (gae_out.advantages - mean) * at::rsqrt(var + 1e-8) * mask;
     BatchRef extra = driver.put(tag + "adv", {{"advantages", adv}, {"returns", gae_out.returns}});
-    auto up_f = actor.call("update", {gen.output, old.output, ref.output, extra}, Args().set("iteration", it),
-                           named(it, "update", o));
-    auto crit_f = critic.call("update", {gen.output, values.output, extra}, {}, named(it, "critic_update", o));
+    auto up_f = actor.call("update", {gen.output, old.output, ref.output, extra},
+                           Args().set("iteration", it), named(it, "update", o));
+    auto crit_f = critic.call("update", {gen.output, values.output, extra}, {},
+                              named(it, "critic_update", o));
     CallResult up = up_f.get(), crit = crit_f.get();
     s.pg_loss = up.metric("pg_loss");
     s.kl = masked_mean(kl, mask).item<double>();

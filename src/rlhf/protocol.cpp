@@ -11,10 +11,14 @@ namespace tessera::rlhf {
 
 const char* protocol_name(Protocol protocol) {
   switch (protocol) {
-    case Protocol::kOneToAll: return "ONE_TO_ALL";
-    case Protocol::kAllToAll: return "ALL_TO_ALL";
-    case Protocol::kRankZero: return "RANK_ZERO";
-    case Protocol::kDpCompute: return "DP_COMPUTE";
+    case Protocol::kOneToAll:
+      return "ONE_TO_ALL";
+    case Protocol::kAllToAll:
+      return "ALL_TO_ALL";
+    case Protocol::kRankZero:
+      return "RANK_ZERO";
+    case Protocol::kDpCompute:
+      return "DP_COMPUTE";
   }
   return "?";
 }
@@ -33,8 +37,8 @@ int64_t batch_rows(const Batch& batch) {
 }
 
 DpChunk dp_compute_chunk(int64_t rows, int dp, int dp_rank) {
-  TESSERA_CHECK(rows >= 1 && dp >= 1 && dp_rank >= 0 && dp_rank < dp, InvalidArgument, "DP_COMPUTE: ", rows,
-                " rows over dp rank ", dp_rank, " of ", dp);
+  TESSERA_CHECK(rows >= 1 && dp >= 1 && dp_rank >= 0 && dp_rank < dp, InvalidArgument,
+                "DP_COMPUTE: ", rows, " rows over dp rank ", dp_rank, " of ", dp);
   const int64_t chunk = (rows + dp - 1) / dp;
   DpChunk c;
   c.begin = dp_rank * chunk;
@@ -59,7 +63,8 @@ Batch cat_batches(const std::vector<const Batch*>& parts) {
     std::vector<at::Tensor> pieces;
     for (size_t i = 0; i < parts.size(); ++i) {
       auto it = parts[i]->find(name);
-      TESSERA_CHECK(it != parts[i]->end(), InvalidArgument, "collect: result ", i, " lacks '", name, "'");
+      TESSERA_CHECK(it != parts[i]->end(), InvalidArgument, "collect: result ", i, " lacks '", name,
+                    "'");
       pieces.push_back(it->second);
     }
     out[name] = at::cat(pieces, 0);
@@ -87,7 +92,8 @@ Dispatched dispatch(Protocol protocol, const WorkerMesh& mesh, const Batch& batc
       return out;
     case Protocol::kAllToAll:
       TESSERA_CHECK(static_cast<int>(per_worker_input.size()) == n, InvalidArgument,
-                    "dispatch ALL_TO_ALL: ", per_worker_input.size(), " batches for ", n, " workers");
+                    "dispatch ALL_TO_ALL: ", per_worker_input.size(), " batches for ", n,
+                    " workers");
       out.per_worker = per_worker_input;
       return out;
     case Protocol::kDpCompute: {

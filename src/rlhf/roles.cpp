@@ -8,14 +8,14 @@
 #include <numeric>
 
 #include "tessera/ckpt/checkpoint.h"
-#include "tessera/core/error.h"
 #include "tessera/ckpt_nn/model_state.h"
+#include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/tensor.h"
+#include "tessera/formats/safetensors.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/parameters.h"
-#include "tessera/formats/safetensors.h"
 #include "tessera/nn/train.h"
 #include "tessera/rlhf/algorithms.h"
 #include "tessera/rlhf/hybrid_engine.h"
@@ -23,9 +23,12 @@
 
 namespace tessera::rlhf {
 
-at::Tensor response_mask(const at::Tensor& prompt_lengths, const at::Tensor& response_lengths, int64_t length) {
-  TESSERA_CHECK(prompt_lengths.dim() == 1 && response_lengths.sizes() == prompt_lengths.sizes() && length >= 2,
-                InvalidArgument, "response_mask: expected prompt and response lengths [n] and length >= 2");
+at::Tensor response_mask(const at::Tensor& prompt_lengths, const at::Tensor& response_lengths,
+                         int64_t length) {
+  TESSERA_CHECK(prompt_lengths.dim() == 1 && response_lengths.sizes() == prompt_lengths.sizes() &&
+                    length >= 2,
+                InvalidArgument,
+                "response_mask: expected prompt and response lengths [n] and length >= 2");
   at::Tensor cols = at::arange(length - 1, at::kLong).unsqueeze(0);
   at::Tensor first = (prompt_lengths.to(at::kLong) - 1).unsqueeze(1);
   at::Tensor last = first + response_lengths.to(at::kLong).unsqueeze(1);
@@ -34,7 +37,8 @@ at::Tensor response_mask(const at::Tensor& prompt_lengths, const at::Tensor& res
 
 nn::Tokenizer load_tokenizer(const std::string& spec) {
   if (spec == "bytes") return nn::Tokenizer::bytes({"<|endoftext|>"});
-  if (spec.rfind("gguf:", 0) == 0) return nn::Tokenizer::from_spec(nn::read_gguf_model(spec.substr(5)).tokenizer);
+  if (spec.rfind("gguf:", 0) == 0)
+    return nn::Tokenizer::from_spec(nn::read_gguf_model(spec.substr(5)).tokenizer);
   return nn::Tokenizer::from_tokenizer_json(spec);
 }
 
@@ -61,11 +65,12 @@ struct Mesh2D {
   int tp = 1, dp = 1, tp_rank = 0, dp_rank = 0;
   std::shared_ptr<dist::ProcessGroup> tp_group, dp_group;
 };
-Mesh2D make_mesh(const std::shared_ptr<dist::ProcessGroup>& world, int tp, const std::string& role) {
+Mesh2D make_mesh(const std::shared_ptr<dist::ProcessGroup>& world, int tp,
+                 const std::string& role) {
   Mesh2D m;
   const int size = world ? world->size() : 1, rank = world ? world->rank() : 0;
-  TESSERA_CHECK(tp >= 1 && size % tp == 0, InvalidArgument, role, ": tp ", tp, " does not divide the pool's ",
-                size, " processes");
+  TESSERA_CHECK(tp >= 1 && size % tp == 0, InvalidArgument, role, ": tp ", tp,
+                " does not divide the pool's ", size, " processes");
   m.tp = tp;
   m.dp = size / tp;
   m.tp_rank = rank % tp;
@@ -154,7 +159,8 @@ class ActorRole : public Role {
     sampling_.temperature = c.get_double("temperature", 1.0);
     sampling_.top_k = c.get_int("top_k", 0);
     sampling_.max_new_tokens = c.get_int("max_new_tokens", 16);
-    sampling_.stop_tokens = c.has("stop_tokens") ? c.get_int_list("stop_tokens") : std::vector<int64_t>{};
+    sampling_.stop_tokens =
+        c.has("stop_tokens") ? c.get_int_list("stop_tokens") : std::vector<int64_t>{};
     const bool zero1 = c.get_bool("zero1", false);
     model_ = load_model(c.get_object("model"), {mesh_.tp_group, nullptr});
     config_ = model_->config();
@@ -177,7 +183,8 @@ class ActorRole : public Role {
     if (gen_tp_ != mesh_.tp) {
       micro_dp_ = make_micro_dp_group(*world_, engine_);
       for (size_t i = 0; i < engine_.gen_tp_groups.size() && gen_tp_ > 1; ++i) {
-        if (auto g = world_->new_subgroup(engine_.gen_tp_groups[i], ctx.role + "_gen_tp" + std::to_string(i))) {
+        if (auto g = world_->new_subgroup(engine_.gen_tp_groups[i],
+                                          ctx.role + "_gen_tp" + std::to_string(i))) {
           gen_tp_group_ = g;
         }
       }
@@ -188,13 +195,17 @@ class ActorRole : public Role {
       if (std::find(g.begin(), g.end(), ctx.rank) != g.end()) gen_dp_rank = static_cast<int>(i);
     }
     gen_dp_rank_ = gen_dp_rank;
-    const MethodMesh gen_mesh{ctx.size / gen_tp_, gen_tp_, gen_dp_rank, engine_.gen_tp_rank(ctx.rank)};
+    const MethodMesh gen_mesh{ctx.size / gen_tp_, gen_tp_, gen_dp_rank,
+                              engine_.gen_tp_rank(ctx.rank)};
     const MethodMesh train_mesh{mesh_.dp, mesh_.tp, mesh_.dp_rank, mesh_.tp_rank};
     methods.add("generate", Protocol::kDpCompute, gen_mesh,
                 [this](const Batch& in, const ConfigObject& a) { return generate(in, a); });
-    methods.add("compute_logprobs", Protocol::kDpCompute, train_mesh, [this](const Batch& in, const ConfigObject&) {
-      return MethodResult{{{"old_logprobs", logprobs_no_grad(*model_, in.at("sequences"), micro_batch_)}}, {}};
-    });
+    methods.add(
+        "compute_logprobs", Protocol::kDpCompute, train_mesh,
+        [this](const Batch& in, const ConfigObject&) {
+          return MethodResult{
+              {{"old_logprobs", logprobs_no_grad(*model_, in.at("sequences"), micro_batch_)}}, {}};
+        });
     methods.add("update", Protocol::kDpCompute, train_mesh,
                 [this](const Batch& in, const ConfigObject& a) { return update(in, a); });
     methods.add("save", Protocol::kOneToAll, whole_group_mesh(ctx),
@@ -217,12 +228,14 @@ class ActorRole : public Role {
     std::unique_ptr<nn::Transformer> gen_model;
     int64_t received = 0, gen_bytes = 0;
     if (gen_tp_ != mesh_.tp) {
-      gen_model = std::make_unique<nn::Transformer>(config_, nn::ParallelGroups{gen_tp_group_, nullptr});
+      gen_model =
+          std::make_unique<nn::Transformer>(config_, nn::ParallelGroups{gen_tp_group_, nullptr});
       for (const auto& [name, local] : model_->named_parameters()) {
         const nn::Split split = nn::parameter_spec(config_, name).split;
-        at::Tensor shard = split == nn::Split::kReplicate
-                               ? local.detach()
-                               : gather_shard(name, local.detach(), split == nn::Split::kRows ? 0 : 1, &received);
+        at::Tensor shard =
+            split == nn::Split::kReplicate
+                ? local.detach()
+                : gather_shard(name, local.detach(), split == nn::Split::kRows ? 0 : 1, &received);
         gen_model->parameter(name).copy_(shard);
         gen_bytes += static_cast<int64_t>(gen_model->parameter(name).nbytes());
       }
@@ -243,7 +256,8 @@ class ActorRole : public Role {
     if (greedy) so.temperature = 0;
     // The same seed on every rank of a generation tp group (they sample
     // together); different per dp rank and iteration.
-    so.seed = seed_ * 1000003ULL + static_cast<uint64_t>(iteration) * 7919ULL + static_cast<uint64_t>(gen_dp_rank_);
+    so.seed = seed_ * 1000003ULL + static_cast<uint64_t>(iteration) * 7919ULL +
+              static_cast<uint64_t>(gen_dp_rank_);
     Stopwatch watch;
     nn::GenerationResult g = nn::generate(gen, prompts, so);
     r.metrics["generate_seconds"] = watch.seconds();
@@ -254,7 +268,8 @@ class ActorRole : public Role {
     // Every dp rank's rows get the same width (the prompt batch's width +
     // max_new_tokens), so the chunks concatenate.
     const int64_t n = static_cast<int64_t>(prompts.size());
-    at::Tensor seq = at::zeros({n, std::max<int64_t>(ids.size(1) + so.max_new_tokens, 2)}, at::kLong);
+    at::Tensor seq =
+        at::zeros({n, std::max<int64_t>(ids.size(1) + so.max_new_tokens, 2)}, at::kLong);
     at::Tensor plen = at::empty({n}, at::kLong), rlen = at::empty({n}, at::kLong);
     for (int64_t i = 0; i < n; ++i) {
       int64_t* row = seq[i].data_ptr<int64_t>();
@@ -277,14 +292,16 @@ class ActorRole : public Role {
   // the largest for the all-gather and trimmed after.
   // This rank's generation shard of `name`: the training shards of its
   // micro-DP group, gathered through dist's planner (hybrid_engine.h).
-  at::Tensor gather_shard(const std::string& name, const at::Tensor& local, int64_t dim, int64_t* received) {
+  at::Tensor gather_shard(const std::string& name, const at::Tensor& local, int64_t dim,
+                          int64_t* received) {
     const dist::Layout layout = model_->layout_of(name);
     const std::vector<int64_t> full = model_->full_shape(name);
     int64_t other = 1;
     for (size_t d = 0; d < full.size(); ++d) other *= d == static_cast<size_t>(dim) ? 1 : full[d];
     const int first = engine_.first_train_shard(world_->rank());
     std::vector<int64_t> sizes;
-    for (int i = 0; i < engine_.micro_dp; ++i) sizes.push_back(layout.local_numel(first + i) / other);
+    for (int i = 0; i < engine_.micro_dp; ++i)
+      sizes.push_back(layout.local_numel(first + i) / other);
     return gather_generation_shard(local, micro_dp_, received, dim, sizes);
   }
 
@@ -292,11 +309,13 @@ class ActorRole : public Role {
     const double lr = args.get_double("lr", lr_);
     args.ignore("iteration");  // for the driver's bookkeeping
     const at::Tensor seq = in.at("sequences");
-    const at::Tensor mask = response_mask(in.at("prompt_lengths"), in.at("response_lengths"), seq.size(1));
+    const at::Tensor mask =
+        response_mask(in.at("prompt_lengths"), in.at("response_lengths"), seq.size(1));
     const at::Tensor adv = in.at("advantages").to(at::kFloat);
     check_shape(adv, mask.sizes(), "update: advantages");
     const bool has_old = in.count("old_logprobs") > 0, has_ref = in.count("ref_logprobs") > 0;
-    TESSERA_CHECK(kl_coef_ == 0 || has_ref, InvalidArgument, "update: kl_coef > 0 needs ref_logprobs");
+    TESSERA_CHECK(kl_coef_ == 0 || has_ref, InvalidArgument,
+                  "update: kl_coef > 0 needs ref_logprobs");
     // Token-mean over the whole global batch: each dp rank scales its sum
     // by dp / (global tokens), and the gradient average over dp does the rest.
     const double tokens = sum_over(mesh_.dp_group, mask.sum().item<double>());
@@ -315,7 +334,8 @@ class ActorRole : public Role {
       pg_sum += loss.item<double>();
       clipped += ((s2 < s1).to(at::kFloat) * m).sum().item<double>();
       if (has_ref) {
-        at::Tensor kl = kl_divergence(logp, in.at("ref_logprobs").narrow(0, b, n), KlEstimator::kK3);
+        at::Tensor kl =
+            kl_divergence(logp, in.at("ref_logprobs").narrow(0, b, n), KlEstimator::kK3);
         at::Tensor kl_tok = (kl * m).sum();
         kl_sum += kl_tok.item<double>();
         if (kl_coef_ > 0) loss = loss + kl_coef_ * kl_tok;
@@ -388,10 +408,13 @@ class ReferenceRole : public Role {
     micro_batch_ = ctx.config.get_int("micro_batch", 0);
     model_ = load_model(ctx.config.get_object("model"), {mesh_.tp_group, nullptr});
     model_->set_requires_grad(false);
-    methods.add("compute_logprobs", Protocol::kDpCompute, {mesh_.dp, mesh_.tp, mesh_.dp_rank, mesh_.tp_rank},
-                [this](const Batch& in, const ConfigObject&) {
-                  return MethodResult{{{"ref_logprobs", logprobs_no_grad(*model_, in.at("sequences"), micro_batch_)}}, {}};
-                });
+    methods.add(
+        "compute_logprobs", Protocol::kDpCompute,
+        {mesh_.dp, mesh_.tp, mesh_.dp_rank, mesh_.tp_rank},
+        [this](const Batch& in, const ConfigObject&) {
+          return MethodResult{
+              {{"ref_logprobs", logprobs_no_grad(*model_, in.at("sequences"), micro_batch_)}}, {}};
+        });
   }
 
  private:
@@ -422,15 +445,16 @@ class CriticRole : public Role {
     model_opt_ = std::make_unique<nn::AdamW>(params, o);
     head_opt_ = std::make_unique<nn::AdamW>(std::vector<at::Tensor>{head_.weight, head_.bias}, o);
     const MethodMesh mesh = whole_group_mesh(ctx);
-    methods.add("compute_values", Protocol::kDpCompute, mesh, [this](const Batch& in, const ConfigObject&) {
-      at::NoGradGuard no_grad;
-      const at::Tensor seq = in.at("sequences");
-      std::vector<at::Tensor> parts;
-      for_chunks(seq.size(0), micro_batch_, [&](int64_t b, int64_t n) {
-        parts.push_back(head_(*model_, seq.narrow(0, b, n).narrow(1, 0, seq.size(1) - 1)));
-      });
-      return MethodResult{{{"values", at::cat(parts, 0)}}, {}};
-    });
+    methods.add(
+        "compute_values", Protocol::kDpCompute, mesh, [this](const Batch& in, const ConfigObject&) {
+          at::NoGradGuard no_grad;
+          const at::Tensor seq = in.at("sequences");
+          std::vector<at::Tensor> parts;
+          for_chunks(seq.size(0), micro_batch_, [&](int64_t b, int64_t n) {
+            parts.push_back(head_(*model_, seq.narrow(0, b, n).narrow(1, 0, seq.size(1) - 1)));
+          });
+          return MethodResult{{{"values", at::cat(parts, 0)}}, {}};
+        });
     methods.add("update", Protocol::kDpCompute, mesh,
                 [this](const Batch& in, const ConfigObject& a) { return update(in, a); });
     methods.add("save", Protocol::kOneToAll, mesh, [this](const Batch&, const ConfigObject& a) {
@@ -452,7 +476,8 @@ class CriticRole : public Role {
  private:
   MethodResult update(const Batch& in, const ConfigObject& args) {
     const at::Tensor seq = in.at("sequences");
-    const at::Tensor mask = response_mask(in.at("prompt_lengths"), in.at("response_lengths"), seq.size(1));
+    const at::Tensor mask =
+        response_mask(in.at("prompt_lengths"), in.at("response_lengths"), seq.size(1));
     const int size = world_ ? world_->size() : 1;
     const double tokens = sum_over(world_, mask.sum().item<double>());
     const double scale = size / std::max(tokens, 1.0);
@@ -479,7 +504,9 @@ class CriticRole : public Role {
     const double lr = args.get_double("lr", lr_);
     const double norm = model_opt_->step(lr, max_grad_norm_);
     head_opt_->step(lr, max_grad_norm_);
-    return {{}, {{"value_loss", sum_over(world_, loss_sum) / std::max(tokens, 1.0)}, {"critic_grad_norm", norm}}};
+    return {{},
+            {{"value_loss", sum_over(world_, loss_sum) / std::max(tokens, 1.0)},
+             {"critic_grad_norm", norm}}};
   }
 
   ckpt::State state() {
@@ -490,7 +517,8 @@ class CriticRole : public Role {
     ckpt::add_optimizer(s, *model_, where, *model_opt_);
     s.add_replicated("value_head.weight", head_.weight.detach(), size);
     s.add_replicated("value_head.bias", head_.bias.detach(), size);
-    for (auto& [name, t] : head_opt_->state_tensors()) s.add_replicated("value_head_optim." + name, t, size);
+    for (auto& [name, t] : head_opt_->state_tensors())
+      s.add_replicated("value_head_optim." + name, t, size);
     s.step = model_opt_->steps();
     return s;
   }
@@ -509,21 +537,25 @@ class CriticRole : public Role {
 class RuleRewardRole : public Role {
  public:
   void setup(WorkerContext& ctx, MethodTable& methods) override {
-    tokenizer_ = std::make_unique<nn::Tokenizer>(load_tokenizer(ctx.config.get_string("tokenizer", "bytes")));
-    methods.add("score", Protocol::kDpCompute, whole_group_mesh(ctx), [this](const Batch& in, const ConfigObject&) {
-      const at::Tensor seq = in.at("sequences"), plen = in.at("prompt_lengths"), rlen = in.at("response_lengths");
-      const at::Tensor answers = in.at("answers");
-      const int64_t n = seq.size(0);
-      at::Tensor scores = at::empty({n}, at::kFloat);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t* row = seq[i].data_ptr<int64_t>();
-        const int64_t p = plen[i].item<int64_t>(), r = rlen[i].item<int64_t>();
-        std::vector<int32_t> ids(row + p, row + p + r);
-        scores[i] = static_cast<float>(
-            arithmetic_reward(std::to_string(answers[i].item<int64_t>()), tokenizer_->decode(ids)));
-      }
-      return MethodResult{{{"scores", scores}}, {{"mean_score", n ? scores.mean().item<double>() : 0.0}}};
-    });
+    tokenizer_ = std::make_unique<nn::Tokenizer>(
+        load_tokenizer(ctx.config.get_string("tokenizer", "bytes")));
+    methods.add("score", Protocol::kDpCompute, whole_group_mesh(ctx),
+                [this](const Batch& in, const ConfigObject&) {
+                  const at::Tensor seq = in.at("sequences"), plen = in.at("prompt_lengths"),
+                                   rlen = in.at("response_lengths");
+                  const at::Tensor answers = in.at("answers");
+                  const int64_t n = seq.size(0);
+                  at::Tensor scores = at::empty({n}, at::kFloat);
+                  for (int64_t i = 0; i < n; ++i) {
+                    const int64_t* row = seq[i].data_ptr<int64_t>();
+                    const int64_t p = plen[i].item<int64_t>(), r = rlen[i].item<int64_t>();
+                    std::vector<int32_t> ids(row + p, row + p + r);
+                    scores[i] = static_cast<float>(arithmetic_reward(
+                        std::to_string(answers[i].item<int64_t>()), tokenizer_->decode(ids)));
+                  }
+                  return MethodResult{{{"scores", scores}},
+                                      {{"mean_score", n ? scores.mean().item<double>() : 0.0}}};
+                });
   }
 
  private:
@@ -540,18 +572,22 @@ class RewardModelRole : public Role {
     const int64_t hidden = model_->config().hidden_size;
     head_.weight = head.get("value_head.weight", at::kFloat, {hidden}).clone();
     head_.bias = head.get("value_head.bias", at::kFloat, {}).clone();
-    methods.add("score", Protocol::kDpCompute, whole_group_mesh(ctx), [this](const Batch& in, const ConfigObject&) {
-      at::NoGradGuard no_grad;
-      const at::Tensor seq = in.at("sequences");
-      const at::Tensor last = (in.at("prompt_lengths") + in.at("response_lengths") - 1).clamp_min(0);
-      std::vector<at::Tensor> parts;
-      for_chunks(seq.size(0), micro_batch_, [&](int64_t b, int64_t n) {
-        at::Tensor v = head_(*model_, seq.narrow(0, b, n));
-        parts.push_back(v.gather(1, last.narrow(0, b, n).unsqueeze(1)).squeeze(1));
-      });
-      at::Tensor scores = at::cat(parts, 0);
-      return MethodResult{{{"scores", scores}}, {{"mean_score", scores.numel() ? scores.mean().item<double>() : 0.0}}};
-    });
+    methods.add("score", Protocol::kDpCompute, whole_group_mesh(ctx),
+                [this](const Batch& in, const ConfigObject&) {
+                  at::NoGradGuard no_grad;
+                  const at::Tensor seq = in.at("sequences");
+                  const at::Tensor last =
+                      (in.at("prompt_lengths") + in.at("response_lengths") - 1).clamp_min(0);
+                  std::vector<at::Tensor> parts;
+                  for_chunks(seq.size(0), micro_batch_, [&](int64_t b, int64_t n) {
+                    at::Tensor v = head_(*model_, seq.narrow(0, b, n));
+                    parts.push_back(v.gather(1, last.narrow(0, b, n).unsqueeze(1)).squeeze(1));
+                  });
+                  at::Tensor scores = at::cat(parts, 0);
+                  return MethodResult{
+                      {{"scores", scores}},
+                      {{"mean_score", scores.numel() ? scores.mean().item<double>() : 0.0}}};
+                });
   }
 
  private:

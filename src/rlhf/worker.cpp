@@ -4,9 +4,9 @@
 #include "tessera/rlhf/worker.h"
 
 #include <ATen/ATen.h>
-#include <nlohmann/json.hpp>
 #include <signal.h>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <condition_variable>
@@ -20,8 +20,8 @@
 #include "tessera/core/metrics.h"
 #include "tessera/dist/rendezvous.h"
 #include "tessera/formats/safetensors.h"
-#include "tessera/rpc/rpc.h"
 #include "tessera/rlhf/worker.grpc.pb.h"
+#include "tessera/rpc/rpc.h"
 
 namespace tessera::rlhf {
 
@@ -54,8 +54,8 @@ void MethodTable::add(const std::string& name, Protocol protocol, MethodMesh mes
   TESSERA_CHECK(!entries_.count(name), InvalidArgument, "method '", name, "' registered twice");
   TESSERA_CHECK(mesh.dp_size >= 1 && mesh.tp_size >= 1 && mesh.dp_rank >= 0 &&
                     mesh.dp_rank < mesh.dp_size && mesh.tp_rank >= 0 && mesh.tp_rank < mesh.tp_size,
-                InvalidArgument, "method '", name, "': rank (dp ", mesh.dp_rank, ", tp ", mesh.tp_rank,
-                ") outside its mesh ", mesh.dp_size, "x", mesh.tp_size);
+                InvalidArgument, "method '", name, "': rank (dp ", mesh.dp_rank, ", tp ",
+                mesh.tp_rank, ") outside its mesh ", mesh.dp_size, "x", mesh.tp_size);
   entries_.emplace(name, Entry{protocol, mesh, std::move(method)});
 }
 
@@ -85,8 +85,8 @@ struct HostedRole {
 // Rows [offset, offset + rows) of every tensor of a batch (views).
 Batch slice_rows(const Batch& batch, int64_t offset, int64_t rows, const std::string& what) {
   const int64_t have = batch.empty() ? 0 : batch_rows(batch);
-  TESSERA_CHECK(offset >= 0 && rows >= 0 && offset + rows <= have, InvalidArgument, what, ": rows [",
-                offset, ", ", offset + rows, ") requested, ", have, " held");
+  TESSERA_CHECK(offset >= 0 && rows >= 0 && offset + rows <= have, InvalidArgument, what,
+                ": rows [", offset, ", ", offset + rows, ") requested, ", have, " held");
   Batch out;
   for (const auto& [k, t] : batch) out[k] = t.narrow(0, offset, rows);
   return out;
@@ -127,7 +127,8 @@ class WorkerService final : public proto::Worker::Service {
     cv_.notify_all();
     std::unique_lock<std::mutex> lock(mu_);
     while (!job->done) {
-      if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the caller");
+      if (context->IsCancelled())
+        return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the caller");
       cv_.wait_for(lock, std::chrono::milliseconds(50));
     }
     return job->status;
@@ -140,7 +141,8 @@ class WorkerService final : public proto::Worker::Service {
       auto it = store_.find(request->batch());
       TESSERA_CHECK(it != store_.end(), NotFound, "process ", process_, " holds no batch '",
                     request->batch(), "'");
-      Batch rows = slice_rows(it->second, request->offset(), request->rows(), "Fetch " + request->batch());
+      Batch rows =
+          slice_rows(it->second, request->offset(), request->rows(), "Fetch " + request->batch());
       for (const auto& [k, t] : rows) rpc::to_proto(t, k, reply->add_tensors());
     });
   }
@@ -165,7 +167,8 @@ class WorkerService final : public proto::Worker::Service {
     });
   }
 
-  grpc::Status Health(grpc::ServerContext*, const proto::HealthRequest*, proto::HealthReply* reply) override {
+  grpc::Status Health(grpc::ServerContext*, const proto::HealthRequest*,
+                      proto::HealthReply* reply) override {
     std::lock_guard<std::mutex> lock(mu_);
     reply->set_pid(getpid());
     reply->set_calls_done(calls_done_);
@@ -173,7 +176,8 @@ class WorkerService final : public proto::Worker::Service {
     return grpc::Status::OK;
   }
 
-  grpc::Status Shutdown(grpc::ServerContext*, const proto::ShutdownRequest*, proto::ShutdownReply*) override {
+  grpc::Status Shutdown(grpc::ServerContext*, const proto::ShutdownRequest*,
+                        proto::ShutdownReply*) override {
     std::lock_guard<std::mutex> lock(mu_);
     shutdown_requested_ = true;
     shutdown_cv_.notify_all();
@@ -202,24 +206,26 @@ class WorkerService final : public proto::Worker::Service {
     for (HostedRole& r : *roles_) {
       if (r.name == request.role()) job.role = &r;
     }
-    TESSERA_CHECK(job.role, InvalidArgument, "process ", process_, " hosts no role '", request.role(), "'");
+    TESSERA_CHECK(job.role, InvalidArgument, "process ", process_, " hosts no role '",
+                  request.role(), "'");
     auto it = job.role->methods.entries().find(request.method());
-    TESSERA_CHECK(it != job.role->methods.entries().end(), InvalidArgument, "role '", request.role(),
-                  "' has no method '", request.method(), "'");
+    TESSERA_CHECK(it != job.role->methods.entries().end(), InvalidArgument, "role '",
+                  request.role(), "' has no method '", request.method(), "'");
     job.entry = &it->second;
-    job.args = std::make_unique<ConfigObject>(ConfigObject::parse(
-        request.args_json().empty() ? "{}" : request.args_json(), request.role() + "." + request.method() + " args"));
+    job.args = std::make_unique<ConfigObject>(
+        ConfigObject::parse(request.args_json().empty() ? "{}" : request.args_json(),
+                            request.role() + "." + request.method() + " args"));
     for (const proto::InputRef& in : request.inputs()) {
       TESSERA_CHECK(!in.batch().empty() && in.repeat_last() >= 0, InvalidArgument,
                     "input without a batch name or with negative padding");
       for (const proto::BatchPart& part : in.parts()) {
-        TESSERA_CHECK(part.offset() >= 0 && part.rows() >= 0, InvalidArgument, "input '", in.batch(),
-                      "': negative row range");
+        TESSERA_CHECK(part.offset() >= 0 && part.rows() >= 0, InvalidArgument, "input '",
+                      in.batch(), "': negative row range");
         if (part.process() != -1) continue;
         Batch rows;
         for (const rpc::TensorProto& t : part.inline_rows()) {
-          TESSERA_CHECK(!rows.count(t.name()), InvalidArgument, "input '", in.batch(), "': tensor '",
-                        t.name(), "' twice");
+          TESSERA_CHECK(!rows.count(t.name()), InvalidArgument, "input '", in.batch(),
+                        "': tensor '", t.name(), "' twice");
           rows[t.name()] = rpc::from_proto(t);
         }
         TESSERA_CHECK(!rows.empty() && batch_rows(rows) == part.rows(), InvalidArgument, "input '",
@@ -235,8 +241,8 @@ class WorkerService final : public proto::Worker::Service {
     const std::string path = internal::shared_batch_path(scratch_, batch, process);
     auto it = shared_cache_.find(path);
     if (it != shared_cache_.end()) return it->second;
-    TESSERA_CHECK(std::filesystem::exists(path), NotFound, "batch '", batch, "' of process ", process,
-                  " is not published (", path, ")");
+    TESSERA_CHECK(std::filesystem::exists(path), NotFound, "batch '", batch, "' of process ",
+                  process, " is not published (", path, ")");
     auto file = nn::SafetensorsFile::open(path);
     Batch rows;
     for (const auto& info : file.tensors()) rows[info.name] = file.get(info.name);
@@ -257,10 +263,11 @@ class WorkerService final : public proto::Worker::Service {
           auto it = store_.find(in.batch());
           TESSERA_CHECK(it != store_.end(), NotFound, "process ", process_, " holds no batch '",
                         in.batch(), "'");
-          pieces.push_back(slice_rows(it->second, part.offset(), part.rows(), "input " + in.batch()));
+          pieces.push_back(
+              slice_rows(it->second, part.offset(), part.rows(), "input " + in.batch()));
         } else {
-          pieces.push_back(slice_rows(shared_batch(in.batch(), part.process()), part.offset(), part.rows(),
-                                      "input " + in.batch()));
+          pieces.push_back(slice_rows(shared_batch(in.batch(), part.process()), part.offset(),
+                                      part.rows(), "input " + in.batch()));
         }
       }
       if (pieces.empty()) continue;
@@ -281,7 +288,8 @@ class WorkerService final : public proto::Worker::Service {
           t = at::cat(parts, 0);
         }
         if (in.repeat_last() > 0) {
-          TESSERA_CHECK(t.size(0) > 0, InvalidArgument, "input '", in.batch(), "': padding an empty batch");
+          TESSERA_CHECK(t.size(0) > 0, InvalidArgument, "input '", in.batch(),
+                        "': padding an empty batch");
           std::vector<int64_t> reps(t.dim(), 1);
           reps[0] = in.repeat_last();
           t = at::cat({t, t.narrow(0, t.size(0) - 1, 1).repeat(reps)}, 0);
@@ -297,15 +305,18 @@ class WorkerService final : public proto::Worker::Service {
     const std::string name = req.role() + "." + req.method();
     const int count = ++call_counts_[name];
     if (name == fault_method_ && count == fault_call_ && pool_rank_ == fault_rank_) {
-      TESSERA_LOG(Warn, "rlhf") << "fault injection: killing this worker at " << name << " call " << count;
+      TESSERA_LOG(Warn, "rlhf") << "fault injection: killing this worker at " << name << " call "
+                                << count;
       ::kill(getpid(), SIGKILL);
     }
     Stopwatch watch;
     Batch inputs = read_inputs(job);
-    MethodResult result = translate_errors(name, [&] { return job.entry->method(inputs, *job.args); });
+    MethodResult result =
+        translate_errors(name, [&] { return job.entry->method(inputs, *job.args); });
     job.args->check_no_unknown_keys();
     if (!result.output.empty()) {
-      TESSERA_CHECK(!req.output().empty(), InvalidArgument, name, " returned rows but the call names no output");
+      TESSERA_CHECK(!req.output().empty(), InvalidArgument, name,
+                    " returned rows but the call names no output");
       const int64_t rows = batch_rows(result.output);
       for (auto& [k, t] : result.output) t = t.detach().contiguous();
       if (req.publish()) {
@@ -400,8 +411,9 @@ std::optional<int> run_worker_if_spawned(const RoleRegistry& registry) {
       HostedRole hosted;
       hosted.name = spec.at("name").get<std::string>();
       hosted.context = std::make_unique<WorkerContext>(WorkerContext{
-          hosted.name, ConfigObject::parse(spec.at("config").get<std::string>(), hosted.name + " config"),
-          world, world ? world->rank() : 0, world ? world->size() : 1, process});
+          hosted.name,
+          ConfigObject::parse(spec.at("config").get<std::string>(), hosted.name + " config"), world,
+          world ? world->rank() : 0, world ? world->size() : 1, process});
       hosted.role = registry.create(spec.at("type").get<std::string>());
       hosted.role->setup(*hosted.context, hosted.methods);
       hosted.context->config.check_no_unknown_keys();

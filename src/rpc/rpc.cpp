@@ -54,15 +54,24 @@ void set_deadline(grpc::ClientContext& context, std::chrono::milliseconds timeou
 
 grpc::StatusCode to_grpc_code(ErrorCode code) {
   switch (code) {
-    case ErrorCode::kInvalidArgument: return grpc::StatusCode::INVALID_ARGUMENT;
-    case ErrorCode::kNotFound: return grpc::StatusCode::NOT_FOUND;
-    case ErrorCode::kDataLoss: return grpc::StatusCode::DATA_LOSS;
-    case ErrorCode::kUnavailable: return grpc::StatusCode::UNAVAILABLE;
-    case ErrorCode::kDeadlineExceeded: return grpc::StatusCode::DEADLINE_EXCEEDED;
-    case ErrorCode::kFailedPrecondition: return grpc::StatusCode::FAILED_PRECONDITION;
-    case ErrorCode::kResourceExhausted: return grpc::StatusCode::RESOURCE_EXHAUSTED;
-    case ErrorCode::kAborted: return grpc::StatusCode::ABORTED;
-    case ErrorCode::kInternal: return grpc::StatusCode::INTERNAL;
+    case ErrorCode::kInvalidArgument:
+      return grpc::StatusCode::INVALID_ARGUMENT;
+    case ErrorCode::kNotFound:
+      return grpc::StatusCode::NOT_FOUND;
+    case ErrorCode::kDataLoss:
+      return grpc::StatusCode::DATA_LOSS;
+    case ErrorCode::kUnavailable:
+      return grpc::StatusCode::UNAVAILABLE;
+    case ErrorCode::kDeadlineExceeded:
+      return grpc::StatusCode::DEADLINE_EXCEEDED;
+    case ErrorCode::kFailedPrecondition:
+      return grpc::StatusCode::FAILED_PRECONDITION;
+    case ErrorCode::kResourceExhausted:
+      return grpc::StatusCode::RESOURCE_EXHAUSTED;
+    case ErrorCode::kAborted:
+      return grpc::StatusCode::ABORTED;
+    case ErrorCode::kInternal:
+      return grpc::StatusCode::INTERNAL;
   }
   return grpc::StatusCode::UNKNOWN;
 }
@@ -70,16 +79,25 @@ grpc::StatusCode to_grpc_code(ErrorCode code) {
 ErrorCode from_grpc_code(grpc::StatusCode code) {
   switch (code) {
     case grpc::StatusCode::INVALID_ARGUMENT:
-    case grpc::StatusCode::OUT_OF_RANGE: return ErrorCode::kInvalidArgument;
-    case grpc::StatusCode::NOT_FOUND: return ErrorCode::kNotFound;
-    case grpc::StatusCode::DATA_LOSS: return ErrorCode::kDataLoss;
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return ErrorCode::kInvalidArgument;
+    case grpc::StatusCode::NOT_FOUND:
+      return ErrorCode::kNotFound;
+    case grpc::StatusCode::DATA_LOSS:
+      return ErrorCode::kDataLoss;
     case grpc::StatusCode::UNAVAILABLE:
-    case grpc::StatusCode::CANCELLED: return ErrorCode::kUnavailable;
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return ErrorCode::kDeadlineExceeded;
-    case grpc::StatusCode::FAILED_PRECONDITION: return ErrorCode::kFailedPrecondition;
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return ErrorCode::kResourceExhausted;
-    case grpc::StatusCode::ABORTED: return ErrorCode::kAborted;
-    default: return ErrorCode::kInternal;
+    case grpc::StatusCode::CANCELLED:
+      return ErrorCode::kUnavailable;
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return ErrorCode::kDeadlineExceeded;
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return ErrorCode::kFailedPrecondition;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return ErrorCode::kResourceExhausted;
+    case grpc::StatusCode::ABORTED:
+      return ErrorCode::kAborted;
+    default:
+      return ErrorCode::kInternal;
   }
 }
 
@@ -127,8 +145,8 @@ at::Tensor from_proto(const TensorProto& proto) {
     numel *= s;
   }
   const size_t expected = static_cast<size_t>(numel) * dtype_size(dtype);
-  TESSERA_CHECK(proto.data().size() == expected, InvalidArgument, "tensor '", proto.name(), "': ",
-                proto.data().size(), " data bytes for shape ", shape_string(shape), " of ",
+  TESSERA_CHECK(proto.data().size() == expected, InvalidArgument, "tensor '", proto.name(),
+                "': ", proto.data().size(), " data bytes for shape ", shape_string(shape), " of ",
                 proto.dtype(), " (expected ", expected, ")");
   at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
   if (expected) std::memcpy(t.data_ptr(), proto.data().data(), expected);

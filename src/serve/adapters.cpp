@@ -8,8 +8,8 @@ namespace tessera::serve::detail {
 
 AdapterRegistry::AdapterRegistry(const nn::Transformer& base, int64_t max_resident)
     : base_(base), max_resident_(static_cast<size_t>(std::max<int64_t>(max_resident, 0))) {
-  TESSERA_CHECK(max_resident >= 1, InvalidArgument, "engine: max_loaded_adapters must be >= 1, got ",
-                max_resident);
+  TESSERA_CHECK(max_resident >= 1, InvalidArgument,
+                "engine: max_loaded_adapters must be >= 1, got ", max_resident);
 }
 
 std::shared_ptr<lora::Adapter> AdapterRegistry::load_locked(const std::string& name,
@@ -27,7 +27,8 @@ std::shared_ptr<lora::Adapter> AdapterRegistry::load_locked(const std::string& n
   return adapter;
 }
 
-void AdapterRegistry::touch_locked(const std::string& name, std::shared_ptr<lora::Adapter> adapter) {
+void AdapterRegistry::touch_locked(const std::string& name,
+                                   std::shared_ptr<lora::Adapter> adapter) {
   for (auto it = lru_.begin(); it != lru_.end(); ++it) {
     if (it->first == name) {
       lru_.erase(it);
@@ -62,8 +63,8 @@ AdapterRegistry::Acquired AdapterRegistry::acquire(const std::string& name) {
   if (it == entries_.end()) {
     std::string known;
     for (const auto& [n, e] : entries_) known += (known.empty() ? "" : ", ") + n;
-    TESSERA_THROW(InvalidArgument, "unknown adapter '", name, "' (loaded: ",
-                  known.empty() ? "none" : known, ")");
+    TESSERA_THROW(InvalidArgument, "unknown adapter '", name,
+                  "' (loaded: ", known.empty() ? "none" : known, ")");
   }
   std::shared_ptr<lora::Adapter> adapter;
   for (const auto& [n, a] : lru_) {

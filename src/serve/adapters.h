@@ -43,7 +43,7 @@ class AdapterRegistry {
   // InvalidArgument: unknown name (listing the known ones).
   Acquired acquire(const std::string& name);
 
-  std::vector<std::string> names() const;  // sorted
+  std::vector<std::string> names() const;     // sorted
   std::vector<std::string> resident() const;  // most recently used first
   int64_t loads() const;
 

@@ -28,18 +28,19 @@ namespace {
 constexpr const char* kLog = "serve";
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // vLLM's bucket bounds for the latency histograms.
-const std::vector<double> kTtftBuckets = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25,
-                                          0.5,   0.75,  1.0,  2.5,  5.0,  7.5,  10.0, 20.0, 40.0,
-                                          80.0,  160.0, 640.0, 2560.0};
-const std::vector<double> kItlBuckets = {0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
-                                         0.5,  0.75,  1.0,  2.5,   5.0, 7.5,  10.0, 20.0, 40.0, 80.0};
-const std::vector<double> kRequestBuckets = {0.3,  0.5,  0.8,  1.0,  1.5,   2.0,   2.5,   5.0,
-                                             10.0, 15.0, 20.0, 30.0, 40.0,  50.0,  60.0,  120.0,
-                                             240.0, 480.0, 960.0, 1920.0, 7680.0};
+const std::vector<double> kTtftBuckets = {0.001, 0.005, 0.01, 0.02,  0.04,  0.06,  0.08, 0.1,
+                                          0.25,  0.5,   0.75, 1.0,   2.5,   5.0,   7.5,  10.0,
+                                          20.0,  40.0,  80.0, 160.0, 640.0, 2560.0};
+const std::vector<double> kItlBuckets = {0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,  0.3,  0.4, 0.5,
+                                         0.75, 1.0,   2.5,  5.0,   7.5, 10.0, 20.0, 40.0, 80.0};
+const std::vector<double> kRequestBuckets = {0.3,  0.5,   0.8,   1.0,   1.5,   2.0,    2.5,
+                                             5.0,  10.0,  15.0,  20.0,  30.0,  40.0,   50.0,
+                                             60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0};
 
 // The "chat_template" of a Hugging Face folder's tokenizer_config.json, or "".
 std::string folder_chat_template(const fs::path& dir) {
@@ -115,7 +116,8 @@ EngineOptions EngineOptions::from_json(const std::string& json_text, const std::
 
 void Engine::Impl::load(const EngineOptions& o) {
   options = o;
-  TESSERA_CHECK(!o.model.empty(), InvalidArgument, "EngineOptions.model is empty (a model folder or GGUF file)");
+  TESSERA_CHECK(!o.model.empty(), InvalidArgument,
+                "EngineOptions.model is empty (a model folder or GGUF file)");
   TESSERA_CHECK(o.quantization == "fp" || o.quantization == "w4a16" || o.quantization == "qspec",
                 InvalidArgument, "EngineOptions.quantization '", o.quantization,
                 "' (expected fp, w4a16 or qspec)");
@@ -153,8 +155,9 @@ void Engine::Impl::load(const EngineOptions& o) {
                   "' needs EngineOptions.tokenizer (a tokenizer.json)");
     tokenizer = nn::Tokenizer::from_tokenizer_json(o.tokenizer);
   } else {
-    TESSERA_THROW(InvalidArgument, "model '", o.model,
-                  "' is neither a Hugging Face folder, a .gguf file nor a packed .safetensors file");
+    TESSERA_THROW(
+        InvalidArgument, "model '", o.model,
+        "' is neither a Hugging Face folder, a .gguf file nor a packed .safetensors file");
   }
   if (!o.chat_template.empty()) chat_template = o.chat_template;
   const nn::ModelConfig& c = model->config();
@@ -182,18 +185,20 @@ void Engine::Impl::load(const EngineOptions& o) {
   for (int64_t e : c.eos_token_ids) {
     if (e >= 0 && e < vocab) eos_ids.push_back(e);
   }
-  if (auto e = tokenizer->eos_id(); e && *e < vocab &&
-                                    std::find(eos_ids.begin(), eos_ids.end(), *e) == eos_ids.end()) {
+  if (auto e = tokenizer->eos_id();
+      e && *e < vocab && std::find(eos_ids.begin(), eos_ids.end(), *e) == eos_ids.end()) {
     eos_ids.push_back(*e);
   }
 
   // The KV pool: the scheduler's blocks, then QSPEC's scratch blocks.
   const int64_t per_block = nn::PagedKVCache::bytes_per_block(c, o.block_size);
-  manager_blocks = o.num_blocks > 0
-                       ? o.num_blocks
-                       : std::max<int64_t>(1, (o.kv_memory_bytes > 0 ? o.kv_memory_bytes : int64_t{512} << 20) /
-                                                  per_block);
-  const int64_t scratch = qspec ? o.max_num_seqs * ((o.qspec_gamma + o.block_size - 1) / o.block_size) : 0;
+  manager_blocks =
+      o.num_blocks > 0
+          ? o.num_blocks
+          : std::max<int64_t>(
+                1, (o.kv_memory_bytes > 0 ? o.kv_memory_bytes : int64_t{512} << 20) / per_block);
+  const int64_t scratch =
+      qspec ? o.max_num_seqs * ((o.qspec_gamma + o.block_size - 1) / o.block_size) : 0;
   TESSERA_CHECK(manager_blocks + scratch <= std::numeric_limits<int32_t>::max(), InvalidArgument,
                 "EngineOptions: ", manager_blocks, " KV blocks do not fit in a block id");
   cache = std::make_unique<nn::PagedKVCache>(c, manager_blocks + scratch, o.block_size);
@@ -218,27 +223,34 @@ void Engine::Impl::load(const EngineOptions& o) {
   const MetricLabels labels = {{"model_name", name}};
   running_gauge = &metrics.gauge("vllm:num_requests_running",
                                  "Number of requests in model execution batches.", labels);
-  waiting_gauge = &metrics.gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels);
-  kv_usage_gauge = &metrics.gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels);
-  prefix_queries = &metrics.counter("vllm:prefix_cache_queries",
-                                    "Prefix cache queries, in terms of number of queried tokens.", labels);
+  waiting_gauge = &metrics.gauge("vllm:num_requests_waiting",
+                                 "Number of requests waiting to be processed.", labels);
+  kv_usage_gauge = &metrics.gauge("vllm:kv_cache_usage_perc",
+                                  "KV-cache usage. 1 means 100 percent usage.", labels);
+  prefix_queries =
+      &metrics.counter("vllm:prefix_cache_queries",
+                       "Prefix cache queries, in terms of number of queried tokens.", labels);
   prefix_hits = &metrics.counter("vllm:prefix_cache_hits",
                                  "Prefix cache hits, in terms of number of cached tokens.", labels);
-  prompt_tokens_total = &metrics.counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", labels);
-  generation_tokens_total =
-      &metrics.counter("vllm:generation_tokens_total", "Number of generation tokens processed.", labels);
-  ttft = &metrics.histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                            kTtftBuckets, labels);
-  itl = &metrics.histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                           kItlBuckets, labels);
+  prompt_tokens_total =
+      &metrics.counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", labels);
+  generation_tokens_total = &metrics.counter("vllm:generation_tokens_total",
+                                             "Number of generation tokens processed.", labels);
+  ttft = &metrics.histogram("vllm:time_to_first_token_seconds",
+                            "Histogram of time to first token in seconds.", kTtftBuckets, labels);
+  itl = &metrics.histogram("vllm:inter_token_latency_seconds",
+                           "Histogram of inter-token latency in seconds.", kItlBuckets, labels);
   e2e = &metrics.histogram("vllm:e2e_request_latency_seconds",
                            "Histogram of e2e request latency in seconds.", kRequestBuckets, labels);
   queue_time = &metrics.histogram("vllm:request_queue_time_seconds",
-                                  "Histogram of time spent in WAITING phase for request.", kRequestBuckets, labels);
-  for (FinishReason r : {FinishReason::kStop, FinishReason::kLength, FinishReason::kAbort}) success(r);
-  TESSERA_LOG(Info, kLog) << "engine '" << name << "': " << c.summary() << ", " << o.quantization << ", "
-                          << manager_blocks << " KV blocks of " << o.block_size << " ("
-                          << (manager_blocks * per_block >> 20) << " MiB), max_model_len " << max_len;
+                                  "Histogram of time spent in WAITING phase for request.",
+                                  kRequestBuckets, labels);
+  for (FinishReason r : {FinishReason::kStop, FinishReason::kLength, FinishReason::kAbort})
+    success(r);
+  TESSERA_LOG(Info, kLog) << "engine '" << name << "': " << c.summary() << ", " << o.quantization
+                          << ", " << manager_blocks << " KV blocks of " << o.block_size << " ("
+                          << (manager_blocks * per_block >> 20) << " MiB), max_model_len "
+                          << max_len;
 }
 
 Counter& Engine::Impl::success(FinishReason reason) {
@@ -276,7 +288,8 @@ Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 std::unique_ptr<Engine> Engine::create(const EngineOptions& options) {
   auto impl = std::make_unique<Impl>();
-  translate_errors("Engine::create", [&] { impl->load(options); }, ErrorCode::kInvalidArgument);
+  translate_errors(
+      "Engine::create", [&] { impl->load(options); }, ErrorCode::kInvalidArgument);
   Impl* raw = impl.get();
   const int threads = options.num_threads > 0 ? options.num_threads : at::get_num_threads();
   raw->options.num_threads = threads;
@@ -312,10 +325,12 @@ RequestHandle Engine::submit(const GenerateRequest& request, TokenCallback callb
   r->request.prompt_text.clear();
   TESSERA_CHECK(!r->prompt.empty(), InvalidArgument, "request: the prompt is empty");
   for (size_t i = 0; i < r->prompt.size(); ++i) {
-    TESSERA_CHECK(r->prompt[i] >= 0 && r->prompt[i] < m.vocab, InvalidArgument, "request: prompt token ", i,
-                  " is ", r->prompt[i], ", outside the vocabulary [0, ", m.vocab, ")");
+    TESSERA_CHECK(r->prompt[i] >= 0 && r->prompt[i] < m.vocab, InvalidArgument,
+                  "request: prompt token ", i, " is ", r->prompt[i],
+                  ", outside the vocabulary [0, ", m.vocab, ")");
   }
-  TESSERA_CHECK(p.max_tokens >= 0, InvalidArgument, "request: max_tokens must be >= 1 (or 0: the rest of the context), got ",
+  TESSERA_CHECK(p.max_tokens >= 0, InvalidArgument,
+                "request: max_tokens must be >= 1 (or 0: the rest of the context), got ",
                 p.max_tokens);
   const int64_t prompt_len = static_cast<int64_t>(r->prompt.size());
   if (p.max_tokens == 0) {
@@ -330,12 +345,14 @@ RequestHandle Engine::submit(const GenerateRequest& request, TokenCallback callb
                 "request: temperature must be >= 0, got ", p.temperature);
   TESSERA_CHECK(std::isfinite(p.top_p) && p.top_p > 0 && p.top_p <= 1, InvalidArgument,
                 "request: top_p must be in (0, 1], got ", p.top_p);
-  TESSERA_CHECK(p.top_k >= -1, InvalidArgument, "request: top_k must be >= 0 (or -1: off), got ", p.top_k);
-  TESSERA_CHECK(!p.logprobs || (*p.logprobs >= 0 && *p.logprobs <= m.options.max_logprobs), InvalidArgument,
-                "request: logprobs must be in [0, ", m.options.max_logprobs, "], got ",
-                p.logprobs ? *p.logprobs : 0);
-  TESSERA_CHECK(p.n >= 1 && p.n <= m.options.max_num_seqs, InvalidArgument, "request: n must be in [1, ",
-                m.options.max_num_seqs, "] (max_num_seqs), got ", p.n);
+  TESSERA_CHECK(p.top_k >= -1, InvalidArgument, "request: top_k must be >= 0 (or -1: off), got ",
+                p.top_k);
+  TESSERA_CHECK(!p.logprobs || (*p.logprobs >= 0 && *p.logprobs <= m.options.max_logprobs),
+                InvalidArgument, "request: logprobs must be in [0, ", m.options.max_logprobs,
+                "], got ", p.logprobs ? *p.logprobs : 0);
+  TESSERA_CHECK(p.n >= 1 && p.n <= m.options.max_num_seqs, InvalidArgument,
+                "request: n must be in [1, ", m.options.max_num_seqs, "] (max_num_seqs), got ",
+                p.n);
   TESSERA_CHECK(p.priority >= std::numeric_limits<int32_t>::min() &&
                     p.priority <= std::numeric_limits<int32_t>::max(),
                 InvalidArgument, "request: priority ", p.priority, " does not fit in an int32");
@@ -348,7 +365,8 @@ RequestHandle Engine::submit(const GenerateRequest& request, TokenCallback callb
   }
   if (!p.ignore_eos) r->stop_token_ids = m.eos_ids;
   for (int64_t t : p.stop_token_ids) {
-    if (std::find(r->stop_token_ids.begin(), r->stop_token_ids.end(), t) == r->stop_token_ids.end()) {
+    if (std::find(r->stop_token_ids.begin(), r->stop_token_ids.end(), t) ==
+        r->stop_token_ids.end()) {
       r->stop_token_ids.push_back(t);
     }
   }
@@ -363,7 +381,8 @@ RequestHandle Engine::submit(const GenerateRequest& request, TokenCallback callb
   r->handle = std::make_shared<RequestHandle::State>();
 
   std::lock_guard<std::mutex> lock(m.mu);
-  TESSERA_CHECK(m.accepting, FailedPrecondition, "the engine is draining or shutting down; request refused");
+  TESSERA_CHECK(m.accepting, FailedPrecondition,
+                "the engine is draining or shutting down; request refused");
   r->id = m.next_id++;
   r->seed = p.seed ? *p.seed : m.seed_source();
   if (request.echo && p.logprobs) {

@@ -116,8 +116,9 @@ struct Engine::Impl {
   std::string chat_template;
   std::vector<int64_t> eos_ids;
   std::unique_ptr<nn::PagedKVCache> cache;
-  int64_t manager_blocks = 0;           // blocks the scheduler hands out: [0, manager_blocks)
-  std::vector<int32_t> free_scratch;    // QSPEC scratch blocks: [manager_blocks, total); engine thread
+  int64_t manager_blocks = 0;  // blocks the scheduler hands out: [0, manager_blocks)
+  std::vector<int32_t>
+      free_scratch;  // QSPEC scratch blocks: [manager_blocks, total); engine thread
   std::unique_ptr<detail::AdapterRegistry> adapters;
 
   // Constrained decoding, built on the first json_object request.

@@ -69,11 +69,13 @@ class Loop {
   void deliver(std::unique_lock<std::mutex>& lock, std::vector<PendingEvent>& events);
   void update_bank(const std::vector<SampleState*>& samples);
   StepResult execute(const SchedulerStep& step, const std::vector<SampleState*>& samples);
-  void apply(const SchedulerStep& step, const std::vector<SampleState*>& samples, StepResult& result,
-             std::vector<PendingEvent>& events);
+  void apply(const SchedulerStep& step, const std::vector<SampleState*>& samples,
+             StepResult& result, std::vector<PendingEvent>& events);
   void emit_token(SampleState* s, int64_t token, std::optional<FinishReason> finish,
-                  const std::optional<detail::TokenLogprobs>& logprobs, std::vector<PendingEvent>& events);
-  void finish_sample(SampleState* s, FinishReason reason, TokenEvent event, std::vector<PendingEvent>& events);
+                  const std::optional<detail::TokenLogprobs>& logprobs,
+                  std::vector<PendingEvent>& events);
+  void finish_sample(SampleState* s, FinishReason reason, TokenEvent event,
+                     std::vector<PendingEvent>& events);
   void release_scratch(SampleState* s);
   std::shared_ptr<RequestState> shared(RequestState* r) const { return m_.requests.at(r->id); }
   std::unique_ptr<SampleState> make_child(RequestState& r, int64_t index) const;
@@ -175,7 +177,8 @@ void Loop::deliver(std::unique_lock<std::mutex>& lock, std::vector<PendingEvent>
       try {
         pe.request->callback(pe.event);
       } catch (const std::exception& e) {
-        TESSERA_LOG(Error, kLog) << "token callback of request " << pe.request->id << " threw: " << e.what();
+        TESSERA_LOG(Error, kLog) << "token callback of request " << pe.request->id
+                                 << " threw: " << e.what();
       }
     }
     if (pe.request_done) {
@@ -288,16 +291,19 @@ StepResult Loop::execute(const SchedulerStep& step, const std::vector<SampleStat
           if (gamma[i] <= round) continue;
           const ScheduledSequence& ss = step.sequences[i];
           ids.push_back(round == 0 ? ss.token_ids[0] : drafts[i].back());
-          batch.sequences.push_back({1, ss.start_position + round, table[i], adapter_index(*samples[i]->request)});
+          batch.sequences.push_back(
+              {1, ss.start_position + round, table[i], adapter_index(*samples[i]->request)});
           batch.logits_rows.push_back(static_cast<int64_t>(who.size()));
           who.push_back(i);
         }
         nn::ForwardOptions fo;
         fo.paged = &batch;
-        at::Tensor logits =
-            m_.model->forward(at::tensor(ids, at::kLong).view({1, -1}), fo).logits.squeeze(0).contiguous();
+        at::Tensor logits = m_.model->forward(at::tensor(ids, at::kLong).view({1, -1}), fo)
+                                .logits.squeeze(0)
+                                .contiguous();
         const float* lp = logits.data_ptr<float>();
-        for (size_t k = 0; k < who.size(); ++k) drafts[who[k]].push_back(detail::argmax(lp + k * V, V, nullptr));
+        for (size_t k = 0; k < who.size(); ++k)
+          drafts[who[k]].push_back(detail::argmax(lp + k * V, V, nullptr));
       }
     }
 
@@ -413,7 +419,8 @@ StepResult Loop::execute(const SchedulerStep& step, const std::vector<SampleStat
         allowed = mask_.data();
       }
       int64_t token = detail::sample_token(row, V, r.sampling, allowed, s->rng, &scratch_);
-      if (token < 0) token = detail::argmax(row, V, nullptr);  // nothing allowed: let the model choose
+      if (token < 0)
+        token = detail::argmax(row, V, nullptr);  // nothing allowed: let the model choose
       res.tokens[i] = token;
       if (p.logprobs) res.logprobs[i] = detail::token_logprobs(row, V, token, *p.logprobs);
       // Parallel sampling: the other samples draw their first tokens from
@@ -427,7 +434,8 @@ StepResult Loop::execute(const SchedulerStep& step, const std::vector<SampleStat
             m_.json().fill_mask(*child.sample->json, &mask_);
             child_allowed = mask_.data();
           }
-          child.token = detail::sample_token(row, V, r.sampling, child_allowed, child.sample->rng, &scratch_);
+          child.token =
+              detail::sample_token(row, V, r.sampling, child_allowed, child.sample->rng, &scratch_);
           if (child.token < 0) child.token = detail::argmax(row, V, nullptr);
           if (p.logprobs) child.logprobs = detail::token_logprobs(row, V, child.token, *p.logprobs);
           res.forks[i].push_back(std::move(child));
@@ -442,7 +450,8 @@ StepResult Loop::execute(const SchedulerStep& step, const std::vector<SampleStat
 
 // Under the lock: one token of a sample, with its text and stop checks.
 void Loop::emit_token(SampleState* s, int64_t token, std::optional<FinishReason> finish,
-                      const std::optional<detail::TokenLogprobs>& logprobs, std::vector<PendingEvent>& events) {
+                      const std::optional<detail::TokenLogprobs>& logprobs,
+                      std::vector<PendingEvent>& events) {
   RequestState& r = *s->request;
   const Clock::time_point now = Clock::now();
   ++m_.generation_tokens;
@@ -507,8 +516,8 @@ void Loop::emit_token(SampleState* s, int64_t token, std::optional<FinishReason>
   finish_sample(s, *finish, std::move(e), events);
 }
 
-void Loop::apply(const SchedulerStep& step, const std::vector<SampleState*>& samples, StepResult& result,
-                 std::vector<PendingEvent>& events) {
+void Loop::apply(const SchedulerStep& step, const std::vector<SampleState*>& samples,
+                 StepResult& result, std::vector<PendingEvent>& events) {
   m_.spec_drafted += result.drafted;
   m_.spec_accepted += result.accepted;
   if (!result.error.empty()) {
@@ -640,7 +649,8 @@ void Loop::publish_stats() {
   m_.running_gauge->set(static_cast<double>(st.num_running));
   m_.waiting_gauge->set(static_cast<double>(st.num_waiting));
   m_.kv_usage_gauge->set(st.kv_cache_usage);
-  m_.prefix_queries->increment(static_cast<double>(st.prefix_cache.queries - m_.prefix_seen.queries));
+  m_.prefix_queries->increment(
+      static_cast<double>(st.prefix_cache.queries - m_.prefix_seen.queries));
   m_.prefix_hits->increment(static_cast<double>(st.prefix_cache.hits - m_.prefix_seen.hits));
   m_.prefix_seen = st.prefix_cache;
 }

@@ -40,7 +40,8 @@ int status_of(const Error& e) {
   }
 }
 
-void send_error(httplib::Response& res, int status, const std::string& message, const std::string& param = "") {
+void send_error(httplib::Response& res, int status, const std::string& message,
+                const std::string& param = "") {
   res.status = status;
   res.set_content(openai::error_body(status, message, param), "application/json");
 }
@@ -78,8 +79,9 @@ struct HttpServer::Impl {
 
   std::string new_id(const char* prefix) {
     char buf[40];
-    std::snprintf(buf, sizeof(buf), "%s-%016llx", prefix,
-                  static_cast<unsigned long long>(id_salt ^ (next_id.fetch_add(1) * 0x9E3779B97F4A7C15ULL)));
+    std::snprintf(
+        buf, sizeof(buf), "%s-%016llx", prefix,
+        static_cast<unsigned long long>(id_salt ^ (next_id.fetch_add(1) * 0x9E3779B97F4A7C15ULL)));
     return buf;
   }
 
@@ -140,7 +142,10 @@ void HttpServer::Impl::routes() {
                     {"owned_by", "tessera"},
                     {"max_model_len", engine.max_model_len()}});
     for (const auto& a : engine.adapters()) {
-      data.push_back({{"id", a}, {"object", "model"}, {"created", created}, {"owned_by", "tessera"},
+      data.push_back({{"id", a},
+                      {"object", "model"},
+                      {"created", created},
+                      {"owned_by", "tessera"},
                       {"parent", engine.model_name()}});
     }
     res.set_content(json({{"object", "list"}, {"data", data}}).dump(), "application/json");
@@ -151,15 +156,20 @@ void HttpServer::Impl::routes() {
   server.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
     generate(openai::Endpoint::kChat, req, res);
   });
-  server.Post("/v1/load_lora_adapter",
-              [this](const httplib::Request& req, httplib::Response& res) { adapter_route(true, req, res); });
+  server.Post("/v1/load_lora_adapter", [this](const httplib::Request& req, httplib::Response& res) {
+    adapter_route(true, req, res);
+  });
   server.Post("/v1/unload_lora_adapter",
-              [this](const httplib::Request& req, httplib::Response& res) { adapter_route(false, req, res); });
+              [this](const httplib::Request& req, httplib::Response& res) {
+                adapter_route(false, req, res);
+              });
 }
 
-void HttpServer::Impl::adapter_route(bool load, const httplib::Request& req, httplib::Response& res) {
+void HttpServer::Impl::adapter_route(bool load, const httplib::Request& req,
+                                     httplib::Response& res) {
   if (!options.enable_adapter_loading) {
-    send_error(res, 404, "adapter loading is disabled (start tessera-serve with --enable-adapter-loading)");
+    send_error(res, 404,
+               "adapter loading is disabled (start tessera-serve with --enable-adapter-loading)");
     return;
   }
   json j;
@@ -201,14 +211,17 @@ void HttpServer::Impl::adapter_route(bool load, const httplib::Request& req, htt
   }
 }
 
-void HttpServer::Impl::generate(openai::Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {
+void HttpServer::Impl::generate(openai::Endpoint endpoint, const httplib::Request& req,
+                                httplib::Response& res) {
   if (draining) {
     send_error(res, 503, "the server is draining and accepts no new requests");
     return;
   }
   if (in_flight.fetch_add(1) >= options.max_concurrent_requests) {
     in_flight.fetch_sub(1);
-    send_error(res, 503, "too many requests in flight (limit " + std::to_string(options.max_concurrent_requests) + ")");
+    send_error(res, 503,
+               "too many requests in flight (limit " +
+                   std::to_string(options.max_concurrent_requests) + ")");
     return;
   }
   // Counts the request until its response is written (the provider below
@@ -263,8 +276,8 @@ void HttpServer::Impl::generate(openai::Endpoint endpoint, const httplib::Reques
   // The response is written by a chunked content provider in both modes,
   // so that a client that goes away is noticed (the sink stops being
   // writable) and its requests are cancelled.
-  auto provider = [this, ex, parsed_ptr, id, created, choices, cancel_all, release](size_t,
-                                                                                     httplib::DataSink& sink) {
+  auto provider = [this, ex, parsed_ptr, id, created, choices, cancel_all, release](
+                      size_t, httplib::DataSink& sink) {
     const openai::Parsed& p = *parsed_ptr;
     std::vector<openai::Choice> acc(static_cast<size_t>(choices));
     std::vector<bool> started(static_cast<size_t>(choices), false);
@@ -291,7 +304,8 @@ void HttpServer::Impl::generate(openai::Endpoint endpoint, const httplib::Reques
           c.finish_reason = e.finish_reason;
         }
         if (p.stream) {
-          const json chunk = openai::stream_chunk(p, id, created, index, e, !started[index], engine);
+          const json chunk =
+              openai::stream_chunk(p, id, created, index, e, !started[index], engine);
           started[static_cast<size_t>(index)] = true;
           if (!write("data: " + chunk.dump() + "\n\n")) {
             cancel_all();
@@ -306,7 +320,8 @@ void HttpServer::Impl::generate(openai::Endpoint endpoint, const httplib::Reques
       }
     }
     if (p.stream) {
-      if (p.include_usage) write("data: " + openai::usage_chunk(p, id, created, acc).dump() + "\n\n");
+      if (p.include_usage)
+        write("data: " + openai::usage_chunk(p, id, created, acc).dump() + "\n\n");
       write("data: [DONE]\n\n");
     } else {
       write(openai::full_response(p, id, created, acc, engine).dump());
@@ -314,25 +329,28 @@ void HttpServer::Impl::generate(openai::Endpoint endpoint, const httplib::Reques
     sink.done();
     return true;
   };
-  res.set_chunked_content_provider(parsed_ptr->stream ? "text/event-stream" : "application/json", provider,
-                                   [cancel_all](bool success) {
+  res.set_chunked_content_provider(parsed_ptr->stream ? "text/event-stream" : "application/json",
+                                   provider, [cancel_all](bool success) {
                                      // Ended early (an error or the client left): stop generating.
                                      if (!success) cancel_all();
                                    });
 }
 
 std::unique_ptr<HttpServer> HttpServer::start(Engine& engine, const HttpServerOptions& options) {
-  TESSERA_CHECK(options.threads >= 2 && options.max_concurrent_requests >= 1 && options.max_request_bytes >= 1024 &&
-                    options.max_choices >= 1,
+  TESSERA_CHECK(options.threads >= 2 && options.max_concurrent_requests >= 1 &&
+                    options.max_request_bytes >= 1024 && options.max_choices >= 1,
                 InvalidArgument, "HttpServer: threads >= 2, limits positive, body limit >= 1 KiB");
-  TESSERA_CHECK(!options.enable_adapter_loading || !options.adapter_root.empty(), InvalidArgument,
-                "HttpServer: adapter loading needs an adapter root (the folders requests may name)");
+  TESSERA_CHECK(
+      !options.enable_adapter_loading || !options.adapter_root.empty(), InvalidArgument,
+      "HttpServer: adapter loading needs an adapter root (the folders requests may name)");
   auto impl = std::make_unique<Impl>(engine, options);
   impl->routes();
   Impl& m = *impl;
-  m.port = options.port == 0 ? m.server.bind_to_any_port(options.host)
-                             : (m.server.bind_to_port(options.host, options.port) ? options.port : -1);
-  TESSERA_CHECK(m.port > 0, Unavailable, "tessera-serve: cannot listen on ", options.host, ":", options.port);
+  m.port = options.port == 0
+               ? m.server.bind_to_any_port(options.host)
+               : (m.server.bind_to_port(options.host, options.port) ? options.port : -1);
+  TESSERA_CHECK(m.port > 0, Unavailable, "tessera-serve: cannot listen on ", options.host, ":",
+                options.port);
   m.listener = std::thread([&m] {
     m.server.listen_after_bind();
     std::lock_guard<std::mutex> lock(m.done_mu);
@@ -349,7 +367,9 @@ HttpServer::~HttpServer() { stop(); }
 
 int HttpServer::port() const { return impl_->port; }
 
-std::string HttpServer::url() const { return "http://" + impl_->options.host + ":" + std::to_string(impl_->port); }
+std::string HttpServer::url() const {
+  return "http://" + impl_->options.host + ":" + std::to_string(impl_->port);
+}
 
 bool HttpServer::drain(std::chrono::milliseconds deadline) {
   impl_->draining = true;
@@ -357,7 +377,8 @@ bool HttpServer::drain(std::chrono::milliseconds deadline) {
   // The connections write their last bytes (aborted requests end with
   // finish_reason "abort").
   const auto until = Clock::now() + std::chrono::seconds(5);
-  while (impl_->in_flight > 0 && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  while (impl_->in_flight > 0 && Clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   stop();
   return finished;
 }

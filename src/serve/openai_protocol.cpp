@@ -28,8 +28,8 @@ int64_t get_int(const json& j, const char* key, int64_t fallback, int64_t lo, in
   if (!v->is_number_integer()) bad(key, std::string("'") + key + "' must be an integer");
   const int64_t x = v->get<int64_t>();
   if (x < lo || x > hi) {
-    bad(key, std::string("'") + key + "' must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                 "], got " + std::to_string(x));
+    bad(key, std::string("'") + key + "' must be in [" + std::to_string(lo) + ", " +
+                 std::to_string(hi) + "], got " + std::to_string(x));
   }
   return x;
 }
@@ -39,7 +39,8 @@ double get_number(const json& j, const char* key, double fallback, double lo, do
   if (!v->is_number()) bad(key, std::string("'") + key + "' must be a number");
   const double x = v->get<double>();
   if (!(x >= lo && x <= hi)) {
-    bad(key, std::string("'") + key + "' must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    bad(key, std::string("'") + key + "' must be in [" + std::to_string(lo) + ", " +
+                 std::to_string(hi) + "]");
   }
   return x;
 }
@@ -65,13 +66,15 @@ void refuse_unsupported(const json& j) {
     }
   }
   if (const json* v = field(j, "suffix")) bad("suffix", "'suffix' is not supported");
-  if (const json* v = field(j, "best_of"); v && !(v->is_number_integer() && v->get<int64_t>() == 1)) {
+  if (const json* v = field(j, "best_of");
+      v && !(v->is_number_integer() && v->get<int64_t>() == 1)) {
     bad("best_of", "'best_of' is not supported (only 1)");
   }
   if (const json* v = field(j, "logit_bias"); v && !(v->is_object() && v->empty())) {
     bad("logit_bias", "'logit_bias' is not supported");
   }
-  if (const json* v = field(j, "tools"); v && !(v->is_array() && v->empty())) bad("tools", "'tools' is not supported");
+  if (const json* v = field(j, "tools"); v && !(v->is_array() && v->empty()))
+    bad("tools", "'tools' is not supported");
 }
 
 // The sampling fields both endpoints share.
@@ -89,10 +92,12 @@ SamplingParams sampling(const json& j, const Engine& engine, bool chat) {
   s.top_k = get_int(j, "top_k", 0, -1, engine.vocab_size());
   if (s.top_k < 0) s.top_k = 0;
   s.n = get_int(j, "n", 1, 1, 1 << 20);
-  s.priority = get_int(j, "priority", 0, std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max());
+  s.priority = get_int(j, "priority", 0, std::numeric_limits<int32_t>::min(),
+                       std::numeric_limits<int32_t>::max());
   s.ignore_eos = get_bool(j, "ignore_eos", false);
   if (const json* v = field(j, "seed")) {
-    if (!v->is_number_integer() || v->get<int64_t>() < 0) bad("seed", "'seed' must be a non-negative integer");
+    if (!v->is_number_integer() || v->get<int64_t>() < 0)
+      bad("seed", "'seed' must be a non-negative integer");
     s.seed = v->get<uint64_t>();
   }
   if (const json* v = field(j, "stop")) {
@@ -113,7 +118,8 @@ SamplingParams sampling(const json& j, const Engine& engine, bool chat) {
   if (const json* v = field(j, "stop_token_ids")) {
     if (!v->is_array()) bad("stop_token_ids", "'stop_token_ids' must be a list of token ids");
     for (const auto& e : *v) {
-      if (!e.is_number_integer() || e.get<int64_t>() < 0 || e.get<int64_t>() >= engine.vocab_size()) {
+      if (!e.is_number_integer() || e.get<int64_t>() < 0 ||
+          e.get<int64_t>() >= engine.vocab_size()) {
         bad("stop_token_ids", "'stop_token_ids' must hold token ids below the vocabulary size");
       }
       s.stop_token_ids.push_back(e.get<int64_t>());
@@ -125,7 +131,8 @@ SamplingParams sampling(const json& j, const Engine& engine, bool chat) {
     if (type == "json_object") {
       s.json_object = true;
     } else if (type != "text") {
-      bad("response_format", "response_format type '" + type + "' is not supported (text, json_object)");
+      bad("response_format",
+          "response_format type '" + type + "' is not supported (text, json_object)");
     }
   }
   return s;
@@ -192,7 +199,8 @@ std::vector<nn::ChatMessage> chat_messages(const json& j) {
     if (!role || !role->is_string()) bad(where + ".role", where + ".role must be a string");
     nn::ChatMessage cm;
     cm.role = role->get<std::string>();
-    if (cm.role != "system" && cm.role != "user" && cm.role != "assistant" && cm.role != "developer") {
+    if (cm.role != "system" && cm.role != "user" && cm.role != "assistant" &&
+        cm.role != "developer") {
       bad(where + ".role", "unknown role '" + cm.role + "' (system, developer, user, assistant)");
     }
     if (cm.role == "developer") cm.role = "system";
@@ -231,7 +239,9 @@ json logprob_value(double lp) { return std::isnan(lp) ? json(nullptr) : json(lp)
 json completion_logprobs(const std::vector<int64_t>& tokens, const std::vector<double>& lps,
                          const std::vector<std::vector<TopLogprob>>& tops, const Engine& engine,
                          int64_t offset) {
-  json out = {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
+  json out = {{"tokens", json::array()},
+              {"token_logprobs", json::array()},
+              {"top_logprobs", json::array()},
               {"text_offset", json::array()}};
   for (size_t i = 0; i < tokens.size(); ++i) {
     const std::string text = engine.detokenize({tokens[i]});
@@ -274,18 +284,22 @@ json usage_of(const std::vector<Choice>& choices, size_t samples_per_prompt) {
     if (i % samples_per_prompt == 0) prompt += choices[i].prompt_tokens;
     completion += choices[i].completion_tokens;
   }
-  return {{"prompt_tokens", prompt}, {"completion_tokens", completion}, {"total_tokens", prompt + completion}};
+  return {{"prompt_tokens", prompt},
+          {"completion_tokens", completion},
+          {"total_tokens", prompt + completion}};
 }
 
 }  // namespace
 
-Parsed parse(Endpoint endpoint, const std::string& body, const Engine& engine, int64_t max_choices) {
+Parsed parse(Endpoint endpoint, const std::string& body, const Engine& engine,
+             int64_t max_choices) {
   json j;
   try {
     j = json::parse(body);
   } catch (const json::parse_error& e) {
     const auto [line, column] = line_column(body, e.byte == 0 ? 0 : e.byte - 1);
-    bad("", "malformed JSON at line " + std::to_string(line) + ", column " + std::to_string(column));
+    bad("",
+        "malformed JSON at line " + std::to_string(line) + ", column " + std::to_string(column));
   }
   if (!j.is_object()) bad("", "the request body must be a JSON object");
   refuse_unsupported(j);
@@ -296,7 +310,8 @@ Parsed parse(Endpoint endpoint, const std::string& body, const Engine& engine, i
   if (!p.model.empty() && p.model != engine.model_name()) {
     const auto names = engine.adapters();
     if (std::find(names.begin(), names.end(), p.model) == names.end()) {
-      throw BadRequest{404, "The model `" + p.model + "` does not exist.", "model", "NotFoundError"};
+      throw BadRequest{404, "The model `" + p.model + "` does not exist.", "model",
+                       "NotFoundError"};
     }
     adapter = p.model;
   }
@@ -313,7 +328,8 @@ Parsed parse(Endpoint endpoint, const std::string& body, const Engine& engine, i
   if (chat) {
     p.want_logprobs = get_bool(j, "logprobs", false);
     p.top_logprobs = get_int(j, "top_logprobs", 0, 0, 20);
-    if (p.top_logprobs > 0 && !p.want_logprobs) bad("top_logprobs", "'top_logprobs' needs logprobs: true");
+    if (p.top_logprobs > 0 && !p.want_logprobs)
+      bad("top_logprobs", "'top_logprobs' needs logprobs: true");
     GenerateRequest r;
     r.prompt_text = engine.apply_chat_template(chat_messages(j));
     p.prompts.push_back(std::move(r));
@@ -341,7 +357,8 @@ Parsed parse(Endpoint endpoint, const std::string& body, const Engine& engine, i
   return p;
 }
 
-std::string error_body(int status, const std::string& message, const std::string& param, const std::string& type) {
+std::string error_body(int status, const std::string& message, const std::string& param,
+                       const std::string& type) {
   std::string t = type;
   if (t.empty()) {
     t = status == 401   ? "AuthenticationError"
@@ -351,13 +368,15 @@ std::string error_body(int status, const std::string& message, const std::string
         : status >= 500 ? "InternalServerError"
                         : "invalid_request_error";
   }
-  json e = {{"message", message}, {"type", t}, {"param", param.empty() ? json(nullptr) : json(param)},
+  json e = {{"message", message},
+            {"type", t},
+            {"param", param.empty() ? json(nullptr) : json(param)},
             {"code", status}};
   return json({{"error", e}}).dump();
 }
 
-json full_response(const Parsed& p, const std::string& id, int64_t created, const std::vector<Choice>& choices,
-                   const Engine& engine) {
+json full_response(const Parsed& p, const std::string& id, int64_t created,
+                   const std::vector<Choice>& choices, const Engine& engine) {
   const bool chat = p.endpoint == Endpoint::kChat;
   json cs = json::array();
   for (size_t i = 0; i < choices.size(); ++i) {
@@ -376,16 +395,13 @@ json full_response(const Parsed& p, const std::string& id, int64_t created, cons
     cs.push_back(std::move(choice));
   }
   const size_t per_prompt = choices.size() / std::max<size_t>(p.prompts.size(), 1);
-  return {{"id", id},
-          {"object", chat ? "chat.completion" : "text_completion"},
-          {"created", created},
-          {"model", p.model},
-          {"choices", cs},
-          {"usage", usage_of(choices, std::max<size_t>(per_prompt, 1))}};
+  return {{"id", id},           {"object", chat ? "chat.completion" : "text_completion"},
+          {"created", created}, {"model", p.model},
+          {"choices", cs},      {"usage", usage_of(choices, std::max<size_t>(per_prompt, 1))}};
 }
 
-json stream_chunk(const Parsed& p, const std::string& id, int64_t created, int64_t index, const TokenEvent& e,
-                  bool first, const Engine& engine) {
+json stream_chunk(const Parsed& p, const std::string& id, int64_t created, int64_t index,
+                  const TokenEvent& e, bool first, const Engine& engine) {
   const bool chat = p.endpoint == Endpoint::kChat;
   json lp = nullptr;
   if (p.want_logprobs && !e.tokens.empty()) {
@@ -412,7 +428,8 @@ json stream_chunk(const Parsed& p, const std::string& id, int64_t created, int64
   return chunk;
 }
 
-json usage_chunk(const Parsed& p, const std::string& id, int64_t created, const std::vector<Choice>& choices) {
+json usage_chunk(const Parsed& p, const std::string& id, int64_t created,
+                 const std::vector<Choice>& choices) {
   const size_t per_prompt = choices.size() / std::max<size_t>(p.prompts.size(), 1);
   return {{"id", id},
           {"object", p.endpoint == Endpoint::kChat ? "chat.completion.chunk" : "text_completion"},

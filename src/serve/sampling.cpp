@@ -49,9 +49,9 @@ int64_t sample_token(const float* logits, int64_t vocab, const SamplingConfig& c
     // Every token whose logit reaches the k-th largest stays (ties included).
     std::nth_element(cand.begin(), cand.begin() + (config.top_k - 1), cand.end(), before);
     const float kth = cand[config.top_k - 1].first;
-    keep = static_cast<size_t>(std::partition(cand.begin(), cand.end(),
-                                              [&](const auto& c) { return c.first >= kth; }) -
-                               cand.begin());
+    keep = static_cast<size_t>(
+        std::partition(cand.begin(), cand.end(), [&](const auto& c) { return c.first >= kth; }) -
+        cand.begin());
   }
   cand.resize(keep);
   std::sort(cand.begin(), cand.end(), before);
@@ -99,7 +99,8 @@ TokenLogprobs token_logprobs(const float* logits, int64_t vocab, int64_t token, 
     std::partial_sort(ids.begin(), ids.begin() + top, ids.end(), [&](int64_t a, int64_t b) {
       return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
     });
-    for (int64_t i = 0; i < top; ++i) out.top.emplace_back(ids[i], static_cast<double>(logits[ids[i]]) - lse);
+    for (int64_t i = 0; i < top; ++i)
+      out.top.emplace_back(ids[i], static_cast<double>(logits[ids[i]]) - lse);
   }
   return out;
 }

@@ -50,7 +50,8 @@ int64_t argmax(const float* logits, int64_t vocab, const uint8_t* allowed);
 // above it already reach top_p), over allowed tokens only. -1 when nothing
 // is allowed. `scratch` is reused between calls.
 int64_t sample_token(const float* logits, int64_t vocab, const SamplingConfig& config,
-                     const uint8_t* allowed, SampleRng& rng, std::vector<std::pair<float, int64_t>>* scratch);
+                     const uint8_t* allowed, SampleRng& rng,
+                     std::vector<std::pair<float, int64_t>>* scratch);
 
 // Log-probability of `token` under softmax(logits) (the model's raw
 // distribution) and the `top` most likely tokens with theirs (most likely

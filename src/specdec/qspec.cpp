@@ -34,8 +34,8 @@ at::Tensor sampling_probs(const at::Tensor& logits, const nn::SamplingOptions& o
 
 Acceptance accept_greedy(const at::Tensor& verifier_logits, const std::vector<int64_t>& draft) {
   const int64_t gamma = static_cast<int64_t>(draft.size());
-  TESSERA_CHECK(verifier_logits.dim() == 2 && verifier_logits.size(0) == gamma + 1,
-                InvalidArgument, "accept_greedy: expected logits [", gamma + 1, ", vocab]");
+  TESSERA_CHECK(verifier_logits.dim() == 2 && verifier_logits.size(0) == gamma + 1, InvalidArgument,
+                "accept_greedy: expected logits [", gamma + 1, ", vocab]");
   at::Tensor best = verifier_logits.argmax(-1);
   auto b = best.accessor<int64_t, 1>();
   Acceptance a;
@@ -115,8 +115,9 @@ class GammaController {
       if (rate_[g] > rate_[best]) best = g;
     }
     if (exploring_) {
-      explore_interval_ = best == best_before_ ? std::min(explore_interval_ * 2, o_.explore_every * 32)
-                                               : o_.explore_every;
+      explore_interval_ = best == best_before_
+                              ? std::min(explore_interval_ * 2, o_.explore_every * 32)
+                              : o_.explore_every;
       exploring_ = false;
     }
     best_before_ = best;
@@ -154,7 +155,8 @@ class GammaController {
 void check_options(const nn::Transformer& model, const quant::QuantizedModel& packed,
                    const GenerateOptions& options) {
   const QSpecOptions& qo = options.qspec;
-  TESSERA_CHECK(options.sampling.max_new_tokens >= 0, InvalidArgument, "specdec::generate: max_new_tokens < 0");
+  TESSERA_CHECK(options.sampling.max_new_tokens >= 0, InvalidArgument,
+                "specdec::generate: max_new_tokens < 0");
   const bool uses_packed = options.speculative || options.mode != quant::Mode::kFloat;
   TESSERA_CHECK(!uses_packed || model.linear_override().get() == &packed, InvalidArgument,
                 "specdec::generate: install the packed weights first (model.set_linear_override)");
@@ -194,7 +196,9 @@ class Emitter {
     return !done_[b];
   }
   bool done(int64_t b) const { return done_[b]; }
-  bool all_done() const { return std::all_of(done_.begin(), done_.end(), [](bool d) { return d; }); }
+  bool all_done() const {
+    return std::all_of(done_.begin(), done_.end(), [](bool d) { return d; });
+  }
 
  private:
   GenerationResult& result_;
@@ -209,9 +213,9 @@ struct Drafts {
   std::vector<at::Tensor> probs;             // per position [B, V]; empty when greedy
 };
 
-Drafts draft_tokens(nn::Transformer& model, quant::QuantizedModel& packed, const GenerateOptions& options,
-                    const std::vector<int64_t>& pending, int64_t gamma, nn::ForwardOptions& fwd,
-                    at::Generator& gen) {
+Drafts draft_tokens(nn::Transformer& model, quant::QuantizedModel& packed,
+                    const GenerateOptions& options, const std::vector<int64_t>& pending,
+                    int64_t gamma, nn::ForwardOptions& fwd, at::Generator& gen) {
   const int64_t B = static_cast<int64_t>(pending.size());
   const bool greedy = options.sampling.temperature <= 0;
   Drafts d;
@@ -220,7 +224,8 @@ Drafts draft_tokens(nn::Transformer& model, quant::QuantizedModel& packed, const
   fwd.lengths = at::ones({B}, at::kLong);
   std::vector<int64_t> cur = pending;
   for (int64_t i = 0; i < gamma; ++i) {
-    at::Tensor logits = model.forward(at::tensor(cur, at::kLong).view({B, 1}), fwd).logits.select(1, 0);
+    at::Tensor logits =
+        model.forward(at::tensor(cur, at::kLong).view({B, 1}), fwd).logits.select(1, 0);
     at::Tensor next;
     if (greedy) {
       next = logits.argmax(-1);
@@ -241,8 +246,8 @@ Drafts draft_tokens(nn::Transformer& model, quant::QuantizedModel& packed, const
 // The verify forward over [pending, drafts...] in the verify mode (the
 // packed model's current mode); it overwrites the drafted positions' keys
 // and values. Returns logits [B, gamma + 1, V].
-at::Tensor verify_logits(nn::Transformer& model, const std::vector<int64_t>& pending, const Drafts& drafts,
-                         int64_t gamma, nn::ForwardOptions& fwd) {
+at::Tensor verify_logits(nn::Transformer& model, const std::vector<int64_t>& pending,
+                         const Drafts& drafts, int64_t gamma, nn::ForwardOptions& fwd) {
   const int64_t B = static_cast<int64_t>(pending.size());
   at::Tensor block = at::empty({B, gamma + 1}, at::kLong);
   for (int64_t b = 0; b < B; ++b) {
@@ -254,7 +259,8 @@ at::Tensor verify_logits(nn::Transformer& model, const std::vector<int64_t>& pen
 }
 
 GenerationResult plain_decoding(nn::Transformer& model, quant::QuantizedModel& packed,
-                                const std::vector<std::vector<int64_t>>& prompts, const GenerateOptions& options,
+                                const std::vector<std::vector<int64_t>>& prompts,
+                                const GenerateOptions& options,
                                 std::unique_ptr<nn::KVCache>* cache_out) {
   quant::ScopedMode scoped(packed, options.mode);
   nn::SamplingOptions so = options.sampling;
@@ -265,7 +271,8 @@ GenerationResult plain_decoding(nn::Transformer& model, quant::QuantizedModel& p
 }
 
 GenerationResult qspec_decoding(nn::Transformer& model, quant::QuantizedModel& packed,
-                                const std::vector<std::vector<int64_t>>& prompts, const GenerateOptions& options,
+                                const std::vector<std::vector<int64_t>>& prompts,
+                                const GenerateOptions& options,
                                 std::unique_ptr<nn::KVCache>* cache_out) {
   const nn::SamplingOptions& so = options.sampling;
   const QSpecOptions& qo = options.qspec;
@@ -279,7 +286,8 @@ GenerationResult qspec_decoding(nn::Transformer& model, quant::QuantizedModel& p
   GenerationResult result;
   Emitter out(result, so, B);
   auto cache = std::make_unique<nn::KVCache>(
-      model.config(), B, padded.longest + std::max<int64_t>(so.max_new_tokens, 1) + qo.max_gamma + 1,
+      model.config(), B,
+      padded.longest + std::max<int64_t>(so.max_new_tokens, 1) + qo.max_gamma + 1,
       at::TensorOptions().dtype(at::kFloat));
   result.cache_bytes = cache->bytes();
 
@@ -321,7 +329,8 @@ GenerationResult qspec_decoding(nn::Transformer& model, quant::QuantizedModel& p
     at::Tensor vprobs, qprobs;  // [B, gamma + 1, V], [B, gamma, V] (sampling only)
     if (!greedy) {
       vprobs = sampling_probs(vlogits.reshape({B * (gamma + 1), -1}), so).view({B, gamma + 1, -1});
-      qprobs = gamma == 0 ? at::empty({B, 0, vprobs.size(2)}, vprobs.options()) : at::stack(drafts.probs, 1);
+      qprobs = gamma == 0 ? at::empty({B, 0, vprobs.size(2)}, vprobs.options())
+                          : at::stack(drafts.probs, 1);
     }
     st.verify_seconds += verify_watch.seconds();
 

@@ -7,8 +7,8 @@
 
 namespace tessera::synth {
 
-std::unique_ptr<EngineGenerator> EngineGenerator::create(const serve::EngineOptions& options,
-                                                         std::chrono::milliseconds request_timeout) {
+std::unique_ptr<EngineGenerator> EngineGenerator::create(
+    const serve::EngineOptions& options, std::chrono::milliseconds request_timeout) {
   return std::unique_ptr<EngineGenerator>(
       new EngineGenerator(serve::Engine::create(options), request_timeout));
 }
@@ -43,7 +43,8 @@ std::vector<std::vector<std::string>> EngineGenerator::generate(
   try {
     for (size_t i = 0; i < requests.size(); ++i) {
       const GenerationRequest& r = requests[i];
-      TESSERA_CHECK(r.n >= 1, InvalidArgument, "generator: request ", i, " asks for ", r.n, " samples");
+      TESSERA_CHECK(r.n >= 1, InvalidArgument, "generator: request ", i, " asks for ", r.n,
+                    " samples");
       out.texts[i].resize(static_cast<size_t>(r.n));
       serve::GenerateRequest g;
       g.prompt_text = r.prompt;
@@ -78,7 +79,8 @@ std::vector<std::vector<std::string>> EngineGenerator::generate(
   return std::move(out.texts);
 }
 
-std::string EngineGenerator::apply_chat_template(const std::vector<nn::ChatMessage>& messages) const {
+std::string EngineGenerator::apply_chat_template(
+    const std::vector<nn::ChatMessage>& messages) const {
   return engine_->apply_chat_template(messages);
 }
 

@@ -78,7 +78,8 @@ JsonlLog JsonlLog::open(const std::string& path) {
     // was not acknowledged, so it is dropped.
     TESSERA_LOG(Warn, "synth") << path << ": dropping an incomplete last line of "
                                << bytes.size() - complete << " bytes (an interrupted write)";
-    if (::ftruncate(fd, static_cast<off_t>(complete)) != 0) throw_io_error("truncating " + path, errno);
+    if (::ftruncate(fd, static_cast<off_t>(complete)) != 0)
+      throw_io_error("truncating " + path, errno);
     if (::fsync(fd) != 0) throw_io_error("fsync " + path, errno);
   }
   return JsonlLog(std::move(impl));

@@ -84,7 +84,9 @@ EntropyLabeller::EntropyLabeller(EntropyLabellerOptions options) : options_(std:
                 "entropy labeller: answer_key must be set");
 }
 
-TargetQuery EntropyLabeller::query() const { return {false, options_.samples, options_.temperature}; }
+TargetQuery EntropyLabeller::query() const {
+  return {false, options_.samples, options_.temperature};
+}
 
 FailureLabel EntropyLabeller::label(const std::string& instruction,
                                     const TargetResponses& responses) const {
@@ -96,7 +98,8 @@ FailureLabel EntropyLabeller::label(const std::string& instruction,
     return l;
   }
   std::vector<std::string> keys;
-  for (int64_t i = 0; i < options_.samples; ++i) keys.push_back(options_.answer_key(responses.samples[i]));
+  for (int64_t i = 0; i < options_.samples; ++i)
+    keys.push_back(options_.answer_key(responses.samples[i]));
   l.score = answer_entropy(keys);
   l.failure = l.score > options_.threshold;
   // The most frequent answer stands for the target's answer.
@@ -109,8 +112,8 @@ FailureLabel EntropyLabeller::label(const std::string& instruction,
       l.answer = k;
     }
   }
-  l.reason = std::to_string(counts.size()) + " distinct answers over " + std::to_string(keys.size()) +
-             " samples";
+  l.reason = std::to_string(counts.size()) + " distinct answers over " +
+             std::to_string(keys.size()) + " samples";
   return l;
 }
 

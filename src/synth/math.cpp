@@ -26,8 +26,9 @@ namespace {
 using i128 = __int128;
 
 int64_t narrow(i128 v, const char* what) {
-  TESSERA_CHECK(v <= std::numeric_limits<int64_t>::max() && v >= -std::numeric_limits<int64_t>::max(),
-                InvalidArgument, "math: ", what, " overflows int64");
+  TESSERA_CHECK(
+      v <= std::numeric_limits<int64_t>::max() && v >= -std::numeric_limits<int64_t>::max(),
+      InvalidArgument, "math: ", what, " overflows int64");
   return static_cast<int64_t>(v);
 }
 
@@ -91,7 +92,8 @@ size_t read_number(std::string_view text, size_t i, Token& tok) {
   // Thousands separators only where they are unambiguous: 1-3 digits, then
   // groups of ",ddd" not followed by another digit.
   if (digits.size() <= 3) {
-    while (j + 3 < text.size() && text[j] == ',' && std::isdigit(static_cast<unsigned char>(text[j + 1])) &&
+    while (j + 3 < text.size() && text[j] == ',' &&
+           std::isdigit(static_cast<unsigned char>(text[j + 1])) &&
            std::isdigit(static_cast<unsigned char>(text[j + 2])) &&
            std::isdigit(static_cast<unsigned char>(text[j + 3])) &&
            (j + 4 >= text.size() || !std::isdigit(static_cast<unsigned char>(text[j + 4])))) {
@@ -100,7 +102,8 @@ size_t read_number(std::string_view text, size_t i, Token& tok) {
     }
   }
   std::string frac;
-  if (j + 1 < text.size() && text[j] == '.' && std::isdigit(static_cast<unsigned char>(text[j + 1]))) {
+  if (j + 1 < text.size() && text[j] == '.' &&
+      std::isdigit(static_cast<unsigned char>(text[j + 1]))) {
     ++j;
     while (j < text.size() && std::isdigit(static_cast<unsigned char>(text[j]))) frac += text[j++];
   }
@@ -283,10 +286,10 @@ bool in_expression(const Token& t) {
 // Words that state an operation the expression alone would not capture.
 const std::set<std::string>& operation_words() {
   static const std::set<std::string> words = {
-      "double", "doubled", "triple", "tripled", "twice", "thrice", "half", "halve", "halved",
-      "square", "squared", "cube", "cubed", "root", "percent", "percentage", "remainder", "modulo",
-      "mod", "average", "mean", "round", "rounded", "factorial", "power", "exponent", "then",
-      "more", "less", "fewer", "each", "per"};
+      "double",    "doubled",  "triple",  "tripled", "twice", "thrice", "half",    "halve",
+      "halved",    "square",   "squared", "cube",    "cubed", "root",   "percent", "percentage",
+      "remainder", "modulo",   "mod",     "average", "mean",  "round",  "rounded", "factorial",
+      "power",     "exponent", "then",    "more",    "less",  "fewer",  "each",    "per"};
   return words;
 }
 
@@ -352,7 +355,8 @@ MathProblem parse_math_problem(std::string_view text, const MathProblemOptions& 
       toks[1].kind == Kind::kNum && toks[2].kind == Kind::kSym && toks[2].text == ":") {
     start = 3;
   } else if (toks.size() > 1 && toks[0].kind == Kind::kNum && toks[0].value.is_integer() &&
-             ((toks[1].kind == Kind::kSym && toks[1].text == ".") || toks[1].kind == Kind::kRParen) &&
+             ((toks[1].kind == Kind::kSym && toks[1].text == ".") ||
+              toks[1].kind == Kind::kRParen) &&
              toks[1].glued) {
     start = 2;
   }
@@ -398,14 +402,16 @@ MathProblem parse_math_problem(std::string_view text, const MathProblemOptions& 
   const auto [b, e] = spans.front();
   auto bad_neighbour = [](const Token& t) {
     return t.kind == Kind::kSym &&
-           (t.text == "^" || t.text == "%" || t.text == "!" || t.text == "=" || t.text == "\xC2\xB2" ||
-            t.text == "\xC2\xB3" || t.text == "\xE2\x88\x9A");
+           (t.text == "^" || t.text == "%" || t.text == "!" || t.text == "=" ||
+            t.text == "\xC2\xB2" || t.text == "\xC2\xB3" || t.text == "\xE2\x88\x9A");
   };
   if (b > 0) {
     const Token& prev = toks[b - 1];
     if (bad_neighbour(prev)) return refuse("'" + prev.text + "' before the expression");
-    if (prev.kind == Kind::kWord && toks[b].glued) return refuse("a word attached to the expression");
-    if (prev.kind == Kind::kSym && prev.text == "." && toks[b].glued) return refuse("malformed number");
+    if (prev.kind == Kind::kWord && toks[b].glued)
+      return refuse("a word attached to the expression");
+    if (prev.kind == Kind::kSym && prev.text == "." && toks[b].glued)
+      return refuse("malformed number");
   }
   if (e < toks.size()) {
     const Token& next = toks[e];
@@ -420,8 +426,8 @@ MathProblem parse_math_problem(std::string_view text, const MathProblemOptions& 
   p.expression = join(toks, b, e);
   for (size_t i = b; i < e; ++i) {
     if (toks[i].kind == Kind::kNum && toks[i].digits > options.max_digits) {
-      return refuse("number " + toks[i].text + " has more than " + std::to_string(options.max_digits) +
-                    " digits");
+      return refuse("number " + toks[i].text + " has more than " +
+                    std::to_string(options.max_digits) + " digits");
     }
   }
   try {
@@ -434,7 +440,8 @@ MathProblem parse_math_problem(std::string_view text, const MathProblemOptions& 
   if (p.operands > options.max_operands) {
     return refuse("more than " + std::to_string(options.max_operands) + " operands");
   }
-  if (options.integer_answers_only && !p.value.is_integer()) return refuse("the answer is not an integer");
+  if (options.integer_answers_only && !p.value.is_integer())
+    return refuse("the answer is not an integer");
   if (p.value.num / p.value.den > options.max_abs_answer ||
       p.value.num / p.value.den < -options.max_abs_answer) {
     return refuse("the answer is too large");
@@ -521,7 +528,8 @@ std::vector<std::string> arithmetic_problems(int64_t count, uint64_t seed,
   TESSERA_CHECK(count >= 0, InvalidArgument, "arithmetic_problems: count must be >= 0");
   TESSERA_CHECK(options.min_operands >= 2 && options.max_operands >= options.min_operands &&
                     options.max_value >= 2,
-                InvalidArgument, "arithmetic_problems: need 2 <= min_operands <= max_operands and max_value >= 2");
+                InvalidArgument,
+                "arithmetic_problems: need 2 <= min_operands <= max_operands and max_value >= 2");
   std::mt19937_64 rng(seed);
   auto uniform = [&](int64_t lo, int64_t hi) {
     return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
@@ -533,30 +541,44 @@ std::vector<std::string> arithmetic_problems(int64_t count, uint64_t seed,
   int64_t attempts = 0;
   while (static_cast<int64_t>(out.size()) < count) {
     TESSERA_CHECK(++attempts < 1000 * (count + 10), InvalidArgument,
-                  "arithmetic_problems: cannot find ", count, " distinct problems with these options");
+                  "arithmetic_problems: cannot find ", count,
+                  " distinct problems with these options");
     const int64_t operands = uniform(options.min_operands, options.max_operands);
     const bool words = uniform(0, 4) == 0;  // one problem in five spelt with words
     std::vector<int64_t> ops;
     for (int64_t i = 0; i + 1 < operands; ++i) ops.push_back(uniform(0, options.division ? 3 : 2));
     // Parentheses around one adjacent pair of operands (symbol phrasing only).
     int64_t open = -1;
-    if (options.parentheses && !words && operands >= 3 && uniform(0, 2) == 0) open = uniform(0, operands - 2);
+    if (options.parentheses && !words && operands >= 3 && uniform(0, 2) == 0)
+      open = uniform(0, operands - 2);
     std::string expr;
     for (int64_t i = 0; i < operands; ++i) {
-      if (i > 0) expr += std::string(" ") + (words ? kWords[ops[i - 1]] : kSymbols[ops[i - 1]]) + " ";
+      if (i > 0)
+        expr += std::string(" ") + (words ? kWords[ops[i - 1]] : kSymbols[ops[i - 1]]) + " ";
       if (i == open) expr += "(";
       // Multiplication and division operands stay small, as in school drills.
       const bool small = (i > 0 && ops[i - 1] >= 2) || (i + 1 < operands && ops[i] >= 2);
-      expr += std::to_string(uniform(1, small ? std::min<int64_t>(options.max_value, 12) : options.max_value));
+      expr += std::to_string(
+          uniform(1, small ? std::min<int64_t>(options.max_value, 12) : options.max_value));
       if (i == open + 1) expr += ")";
     }
     std::string text;
     switch (uniform(0, 4)) {
-      case 0: text = "What is " + expr + "?"; break;
-      case 1: text = "Compute " + expr + "."; break;
-      case 2: text = "Calculate " + expr + "."; break;
-      case 3: text = "Evaluate " + expr + "."; break;
-      default: text = "Find the value of " + expr + "."; break;
+      case 0:
+        text = "What is " + expr + "?";
+        break;
+      case 1:
+        text = "Compute " + expr + ".";
+        break;
+      case 2:
+        text = "Calculate " + expr + ".";
+        break;
+      case 3:
+        text = "Evaluate " + expr + ".";
+        break;
+      default:
+        text = "Find the value of " + expr + ".";
+        break;
     }
     MathProblem p = parse_math_problem(text);
     if (!p.valid || p.value.num < 0 || !seen.insert(text).second) continue;

@@ -158,8 +158,8 @@ NearDuplicateIndex::Match NearDuplicateIndex::best_match(const std::vector<uint6
   Match best;
   for (int64_t id : candidates) {
     ++candidates_checked_;
-    const double j = o.exact_verification ? jaccard(set, sets_[id])
-                                          : MinHasher::estimate(sig, signatures_[id]);
+    const double j =
+        o.exact_verification ? jaccard(set, sets_[id]) : MinHasher::estimate(sig, signatures_[id]);
     if (j >= o.threshold && j > best.jaccard) {
       best.duplicate_of = id;
       best.jaccard = j;

@@ -43,7 +43,8 @@ std::shared_ptr<lora::Adapter> compose_lora(const nn::Transformer& model, lora::
   at::NoGradGuard no_grad;
   for (const auto& name : names) {
     at::Tensor a = at::cat({first.a(name).detach(), second.a(name).detach()}, 0);
-    at::Tensor b = at::cat({first.b(name).detach() * first.scale(), second.b(name).detach() * second.scale()}, 1);
+    at::Tensor b = at::cat(
+        {first.b(name).detach() * first.scale(), second.b(name).detach() * second.scale()}, 1);
     dst.at(name + ".lora_A.weight").copy_(a);
     dst.at(name + ".lora_B.weight").copy_(b);
   }
@@ -78,10 +79,17 @@ std::string clean_instruction(std::string text) {
 }
 
 json label_to_json(const LabelledInstruction& l) {
-  return {{"id", l.id},           {"prompt", l.prompt},          {"sample", l.sample},
-          {"text", l.text},       {"valid", l.label.valid},      {"failure", l.label.failure},
-          {"reason", l.label.reason}, {"reference", l.label.reference}, {"answer", l.label.answer},
-          {"score", l.label.score},   {"response", l.response}};
+  return {{"id", l.id},
+          {"prompt", l.prompt},
+          {"sample", l.sample},
+          {"text", l.text},
+          {"valid", l.label.valid},
+          {"failure", l.label.failure},
+          {"reason", l.label.reason},
+          {"reference", l.label.reference},
+          {"answer", l.label.answer},
+          {"score", l.label.score},
+          {"response", l.response}};
 }
 
 LabelledInstruction label_from_json(const json& j) {
@@ -101,16 +109,26 @@ LabelledInstruction label_from_json(const json& j) {
 }
 
 json report_to_json(const RoundReport& r) {
-  return {{"round", r.round},          {"sampled", r.sampled},
-          {"duplicates", r.duplicates}, {"invalid", r.invalid},
-          {"valid", r.valid},          {"failures", r.failures},
-          {"failure_rate", r.failure_rate}, {"duplicate_rate", r.duplicate_rate},
-          {"distinct_1", r.distinct_1}, {"distinct_2", r.distinct_2},
-          {"distinct_3", r.distinct_3}, {"pairs", r.pairs},
-          {"dpo_steps", r.dpo_steps},  {"dpo_loss", r.dpo_loss},
-          {"dpo_margin", r.dpo_margin}, {"dpo_accuracy", r.dpo_accuracy},
-          {"sample_seconds", r.sample_seconds}, {"label_seconds", r.label_seconds},
-          {"dpo_seconds", r.dpo_seconds}, {"resumed", r.resumed}};
+  return {{"round", r.round},
+          {"sampled", r.sampled},
+          {"duplicates", r.duplicates},
+          {"invalid", r.invalid},
+          {"valid", r.valid},
+          {"failures", r.failures},
+          {"failure_rate", r.failure_rate},
+          {"duplicate_rate", r.duplicate_rate},
+          {"distinct_1", r.distinct_1},
+          {"distinct_2", r.distinct_2},
+          {"distinct_3", r.distinct_3},
+          {"pairs", r.pairs},
+          {"dpo_steps", r.dpo_steps},
+          {"dpo_loss", r.dpo_loss},
+          {"dpo_margin", r.dpo_margin},
+          {"dpo_accuracy", r.dpo_accuracy},
+          {"sample_seconds", r.sample_seconds},
+          {"label_seconds", r.label_seconds},
+          {"dpo_seconds", r.dpo_seconds},
+          {"resumed", r.resumed}};
 }
 
 RoundReport report_from_json(const json& j) {
@@ -148,14 +166,17 @@ json parse_record(const std::string& text, const std::string& file) {
   return j;
 }
 
-bool adapter_exists(const std::string& dir) { return fs::exists(fs::path(dir) / "adapter_config.json"); }
+bool adapter_exists(const std::string& dir) {
+  return fs::exists(fs::path(dir) / "adapter_config.json");
+}
 
 void check_training(const LoraTrainingOptions& t, const char* what) {
-  TESSERA_CHECK(t.rank >= 1 && t.batch >= 1 && t.epochs >= 1 && t.lr > 0 && t.max_length >= 2 &&
-                    t.checkpoint_every >= 1 && t.warmup_steps >= 0 && !t.target_modules.empty(),
-                InvalidArgument, "ReverseGen: ", what,
-                " training needs rank, batch, epochs, checkpoint_every >= 1, lr > 0, max_length >= 2 "
-                "and target modules");
+  TESSERA_CHECK(
+      t.rank >= 1 && t.batch >= 1 && t.epochs >= 1 && t.lr > 0 && t.max_length >= 2 &&
+          t.checkpoint_every >= 1 && t.warmup_steps >= 0 && !t.target_modules.empty(),
+      InvalidArgument, "ReverseGen: ", what,
+      " training needs rank, batch, epochs, checkpoint_every >= 1, lr > 0, max_length >= 2 "
+      "and target modules");
 }
 
 // Resumable training: every `every` steps the adapter and the optimiser
@@ -200,7 +221,8 @@ class TrainingCheckpoint {
     std::vector<fs::path> older;
     for (const auto& entry : fs::directory_iterator(dir_ + "/ckpt")) {
       const std::string name = entry.path().filename().string();
-      if (entry.is_directory() && name != "step-" + std::to_string(step)) older.push_back(entry.path());
+      if (entry.is_directory() && name != "step-" + std::to_string(step))
+        older.push_back(entry.path());
     }
     for (const auto& p : older) fs::remove_all(p);
   }
@@ -243,19 +265,23 @@ ReverseGen::ReverseGen(ReverseGenOptions options, std::shared_ptr<FailureLabelle
   const auto& o = options_;
   TESSERA_CHECK(!o.work_dir.empty(), InvalidArgument, "ReverseGen: work_dir is empty");
   TESSERA_CHECK(!o.model.empty(), InvalidArgument, "ReverseGen: model is empty");
-  TESSERA_CHECK(labeller && generator, InvalidArgument, "ReverseGen: needs a labeller and a generator");
+  TESSERA_CHECK(labeller && generator, InvalidArgument,
+                "ReverseGen: needs a labeller and a generator");
   TESSERA_CHECK(o.shots >= 1 && static_cast<int64_t>(o.seed_tasks.size()) >= o.shots + 1,
                 InvalidArgument, "ReverseGen: ", o.seed_tasks.size(), " seed tasks for ", o.shots,
                 "-shot prompts (need at least shots + 1)");
-  TESSERA_CHECK(o.warmup_examples >= 1 && o.prompts_per_round >= 1 && o.samples_per_prompt >= 1 &&
-                    o.proposer_max_tokens >= 1 && o.target_max_tokens >= 1 &&
-                    o.generation_chunk >= 1 && o.max_pairs_per_prompt >= 1 && o.dpo_beta > 0,
-                InvalidArgument, "ReverseGen: sizes must be positive (warmup_examples, prompts_per_round, "
-                                 "samples_per_prompt, max tokens, generation_chunk, max_pairs_per_prompt, dpo_beta)");
+  TESSERA_CHECK(
+      o.warmup_examples >= 1 && o.prompts_per_round >= 1 && o.samples_per_prompt >= 1 &&
+          o.proposer_max_tokens >= 1 && o.target_max_tokens >= 1 && o.generation_chunk >= 1 &&
+          o.max_pairs_per_prompt >= 1 && o.dpo_beta > 0,
+      InvalidArgument,
+      "ReverseGen: sizes must be positive (warmup_examples, prompts_per_round, "
+      "samples_per_prompt, max tokens, generation_chunk, max_pairs_per_prompt, dpo_beta)");
   check_training(o.warmup, "warm-up");
   check_training(o.dpo, "DPO");
-  TESSERA_CHECK(o.warmup.target_modules == o.dpo.target_modules, InvalidArgument,
-                "ReverseGen: warm-up and DPO adapters must adapt the same modules (they are composed)");
+  TESSERA_CHECK(
+      o.warmup.target_modules == o.dpo.target_modules, InvalidArgument,
+      "ReverseGen: warm-up and DPO adapters must adapt the same modules (they are composed)");
   impl_->labeller = std::move(labeller);
   impl_->generator = std::move(generator);
   fs::create_directories(o.work_dir);
@@ -265,7 +291,8 @@ ReverseGen::~ReverseGen() = default;
 
 std::string ReverseGen::proposer_message(int64_t round, int64_t prompt) const {
   const auto& o = options_;
-  std::mt19937_64 rng(mix({o.seed, 1, static_cast<uint64_t>(round), static_cast<uint64_t>(prompt)}));
+  std::mt19937_64 rng(
+      mix({o.seed, 1, static_cast<uint64_t>(round), static_cast<uint64_t>(prompt)}));
   std::vector<size_t> order(o.seed_tasks.size());
   std::iota(order.begin(), order.end(), 0);
   std::shuffle(order.begin(), order.end(), rng);
@@ -303,8 +330,9 @@ std::string ReverseGen::warm_up(double* seconds) {
                         impl_->generator->tokenize(o.seed_tasks[order[o.shots]] + o.end_of_turn)});
   }
   auto model = impl_->load_base(o.model);
-  auto adapter = lora::make_lora(*model, {o.warmup.rank, o.warmup.alpha, 0.0, false, o.warmup.target_modules},
-                                 mix({o.seed, 3}));
+  auto adapter =
+      lora::make_lora(*model, {o.warmup.rank, o.warmup.alpha, 0.0, false, o.warmup.target_modules},
+                      mix({o.seed, 3}));
   model->set_adapter(adapter);
   const int64_t n = static_cast<int64_t>(examples.size());
   const int64_t total = o.warmup.epochs * ((n + o.warmup.batch - 1) / o.warmup.batch);
@@ -319,12 +347,14 @@ std::string ReverseGen::warm_up(double* seconds) {
   auto log = JsonlLog::open(dir + "/train.jsonl");
   for (int64_t step = trainer.steps(); step < total; ++step) {
     std::vector<nn::SftExample> part;
-    for (int64_t i : batch_indices(n, o.warmup.batch, step, mix({o.seed, 4}))) part.push_back(examples[i]);
+    for (int64_t i : batch_indices(n, o.warmup.batch, step, mix({o.seed, 4})))
+      part.push_back(examples[i]);
     auto batch = nn::make_sft_batch(part, {0, o.warmup.max_length});
     auto stats = trainer.step(batch.input_ids, batch.labels);
     log.append(json{{"step", stats.step}, {"loss", stats.loss}, {"lr", stats.lr}}.dump());
     if ((step + 1) % o.warmup.checkpoint_every == 0 && step + 1 < total) ckpt.save(step + 1);
-    TESSERA_LOG(Info, "synth") << "warm-up step " << step + 1 << "/" << total << " loss " << stats.loss;
+    TESSERA_LOG(Info, "synth") << "warm-up step " << step + 1 << "/" << total << " loss "
+                               << stats.loss;
     if (o.progress) o.progress("warmup", step + 1);
   }
   lora::save_adapter(*adapter, out);
@@ -369,7 +399,8 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
   Stopwatch watch;
   auto samples = JsonlLog::open(dir + "/samples.jsonl");
   std::set<int64_t> sampled_prompts;
-  for (const auto& r : samples.records()) sampled_prompts.insert(parse_record(r, samples.path()).at("prompt").get<int64_t>());
+  for (const auto& r : samples.records())
+    sampled_prompts.insert(parse_record(r, samples.path()).at("prompt").get<int64_t>());
   report.resumed = !sampled_prompts.empty();
   std::vector<int64_t> todo;
   for (int64_t p = 0; p < o.prompts_per_round; ++p) {
@@ -395,13 +426,17 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
     for (size_t i = begin; i < end; ++i) {
       for (int64_t s = 0; s < o.samples_per_prompt; ++s) {
         const int64_t p = todo[i];
-        records.push_back(dump(json{{"id", "r" + std::to_string(round) + "-p" + std::to_string(p) + "-s" + std::to_string(s)},
-                               {"prompt", p}, {"sample", s},
-                               {"text", clean_instruction(texts[i - begin][static_cast<size_t>(s)])}}));
+        records.push_back(
+            dump(json{{"id", "r" + std::to_string(round) + "-p" + std::to_string(p) + "-s" +
+                                 std::to_string(s)},
+                      {"prompt", p},
+                      {"sample", s},
+                      {"text", clean_instruction(texts[i - begin][static_cast<size_t>(s)])}}));
       }
     }
     samples.append(records);
-    TESSERA_LOG(Info, "synth") << "round " << round << ": sampled " << samples.size() << " instructions";
+    TESSERA_LOG(Info, "synth") << "round " << round << ": sampled " << samples.size()
+                               << " instructions";
     if (o.progress) o.progress("sample", samples.size());
   }
   report.sample_seconds = watch.seconds();
@@ -437,7 +472,8 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
   watch.reset();
   auto labels = JsonlLog::open(dir + "/labels.jsonl");
   std::set<std::string> labelled_ids;
-  for (const auto& r : labels.records()) labelled_ids.insert(parse_record(r, labels.path()).at("id").get<std::string>());
+  for (const auto& r : labels.records())
+    labelled_ids.insert(parse_record(r, labels.path()).at("id").get<std::string>());
   report.resumed = report.resumed || !labelled_ids.empty();
   const FailureLabeller& labeller = *impl_->labeller;
   const TargetQuery query = labeller.query();
@@ -465,7 +501,8 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
       if (query.samples > 0) {
         r.n = query.samples;
         r.temperature = query.temperature;
-        r.seed = mix({o.seed, 6, static_cast<uint64_t>(round), std::hash<std::string>{}(pending[i].id)});
+        r.seed =
+            mix({o.seed, 6, static_cast<uint64_t>(round), std::hash<std::string>{}(pending[i].id)});
         requests.push_back(r);
       }
     }
@@ -496,7 +533,8 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
       report.failures += l.label.failure;
     }
   }
-  report.failure_rate = report.valid > 0 ? static_cast<double>(report.failures) / report.valid : 0.0;
+  report.failure_rate =
+      report.valid > 0 ? static_cast<double>(report.failures) / report.valid : 0.0;
 
   // --- Preference pairs: failure-inducing over solved (then unjudgeable),
   // within one prompt.
@@ -511,11 +549,15 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
   for (auto& [p, good] : chosen) {
     auto bad = rejected[p];
     bad.insert(bad.end(), unjudged[p].begin(), unjudged[p].end());
-    const size_t count = std::min({good.size(), bad.size(), static_cast<size_t>(o.max_pairs_per_prompt)});
+    const size_t count =
+        std::min({good.size(), bad.size(), static_cast<size_t>(o.max_pairs_per_prompt)});
     for (size_t i = 0; i < count; ++i) {
       pairs.emplace_back(good[i], bad[i]);
-      pair_records += dump(json{{"prompt", p}, {"chosen", good[i]->id}, {"rejected", bad[i]->id},
-                                {"chosen_text", good[i]->text}, {"rejected_text", bad[i]->text}}) +
+      pair_records += dump(json{{"prompt", p},
+                                {"chosen", good[i]->id},
+                                {"rejected", bad[i]->id},
+                                {"chosen_text", good[i]->text},
+                                {"rejected_text", bad[i]->text}}) +
                       "\n";
     }
   }
@@ -528,7 +570,8 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
     auto model = impl_->load_base(o.model);
     auto a0 = lora::load_adapter(proposer_adapter(0), *model);
     lora::merge(*model, *a0);
-    const std::string previous = o.work_dir + "/round_" + std::to_string(round - 1) + "/dpo_adapter";
+    const std::string previous =
+        o.work_dir + "/round_" + std::to_string(round - 1) + "/dpo_adapter";
     std::shared_ptr<lora::Adapter> a1 =
         round > 0 && adapter_exists(previous)
             ? lora::load_adapter(previous, *model)
@@ -548,7 +591,8 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
     trainer.set_steps(ckpt.restore(*model));
     std::vector<nn::PreferencePair> token_pairs;
     for (const auto& [good, bad] : pairs) {
-      const std::string prompt = gen.apply_chat_template({{"user", proposer_message(round, good->prompt)}});
+      const std::string prompt =
+          gen.apply_chat_template({{"user", proposer_message(round, good->prompt)}});
       token_pairs.push_back({gen.tokenize(prompt), gen.tokenize(good->text + o.end_of_turn),
                              gen.tokenize(bad->text + o.end_of_turn)});
     }
@@ -556,8 +600,10 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
     std::vector<double> ref_chosen(static_cast<size_t>(n)), ref_rejected(static_cast<size_t>(n));
     for (int64_t begin = 0; begin < n; begin += o.dpo.batch) {
       const int64_t count = std::min(o.dpo.batch, n - begin);
-      std::vector<nn::PreferencePair> part(token_pairs.begin() + begin, token_pairs.begin() + begin + count);
-      at::Tensor ref = trainer.reference_logprobs(nn::make_preference_batch(part, {0, o.dpo.max_length}));
+      std::vector<nn::PreferencePair> part(token_pairs.begin() + begin,
+                                           token_pairs.begin() + begin + count);
+      at::Tensor ref =
+          trainer.reference_logprobs(nn::make_preference_batch(part, {0, o.dpo.max_length}));
       for (int64_t i = 0; i < count; ++i) {
         ref_chosen[begin + i] = ref[i].item<double>();
         ref_rejected[begin + i] = ref[count + i].item<double>();
@@ -567,7 +613,8 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
     for (int64_t step = trainer.steps(); step < total; ++step) {
       std::vector<nn::PreferencePair> part;
       std::vector<double> rc, rr;
-      for (int64_t i : batch_indices(n, o.dpo.batch, step, mix({o.seed, 8, static_cast<uint64_t>(round)}))) {
+      for (int64_t i :
+           batch_indices(n, o.dpo.batch, step, mix({o.seed, 8, static_cast<uint64_t>(round)}))) {
         part.push_back(token_pairs[i]);
         rc.push_back(ref_chosen[i]);
         rr.push_back(ref_rejected[i]);
@@ -576,10 +623,16 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
       rc.insert(rc.end(), rr.begin(), rr.end());
       batch.reference_logprobs = at::tensor(rc, at::kDouble);
       auto s = trainer.step(batch);
-      log.append(json{{"step", s.step}, {"loss", s.loss}, {"margin", s.margin}, {"accuracy", s.accuracy},
-                      {"chosen_reward", s.chosen_reward}, {"rejected_reward", s.rejected_reward},
-                      {"grad_norm", s.grad_norm}, {"lr", s.lr}}
-                     .dump());
+      log.append(json{
+          {"step", s.step},
+          {"loss", s.loss},
+          {"margin", s.margin},
+          {"accuracy", s.accuracy},
+          {"chosen_reward", s.chosen_reward},
+          {"rejected_reward", s.rejected_reward},
+          {"grad_norm", s.grad_norm},
+          {"lr",
+           s.lr}}.dump());
       report.dpo_loss = s.loss;
       report.dpo_margin = s.margin;
       report.dpo_accuracy = s.accuracy;
@@ -603,18 +656,20 @@ RoundReport ReverseGen::run_round(int64_t round, bool train) {
     report.dpo_seconds = watch.seconds();
   }
   write_file_atomic(dir + "/summary.json", report_to_json(report).dump(2) + "\n");
-  TESSERA_LOG(Info, "synth") << "round " << round << ": failure rate " << report.failure_rate << " ("
-                             << report.failures << "/" << report.valid << " valid), duplicates "
-                             << report.duplicates << ", invalid " << report.invalid << ", pairs "
-                             << report.pairs;
+  TESSERA_LOG(Info, "synth") << "round " << round << ": failure rate " << report.failure_rate
+                             << " (" << report.failures << "/" << report.valid
+                             << " valid), duplicates " << report.duplicates << ", invalid "
+                             << report.invalid << ", pairs " << report.pairs;
   return report;
 }
 
-std::string ReverseGen::sft_target(const std::string& name, const std::vector<TargetExample>& examples,
+std::string ReverseGen::sft_target(const std::string& name,
+                                   const std::vector<TargetExample>& examples,
                                    const LoraTrainingOptions& training, uint64_t seed,
                                    double* seconds) {
   check_training(training, "target");
-  TESSERA_CHECK(!examples.empty(), InvalidArgument, "ReverseGen: no examples to fine-tune '", name, "' on");
+  TESSERA_CHECK(!examples.empty(), InvalidArgument, "ReverseGen: no examples to fine-tune '", name,
+                "' on");
   const auto& o = options_;
   const std::string dir = o.work_dir + "/target/" + name;
   const std::string out = dir + "/adapter";
@@ -633,8 +688,8 @@ std::string ReverseGen::sft_target(const std::string& name, const std::vector<Ta
   }
   write_file_atomic(dir + "/data.jsonl", data);
   auto model = impl_->load_base(o.model);
-  auto adapter = lora::make_lora(*model, {training.rank, training.alpha, 0.0, false, training.target_modules},
-                                 mix({seed, 9}));
+  auto adapter = lora::make_lora(
+      *model, {training.rank, training.alpha, 0.0, false, training.target_modules}, mix({seed, 9}));
   model->set_adapter(adapter);
   const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t total = training.epochs * ((n + training.batch - 1) / training.batch);
@@ -649,19 +704,21 @@ std::string ReverseGen::sft_target(const std::string& name, const std::vector<Ta
   auto log = JsonlLog::open(dir + "/train.jsonl");
   for (int64_t step = trainer.steps(); step < total; ++step) {
     std::vector<nn::SftExample> part;
-    for (int64_t i : batch_indices(n, training.batch, step, mix({seed, 10}))) part.push_back(rows[i]);
+    for (int64_t i : batch_indices(n, training.batch, step, mix({seed, 10})))
+      part.push_back(rows[i]);
     auto batch = nn::make_sft_batch(part, {0, training.max_length});
     auto stats = trainer.step(batch.input_ids, batch.labels);
     log.append(json{{"step", stats.step}, {"loss", stats.loss}, {"lr", stats.lr}}.dump());
     if ((step + 1) % training.checkpoint_every == 0 && step + 1 < total) ckpt.save(step + 1);
-    TESSERA_LOG(Info, "synth") << "target '" << name << "' step " << step + 1 << "/" << total << " loss "
-                               << stats.loss;
+    TESSERA_LOG(Info, "synth") << "target '" << name << "' step " << step + 1 << "/" << total
+                               << " loss " << stats.loss;
     if (o.progress) o.progress("target:" + name, step + 1);
   }
   lora::save_adapter(*adapter, out);
   ckpt.clear();
   const double s = watch.seconds();
-  write_file_atomic(dir + "/done.json", json{{"seconds", s}, {"steps", total}, {"examples", n}}.dump() + "\n");
+  write_file_atomic(dir + "/done.json",
+                    json{{"seconds", s}, {"steps", total}, {"examples", n}}.dump() + "\n");
   if (seconds) *seconds = s;
   return out;
 }
@@ -687,7 +744,8 @@ EvalReport ReverseGen::evaluate(const std::string& name, const std::string& adap
     std::vector<GenerationRequest> requests;
     for (size_t k = begin; k < end; ++k) {
       GenerationRequest r;
-      r.prompt = impl_->generator->apply_chat_template({{"user", problems[todo[k]] + o.target_suffix}});
+      r.prompt =
+          impl_->generator->apply_chat_template({{"user", problems[todo[k]] + o.target_suffix}});
       r.max_tokens = o.target_max_tokens;
       r.adapter = adapter;
       if (query.greedy) requests.push_back(r);
@@ -706,8 +764,12 @@ EvalReport ReverseGen::evaluate(const std::string& name, const std::string& adap
       if (query.greedy) responses.greedy = answers[a++].front();
       if (query.samples > 0) responses.samples = answers[a++];
       FailureLabel l = labeller.label(problems[todo[k]], responses);
-      json j = {{"i", todo[k]}, {"text", problems[todo[k]]}, {"valid", l.valid}, {"failure", l.failure},
-                {"answer", l.answer}, {"reference", l.reference},
+      json j = {{"i", todo[k]},
+                {"text", problems[todo[k]]},
+                {"valid", l.valid},
+                {"failure", l.failure},
+                {"answer", l.answer},
+                {"reference", l.reference},
                 {"response", query.greedy ? responses.greedy : responses.samples.front()}};
       answered[todo[k]] = j;
       records.push_back(dump(j));
@@ -722,7 +784,8 @@ EvalReport ReverseGen::evaluate(const std::string& name, const std::string& adap
     ++report.valid;
     report.failures += j.at("failure").get<bool>();
   }
-  report.accuracy = report.valid > 0 ? 1.0 - static_cast<double>(report.failures) / report.valid : 0.0;
+  report.accuracy =
+      report.valid > 0 ? 1.0 - static_cast<double>(report.failures) / report.valid : 0.0;
   report.seconds = watch.seconds();
   return report;
 }

@@ -73,7 +73,8 @@ nn::ModelConfig small_arithmetic_config(int64_t vocab_size, int64_t num_experts)
   return cfg;
 }
 
-std::vector<int64_t> arithmetic_corpus(const nn::Tokenizer& tokenizer, int64_t count, uint64_t seed, int max_operand) {
+std::vector<int64_t> arithmetic_corpus(const nn::Tokenizer& tokenizer, int64_t count, uint64_t seed,
+                                       int max_operand) {
   std::vector<int64_t> ids;
   for (const auto& e : arithmetic_examples(count, seed, max_operand)) {
     for (int32_t id : tokenizer.encode(e.prompt + e.answer + "\n")) ids.push_back(id);

@@ -4,7 +4,8 @@
 
 namespace tessera::nn {
 
-std::string format_chat(const std::string& chat_template, const std::vector<ChatMessage>& messages) {
+std::string format_chat(const std::string& chat_template,
+                        const std::vector<ChatMessage>& messages) {
   TESSERA_CHECK(chat_template.empty() || chat_template.find("<|im_start|>") != std::string::npos,
                 InvalidArgument,
                 "format_chat: only ChatML templates (<|im_start|>...<|im_end|>) are supported");

@@ -59,8 +59,8 @@ size_t run_end(std::string_view text, size_t pos, size_t end, CharClass cls) {
 // `\s*[\r\n]+` before them. A run of white space followed by a non-space
 // gives up its last character, so that " word" stays together.
 size_t match_space(std::string_view text, size_t pos, size_t end, bool through_cr_lf) {
-  size_t last = pos;        // start of the run's last character
-  size_t cr_lf_end = 0;     // end of the run's last \r or \n, 0 when none
+  size_t last = pos;     // start of the run's last character
+  size_t cr_lf_end = 0;  // end of the run's last \r or \n, 0 when none
   size_t count = 0;
   size_t p = pos;
   while (p < end) {
@@ -217,11 +217,16 @@ void split_words(std::string_view text, PreTokenizerKind kind,
 
 const char* pre_tokenizer_name(PreTokenizerKind kind) {
   switch (kind) {
-    case PreTokenizerKind::kGpt2: return "gpt2";
-    case PreTokenizerKind::kLlama3: return "llama3";
-    case PreTokenizerKind::kQwen2: return "qwen2";
-    case PreTokenizerKind::kSmolLM: return "smollm";
-    case PreTokenizerKind::kNone: return "none";
+    case PreTokenizerKind::kGpt2:
+      return "gpt2";
+    case PreTokenizerKind::kLlama3:
+      return "llama3";
+    case PreTokenizerKind::kQwen2:
+      return "qwen2";
+    case PreTokenizerKind::kSmolLM:
+      return "smollm";
+    case PreTokenizerKind::kNone:
+      return "none";
   }
   return "unknown";
 }

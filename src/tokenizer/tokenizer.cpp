@@ -128,9 +128,7 @@ class MergeTable {
   static uint64_t make_key(int32_t left, int32_t right) {
     return uint64_t(uint32_t(left)) << 32 | uint32_t(right);
   }
-  size_t hash(uint64_t key) const {
-    return size_t((key * 0x9E3779B97F4A7C15ull) >> 32) & mask_;
-  }
+  size_t hash(uint64_t key) const { return size_t((key * 0x9E3779B97F4A7C15ull) >> 32) & mask_; }
 
   std::vector<Slot> slots_{Slot{kEmpty, {0, 0}}};
   size_t mask_ = 0;
@@ -207,7 +205,8 @@ class JsonReader {
   }
 
   const json& member(const json& object, const std::string& where, const char* key) const {
-    if (!object.is_object()) fail(where, std::string("must be an object, got ") + object.type_name());
+    if (!object.is_object())
+      fail(where, std::string("must be an object, got ") + object.type_name());
     auto it = object.find(key);
     if (it == object.end()) fail(join(where, key), "is missing");
     return *it;
@@ -223,7 +222,8 @@ class JsonReader {
     return v.get<std::string>();
   }
   int32_t id(const json& v, const std::string& where) const {
-    if (!v.is_number_integer()) fail(where, std::string("must be an integer id, got ") + v.type_name());
+    if (!v.is_number_integer())
+      fail(where, std::string("must be an integer id, got ") + v.type_name());
     const int64_t id = v.get<int64_t>();
     if (id < 0 || id > std::numeric_limits<int32_t>::max()) {
       fail(where, "must be a token id in [0, 2^31), got " + std::to_string(id));
@@ -272,8 +272,9 @@ bool byte_level_use_regex(const JsonReader& r, const json& pt, const std::string
 PreTokenizerKind parse_pre_tokenizer(const JsonReader& r, const json& pt) {
   const std::string where = "pre_tokenizer";
   auto unsupported = [&]() {
-    r.fail(where, compact(pt) + " is not supported (supported: ByteLevel, Split(GPT-2, Llama 3 "
-                                "or Qwen2 regex) + ByteLevel, Digits(individual) + ByteLevel)");
+    r.fail(where, compact(pt) +
+                      " is not supported (supported: ByteLevel, Split(GPT-2, Llama 3 "
+                      "or Qwen2 regex) + ByteLevel, Digits(individual) + ByteLevel)");
   };
   if (pt.is_null()) r.fail(where, "is null: a byte-level BPE tokenizer needs ByteLevel");
   const std::string type = r.string(r.member(pt, where, "type"), where + ".type");
@@ -358,7 +359,9 @@ std::optional<int32_t> find_in_spec(const TokenizerSpec& spec, const std::string
   return std::nullopt;
 }
 
-bool is_white_space(char32_t cp) { return unicode::char_class(cp) == unicode::CharClass::kWhitespace; }
+bool is_white_space(char32_t cp) {
+  return unicode::char_class(cp) == unicode::CharClass::kWhitespace;
+}
 
 }  // namespace
 
@@ -688,7 +691,7 @@ Tokenizer Tokenizer::from_gpt2_files(const std::string& encoder_json,
     const int32_t id = r.id(value, quote_token(token));
     if (size_t(id) >= seen.size() || seen[id]) {
       r.fail(quote_token(token), "has id " + std::to_string(id) + ", but ids must be 0.." +
-                                std::to_string(seen.size() - 1) + ", each used once");
+                                     std::to_string(seen.size() - 1) + ", each used once");
     }
     seen[id] = 1;
     spec.vocab[id] = token;
@@ -864,16 +867,17 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
 PreTokenizerKind Tokenizer::pre_tokenizer_from_gguf_name(const std::string& name) {
   // llama.cpp's src/llama-vocab.cpp, grouped by the regexes it uses.
   static const char* const kGpt2Names[] = {
-      "", "default", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v1-en",
-      "jina-v2-es", "jina-v2-de", "jina-v2-code", "roberta-bpe", "a.x-4.0", "mellum",
-      "modern-bert", "exaone4", "mpt", "olmo", "jais"};
-  static const char* const kSmolLMNames[] = {"smollm", "starcoder", "refact", "command-r",
-                                             "codeshell", "exaone", "minerva-7b"};
+      "",         "default",    "gpt-2",       "phi-2",      "jina-es",      "jina-de",
+      "gigachat", "jina-v1-en", "jina-v2-es",  "jina-v2-de", "jina-v2-code", "roberta-bpe",
+      "a.x-4.0",  "mellum",     "modern-bert", "exaone4",    "mpt",          "olmo",
+      "jais"};
+  static const char* const kSmolLMNames[] = {"smollm",    "starcoder", "refact",    "command-r",
+                                             "codeshell", "exaone",    "minerva-7b"};
   static const char* const kLlama3Names[] = {
-      "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-      "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe", "glm4", "chatglm-bpe"};
-  static const char* const kQwen2Names[] = {"qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2",
-                                            "stablelm2", "megrez"};
+      "llama3", "llama-v3",     "llama-bpe", "falcon3",   "falcon-h1", "pixtral",    "midm-2.0",
+      "lfm2",   "jina-v5-nano", "dbrx",      "smaug-bpe", "glm4",      "chatglm-bpe"};
+  static const char* const kQwen2Names[] = {"qwen2",   "deepseek-r1-qwen", "kormo",
+                                            "f2llmv2", "stablelm2",        "megrez"};
   auto in = [&](const auto& names) {
     return std::find(std::begin(names), std::end(names), name) != std::end(names);
   };

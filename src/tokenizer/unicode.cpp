@@ -68,11 +68,11 @@ char32_t compose(char32_t first, char32_t second) {
   }
   const auto* begin = detail::kCompositions;
   const auto* end = begin + detail::kCompositionsSize;
-  const auto* it = std::lower_bound(begin, end, std::make_pair(first, second),
-                                    [](const detail::Composition& c, std::pair<char32_t, char32_t> k) {
-                                      return c.first < k.first ||
-                                             (c.first == k.first && c.second < k.second);
-                                    });
+  const auto* it =
+      std::lower_bound(begin, end, std::make_pair(first, second),
+                       [](const detail::Composition& c, std::pair<char32_t, char32_t> k) {
+                         return c.first < k.first || (c.first == k.first && c.second < k.second);
+                       });
   return (it != end && it->first == first && it->second == second) ? it->composite : 0;
 }
 

@@ -14,12 +14,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
-#include <set>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
-#include "tessera/core/subprocess.h"
 #include "tessera/ckpt/checkpoint.h"
+#include "tessera/core/subprocess.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/model.h"
 #include "tessera/nn/train.h"
@@ -89,8 +89,8 @@ TEST_F(CkptLaunchTest, DenseSavedAtWorld4LoadsAtOtherWorldSizes) {
   const std::string dir = step_dir(root, 100);
   for (auto [nproc, tp, dp] : std::vector<std::array<int, 3>>{{2, 1, 2}, {1, 1, 1}, {4, 4, 1}}) {
     SCOPED_TRACE("tp" + std::to_string(tp) + " dp" + std::to_string(dp));
-    Outcome l = launch(nproc, "load " + dir + " llama " + std::to_string(tp) + " 1 " +
-                              std::to_string(dp));
+    Outcome l =
+        launch(nproc, "load " + dir + " llama " + std::to_string(tp) + " 1 " + std::to_string(dp));
     EXPECT_EQ(l.code, 0) << l.output;
   }
 }
@@ -100,12 +100,12 @@ TEST_F(CkptLaunchTest, MoeSavedAtEp2LoadsAtOtherExpertParallelism) {
   Outcome s = launch(4, "save " + root + " 100 mixtral 2 2 1");
   ASSERT_EQ(s.code, 0) << s.output;
   const std::string dir = step_dir(root, 100);
-  for (auto [nproc, tp, ep, dp] : std::vector<std::array<int, 4>>{
-           {4, 1, 4, 1}, {2, 2, 1, 1}, {1, 1, 1, 1}}) {
+  for (auto [nproc, tp, ep, dp] :
+       std::vector<std::array<int, 4>>{{4, 1, 4, 1}, {2, 2, 1, 1}, {1, 1, 1, 1}}) {
     SCOPED_TRACE("tp" + std::to_string(tp) + " ep" + std::to_string(ep) + " dp" +
                  std::to_string(dp));
     Outcome l = launch(nproc, "load " + dir + " mixtral " + std::to_string(tp) + " " +
-                              std::to_string(ep) + " " + std::to_string(dp));
+                                  std::to_string(ep) + " " + std::to_string(dp));
     EXPECT_EQ(l.code, 0) << l.output;
   }
 }
@@ -137,7 +137,8 @@ TEST_F(CkptLaunchTest, TrainingResumedAfterReshardContinuesWithTheSameLosses) {
     // A learnable stream over the 101-token vocabulary: a repeating phrase
     // with a slowly drifting offset.
     std::vector<int64_t> ids(20000);
-    for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int64_t>((i % 23) * 4 + i / 997) % 101;
+    for (size_t i = 0; i < ids.size(); ++i)
+      ids[i] = static_cast<int64_t>((i % 23) * 4 + i / 997) % 101;
     nn::TokenDataset::write(data, ids);
   }
   auto train = [&](int nproc, const std::string& root, int tp, int dp, bool zero1, int first,

@@ -84,7 +84,8 @@ Job make_job(const std::string& type, int tp, int ep, int dp) {
   Job job;
   job.world = dist::init_process_group();
   auto mesh = dist::DeviceMesh::create(job.world, {{"dp", dp}, {"ep", ep}, {"tp", tp}});
-  nn::ParallelGroups groups{tp > 1 ? mesh.group("tp") : nullptr, ep > 1 ? mesh.group("ep") : nullptr};
+  nn::ParallelGroups groups{tp > 1 ? mesh.group("tp") : nullptr,
+                            ep > 1 ? mesh.group("ep") : nullptr};
   job.model = std::make_unique<nn::Transformer>(tiny(type), groups);
   job.where = {static_cast<int>(mesh.coord("dp")), dp};
   return job;
@@ -132,8 +133,8 @@ void add_optimizer_state(ckpt::State& st, const Job& job, bool fill) {
   }
 }
 
-int save_mode(const std::string& root, int64_t step, const std::string& type, int tp, int ep, int dp,
-              int kill_rank) {
+int save_mode(const std::string& root, int64_t step, const std::string& type, int tp, int ep,
+              int dp, int kill_rank) {
   Job job = make_job(type, tp, ep, dp);
   job.model->init_random(kSeed);
   ckpt::State st;
@@ -184,8 +185,8 @@ int load_mode(const std::string& dir, const std::string& type, int tp, int ep, i
     }
   }
   if (st.step <= 0 || st.data_position != st.step * 64) {
-    std::cerr << "rank " << rank << ": step " << st.step << " / data position "
-              << st.data_position << " not restored\n";
+    std::cerr << "rank " << rank << ": step " << st.step << " / data position " << st.data_position
+              << " not restored\n";
     ++bad;
   }
   // A resharded checkpoint has no RNG states to restore.
@@ -230,7 +231,7 @@ int train_mode(const std::string& root, const std::string& data, int tp, int dp,
   ckpt::Checkpointer ck;
   if (first > 0) {
     auto dir = fs::exists(ckpt::step_dir(root, first)) ? std::optional(ckpt::step_dir(root, first))
-                                                        : ckpt::latest(root);
+                                                       : ckpt::latest(root);
     if (!dir) {
       std::cerr << "rank " << rank << ": no checkpoint in " << root << "\n";
       return 1;
@@ -238,9 +239,8 @@ int train_mode(const std::string& root, const std::string& data, int tp, int dp,
     ckpt::LoadResult r = ck.load(*dir, state, world);
     ckpt::restore_trainer(state, trainer, where, r);
     if (trainer.steps() != first || state.data_position != first * kGlobalBatch) {
-      std::cerr << "rank " << rank << ": resumed at step " << trainer.steps()
-                << ", data position " << state.data_position << "; expected step " << first
-                << "\n";
+      std::cerr << "rank " << rank << ": resumed at step " << trainer.steps() << ", data position "
+                << state.data_position << "; expected step " << first << "\n";
       return 1;
     }
   }
@@ -253,12 +253,14 @@ int train_mode(const std::string& root, const std::string& data, int tp, int dp,
       state.data_position = position;
       ckpt::SaveOptions so;
       so.defer_copy = step == save_at;
-      (so.defer_copy ? deferred : copied) = ck.save_async(ckpt::step_dir(root, step), state, world, so);
+      (so.defer_copy ? deferred : copied) =
+          ck.save_async(ckpt::step_dir(root, step), state, world, so);
     }
     auto batch = dataset.batch(position / kGlobalBatch, kGlobalBatch, kSeqLen, where.dp_rank, dp);
     position += kGlobalBatch;
     nn::StepStats stats = trainer.step(batch.input_ids, batch.labels);
-    if (rank == 0) std::printf("ckpt-loss %lld %.17g\n", static_cast<long long>(stats.step), stats.loss);
+    if (rank == 0)
+      std::printf("ckpt-loss %lld %.17g\n", static_cast<long long>(stats.step), stats.loss);
     if (copied.valid()) copied.wait();  // one step later: the snapshot was taken before it
     copied = ckpt::SaveHandle();
   }

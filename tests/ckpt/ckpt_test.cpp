@@ -91,7 +91,8 @@ std::vector<Spec> specs() {
 Layout layout_for(const Spec& s, int tp, int dp, bool flat) {
   MeshShape mesh{{dp, tp}, {"dp", "tp"}};
   auto shape = s.full.sizes().vec();
-  Placement split = shape.size() == 2 && s.name[0] == 'b' ? Placement::Shard(1) : Placement::Shard(0);
+  Placement split =
+      shape.size() == 2 && s.name[0] == 'b' ? Placement::Shard(1) : Placement::Shard(0);
   std::vector<Placement> pl{Placement::Replicate(), split};
   return flat ? Layout::sharded_flat(shape, mesh, pl, "dp") : Layout::sharded(shape, mesh, pl);
 }
@@ -343,7 +344,9 @@ class GatedStorage : public Storage {
     };
     return std::make_unique<File>(this, local_->create(path));
   }
-  std::unique_ptr<ReadableFile> open(const std::string& path) override { return local_->open(path); }
+  std::unique_ptr<ReadableFile> open(const std::string& path) override {
+    return local_->open(path);
+  }
   std::string read_all(const std::string& path) override { return local_->read_all(path); }
   void create_dirs(const std::string& path) override { local_->create_dirs(path); }
   void rename(const std::string& from, const std::string& to) override { local_->rename(from, to); }
@@ -620,7 +623,8 @@ TEST_F(CkptTest, TrainerStateMovesBetweenZero1AndPlainAdamW) {
       if (key == "exp_avg") saved_m[g->rank()] = t.clone();
     }
     if (g->rank() == 0) {
-      for (const auto& [name, p] : model.named_parameters()) saved_params[name] = p.detach().clone();
+      for (const auto& [name, p] : model.named_parameters())
+        saved_params[name] = p.detach().clone();
     }
   });
 

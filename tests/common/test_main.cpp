@@ -33,7 +33,8 @@ class SkipRecorder : public ::testing::EmptyTestEventListener {
 
 bool ci() {
   const char* v = std::getenv("CI");
-  return v != nullptr && (std::strcmp(v, "true") == 0 || std::strcmp(v, "1") == 0 || std::strcmp(v, "yes") == 0);
+  return v != nullptr &&
+         (std::strcmp(v, "true") == 0 || std::strcmp(v, "1") == 0 || std::strcmp(v, "yes") == 0);
 }
 
 int run_all_tests() {

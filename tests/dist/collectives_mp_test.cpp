@@ -48,11 +48,21 @@ at::Tensor reference_reduce(const std::vector<at::Tensor>& inputs, ReduceOp op) 
   at::Tensor stacked = at::stack(inputs).to(at::kDouble).cpu();
   at::Tensor r;
   switch (op) {
-    case ReduceOp::kSum: r = stacked.sum(0); break;
-    case ReduceOp::kAvg: r = stacked.mean(0); break;
-    case ReduceOp::kMax: r = std::get<0>(stacked.max(0)); break;
-    case ReduceOp::kMin: r = std::get<0>(stacked.min(0)); break;
-    case ReduceOp::kProduct: r = stacked.prod(0); break;
+    case ReduceOp::kSum:
+      r = stacked.sum(0);
+      break;
+    case ReduceOp::kAvg:
+      r = stacked.mean(0);
+      break;
+    case ReduceOp::kMax:
+      r = std::get<0>(stacked.max(0));
+      break;
+    case ReduceOp::kMin:
+      r = std::get<0>(stacked.min(0));
+      break;
+    case ReduceOp::kProduct:
+      r = stacked.prod(0);
+      break;
   }
   return r;
 }
@@ -71,8 +81,8 @@ void expect_close(const at::Tensor& got, const at::Tensor& want, at::ScalarType 
 TEST(Collectives, AllReduceEveryOpAndDtype) {
   int seed = 1;
   for (auto dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf, at::kLong, at::kInt}) {
-    for (auto op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax, ReduceOp::kMin,
-                    ReduceOp::kProduct}) {
+    for (auto op :
+         {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax, ReduceOp::kMin, ReduceOp::kProduct}) {
       if (op == ReduceOp::kAvg && at::isIntegralType(dtype, false)) continue;
       SCOPED_TRACE(std::string(c10::toString(dtype)) + " op " + std::to_string(int(op)));
       auto inputs = all_inputs({5, 33}, dtype, ++seed);
@@ -255,8 +265,7 @@ TEST(Redistribute, RandomLayoutsOnRealRanks) {
     auto dtype = iter % 3 == 0 ? at::kBFloat16 : at::kFloat;
     Layout from = random_layout(shape), to = random_layout(shape);
     at::Tensor full = input_of(0, shape, dtype, 900 + iter).cpu();
-    at::Tensor moved =
-        redistribute(*g_world, extract_local(from, me, full).to(g_device), from, to);
+    at::Tensor moved = redistribute(*g_world, extract_local(from, me, full).to(g_device), from, to);
     ASSERT_TRUE(same(moved, extract_local(to, me, full)))
         << "from " << from.to_string() << " to " << to.to_string();
   }
@@ -276,7 +285,8 @@ TEST(Redistribute, ShardToReplicateAlongEveryDimension) {
       const Layout from = Layout::sharded(shape, mesh, {Placement::Shard(dim)});
       const Layout to = Layout::replicated(shape, n);
       at::Tensor full = input_of(0, shape, at::kFloat, 77 + dim).cpu();
-      at::Tensor moved = redistribute(*g_world, extract_local(from, me, full).to(g_device), from, to);
+      at::Tensor moved =
+          redistribute(*g_world, extract_local(from, me, full).to(g_device), from, to);
       ASSERT_TRUE(same(moved, full)) << "dim " << dim << (even ? " even" : " uneven");
     }
   }
@@ -299,9 +309,8 @@ int main(int argc, char** argv) {
   options.group.timeout = std::chrono::seconds(60);
   tessera::dist::g_world = tessera::dist::init_process_group(options);
   if (tessera::dist::g_world->backend() == tessera::dist::Backend::kNccl) {
-    tessera::dist::g_device =
-        at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(
-                                  tessera::dist::EnvInfo::from_env().local_rank));
+    tessera::dist::g_device = at::Device(
+        at::kCUDA, static_cast<c10::DeviceIndex>(tessera::dist::EnvInfo::from_env().local_rank));
   }
   int result = tessera::testutil::run_all_tests();
   // Keep rank 0's store alive until everyone is done.

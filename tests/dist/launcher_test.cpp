@@ -124,9 +124,9 @@ TEST_F(LauncherTest, OneFailingRankStopsAllAndIsNamed) {
 
 TEST_F(LauncherTest, InterruptStopsEveryRank) {
   std::string out = (dir_ / "out.txt").string();
-  Subprocess launcher = start({TESSERA_LAUNCH_BIN, "--nproc", "3", "--grace", "1", "--",
-                               TESSERA_HELPER_BIN, "sleep"},
-                              {piddir_env()}, out);
+  Subprocess launcher =
+      start({TESSERA_LAUNCH_BIN, "--nproc", "3", "--grace", "1", "--", TESSERA_HELPER_BIN, "sleep"},
+            {piddir_env()}, out);
   for (int i = 0; i < 200 && recorded_pids(dir_ / "pids").size() < 6; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
@@ -140,10 +140,9 @@ TEST_F(LauncherTest, InterruptStopsEveryRank) {
 
 TEST_F(LauncherTest, RanksRendezvousAndReduce) {
   std::string out = (dir_ / "out.txt").string();
-  Result r = finish(start({TESSERA_LAUNCH_BIN, "--nproc", "3", "--", TESSERA_HELPER_BIN,
-                           "rendezvous"},
-                          {}, out),
-                    out);
+  Result r = finish(
+      start({TESSERA_LAUNCH_BIN, "--nproc", "3", "--", TESSERA_HELPER_BIN, "rendezvous"}, {}, out),
+      out);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   for (int rank = 0; rank < 3; ++rank) {
     EXPECT_NE(r.output.find("[rank " + std::to_string(rank) + "] sum=6"), std::string::npos)
@@ -153,10 +152,9 @@ TEST_F(LauncherTest, RanksRendezvousAndReduce) {
 
 TEST_F(LauncherTest, DeadPeerGivesClearError) {
   std::string out = (dir_ / "out.txt").string();
-  Result r = finish(start({TESSERA_LAUNCH_BIN, "--nproc", "2", "--", TESSERA_HELPER_BIN,
-                           "peer-dies"},
-                          {}, out),
-                    out);
+  Result r = finish(
+      start({TESSERA_LAUNCH_BIN, "--nproc", "2", "--", TESSERA_HELPER_BIN, "peer-dies"}, {}, out),
+      out);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("caught: "), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("all_reduce on group 'world' (rank 0 of 2)"), std::string::npos)
@@ -167,12 +165,12 @@ TEST_F(LauncherTest, RendezvousTimeoutNamesMissingRank) {
   // Rank 0 of 2 alone: rendezvous must give up with a clear message.
   std::string out = (dir_ / "out.txt").string();
   auto started = std::chrono::steady_clock::now();
-  Result r = finish(start({TESSERA_HELPER_BIN, "rendezvous"},
-                          {"RANK=0", "WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1",
-                           "MASTER_PORT=" + std::to_string(20000 + getpid() % 20000),
-                           "TESSERA_RDZV_TIMEOUT=2"},
-                          out),
-                    out);
+  Result r = finish(
+      start({TESSERA_HELPER_BIN, "rendezvous"},
+            {"RANK=0", "WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1",
+             "MASTER_PORT=" + std::to_string(20000 + getpid() % 20000), "TESSERA_RDZV_TIMEOUT=2"},
+            out),
+      out);
   double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   EXPECT_EQ(r.exit_code, 2) << r.output;
@@ -202,8 +200,8 @@ TEST_F(LauncherTest, TwoNodesRunTheCollectivesTestAsOneWorld) {
   std::vector<Subprocess> nodes;
   for (int node = 0; node < 2; ++node) {
     nodes.push_back(start({TESSERA_LAUNCH_BIN, "--nproc", "2", "--nnodes", "2", "--node-rank",
-                           std::to_string(node), "--master-addr", "127.0.0.1", "--master-port", port,
-                           "--agent-port", agent, "--", TESSERA_COLLECTIVES_BIN},
+                           std::to_string(node), "--master-addr", "127.0.0.1", "--master-port",
+                           port, "--agent-port", agent, "--", TESSERA_COLLECTIVES_BIN},
                           {}, (dir_ / ("node" + std::to_string(node) + ".txt")).string()));
   }
   for (int node = 0; node < 2; ++node) {
@@ -226,7 +224,8 @@ TEST_F(LauncherTest, FailingRankOnOneNodeStopsTheOtherNode) {
     nodes.push_back(start({TESSERA_LAUNCH_BIN, "--nproc", "2", "--nnodes", "2", "--node-rank",
                            std::to_string(node), "--master-port", port, "--agent-port", agent,
                            "--grace", "2", "--", TESSERA_HELPER_BIN, "fail", "3", "5"},
-                          {piddir_env()}, (dir_ / ("node" + std::to_string(node) + ".txt")).string()));
+                          {piddir_env()},
+                          (dir_ / ("node" + std::to_string(node) + ".txt")).string()));
   }
   Result r0 = finish(nodes[0], (dir_ / "node0.txt").string());
   Result r1 = finish(nodes[1], (dir_ / "node1.txt").string());
@@ -256,8 +255,8 @@ TEST(LaunchArgs, ParsesAndRejects) {
   EXPECT_EQ(n.nnodes, 2);
   EXPECT_EQ(n.node_rank, 1);
   EXPECT_EQ(n.agent_port, 4100);
-  EXPECT_THROW(parse_launch_args({"--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--master-port",
-                                  "4000", "--", "p"}),
+  EXPECT_THROW(parse_launch_args({"--nproc", "2", "--nnodes", "2", "--node-rank", "2",
+                                  "--master-port", "4000", "--", "p"}),
                InvalidArgument);
 }
 

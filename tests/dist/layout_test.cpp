@@ -52,8 +52,8 @@ TEST(Layout, ShardedBoxesFollowArraySplit) {
 
 TEST(Layout, ZeroFlatShardsOfTensorParallelShards) {
   MeshShape mesh{{2, 2}, {"dp", "tp"}};
-  auto layout = Layout::sharded_flat({4, 6}, mesh, {Placement::Replicate(), Placement::Shard(1)},
-                                     "dp");
+  auto layout =
+      Layout::sharded_flat({4, 6}, mesh, {Placement::Replicate(), Placement::Shard(1)}, "dp");
   // tp shard 0 is columns 0..3 (12 elements); dp rank 1 holds its flat
   // elements [6, 12): rows 2..4 of those columns.
   EXPECT_EQ(layout.local_shape(2), (std::vector<int64_t>{6}));

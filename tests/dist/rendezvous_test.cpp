@@ -58,9 +58,9 @@ TEST(Rendezvous, DuplicateRankRejected) {
 }
 
 TEST(EnvInfo, ParsesTorchrunAndSlurmVariables) {
-  for (const char* v : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                        "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-                        "SLURM_NTASKS_PER_NODE"})
+  for (const char* v :
+       {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+        "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"})
     unsetenv(v);
   EXPECT_FALSE(EnvInfo::from_env().distributed);
   setenv("SLURM_PROCID", "3", 1);

@@ -24,11 +24,11 @@
 
 #include "eval_test_util.h"
 #include "smollm2.h"
-#include "test_main.h"
 #include "tessera/core/error.h"
 #include "tessera/core/subprocess.h"
 #include "tessera/eval/eval.h"
 #include "tessera/eval/model_backend.h"
+#include "test_main.h"
 
 namespace tessera::eval {
 namespace {
@@ -51,21 +51,20 @@ std::string echo_answer(const std::vector<std::string>& tokens, const std::vecto
                    {"token_logprobs", token_logprobs},
                    {"top_logprobs", tops},
                    {"text_offset", offsets}};
-  json answer = {{"object", "text_completion"},
-                 {"choices", json::array({{{"text", "Q: A!"},
-                                           {"index", 0},
-                                           {"logprobs", logprobs},
-                                           {"finish_reason", "length"}}})},
-                 {"usage",
-                  {{"prompt_tokens", tokens.size() - generated},
-                   {"completion_tokens", generated}}}};
+  json answer = {
+      {"object", "text_completion"},
+      {"choices", json::array({{{"text", "Q: A!"},
+                                {"index", 0},
+                                {"logprobs", logprobs},
+                                {"finish_reason", "length"}}})},
+      {"usage", {{"prompt_tokens", tokens.size() - generated}, {"completion_tokens", generated}}}};
   return answer.dump();
 }
 
 TEST(EchoLogprobs, TokenPromptsCountFromTheEndOfTheEcho) {
   // Prompt "Q", ":", " A" (context: 2 tokens), then one generated token "!".
-  const std::vector<json> tops = {nullptr, {{":", -1.0}}, {{" B", -0.1}, {" A", -0.5}},
-                                  {{"!", -0.2}}};
+  const std::vector<json> tops = {
+      nullptr, {{":", -1.0}}, {{" B", -0.1}, {" A", -0.5}}, {{"!", -0.2}}};
   const std::string body =
       echo_answer({"Q", ":", " A", "!"}, {0, -1.0, -0.5, -0.2}, tops, {0, 1, 2, 4}, 1);
   LoglikelihoodResult r = parse_echo_logprobs(body, 2, 3, 0, 0, "http://h/v1/completions");
@@ -81,11 +80,11 @@ TEST(EchoLogprobs, TokenPromptsCountFromTheEndOfTheEcho) {
   r = parse_echo_logprobs(body, 3, 4, 0, 0, "u");
   EXPECT_DOUBLE_EQ(r.logprob, -0.5);
   // Greedy when the scored token is the most likely one listed.
-  const std::vector<json> greedy_tops = {nullptr, {{":", -1.0}}, {{" A", -0.5}, {" B", -0.9}},
-                                         {{"!", -0.2}}};
+  const std::vector<json> greedy_tops = {
+      nullptr, {{":", -1.0}}, {{" A", -0.5}, {" B", -0.9}}, {{"!", -0.2}}};
   r = parse_echo_logprobs(
-      echo_answer({"Q", ":", " A", "!"}, {0, -1.0, -0.5, -0.2}, greedy_tops, {0, 1, 2, 4}, 1), 2,
-      3, 0, 0, "u");
+      echo_answer({"Q", ":", " A", "!"}, {0, -1.0, -0.5, -0.2}, greedy_tops, {0, 1, 2, 4}, 1), 2, 3,
+      0, 0, "u");
   EXPECT_TRUE(r.is_greedy);
 }
 
@@ -184,8 +183,7 @@ TEST(HttpTransport, ChatPayloadModelDiscoveryAndStopStrings) {
     res.set_content(R"({"object":"list","data":[{"id":"served-model"},{"id":"other"}]})",
                     "application/json");
   });
-  s.server().Post("/v1/chat/completions", [&](const httplib::Request& req,
-                                              httplib::Response& res) {
+  s.server().Post("/v1/chat/completions", [&](const httplib::Request& req, httplib::Response& res) {
     std::lock_guard<std::mutex> lock(mu);
     bodies.push_back(json::parse(req.body));
     // The server applies only the stop strings it received.
@@ -200,8 +198,7 @@ TEST(HttpTransport, ChatPayloadModelDiscoveryAndStopStrings) {
   o.model.clear();  // ask /v1/models
   auto backend = HttpBackend::create(o);
   EXPECT_EQ(backend->model_name(), "served-model");
-  const auto texts =
-      backend->generate({chat_request("2+2?", {"\n\n", "Q:", "a1", "b2", "Fifth"})});
+  const auto texts = backend->generate({chat_request("2+2?", {"\n\n", "Q:", "a1", "b2", "Fifth"})});
   ASSERT_EQ(texts.size(), 1u);
   EXPECT_EQ(texts[0], "It is 4. ");  // the fifth stop string is applied here
   ASSERT_EQ(bodies.size(), 1u);
@@ -317,8 +314,7 @@ TEST(HttpTransport, TimeoutsAndRefusedConnections) {
 TEST(HttpTransport, ConcurrentRequestsKeepTheirOrder) {
   ScriptedServer s;
   std::atomic<int> in_flight{0}, most{0};
-  s.server().Post("/v1/chat/completions", [&](const httplib::Request& req,
-                                              httplib::Response& res) {
+  s.server().Post("/v1/chat/completions", [&](const httplib::Request& req, httplib::Response& res) {
     const int now = ++in_flight;
     int seen = most.load();
     while (now > seen && !most.compare_exchange_weak(seen, now)) {
@@ -379,7 +375,8 @@ class ServerProcess {
       if (auto res = client.Get("/v1/models"); res && res->status == 200) return true;
       std::this_thread::sleep_for(std::chrono::milliseconds(500));
     }
-    *why = "the server did not come up: " + testing::read_file(log_.file("server.log")).substr(0, 2000);
+    *why = "the server did not come up: " +
+           testing::read_file(log_.file("server.log")).substr(0, 2000);
     return false;
   }
   ~ServerProcess() {
@@ -457,9 +454,10 @@ TEST(LlamaServer, GreedyChatGenerationAndNoEcho) {
     prefix += k;
     total += std::max(mine[i].size(), first[i].size());
   }
-  std::printf("llama-server vs in-process greedy: %zu of %zu texts equal, %zu of %zu bytes in "
-              "common prefixes\n",
-              same, requests.size(), prefix, total);
+  std::printf(
+      "llama-server vs in-process greedy: %zu of %zu texts equal, %zu of %zu bytes in "
+      "common prefixes\n",
+      same, requests.size(), prefix, total);
   RecordProperty("identical_texts", static_cast<int>(same));
 
   // llama-server does not echo prompt log-probabilities: a clear error.

@@ -14,7 +14,6 @@
 
 #include "eval_test_util.h"
 #include "smollm2.h"
-#include "test_main.h"
 #include "tessera/core/error.h"
 #include "tessera/eval/eval.h"
 #include "tessera/nn/generate.h"
@@ -22,6 +21,7 @@
 #include "tessera/quant/model.h"
 #include "tessera/specdec/qspec.h"
 #include "tessera/tokenizer/chat.h"
+#include "test_main.h"
 
 namespace tessera::eval {
 namespace {
@@ -119,10 +119,14 @@ TEST(ModelBackend, LoglikelihoodsEqualADirectForward) {
     // Shared contexts (the choices of one question), other contexts,
     // one-token and many-token continuations, in mixed order.
     std::vector<LoglikelihoodRequest> requests = {
-        ll("Question: 2+2?\nAnswer:", " 4"),   ll("Question: 2+2?\nAnswer:", " five"),
-        ll("The sky is", " blue today"),       ll("Question: 2+2?\nAnswer:", " 22"),
-        ll("x", "y"),                          ll("The sky is", " green"),
-        ll("A much longer context ", "with"),  ll("Q", " a rather longer continuation"),
+        ll("Question: 2+2?\nAnswer:", " 4"),
+        ll("Question: 2+2?\nAnswer:", " five"),
+        ll("The sky is", " blue today"),
+        ll("Question: 2+2?\nAnswer:", " 22"),
+        ll("x", "y"),
+        ll("The sky is", " green"),
+        ll("A much longer context ", "with"),
+        ll("Q", " a rather longer continuation"),
     };
     const auto results = backend->loglikelihood(requests);
     ASSERT_EQ(results.size(), requests.size());
@@ -207,8 +211,8 @@ TEST(ModelBackend, StopStringsCutTheText) {
   ASSERT_GE(full.size(), 8u) << "the test model should not stop at once";
   // A stop string taken from the middle of the uncut text.
   const std::string stop = full.substr(5, 2);
-  const auto cut = backend->generate(
-      {gen("Tell me", 40, {"never appears \x01", stop}), gen("Tell me", 40, {})});
+  const auto cut =
+      backend->generate({gen("Tell me", 40, {"never appears \x01", stop}), gen("Tell me", 40, {})});
   EXPECT_EQ(cut[0], full.substr(0, full.find(stop)));
   EXPECT_EQ(cut[1], full);
   // max_gen_toks bounds the text (one byte per token here).

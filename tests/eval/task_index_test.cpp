@@ -25,8 +25,8 @@ class TaskIndex : public ::testing::Test {
   void SetUp() override {
     for (const char* name :
          {"math/_math.yaml", "math/math_0shot.yaml", "math/math_5shot.yaml", "qa/qa_gen_0shot.yaml",
-          "qa/qa_mc_0shot.yaml", "qa/qa_gen_5shot.yaml", "qa/qa_mc_5shot.yaml",
-          "solo/solo.yaml", "qa_extra/qa_gen_long_0shot.yaml"}) {
+          "qa/qa_mc_0shot.yaml", "qa/qa_gen_5shot.yaml", "qa/qa_mc_5shot.yaml", "solo/solo.yaml",
+          "qa_extra/qa_gen_long_0shot.yaml"}) {
       dir_.write(std::string("tasks/") + name, "task: x\n");
     }
   }
@@ -112,10 +112,10 @@ TEST(ShippedTasks, EveryYueNameResolves) {
   EXPECT_EQ(stems(resolve_tasks({"yue_trans"}, dir)),
             (std::vector<std::string>{"yue_trans_en_yue_0shot", "yue_trans_yue_en_0shot",
                                       "yue_trans_zh_yue_0shot"}));
-  EXPECT_EQ(resolve_tasks({"yue_truthfulqa", "yue_gsm8k", "yue_arc_c", "yue_mmlu", "yue_trans"},
-                          dir, 5)
-                .size(),
-            9u);
+  EXPECT_EQ(
+      resolve_tasks({"yue_truthfulqa", "yue_gsm8k", "yue_arc_c", "yue_mmlu", "yue_trans"}, dir, 5)
+          .size(),
+      9u);
   EXPECT_EQ(list_tasks(dir).size(), 18u);
 }
 
@@ -125,7 +125,8 @@ TEST(ShippedTasks, OverriddenShotCountLoads) {
   }
   const auto selected = resolve_tasks({"yue_gsm8k"}, testing::tasks_dir(), 2);
   ASSERT_EQ(selected.size(), 1u);
-  const Task task = Task::load(selected[0].path, selected[0].load_options(testing::yue_data_root()));
+  const Task task =
+      Task::load(selected[0].path, selected[0].load_options(testing::yue_data_root()));
   EXPECT_EQ(task.name(), "yue_gsm8k_2shot");
   EXPECT_EQ(task.config().num_fewshot, 2);
   EXPECT_EQ(task.fewshot_indices(0).size(), 2u);

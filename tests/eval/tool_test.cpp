@@ -14,8 +14,8 @@
 
 #include "eval_test_util.h"
 #include "smollm2.h"
-#include "test_main.h"
 #include "tessera/core/subprocess.h"
+#include "test_main.h"
 
 #ifndef TESSERA_EVAL_BIN
 #error "tool_test needs TESSERA_EVAL_BIN (the tessera-eval binary)"
@@ -83,10 +83,18 @@ class Tool : public ::testing::Test {
 
   std::vector<std::string> argv(const std::string& tasks, const std::string& out,
                                 std::vector<std::string> extra = {}) const {
-    std::vector<std::string> a = {TESSERA_EVAL_BIN,  "--model",     gguf_,
-                                  "--tasks",         tasks,         "--tasks-dir",
-                                  dir_.file("tasks"), "--data-root", dir_.file("data"),
-                                  "--output",        out,           "--bootstrap-iters",
+    std::vector<std::string> a = {TESSERA_EVAL_BIN,
+                                  "--model",
+                                  gguf_,
+                                  "--tasks",
+                                  tasks,
+                                  "--tasks-dir",
+                                  dir_.file("tasks"),
+                                  "--data-root",
+                                  dir_.file("data"),
+                                  "--output",
+                                  out,
+                                  "--bootstrap-iters",
                                   "0"};
     a.insert(a.end(), extra.begin(), extra.end());
     return a;
@@ -131,8 +139,7 @@ TEST_F(Tool, PrintsTheTableAndWritesResultsAndLogs) {
   for (const char* column : {"Tasks", "|Version|", "|n-shot|", "Metric", "|Value |", "|Stderr|"}) {
     EXPECT_NE(r.out.find(column), std::string::npos) << column << "\n" << r.out;
   }
-  EXPECT_NE(r.out.find("|tiny_gen|      2|number|     0|exact_match|"), std::string::npos)
-      << r.out;
+  EXPECT_NE(r.out.find("|tiny_gen|      2|number|     0|exact_match|"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("|tiny_mc |      0|none  |     0|acc"), std::string::npos) << r.out;
   EXPECT_NE(r.err.find("s/item"), std::string::npos) << r.err;
 
@@ -273,10 +280,21 @@ TEST_F(Tool, EndpointToTesseraServeScoresAsInProcess) {
 
   const ToolRun local = run(argv("tiny_gen,tiny_mc", dir_.file("local/results.json")));
   ASSERT_EQ(local.code, 0) << local.err;
-  std::vector<std::string> remote_args = {
-      TESSERA_EVAL_BIN, "--endpoint",   url,          "--tokenizer",       gguf_,
-      "--tasks",        "tiny_gen,tiny_mc", "--tasks-dir", dir_.file("tasks"), "--data-root",
-      dir_.file("data"), "--output",   dir_.file("remote/results.json"), "--bootstrap-iters", "0"};
+  std::vector<std::string> remote_args = {TESSERA_EVAL_BIN,
+                                          "--endpoint",
+                                          url,
+                                          "--tokenizer",
+                                          gguf_,
+                                          "--tasks",
+                                          "tiny_gen,tiny_mc",
+                                          "--tasks-dir",
+                                          dir_.file("tasks"),
+                                          "--data-root",
+                                          dir_.file("data"),
+                                          "--output",
+                                          dir_.file("remote/results.json"),
+                                          "--bootstrap-iters",
+                                          "0"};
   const ToolRun remote = run(remote_args);
   ASSERT_EQ(remote.code, 0) << remote.err;
   server.stop(std::chrono::seconds(10));

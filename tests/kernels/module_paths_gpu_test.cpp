@@ -26,8 +26,9 @@ TEST(GpuPaths, MoeMixtureMatchesTheCpuPath) {
     auto run = [&](const at::Device& d) {
       at::NoGradGuard no_grad;
       at::Tensor m = maps.to(d);
-      return nn::moe_mixture(x.to(d), top_e.to(d), top_w.to(d), E,
-                             [&](int64_t e, const at::Tensor& rows) { return at::matmul(rows, m[e]); })
+      return nn::moe_mixture(
+                 x.to(d), top_e.to(d), top_w.to(d), E,
+                 [&](int64_t e, const at::Tensor& rows) { return at::matmul(rows, m[e]); })
           .cpu();
     };
     EXPECT_TRUE(at::allclose(run(at::kCUDA), run(at::kCPU), 1e-4, 1e-5)) << N << " tokens";

@@ -21,7 +21,9 @@ bool have_device() {
 template <typename T>
 struct DeviceBuffer {
   T* ptr = nullptr;
-  explicit DeviceBuffer(size_t n) { EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess); }
+  explicit DeviceBuffer(size_t n) {
+    EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);
+  }
   ~DeviceBuffer() { cudaFree(ptr); }
   void upload(const std::vector<T>& v) {
     ASSERT_EQ(cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
@@ -36,9 +38,8 @@ struct DeviceBuffer {
 TEST(MoePermute, MatchesCpuReference) {
   if (!have_device()) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(7);
-  for (auto [tokens, top_k, experts, hidden] :
-       std::vector<std::tuple<int, int, int, int>>{{1, 1, 1, 4}, {37, 2, 8, 33}, {513, 2, 64, 128},
-                                                   {1000, 4, 16, 1030}, {0, 2, 4, 8}}) {
+  for (auto [tokens, top_k, experts, hidden] : std::vector<std::tuple<int, int, int, int>>{
+           {1, 1, 1, 4}, {37, 2, 8, 33}, {513, 2, 64, 128}, {1000, 4, 16, 1030}, {0, 2, 4, 8}}) {
     const int n = tokens * top_k;
     std::vector<int32_t> ids(n);
     for (auto& e : ids) e = std::uniform_int_distribution<int>(0, experts - 1)(rng);

@@ -38,8 +38,11 @@ at::Tensor from_device(const float* p, int64_t rows, int64_t cols) {
 TEST(QuantW4, BothModesMatchTheCpuReference) {
   if (!have_device()) GTEST_SKIP() << "no CUDA device";
   auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
-  const std::vector<std::array<int64_t, 4>> shapes = {
-      {1, 1, 64, 64}, {3, 37, 192, 64}, {16, 576, 576, 64}, {33, 1536, 576, 64}, {7, 130, 1024, 128}};
+  const std::vector<std::array<int64_t, 4>> shapes = {{1, 1, 64, 64},
+                                                      {3, 37, 192, 64},
+                                                      {16, 576, 576, 64},
+                                                      {33, 1536, 576, 64},
+                                                      {7, 130, 1024, 128}};
   for (const auto& [M, N, K, group] : shapes) {
     for (bool symmetric : {true, false}) {
       quant::QuantizedWeight w = quant::quantize(at::randn({N, K}, gen) * 0.05, {group, symmetric});
@@ -52,7 +55,8 @@ TEST(QuantW4, BothModesMatchTheCpuReference) {
       // W4A16.
       at::Tensor xb = x.to(at::kBFloat16).contiguous();
       uint16_t* xdev = to_device<uint16_t>(xb);
-      ASSERT_EQ(invoke_w4a16_gemm(xdev, M, codes, scales, zeros, N, K, group, out, nullptr), cudaSuccess);
+      ASSERT_EQ(invoke_w4a16_gemm(xdev, M, codes, scales, zeros, N, K, group, out, nullptr),
+                cudaSuccess);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       at::Tensor want = quant::linear(x, w, quant::Mode::kW4A16, quant::Isa::kReference);
       at::Tensor tol = at::matmul(x.abs(), quant::dequantize(w).abs().t()) * 1e-5 + 1e-6;
@@ -63,7 +67,8 @@ TEST(QuantW4, BothModesMatchTheCpuReference) {
         quant::QuantizedActivations qa = quant::quantize_activations(x, group, mode);
         int8_t* xq = to_device<int8_t>(qa.codes);
         float* xs = to_device<float>(qa.scales);
-        ASSERT_EQ(invoke_w4ax_gemm(xq, xs, M, codes, scales, zeros, N, K, group, out, nullptr), cudaSuccess);
+        ASSERT_EQ(invoke_w4ax_gemm(xq, xs, M, codes, scales, zeros, N, K, group, out, nullptr),
+                  cudaSuccess);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         at::Tensor ref = quant::linear(x, w, mode, quant::Isa::kReference);
         EXPECT_TRUE(((from_device(out, M, N) - ref).abs() <= tol).all().item<bool>())
@@ -83,7 +88,8 @@ TEST(QuantW4, BothModesMatchTheCpuReference) {
 TEST(QuantW4, BadSizesAreRefused) {
   EXPECT_EQ(invoke_w4a16_gemm(nullptr, 1, nullptr, nullptr, nullptr, 4, 100, 64, nullptr, nullptr),
             cudaErrorInvalidValue);
-  EXPECT_EQ(invoke_w4ax_gemm(nullptr, nullptr, 1, nullptr, nullptr, nullptr, 4, 128, 48, nullptr, nullptr),
+  EXPECT_EQ(invoke_w4ax_gemm(nullptr, nullptr, 1, nullptr, nullptr, nullptr, 4, 128, 48, nullptr,
+                             nullptr),
             cudaErrorInvalidValue);
 }
 

@@ -58,7 +58,8 @@ TEST(DataParallelAdapters, MosAndLoraEqualOneRankOnTheGlobalBatch) {
     };
     auto [want, want_params] = run(nullptr, 2 * n, 0, 1);
     auto [got, got_params] = run(g_world, 2, me, n);
-    for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-5 * std::abs(want[i])) << i;
+    for (size_t i = 0; i < want.size(); ++i)
+      EXPECT_NEAR(got[i], want[i], 1e-5 * std::abs(want[i])) << i;
     for (size_t i = 0; i < want_params.size(); ++i) {
       double scale = std::max(1.0, want_params[i].abs().max().item<double>());
       EXPECT_LE((got_params[i] - want_params[i]).abs().max().item<double>(), 1e-4 * scale) << i;

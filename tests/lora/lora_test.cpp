@@ -50,7 +50,8 @@ void randomize(Adapter& adapter, uint64_t seed) {
 }
 
 fs::path scratch(const std::string& name) {
-  fs::path p = fs::path(::testing::TempDir()) / ("tessera_lora_" + std::to_string(getpid()) + "_" + name);
+  fs::path p =
+      fs::path(::testing::TempDir()) / ("tessera_lora_" + std::to_string(getpid()) + "_" + name);
   fs::remove_all(p);
   fs::create_directories(p);
   return p;
@@ -194,7 +195,8 @@ TEST(Mos, PoolGradientsMatchFiniteDifferences) {
         flat[k] = orig;
       }
       double numeric = (up - down) / (2 * h);
-      EXPECT_NEAR(grad[k].item<double>(), numeric, 1e-6 + 1e-4 * std::abs(numeric)) << name << "[" << k << "]";
+      EXPECT_NEAR(grad[k].item<double>(), numeric, 1e-6 + 1e-4 * std::abs(numeric))
+          << name << "[" << k << "]";
     }
   }
 }
@@ -219,7 +221,8 @@ TEST(Merge, MergedAndUnmergedForwardsAgree) {
     model->set_adapter(nullptr);
     merge(*model, *adapter);
     at::Tensor merged = model->forward(ids).logits;
-    EXPECT_LE((merged - adapted).abs().max().item<double>(), 1e-5 * adapted.abs().max().item<double>());
+    EXPECT_LE((merged - adapted).abs().max().item<double>(),
+              1e-5 * adapted.abs().max().item<double>());
     unmerge(*model, *adapter);
     EXPECT_LE((model->forward(ids).logits - base_logits).abs().max().item<double>(),
               1e-5 * base_logits.abs().max().item<double>());
@@ -253,13 +256,15 @@ TEST(PeftFormat, KnownTensorsLoadWithTheRightNamesAndDelta) {
   at::Tensor w_before = model->parameter("model.layers.1.self_attn.q_proj.weight").clone();
   merge(*model, *adapter);
   at::Tensor expected_delta = at::matmul(at::arange(64, at::kFloat).view({32, 2}) / 50,
-                                         at::arange(64, at::kFloat).view({2, 32}) / 100) * 2.0;
+                                         at::arange(64, at::kFloat).view({2, 32}) / 100) *
+                              2.0;
   EXPECT_TRUE(at::allclose(model->parameter("model.layers.1.self_attn.q_proj.weight") - w_before,
                            expected_delta, 1e-5, 1e-6));
   // Round trip of both kinds is exact.
   for (const std::string kind : {"lora", "mos"}) {
-    std::shared_ptr<Adapter> a = kind == "lora" ? make_lora(*model, {4, 8, 0.0, false, {"v_proj", "up_proj"}})
-                                                : make_mos(*model, MosConfig{});
+    std::shared_ptr<Adapter> a = kind == "lora"
+                                     ? make_lora(*model, {4, 8, 0.0, false, {"v_proj", "up_proj"}})
+                                     : make_mos(*model, MosConfig{});
     randomize(*a, 10);
     fs::path out = scratch("rt_" + kind);
     save_adapter(*a, out.string());
@@ -303,8 +308,9 @@ TEST(PeftFormat, BrokenAdaptersGiveClearErrors) {
   expect_error(InvalidArgument(""), "lora_A.weight' has shape [4, 32], expected [8, 32]");
   // A missing tensor.
   std::ofstream(dir / "adapter_config.json") << good;
-  nn::save_safetensors((dir / "adapter_model.safetensors").string(),
-                       {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", at::zeros({4, 32})}});
+  nn::save_safetensors(
+      (dir / "adapter_model.safetensors").string(),
+      {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", at::zeros({4, 32})}});
   expect_error(NotFound(""), "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
   fs::remove_all(dir);
 }
@@ -313,7 +319,8 @@ TEST(AdapterBank, MixedBatchEqualsEachSequenceAlone) {
   auto model = base_model();
   std::vector<std::shared_ptr<Adapter>> adapters;
   for (int64_t r : {4, 8, 16}) {
-    adapters.push_back(make_lora(*model, {r, 2.0 * r, 0.0, false, {"q_proj", "v_proj", "down_proj"}}, r));
+    adapters.push_back(
+        make_lora(*model, {r, 2.0 * r, 0.0, false, {"q_proj", "v_proj", "down_proj"}}, r));
   }
   MosConfig mc;
   mc.target_modules = {"q_proj", "up_proj", "down_proj"};
@@ -330,7 +337,8 @@ TEST(AdapterBank, MixedBatchEqualsEachSequenceAlone) {
   for (int64_t s = 0; s < 6; ++s) {
     model->set_adapter(choice[s] < 0 ? nullptr : adapters[choice[s]]);
     at::Tensor alone = model->forward(ids.narrow(0, s, 1)).logits;
-    EXPECT_LE((batched.narrow(0, s, 1) - alone).abs().max().item<double>(), 1e-5) << "sequence " << s;
+    EXPECT_LE((batched.narrow(0, s, 1) - alone).abs().max().item<double>(), 1e-5)
+        << "sequence " << s;
   }
 }
 

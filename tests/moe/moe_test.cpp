@@ -43,7 +43,8 @@ TEST(Billing, MatchesAHandComputation) {
 }
 
 TEST(PriceSheet, ShippedFileEqualsTheBuiltInSheetAndUnknownKeysAreRefused) {
-  const PriceSheet file = PriceSheet::from_json_file(std::string(TESSERA_SOURCE_DIR) + "/data/aws_lambda_prices.json");
+  const PriceSheet file =
+      PriceSheet::from_json_file(std::string(TESSERA_SOURCE_DIR) + "/data/aws_lambda_prices.json");
   const PriceSheet builtin = PriceSheet::aws_lambda();
   EXPECT_EQ(file.name, builtin.name);
   EXPECT_EQ(file.gb_second, builtin.gb_second);
@@ -52,7 +53,8 @@ TEST(PriceSheet, ShippedFileEqualsTheBuiltInSheetAndUnknownKeysAreRefused) {
   EXPECT_EQ(file.payload_limit_bytes, builtin.payload_limit_bytes);
   EXPECT_EQ(file.memory_sizes_mb.size(), 14u);
   try {
-    PriceSheet::from_json(R"({"name": "x", "gb_second": 1, "per_request": 0, "memory_sizes_mb": [128], "gb_secnd": 2})");
+    PriceSheet::from_json(
+        R"({"name": "x", "gb_second": 1, "per_request": 0, "memory_sizes_mb": [128], "gb_secnd": 2})");
     ADD_FAILURE() << "no error";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("gb_secnd"), std::string::npos) << e.what();
@@ -130,7 +132,6 @@ TEST(Deployment, LimitsAreRespected) {
   EXPECT_THROW(optimal_deployment(p, prices, {{1000.0}}, 10.0), InvalidArgument);
 }
 
-
 TEST(Simulator, OverflowsAreCorrectedAndCounted) {
   const PriceSheet prices = PriceSheet::aws_lambda();
   const PlatformProfile p = small_profile();
@@ -176,9 +177,12 @@ TEST(BayesianOptimisation, ConvergesOnTheSimulatorAndBeatsThePrediction) {
   // must find a strictly cheaper one.
   EXPECT_LT(t.best.back(), t.cost.front());
   // Planning with the true loads is the floor the search approaches.
-  const double oracle = simulate(p, prices, optimal_deployment(p, prices, real_mean, o.slo_seconds, o.space), real_mean).cost;
-  std::printf("BO: first %.6g, best %.6g, oracle %.6g (%d iterations)\n", t.cost.front(), t.best.back(), oracle,
-              t.iterations);
+  const double oracle =
+      simulate(p, prices, optimal_deployment(p, prices, real_mean, o.slo_seconds, o.space),
+               real_mean)
+          .cost;
+  std::printf("BO: first %.6g, best %.6g, oracle %.6g (%d iterations)\n", t.cost.front(),
+              t.best.back(), oracle, t.iterations);
   EXPECT_LE(t.best.back(), 1.1 * oracle);
 }
 
@@ -220,26 +224,27 @@ TEST(Prediction, BayesianAndTokenOnlyBeatHistoricalOnARealRouter) {
   }
   EXPECT_LT(err[0], err[2]);
   EXPECT_LT(err[1], err[2]);
-  std::cout << "relative L1 load error: bayesian " << err[0] << ", token-only " << err[1] << ", historical "
-            << err[2] << "\n";
+  std::cout << "relative L1 load error: bayesian " << err[0] << ", token-only " << err[1]
+            << ", historical " << err[2] << "\n";
   EXPECT_THROW(CountTable(2, 8, 9), InvalidArgument);
   RoutingTrace wrong = trace_batch(model, batch());
   CountTable other(3, 8, 2);
   EXPECT_THROW(other.add(wrong), InvalidArgument);
 }
 
-
 // Runs tessera-moe-plan with `args` (a shell word list); *status is its
 // exit code.
 std::string run_tool(const std::string& args, int* status) {
-  CommandResult r = run_shell(std::string(TESSERA_MOE_PLAN_BIN) + " " + args, std::chrono::minutes(5));
+  CommandResult r =
+      run_shell(std::string(TESSERA_MOE_PLAN_BIN) + " " + args, std::chrono::minutes(5));
   *status = r.status.shell_code();
   return r.output;
 }
 
 TEST(MoePlanTool, PlansADeploymentAndRefusesADenseModel) {
   namespace fs = std::filesystem;
-  const std::string dir = (fs::temp_directory_path() / ("tessera-moe-plan-test-" + std::to_string(getpid()))).string();
+  const std::string dir =
+      (fs::temp_directory_path() / ("tessera-moe-plan-test-" + std::to_string(getpid()))).string();
   nn::ModelConfig c;
   c.model_type = "mixtral";
   c.vocab_size = 64;
@@ -255,8 +260,9 @@ TEST(MoePlanTool, PlansADeploymentAndRefusesADenseModel) {
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int64_t>((i * 7919) % 64);
   nn::TokenDataset::write(dir + "/data.tokens", ids);
   int status = 0;
-  std::string out = run_tool("--model " + dir + "/moe --tokens " + dir + "/data.tokens --batches 5 --batch-tokens 256 "
-                             "--seq 32 --slo 5",
+  std::string out = run_tool("--model " + dir + "/moe --tokens " + dir +
+                                 "/data.tokens --batches 5 --batch-tokens 256 "
+                                 "--seq 32 --slo 5",
                              &status);
   EXPECT_EQ(status, 0) << out;
   EXPECT_NE(out.find("2 MoE layers x 4 experts"), std::string::npos) << out;

@@ -6,10 +6,10 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "test_main.h"
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include "test_main.h"
 
 #include <chrono>
 #include <cmath>
@@ -18,8 +18,8 @@
 #include <thread>
 
 #include "tessera/core/error.h"
-#include "tessera/core/subprocess.h"
 #include "tessera/core/runtime.h"
+#include "tessera/core/subprocess.h"
 #include "tessera/dist/launcher.h"
 #include "tessera/moe/platform.h"
 #include "tessera/moe/storage.h"
@@ -31,7 +31,8 @@ namespace {
 namespace fs = std::filesystem;
 
 struct Model {
-  std::string dir = (fs::temp_directory_path() / ("tessera-platform-test-" + std::to_string(getpid()))).string();
+  std::string dir =
+      (fs::temp_directory_path() / ("tessera-platform-test-" + std::to_string(getpid()))).string();
   ExpertLayer layer;
   Model() {
     nn::ModelConfig c;
@@ -72,7 +73,8 @@ LayerPlan plan(Method m, int64_t beta, std::vector<int> replicas) {
   LayerPlan lp;
   lp.method = m;
   lp.beta = beta;
-  for (size_t e = 0; e < replicas.size(); ++e) lp.experts.push_back({static_cast<int>(e % 2), replicas[e]});
+  for (size_t e = 0; e < replicas.size(); ++e)
+    lp.experts.push_back({static_cast<int>(e % 2), replicas[e]});
   return lp;
 }
 
@@ -84,8 +86,9 @@ TEST(Platform, ServedOutputsEqualTheInProcessLayerForEveryMethod) {
   at::Tensor ref = moe_layer_reference(g_model->layer, x, r);
   ServerlessMoE gate(platform, g_model->layer, "layer0");
   int64_t invocations = 0;
-  for (const LayerPlan& p : {plan(Method::kDirect, 0, {1, 1, 1, 1}), plan(Method::kIndirect, 0, {1, 3, 1, 2}),
-                             plan(Method::kPipelined, 16, {1, 1, 2, 1}), plan(Method::kDirect, 0, {2, 2, 2, 2})}) {
+  for (const LayerPlan& p :
+       {plan(Method::kDirect, 0, {1, 1, 1, 1}), plan(Method::kIndirect, 0, {1, 3, 1, 2}),
+        plan(Method::kPipelined, 16, {1, 1, 2, 1}), plan(Method::kDirect, 0, {2, 2, 2, 2})}) {
     SCOPED_TRACE(method_name(p.method));
     gate.configure(p, profile());
     ServerlessMoE::Stats s;
@@ -105,7 +108,8 @@ TEST(Platform, ServedOutputsEqualTheInProcessLayerForEveryMethod) {
   for (const auto& c : calls) {
     const double billed = std::max(1.0, std::ceil(c.seconds * 1e3 - 1e-9)) / 1e3;
     EXPECT_DOUBLE_EQ(c.billed_seconds, billed);
-    EXPECT_NEAR(c.cost, billed * c.memory_mb / 1024.0 * prices.gb_second + prices.per_request, 1e-15);
+    EXPECT_NEAR(c.cost, billed * c.memory_mb / 1024.0 * prices.gb_second + prices.per_request,
+                1e-15);
     EXPECT_TRUE(c.memory_mb == 256 || c.memory_mb == 1024);
     total += c.cost;
   }
@@ -113,7 +117,6 @@ TEST(Platform, ServedOutputsEqualTheInProcessLayerForEveryMethod) {
   EXPECT_GT(platform.stats().cold_starts, 0);
   EXPECT_GT(platform.stats().warm_starts, 0);
 }
-
 
 TEST(Platform, ModelServedThroughTheGateEqualsTheInProcessModel) {
   FunctionPlatform platform(options());
@@ -123,11 +126,13 @@ TEST(Platform, ModelServedThroughTheGateEqualsTheInProcessModel) {
   at::Tensor ids = at::randint(0, 64, {4, 24}, at::kLong);
   at::NoGradGuard no_grad;
   at::Tensor local = model.forward(ids).logits;
-  for (const LayerPlan& p : {plan(Method::kDirect, 0, {1, 2, 1, 1}), plan(Method::kPipelined, 8, {1, 1, 1, 2})}) {
+  for (const LayerPlan& p :
+       {plan(Method::kDirect, 0, {1, 2, 1, 1}), plan(Method::kPipelined, 8, {1, 1, 1, 2})}) {
     gate.configure(p, profile());
     nn::ForwardOptions fo;
     int calls = 0;
-    fo.expert_override = [&](int64_t layer, const at::Tensor& x, const at::Tensor& e, const at::Tensor& w) {
+    fo.expert_override = [&](int64_t layer, const at::Tensor& x, const at::Tensor& e,
+                             const at::Tensor& w) {
       ++calls;
       EXPECT_EQ(layer, 0);
       return gate.forward(x, {e, w.to(at::kFloat)});
@@ -137,7 +142,6 @@ TEST(Platform, ModelServedThroughTheGateEqualsTheInProcessModel) {
     EXPECT_LT(relative_error(served, local), 1e-5) << method_name(p.method);
   }
 }
-
 
 // A real redis-server on a free loopback port for the Redis storage channel.
 class RedisServer {
@@ -150,8 +154,8 @@ class RedisServer {
     if (binary_.empty()) return;
     port_ = dist::free_port("127.0.0.1");
     SpawnOptions o;
-    o.argv = {binary_, "--port", std::to_string(port_), "--bind", "127.0.0.1", "--save", "",
-              "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"};
+    o.argv = {binary_,        "--port", std::to_string(port_), "--bind", "127.0.0.1",  "--save", "",
+              "--appendonly", "no",     "--daemonize",         "no",     "--loglevel", "warning"};
     server_ = Subprocess::spawn(o);
     for (int i = 0; i < 100; ++i) {  // wait until it answers
       try {
@@ -176,7 +180,8 @@ class RedisServer {
 
 TEST(Platform, RedisStorageChannelServesIndirectAndPipelinedTransfers) {
 #ifndef TESSERA_WITH_REDIS
-  TESSERA_REQUIRE_INSTALLED(false, "a Redis client in this build (libhiredis-dev at configure time)");
+  TESSERA_REQUIRE_INSTALLED(false,
+                            "a Redis client in this build (libhiredis-dev at configure time)");
 #endif
   RedisServer redis;
   TESSERA_REQUIRE_INSTALLED(redis.available(), "redis-server");
@@ -194,7 +199,8 @@ TEST(Platform, RedisStorageChannelServesIndirectAndPipelinedTransfers) {
   Routing r = route(g_model->layer, x);
   at::Tensor ref = moe_layer_reference(g_model->layer, x, r);
   ServerlessMoE gate(platform, g_model->layer, "layer0");
-  for (const LayerPlan& p : {plan(Method::kIndirect, 0, {1, 2, 1, 1}), plan(Method::kPipelined, 16, {1, 1, 2, 1})}) {
+  for (const LayerPlan& p :
+       {plan(Method::kIndirect, 0, {1, 2, 1, 1}), plan(Method::kPipelined, 16, {1, 1, 2, 1})}) {
     gate.configure(p, profile());
     EXPECT_LT(relative_error(gate.forward(x, r), ref), 1e-5) << method_name(p.method);
   }
@@ -212,7 +218,8 @@ TEST(Platform, PayloadLimitIsEnforcedAndTheGateFallsBackToStorage) {
   } catch (const ResourceExhausted& e) {
     EXPECT_NE(std::string(e.what()).find("invoke f"), std::string::npos) << e.what();
   }
-  EXPECT_TRUE(platform.invoke("f", {at::randn({8, 64}), {}, std::chrono::seconds(0)}).outputs.defined());
+  EXPECT_TRUE(
+      platform.invoke("f", {at::randn({8, 64}), {}, std::chrono::seconds(0)}).outputs.defined());
   at::manual_seed(2);
   at::Tensor x = at::randn({120, 64});
   Routing r = route(g_model->layer, x);
@@ -258,7 +265,9 @@ TEST(Platform, KilledFunctionIsRetriedOrReported) {
     const std::vector<long> pids = platform.instance_pids("f");
     ASSERT_EQ(pids.size(), 1u);
     // The request waits for its input; the instance is killed meanwhile.
-    auto call = std::async(std::launch::async, [&] { return platform.invoke("f", {at::Tensor(), {key}, std::chrono::seconds(10)}); });
+    auto call = std::async(std::launch::async, [&] {
+      return platform.invoke("f", {at::Tensor(), {key}, std::chrono::seconds(10)});
+    });
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     ::kill(static_cast<pid_t>(pids[0]), SIGKILL);
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -305,7 +314,9 @@ TEST(Platform, KeepAliveMemoryAndConcurrencyLimits) {
   // Six concurrent invocations never run on more than two instances.
   std::vector<std::future<FunctionPlatform::Result>> calls;
   for (int i = 0; i < 6; ++i) {
-    calls.push_back(std::async(std::launch::async, [&] { return platform.invoke("f", {at::randn({64, 64}), {}, std::chrono::seconds(0)}); }));
+    calls.push_back(std::async(std::launch::async, [&] {
+      return platform.invoke("f", {at::randn({64, 64}), {}, std::chrono::seconds(0)});
+    }));
   }
   for (auto& c : calls) c.get();
   EXPECT_LE(platform.stats().instances, 2);

@@ -11,10 +11,10 @@
 #include <thread>
 #include <vector>
 
-#include "test_main.h"
 #include "tessera/core/error.h"
 #include "tessera/dist/rendezvous.h"
 #include "tessera/lora/lora.h"
+#include "test_main.h"
 
 namespace tessera::nn {
 namespace {
@@ -34,12 +34,14 @@ double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 TEST(ResponseBatch, PadsMasksAndTruncatesThePromptFromTheLeft) {
   auto b = make_response_batch({{1, 2, 3}, {4}}, {{5, 6}, {7, 8, 9}}, {.pad_id = 0});
-  EXPECT_TRUE(at::equal(b.input_ids, at::tensor({1, 2, 3, 5, 6, 4, 7, 8, 9, 0}, at::kLong).view({2, 5})));
+  EXPECT_TRUE(
+      at::equal(b.input_ids, at::tensor({1, 2, 3, 5, 6, 4, 7, 8, 9, 0}, at::kLong).view({2, 5})));
   EXPECT_TRUE(at::equal(b.response_mask,
                         at::tensor({0, 0, 0, 1, 1, 0, 1, 1, 1, 0}, at::kFloat).view({2, 5})));
   auto t = make_response_batch({{1, 2, 3}}, {{5, 6}}, {.pad_id = 0, .max_length = 3});
   EXPECT_TRUE(at::equal(t.input_ids, at::tensor({3, 5, 6}, at::kLong).view({1, 3})));
-  EXPECT_THROW(make_response_batch({{1}}, {{2, 3}}, {.pad_id = 0, .max_length = 2}), InvalidArgument);
+  EXPECT_THROW(make_response_batch({{1}}, {{2, 3}}, {.pad_id = 0, .max_length = 2}),
+               InvalidArgument);
   EXPECT_THROW(make_response_batch({{1}}, {{}}), InvalidArgument);
   EXPECT_THROW(make_response_batch({{1}}, {{2}, {3}}), InvalidArgument);
   EXPECT_THROW(make_response_batch({}, {}), InvalidArgument);
@@ -70,7 +72,8 @@ TEST(SftBatch, LossIsTheMeanCrossEntropyOverResponseTokensOnly) {
 // The DPO loss and its gradient in the logits, from random logits in
 // float64, against plain loops: log-softmax by hand, the loss by its
 // formula, and the gradient by its closed form
-//   dL/dlogits[row, j-1, v] = +-(1/B) beta (eps sigmoid(h) - (1-eps) sigmoid(-h)) (1[v = tok] - p_v)
+//   dL/dlogits[row, j-1, v] = +-(1/B) beta (eps sigmoid(h) - (1-eps) sigmoid(-h)) (1[v = tok] -
+//   p_v)
 // (+ on chosen rows, - on rejected ones) at response tokens, 0 elsewhere.
 TEST(DpoLoss, ValueAndLogitGradientMatchADirectDoublePrecisionComputation) {
   const int64_t B = 3, L = 7, V = 11;
@@ -289,10 +292,10 @@ ToyRun train_toy(const std::string& kind) {
   at::Tensor ref = trainer->reference_logprobs(held);
   at::NoGradGuard g;
   at::Tensor lp = sequence_logprobs(model, held.rows).to(at::kDouble);
-  run.margin_after = ((lp.narrow(0, 0, 6) - ref.narrow(0, 0, 6)) -
-                      (lp.narrow(0, 6, 6) - ref.narrow(0, 6, 6)))
-                         .mean()
-                         .item<double>();
+  run.margin_after =
+      ((lp.narrow(0, 0, 6) - ref.narrow(0, 0, 6)) - (lp.narrow(0, 6, 6) - ref.narrow(0, 6, 6)))
+          .mean()
+          .item<double>();
   return run;
 }
 
@@ -308,7 +311,8 @@ TEST(DpoTrainer, ToyPreferenceSetWidensTheMarginWithLoraMosAndFullFineTuning) {
     EXPECT_LT(run.stats.back().loss, 0.6);
     // The margin grows step by step (a few noisy steps aside).
     int rises = 0;
-    for (size_t s = 1; s < run.stats.size(); ++s) rises += run.stats[s].margin > run.stats[s - 1].margin;
+    for (size_t s = 1; s < run.stats.size(); ++s)
+      rises += run.stats[s].margin > run.stats[s - 1].margin;
     EXPECT_GT(rises, static_cast<int>(run.stats.size()) * 2 / 3);
     EXPECT_EQ(run.stats.back().accuracy, 1.0);
     EXPECT_GT(run.stats.back().chosen_reward, run.stats.back().rejected_reward);
@@ -331,7 +335,8 @@ TEST(DpoTrainer, DataParallelEqualsOneRankOnTheGlobalBatch) {
     o.lr = 1e-2;
     DpoTrainer trainer(model, o, dp, adapter->trainable());
     const int64_t local = static_cast<int64_t>(pairs.size()) / world;
-    std::vector<PreferencePair> mine(pairs.begin() + rank * local, pairs.begin() + (rank + 1) * local);
+    std::vector<PreferencePair> mine(pairs.begin() + rank * local,
+                                     pairs.begin() + (rank + 1) * local);
     auto batch = make_preference_batch(mine, {.pad_id = 0});
     std::vector<double> losses;
     for (int s = 0; s < o.steps; ++s) losses.push_back(trainer.step(batch).loss);

@@ -42,7 +42,8 @@ ModelConfig tiny(const std::string& type = "llama") {
 }
 
 fs::path temp_dir(const std::string& name) {
-  fs::path p = fs::path(::testing::TempDir()) / ("tessera_nn_" + std::to_string(getpid()) + "_" + name);
+  fs::path p =
+      fs::path(::testing::TempDir()) / ("tessera_nn_" + std::to_string(getpid()) + "_" + name);
   fs::remove_all(p);
   fs::create_directories(p);
   return p;
@@ -86,11 +87,14 @@ TEST(ModelConfig, RejectsWhatItDoesNotImplement) {
   expect_error(R"({"model_type": "gpt_neox", )" + base + "}", "unsupported model_type 'gpt_neox'");
   expect_error(R"({"model_type": "llama", "attn_logit_softcap": 30, )" + base + "}",
                "unknown key 'attn_logit_softcap'");
-  expect_error(R"({"model_type": "llama", "hidden_act": "gelu", )" + base + "}", "hidden_act 'gelu'");
-  expect_error(R"({"model_type": "llama", "rope_scaling": {"type": "yarn", "factor": 4}, )" + base + "}",
-               "rope_scaling type 'yarn'");
-  expect_error(R"({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 64, )" + base + "}",
-               "sliding-window");
+  expect_error(R"({"model_type": "llama", "hidden_act": "gelu", )" + base + "}",
+               "hidden_act 'gelu'");
+  expect_error(
+      R"({"model_type": "llama", "rope_scaling": {"type": "yarn", "factor": 4}, )" + base + "}",
+      "rope_scaling type 'yarn'");
+  expect_error(
+      R"({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 64, )" + base + "}",
+      "sliding-window");
   expect_error(R"({"model_type": "llama", "num_key_value_heads": 3, )" + base + "}",
                "multiple of num_key_value_heads");
 }
@@ -130,7 +134,8 @@ TEST(Model, KvCacheGreedyEqualsRecomputation) {
     SCOPED_TRACE(type);
     Transformer model(tiny(type));
     model.init_random(3);
-    std::vector<std::vector<int64_t>> prompts{{5, 9, 11, 3}, {7}, {1, 2, 3, 4, 5, 6, 7, 8, 9}, {42, 42}};
+    std::vector<std::vector<int64_t>> prompts{
+        {5, 9, 11, 3}, {7}, {1, 2, 3, 4, 5, 6, 7, 8, 9}, {42, 42}};
     SamplingOptions opts;
     opts.max_new_tokens = 12;
     auto cached = generate(model, prompts, opts);
@@ -293,16 +298,23 @@ TEST(Errors, LibTorchErrorsSurfaceAsTesseraErrors) {
     }
     return "no error";
   };
-  EXPECT_NE(message([&] { model.forward(at::ones({1, 4}, at::kFloat)); }).find("INVALID_ARGUMENT: forward"),
+  EXPECT_NE(message([&] {
+              model.forward(at::ones({1, 4}, at::kFloat));
+            }).find("INVALID_ARGUMENT: forward"),
             std::string::npos);
-  EXPECT_NE(message([&] { model.forward(at::full({1, 4}, 500, at::kLong)); }).find("outside the vocabulary"),
+  EXPECT_NE(message([&] {
+              model.forward(at::full({1, 4}, 500, at::kLong));
+            }).find("outside the vocabulary"),
             std::string::npos);
-  const std::string from_libtorch =
-      message([&] { model.loss(at::zeros({2, 4}, at::kLong), at::full({2, 4}, 500, at::kLong)); });
+  const std::string from_libtorch = message([&] {
+    model.loss(at::zeros({2, 4}, at::kLong), at::full({2, 4}, 500, at::kLong));
+  });
   EXPECT_EQ(from_libtorch.rfind("INVALID_ARGUMENT: Transformer::loss: ", 0), 0u) << from_libtorch;
   SamplingOptions so;
   so.max_new_tokens = 2;
-  EXPECT_NE(message([&] { generate(model, {{1, 2, 1000}}, so); }).find("outside the vocabulary"),
+  EXPECT_NE(message([&] {
+              generate(model, {{1, 2, 1000}}, so);
+            }).find("outside the vocabulary"),
             std::string::npos);
 }
 

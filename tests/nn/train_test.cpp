@@ -4,8 +4,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "test_main.h"
 #include <unistd.h>
+#include "test_main.h"
 
 #include <array>
 #include <cstdio>
@@ -15,11 +15,11 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "smollm2.h"
 #include "tessera/core/error.h"
 #include "tessera/nn/generate.h"
 #include "tessera/nn/loader.h"
 #include "tessera/tasks/arithmetic.h"
-#include "smollm2.h"
 
 namespace tessera::nn {
 namespace {
@@ -134,7 +134,7 @@ TEST(Trainer, Bf16AutocastTracksFp32) {
   };
   auto fp32 = run(false), bf16 = run(true);
   EXPECT_NEAR(bf16[0], fp32[0], 0.02 * fp32[0]);  // bf16 matmuls: ~3 significant digits
-  EXPECT_NE(bf16[0], fp32[0]);                     // autocast really changed the arithmetic
+  EXPECT_NE(bf16[0], fp32[0]);                    // autocast really changed the arithmetic
   EXPECT_LT(bf16.back(), 0.3 * bf16.front());
 }
 
@@ -191,25 +191,43 @@ TEST(SmolLM2, GgufTokenizerEncodesLikeItsTokenizerJson) {
   for (size_t i = 0; i < g.tokenizer.vocab.size(); ++i) vocab[g.tokenizer.vocab[i]] = i;
   for (const auto& [a, b] : g.tokenizer.merges) merges.push_back(a + " " + b);
   for (const auto& t : g.tokenizer.added) {
-    added.push_back({{"id", t.id}, {"content", t.content}, {"single_word", false}, {"lstrip", false},
-                     {"rstrip", false}, {"normalized", false}, {"special", t.special}});
+    added.push_back({{"id", t.id},
+                     {"content", t.content},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", t.special}});
   }
-  nlohmann::json tj = {
-      {"version", "1.0"},
-      {"added_tokens", added},
-      {"normalizer", nullptr},
-      {"pre_tokenizer",
-       {{"type", "Sequence"},
-        {"pretokenizers",
-         {{{"type", "Digits"}, {"individual_digits", true}},
-          {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}}}}},
-      {"post_processor", nullptr},
-      {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
-      {"model",
-       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
-        {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false},
-        {"vocab", vocab}, {"merges", merges}}}};
-  std::string file = ::testing::TempDir() + "/tessera_smollm2_tokenizer_" + std::to_string(getpid()) + ".json";
+  nlohmann::json tj = {{"version", "1.0"},
+                       {"added_tokens", added},
+                       {"normalizer", nullptr},
+                       {"pre_tokenizer",
+                        {{"type", "Sequence"},
+                         {"pretokenizers",
+                          {{{"type", "Digits"}, {"individual_digits", true}},
+                           {{"type", "ByteLevel"},
+                            {"add_prefix_space", false},
+                            {"trim_offsets", true},
+                            {"use_regex", true}}}}}},
+                       {"post_processor", nullptr},
+                       {"decoder",
+                        {{"type", "ByteLevel"},
+                         {"add_prefix_space", true},
+                         {"trim_offsets", true},
+                         {"use_regex", true}}},
+                       {"model",
+                        {{"type", "BPE"},
+                         {"dropout", nullptr},
+                         {"unk_token", nullptr},
+                         {"continuing_subword_prefix", nullptr},
+                         {"end_of_word_suffix", nullptr},
+                         {"fuse_unk", false},
+                         {"byte_fallback", false},
+                         {"vocab", vocab},
+                         {"merges", merges}}}};
+  std::string file =
+      ::testing::TempDir() + "/tessera_smollm2_tokenizer_" + std::to_string(getpid()) + ".json";
   {
     std::ofstream out(file);
     out << tj.dump();
@@ -236,8 +254,9 @@ TEST(SmolLM2, UpcycledToMoeKeepsItsLogits) {
   GgufModel g = read_gguf_model(path);
   Transformer dense(g.config);
   load_weights(dense, g.weights, path);
-  auto ids = at::tensor(std::vector<int64_t>{1, 9690, 198, 2683, 314, 216, 3575, 282, 4649, 47}, at::kLong)
-                 .view({1, -1});
+  auto ids =
+      at::tensor(std::vector<int64_t>{1, 9690, 198, 2683, 314, 216, 3575, 282, 4649, 47}, at::kLong)
+          .view({1, -1});
   at::Tensor want = dense.forward(ids).logits;
   auto up = upcycle_to_moe(g.config, g.weights, /*num_experts=*/4, /*top_k=*/2, /*seed=*/1);
   g.weights.clear();

@@ -31,7 +31,8 @@ std::vector<Isa> isas() {
 // symmetric, written independently of the library with ATen ops: codes =
 // round-half-even(x * qmax / amax) clamped to [-qmax, qmax], scale =
 // amax / qmax. Returns the codes and the dequantized activations.
-std::pair<at::Tensor, at::Tensor> reference_activations(const at::Tensor& x, int64_t group, Mode mode) {
+std::pair<at::Tensor, at::Tensor> reference_activations(const at::Tensor& x, int64_t group,
+                                                        Mode mode) {
   const double qmax = mode == Mode::kW4A8 ? 127.0 : 7.0;
   at::Tensor xg = x.to(at::kFloat).view({x.size(0), -1, group});
   at::Tensor amax = xg.abs().amax(-1, /*keepdim=*/true);
@@ -52,13 +53,15 @@ at::Tensor expected(const at::Tensor& x, const QuantizedWeight& w, Mode mode) {
 
 // Bound on fp32 accumulation error: a few ulps of the sum of |terms|.
 at::Tensor bound(const at::Tensor& x, const QuantizedWeight& w) {
-  return at::matmul(x.abs().to(at::kDouble), dequantize(w).abs().to(at::kDouble).t()) * 2e-6 + 1e-30;
+  return at::matmul(x.abs().to(at::kDouble), dequantize(w).abs().to(at::kDouble).t()) * 2e-6 +
+         1e-30;
 }
 
 TEST(Kernels, EveryPathMatchesTheCodesOnRandomAndRaggedShapes) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
-  const std::vector<std::array<int64_t, 4>> shapes = {  // M, N, K, group
-      {1, 1, 64, 64},   {3, 7, 128, 64},  {5, 33, 192, 64}, {17, 9, 256, 128},
+  const std::vector<std::array<int64_t, 4>> shapes = {
+      // M, N, K, group
+      {1, 1, 64, 64},    {3, 7, 128, 64}, {5, 33, 192, 64},  {17, 9, 256, 128},
       {4, 16, 384, 128}, {9, 5, 640, 64}, {2, 70, 128, 128}, {31, 3, 64, 64}};
   for (const auto& [M, N, K, group] : shapes) {
     for (bool symmetric : {true, false}) {
@@ -74,8 +77,8 @@ TEST(Kernels, EveryPathMatchesTheCodesOnRandomAndRaggedShapes) {
           at::Tensor err = (got - want).abs();
           EXPECT_TRUE((err <= tol * 4 + 1e-6).all().item<bool>())
               << isa_name(isa) << " " << mode_name(mode) << " M" << M << " N" << N << " K" << K
-              << " g" << group << (symmetric ? " sym" : " asym")
-              << ": max error " << err.max().item<double>();
+              << " g" << group << (symmetric ? " sym" : " asym") << ": max error "
+              << err.max().item<double>();
         }
       }
     }
@@ -103,9 +106,10 @@ TEST(Kernels, EachTokenIsIndependentOfItsBatch) {
       at::Tensor all = linear(x, q, mode, isa);
       for (int64_t m = 0; m < 11; ++m) {
         at::Tensor one = linear(x.narrow(0, m, 1), q, mode, isa);
-        EXPECT_TRUE(at::equal(one, all.narrow(0, m, 1))) << isa_name(isa) << " " << mode_name(mode)
-                                                         << " token " << m;
-        at::Tensor three = linear(x.narrow(0, std::max<int64_t>(0, m - 2), std::min<int64_t>(3, m + 1)), q, mode, isa);
+        EXPECT_TRUE(at::equal(one, all.narrow(0, m, 1)))
+            << isa_name(isa) << " " << mode_name(mode) << " token " << m;
+        at::Tensor three = linear(
+            x.narrow(0, std::max<int64_t>(0, m - 2), std::min<int64_t>(3, m + 1)), q, mode, isa);
         EXPECT_TRUE(at::equal(three.narrow(0, three.size(0) - 1, 1), all.narrow(0, m, 1)));
       }
     }
@@ -209,7 +213,8 @@ TEST(Accuracy, ModesOrderAsExpectedOnAStructuredLayer) {
   EXPECT_LT(e16, 0.12);
   EXPECT_LE(e16, e8 * 1.01);
   EXPECT_LT(e8, e4);
-  std::printf("relative error on a structured layer: W4A16 %.4f, W4A8 %.4f, W4A4 %.4f\n", e16, e8, e4);
+  std::printf("relative error on a structured layer: W4A16 %.4f, W4A8 %.4f, W4A4 %.4f\n", e16, e8,
+              e4);
   EXPECT_LT(e4, 0.2);
 }
 
@@ -226,7 +231,8 @@ nn::ModelConfig tiny() {
 }
 
 fs::path scratch(const std::string& name) {
-  fs::path p = fs::path(::testing::TempDir()) / ("tessera_quant_" + std::to_string(getpid()) + "_" + name);
+  fs::path p =
+      fs::path(::testing::TempDir()) / ("tessera_quant_" + std::to_string(getpid()) + "_" + name);
   fs::remove_all(p);
   return p;
 }
@@ -249,11 +255,13 @@ TEST(PackedModel, SaveLoadGivesTheSameLogitsInEveryMode) {
       // The loaded model's fp weights are the dequantized codes (not the
       // original weights, which the file does not hold): exactly, layer by
       // layer, and its fp forward is close to its own W4A16 forward.
-      for (const std::string layer : {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}) {
+      for (const std::string layer :
+           {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}) {
         EXPECT_TRUE(at::equal(loaded.model.parameter(layer + ".weight"),
                               dequantize(packed->weight(layer)).to(at::kFloat)))
             << layer;
-        EXPECT_FALSE(at::equal(loaded.model.parameter(layer + ".weight"), model.parameter(layer + ".weight")))
+        EXPECT_FALSE(at::equal(loaded.model.parameter(layer + ".weight"),
+                               model.parameter(layer + ".weight")))
             << layer;
       }
       loaded.packed->set_mode(Mode::kW4A16);
@@ -332,11 +340,13 @@ TEST(PackedModel, SmoothingMovesOutliersIntoTheWeights) {
   for (Mode m : {Mode::kW4A16, Mode::kW4A4}) {
     smooth->set_mode(m);
     loaded.packed->set_mode(m);
-    EXPECT_TRUE(at::equal(model.forward(ids).logits, loaded.model.forward(ids).logits)) << mode_name(m);
+    EXPECT_TRUE(at::equal(model.forward(ids).logits, loaded.model.forward(ids).logits))
+        << mode_name(m);
   }
   // The loaded model's own fp32 weights are the dequantized ones, smoothing undone.
   loaded.packed->set_mode(Mode::kFloat);
-  EXPECT_LT(((loaded.model.forward(ids).logits - ref).norm() / ref.norm()).item<double>(), 0.35);  // about the W4A16 error above
+  EXPECT_LT(((loaded.model.forward(ids).logits - ref).norm() / ref.norm()).item<double>(),
+            0.35);  // about the W4A16 error above
   EXPECT_THROW(QuantizedModel::pack(model, {64, false}, {}, 0.5), InvalidArgument);
   EXPECT_THROW(QuantizedModel::pack(model, {64, false}, calib, 1.5), InvalidArgument);
 }
@@ -389,7 +399,8 @@ TEST(Errors, LibTorchErrorsSurfaceAsTesseraErrors) {
     packed->linear("model.layers.0.mlp.down_proj", at::ones({2, 7}));
     ADD_FAILURE();
   } catch (const InvalidArgument& e) {
-    EXPECT_EQ(std::string(e.what()).rfind("INVALID_ARGUMENT: QuantizedModel::linear: ", 0), 0u) << e.what();
+    EXPECT_EQ(std::string(e.what()).rfind("INVALID_ARGUMENT: QuantizedModel::linear: ", 0), 0u)
+        << e.what();
   } catch (const std::exception& e) {
     ADD_FAILURE() << "non-tessera error: " << e.what();
   }

@@ -26,7 +26,8 @@ TEST(HybridEngineTransition, GenerationShardsEqualTheFullWeightsSlices) {
       if (t % tg) continue;
       HybridEngineGroups g = hybrid_engine_groups(world, t, tg);
       auto micro = make_micro_dp_group(*g_world, g);
-      for (auto [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{8, 5}, {24, 64}, {4 * 96, 33}}) {
+      for (auto [rows, cols] :
+           std::vector<std::pair<int64_t, int64_t>>{{8, 5}, {24, 64}, {4 * 96, 33}}) {
         SCOPED_TRACE(testing::Message() << "t=" << t << " d=" << world / t << " t_g=" << tg
                                         << " weight " << rows << "x" << cols);
         auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(rows * 7 + cols));

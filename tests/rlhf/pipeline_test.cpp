@@ -6,8 +6,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "test_main.h"
 #include <signal.h>
+#include "test_main.h"
 
 #include <chrono>
 #include <cmath>
@@ -15,13 +15,13 @@
 
 #include "tessera/ckpt/checkpoint.h"
 #include "tessera/ckpt_nn/model_state.h"
-#include "tessera/nn/train.h"
-#include "tessera/rlhf/algorithms.h"
 #include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
+#include "tessera/formats/safetensors.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/parameters.h"
-#include "tessera/formats/safetensors.h"
+#include "tessera/nn/train.h"
+#include "tessera/rlhf/algorithms.h"
 #include "tessera/rlhf/driver.h"
 #include "tessera/rlhf/hybrid_engine.h"
 #include "tessera/rlhf/pipeline.h"
@@ -33,7 +33,8 @@ namespace {
 namespace fs = std::filesystem;
 
 struct Fixture {
-  std::string dir = (fs::temp_directory_path() / ("tessera-pipeline-test-" + std::to_string(getpid()))).string();
+  std::string dir =
+      (fs::temp_directory_path() / ("tessera-pipeline-test-" + std::to_string(getpid()))).string();
   nn::ModelConfig config;
   std::string model_json;
   std::string head;
@@ -61,10 +62,14 @@ struct Fixture {
     o.pools = {{"all", 4}};
     o.roles = {{"actor", "actor", "all",
                 "{\"model\": " + model_json +
-                    ", \"tp\": 2, \"gen_tp\": 1, \"lr\": 1e-3, \"kl_coef\": 0.1, \"max_new_tokens\": 6, \"seed\": 5}"},
+                    ", \"tp\": 2, \"gen_tp\": 1, \"lr\": 1e-3, \"kl_coef\": 0.1, "
+                    "\"max_new_tokens\": 6, \"seed\": 5}"},
                {"reference", "reference", "all", "{\"model\": " + model_json + "}"},
-               {"reward", "reward_model", "all", "{\"model\": " + model_json + ", \"head\": \"" + head + "\"}"}};
-    if (critic) o.roles.push_back({"critic", "critic", "all", "{\"model\": " + model_json + ", \"lr\": 1e-3}"});
+               {"reward", "reward_model", "all",
+                "{\"model\": " + model_json + ", \"head\": \"" + head + "\"}"}};
+    if (critic)
+      o.roles.push_back(
+          {"critic", "critic", "all", "{\"model\": " + model_json + ", \"lr\": 1e-3}"});
     return o;
   }
 
@@ -104,7 +109,8 @@ TEST(Pipeline, HybridEngineMovesTheFormulasBytes) {
     for (int64_t s : full.full_shape(name)) n *= s;
     split_bytes += n;
   }
-  EXPECT_EQ(stats[0].transition_bytes, static_cast<double>(hybrid_engine_bytes_per_rank(split_bytes, 2, 1)));
+  EXPECT_EQ(stats[0].transition_bytes,
+            static_cast<double>(hybrid_engine_bytes_per_rank(split_bytes, 2, 1)));
   EXPECT_GT(stats[0].generation_weight_bytes, 0);
   EXPECT_GT(stats[0].kv_cache_bytes, 0);
   EXPECT_GT(stats[0].new_tokens, 0);
@@ -140,9 +146,11 @@ TEST(Pipeline, GrpoKilledWorkerThenResumeRepeatsTheLosses) {
       EXPECT_NE(msg.find("actor rank 1"), std::string::npos) << msg;
       EXPECT_NE(msg.find("during actor.update"), std::string::npos) << msg;
     }
-    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 30.0);
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+              30.0);
   }
-  for (const ProcessInfo& p : procs) EXPECT_NE(::kill(static_cast<pid_t>(p.pid), 0), 0) << "orphan " << p.pid;
+  for (const ProcessInfo& p : procs)
+    EXPECT_NE(::kill(static_cast<pid_t>(p.pid), 0), 0) << "orphan " << p.pid;
 
   // Restart from the last checkpoint (after iteration 1): iterations 2 and
   // 3 repeat the uninterrupted run bit for bit.
@@ -192,7 +200,6 @@ TEST(Pipeline, PpoTrainsActorAndCriticAndResumes) {
   }
 }
 
-
 // The actor's update at tp 2 x dp 2 against one process computing the same
 // token-mean GRPO loss and AdamW step on the whole batch.
 TEST(Pipeline, ActorUpdateAtTp2Dp2MatchesOneProcess) {
@@ -205,12 +212,16 @@ TEST(Pipeline, ActorUpdateAtTp2Dp2MatchesOneProcess) {
   at::Tensor plen = at::randint(3, 6, {n}, at::kLong), rlen = at::randint(2, 8, {n}, at::kLong);
   at::Tensor mask = response_mask(plen, rlen, L);
   at::Tensor adv = at::randn({n, L - 1}) * mask;
-  Batch batch = {{"sequences", seq}, {"prompt_lengths", plen}, {"response_lengths", rlen}, {"advantages", adv}};
+  Batch batch = {{"sequences", seq},
+                 {"prompt_lengths", plen},
+                 {"response_lengths", rlen},
+                 {"advantages", adv}};
 
   DriverOptions o;
   o.pools = {{"all", 4}};
   o.roles = {{"actor", "actor", "all",
-              "{\"model\": " + f.model_json + ", \"tp\": 2, \"lr\": " + std::to_string(lr) + ", \"max_grad_norm\": 0}"}};
+              "{\"model\": " + f.model_json + ", \"tp\": 2, \"lr\": " + std::to_string(lr) +
+                  ", \"max_grad_norm\": 0}"}};
   const std::string saved = f.dir + "/update_ckpt";
   CallResult up;
   {
@@ -261,7 +272,8 @@ TEST(Pipeline, ActorUpdateAtTp2Dp2MatchesOneProcess) {
 
 int main(int argc, char** argv) {
   tessera::init_runtime();
-  if (auto code = tessera::rlhf::run_worker_if_spawned(tessera::rlhf::RoleRegistry::builtin())) return *code;
+  if (auto code = tessera::rlhf::run_worker_if_spawned(tessera::rlhf::RoleRegistry::builtin()))
+    return *code;
   ::testing::InitGoogleTest(&argc, argv);
   tessera::rlhf::Fixture fixture;
   tessera::rlhf::g_fixture = &fixture;

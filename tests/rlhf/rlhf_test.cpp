@@ -8,10 +8,10 @@
 #include <cmath>
 
 #include "tessera/core/error.h"
+#include "tessera/nn/model.h"
 #include "tessera/rlhf/algorithms.h"
 #include "tessera/rlhf/hybrid_engine.h"
 #include "tessera/rlhf/protocol.h"
-#include "tessera/nn/model.h"
 
 namespace tessera::rlhf {
 namespace {
@@ -103,7 +103,8 @@ TEST(Ppo, ValueLossAndKlEstimators) {
   const double d = at2(b.logp, 0, 0) - at2(b.ref_logp, 0, 0);
   EXPECT_NEAR(at2(kl_divergence(b.logp, b.ref_logp, KlEstimator::kK1), 0, 0), d, 1e-6);
   EXPECT_NEAR(at2(kl_divergence(b.logp, b.ref_logp, KlEstimator::kK2), 0, 0), d * d / 2, 1e-6);
-  EXPECT_NEAR(at2(kl_divergence(b.logp, b.ref_logp, KlEstimator::kK3), 0, 0), std::exp(-d) + d - 1, 1e-6);
+  EXPECT_NEAR(at2(kl_divergence(b.logp, b.ref_logp, KlEstimator::kK3), 0, 0), std::exp(-d) + d - 1,
+              1e-6);
   EXPECT_TRUE((kl_divergence(b.logp, b.ref_logp, KlEstimator::kK3) >= 0).all().item<bool>());
 }
 
@@ -182,7 +183,8 @@ TEST(LogProbs, TokenLogprobsMatchLogSoftmaxPerPosition) {
     at::Tensor logits = model.forward(seq.narrow(1, 0, j + 1)).logits;
     at::Tensor want = at::log_softmax(logits.select(1, j), -1);
     for (int64_t b = 0; b < 2; ++b) {
-      EXPECT_NEAR(lp[b][j].item<double>(), want[b][seq[b][j + 1].item<int64_t>()].item<double>(), 1e-5);
+      EXPECT_NEAR(lp[b][j].item<double>(), want[b][seq[b][j + 1].item<int64_t>()].item<double>(),
+                  1e-5);
     }
   }
   EXPECT_THROW(token_logprobs(model, seq.narrow(1, 0, 1)), InvalidArgument);
@@ -202,13 +204,15 @@ Batch work(const Batch& in, int worker) {
 
 std::vector<Batch> run_all(const Dispatched& d) {
   std::vector<Batch> results;
-  for (size_t w = 0; w < d.per_worker.size(); ++w) results.push_back(work(d.per_worker[w], static_cast<int>(w)));
+  for (size_t w = 0; w < d.per_worker.size(); ++w)
+    results.push_back(work(d.per_worker[w], static_cast<int>(w)));
   return results;
 }
 
 TEST(Protocols, DpComputeSplitsPadsAndCollectsFromTpRankZero) {
   const WorkerMesh mesh{4, 2};  // 8 workers
-  Batch batch{{"ids", at::arange(30, at::kLong).view({10, 3})}, {"score", at::arange(10, at::kFloat)}};
+  Batch batch{{"ids", at::arange(30, at::kLong).view({10, 3})},
+              {"score", at::arange(10, at::kFloat)}};
   Dispatched d = dispatch(Protocol::kDpCompute, mesh, batch);
   EXPECT_EQ(d.pad, 2);  // 10 rows -> 12 = 4 chunks of 3
   ASSERT_EQ(d.per_worker.size(), 8u);
@@ -242,7 +246,8 @@ TEST(Protocols, OneToAllRankZeroAndAllToAll) {
   Batch all = collect(Protocol::kOneToAll, mesh, run_all(d));
   EXPECT_EQ(batch_rows(all), 12);
   EXPECT_EQ(all.at("worker")[11].item<int64_t>(), 2);
-  Batch zero = collect(Protocol::kRankZero, mesh, run_all(dispatch(Protocol::kRankZero, mesh, batch)));
+  Batch zero =
+      collect(Protocol::kRankZero, mesh, run_all(dispatch(Protocol::kRankZero, mesh, batch)));
   EXPECT_TRUE(at::equal(zero.at("worker"), at::zeros({4}, at::kLong)));
   std::vector<Batch> inputs{{{"x", at::ones({1})}}, {{"x", at::ones({2})}}, {{"x", at::ones({3})}}};
   Dispatched a = dispatch(Protocol::kAllToAll, mesh, {}, inputs);

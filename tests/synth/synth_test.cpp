@@ -11,12 +11,12 @@
 #include <random>
 #include <set>
 
-#include "test_main.h"
 #include "tessera/core/error.h"
 #include "tessera/synth/jsonl.h"
 #include "tessera/synth/labeller.h"
 #include "tessera/synth/math.h"
 #include "tessera/synth/minhash.h"
+#include "test_main.h"
 
 namespace tessera::synth {
 namespace {
@@ -59,7 +59,8 @@ std::vector<std::string> texts_with_variants(int64_t bases, int64_t variants, ui
     for (int64_t v = 0; v < variants; ++v) {
       auto copy = words;
       const int changes = static_cast<int>(rng() % 12);
-      for (int c = 0; c < changes; ++c) copy[rng() % copy.size()] = "v" + std::to_string(rng() % 400);
+      for (int c = 0; c < changes; ++c)
+        copy[rng() % copy.size()] = "v" + std::to_string(rng() % 400);
       out.push_back(join(copy));
     }
   }
@@ -111,18 +112,21 @@ TEST(MinHash, DeduplicationAgreesWithExactPairwiseJaccard) {
   // Every duplicate it reports is one (exact check), and it finds nearly all.
   for (size_t i = 0; i < texts.size(); ++i) {
     if (got.duplicate_of[i] >= 0) {
-      EXPECT_GE(jaccard(shingles(texts[i], o), shingles(texts[got.duplicate_of[i]], o)), o.threshold);
+      EXPECT_GE(jaccard(shingles(texts[i], o), shingles(texts[got.duplicate_of[i]], o)),
+                o.threshold);
     }
   }
   std::set<int64_t> a(got.kept.begin(), got.kept.end()), b(want_kept.begin(), want_kept.end());
   int64_t disagree = 0;
   for (size_t i = 0; i < texts.size(); ++i) disagree += a.count(i) != b.count(i);
   EXPECT_LE(disagree, 1) << "LSH missed candidates";
-  EXPECT_NEAR(got.duplicate_rate, static_cast<double>(want_dups) / texts.size(), 1.0 / texts.size() + 1e-12);
+  EXPECT_NEAR(got.duplicate_rate, static_cast<double>(want_dups) / texts.size(),
+              1.0 / texts.size() + 1e-12);
 }
 
 TEST(MinHash, ReferenceTextsRemoveCopiesButAreNotOutput) {
-  auto r = deduplicate({"What is 3 + 4?", "what is 3 + 4 ?", "Compute 9 * 9."}, {}, {"Compute 9 * 9."});
+  auto r =
+      deduplicate({"What is 3 + 4?", "what is 3 + 4 ?", "Compute 9 * 9."}, {}, {"Compute 9 * 9."});
   EXPECT_EQ(r.kept, (std::vector<int64_t>{0}));
   EXPECT_EQ(r.duplicate_of, (std::vector<int64_t>{-1, 0, -2}));
   // Different numbers are different problems.
@@ -146,16 +150,17 @@ TEST(MathVerifier, FindsAndEvaluatesTheStatedExpression) {
     const char* value;
     const char* expression;
   };
-  for (const Case& c : std::vector<Case>{{"What is 23 + 58 * 2?", "139", "23 + 58 * 2"},
-                                         {"Compute 7 * (12 - 5).", "49", "7 * (12 - 5)"},
-                                         {"Calculate 120 divided by 8 minus 3.", "12", "120 / 8 - 3"},
-                                         {"What is 6 times 7?", "42", "6 * 7"},
-                                         {"Evaluate -5 + 3.", "-2", "-5 + 3"},
-                                         {"What is 1,250 + 2,000?", "3250", "1250 + 2000"},
-                                         {"4. What is 9 x 3?", "27", "9 * 3"},
-                                         {"What is 2.5 * 4?", "10", "2.5 * 4"},
-                                         {"What is 23 + 58 = ?", "81", "23 + 58"},
-                                         {"Find the value of 100 - (3 \xC3\x97 4).", "88", "100 - (3 * 4)"}}) {
+  for (const Case& c :
+       std::vector<Case>{{"What is 23 + 58 * 2?", "139", "23 + 58 * 2"},
+                         {"Compute 7 * (12 - 5).", "49", "7 * (12 - 5)"},
+                         {"Calculate 120 divided by 8 minus 3.", "12", "120 / 8 - 3"},
+                         {"What is 6 times 7?", "42", "6 * 7"},
+                         {"Evaluate -5 + 3.", "-2", "-5 + 3"},
+                         {"What is 1,250 + 2,000?", "3250", "1250 + 2000"},
+                         {"4. What is 9 x 3?", "27", "9 * 3"},
+                         {"What is 2.5 * 4?", "10", "2.5 * 4"},
+                         {"What is 23 + 58 = ?", "81", "23 + 58"},
+                         {"Find the value of 100 - (3 \xC3\x97 4).", "88", "100 - (3 * 4)"}}) {
     SCOPED_TRACE(c.text);
     MathProblem p = parse_math_problem(c.text);
     ASSERT_TRUE(p.valid) << p.reason;
@@ -166,9 +171,10 @@ TEST(MathVerifier, FindsAndEvaluatesTheStatedExpression) {
 TEST(MathVerifier, RefusesWhatItCannotVouchFor) {
   for (const char* text :
        {"What is the capital of France?", "What is 3 + 4? Then add 5 + 6.", "Solve x = 3 + 4.",
-        "What is 2^3 + 1?", "What is 20% of 50 + 5?", "Double 3 + 4.", "Tom has 5 apples and 3 pears.",
-        "What is 7 / 0 + 1?", "What is 7 / 2?", "What is 3 + * 4?", "What is 1234567 + 1?",
-        "What is 1 + 2 + 3 + 4 + 5 + 6 + 7?", "What is 5 + 3 = 9?", "Add 3 + 4 to 10."}) {
+        "What is 2^3 + 1?", "What is 20% of 50 + 5?", "Double 3 + 4.",
+        "Tom has 5 apples and 3 pears.", "What is 7 / 0 + 1?", "What is 7 / 2?", "What is 3 + * 4?",
+        "What is 1234567 + 1?", "What is 1 + 2 + 3 + 4 + 5 + 6 + 7?", "What is 5 + 3 = 9?",
+        "Add 3 + 4 to 10."}) {
     SCOPED_TRACE(text);
     MathProblem p = parse_math_problem(text);
     EXPECT_FALSE(p.valid) << p.expression << " = " << p.value.to_string();
@@ -197,7 +203,7 @@ TEST(MathVerifier, EvaluationMatchesADirectComputationOnRandomExpressions) {
     EXPECT_TRUE(got.is_integer()) << text;
     EXPECT_EQ(got.num, want) << text;
   }
-  EXPECT_EQ(evaluate_expression("2 - 3 - 4").num, -5);      // left associative
+  EXPECT_EQ(evaluate_expression("2 - 3 - 4").num, -5);  // left associative
   EXPECT_EQ(evaluate_expression("24 / 4 / 2").num, 3);
   EXPECT_EQ(evaluate_expression("-(3 + 4) * 2").num, -14);
   EXPECT_EQ(evaluate_expression("1 / 3").to_string(), "1/3");
@@ -329,7 +335,9 @@ TEST(Jsonl, AnInterruptedLastLineIsDroppedAndCorruptionIsReported) {
   EXPECT_EQ(JsonlLog::open(path).size(), 3);
   {
     std::ofstream out(path, std::ios::app);
-    out << "not json\n" << R"({"id":4})" << "\n";
+    out << "not json\n"
+        << R"({"id":4})"
+        << "\n";
   }
   try {
     JsonlLog::open(path);

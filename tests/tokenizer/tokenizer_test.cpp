@@ -76,7 +76,7 @@ TokenizerSpec toy_spec() {
   for (const char* t : {"lo", "low", "er", "Ġl", "Ġlow", "aa", "aaaa", "bc", "ab", "xyz"}) {
     spec.vocab.push_back(t);
   }
-  spec.merges = {{"l", "o"}, {"lo", "w"}, {"e", "r"},  {"Ġ", "l"}, {"Ġ", "low"},
+  spec.merges = {{"l", "o"}, {"lo", "w"},  {"e", "r"}, {"Ġ", "l"}, {"Ġ", "low"},
                  {"a", "a"}, {"aa", "aa"}, {"b", "c"}, {"a", "b"}};
   return spec;
 }
@@ -217,8 +217,9 @@ std::string error_of(Fn&& fn) {
 TEST(Tokenizer, RejectsMalformedSpecs) {
   TokenizerSpec bad_merge = toy_spec();
   bad_merge.merges.push_back({"q", "zz"});
-  EXPECT_NE(error_of([&] { (void)Tokenizer::from_spec(bad_merge); })
-                .find("merge 9 ('q' 'zz'): its second half 'zz' is not in the vocabulary"),
+  EXPECT_NE(error_of([&] {
+              (void)Tokenizer::from_spec(bad_merge);
+            }).find("merge 9 ('q' 'zz'): its second half 'zz' is not in the vocabulary"),
             std::string::npos);
 
   TokenizerSpec bad_result = toy_spec();
@@ -270,20 +271,25 @@ TEST(PreTokenize, MatchesReferenceSplits) {
   const std::vector<SplitCase> cases = {
       {PreTokenizerKind::kGpt2, "Hello world! 123", {"Hello", " world", "!", " 123"}},
       {PreTokenizerKind::kGpt2, "  multiple   spaces", {" ", " multiple", "  ", " spaces"}},
-      {PreTokenizerKind::kGpt2, "I'm here, they'll go; it's 'SO'",
+      {PreTokenizerKind::kGpt2,
+       "I'm here, they'll go; it's 'SO'",
        {"I", "'m", " here", ",", " they", "'ll", " go", ";", " it", "'s", " '", "SO", "'"}},
       {PreTokenizerKind::kGpt2, "\n\n  foo\tbar \r\n", {"\n\n ", " foo", "\t", "bar", " \r\n"}},
       {PreTokenizerKind::kGpt2, "12345 x1234567", {"12345", " x", "1234567"}},
-      {PreTokenizerKind::kGpt2, "(hello) [world]...\n\n",
+      {PreTokenizerKind::kGpt2,
+       "(hello) [world]...\n\n",
        {"(", "hello", ")", " [", "world", "]...", "\n\n"}},
-      {PreTokenizerKind::kGpt2, "我哋今日去飲茶，好唔好？", {"我哋今日去飲茶", "，", "好唔好", "？"}},
+      {PreTokenizerKind::kGpt2,
+       "我哋今日去飲茶，好唔好？",
+       {"我哋今日去飲茶", "，", "好唔好", "？"}},
       {PreTokenizerKind::kGpt2, "x  \u00a0y", {"x", "  ", "\u00a0", "y"}},
       {PreTokenizerKind::kGpt2, "don'T STOP'RE", {"don", "'", "T", " STOP", "'", "RE"}},
       {PreTokenizerKind::kGpt2, "end   ", {"end", "   "}},
       {PreTokenizerKind::kLlama3, "Hello world! 123", {"Hello", " world", "!", " ", "123"}},
       {PreTokenizerKind::kLlama3, "\n\n  foo\tbar \r\n", {"\n\n", " ", " foo", "\tbar", " \r\n"}},
       {PreTokenizerKind::kLlama3, "12345 x1234567", {"123", "45", " x", "123", "456", "7"}},
-      {PreTokenizerKind::kLlama3, "(hello) [world]...\n\n",
+      {PreTokenizerKind::kLlama3,
+       "(hello) [world]...\n\n",
        {"(hello", ")", " [", "world", "]...\n\n"}},
       {PreTokenizerKind::kLlama3, "我哋今日去飲茶，好唔好？", {"我哋今日去飲茶", "，好唔好", "？"}},
       {PreTokenizerKind::kLlama3, "x  \u00a0y", {"x", "  ", "\u00a0y"}},
@@ -306,11 +312,10 @@ TEST(PreTokenize, MatchesReferenceSplits) {
 
 TEST(PreTokenize, InvalidUtf8IsPunctuationAndCoverageIsExact) {
   const std::string text = "ab\xff\xfe cd\xe6\x88 1\x80";
-  EXPECT_EQ(std::vector<std::string>({"ab", "\xff\xfe", " cd", "\xe6\x88", " 1", "\x80"}),
-            [&] {
-              auto w = pre_tokenize(text, PreTokenizerKind::kGpt2);
-              return std::vector<std::string>(w.begin(), w.end());
-            }());
+  EXPECT_EQ(std::vector<std::string>({"ab", "\xff\xfe", " cd", "\xe6\x88", " 1", "\x80"}), [&] {
+    auto w = pre_tokenize(text, PreTokenizerKind::kGpt2);
+    return std::vector<std::string>(w.begin(), w.end());
+  }());
   std::mt19937 rng(7);
   for (PreTokenizerKind kind : {PreTokenizerKind::kGpt2, PreTokenizerKind::kLlama3,
                                 PreTokenizerKind::kQwen2, PreTokenizerKind::kSmolLM}) {
@@ -334,8 +339,9 @@ TEST(PreTokenize, GgufNames) {
   EXPECT_EQ(Tokenizer::pre_tokenizer_from_gguf_name("qwen2"), PreTokenizerKind::kQwen2);
   EXPECT_EQ(Tokenizer::pre_tokenizer_from_gguf_name("smollm"), PreTokenizerKind::kSmolLM);
   EXPECT_EQ(Tokenizer::pre_tokenizer_from_gguf_name("starcoder"), PreTokenizerKind::kSmolLM);
-  EXPECT_NE(error_of([] { (void)Tokenizer::pre_tokenizer_from_gguf_name("deepseek-llm"); })
-                .find("'deepseek-llm'"),
+  EXPECT_NE(error_of([] {
+              (void)Tokenizer::pre_tokenizer_from_gguf_name("deepseek-llm");
+            }).find("'deepseek-llm'"),
             std::string::npos);
 }
 
@@ -347,12 +353,12 @@ TEST(Tokenizer, NfcNormalizerComposes) {
   spec.normalizer = NormalizerKind::kNfc;
   const Tokenizer tok = Tokenizer::from_spec(spec);
   EXPECT_EQ(tok.normalize("Cafe\u0301"), "Caf\u00e9");
-  EXPECT_EQ(tok.normalize("\u212b"), "\u00c5");                    // angstrom sign: singleton
-  EXPECT_EQ(tok.normalize("\u1100\u1161\u11a8"), "\uac01");        // Hangul L V T
-  EXPECT_EQ(tok.normalize("q\u0307\u0323"), "q\u0323\u0307");      // canonical order
-  EXPECT_EQ(tok.normalize("a\u0323\u0302"), "\u1ead");             // two marks, one letter
-  EXPECT_EQ(tok.normalize("\u0958"), "\u0915\u093c");              // composition exclusion
-  EXPECT_EQ(tok.normalize("e\xff\u0301"), "e\xff\u0301");          // a stray byte blocks
+  EXPECT_EQ(tok.normalize("\u212b"), "\u00c5");                // angstrom sign: singleton
+  EXPECT_EQ(tok.normalize("\u1100\u1161\u11a8"), "\uac01");    // Hangul L V T
+  EXPECT_EQ(tok.normalize("q\u0307\u0323"), "q\u0323\u0307");  // canonical order
+  EXPECT_EQ(tok.normalize("a\u0323\u0302"), "\u1ead");         // two marks, one letter
+  EXPECT_EQ(tok.normalize("\u0958"), "\u0915\u093c");          // composition exclusion
+  EXPECT_EQ(tok.normalize("e\xff\u0301"), "e\xff\u0301");      // a stray byte blocks
   EXPECT_EQ(tok.decode(tok.encode("Cafe\u0301")), "Caf\u00e9");
   EXPECT_EQ(Tokenizer::from_spec(toy_spec()).normalize("Cafe\u0301"), "Cafe\u0301");
 }
@@ -373,7 +379,8 @@ const Tokenizer* gpt2_tokenizer() {
 class Gpt2Test : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (gpt2_tokenizer() == nullptr) GTEST_SKIP() << "GPT-2 files not found under " << testdata_dir();
+    if (gpt2_tokenizer() == nullptr)
+      GTEST_SKIP() << "GPT-2 files not found under " << testdata_dir();
   }
   static const Tokenizer& tok() { return *gpt2_tokenizer(); }
 };
@@ -401,7 +408,8 @@ std::vector<Plan> read_plans(const std::string& path, const std::string& encodin
       std::istringstream ids(line.substr(10));
       std::string id;
       while (std::getline(ids, id, ',')) {
-        if (id.find_first_of("0123456789") != std::string::npos) plan.expected.push_back(std::stoi(id));
+        if (id.find_first_of("0123456789") != std::string::npos)
+          plan.expected.push_back(std::stoi(id));
       }
       plans.push_back(std::move(plan));
     }
@@ -443,8 +451,9 @@ TEST_F(Gpt2Test, RoundTripsArbitraryBytes) {
   }
   for (const std::string& text : std::vector<std::string>{
            "我哋今日去飲茶，好唔好？", "佢話聽日落雨，記得帶遮呀！",
-        "👨‍👩‍👧‍👦 family, 🏳️‍🌈 flag, 👩🏽‍💻 coder, 🧑‍🤝‍🧑",
-        "mixed: naïve café 東京 ١٢٣ \u2028 tab\tcr\r\n", std::string("nul\0byte", 8)}) {
+           "👨‍👩‍👧‍👦 family, 🏳️‍🌈 flag, 👩🏽‍💻 coder, "
+           "🧑‍🤝‍🧑",
+           "mixed: naïve café 東京 ١٢٣ \u2028 tab\tcr\r\n", std::string("nul\0byte", 8)}) {
     EXPECT_EQ(tok().decode(tok().encode(text)), text);
   }
 }
@@ -530,7 +539,8 @@ TEST_F(Qwen3Test, MatchesReferenceEncodings) {
       {"Cafe\u0301 déjà vu 12345", {34, 2577, 963, 45839, 32514, 220, 16, 17, 18, 19, 20}},
       {"👨‍👩‍👧‍👦 family",
        {145367, 378, 235, 145233, 378, 235, 145665, 378, 235, 145988, 2997}},
-      {"def f(x):\n    return x**2  # 😀", {750, 282, 2075, 982, 262, 470, 856, 334, 17, 220, 671, 90316}},
+      {"def f(x):\n    return x**2  # 😀",
+       {750, 282, 2075, 982, 262, 470, 856, 334, 17, 220, 671, 90316}},
   };
   for (const auto& [text, expected] : cases) EXPECT_EQ(tok().encode(text), expected) << text;
 }
@@ -579,10 +589,18 @@ TEST_F(Qwen3Test, RoundTripsArbitraryUtf8) {
     for (int i = 0; i < n; ++i) {
       char32_t cp;
       switch (rng() % 4) {
-        case 0: cp = 0x20 + rng() % 0x60; break;            // ASCII
-        case 1: cp = 0x80 + rng() % 0x780; break;           // 2-byte, incl. combining marks
-        case 2: cp = 0x800 + rng() % (0x10000 - 0x800); break;
-        default: cp = 0x10000 + rng() % 0x100000; break;
+        case 0:
+          cp = 0x20 + rng() % 0x60;
+          break;  // ASCII
+        case 1:
+          cp = 0x80 + rng() % 0x780;
+          break;  // 2-byte, incl. combining marks
+        case 2:
+          cp = 0x800 + rng() % (0x10000 - 0x800);
+          break;
+        default:
+          cp = 0x10000 + rng() % 0x100000;
+          break;
       }
       if (cp >= 0xD800 && cp <= 0xDFFF) cp = 'x';
       append_utf8(text, cp);
@@ -591,7 +609,8 @@ TEST_F(Qwen3Test, RoundTripsArbitraryUtf8) {
     // (most of it) that is the input itself.
     EXPECT_EQ(tok().decode(tok().encode(text)), tok().normalize(text));
   }
-  for (const std::string& text : std::vector<std::string>{"我哋今日去飲茶，好唔好？", "👩🏽‍💻 and 🏳️‍🌈"}) {
+  for (const std::string& text :
+       std::vector<std::string>{"我哋今日去飲茶，好唔好？", "👩🏽‍💻 and 🏳️‍🌈"}) {
     EXPECT_EQ(tok().decode(tok().encode(text)), text);
   }
 }
@@ -631,10 +650,11 @@ std::string tokenizer_json(const std::string& pre_tokenizer, const std::string& 
   }
   vocab += "\"lo\": 256";
   return R"({"version": "1.0", "added_tokens": [{"id": 257, "content": "<eos>", "special": true}],
-  "normalizer": null, "pre_tokenizer": )" + pre_tokenizer +
+  "normalizer": null, "pre_tokenizer": )" +
+         pre_tokenizer +
          R"(, "decoder": {"type": "ByteLevel"},
-  "model": {"type": "BPE", )" + extra_model + R"("vocab": {)" + vocab +
-         R"(}, "merges": [["l", "o"]]}})";
+  "model": {"type": "BPE", )" +
+         extra_model + R"("vocab": {)" + vocab + R"(}, "merges": [["l", "o"]]}})";
 }
 
 const char* kByteLevel = R"({"type": "ByteLevel", "add_prefix_space": false, "use_regex": true})";
@@ -670,23 +690,25 @@ TEST(TokenizerJson, MalformedJsonNamesFileAndPosition) {
 
 TEST(TokenizerJson, UnsupportedPiecesAreNamed) {
   TempDir dir;
-  const std::string metaspace = dir.write(
-      "a.json", tokenizer_json(R"({"type": "Metaspace", "replacement": "▁"})"));
+  const std::string metaspace =
+      dir.write("a.json", tokenizer_json(R"({"type": "Metaspace", "replacement": "▁"})"));
   EXPECT_NE(error_of([&] { (void)Tokenizer::from_tokenizer_json(metaspace); }).find("Metaspace"),
             std::string::npos);
 
-  const std::string regex = dir.write(
-      "b.json", tokenizer_json(R"({"type": "Sequence", "pretokenizers": [
+  const std::string regex =
+      dir.write("b.json", tokenizer_json(R"({"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": "\\p{L}+"}, "behavior": "Isolated", "invert": false},
         {"type": "ByteLevel", "add_prefix_space": false, "use_regex": false}]})"));
-  EXPECT_NE(error_of([&] { (void)Tokenizer::from_tokenizer_json(regex); })
-                .find("Split regex '\\p{L}+' is not supported"),
+  EXPECT_NE(error_of([&] {
+              (void)Tokenizer::from_tokenizer_json(regex);
+            }).find("Split regex '\\p{L}+' is not supported"),
             std::string::npos);
 
-  const std::string prefix = dir.write(
-      "c.json", tokenizer_json(R"({"type": "ByteLevel", "add_prefix_space": true})"));
-  EXPECT_NE(error_of([&] { (void)Tokenizer::from_tokenizer_json(prefix); }).find("add_prefix_space"),
-            std::string::npos);
+  const std::string prefix =
+      dir.write("c.json", tokenizer_json(R"({"type": "ByteLevel", "add_prefix_space": true})"));
+  EXPECT_NE(
+      error_of([&] { (void)Tokenizer::from_tokenizer_json(prefix); }).find("add_prefix_space"),
+      std::string::npos);
 
   const std::string fallback =
       dir.write("d.json", tokenizer_json(kByteLevel, R"("byte_fallback": true, )"));
@@ -698,14 +720,17 @@ TEST(TokenizerJson, RecognisesEachPreTokenizerFamily) {
   TempDir dir;
   const std::string split_then_byte_level =
       R"({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}, "behavior": "Isolated", "invert": false}, {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})";
-  EXPECT_EQ(Tokenizer::from_tokenizer_json(dir.write("l.json", tokenizer_json(split_then_byte_level)))
-                .pre_tokenizer(),
-            PreTokenizerKind::kLlama3);
+  EXPECT_EQ(
+      Tokenizer::from_tokenizer_json(dir.write("l.json", tokenizer_json(split_then_byte_level)))
+          .pre_tokenizer(),
+      PreTokenizerKind::kLlama3);
   const std::string digits =
       R"({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]})";
-  EXPECT_EQ(Tokenizer::from_tokenizer_json(dir.write("s.json", tokenizer_json(digits))).pre_tokenizer(),
-            PreTokenizerKind::kSmolLM);
-  EXPECT_EQ(Tokenizer::from_tokenizer_json(dir.write("g.json", tokenizer_json(kByteLevel))).pre_tokenizer(),
+  EXPECT_EQ(
+      Tokenizer::from_tokenizer_json(dir.write("s.json", tokenizer_json(digits))).pre_tokenizer(),
+      PreTokenizerKind::kSmolLM);
+  EXPECT_EQ(Tokenizer::from_tokenizer_json(dir.write("g.json", tokenizer_json(kByteLevel)))
+                .pre_tokenizer(),
             PreTokenizerKind::kGpt2);
 }
 
@@ -716,8 +741,9 @@ TEST(Gpt2Files, BadMergeLineIsNamed) {
   EXPECT_NE(error_of([&] { (void)Tokenizer::from_gpt2_files(encoder, merges); }).find("line 3"),
             std::string::npos);
   const std::string unknown = dir.write("vocab2.bpe", "#version: 0.2\na c\n");
-  EXPECT_NE(error_of([&] { (void)Tokenizer::from_gpt2_files(encoder, unknown); })
-                .find("its second half 'c' is not in the vocabulary"),
+  EXPECT_NE(error_of([&] {
+              (void)Tokenizer::from_gpt2_files(encoder, unknown);
+            }).find("its second half 'c' is not in the vocabulary"),
             std::string::npos);
   const std::string dup = dir.write("encoder2.json", R"({"a": 0, "b": 0})");
   EXPECT_THROW((void)Tokenizer::from_gpt2_files(dup, merges), InvalidArgument);

@@ -228,9 +228,9 @@ struct LoadResult {
 // consume it.
 
 struct SavedBox {
-  dist::Box box;          // global coordinates
+  dist::Box box;           // global coordinates
   std::vector<int> ranks;  // ranks that held this box when saving (replicas)
-  std::string file;       // relative to the checkpoint directory
+  std::string file;        // relative to the checkpoint directory
   uint64_t byte_offset = 0;
   uint64_t byte_length = 0;  // box.numel() * element size
   // CRC-32C of each checksum_block-sized block of the box's bytes (the last
@@ -337,8 +337,7 @@ class Checkpointer {
 void save(const std::string& dir, const State& state,
           const std::shared_ptr<dist::ProcessGroup>& group, const SaveOptions& options = {});
 LoadResult load(const std::string& dir, State& state,
-                const std::shared_ptr<dist::ProcessGroup>& group,
-                const LoadOptions& options = {});
+                const std::shared_ptr<dist::ProcessGroup>& group, const LoadOptions& options = {});
 
 // ---------------------------------------------------------------------------
 // Checkpoint roots: directories of step_<N> checkpoints.

@@ -64,10 +64,10 @@ class Error : public std::exception {
   std::string what_;
 };
 
-#define TESSERA_DEFINE_ERROR(Name, Code)                                      \
-  class Name : public Error {                                                 \
-   public:                                                                    \
-    explicit Name(std::string message) : Error(Code, std::move(message)) {}  \
+#define TESSERA_DEFINE_ERROR(Name, Code)                                    \
+  class Name : public Error {                                               \
+   public:                                                                  \
+    explicit Name(std::string message) : Error(Code, std::move(message)) {} \
   };
 
 TESSERA_DEFINE_ERROR(InvalidArgument, ErrorCode::kInvalidArgument)
@@ -96,7 +96,8 @@ std::string concat(Args&&... args) {
 namespace detail {
 // Throws the Error that `e` (not a tessera::Error) becomes at a module
 // boundary: `code`, or kResourceExhausted for allocation failures.
-[[noreturn]] void rethrow_as_error(const std::exception& e, const std::string& where, ErrorCode code);
+[[noreturn]] void rethrow_as_error(const std::exception& e, const std::string& where,
+                                   ErrorCode code);
 }  // namespace detail
 
 // Runs `fn` and turns any exception that is not already a tessera::Error
@@ -122,10 +123,9 @@ decltype(auto) translate_errors(const std::string& where, Fn&& fn,
 // TESSERA_CHECK(cond, Kind, parts...) throws tessera::Kind with the parts
 // streamed together when `cond` is false. Kind is one of the subclasses above.
 //   TESSERA_CHECK(n > 0, InvalidArgument, "group size must be positive, got ", n);
-#define TESSERA_CHECK(cond, Kind, ...)                                 \
-  do {                                                                 \
+#define TESSERA_CHECK(cond, Kind, ...)                                          \
+  do {                                                                          \
     if (!(cond)) throw ::tessera::Kind(::tessera::detail::concat(__VA_ARGS__)); \
   } while (0)
 
-#define TESSERA_THROW(Kind, ...) \
-  throw ::tessera::Kind(::tessera::detail::concat(__VA_ARGS__))
+#define TESSERA_THROW(Kind, ...) throw ::tessera::Kind(::tessera::detail::concat(__VA_ARGS__))

@@ -130,8 +130,8 @@ class MetricsRegistry {
   // name). A histogram's bounds are those of its first series.
   Counter& counter(const std::string& name, const std::string& help, const MetricLabels& labels);
   Gauge& gauge(const std::string& name, const std::string& help, const MetricLabels& labels);
-  Histogram& histogram(const std::string& name, const std::string& help,
-                       std::vector<double> bounds, const MetricLabels& labels);
+  Histogram& histogram(const std::string& name, const std::string& help, std::vector<double> bounds,
+                       const MetricLabels& labels);
 
   // Prometheus text format, metrics sorted by name, then series by their
   // rendered labels.

@@ -38,13 +38,13 @@ struct RuntimeOptions {
 };
 
 struct RuntimeInfo {
-  std::string torch_version;   // "1.13.1"
-  int num_threads = 1;         // intra-op threads now in effect
-  int usable_cores = 1;        // cores this process may run on
-  std::string blas_name;       // "OpenBLAS", "reference BLAS", "MKL", "unknown"
-  std::string blas_library;    // resolved path of the library providing sgemm_
+  std::string torch_version;  // "1.13.1"
+  int num_threads = 1;        // intra-op threads now in effect
+  int usable_cores = 1;       // cores this process may run on
+  std::string blas_name;      // "OpenBLAS", "reference BLAS", "MKL", "unknown"
+  std::string blas_library;   // resolved path of the library providing sgemm_
   bool blas_is_reference = false;
-  bool cuda = false;           // LibTorch sees a CUDA device
+  bool cuda = false;  // LibTorch sees a CUDA device
 
   std::string summary() const;  // one line for logs
 };

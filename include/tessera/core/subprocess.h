@@ -43,7 +43,7 @@ namespace tessera {
 struct ExitStatus {
   bool exited = false;  // true: it returned or called exit(); `code` holds the code
   int code = 0;
-  int signal = 0;       // the signal that killed it, when !exited
+  int signal = 0;  // the signal that killed it, when !exited
 
   bool success() const { return exited && code == 0; }
   // The shell's convention: the code, or 128 + signal.

@@ -58,7 +58,7 @@ struct RunReport {
   size_t resumed = 0;                 // documents taken from the existing log
   bool log_was_truncated = false;     // the log's last line was cut off and redone
   size_t evaluated = 0;               // documents the backend answered in this run
-  double seconds = 0;  // wall time for them: backend calls, scoring and logging
+  double seconds = 0;                 // wall time for them: backend calls, scoring and logging
 };
 
 // Errors: those of the backend (propagated), Internal when the backend

@@ -209,8 +209,8 @@ class GgufWriter {
   void add_key(const std::string& key, GgufType type, std::vector<uint8_t> encoded);
 
   uint32_t alignment_;
-  std::vector<std::string> keys_;                  // in insertion order
-  std::vector<std::vector<uint8_t>> kv_encoded_;   // key + type + value, ready to write
+  std::vector<std::string> keys_;                 // in insertion order
+  std::vector<std::vector<uint8_t>> kv_encoded_;  // key + type + value, ready to write
   std::vector<PendingTensor> tensors_;
 };
 

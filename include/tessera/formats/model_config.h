@@ -42,10 +42,10 @@ struct ModelConfig {
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   RopeScaling rope_scaling = RopeScaling::kNone;
-  double rope_factor = 1.0;                     // linear and llama3
-  double rope_low_freq_factor = 1.0;            // llama3
-  double rope_high_freq_factor = 4.0;           // llama3
-  int64_t rope_original_max_position = 8192;    // llama3
+  double rope_factor = 1.0;                   // linear and llama3
+  double rope_low_freq_factor = 1.0;          // llama3
+  double rope_high_freq_factor = 4.0;         // llama3
+  int64_t rope_original_max_position = 8192;  // llama3
   bool tie_word_embeddings = false;
   bool attention_bias = false;  // q/k/v biases (Qwen2: true)
   int64_t bos_token_id = -1;

@@ -55,8 +55,8 @@ std::vector<TargetModule> find_targets(const nn::Transformer& model,
 
 struct LoraConfig {
   int64_t rank = 8;
-  double alpha = 16;         // scale = alpha / rank (alpha / sqrt(rank) with use_rslora)
-  double dropout = 0.0;      // on the adapter's input, training only
+  double alpha = 16;     // scale = alpha / rank (alpha / sqrt(rank) with use_rslora)
+  double dropout = 0.0;  // on the adapter's input, training only
   bool use_rslora = false;
   std::vector<std::string> target_modules{"q_proj", "v_proj"};
 };
@@ -177,8 +177,8 @@ class AdapterBank : public nn::LinearAdapter {
   at::Tensor apply_rows(const std::string& name, const at::Tensor& x, const at::Tensor& y,
                         const at::Tensor& token_adapters, bool invariant);
   std::vector<std::shared_ptr<Adapter>> adapters_;
-  std::map<std::string, Stack> stacks_;      // by "<module>@<device>"
-  std::map<std::string, Factors> factors_;   // by "<module>#<adapter index>"
+  std::map<std::string, Stack> stacks_;     // by "<module>@<device>"
+  std::map<std::string, Factors> factors_;  // by "<module>#<adapter index>"
 };
 
 // Adapters by name from folders under `root` (root/<name>/), loaded on

@@ -27,8 +27,8 @@ namespace tessera::moe {
 // A provider's price sheet and limits, kept as data (data/aws_lambda_prices.json).
 struct PriceSheet {
   std::string name;
-  double gb_second = 0;          // $ per GB-second
-  double per_request = 0;        // $ per invocation
+  double gb_second = 0;    // $ per GB-second
+  double per_request = 0;  // $ per invocation
   double billing_granularity_ms = 1;
   double minimum_billed_ms = 1;
   std::vector<int64_t> memory_sizes_mb;
@@ -73,14 +73,14 @@ class BillingMeter {
 
 // Measured (or assumed) platform parameters.
 struct PlatformProfile {
-  std::vector<int64_t> memory_mb;    // the sizes t_cal was measured at
-  std::vector<double> t_cal;         // seconds per token at each size
-  double t_head = 0.05;              // start of a warm instance + weight load share
-  double t_dl = 0.01;                // storage access latency per object
-  double storage_bandwidth = 100e6;  // B_s, bytes/s
-  double call_bandwidth = 50e6;      // B_f, bytes/s (request/response payloads)
-  int64_t input_bytes_per_token = 0;     // D_in
-  int64_t output_bytes_per_token = 0;    // D_o
+  std::vector<int64_t> memory_mb;      // the sizes t_cal was measured at
+  std::vector<double> t_cal;           // seconds per token at each size
+  double t_head = 0.05;                // start of a warm instance + weight load share
+  double t_dl = 0.01;                  // storage access latency per object
+  double storage_bandwidth = 100e6;    // B_s, bytes/s
+  double call_bandwidth = 50e6;        // B_f, bytes/s (request/response payloads)
+  int64_t input_bytes_per_token = 0;   // D_in
+  int64_t output_bytes_per_token = 0;  // D_o
   int64_t expert_weight_bytes = 0;
   int64_t intermediate_bytes_per_token = 0;
   int64_t runtime_overhead_bytes = 64 << 20;  // the function's own footprint
@@ -125,7 +125,7 @@ struct ReplicaWork {
   Method method = Method::kDirect;
   int memory_index = 0;  // into PriceSheet::memory_sizes_mb
   int64_t tokens = 0;
-  int64_t beta = 0;      // pipelined minibatch size (kPipelined only)
+  int64_t beta = 0;  // pipelined minibatch size (kPipelined only)
 };
 // Time of one replica handling its tokens (infinite when infeasible:
 // memory or payload limit).
@@ -173,7 +173,8 @@ Deployment repair_deployment(const PlatformProfile& p, const PriceSheet& prices,
 
 // The always-on alternative: a CPU cluster billed per hour for the time the
 // same tokens take at `cluster_tokens_per_second` (per MoE layer token).
-double cpu_cluster_cost(const PriceSheet& prices, double token_layers, double cluster_tokens_per_second);
+double cpu_cluster_cost(const PriceSheet& prices, double token_layers,
+                        double cluster_tokens_per_second);
 
 }  // namespace tessera::moe
 
@@ -184,7 +185,8 @@ namespace tessera::moe {
 // (memory / memory_mb_per_vcpu of a vCPU, at most the vCPUs it gets), and
 // the storage bandwidth of writing and reading a file in `scratch_dir`.
 // Sizes, call bandwidth and start times keep the profile's given values.
-PlatformProfile profile_platform(int64_t hidden_size, int64_t intermediate_size, const PriceSheet& prices,
-                                 const std::string& scratch_dir, PlatformProfile base = {});
+PlatformProfile profile_platform(int64_t hidden_size, int64_t intermediate_size,
+                                 const PriceSheet& prices, const std::string& scratch_dir,
+                                 PlatformProfile base = {});
 
 }  // namespace tessera::moe

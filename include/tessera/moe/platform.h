@@ -37,19 +37,19 @@
 namespace tessera::moe {
 
 struct FunctionSpec {
-  std::string weights;   // safetensors file with the expert's tensors
-  std::string prefix;    // their names: prefix + "w1.weight", "w2.weight", "w3.weight"
+  std::string weights;  // safetensors file with the expert's tensors
+  std::string prefix;   // their names: prefix + "w1.weight", "w2.weight", "w3.weight"
   int64_t memory_mb = 1024;
 };
 
 struct PlatformOptions {
-  std::string program;           // tessera-function; default: next to this program, then PATH
+  std::string program;  // tessera-function; default: next to this program, then PATH
   PriceSheet prices = PriceSheet::aws_lambda();
   // Storage channel of indirect transfers (storage.h): "files:<dir>",
   // "redis://host:port", or "" for files in a fresh directory under /dev/shm.
   std::string storage;
   std::chrono::milliseconds keep_alive{60000};
-  int concurrency_limit = 8;     // instances per function
+  int concurrency_limit = 8;  // instances per function
   std::chrono::milliseconds start_timeout{30000};
   std::chrono::milliseconds invoke_timeout{120000};
   int retries = 1;
@@ -67,14 +67,14 @@ class FunctionPlatform {
   void deploy(const std::string& name, const FunctionSpec& spec);
 
   struct Request {
-    at::Tensor tokens;                   // direct
-    std::vector<std::string> input_keys; // indirect / pipelined (keys in the storage channel)
+    at::Tensor tokens;                    // direct
+    std::vector<std::string> input_keys;  // indirect / pipelined (keys in the storage channel)
     // At most a day: the function refuses longer waits (InvalidArgument).
     std::chrono::milliseconds wait{30000};  // pipelined: how long a key may take to appear
   };
   struct Result {
-    at::Tensor outputs;       // direct only
-    double seconds = 0;       // billed duration (before rounding)
+    at::Tensor outputs;  // direct only
+    double seconds = 0;  // billed duration (before rounding)
     double compute_seconds = 0;
     bool cold_start = false;
     int attempts = 1;
@@ -110,8 +110,8 @@ class FunctionPlatform {
 // One MoE layer's expert weights in the Mixtral layout of a Hugging Face
 // safetensors file.
 struct ExpertLayer {
-  std::string weights;   // safetensors file
-  std::string prefix;    // "model.layers.<l>.block_sparse_moe."
+  std::string weights;  // safetensors file
+  std::string prefix;   // "model.layers.<l>.block_sparse_moe."
   int64_t num_experts = 0, top_k = 0;
   bool normalize_top_k = true;
 };
@@ -123,7 +123,8 @@ struct Routing {
   at::Tensor weights;  // [N, k] float
 };
 Routing route(const ExpertLayer& layer, const at::Tensor& x);
-at::Tensor moe_layer_reference(const ExpertLayer& layer, const at::Tensor& x, const Routing& routing);
+at::Tensor moe_layer_reference(const ExpertLayer& layer, const at::Tensor& x,
+                               const Routing& routing);
 
 class ServerlessMoE {
  public:
@@ -156,7 +157,8 @@ class ServerlessMoE {
 // functions compute at once (local processes share the machine's cores, as
 // a layer's experts will when served), and the storage latency from a
 // pipelined invocation (per minibatch, as the function sees it).
-PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer& layer, int64_t hidden_size,
-                                   int64_t intermediate_size, int concurrency = 1);
+PlatformProfile calibrate_platform(FunctionPlatform& platform, const ExpertLayer& layer,
+                                   int64_t hidden_size, int64_t intermediate_size,
+                                   int concurrency = 1);
 
 }  // namespace tessera::moe

@@ -18,7 +18,8 @@
 //   auto trace = tessera::moe::trace_batch(model, ids);     // forward with routing records
 //   tessera::moe::CountTable table(model.config());
 //   table.add(trace);
-//   at::Tensor loads = table.predict(new_ids, tessera::moe::Predictor::kBayesian);  // [layers, experts]
+//   at::Tensor loads = table.predict(new_ids, tessera::moe::Predictor::kBayesian);  // [layers,
+//   experts]
 //
 // Thread safety: CountTable is thread-compatible (guard concurrent add());
 // the free functions are thread-safe.
@@ -38,10 +39,10 @@ namespace tessera::moe {
 
 struct RoutingTrace {
   int64_t num_experts = 0, top_k = 0;
-  at::Tensor tokens;           // [N] int64 token ids (f1), N = batch * seq
-  at::Tensor positions;        // [N] int64 (f2)
-  at::Tensor attention_ids;    // [layers, N] int64 token ids (f3)
-  at::Tensor experts;          // [layers, N, top_k] int64
+  at::Tensor tokens;         // [N] int64 token ids (f1), N = batch * seq
+  at::Tensor positions;      // [N] int64 (f2)
+  at::Tensor attention_ids;  // [layers, N] int64 token ids (f3)
+  at::Tensor experts;        // [layers, N, top_k] int64
   int64_t num_layers() const { return experts.size(0); }
   // Real tokens per expert: [layers, experts] float.
   at::Tensor loads() const;

@@ -69,7 +69,7 @@ struct BatchOptions {
 
 // Token rows with the positions whose log-probabilities count.
 struct ResponseBatch {
-  at::Tensor input_ids;      // [N, L] int64, right-padded with pad_id
+  at::Tensor input_ids;  // [N, L] int64, right-padded with pad_id
   // [N, L] float, aligned with input_ids: 1 where the token is part of the
   // response (it is scored given everything before it), else 0. Column 0 is
   // always 0.
@@ -154,10 +154,10 @@ struct DpoOptions {
 
 struct DpoStepStats {
   int64_t step = 0;
-  double loss = 0;             // mean over the global batch's pairs
-  double margin = 0;           // DpoLoss::margin over the global batch
+  double loss = 0;    // mean over the global batch's pairs
+  double margin = 0;  // DpoLoss::margin over the global batch
   double accuracy = 0;
-  double chosen_reward = 0;    // mean beta * (policy - reference) on chosen
+  double chosen_reward = 0;  // mean beta * (policy - reference) on chosen
   double rejected_reward = 0;
   double grad_norm = 0;
   double lr = 0;

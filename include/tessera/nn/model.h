@@ -54,8 +54,8 @@ struct ParallelGroups {
 // batch may hold different lengths.
 class KVCache {
  public:
-  KVCache(const ModelConfig& config, int64_t batch, int64_t max_length,
-          at::TensorOptions options, int tp_size = 1);
+  KVCache(const ModelConfig& config, int64_t batch, int64_t max_length, at::TensorOptions options,
+          int tp_size = 1);
 
   int64_t batch() const { return batch_; }
   int64_t max_length() const { return max_length_; }
@@ -140,8 +140,8 @@ at::Tensor linear_invariant(const at::Tensor& x, const at::Tensor& w);
 // serverless-MoE planner and for load statistics).
 struct RoutingRecord {
   int64_t layer = 0;
-  at::Tensor experts;  // [tokens, top_k] int64, tokens in [B*T] order
-  at::Tensor weights;  // [tokens, top_k] float
+  at::Tensor experts;       // [tokens, top_k] int64, tokens in [B*T] order
+  at::Tensor weights;       // [tokens, top_k] float
   at::Tensor router_probs;  // [tokens, num_experts] float (after softmax)
   // Per token, the position (within its sequence) of the key that received
   // the most attention from it in this layer's attention, summed over heads
@@ -238,7 +238,8 @@ struct ForwardOptions {
   // [N, H], the chosen experts [N, k] and their weights [N, k]; returns the
   // weighted mixture [N, H] (shared experts are still added here).
   // Single-rank models only (no tp / ep); no capacity drops.
-  std::function<at::Tensor(int64_t layer, const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights)>
+  std::function<at::Tensor(int64_t layer, const at::Tensor& x, const at::Tensor& experts,
+                           const at::Tensor& weights)>
       expert_override;
   // A paged forward (the serving engine's): input_ids [1, N] are the
   // tokens of paged->sequences, read and written through paged->cache, with

@@ -35,7 +35,7 @@ struct ParameterSpec {
   std::string name;            // Hugging Face name, "model.layers.0.self_attn.q_proj.weight"
   std::vector<int64_t> shape;  // full (unsharded) shape
   Split split = Split::kReplicate;
-  int64_t expert = -1;         // owning expert for routed-expert weights, else -1
+  int64_t expert = -1;  // owning expert for routed-expert weights, else -1
 };
 
 // Every parameter of `config`'s full model, in the model's order.

@@ -113,7 +113,8 @@ class TokenDataset {
  public:
   static TokenDataset open(const std::string& path, int bytes_per_token = 2);
   // Writes ids as a token file (atomically).
-  static void write(const std::string& path, const std::vector<int64_t>& ids, int bytes_per_token = 2);
+  static void write(const std::string& path, const std::vector<int64_t>& ids,
+                    int bytes_per_token = 2);
   int64_t num_tokens() const;
 
   struct Batch {
@@ -154,7 +155,7 @@ struct TrainerOptions {
 
 struct StepStats {
   int64_t step = 0;
-  double loss = 0;       // mean cross-entropy over the global batch
+  double loss = 0;  // mean cross-entropy over the global batch
   double aux_loss = 0;
   double grad_norm = 0;
   double lr = 0;

@@ -70,7 +70,7 @@ class QuantizedModel final : public nn::LinearOverride {
   // Per packed layer with smoothing: 1 / m per input channel (else absent).
   const std::map<std::string, at::Tensor>& smoothing() const { return smooth_; }
   const QuantizedWeight& weight(const std::string& name) const;  // NotFound
-  int64_t bytes() const;  // packed bytes of all layers
+  int64_t bytes() const;                                         // packed bytes of all layers
 
   // One safetensors file: every packed layer ("<name>.codes", ".scales",
   // ".zeros"), the model's floating-point parameters that are not packed,

@@ -36,9 +36,9 @@ Gae gae(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& m
 // loss = token-mean of -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A).
 // Differentiable in logp.
 struct PolicyLoss {
-  at::Tensor loss;              // scalar
-  double clip_fraction = 0;     // share of tokens where the clipped term won
-  double approx_kl = 0;         // token-mean of old_logp - logp
+  at::Tensor loss;           // scalar
+  double clip_fraction = 0;  // share of tokens where the clipped term won
+  double approx_kl = 0;      // token-mean of old_logp - logp
 };
 PolicyLoss ppo_policy_loss(const at::Tensor& logp, const at::Tensor& old_logp,
                            const at::Tensor& advantages, const at::Tensor& mask, double clip_eps);

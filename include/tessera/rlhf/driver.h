@@ -10,8 +10,8 @@
 //   tessera::rlhf::Driver driver(o);               // workers running and registered
 //   auto prompts = driver.put("it0/prompts", batch);
 //   auto gen = driver.group("actor").call("generate", {prompts}, Args().set("iteration", 0));
-//   auto scores = driver.group("reward").call("score", {gen.get().output});   // handles: concurrent
-//   double mean = scores.wait(std::chrono::minutes(5)).metric("mean_score");
+//   auto scores = driver.group("reward").call("score", {gen.get().output});   // handles:
+//   concurrent double mean = scores.wait(std::chrono::minutes(5)).metric("mean_score");
 //   driver.release("it0/");
 //
 // Messages stay small: a call carries references (which rows of which batch,
@@ -48,9 +48,9 @@ struct PoolSpec {
 };
 
 struct RoleSpec {
-  std::string name;    // how the driver addresses it ("actor")
-  std::string type;    // the RoleRegistry type to create ("actor", "reward_rule", ...)
-  std::string pool;    // the pool whose processes host it
+  std::string name;  // how the driver addresses it ("actor")
+  std::string type;  // the RoleRegistry type to create ("actor", "reward_rule", ...)
+  std::string pool;  // the pool whose processes host it
   std::string config_json = "{}";
 };
 
@@ -60,11 +60,12 @@ struct DriverOptions {
   // Worker program and its arguments (argv[1...]); default: this program.
   std::string program;
   std::vector<std::string> program_args;
-  std::chrono::milliseconds start_timeout{180000};   // spawn -> every worker registered
-  std::chrono::milliseconds call_timeout{900000};    // default deadline of a call
+  std::chrono::milliseconds start_timeout{180000};  // spawn -> every worker registered
+  std::chrono::milliseconds call_timeout{900000};   // default deadline of a call
   std::chrono::milliseconds health_interval{500};
-  std::chrono::milliseconds health_timeout{10000};   // unanswered health checks this long: worker declared dead
-  int max_message_bytes = 4 << 20;     // control-plane message limit
+  std::chrono::milliseconds health_timeout{
+      10000};                       // unanswered health checks this long: worker declared dead
+  int max_message_bytes = 4 << 20;  // control-plane message limit
   // Extra environment for the workers ("KEY=VALUE").
   std::vector<std::string> worker_env;
   // Give each pool its own CPUs (a share proportional to its processes,
@@ -103,9 +104,9 @@ struct CallResult {
 };
 
 struct ProcessInfo {
-  int process = 0;      // global index
+  int process = 0;  // global index
   std::string pool;
-  int rank = 0;         // rank inside the pool
+  int rank = 0;  // rank inside the pool
   long pid = 0;
   std::string address;  // its Worker service
   std::vector<std::string> roles;
@@ -113,7 +114,7 @@ struct ProcessInfo {
 
 struct CallOptions {
   std::chrono::milliseconds timeout{0};  // 0: DriverOptions::call_timeout
-  std::string output;          // output batch name; "": "<role>.<method>#<n>"
+  std::string output;                    // output batch name; "": "<role>.<method>#<n>"
 };
 
 class Driver;
@@ -153,7 +154,7 @@ class WorkerGroup {
   // Never blocks on the workers; the handle's wait() throws the driver's
   // first failure (or the call's own error, e.g. INVALID_ARGUMENT).
   PendingCall call(const std::string& method, const std::vector<BatchRef>& inputs = {},
-                               const Args& args = {}, const CallOptions& options = {});
+                   const Args& args = {}, const CallOptions& options = {});
   const std::string& role() const { return role_; }
   int size() const;
 

@@ -27,16 +27,16 @@
 #include <string>
 #include <vector>
 
-#include "tessera/tokenizer/tokenizer.h"
 #include "tessera/rlhf/driver.h"
+#include "tessera/tokenizer/tokenizer.h"
 
 namespace tessera::rlhf {
 
 struct PipelineOptions {
   int64_t iterations = 10;
   int64_t prompts_per_iteration = 8;
-  int64_t samples = 4;            // responses per prompt (GRPO's group size)
-  uint64_t data_seed = 1;         // the question stream
+  int64_t samples = 4;     // responses per prompt (GRPO's group size)
+  uint64_t data_seed = 1;  // the question stream
   int max_operand = 99;
   // Prompt text around "Q: a+b=? A: " questions: "plain", or "chat" with
   // `chat_template` (ChatML, as SmolLM2's GGUF carries it).
@@ -44,11 +44,11 @@ struct PipelineOptions {
   std::string chat_template;
   // PPO: KL penalty in the reward (k1), discount and GAE lambda.
   double kl_penalty = 0.05, gamma = 1.0, lambda = 0.95;
-  std::string checkpoint_dir;     // "" : no checkpoints
+  std::string checkpoint_dir;  // "" : no checkpoints
   int64_t checkpoint_every = 0;
   int keep_last = 2;
   bool resume = false;
-  int64_t stop_after = -1;        // stop (as if interrupted) after this many iterations of this run
+  int64_t stop_after = -1;  // stop (as if interrupted) after this many iterations of this run
   std::chrono::milliseconds call_timeout{0};  // 0: the driver's default
 };
 
@@ -60,7 +60,8 @@ struct IterationStats {
   int64_t new_tokens = 0;
   double tokens_per_second = 0;  // generated tokens / iteration time
   // 3D-HybridEngine transition (per rank, max over ranks).
-  double transition_seconds = 0, transition_bytes = 0, generation_weight_bytes = 0, kv_cache_bytes = 0;
+  double transition_seconds = 0, transition_bytes = 0, generation_weight_bytes = 0,
+         kv_cache_bytes = 0;
 };
 
 using IterationCallback = std::function<void(const IterationStats&)>;
@@ -68,12 +69,15 @@ using IterationCallback = std::function<void(const IterationStats&)>;
 // Return the stats of the iterations this call ran (after a resume, from
 // the restored iteration on). Errors from the driver propagate.
 std::vector<IterationStats> run_grpo(Driver& driver, const nn::Tokenizer& tokenizer,
-                                     const PipelineOptions& options, const IterationCallback& callback = {});
+                                     const PipelineOptions& options,
+                                     const IterationCallback& callback = {});
 std::vector<IterationStats> run_ppo(Driver& driver, const nn::Tokenizer& tokenizer,
-                                    const PipelineOptions& options, const IterationCallback& callback = {});
+                                    const PipelineOptions& options,
+                                    const IterationCallback& callback = {});
 
 // The prompt batch of one iteration (prompt_ids, prompt_lengths, answers),
 // as the pipelines build it; for drivers users write themselves.
-Batch arithmetic_prompts(const nn::Tokenizer& tokenizer, const PipelineOptions& options, int64_t iteration);
+Batch arithmetic_prompts(const nn::Tokenizer& tokenizer, const PipelineOptions& options,
+                         int64_t iteration);
 
 }  // namespace tessera::rlhf

@@ -36,8 +36,8 @@
 //   value head (zero-initialised). One rank per replica (tp 1), dp = pool size.
 //   Keys: model, lr, max_grad_norm, weight_decay, clip, micro_batch.
 //   compute_values    DP_COMPUTE                    -> values
-//   update            DP_COMPUTE                    sequences..., values, returns; metrics value_loss
-//   save / load       ONE_TO_ALL
+//   update            DP_COMPUTE                    sequences..., values, returns; metrics
+//   value_loss save / load       ONE_TO_ALL
 // "reward_rule" — the arithmetic task's rule: 1 when the response's first
 //   number equals "answers" (int64 per row), else 0. Keys: tokenizer.
 //   score             DP_COMPUTE                    -> scores [n]; metric mean_score

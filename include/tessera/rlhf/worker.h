@@ -67,8 +67,8 @@ class Args {
 };
 
 struct MethodResult {
-  Batch output;                            // the rows this worker produced (may be empty)
-  std::map<std::string, double> metrics;   // small numbers for the driver
+  Batch output;                           // the rows this worker produced (may be empty)
+  std::map<std::string, double> metrics;  // small numbers for the driver
 };
 
 using Method = std::function<MethodResult(const Batch& inputs, const ConfigObject& args)>;
@@ -97,11 +97,11 @@ class MethodTable {
 
 // What a role sees of its process.
 struct WorkerContext {
-  std::string role;                            // the role's name ("actor")
-  ConfigObject config;                         // its configuration (unknown keys rejected after setup)
-  std::shared_ptr<dist::ProcessGroup> group;   // every process of the pool, SPMD
-  int rank = 0, size = 1;                      // place in the group
-  int process = 0;                             // global process index (driver numbering)
+  std::string role;     // the role's name ("actor")
+  ConfigObject config;  // its configuration (unknown keys rejected after setup)
+  std::shared_ptr<dist::ProcessGroup> group;  // every process of the pool, SPMD
+  int rank = 0, size = 1;                     // place in the group
+  int process = 0;                            // global process index (driver numbering)
 };
 
 class Role {

@@ -113,18 +113,20 @@ struct EngineOptions {
 
   // Reads the keys above from a JSON object (strict: unknown keys are
   // InvalidArgument naming them; "adapters" is an object of name: folder).
-  static EngineOptions from_json(const std::string& json_text, const std::string& source = "<inline>");
+  static EngineOptions from_json(const std::string& json_text,
+                                 const std::string& source = "<inline>");
 };
 
 struct SamplingParams {
-  int64_t max_tokens = 16;   // >= 1; 0: up to max_model_len (what the context leaves after the prompt)
+  int64_t max_tokens =
+      16;  // >= 1; 0: up to max_model_len (what the context leaves after the prompt)
   double temperature = 1.0;  // 0: greedy
   double top_p = 1.0;        // (0, 1]
   int64_t top_k = 0;         // 0 (or -1): off
   // Seeded requests sample reproducibly whatever else runs; unseeded ones
   // draw their seed from the engine.
   std::optional<uint64_t> seed;
-  std::vector<std::string> stop;         // stop strings (not included in the output)
+  std::vector<std::string> stop;  // stop strings (not included in the output)
   // In addition to the model's EOS. Like EOS, a stop token is reported in
   // TokenEvent::tokens but adds no text.
   std::vector<int64_t> stop_token_ids;
@@ -134,9 +136,9 @@ struct SamplingParams {
   // the `logprobs` most likely alternatives (0: only the sampled one).
   // nullopt: none. At most EngineOptions::max_logprobs.
   std::optional<int64_t> logprobs;
-  int64_t n = 1;                // parallel samples sharing the prompt's blocks; <= max_num_seqs
-  bool json_object = false;     // constrain the output to one JSON object
-  int64_t priority = 0;         // lower runs first (an int32)
+  int64_t n = 1;             // parallel samples sharing the prompt's blocks; <= max_num_seqs
+  bool json_object = false;  // constrain the output to one JSON object
+  int64_t priority = 0;      // lower runs first (an int32)
 };
 
 struct GenerateRequest {
@@ -167,9 +169,9 @@ struct TopLogprob {
 struct TokenEvent {
   uint64_t request_id = 0;
   int64_t index = 0;
-  std::vector<int64_t> tokens;  // new tokens (one per step; the prompt with echo)
-  std::string text;             // their text, held back while it may be the start of a stop string
-  std::vector<double> logprobs;                     // per token, when asked
+  std::vector<int64_t> tokens;   // new tokens (one per step; the prompt with echo)
+  std::string text;              // their text, held back while it may be the start of a stop string
+  std::vector<double> logprobs;  // per token, when asked
   std::vector<std::vector<TopLogprob>> top_logprobs;  // per token, when asked
   bool finished = false;
   std::string finish_reason;  // "stop", "length", "abort" (finished only)
@@ -205,13 +207,13 @@ class RequestHandle {
 
 struct EngineStats {
   int64_t running = 0, waiting = 0;
-  double kv_cache_usage = 0;         // fraction of blocks in use
+  double kv_cache_usage = 0;  // fraction of blocks in use
   int64_t num_blocks = 0, free_blocks = 0;
   int64_t prefix_cache_queries = 0;  // tokens looked up
   int64_t prefix_cache_hits = 0;     // tokens found
   int64_t preemptions = 0;
   int64_t prompt_tokens = 0, generation_tokens = 0;  // totals
-  int64_t steps = 0;                 // schedule() calls that ran the model
+  int64_t steps = 0;                                 // schedule() calls that ran the model
   int64_t finished_requests = 0;
   // QSPEC: draft tokens proposed and accepted by the verifier.
   int64_t spec_drafted = 0, spec_accepted = 0;

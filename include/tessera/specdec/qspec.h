@@ -71,10 +71,10 @@ void parse_decoding(const std::string& name, GenerateOptions* options);
 std::string decoding_name(const GenerateOptions& options);
 
 struct SpecStats {
-  int64_t verify_steps = 0;     // per sequence: one verify forward each
-  int64_t drafted = 0;          // draft tokens proposed
-  int64_t accepted = 0;         // draft tokens the verifier accepted
-  int64_t emitted = 0;          // tokens produced by verify steps (accepted + one each)
+  int64_t verify_steps = 0;  // per sequence: one verify forward each
+  int64_t drafted = 0;       // draft tokens proposed
+  int64_t accepted = 0;      // draft tokens the verifier accepted
+  int64_t emitted = 0;       // tokens produced by verify steps (accepted + one each)
   double draft_seconds = 0, verify_seconds = 0;
   std::vector<int64_t> steps_per_gamma;  // batch steps run with each gamma (index = gamma)
   double acceptance_rate() const { return drafted ? static_cast<double>(accepted) / drafted : 0.0; }

@@ -29,12 +29,12 @@
 namespace tessera::synth {
 
 struct GenerationRequest {
-  std::string prompt;  // text; chat markers are parsed as special tokens
-  int64_t n = 1;       // samples
+  std::string prompt;        // text; chat markers are parsed as special tokens
+  int64_t n = 1;             // samples
   double temperature = 0.0;  // 0: greedy
   double top_p = 1.0;
   int64_t max_tokens = 64;
-  uint64_t seed = 0;  // samples of one request are reproducible whatever else runs
+  uint64_t seed = 0;              // samples of one request are reproducible whatever else runs
   std::vector<std::string> stop;  // stop strings (not included in the text)
   std::string adapter;            // LoRA / MoS adapter folder; "" for the base model
 };

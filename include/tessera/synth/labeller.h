@@ -36,9 +36,9 @@ struct TargetResponses {
 };
 
 struct FailureLabel {
-  bool valid = true;     // the instruction can be judged
-  bool failure = false;  // the target failed it (valid only)
-  std::string reason;    // why not valid, or what the judgement rests on
+  bool valid = true;      // the instruction can be judged
+  bool failure = false;   // the target failed it (valid only)
+  std::string reason;     // why not valid, or what the judgement rests on
   std::string reference;  // the correct answer when known ("" otherwise)
   std::string answer;     // the target's answer as judged
   double score = 0;       // math: 1 wrong / 0 right; entropy: the entropy in nats
@@ -59,7 +59,8 @@ class FailureLabeller {
   // Called before the target answers; an invalid label skips the target.
   // Default: every instruction is valid.
   virtual FailureLabel precheck(const std::string& instruction) const;
-  virtual FailureLabel label(const std::string& instruction, const TargetResponses& responses) const = 0;
+  virtual FailureLabel label(const std::string& instruction,
+                             const TargetResponses& responses) const = 0;
   // A response the target should learn to give (for the final fine-tuning),
   // or "" when the labeller knows none.
   virtual std::string good_response(const std::string& instruction) const { return ""; }
@@ -72,7 +73,8 @@ class MathLabeller : public FailureLabeller {
   TargetQuery query() const override { return {true, 0, 1.0}; }
   // Invalid unless parse_math_problem() vouches for the text.
   FailureLabel precheck(const std::string& instruction) const override;
-  FailureLabel label(const std::string& instruction, const TargetResponses& responses) const override;
+  FailureLabel label(const std::string& instruction,
+                     const TargetResponses& responses) const override;
   // worked_solution() of the problem.
   std::string good_response(const std::string& instruction) const override;
 
@@ -106,7 +108,8 @@ class EntropyLabeller : public FailureLabeller {
   std::string name() const override { return "honesty"; }
   TargetQuery query() const override;
   // Invalid when fewer responses than `samples` came back.
-  FailureLabel label(const std::string& instruction, const TargetResponses& responses) const override;
+  FailureLabel label(const std::string& instruction,
+                     const TargetResponses& responses) const override;
 
  private:
   EntropyLabellerOptions options_;

@@ -46,8 +46,8 @@ struct Rational {
 };
 
 struct MathProblemOptions {
-  int64_t max_operands = 6;     // numbers in the expression
-  int64_t max_digits = 6;       // digits per number (decimals: both sides together)
+  int64_t max_operands = 6;  // numbers in the expression
+  int64_t max_digits = 6;    // digits per number (decimals: both sides together)
   bool integer_answers_only = true;
   int64_t max_abs_answer = 1000000000000;  // |answer| above this is refused
 };

@@ -36,8 +36,8 @@ struct MinHashOptions {
   // at J = 0.7 candidates with probability 0.9998 and at J = 0.3 with 0.23;
   // the exact check then removes the false candidates.
   int64_t bands = 32;
-  int64_t shingle_words = 2;  // words per shingle; texts shorter than this are one shingle
-  double threshold = 0.7;     // Jaccard at or above which a text duplicates a kept one
+  int64_t shingle_words = 2;       // words per shingle; texts shorter than this are one shingle
+  double threshold = 0.7;          // Jaccard at or above which a text duplicates a kept one
   bool exact_verification = true;  // confirm candidates with the exact Jaccard
   uint64_t seed = 1;               // draws the hash functions
 };

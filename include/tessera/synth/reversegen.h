@@ -60,11 +60,11 @@ struct LoraTrainingOptions {
   int64_t rank = 8;
   double alpha = 16;
   std::vector<std::string> target_modules{"q_proj", "k_proj", "v_proj", "o_proj"};
-  int64_t batch = 8;          // examples (SFT) or pairs (DPO) per step
+  int64_t batch = 8;  // examples (SFT) or pairs (DPO) per step
   int64_t epochs = 1;
   double lr = 1e-3;
   int64_t warmup_steps = 2;
-  int64_t max_length = 320;   // tokens per row, prompt truncated from the left
+  int64_t max_length = 320;      // tokens per row, prompt truncated from the left
   int64_t checkpoint_every = 4;  // steps between resumable checkpoints
 };
 
@@ -176,7 +176,8 @@ class ReverseGen {
   // Fine-tunes the target (base + fresh LoRA from `training`, seeded) on
   // the examples; returns the adapter folder work_dir/target/<name>.
   std::string sft_target(const std::string& name, const std::vector<TargetExample>& examples,
-                         const LoraTrainingOptions& training, uint64_t seed, double* seconds = nullptr);
+                         const LoraTrainingOptions& training, uint64_t seed,
+                         double* seconds = nullptr);
   // The target (base + `adapter`, "" for none) on `problems`, greedy;
   // answers in work_dir/eval/<name>.jsonl (resumable).
   EvalReport evaluate(const std::string& name, const std::string& adapter,

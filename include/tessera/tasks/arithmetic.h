@@ -30,7 +30,8 @@ struct ArithmeticExample {
 
 // `count` questions with operands in [0, max_operand]: sums, and
 // differences that are never negative. Deterministic given the seed.
-std::vector<ArithmeticExample> arithmetic_examples(int64_t count, uint64_t seed, int max_operand = 99);
+std::vector<ArithmeticExample> arithmetic_examples(int64_t count, uint64_t seed,
+                                                   int max_operand = 99);
 
 // Checks a completion: its first number (after leading spaces) equals the
 // answer.

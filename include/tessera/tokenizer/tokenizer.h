@@ -153,8 +153,7 @@ class Tokenizer {
   // the text are encoded as ordinary text; non-special ones still match.
   // Adds no BOS/EOS; callers prepend bos_id() where the model wants it.
   // Throws InvalidArgument only when a byte has no base token and no unk_id.
-  [[nodiscard]] std::vector<int32_t> encode(std::string_view text,
-                                            bool parse_special = true) const;
+  [[nodiscard]] std::vector<int32_t> encode(std::string_view text, bool parse_special = true) const;
 
   // The bytes of the tokens, concatenated: the exact inverse of encode() up to
   // normalization, invalid UTF-8 included (a token may end mid-character).

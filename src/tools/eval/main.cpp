@@ -103,15 +103,16 @@ int main(int argc, char** argv) {
   double timeout_seconds = 600;
   bool fresh = false, list = false, no_batch_invariant = false;
 
-  CLI::App app{"Evaluates a model on evaluation tasks (lm-evaluation-harness style YAML files) "
-               "and prints lm-eval's results table.",
-               "tessera-eval"};
+  CLI::App app{
+      "Evaluates a model on evaluation tasks (lm-evaluation-harness style YAML files) "
+      "and prints lm-eval's results table.",
+      "tessera-eval"};
   app.option_defaults()->always_capture_default();
   auto* model_opt = app.add_option("--model", model_path,
                                    "run this model in process: a GGUF file or a Hugging Face "
                                    "folder (config.json + safetensors)");
-  auto* endpoint_opt = app.add_option(
-      "--endpoint", endpoint, "use an OpenAI-compatible server: http://host:port[/v1]");
+  auto* endpoint_opt = app.add_option("--endpoint", endpoint,
+                                      "use an OpenAI-compatible server: http://host:port[/v1]");
   model_opt->excludes(endpoint_opt);
   app.add_option("--tasks", tasks_arg,
                  "comma-separated task names (see --list-tasks) or task YAML files");
@@ -158,8 +159,7 @@ int main(int argc, char** argv) {
       ->check(tessera::examples::positive());
   app.add_flag("--no-batch-invariant", no_batch_invariant,
                "--model: faster forwards whose scores may move slightly with the batch");
-  app.add_option("--max-length", max_length,
-                 "--model: context window in tokens (0: the model's)")
+  app.add_option("--max-length", max_length, "--model: context window in tokens (0: the model's)")
       ->check(tessera::examples::at_least(0));
   // Tokenizer: folders for --model, any for --endpoint.
   app.add_option("--tokenizer", tokenizer,
@@ -208,11 +208,11 @@ int main(int argc, char** argv) {
                    "Run with --help for more information.\n";
       return 2;
     }
-    data_root = pick_dir(data_root, "TESSERA_EVAL_DATA",
-                         std::string(TESSERA_EVAL_SOURCE_DIR).empty()
-                             ? ""
-                             : std::string(TESSERA_EVAL_SOURCE_DIR) +
-                                   "/../shared/testdata/yue-benchmark");
+    data_root =
+        pick_dir(data_root, "TESSERA_EVAL_DATA",
+                 std::string(TESSERA_EVAL_SOURCE_DIR).empty()
+                     ? ""
+                     : std::string(TESSERA_EVAL_SOURCE_DIR) + "/../shared/testdata/yue-benchmark");
     TESSERA_CHECK(!data_root.empty(), InvalidArgument,
                   "no data folder: pass --data-root or set TESSERA_EVAL_DATA (the folder the "
                   "task files' dataset_path is relative to)");
@@ -347,7 +347,8 @@ int main(int argc, char** argv) {
                      {"date", now_iso()}};
     out["timing"] = timing;
     out["samples"] = logs;
-    if (!fs::path(output).parent_path().empty()) fs::create_directories(fs::path(output).parent_path());
+    if (!fs::path(output).parent_path().empty())
+      fs::create_directories(fs::path(output).parent_path());
     write_atomic(output, out.dump(2) + "\n");
     std::fprintf(stderr, "tessera-eval: results in %s, sample logs in %s\n", output.c_str(),
                  samples_dir.c_str());

@@ -23,8 +23,8 @@
 
 #include <chrono>
 #include <cmath>
-#include <future>
 #include <filesystem>
+#include <future>
 #include <iostream>
 #include <mutex>
 #include <thread>
@@ -33,9 +33,9 @@
 #include "tessera/core/error.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/tensor.h"
-#include "tessera/moe/storage.h"
 #include "tessera/formats/safetensors.h"
 #include "tessera/moe/function.grpc.pb.h"
+#include "tessera/moe/storage.h"
 #include "tessera/rpc/rpc.h"
 
 namespace {
@@ -49,12 +49,17 @@ class Function final : public tessera::moe::proto::ExpertFunction::Service {
  public:
   Function(at::Tensor w1, at::Tensor w2, at::Tensor w3, int64_t memory_mb, int threads,
            std::shared_ptr<tessera::moe::StorageChannel> storage)
-      : w1_(std::move(w1)), w2_(std::move(w2)), w3_(std::move(w3)), memory_mb_(memory_mb), threads_(threads),
+      : w1_(std::move(w1)),
+        w2_(std::move(w2)),
+        w3_(std::move(w3)),
+        memory_mb_(memory_mb),
+        threads_(threads),
         storage_(std::move(storage)) {
     weight_bytes_ = static_cast<int64_t>(w1_.nbytes() + w2_.nbytes() + w3_.nbytes());
   }
 
-  grpc::Status Invoke(grpc::ServerContext*, const tessera::moe::proto::InvokeRequest* req, tessera::moe::proto::InvokeReply* reply) override {
+  grpc::Status Invoke(grpc::ServerContext*, const tessera::moe::proto::InvokeRequest* req,
+                      tessera::moe::proto::InvokeReply* reply) override {
     std::lock_guard<std::mutex> one_at_a_time(mu_);
     return rpc::guard([&] {
       double io = 0, compute = 0;
@@ -65,8 +70,9 @@ class Function final : public tessera::moe::proto::ExpertFunction::Service {
                       tessera::shape_string(x.sizes()));
         const int64_t need = weight_bytes_ + x.size(0) * (2 * w1_.size(0) + 2 * x.size(1)) * 4;
         peak = std::max(peak, need);
-        TESSERA_CHECK(need <= memory_mb_ * (int64_t{1} << 20), ResourceExhausted, "the request needs ",
-                      need >> 20, " MB, the function has ", memory_mb_, " MB");
+        TESSERA_CHECK(need <= memory_mb_ * (int64_t{1} << 20), ResourceExhausted,
+                      "the request needs ", need >> 20, " MB, the function has ", memory_mb_,
+                      " MB");
         tessera::Stopwatch w;
         at::Tensor h = at::silu(at::matmul(x, w1_.t())) * at::matmul(x, w3_.t());
         at::Tensor y = at::matmul(h, w2_.t());
@@ -88,7 +94,8 @@ class Function final : public tessera::moe::proto::ExpertFunction::Service {
                       " is not a number of seconds of at most ", kMaxWaitSeconds);
         std::future<at::Tensor> next;
         auto fetch = [&](int i) {
-          return std::async(std::launch::async, [this, key = req->input_keys(i), wait = std::max(req->wait_seconds(), 1.0)] {
+          return std::async(std::launch::async, [this, key = req->input_keys(i),
+                                                 wait = std::max(req->wait_seconds(), 1.0)] {
             return storage_->get(key, std::chrono::milliseconds(std::llround(wait * 1000)));
           });
         };
@@ -111,7 +118,8 @@ class Function final : public tessera::moe::proto::ExpertFunction::Service {
     });
   }
 
-  grpc::Status Health(grpc::ServerContext*, const tessera::moe::proto::FunctionHealthRequest*, tessera::moe::proto::FunctionHealthReply* r) override {
+  grpc::Status Health(grpc::ServerContext*, const tessera::moe::proto::FunctionHealthRequest*,
+                      tessera::moe::proto::FunctionHealthReply* r) override {
     r->set_pid(getpid());
     r->set_memory_mb(memory_mb_);
     r->set_threads(threads_);
@@ -171,8 +179,9 @@ int main(int argc, char** argv) {
     at::Tensor w2 = file.get(prefix + "w2.weight").to(at::kFloat).clone();
     at::Tensor w3 = file.get(prefix + "w3.weight").to(at::kFloat).clone();
     const int64_t weight_bytes = static_cast<int64_t>(w1.nbytes() + w2.nbytes() + w3.nbytes());
-    TESSERA_CHECK(weight_bytes <= memory_mb * (int64_t{1} << 20), ResourceExhausted, "expert ", prefix,
-                  " needs ", weight_bytes >> 20, " MB of weights, the function has ", memory_mb, " MB");
+    TESSERA_CHECK(weight_bytes <= memory_mb * (int64_t{1} << 20), ResourceExhausted, "expert ",
+                  prefix, " needs ", weight_bytes >> 20, " MB of weights, the function has ",
+                  memory_mb, " MB");
     Function function(std::move(w1), std::move(w2), std::move(w3), memory_mb, threads,
                       tessera::moe::StorageChannel::open(storage));
     rpc::ServerOptions so;
@@ -181,8 +190,8 @@ int main(int argc, char** argv) {
     auto server = rpc::Server::start({&function}, so);
     if (port_fd >= 0) {  // tell the platform which port the kernel gave us
       const std::string line = std::to_string(server.port()) + "\n";
-      TESSERA_CHECK(write(port_fd, line.data(), line.size()) == static_cast<ssize_t>(line.size()), Unavailable,
-                    "cannot report the port");
+      TESSERA_CHECK(write(port_fd, line.data(), line.size()) == static_cast<ssize_t>(line.size()),
+                    Unavailable, "cannot report the port");
       close(port_fd);
     }
     server.wait();

@@ -61,7 +61,8 @@ int main(int argc, char** argv) {
       tmoe::RoutingTrace t = tmoe::trace_batch(model, data.batch(b, rows, seq).input_ids);
       if (!owned) {
         moe_layers = t.num_layers();
-        owned = std::make_unique<tmoe::CountTable>(moe_layers, cfg.num_experts, cfg.num_experts_per_tok);
+        owned = std::make_unique<tmoe::CountTable>(moe_layers, cfg.num_experts,
+                                                   cfg.num_experts_per_tok);
         table = owned.get();
       }
       table->add(t);
@@ -69,8 +70,11 @@ int main(int argc, char** argv) {
     at::Tensor next = data.batch(batches, rows, seq).input_ids;
     tmoe::RoutingTrace real = tmoe::trace_batch(model, next);
     at::Tensor predicted = table->predict(next, tmoe::Predictor::kBayesian);
-    const tmoe::PriceSheet prices = prices_file.empty() ? tmoe::PriceSheet::aws_lambda() : tmoe::PriceSheet::from_json_file(prices_file);
-    tmoe::PlatformProfile profile = tmoe::profile_platform(cfg.hidden_size, cfg.intermediate_size, prices, "/tmp");
+    const tmoe::PriceSheet prices = prices_file.empty()
+                                        ? tmoe::PriceSheet::aws_lambda()
+                                        : tmoe::PriceSheet::from_json_file(prices_file);
+    tmoe::PlatformProfile profile =
+        tmoe::profile_platform(cfg.hidden_size, cfg.intermediate_size, prices, "/tmp");
     auto as_loads = [&](const at::Tensor& t) {
       std::vector<std::vector<double>> out(t.size(0), std::vector<double>(t.size(1)));
       for (int64_t l = 0; l < t.size(0); ++l)
@@ -79,28 +83,38 @@ int main(int argc, char** argv) {
     };
     tmoe::SearchSpace space;
     space.max_replicas = max_replicas;
-    tmoe::Deployment plan = tmoe::optimal_deployment(profile, prices, as_loads(predicted), slo, space);
+    tmoe::Deployment plan =
+        tmoe::optimal_deployment(profile, prices, as_loads(predicted), slo, space);
     tmoe::Deployment on_real = tmoe::evaluate(profile, prices, plan, as_loads(real.loads()));
-    std::printf("model %s: %lld MoE layers x %lld experts (top %lld); count table from %lld batches of %lld tokens\n",
-                model_dir.c_str(), static_cast<long long>(moe_layers), static_cast<long long>(cfg.num_experts),
-                static_cast<long long>(cfg.num_experts_per_tok), static_cast<long long>(batches),
-                static_cast<long long>(rows * seq));
-    std::printf("profile: %.3g s/token at %lld MB .. %.3g s/token at %lld MB, storage %.0f MB/s; prices: %s\n",
-                profile.t_cal.front(), static_cast<long long>(profile.memory_mb.front()), profile.t_cal.back(),
-                static_cast<long long>(profile.memory_mb.back()), profile.storage_bandwidth / 1e6, prices.name.c_str());
-    std::printf("prediction error (relative L1) on the next batch: %.3f\n", tmoe::load_error(predicted, real.loads()));
-    std::printf("\n%-6s %-10s %6s  %s\n", "layer", "method", "beta", "per expert: predicted tokens / memory MB x replicas");
+    std::printf(
+        "model %s: %lld MoE layers x %lld experts (top %lld); count table from %lld batches of "
+        "%lld tokens\n",
+        model_dir.c_str(), static_cast<long long>(moe_layers),
+        static_cast<long long>(cfg.num_experts), static_cast<long long>(cfg.num_experts_per_tok),
+        static_cast<long long>(batches), static_cast<long long>(rows * seq));
+    std::printf(
+        "profile: %.3g s/token at %lld MB .. %.3g s/token at %lld MB, storage %.0f MB/s; prices: "
+        "%s\n",
+        profile.t_cal.front(), static_cast<long long>(profile.memory_mb.front()),
+        profile.t_cal.back(), static_cast<long long>(profile.memory_mb.back()),
+        profile.storage_bandwidth / 1e6, prices.name.c_str());
+    std::printf("prediction error (relative L1) on the next batch: %.3f\n",
+                tmoe::load_error(predicted, real.loads()));
+    std::printf("\n%-6s %-10s %6s  %s\n", "layer", "method", "beta",
+                "per expert: predicted tokens / memory MB x replicas");
     for (size_t l = 0; l < plan.layers.size(); ++l) {
       const auto& lp = plan.layers[l];
-      std::printf("%-6zu %-10s %6lld ", l, tmoe::method_name(lp.method), static_cast<long long>(lp.beta));
+      std::printf("%-6zu %-10s %6lld ", l, tmoe::method_name(lp.method),
+                  static_cast<long long>(lp.beta));
       for (size_t e = 0; e < lp.experts.size(); ++e) {
         std::printf(" %.0f/%lldx%d", predicted[l][e].item<double>(),
-                    static_cast<long long>(profile.memory_mb[lp.experts[e].memory_index]), lp.experts[e].replicas);
+                    static_cast<long long>(profile.memory_mb[lp.experts[e].memory_index]),
+                    lp.experts[e].replicas);
       }
       std::printf("\n");
     }
-    std::printf("\npredicted: $%.8f per batch, %.3f s (SLO %.3f s%s)\n", plan.cost, plan.seconds, slo,
-                plan.feasible ? "" : ", NOT met: fastest deployment shown");
+    std::printf("\npredicted: $%.8f per batch, %.3f s (SLO %.3f s%s)\n", plan.cost, plan.seconds,
+                slo, plan.feasible ? "" : ", NOT met: fastest deployment shown");
     std::printf("on the batch's real routing: $%.8f, %.3f s%s\n", on_real.cost, on_real.seconds,
                 on_real.feasible ? "" : " (some replica over its memory or payload limit)");
     return 0;

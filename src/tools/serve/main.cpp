@@ -31,38 +31,51 @@ int main(int argc, char** argv) {
   int64_t kv_memory_mib = 0;
   double drain_seconds = 30;
   bool no_prefix_caching = false;
-  CLI::App app{"An OpenAI-compatible server (completions, chat, streaming, adapters, metrics) for one model.",
-               "tessera-serve"};
+  CLI::App app{
+      "An OpenAI-compatible server (completions, chat, streaming, adapters, metrics) for one "
+      "model.",
+      "tessera-serve"};
   app.option_defaults()->always_capture_default();
-  app.add_option("--model", eo.model, "GGUF file, Hugging Face folder, or packed int4 .safetensors")->required();
+  app.add_option("--model", eo.model, "GGUF file, Hugging Face folder, or packed int4 .safetensors")
+      ->required();
   app.add_option("--tokenizer", eo.tokenizer, "tokenizer.json for a folder without one");
-  app.add_option("--served-model-name", eo.model_name, "name in /v1/models and metrics (default: the file name)");
-  app.add_option("--quant", eo.quantization, "fp, w4a16 (packed int4) or qspec (W4A4 draft, W4A16 verify)")
+  app.add_option("--served-model-name", eo.model_name,
+                 "name in /v1/models and metrics (default: the file name)");
+  app.add_option("--quant", eo.quantization,
+                 "fp, w4a16 (packed int4) or qspec (W4A4 draft, W4A16 verify)")
       ->check(CLI::IsMember({"fp", "w4a16", "qspec"}));
   app.add_option("--adapters", adapters, "LoRA / MoS adapters a request may name: NAME=FOLDER ...");
   app.add_option("--host", ho.host, "address to listen on (loopback unless told otherwise)");
   app.add_option("--port", ho.port, "port (0: a free one, printed)")->check(CLI::Range(0, 65535));
   app.add_option("--api-key", ho.api_key, "require Authorization: Bearer KEY (default: none)");
-  app.add_option("--max-num-seqs", eo.max_num_seqs, "sequences decoding at once")->check(tessera::examples::positive());
-  app.add_option("--max-batched-tokens", eo.max_num_batched_tokens, "tokens per model step (chunked prefill)")
+  app.add_option("--max-num-seqs", eo.max_num_seqs, "sequences decoding at once")
       ->check(tessera::examples::positive());
-  app.add_option("--block-size", eo.block_size, "KV cache block size in tokens")->check(tessera::examples::positive());
+  app.add_option("--max-batched-tokens", eo.max_num_batched_tokens,
+                 "tokens per model step (chunked prefill)")
+      ->check(tessera::examples::positive());
+  app.add_option("--block-size", eo.block_size, "KV cache block size in tokens")
+      ->check(tessera::examples::positive());
   app.add_option("--kv-blocks", eo.num_blocks, "KV cache blocks (0: from --kv-memory)");
   app.add_option("--kv-memory", kv_memory_mib, "KV cache size in MiB (0 with --kv-blocks 0: 512)");
-  app.add_option("--max-model-len", eo.max_model_len, "longest prompt + generation (0: the model's)");
+  app.add_option("--max-model-len", eo.max_model_len,
+                 "longest prompt + generation (0: the model's)");
   app.add_flag("--no-prefix-caching", no_prefix_caching, "do not reuse cached prompt blocks");
   app.add_option("--chat-template", eo.chat_template, "a ChatML template (default: the model's)");
-  app.add_option("--threads", eo.num_threads, "intra-op threads for the model (0: all usable cores)");
+  app.add_option("--threads", eo.num_threads,
+                 "intra-op threads for the model (0: all usable cores)");
   app.add_option("--http-threads", ho.threads, "connections served at once (each stream holds one)")
       ->check(CLI::Range(2, 4096));
-  app.add_option("--max-concurrent-requests", ho.max_concurrent_requests, "requests in flight (503 beyond)")
+  app.add_option("--max-concurrent-requests", ho.max_concurrent_requests,
+                 "requests in flight (503 beyond)")
       ->check(tessera::examples::positive());
   app.add_option("--max-request-bytes", ho.max_request_bytes, "largest request body (413 beyond)")
       ->check(CLI::Range(int64_t{1024}, int64_t{1} << 34));
   app.add_flag("--enable-adapter-loading", ho.enable_adapter_loading,
                "serve /v1/load_lora_adapter and /v1/unload_lora_adapter");
-  app.add_option("--adapter-root", ho.adapter_root, "folder that runtime-loaded adapters must lie under");
-  app.add_option("--drain-seconds", drain_seconds, "on SIGTERM, how long running requests may finish");
+  app.add_option("--adapter-root", ho.adapter_root,
+                 "folder that runtime-loaded adapters must lie under");
+  app.add_option("--drain-seconds", drain_seconds,
+                 "on SIGTERM, how long running requests may finish");
   if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   eo.kv_memory_bytes = kv_memory_mib << 20;
   eo.enable_prefix_caching = !no_prefix_caching;
@@ -93,9 +106,12 @@ int main(int argc, char** argv) {
     std::thread waiter([&] {
       int sig = 0;
       sigwait(&signals, &sig);
-      std::cerr << "tessera-serve: signal " << sig << ", draining for up to " << drain_seconds << " s\n";
-      const bool all = server->drain(std::chrono::milliseconds(static_cast<int64_t>(drain_seconds * 1000)));
-      std::cerr << "tessera-serve: " << (all ? "every request finished" : "requests past the deadline were aborted")
+      std::cerr << "tessera-serve: signal " << sig << ", draining for up to " << drain_seconds
+                << " s\n";
+      const bool all =
+          server->drain(std::chrono::milliseconds(static_cast<int64_t>(drain_seconds * 1000)));
+      std::cerr << "tessera-serve: "
+                << (all ? "every request finished" : "requests past the deadline were aborted")
                 << "; stopped\n";
     });
     server->wait();
