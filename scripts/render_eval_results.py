@@ -212,8 +212,9 @@ def render(tasks, reported):
         "Each cell is 0-shot / 5-shot.",
         reported_table(reported),
         "### Cantonese against English",
-        "Translation of the same 200 Yue-TRANS paragraphs into Cantonese and into "
-        "English by SmolLM2-135M-Instruct (measured here):",
+        "Translation of the same Yue-TRANS paragraphs into Cantonese and into "
+        "English by SmolLM2-135M-Instruct (measured here; as many paragraphs as the "
+        "documents column above says):",
         gap_table(tasks),
         f"The authors' English and Cantonese GSM8K for other models (their numbers; "
         f"source: {reported['sources']['gsm8k_english']}):",
