@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <filesystem>
 #include <map>
-#include <nlohmann/json.hpp>
 #include <random>
 
 #include "tessera/core/error.h"
@@ -16,40 +15,12 @@
 #include "tessera/core/metrics.h"
 #include "tessera/nn/train.h"
 #include "tessera/reason/scenes.h"
+#include "tessera/tokenizer/tokenizer_folder.h"
 
 namespace fs = std::filesystem;
 
 namespace tessera::reason {
 namespace {
-
-using nlohmann::json;
-
-// GPT-2's byte-to-unicode map, as UTF-8 strings per byte.
-std::vector<std::string> byte_symbols() {
-  std::vector<int> printable;
-  for (int b = 33; b <= 126; ++b) printable.push_back(b);
-  for (int b = 161; b <= 172; ++b) printable.push_back(b);
-  for (int b = 174; b <= 255; ++b) printable.push_back(b);
-  std::vector<int> code(256, -1);
-  for (int b : printable) code[b] = b;
-  int next = 256;
-  for (int b = 0; b < 256; ++b) {
-    if (code[b] < 0) code[b] = next++;
-  }
-  std::vector<std::string> out(256);
-  for (int b = 0; b < 256; ++b) {
-    const int cp = code[b];
-    std::string s;
-    if (cp < 0x80) {
-      s += static_cast<char>(cp);
-    } else {
-      s += static_cast<char>(0xC0 | (cp >> 6));
-      s += static_cast<char>(0x80 | (cp & 0x3F));
-    }
-    out[b] = s;
-  }
-  return out;
-}
 
 void write_text(const fs::path& path, const std::string& text) {
   AtomicFileWriter writer(path.string());
@@ -66,7 +37,8 @@ const std::vector<std::string> kSpecials = {
 int64_t write_bpe_tokenizer(const std::string& dir, const std::vector<std::string>& texts,
                             int64_t merges, const std::vector<std::string>& specials) {
   TESSERA_CHECK(merges >= 0, InvalidArgument, "write_bpe_tokenizer: negative merge count");
-  const std::vector<std::string> sym = byte_symbols();
+  std::vector<std::string> sym;
+  for (int b = 0; b < 256; ++b) sym.push_back(nn::byte_level_symbol(static_cast<uint8_t>(b)));
   // Word frequencies, each word as its byte symbols.
   std::map<std::vector<std::string>, int64_t> words;
   for (const std::string& text : texts) {
@@ -106,55 +78,17 @@ int64_t write_bpe_tokenizer(const std::string& dir, const std::vector<std::strin
       w = std::move(merged);
     }
   }
-  json vocab_json = json::object();
-  for (size_t i = 0; i < vocab.size(); ++i) vocab_json[vocab[i]] = i;
-  json merges_json = json::array();
-  for (const auto& [a, b] : merge_list) merges_json.push_back(a + " " + b);
-  json added = json::array();
+  nn::TokenizerSpec spec;
+  spec.vocab = vocab;
+  spec.merges = merge_list;
   for (size_t i = 0; i < specials.size(); ++i) {
-    added.push_back({{"id", vocab.size() + i},
-                     {"content", specials[i]},
-                     {"single_word", false},
-                     {"lstrip", false},
-                     {"rstrip", false},
-                     {"normalized", false},
-                     {"special", true}});
+    nn::AddedToken t;
+    t.content = specials[i];
+    t.id = static_cast<int32_t>(vocab.size() + i);
+    spec.added.push_back(t);
   }
-  json tok = {{"version", "1.0"},
-              {"truncation", nullptr},
-              {"padding", nullptr},
-              {"added_tokens", added},
-              {"normalizer", nullptr},
-              {"pre_tokenizer",
-               {{"type", "ByteLevel"},
-                {"add_prefix_space", false},
-                {"trim_offsets", true},
-                {"use_regex", true}}},
-              {"post_processor", nullptr},
-              {"decoder",
-               {{"type", "ByteLevel"},
-                {"add_prefix_space", true},
-                {"trim_offsets", true},
-                {"use_regex", true}}},
-              {"model",
-               {{"type", "BPE"},
-                {"dropout", nullptr},
-                {"unk_token", nullptr},
-                {"continuing_subword_prefix", nullptr},
-                {"end_of_word_suffix", nullptr},
-                {"fuse_unk", false},
-                {"byte_fallback", false},
-                {"ignore_merges", false},
-                {"vocab", vocab_json},
-                {"merges", merges_json}}}};
-  fs::create_directories(dir);
-  write_text(fs::path(dir) / "tokenizer.json", tok.dump(1));
-  json config = {{"tokenizer_class", "PreTrainedTokenizerFast"}, {"add_bos_token", false}};
-  if (!specials.empty()) {
-    config["eos_token"] = specials[0];
-    config["pad_token"] = specials[0];
-  }
-  write_text(fs::path(dir) / "tokenizer_config.json", config.dump(1));
+  if (!specials.empty()) spec.eos_id = spec.pad_id = static_cast<int32_t>(vocab.size());
+  nn::write_tokenizer_folder(dir, spec);
   return static_cast<int64_t>(vocab.size() + specials.size());
 }
 

@@ -91,6 +91,9 @@ ErrorCode from_grpc_code(grpc::StatusCode code) {
     case grpc::StatusCode::DEADLINE_EXCEEDED:
       return ErrorCode::kDeadlineExceeded;
     case grpc::StatusCode::FAILED_PRECONDITION:
+    // The caller must present other credentials before retrying.
+    case grpc::StatusCode::UNAUTHENTICATED:
+    case grpc::StatusCode::PERMISSION_DENIED:
       return ErrorCode::kFailedPrecondition;
     case grpc::StatusCode::RESOURCE_EXHAUSTED:
       return ErrorCode::kResourceExhausted;

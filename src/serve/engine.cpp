@@ -410,6 +410,11 @@ RequestHandle Engine::submit(const GenerateRequest& request, TokenCallback callb
   return RequestHandle(r->id, r->handle);
 }
 
+bool Engine::accepting() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->accepting;
+}
+
 void Engine::cancel(uint64_t request_id) {
   {
     std::lock_guard<std::mutex> lock(impl_->mu);

@@ -65,7 +65,7 @@ void refuse_unsupported(const json& j) {
       bad(key, std::string("'") + key + "' is not supported (only 0)");
     }
   }
-  if (const json* v = field(j, "suffix")) bad("suffix", "'suffix' is not supported");
+  if (field(j, "suffix")) bad("suffix", "'suffix' is not supported");
   if (const json* v = field(j, "best_of");
       v && !(v->is_number_integer() && v->get<int64_t>() == 1)) {
     bad("best_of", "'best_of' is not supported (only 1)");

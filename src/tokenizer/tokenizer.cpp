@@ -1,4 +1,5 @@
 #include "tessera/tokenizer/tokenizer.h"
+#include "tessera/tokenizer/tokenizer_folder.h"
 
 #include <algorithm>
 #include <array>
@@ -973,5 +974,7 @@ bool Tokenizer::is_special(int32_t id) const {
 PreTokenizerKind Tokenizer::pre_tokenizer() const { return impl_->pre; }
 NormalizerKind Tokenizer::normalizer() const { return impl_->normalizer; }
 const std::vector<AddedToken>& Tokenizer::added_tokens() const { return impl_->added; }
+
+std::string byte_level_symbol(uint8_t byte) { return byte_symbol(byte); }
 
 }  // namespace tessera::nn

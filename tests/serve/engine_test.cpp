@@ -32,6 +32,7 @@
 #include "tessera/quant/model.h"
 #include "tessera/serve/json_grammar.h"
 #include "tessera/tasks/arithmetic.h"
+#include "tessera/tokenizer/tokenizer_folder.h"
 #include "test_main.h"
 
 namespace fs = std::filesystem;
@@ -51,67 +52,20 @@ fs::path scratch_dir(const std::string& name) {
   return p;
 }
 
-// GPT-2's byte-to-unicode map: the vocabulary form of byte b.
-std::string byte_symbol(int b) {
-  int cp = b;
-  if (!((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255))) {
-    int n = 0;
-    for (int x = 0; x < b; ++x) {
-      if (!((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255))) ++n;
-    }
-    cp = 256 + n;
-  }
-  std::string s;
-  if (cp < 0x80) {
-    s += static_cast<char>(cp);
-  } else {
-    s += static_cast<char>(0xC0 | (cp >> 6));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
-
 // A byte-level tokenizer: ids 0..255 are the bytes, 256 the merge "é"
 // (0xC3 0xA9), 257 <|endoftext|> (EOS). Model ids 258..299 have no text.
 void write_tokenizer(const fs::path& dir) {
-  nlohmann::json vocab = nlohmann::json::object();
-  for (int b = 0; b < 256; ++b) vocab[byte_symbol(b)] = b;
-  const std::string e_acute = byte_symbol(0xC3) + byte_symbol(0xA9);
-  vocab[e_acute] = kEAcute;
-  nlohmann::json tj = {{"version", "1.0"},
-                       {"added_tokens",
-                        {{{"id", kEos},
-                          {"content", "<|endoftext|>"},
-                          {"special", true},
-                          {"lstrip", false},
-                          {"rstrip", false},
-                          {"normalized", false},
-                          {"single_word", false}}}},
-                       {"normalizer", nullptr},
-                       {"pre_tokenizer",
-                        {{"type", "ByteLevel"},
-                         {"add_prefix_space", false},
-                         {"trim_offsets", true},
-                         {"use_regex", true}}},
-                       {"post_processor", nullptr},
-                       {"decoder",
-                        {{"type", "ByteLevel"},
-                         {"add_prefix_space", true},
-                         {"trim_offsets", true},
-                         {"use_regex", true}}},
-                       {"model",
-                        {{"type", "BPE"},
-                         {"dropout", nullptr},
-                         {"unk_token", nullptr},
-                         {"continuing_subword_prefix", nullptr},
-                         {"end_of_word_suffix", nullptr},
-                         {"fuse_unk", false},
-                         {"byte_fallback", false},
-                         {"vocab", vocab},
-                         {"merges", {byte_symbol(0xC3) + " " + byte_symbol(0xA9)}}}}};
-  std::ofstream(dir / "tokenizer.json") << tj.dump();
-  std::ofstream(dir / "tokenizer_config.json")
-      << nlohmann::json{{"eos_token", "<|endoftext|>"}}.dump();
+  nn::TokenizerSpec spec;
+  for (int b = 0; b < 256; ++b) spec.vocab.push_back(nn::byte_level_symbol(uint8_t(b)));
+  const std::string c3 = nn::byte_level_symbol(0xC3), a9 = nn::byte_level_symbol(0xA9);
+  spec.vocab.push_back(c3 + a9);  // kEAcute
+  spec.merges = {{c3, a9}};
+  nn::AddedToken eos;
+  eos.content = "<|endoftext|>";
+  eos.id = kEos;
+  spec.added = {eos};
+  spec.eos_id = kEos;
+  nn::write_tokenizer_folder(dir.string(), spec);
 }
 
 nn::ModelConfig tiny(const std::string& type) {

@@ -429,7 +429,8 @@ TEST(Synthesis, RooflineTimesAndMemory) {
   // Matrix-product FLOPs of the step: 6 x (parameters in matmuls) x tokens
   // for the linear layers, plus attention; at least the linear part.
   double flops = 0;
-  for (const TraceNode& n : synthesize_trace(job, d).entries[0].nodes) flops += n.flops;
+  const Trace trace = synthesize_trace(job, d);  // outlives the loop (entries[0] would not)
+  for (const TraceNode& n : trace.entries[0].nodes) flops += n.flops;
   const double tokens = 8 * 16;
   const double linear = 3 * (32.0 * 32 * 2 + 32.0 * 16 * 2 + 3 * 32.0 * 48) + 32.0 * 96;
   EXPECT_GE(flops, 6 * linear * tokens * 0.999);

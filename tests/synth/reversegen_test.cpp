@@ -13,6 +13,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "byte_tokenizer.h"
 #include "smollm2.h"
 #include "tessera/core/error.h"
 #include "tessera/formats/safetensors.h"
@@ -28,26 +29,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 constexpr int kImStart = 256, kImEnd = 257, kEndOfText = 258;
-
-std::string byte_symbol(int b) {
-  // GPT-2's byte-to-unicode map.
-  int cp = b;
-  if (!((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255))) {
-    int n = 0;
-    for (int x = 0; x < b; ++x) {
-      if (!((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255))) ++n;
-    }
-    cp = 256 + n;
-  }
-  std::string s;
-  if (cp < 0x80) {
-    s += static_cast<char>(cp);
-  } else {
-    s += static_cast<char>(0xC0 | (cp >> 6));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
 
 // A random llama with a byte tokenizer and ChatML markers, as a folder the
 // engine and the loaders both read.
@@ -67,49 +48,10 @@ std::string tiny_model_dir() {
   c.max_position_embeddings = 1024;
   c.eos_token_ids = {kImEnd};
   nn::write_random_model(dir.string(), c, 17);
-  json vocab = json::object();
-  for (int b = 0; b < 256; ++b) vocab[byte_symbol(b)] = b;
-  json added = json::array();
-  int id = kImStart;
-  for (const char* t : {"<|im_start|>", "<|im_end|>", "<|endoftext|>"}) {
-    added.push_back({{"id", id++},
-                     {"content", t},
-                     {"special", true},
-                     {"lstrip", false},
-                     {"rstrip", false},
-                     {"normalized", false},
-                     {"single_word", false}});
-  }
-  json tj = {{"version", "1.0"},
-             {"added_tokens", added},
-             {"normalizer", nullptr},
-             {"pre_tokenizer",
-              {{"type", "ByteLevel"},
-               {"add_prefix_space", false},
-               {"trim_offsets", true},
-               {"use_regex", true}}},
-             {"post_processor", nullptr},
-             {"decoder",
-              {{"type", "ByteLevel"},
-               {"add_prefix_space", true},
-               {"trim_offsets", true},
-               {"use_regex", true}}},
-             {"model",
-              {{"type", "BPE"},
-               {"dropout", nullptr},
-               {"unk_token", nullptr},
-               {"continuing_subword_prefix", nullptr},
-               {"end_of_word_suffix", nullptr},
-               {"fuse_unk", false},
-               {"byte_fallback", false},
-               {"vocab", vocab},
-               {"merges", json::array()}}}};
-  std::ofstream(dir / "tokenizer.json") << tj.dump();
-  std::ofstream(dir / "tokenizer_config.json") << json{
-      {"eos_token", "<|im_end|>"},
-      {"chat_template",
-       "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% "
-       "endfor %}"}}.dump();
+  testutil::write_byte_tokenizer(dir.string(), {"<|im_start|>", "<|im_end|>", "<|endoftext|>"},
+                                 "<|im_end|>",
+                                 "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                                 "<|im_end|>\n{% endfor %}");
   (void)kEndOfText;
   return made = dir.string();
 }

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "tessera/core/error.h"
+#include "tessera/tokenizer/tokenizer_folder.h"
 
 namespace tessera::nn {
 namespace {
@@ -758,6 +759,59 @@ TEST(TokenizerJson, FuzzNumberTooLargeForADoubleIsInvalidArgument) {
   const std::string path = dir.write("tokenizer.json", R"({"model": {"dropout": 1e999}})");
   const std::string message = error_of([&] { (void)Tokenizer::from_tokenizer_json(path); });
   EXPECT_NE(message.find(path + ": malformed JSON"), std::string::npos) << message;
+}
+
+TEST(TokenizerFolder, WrittenFolderLoadsBackAsTheSameTokenizer) {
+  EXPECT_EQ(byte_level_symbol(' '), "\xC4\xA0");  // "Ġ"
+  EXPECT_EQ(byte_level_symbol('a'), "a");
+  TokenizerSpec spec;
+  for (int b = 0; b < 256; ++b) spec.vocab.push_back(byte_level_symbol(uint8_t(b)));
+  const std::string space = byte_level_symbol(' ');
+  spec.merges = {{"l", "o"}, {space, "lo"}, {"lo", "l"}};
+  spec.vocab.insert(spec.vocab.end(), {"lo", space + "lo", "lol"});  // 256, 257, 258
+  AddedToken eos, think;
+  eos.content = "<|eos|>";
+  eos.id = 259;
+  think.content = "<think>";
+  think.id = 260;
+  think.special = false;
+  spec.added = {eos, think};
+  spec.eos_id = spec.pad_id = 259;
+  spec.bos_id = 256;
+  const Tokenizer expected = Tokenizer::from_spec(spec);
+
+  TempDir dir;
+  const std::string folder = dir.write("unused", "") + "_folder";
+  write_tokenizer_folder(folder, spec, "{{ messages }}");
+  const Tokenizer loaded = Tokenizer::from_tokenizer_json(folder + "/tokenizer.json");
+  EXPECT_EQ(loaded.vocab_size(), 261);
+  EXPECT_EQ(loaded.bos_id(), 256);
+  EXPECT_EQ(loaded.eos_id(), 259);
+  EXPECT_EQ(loaded.pad_id(), 259);
+  EXPECT_TRUE(loaded.is_special(259));
+  EXPECT_FALSE(loaded.is_special(260));
+  for (const std::string text :
+       {"lol lo lolol", "a <think>lo<|eos|> x", "\xC3\xA9t\xC3\xA9 9 lo"}) {
+    EXPECT_EQ(loaded.encode(text), expected.encode(text)) << text;
+    EXPECT_EQ(loaded.decode(loaded.encode(text)), text);
+  }
+  EXPECT_EQ(loaded.encode(" lo"), (std::vector<int32_t>{257}));
+  std::ifstream config(folder + "/tokenizer_config.json");
+  const std::string text((std::istreambuf_iterator<char>(config)),
+                         std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("\"chat_template\": \"{{ messages }}\""), std::string::npos) << text;
+
+  // What the file cannot hold, or from_spec refuses, writes nothing.
+  TokenizerSpec smollm = spec;
+  smollm.pre = PreTokenizerKind::kSmolLM;
+  EXPECT_THROW(write_tokenizer_folder(folder + "_smollm", smollm), InvalidArgument);
+  TokenizerSpec broken = spec;
+  broken.merges.push_back({"x", "yz"});
+  EXPECT_THROW(write_tokenizer_folder(folder + "_broken", broken), InvalidArgument);
+  EXPECT_FALSE(file_exists(folder + "_broken/tokenizer.json"));
+  std::remove((folder + "/tokenizer.json").c_str());
+  std::remove((folder + "/tokenizer_config.json").c_str());
+  std::remove(folder.c_str());
 }
 
 }  // namespace

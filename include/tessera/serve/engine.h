@@ -239,6 +239,9 @@ class Engine {
   // `deadline`, aborts the rest (their last events delivered before it
   // returns). Returns true when everything finished in time.
   bool drain(std::chrono::milliseconds deadline);
+  // False once drain() has begun or the engine is shutting down (submit()
+  // then refuses).
+  bool accepting() const;
 
   // Adapters at run time (vLLM's /v1/load_lora_adapter): InvalidArgument for
   // a name in use or a folder that is not a PEFT / MoS adapter of this model.

@@ -3,11 +3,15 @@
 // http_server.h say what it does).
 //
 //   tessera-serve --model $(scripts/smollm2-path.sh)                  # 127.0.0.1:8000
-//   tessera-serve --model hf_folder/ --quant w4a16 --port 8080 --api-key secret \
-//                 --adapters math=adapters/math --max-num-seqs 32
+//   tessera-serve --model hf_folder/ --quant w4a16 --port 8080 --api-key secret
+//                 --adapters math=adapters/math --max-num-seqs 32   (one command line)
 //
-// SIGTERM or SIGINT drains: new requests get 503, running ones finish for
-// up to --drain-seconds (the rest are aborted), then the server exits 0.
+// With --grpc-port, the streaming gRPC Generation service
+// (tessera/serve/grpc.h) listens too, on the same host and engine.
+//
+// SIGTERM or SIGINT drains: new requests get 503 (gRPC: FAILED_PRECONDITION),
+// running ones finish for up to --drain-seconds (the rest are aborted),
+// then the server exits 0.
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
@@ -23,6 +27,9 @@
 #include "tessera/core/runtime.h"
 #include "tessera/serve/engine.h"
 #include "tessera/serve/http_server.h"
+#ifdef TESSERA_SERVE_GRPC
+#include "tessera/serve/grpc.h"
+#endif
 
 int main(int argc, char** argv) {
   tessera::serve::EngineOptions eo;
@@ -31,6 +38,7 @@ int main(int argc, char** argv) {
   int64_t kv_memory_mib = 0;
   double drain_seconds = 30;
   bool no_prefix_caching = false;
+  int grpc_port = -1;
   CLI::App app{
       "An OpenAI-compatible server (completions, chat, streaming, adapters, metrics) for one "
       "model.",
@@ -48,6 +56,12 @@ int main(int argc, char** argv) {
   app.add_option("--host", ho.host, "address to listen on (loopback unless told otherwise)");
   app.add_option("--port", ho.port, "port (0: a free one, printed)")->check(CLI::Range(0, 65535));
   app.add_option("--api-key", ho.api_key, "require Authorization: Bearer KEY (default: none)");
+#ifdef TESSERA_SERVE_GRPC
+  app.add_option("--grpc-port", grpc_port,
+                 "also serve the gRPC Generation service on this port (0: a free one, printed; "
+                 "-1: off)")
+      ->check(CLI::Range(-1, 65535));
+#endif
   app.add_option("--max-num-seqs", eo.max_num_seqs, "sequences decoding at once")
       ->check(tessera::examples::positive());
   app.add_option("--max-batched-tokens", eo.max_num_batched_tokens,
@@ -103,6 +117,21 @@ int main(int argc, char** argv) {
     auto engine = tessera::serve::Engine::create(eo);
     auto server = tessera::serve::HttpServer::start(*engine, ho);
     std::cout << "tessera-serve: " << engine->model_name() << " on " << server->url() << std::endl;
+#ifdef TESSERA_SERVE_GRPC
+    std::unique_ptr<tessera::serve::GrpcServer> grpc_server;
+    if (grpc_port >= 0) {
+      tessera::serve::GrpcServerOptions go;
+      go.host = ho.host;
+      go.port = grpc_port;
+      go.api_key = ho.api_key;
+      go.max_concurrent_requests = ho.max_concurrent_requests;
+      grpc_server = tessera::serve::GrpcServer::start(*engine, go);
+      std::cout << "tessera-serve: gRPC Generation service on " << grpc_server->address()
+                << std::endl;
+    }
+#else
+    (void)grpc_port;
+#endif
     std::thread waiter([&] {
       int sig = 0;
       sigwait(&signals, &sig);
@@ -116,6 +145,10 @@ int main(int argc, char** argv) {
     });
     server->wait();
     waiter.join();
+#ifdef TESSERA_SERVE_GRPC
+    // The engine has drained: calls still open get their last events now.
+    if (grpc_server) grpc_server->shutdown(std::chrono::seconds(1));
+#endif
     return 0;
   } catch (const tessera::Error& e) {
     std::cerr << "tessera-serve: " << e.what() << "\n";
