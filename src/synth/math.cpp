@@ -560,7 +560,7 @@ std::vector<std::string> arithmetic_problems(int64_t count, uint64_t seed,
       const bool small = (i > 0 && ops[i - 1] >= 2) || (i + 1 < operands && ops[i] >= 2);
       expr += std::to_string(
           uniform(1, small ? std::min<int64_t>(options.max_value, 12) : options.max_value));
-      if (i == open + 1) expr += ")";
+      if (open >= 0 && i == open + 1) expr += ")";
     }
     std::string text;
     switch (uniform(0, 4)) {

@@ -2,11 +2,14 @@
 // Jaccard, the math verifier against independent evaluation, the failure
 // labellers, and JSONL files across interrupted writes.
 #include <gtest/gtest.h>
+
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <random>
 #include <set>
@@ -241,6 +244,40 @@ TEST(MathVerifier, GeneratedProblemsAreValidDistinctAndSeeded) {
   for (const auto& t : a) EXPECT_TRUE(parse_math_problem(t).valid) << t;
   EXPECT_EQ(arithmetic_problems(300, 1), a);
   EXPECT_NE(arithmetic_problems(300, 2), a);
+  // Every shape the options allow is generated: two and three operands,
+  // symbols and words, with and without parentheses.
+  auto count = [&](const std::function<bool(const std::string&)>& f) {
+    return std::count_if(a.begin(), a.end(), f);
+  };
+  auto operators = [](const std::string& t) {
+    int64_t n = 0;
+    for (const char* op : {" + ", " - ", " * ", " / ", " plus ", " minus ", " times ", " divided "})
+      for (size_t at = t.find(op); at != std::string::npos; at = t.find(op, at + 1)) ++n;
+    return n;
+  };
+  EXPECT_GT(count([&](const std::string& t) { return operators(t) == 1; }), 50);
+  EXPECT_GT(count([&](const std::string& t) { return operators(t) == 2; }), 50);
+  EXPECT_GT(count([](const std::string& t) {
+              return t.find(" plus ") != std::string::npos ||
+                     t.find(" minus ") != std::string::npos ||
+                     t.find(" times ") != std::string::npos;
+            }),
+            20);
+  EXPECT_GT(count([](const std::string& t) { return t.find('(') != std::string::npos; }), 20);
+  EXPECT_GT(count([&](const std::string& t) {
+              return operators(t) == 2 && t.find('(') == std::string::npos;
+            }),
+            20);
+  ProblemGeneratorOptions easy;
+  easy.max_operands = 2;
+  easy.max_value = 20;
+  easy.division = false;
+  easy.parentheses = false;
+  for (const auto& t : arithmetic_problems(200, 3, easy)) {
+    EXPECT_EQ(operators(t), 1) << t;
+    EXPECT_EQ(t.find_first_of("()/"), std::string::npos) << t;
+    EXPECT_EQ(t.find("divided"), std::string::npos) << t;
+  }
 }
 
 // ------------------------------------------------------------- Labellers
