@@ -4,7 +4,7 @@
 // ProReason, with SmolLM2-135M-Instruct (or any GGUF / Hugging Face text
 // model) as the text LLM of every reasoning role.
 //
-//   proreason train-vlm --out scene-vlm --seed 0 --steps 1500        # ~15 min on 2 cores
+//   proreason train-vlm --out scene-vlm --seed 0                      # about 6 min on 2 cores
 //   proreason eval-vlm --vlm scene-vlm --scenes 200                   # held-out perception
 //   accuracy proreason make-benchmark --out bench --scenes 40                  #
 //   bench/benchmark.json + images proreason run --vlm scene-vlm --llm SmolLM2.gguf --benchmark
@@ -16,7 +16,11 @@
 // --vlm takes any folder nn::load_vlm_folder reads (a SmolVLM download
 // works the same way); --benchmark takes the MMMU-style JSON format of
 // tessera/reason/benchmark.h. --llm defaults to the SmolLM2 GGUF that
-// scripts/install-deps.sh installs.
+// scripts/install-deps.sh installs. With --vlm-url / --llm-url the models
+// are served instead (tessera-serve or any OpenAI-compatible server), e.g.
+//   tessera-serve --model scene-vlm --port 8001 &
+//   tessera-serve --model SmolLM2.gguf --port 8002 &
+//   proreason run --vlm-url http://127.0.0.1:8001 --llm-url http://127.0.0.1:8002 --benchmark ...
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -103,8 +107,17 @@ int main(int argc, char** argv) {
   make_cmd->add_option("--first-seed", first_seed, "first scene seed (held out: below 500000)");
 
   tr::BenchmarkOptions bench;
+  std::string vlm_url, llm_url, api_key;
+  auto add_urls = [&](CLI::App* cmd) {
+    cmd->add_option("--vlm-url", vlm_url,
+                    "the vision expert on an OpenAI-compatible server (instead of --vlm)");
+    cmd->add_option("--llm-url", llm_url,
+                    "the text LLM on an OpenAI-compatible server (instead of --llm)");
+    cmd->add_option("--api-key", api_key, "API key for the servers");
+  };
   auto* run_cmd = app.add_subcommand("run", "compare the methods on a benchmark JSON");
-  run_cmd->add_option("--vlm", vlm_dir, "VLM folder (vision expert)")->required();
+  run_cmd->add_option("--vlm", vlm_dir, "VLM folder (vision expert)");
+  add_urls(run_cmd);
   run_cmd->add_option("--llm", llm_path,
                       "text LLM (GGUF or HF folder); default: the installed SmolLM2");
   run_cmd->add_option("--benchmark", benchmark, "MMMU-style JSON")->required();
@@ -119,7 +132,8 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--threads", threads, "intra-op threads (0: LibTorch's default)");
 
   auto* ask_cmd = app.add_subcommand("ask", "ProReason on one image and question");
-  ask_cmd->add_option("--vlm", vlm_dir, "VLM folder")->required();
+  ask_cmd->add_option("--vlm", vlm_dir, "VLM folder");
+  add_urls(ask_cmd);
   ask_cmd->add_option("--llm", llm_path, "text LLM; default: the installed SmolLM2");
   ask_cmd->add_option("--image", image, "PNG or JPEG")->required();
   ask_cmd->add_option("--question", question, "the question")->required();
@@ -158,13 +172,26 @@ int main(int argc, char** argv) {
       std::printf("%zu questions written to %s/benchmark.json\n", items.size(), bench_out.c_str());
       return 0;
     }
-    if (llm_path.empty()) llm_path = tessera::examples::smollm2_gguf_path();
-    if (llm_path.empty()) {
+    if (vlm_dir.empty() == vlm_url.empty()) {
+      std::fprintf(stderr, "proreason: give one of --vlm and --vlm-url\n");
+      return 2;
+    }
+    if (llm_url.empty() && llm_path.empty()) llm_path = tessera::examples::smollm2_gguf_path();
+    if (llm_url.empty() && llm_path.empty()) {
       std::fprintf(stderr, "proreason: no --llm given and the SmolLM2 GGUF is not installed\n");
       return 1;
     }
-    auto vlm = tr::VlmClient::create({vlm_dir, threads});
-    auto llm = tr::TextClient::create({llm_path, threads});
+    auto served = [&](const std::string& url, bool images) {
+      tr::OpenAiClientOptions o;
+      o.base_url = url;
+      o.api_key = api_key;
+      o.images = images;
+      return tr::OpenAiClient::create(o);
+    };
+    std::unique_ptr<tr::ModelClient> vlm =
+        vlm_url.empty() ? tr::VlmClient::create({vlm_dir, threads}) : served(vlm_url, true);
+    std::unique_ptr<tr::ModelClient> llm =
+        llm_url.empty() ? tr::TextClient::create({llm_path, threads}) : served(llm_url, false);
     if (run_cmd->parsed()) {
       bench.trace_path = trace;
       auto items = tr::load_benchmark(benchmark);

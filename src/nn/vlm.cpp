@@ -885,6 +885,7 @@ GenerationResult generate_vlm(VisionLanguageModel& model, const std::vector<VlmI
               // take image features (a generated image_token_id is looked
               // up like any token, as in the cached path).
               ForwardOptions one;
+              one.batch_invariant = options.batch_invariant;
               one.input_embeds = embeds_of(b, prompts[b]);
               if (!result.tokens[b].empty()) {
                 at::Tensor generated = at::embedding(lm.parameter("model.embed_tokens.weight"),
@@ -917,6 +918,7 @@ GenerationResult generate_vlm(VisionLanguageModel& model, const std::vector<VlmI
         fwd.cache = &cache;
         fwd.lengths = padded.lengths;
         fwd.last_logits_only = true;
+        fwd.batch_invariant = options.batch_invariant;
         fwd.input_embeds = embeds;
         at::Tensor logits = lm.forward(padded.ids, fwd).logits.select(1, 0);
         if (!all_done()) accept(sample_next(logits, options, gen));

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -13,10 +14,12 @@
 #include <sstream>
 
 #include "engine_impl.h"
+#include "hash.h"
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
 #include "tessera/core/log.h"
 #include "tessera/nn/loader.h"
+#include "tessera/nn/vlm.h"
 #include "tessera/tokenizer/chat.h"
 
 namespace fs = std::filesystem;
@@ -57,6 +60,25 @@ std::string folder_chat_template(const fs::path& dir) {
   }
   auto it = j.find("chat_template");
   return it != j.end() && it->is_string() ? it->get<std::string>() : "";
+}
+
+// Hex digest of the images' sizes and pixels (FNV-1a 64, then mixed): the
+// prefix-cache namespace of a request with images.
+std::string image_digest(const std::vector<nn::Image>& images) {
+  uint64_t h = 0xcbf29ce484222325ULL;
+  auto add = [&h](uint8_t byte) {
+    h ^= byte;
+    h *= 0x100000001b3ULL;
+  };
+  for (const nn::Image& img : images) {
+    for (int64_t v : {img.height, img.width}) {
+      for (int k = 0; k < 8; ++k) add(static_cast<uint8_t>(v >> (8 * k)));
+    }
+    for (uint8_t b : img.pixels) add(b);
+  }
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(mix64(h)));
+  return buf;
 }
 
 }  // namespace
@@ -100,6 +122,7 @@ EngineOptions EngineOptions::from_json(const std::string& json_text, const std::
     for (const std::string& name : a.keys()) o.adapters[name] = a.get_string(name);
   }
   o.max_loaded_adapters = cfg.get_int("max_loaded_adapters", o.max_loaded_adapters);
+  o.max_images_per_request = cfg.get_int("max_images_per_request", o.max_images_per_request);
   o.num_threads = static_cast<int>(cfg.get_int("num_threads", o.num_threads));
   o.chat_template = cfg.get_string("chat_template", o.chat_template);
   o.qspec_gamma = cfg.get_int("qspec_gamma", o.qspec_gamma);
@@ -113,6 +136,16 @@ EngineOptions EngineOptions::from_json(const std::string& json_text, const std::
 
 // ---------------------------------------------------------------------------
 // Loading
+
+// A vision-language folder: config.json's model_type names a VLM layout.
+static bool is_vlm_folder(const fs::path& dir) {
+  std::ifstream in(dir / "config.json");
+  if (!in) return false;  // load_hf_model names the missing file
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || !j.contains("model_type") || !j["model_type"].is_string()) return false;
+  const std::string type = j["model_type"].get<std::string>();
+  return type == "idefics3" || type == "smolvlm" || type == "llava";
+}
 
 void Engine::Impl::load(const EngineOptions& o) {
   options = o;
@@ -130,12 +163,22 @@ void Engine::Impl::load(const EngineOptions& o) {
                 "EngineOptions.qspec_gamma must be in [1, 16], got ", o.qspec_gamma);
   TESSERA_CHECK(o.max_logprobs >= 0, InvalidArgument, "EngineOptions.max_logprobs must be >= 0");
   TESSERA_CHECK(o.num_threads >= 0, InvalidArgument, "EngineOptions.num_threads must be >= 0");
+  TESSERA_CHECK(o.max_images_per_request >= 0, InvalidArgument,
+                "EngineOptions.max_images_per_request must be >= 0");
 
   const fs::path path(o.model);
   TESSERA_CHECK(fs::exists(path), NotFound, "model '", o.model, "' does not exist");
   at::NoGradGuard no_grad;
-  if (fs::is_directory(path)) {
-    model = std::make_unique<nn::Transformer>(nn::load_hf_model(o.model));
+  if (fs::is_directory(path) && is_vlm_folder(path)) {
+    TESSERA_CHECK(o.tokenizer.empty(), InvalidArgument, "model folder '", o.model,
+                  "' is a vision-language model: its tokenizer.json is used, not "
+                  "EngineOptions.tokenizer");
+    vlm = std::make_unique<nn::LoadedVlm>(nn::load_vlm_folder(o.model));
+    model = &vlm->model->language_model();
+    tokenizer = vlm->tokenizer;
+  } else if (fs::is_directory(path)) {
+    owned_model = std::make_unique<nn::Transformer>(nn::load_hf_model(o.model));
+    model = owned_model.get();
     const std::string tok = o.tokenizer.empty() ? (path / "tokenizer.json").string() : o.tokenizer;
     TESSERA_CHECK(fs::exists(tok), NotFound, "model folder '", o.model,
                   "' has no tokenizer.json; set EngineOptions.tokenizer");
@@ -143,13 +186,15 @@ void Engine::Impl::load(const EngineOptions& o) {
     chat_template = folder_chat_template(path);
   } else if (ends_with(o.model, ".gguf")) {
     nn::LoadedModel loaded = nn::load_gguf_model(o.model);
-    model = std::move(loaded.model);
+    owned_model = std::move(loaded.model);
+    model = owned_model.get();
     tokenizer = std::move(loaded.tokenizer);
     chat_template = std::move(loaded.chat_template);
   } else if (ends_with(o.model, ".safetensors")) {
     // A packed model written by quant::QuantizedModel::save.
     quant::QuantizedModel::Loaded loaded = quant::QuantizedModel::load(o.model);
-    model = std::make_unique<nn::Transformer>(std::move(loaded.model));
+    owned_model = std::make_unique<nn::Transformer>(std::move(loaded.model));
+    model = owned_model.get();
     packed = loaded.packed;
     TESSERA_CHECK(!o.tokenizer.empty(), InvalidArgument, "packed model '", o.model,
                   "' needs EngineOptions.tokenizer (a tokenizer.json)");
@@ -188,6 +233,13 @@ void Engine::Impl::load(const EngineOptions& o) {
   if (auto e = tokenizer->eos_id();
       e && *e < vocab && std::find(eos_ids.begin(), eos_ids.end(), *e) == eos_ids.end()) {
     eos_ids.push_back(*e);
+  }
+  if (vlm) {
+    // <end_of_utterance> ends an Idefics3 answer.
+    for (int64_t e : vlm->stop_tokens()) {
+      if (e >= 0 && e < vocab && std::find(eos_ids.begin(), eos_ids.end(), e) == eos_ids.end())
+        eos_ids.push_back(e);
+    }
   }
 
   // The KV pool: the scheduler's blocks, then QSPEC's scratch blocks.
@@ -263,6 +315,52 @@ std::string Engine::Impl::token_bytes(int64_t token) const {
   return tokenizer->decode({static_cast<int32_t>(token)}, /*skip_special=*/true);
 }
 
+void Engine::Impl::prepare_images(detail::RequestState& r, const std::string& prompt_text) {
+  const std::vector<nn::Image>& images = r.request.images;
+  TESSERA_CHECK(vlm, InvalidArgument, "request: model '", name,
+                "' is not a vision-language model and takes no images");
+  TESSERA_CHECK(static_cast<int64_t>(images.size()) <= options.max_images_per_request,
+                InvalidArgument, "request: ", images.size(), " images; at most ",
+                options.max_images_per_request, " per request (max_images_per_request)");
+  TESSERA_CHECK(r.request.prompt_tokens.empty(), InvalidArgument,
+                "request: images need prompt_text with one <image> marker per image, not "
+                "prompt_tokens");
+  const nn::VlmConfig& c = vlm->model->config();
+  std::vector<nn::ProcessedImage> processed;
+  processed.reserve(images.size());
+  for (size_t i = 0; i < images.size(); ++i) {
+    try {
+      processed.push_back(nn::preprocess_image(images[i], vlm->processor));
+    } catch (const Error& e) {
+      TESSERA_THROW(InvalidArgument, "request: image ", i, ": ", e.message());
+    }
+  }
+  // InvalidArgument naming both counts when the markers do not match.
+  const std::string text = nn::expand_image_markers(prompt_text, c, processed);
+  r.prompt = encode(text);
+  for (size_t p = 0; p < r.prompt.size(); ++p) {
+    if (r.prompt[p] == c.image_token_id) r.image_positions.push_back(static_cast<int64_t>(p));
+  }
+  std::vector<at::Tensor> pixels;
+  for (const nn::ProcessedImage& img : processed) pixels.push_back(img.pixel_values);
+  {
+    // The vision encoder and connector only (the engine thread runs the
+    // language model meanwhile), over the request's own images in one
+    // batch as nn::LoadedVlm::prepare stacks them: an image's tokens do not
+    // depend on what else is submitted.
+    std::lock_guard<std::mutex> lock(vision_mu);
+    at::NoGradGuard no_grad;
+    r.image_embeds = vlm->model->image_features(at::cat(pixels, 0))
+                         .reshape({-1, c.text.hidden_size})
+                         .contiguous();
+  }
+  TESSERA_CHECK(static_cast<int64_t>(r.image_positions.size()) == r.image_embeds.size(0),
+                InvalidArgument, "request: the prompt holds ", r.image_positions.size(),
+                " image tokens (id ", c.image_token_id, ") but its ", images.size(),
+                " image(s) give ", r.image_embeds.size(0),
+                " (is there an <image> token in the text itself?)");
+}
+
 std::vector<int64_t> Engine::Impl::encode(const std::string& text) const {
   std::vector<int32_t> ids = tokenizer->encode(text, /*parse_special=*/true);
   return std::vector<int64_t>(ids.begin(), ids.end());
@@ -321,7 +419,19 @@ RequestHandle Engine::submit(const GenerateRequest& request, TokenCallback callb
 
   TESSERA_CHECK(request.prompt_tokens.empty() || request.prompt_text.empty(), InvalidArgument,
                 "request: give prompt_tokens or prompt_text, not both");
-  r->prompt = request.prompt_tokens.empty() ? m.encode(request.prompt_text) : request.prompt_tokens;
+  if (!request.images.empty()) {
+    m.prepare_images(*r, request.prompt_text);
+    r->request.images.clear();
+  } else {
+    r->prompt =
+        request.prompt_tokens.empty() ? m.encode(request.prompt_text) : request.prompt_tokens;
+    if (m.vlm) {
+      const int64_t id = m.vlm->model->config().image_token_id;
+      const auto placeholders = std::count(r->prompt.begin(), r->prompt.end(), id);
+      TESSERA_CHECK(placeholders == 0, InvalidArgument, "request: the prompt holds ", placeholders,
+                    " image token(s) (id ", id, ") but the request has no images");
+    }
+  }
   r->request.prompt_text.clear();
   TESSERA_CHECK(!r->prompt.empty(), InvalidArgument, "request: the prompt is empty");
   for (size_t i = 0; i < r->prompt.size(); ++i) {
@@ -378,6 +488,11 @@ RequestHandle Engine::submit(const GenerateRequest& request, TokenCallback callb
     r->salt = acquired.salt;
   }
   if (!request.cache_salt.empty()) r->salt += "|salt:" + request.cache_salt;
+  if (!request.images.empty()) {
+    // Blocks holding image tokens depend on the pixels, which the token
+    // ids do not show: only requests with the same images share blocks.
+    r->salt += "|images:" + image_digest(request.images);
+  }
   r->handle = std::make_shared<RequestHandle::State>();
 
   std::lock_guard<std::mutex> lock(m.mu);
@@ -449,10 +564,36 @@ int64_t Engine::max_model_len() const { return impl_->max_len; }
 int64_t Engine::vocab_size() const { return impl_->vocab; }
 
 std::string Engine::apply_chat_template(const std::vector<nn::ChatMessage>& messages) const {
+  if (impl_->vlm) return apply_chat_template(messages, std::vector<int64_t>(messages.size(), 0));
   TESSERA_CHECK(!impl_->chat_template.empty(), InvalidArgument, "model '", impl_->name,
                 "' has no chat template (set EngineOptions.chat_template)");
   return nn::format_chat(impl_->chat_template, messages);
 }
+
+std::string Engine::apply_chat_template(const std::vector<nn::ChatMessage>& messages,
+                                        const std::vector<int64_t>& images_per_message) const {
+  TESSERA_CHECK(images_per_message.size() == messages.size(), InvalidArgument,
+                "apply_chat_template: ", images_per_message.size(), " image counts for ",
+                messages.size(), " messages");
+  const Impl& m = *impl_;
+  if (!m.vlm) {
+    for (int64_t n : images_per_message) {
+      TESSERA_CHECK(n == 0, InvalidArgument, "model '", m.name,
+                    "' is not a vision-language model and takes no images");
+    }
+    return apply_chat_template(messages);
+  }
+  std::vector<nn::VlmMessage> vm;
+  for (size_t i = 0; i < messages.size(); ++i) {
+    TESSERA_CHECK(images_per_message[i] >= 0, InvalidArgument,
+                  "apply_chat_template: negative image count");
+    vm.push_back({messages[i].role, messages[i].content, images_per_message[i]});
+  }
+  return nn::format_vlm_chat(m.vlm->model->config().layout, vm);
+}
+
+bool Engine::accepts_images() const { return impl_->vlm != nullptr; }
+int64_t Engine::max_images_per_request() const { return impl_->options.max_images_per_request; }
 
 std::vector<int64_t> Engine::tokenize(const std::string& text) const { return impl_->encode(text); }
 

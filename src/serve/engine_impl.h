@@ -23,6 +23,7 @@
 #include "tessera/core/metrics.h"
 #include "tessera/lora/lora.h"
 #include "tessera/nn/model.h"
+#include "tessera/nn/vlm.h"
 #include "tessera/quant/model.h"
 #include "tessera/serve/engine.h"
 #include "tessera/serve/json_grammar.h"
@@ -85,6 +86,11 @@ struct RequestState {
   bool forked = false;  // samples 1..n-1 created
   int64_t finished_samples = 0;
   std::vector<std::unique_ptr<SampleState>> samples;
+  // Vision-language models: the image tokens' embeddings [n, hidden] (the
+  // connector's output, computed once at submit) and the prompt positions
+  // they go to, ascending (row k to image_positions[k]).
+  at::Tensor image_embeds;
+  std::vector<int64_t> image_positions;
   // Echo with logprobs: log-probabilities of prompt tokens 1..P-1 (NaN
   // for token 0), filled from the prefill's logits.
   std::vector<double> prompt_logprobs;
@@ -108,8 +114,15 @@ struct Engine::Impl {
   int64_t vocab = 0;
 
   // The model (read by the engine thread; loaders and adapters read its
-  // config and parameter names from any thread).
-  std::unique_ptr<nn::Transformer> model;
+  // config and parameter names from any thread): owned_model for a text
+  // model, the language model of `vlm` for a vision-language model.
+  std::unique_ptr<nn::Transformer> owned_model;
+  nn::Transformer* model = nullptr;
+  // Vision-language models: the folder's model, tokenizer and processor.
+  // submit() runs its vision encoder and connector (never the language
+  // model) under vision_mu, on the calling thread.
+  std::unique_ptr<nn::LoadedVlm> vlm;
+  std::mutex vision_mu;
   std::shared_ptr<quant::QuantizedModel> packed;  // null for "fp"
   bool qspec = false;
   std::optional<nn::Tokenizer> tokenizer;
@@ -164,6 +177,10 @@ struct Engine::Impl {
 
   // engine.cpp
   void load(const EngineOptions& options);
+  // Submit-time image work for `r` (prompt text with one "<image>" marker
+  // per image): preprocess, expand markers, tokenize into r.prompt, encode
+  // the images into r.image_embeds / r.image_positions.
+  void prepare_images(detail::RequestState& r, const std::string& prompt_text);
   std::string token_bytes(int64_t token) const;
   std::vector<int64_t> encode(const std::string& text) const;
 

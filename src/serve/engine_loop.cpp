@@ -316,6 +316,13 @@ StepResult Loop::execute(const SchedulerStep& step, const std::vector<SampleStat
     // score the next prompt token.
     std::vector<std::pair<size_t, int64_t>> prompt_rows;
     std::vector<int64_t> prompt_row_index;
+    // Vision-language requests: rows of `ids` that take image tokens.
+    struct ImageRow {
+      const RequestState* request;
+      int64_t row;    // in ids
+      int64_t token;  // row of the request's image_embeds
+    };
+    std::vector<ImageRow> image_rows;
     for (size_t i = 0; i < n; ++i) {
       if (kind[i] == Kind::kSkip) continue;
       const ScheduledSequence& ss = step.sequences[i];
@@ -325,6 +332,16 @@ StepResult Loop::execute(const SchedulerStep& step, const std::vector<SampleStat
       if (kind[i] == Kind::kSpec) ids.insert(ids.end(), drafts[i].begin(), drafts[i].end());
       const int64_t count = static_cast<int64_t>(ids.size()) - base;
       batch.sequences.push_back({count, ss.start_position, table[i], adapter_index(r)});
+      if (r.image_embeds.defined()) {
+        // Prompt positions of this chunk that hold image tokens.
+        const int64_t p0 = ss.start_position;
+        const int64_t p1 = p0 + static_cast<int64_t>(ss.token_ids.size());
+        const auto& pos = r.image_positions;
+        for (auto it = std::lower_bound(pos.begin(), pos.end(), p0); it != pos.end() && *it < p1;
+             ++it) {
+          image_rows.push_back({&r, base + (*it - p0), it - pos.begin()});
+        }
+      }
       if (r.request.echo && r.request.params.logprobs && samples[i]->index == 0) {
         const int64_t P = static_cast<int64_t>(r.prompt.size());
         for (int64_t t = 0; t < count; ++t) {
@@ -350,7 +367,29 @@ StepResult Loop::execute(const SchedulerStep& step, const std::vector<SampleStat
       nn::ForwardOptions fo;
       fo.paged = &batch;
       if (batch.logits_rows.empty()) fo.hidden_only = true;  // nothing to sample: skip the LM head
-      nn::ForwardOutput out = m_.model->forward(at::tensor(ids, at::kLong).view({1, -1}), fo);
+      const at::Tensor id_tensor = at::tensor(ids, at::kLong).view({1, -1});
+      if (!image_rows.empty()) {
+        // The ids' embeddings with the image rows replaced: the same values
+        // the forward would look up, so text positions are unchanged bit
+        // for bit (tested in nn_vlm_test).
+        at::Tensor embeds =
+            at::embedding(m_.model->parameter("model.embed_tokens.weight"), id_tensor);
+        at::Tensor flat = embeds.view({-1, embeds.size(-1)});
+        for (size_t a = 0; a < image_rows.size();) {
+          size_t b = a;
+          std::vector<int64_t> rows, tokens;
+          for (; b < image_rows.size() && image_rows[b].request == image_rows[a].request; ++b) {
+            rows.push_back(image_rows[b].row);
+            tokens.push_back(image_rows[b].token);
+          }
+          flat.index_copy_(
+              0, at::tensor(rows, at::kLong),
+              image_rows[a].request->image_embeds.index_select(0, at::tensor(tokens, at::kLong)));
+          a = b;
+        }
+        fo.input_embeds = embeds;
+      }
+      nn::ForwardOutput out = m_.model->forward(id_tensor, fo);
       if (!batch.logits_rows.empty()) {
         logits = out.logits.squeeze(0).contiguous();
         lp = logits.data_ptr<float>();

@@ -148,7 +148,8 @@ void HttpServer::Impl::routes() {
                       {"owned_by", "tessera"},
                       {"parent", engine.model_name()}});
     }
-    res.set_content(json({{"object", "list"}, {"data", data}}).dump(), "application/json");
+    res.set_content(openai::dump_json(json({{"object", "list"}, {"data", data}})),
+                    "application/json");
   });
   server.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
     generate(openai::Endpoint::kCompletions, req, res);
@@ -234,7 +235,10 @@ void HttpServer::Impl::generate(openai::Endpoint endpoint, const httplib::Reques
 
   openai::Parsed parsed;
   try {
-    parsed = openai::parse(endpoint, req.body, engine, options.max_choices);
+    openai::ChatOptions chat_options;
+    chat_options.local_media_root = options.allowed_local_media_path;
+    chat_options.max_images = engine.max_images_per_request();
+    parsed = openai::parse(endpoint, req.body, engine, options.max_choices, chat_options);
   } catch (const openai::BadRequest& b) {
     res.status = b.status;
     res.set_content(openai::error_body(b.status, b.message, b.param, b.type), "application/json");
@@ -307,7 +311,7 @@ void HttpServer::Impl::generate(openai::Endpoint endpoint, const httplib::Reques
           const json chunk =
               openai::stream_chunk(p, id, created, index, e, !started[index], engine);
           started[static_cast<size_t>(index)] = true;
-          if (!write("data: " + chunk.dump() + "\n\n")) {
+          if (!write("data: " + openai::dump_json(chunk) + "\n\n")) {
             cancel_all();
             return false;
           }
@@ -321,10 +325,10 @@ void HttpServer::Impl::generate(openai::Endpoint endpoint, const httplib::Reques
     }
     if (p.stream) {
       if (p.include_usage)
-        write("data: " + openai::usage_chunk(p, id, created, acc).dump() + "\n\n");
+        write("data: " + openai::dump_json(openai::usage_chunk(p, id, created, acc)) + "\n\n");
       write("data: [DONE]\n\n");
     } else {
-      write(openai::full_response(p, id, created, acc, engine).dump());
+      write(openai::dump_json(openai::full_response(p, id, created, acc, engine)));
     }
     sink.done();
     return true;

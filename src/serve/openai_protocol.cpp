@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <limits>
 
+#include "tessera/core/base64.h"
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
 
@@ -186,8 +188,61 @@ std::vector<GenerateRequest> completion_prompts(const json& j, const Engine& eng
   return out;
 }
 
-// Chat messages: text content, or a list of text parts.
-std::vector<nn::ChatMessage> chat_messages(const json& j) {
+// An image_url part's image: a data: URL (base64 PNG or JPEG), or with a
+// media root, a file:// URL or absolute path inside it. Remote URLs are
+// refused (the server fetches nothing over the network).
+nn::Image image_of(const json& part, const std::string& where, const ChatOptions& options) {
+  const json* iu = field(part, "image_url");
+  std::string url;
+  if (iu && iu->is_string()) {
+    url = iu->get<std::string>();
+  } else if (iu && iu->is_object() && field(*iu, "url") && (*iu)["url"].is_string()) {
+    url = (*iu)["url"].get<std::string>();
+  } else {
+    bad(where, where + ".image_url must be {\"url\": \"data:image/png;base64,...\"}");
+  }
+  try {
+    if (url.rfind("data:", 0) == 0) {
+      const size_t comma = url.find(',');
+      const std::string_view head =
+          comma == std::string::npos ? std::string_view() : std::string_view(url).substr(0, comma);
+      if (head.size() < 12 || head.substr(head.size() - 7) != ";base64") {
+        bad(where, where + ": a data: URL must be data:<type>;base64,<data>");
+      }
+      return nn::decode_image(base64_decode(std::string_view(url).substr(comma + 1), where), where);
+    }
+    if (url.rfind("http://", 0) == 0 || url.rfind("https://", 0) == 0) {
+      bad(where, where + ": remote images are not fetched; send a data: URL");
+    }
+    std::string path = url.rfind("file://", 0) == 0 ? url.substr(7) : url;
+    if (path.empty() || path[0] != '/') {
+      bad(where, where + ": the image URL must be a data: URL or a local file (file:///...)");
+    }
+    if (options.local_media_root.empty()) {
+      bad(where, where + ": local image files are not allowed (--allowed-local-media-path)");
+    }
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    const fs::path file = fs::weakly_canonical(path, ec);
+    const fs::path root = fs::weakly_canonical(options.local_media_root, ec);
+    const std::string f = file.string(), r = root.string();
+    if (ec || f.size() <= r.size() || f.compare(0, r.size(), r) != 0 || f[r.size()] != '/') {
+      bad(where, where + ": '" + path + "' is outside the allowed media path");
+    }
+    return nn::read_image(f);
+  } catch (const Error& e) {
+    bad(where, e.message());
+  }
+  return {};
+}
+
+// Chat messages: text content, or a list of text and image parts. Images
+// go to `images`, their count per message to `images_per_message` (the
+// chat format places them at the start of their message).
+std::vector<nn::ChatMessage> chat_messages(const json& j, const Engine& engine,
+                                           const ChatOptions& options,
+                                           std::vector<int64_t>& images_per_message,
+                                           std::vector<nn::Image>& images) {
   const json* m = field(j, "messages");
   if (!m || !m->is_array() || m->empty()) bad("messages", "'messages' must be a non-empty list");
   std::vector<nn::ChatMessage> out;
@@ -206,23 +261,36 @@ std::vector<nn::ChatMessage> chat_messages(const json& j) {
     if (cm.role == "developer") cm.role = "system";
     const json* content = field(msg, "content");
     if (!content) bad(where + ".content", where + ".content is required");
+    int64_t count = 0;
     if (content->is_string()) {
       cm.content = content->get<std::string>();
     } else if (content->is_array()) {
-      for (const auto& part : *content) {
+      for (size_t k = 0; k < content->size(); ++k) {
+        const json& part = (*content)[k];
+        const std::string pw = where + ".content[" + std::to_string(k) + "]";
         const std::string type = part.is_object() ? get_string(part, "type", "") : "";
         if (type == "text") {
           cm.content += get_string(part, "text", "");
         } else if (type == "image_url") {
-          bad(where + ".content", "this model takes no images");
+          if (!engine.accepts_images()) {
+            bad(pw, pw + ": model '" + engine.model_name() + "' takes no images");
+          }
+          if (static_cast<int64_t>(images.size()) >= options.max_images) {
+            bad(pw, pw + ": more than " + std::to_string(options.max_images) +
+                        " images in one request");
+          }
+          images.push_back(image_of(part, pw, options));
+          ++count;
         } else {
-          bad(where + ".content", "content parts must be {\"type\": \"text\", \"text\": ...}");
+          bad(pw, pw + ": content parts must be {\"type\": \"text\", \"text\": ...} or "
+                       "{\"type\": \"image_url\", \"image_url\": {\"url\": ...}}");
         }
       }
     } else {
       bad(where + ".content", where + ".content must be a string or a list of parts");
     }
     out.push_back(std::move(cm));
+    images_per_message.push_back(count);
   }
   return out;
 }
@@ -291,8 +359,12 @@ json usage_of(const std::vector<Choice>& choices, size_t samples_per_prompt) {
 
 }  // namespace
 
-Parsed parse(Endpoint endpoint, const std::string& body, const Engine& engine,
-             int64_t max_choices) {
+std::string dump_json(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+Parsed parse(Endpoint endpoint, const std::string& body, const Engine& engine, int64_t max_choices,
+             const ChatOptions& chat_options) {
   json j;
   try {
     j = json::parse(body);
@@ -331,7 +403,9 @@ Parsed parse(Endpoint endpoint, const std::string& body, const Engine& engine,
     if (p.top_logprobs > 0 && !p.want_logprobs)
       bad("top_logprobs", "'top_logprobs' needs logprobs: true");
     GenerateRequest r;
-    r.prompt_text = engine.apply_chat_template(chat_messages(j));
+    std::vector<int64_t> images_per_message;
+    const auto messages = chat_messages(j, engine, chat_options, images_per_message, r.images);
+    r.prompt_text = engine.apply_chat_template(messages, images_per_message);
     p.prompts.push_back(std::move(r));
   } else {
     if (const json* v = field(j, "logprobs")) {
@@ -372,7 +446,7 @@ std::string error_body(int status, const std::string& message, const std::string
             {"type", t},
             {"param", param.empty() ? json(nullptr) : json(param)},
             {"code", status}};
-  return json({{"error", e}}).dump();
+  return dump_json(json({{"error", e}}));
 }
 
 json full_response(const Parsed& p, const std::string& id, int64_t created,

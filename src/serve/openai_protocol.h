@@ -38,10 +38,25 @@ struct Parsed {
   int64_t top_logprobs = 0;
 };
 
+// What chat requests may carry besides text: image_url parts (data: URLs;
+// local files only under local_media_root when it is set), at most
+// max_images per request.
+struct ChatOptions {
+  std::string local_media_root;
+  int64_t max_images = 8;
+};
+
 // Throws BadRequest for malformed JSON, wrong field types, values out of
 // range, unsupported fields, an unknown model (404), more than `max_choices`
 // choices. `engine` resolves the model name and applies the chat template.
-Parsed parse(Endpoint endpoint, const std::string& body, const Engine& engine, int64_t max_choices);
+Parsed parse(Endpoint endpoint, const std::string& body, const Engine& engine, int64_t max_choices,
+             const ChatOptions& chat_options = {});
+
+// JSON text of a response. Token texts may hold part of a UTF-8 character
+// (a byte-level token, a model that emits invalid bytes): such bytes become
+// U+FFFD instead of failing the response; the exact bytes are in the
+// logprobs' "bytes" arrays.
+std::string dump_json(const nlohmann::json& j);
 
 // The OpenAI error object for a status and message.
 std::string error_body(int status, const std::string& message, const std::string& param = "",

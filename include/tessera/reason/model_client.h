@@ -5,9 +5,9 @@
 // and reports what the call cost (prompt and completion tokens, seconds).
 // In-process clients run nn generation on a vision-language model folder
 // (nn::load_vlm_folder) or on a text model (a GGUF file such as SmolLM2, or
-// a Hugging Face folder with tokenizer.json); an OpenAI-HTTP client
-// speaking to tessera-serve fits the same interface (it sends images as
-// base64 data URLs in image_url content parts).
+// a Hugging Face folder with tokenizer.json); OpenAiClient speaks to
+// tessera-serve or any OpenAI-compatible server (images as base64 data:
+// URLs in image_url content parts).
 //
 //   auto vlm = tessera::reason::VlmClient::create({"scene-vlm"});
 //   auto llm = tessera::reason::TextClient::create({smollm2_gguf_path});
@@ -86,6 +86,27 @@ class TextClient {
   // NotFound / InvalidArgument / DataLoss from the loaders; InvalidArgument
   // when the model has no ChatML chat template.
   static std::unique_ptr<ModelClient> create(const TextClientOptions& options);
+};
+
+// A model behind an OpenAI-compatible chat endpoint (tessera-serve, vLLM,
+// llama-server): messages go to POST {base_url}/v1/chat/completions, images
+// as PNG base64 data: URLs in image_url parts placed before the text.
+struct OpenAiClientOptions {
+  std::string base_url;  // "http://127.0.0.1:8000"; a trailing /v1 is accepted
+  std::string model;     // empty: the first model GET /v1/models lists
+  std::string api_key;   // sent as Authorization: Bearer
+  bool images = false;   // the endpoint serves a vision-language model
+  double timeout_seconds = 600;
+};
+
+class OpenAiClient {
+ public:
+  // InvalidArgument for a malformed base_url; Unavailable when the server
+  // does not answer GET /v1/models. complete() throws InvalidArgument with
+  // the server's message for a 4xx answer, Unavailable / DeadlineExceeded
+  // when the server fails or times out; usage and timing come from the
+  // response.
+  static std::unique_ptr<ModelClient> create(const OpenAiClientOptions& options);
 };
 
 // Cuts `text` before the first occurrence of any stop string.

@@ -55,6 +55,7 @@
 #include <string>
 #include <vector>
 
+#include "tessera/nn/image.h"
 #include "tessera/serve/scheduler.h"
 #include "tessera/tokenizer/chat.h"
 
@@ -69,7 +70,10 @@ struct EngineOptions {
   // file (its tokenizer and chat template come with it), or a packed
   // int4 .safetensors file written by quant::QuantizedModel::save. A folder
   // needs `tokenizer` (tokenizer.json) unless it holds one; a packed file
-  // always does.
+  // always does. A folder whose config.json has model_type idefics3, smolvlm
+  // or llava is a vision-language model (nn::load_vlm_folder: tokenizer and
+  // preprocessor_config.json from the folder): requests may then carry
+  // images.
   std::string model;
   std::string tokenizer;
   // Name reported by /v1/models and in metrics' model_name label; empty:
@@ -110,6 +114,8 @@ struct EngineOptions {
   uint64_t seed = 0;
   // Largest SamplingParams::logprobs accepted.
   int64_t max_logprobs = 20;
+  // Vision-language models: images one request may carry.
+  int64_t max_images_per_request = 8;
 
   // Reads the keys above from a JSON object (strict: unknown keys are
   // InvalidArgument naming them; "adapters" is an object of name: folder).
@@ -157,6 +163,15 @@ struct GenerateRequest {
   // Extra prefix-cache namespace (vLLM's cache_salt): blocks are shared
   // only between requests with the same salt and adapter.
   std::string cache_salt;
+  // Vision-language models: one image per "<image>" marker of prompt_text
+  // (apply_chat_template with image counts places them), in order. At
+  // submit() each is preprocessed as the model's processor does, its marker
+  // expanded to the model's image tokens (they count as prompt tokens, in
+  // the KV budget and in usage) and encoded once; the prefill then feeds
+  // the image tokens' embeddings in place of the placeholders. Requests
+  // with images share prefix-cache blocks only with requests carrying the
+  // same images.
+  std::vector<nn::Image> images;
 };
 
 struct TopLogprob {
@@ -257,6 +272,15 @@ class Engine {
   // The model's chat template applied to messages, ending with the
   // assistant's turn opened.
   std::string apply_chat_template(const std::vector<nn::ChatMessage>& messages) const;
+  // The same with images: images_per_message[i] "<image>" markers open
+  // message i (the vision-language chat formats of nn::format_vlm_chat).
+  // InvalidArgument when images are given to a model that takes none, or
+  // the counts do not match the messages.
+  std::string apply_chat_template(const std::vector<nn::ChatMessage>& messages,
+                                  const std::vector<int64_t>& images_per_message) const;
+  // True for a vision-language model (requests may carry images).
+  bool accepts_images() const;
+  int64_t max_images_per_request() const;
   // Chat markers in `text` are parsed as special tokens; no BOS is added.
   std::vector<int64_t> tokenize(const std::string& text) const;
   // Special tokens are dropped; ids past the tokenizer's vocabulary give

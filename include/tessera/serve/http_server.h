@@ -58,6 +58,10 @@ struct HttpServerOptions {
   // Limits: request body bytes (413 beyond), requests in flight at once
   // (503 beyond), choices per request (n times the number of prompts).
   int64_t max_request_bytes = int64_t{4} << 20;
+  // Chat image parts may name local files (file:// URLs or absolute paths)
+  // under this folder (vLLM's --allowed-local-media-path); empty: only
+  // data: URLs.
+  std::string allowed_local_media_path;
   int64_t max_concurrent_requests = 256;
   int64_t max_choices = 64;
   // Threads serving connections (each open stream holds one).

@@ -44,7 +44,9 @@ int main(int argc, char** argv) {
       "model.",
       "tessera-serve"};
   app.option_defaults()->always_capture_default();
-  app.add_option("--model", eo.model, "GGUF file, Hugging Face folder, or packed int4 .safetensors")
+  app.add_option("--model", eo.model,
+                 "GGUF file, Hugging Face folder (vision-language: idefics3 / smolvlm / llava), "
+                 "or packed int4 .safetensors")
       ->required();
   app.add_option("--tokenizer", eo.tokenizer, "tokenizer.json for a folder without one");
   app.add_option("--served-model-name", eo.model_name,
@@ -88,6 +90,12 @@ int main(int argc, char** argv) {
                "serve /v1/load_lora_adapter and /v1/unload_lora_adapter");
   app.add_option("--adapter-root", ho.adapter_root,
                  "folder that runtime-loaded adapters must lie under");
+  app.add_option("--allowed-local-media-path", ho.allowed_local_media_path,
+                 "chat image parts may name local files under this folder (default: only data: "
+                 "URLs)");
+  app.add_option("--max-images-per-request", eo.max_images_per_request,
+                 "images one chat request may carry (vision-language models)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1024}));
   app.add_option("--drain-seconds", drain_seconds,
                  "on SIGTERM, how long running requests may finish");
   if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
