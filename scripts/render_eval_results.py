@@ -22,6 +22,9 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_block import replace_results_block  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Benchmark set of a task name, in the order the paper lists them.
@@ -234,15 +237,7 @@ def main():
     if not a.update:
         print(text)
         return 0
-    with open(a.update) as f:
-        doc = f.read()
-    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
-    if begin not in doc or end not in doc:
-        sys.exit(f"{a.update}: no '{begin}' ... '{end}' block to replace")
-    head, rest = doc.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    with open(a.update, "w") as f:
-        f.write(head + begin + "\n" + text + "\n" + end + tail)
+    replace_results_block(a.update, text)
     return 0
 
 

@@ -4,12 +4,12 @@
 // ProReason, with SmolLM2-135M-Instruct (or any GGUF / Hugging Face text
 // model) as the text LLM of every reasoning role.
 //
-//   proreason train-vlm --out scene-vlm --seed 0                      # about 6 min on 2 cores
-//   proreason eval-vlm --vlm scene-vlm --scenes 200                   # held-out perception
-//   accuracy proreason make-benchmark --out bench --scenes 40                  #
-//   bench/benchmark.json + images proreason run --vlm scene-vlm --llm SmolLM2.gguf --benchmark
-//   bench/benchmark.json
-//       --trace trace.jsonl --report report.json                      # the four methods
+//   proreason train-vlm --out stage1 --seed 0          # 1,500 steps: about 6 min on 2 cores
+//   proreason train-vlm --out scene-vlm --init-from stage1 --steps 2500 --lr 1e-3 --warmup 50
+//   proreason eval-vlm --vlm scene-vlm --scenes 200    # held-out perception accuracy
+//   proreason make-benchmark --out bench --scenes 30   # bench/benchmark.json + images
+//   proreason run --vlm scene-vlm --llm SmolLM2.gguf --benchmark bench/benchmark.json
+//       --trace trace.jsonl --report report.json       # the four methods
 //   proreason ask --vlm scene-vlm --llm SmolLM2.gguf --image bench/images/scene3.png
 //       --question "How many more red circles than blue squares are there?"
 //
@@ -159,7 +159,7 @@ int main(int argc, char** argv) {
                           {"perception", perception_json(e)}};
       for (auto [step, loss] : r.loss_curve) j["loss_curve"].push_back({step, loss});
       std::ofstream(std::filesystem::path(train.output_dir) / "training_report.json")
-          << j.dump(1) << "\n";
+          << j.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
       return 0;
     }
     if (eval_cmd->parsed()) {
@@ -223,7 +223,12 @@ int main(int argc, char** argv) {
                                       {"answer", o.answer},
                                       {"memory", o.memory}});
       }
-      if (!report_path.empty()) std::ofstream(report_path) << report.dump(1) << "\n";
+      // A model may answer with bytes that are not UTF-8 (a byte-level
+      // token cut mid-character): they are written as U+FFFD.
+      if (!report_path.empty()) {
+        std::ofstream(report_path)
+            << report.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+      }
       return 0;
     }
     tr::Question q{"ask", tessera::nn::read_image(image), question, {}};
