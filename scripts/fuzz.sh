@@ -12,6 +12,7 @@
 #   --seconds N        fuzzing time per target (default 60; --quick: 10)
 #   --quick            the CI budget: 10 s per target
 #   --targets a,b      only these targets (names as in fuzz/CMakeLists.txt)
+#   --jobs N           run N targets at a time (default 1; one core each)
 #   --no-build         do not configure or build; exit 77 when the build is absent
 #   --build-only       configure, build and write the seed corpus, run nothing
 #   --build-dir DIR    default: build/fuzz
@@ -41,12 +42,14 @@ build_only=0
 build_dir="$root/build/fuzz"
 rss_limit=2048
 timeout=30
+jobs=1
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --quick) quick=1; shift ;;
     --targets) targets=$2; shift 2 ;;
+    --jobs) jobs=$2; shift 2 ;;
     --no-build) build=0; shift ;;
     --build-only) build_only=1; shift ;;
     --build-dir) build_dir=$2; shift 2 ;;
@@ -111,10 +114,17 @@ logs="$build_dir/logs"
 mkdir -p "$logs"
 summary="$build_dir/summary.tsv"
 printf 'target\tseconds\texecutions\texec/s\tcorpus\tfindings\n' > "$summary"
-found=0
-for t in $targets; do
-  corpus="$build_dir/corpus/$t"
-  artifacts="$build_dir/artifacts/$t"
+rows="$build_dir/rows"
+rm -rf "$rows"
+mkdir -p "$rows"
+
+# Runs one target; its summary row goes to $rows/<target>.tsv, and a
+# finding leaves $rows/<target>.found.
+run_target() {
+  local t=$1
+  local corpus="$build_dir/corpus/$t"
+  local artifacts="$build_dir/artifacts/$t"
+  local before log start rc elapsed execs new corpus_size line
   mkdir -p "$corpus" "$artifacts"
   before=$(ls "$artifacts" | wc -l)
   log="$logs/$t.log"
@@ -132,18 +142,36 @@ for t in $targets; do
   fi
   execs=${execs:-0}
   new=$(( $(ls "$artifacts" | wc -l) - before ))
-  # Leftover scratch directories of a run that crashed.
-  find /dev/shm /tmp -maxdepth 1 -name 'tessera-fuzz.*' -user "$(id -u)" -mmin +1 -exec rm -rf {} + 2>/dev/null || true
   corpus_size=$(ls "$corpus" | wc -l)
   line=$(printf '%s\t%s\t%s\t%s\t%s\t%s' "$t" "$elapsed" "$execs" $(( execs / (elapsed > 0 ? elapsed : 1) )) \
     "$corpus_size" "$new")
-  echo "$line" >> "$summary"
+  echo "$line" > "$rows/$t.tsv"
   echo "$(date -u +%Y-%m-%dT%H:%M:%SZ)	$line" >> "$build_dir/history.tsv"
   if [ "$rc" != 0 ] || [ "$new" -gt 0 ]; then
-    found=1
+    touch "$rows/$t.found"
     echo "fuzz.sh: $t found something (exit $rc); log: $log" >&2
     grep -E 'ERROR|SUMMARY|fuzz property|escaped|answered INTERNAL|Test unit written' "$log" | head -8 >&2 || true
   fi
+}
+
+# --jobs targets at a time, each one libFuzzer process on one core.
+running=0
+for t in $targets; do
+  if [ "$running" -ge "$jobs" ]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  run_target "$t" &
+  running=$((running + 1))
+done
+wait || true
+# Leftover scratch directories of runs that crashed (only now: with --jobs a
+# running target's directory may look old).
+find /dev/shm /tmp -maxdepth 1 -name 'tessera-fuzz.*' -user "$(id -u)" -mmin +1 -exec rm -rf {} + 2>/dev/null || true
+found=0
+for t in $targets; do
+  cat "$rows/$t.tsv" >> "$summary"
+  [ -e "$rows/$t.found" ] && found=1
 done
 column -t -s $'\t' "$summary"
 exit "$found"

@@ -11,6 +11,7 @@
 #include "tessera/core/log.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
+#include "util.h"
 
 namespace tessera::sim {
 
@@ -55,19 +56,30 @@ double from_rank0(dist::ProcessGroup& world, double value) {
   return t.item<double>();
 }
 
-// Median over repetitions of the slowest rank's time of fn() (seconds),
-// each repetition started after a barrier; repetitions as in
-// CollectiveSweepOptions.
+// The mean over ranks.
+double world_mean(dist::ProcessGroup& world, double value) {
+  at::Tensor t = at::full({1}, value, at::kDouble);
+  world.all_reduce(t, dist::ReduceOp::kSum).wait();
+  return t.item<double>() / world.size();
+}
+
+// Median over repetitions of fn()'s time (seconds), each repetition started
+// after a barrier; repetitions as in CollectiveSweepOptions. Without
+// `compute`, the slowest rank's time; with it, every rank runs compute()
+// first and the mean over ranks of their own fn() times counts.
 double time_collective(dist::ProcessGroup& world, const std::function<void()>& fn, int min_repeats,
-                       int max_repeats, double target_seconds) {
+                       int max_repeats, double target_seconds,
+                       const std::function<void()>& compute = nullptr) {
   fn();  // warm-up: connections, allocations
   std::vector<double> samples;
   Stopwatch total;
   while (static_cast<int>(samples.size()) < max_repeats) {
     world.barrier().wait();
+    if (compute) compute();
     Stopwatch watch;
     fn();
-    samples.push_back(world_max(world, watch.seconds()));
+    const double seconds = watch.seconds();
+    samples.push_back(compute ? world_mean(world, seconds) : world_max(world, seconds));
     if (static_cast<int>(samples.size()) >= min_repeats &&
         from_rank0(world, total.seconds()) >= target_seconds) {
       break;
@@ -103,6 +115,25 @@ std::vector<Measurement> measure_collectives(dist::ProcessGroup& world,
       if (sub) group = sub;
     }
   }
+  // The compute before each call (compute_ms): square fp32 GEMMs, as many
+  // as take about compute_ms on this rank alone.
+  std::function<void()> compute;
+  at::Tensor ga, gb, gc;
+  if (options.compute_ms > 0) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(17 + world.rank());
+    ga = at::randn({256, 256}, gen);
+    gb = at::randn({256, 256}, gen);
+    gc = at::empty({256, 256});
+    at::mm_out(gc, ga, gb);  // warm-up
+    Stopwatch probe;
+    for (int i = 0; i < 5; ++i) at::mm_out(gc, ga, gb);
+    const double one = probe.seconds() / 5;
+    const int reps = static_cast<int>(
+        std::max(1.0, std::round(options.compute_ms * 1e-3 / std::max(one, 1e-9))));
+    compute = [&ga, &gb, &gc, reps] {
+      for (int i = 0; i < reps; ++i) at::mm_out(gc, ga, gb);
+    };
+  }
   std::vector<Measurement> out;
   for (CollectiveKind op : options.ops) {
     TESSERA_CHECK(op != CollectiveKind::kSendRecv, InvalidArgument,
@@ -136,14 +167,18 @@ std::vector<Measurement> measure_collectives(dist::ProcessGroup& world,
           break;
       }
       const double seconds = time_collective(world, fn, options.min_repeats, options.max_repeats,
-                                             options.target_seconds);
+                                             options.target_seconds, compute);
       Measurement m;
       m.op = op;
       m.shape = GroupShape{n, 1, n};
       m.bytes = elems * 4;
       m.time = Microseconds(seconds * 1e6);
       m.origin = "measure_collectives(" + std::to_string(world_size) + " ranks, groups of " +
-                 std::to_string(n) + ")";
+                 std::to_string(n) +
+                 (options.compute_ms > 0
+                      ? ", after " + detail::format("%g", options.compute_ms) + " ms of compute"
+                      : std::string()) +
+                 ")";
       out.push_back(m);
       TESSERA_LOG(Debug, "sim") << collective_kind_name(op) << " " << m.bytes << " B over " << n
                                 << " ranks: " << m.time.count() << " us";
@@ -216,8 +251,7 @@ std::vector<OverlapSample> measure_overlap(dist::ProcessGroup& world,
   return samples;
 }
 
-std::vector<double> measure_host_sharing(dist::ProcessGroup& world,
-                                         const HostSharingOptions& options) {
+HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOptions& options) {
   TESSERA_CHECK(options.repeats >= 1, InvalidArgument,
                 "measure_host_sharing: repeats must be >= 1");
   ThreadScope threads(thread_count(options.threads, world));
@@ -227,24 +261,37 @@ std::vector<double> measure_host_sharing(dist::ProcessGroup& world,
   auto job = TrainingJob::create(config, solo);
   const nn::TokenDataset::Batch batch = job->batch(0);
   job->step(batch);  // warm-up
-  std::vector<double> slowdown;
+  HostSharing out;
   double alone = 0;
-  for (int k = 1; k <= world.size(); ++k) {
-    std::vector<double> times;
+  const int n = world.size();
+  for (int k = 1; k <= n; ++k) {
+    std::vector<double> means, skews;
     for (int r = 0; r < options.repeats; ++r) {
       world.barrier().wait();
+      // Every rank's time in its own slot (0 for the ranks that wait).
+      at::Tensor times = at::zeros({n}, at::kDouble);
       if (world.rank() < k) {
         Stopwatch w;
         job->step(batch);
-        times.push_back(w.seconds());
+        times[world.rank()] = w.seconds();
       }
-      world.barrier().wait();
+      world.all_reduce(times, dist::ReduceOp::kSum).wait();
+      const double* p = times.data_ptr<double>();
+      double sum = 0, slowest = 0;
+      for (int i = 0; i < k; ++i) {
+        sum += p[i];
+        slowest = std::max(slowest, p[i]);
+      }
+      const double mean = sum / k;
+      means.push_back(mean);
+      skews.push_back(mean > 0 ? slowest / mean - 1 : 0.0);
     }
-    const double t = from_rank0(world, world.rank() == 0 ? median(times) : 0.0);
+    const double t = median(means);
     if (k == 1) alone = t;
-    slowdown.push_back(t / alone);
+    out.compute_slowdown.push_back(t / alone);
+    out.sync_skew.push_back(k == 1 ? 0.0 : median(skews));
   }
-  return slowdown;
+  return out;
 }
 
 }  // namespace tessera::sim

@@ -201,15 +201,18 @@ ClusterSpec ClusterSpec::parse(std::string_view text, std::string source) {
   c.topology.nics_per_node = static_cast<int>(nics);
   c.topology.intra_node = parse_link(topo.get_object("intra_node"));
   c.topology.inter_node = parse_link(topo.get_object("inter_node"));
-  if (topo.has("host_compute_slowdown")) {
-    const json& list = topo.get_array("host_compute_slowdown");
-    for (const json& v : list) {
-      if (!v.is_number()) {
-        topo.fail("host_compute_slowdown", "expected a list of numbers, found " + v.dump());
-      }
-      c.topology.host_compute_slowdown.push_back(v.get<double>());
+  // Optional lists of numbers (CPU hosts).
+  auto numbers = [&topo](const char* key) {
+    std::vector<double> out;
+    if (!topo.has(key)) return out;
+    for (const json& v : topo.get_array(key)) {
+      if (!v.is_number()) topo.fail(key, "expected a list of numbers, found " + v.dump());
+      out.push_back(v.get<double>());
     }
-  }
+    return out;
+  };
+  c.topology.host_compute_slowdown = numbers("host_compute_slowdown");
+  c.topology.host_sync_skew = numbers("host_sync_skew");
   topo.check_keys();
 
   c.defaults = parse_algorithms(top.get_object("algorithms"));
@@ -262,6 +265,11 @@ void ClusterSpec::validate(const std::string& source) const {
     TESSERA_CHECK(std::isfinite(v) && v > 0, InvalidArgument, topo,
                   ": field 'host_compute_slowdown': entry ", k, " must be > 0, got ", v);
   }
+  for (size_t k = 0; k < topology.host_sync_skew.size(); ++k) {
+    const double v = topology.host_sync_skew[k];
+    TESSERA_CHECK(std::isfinite(v) && v >= 0 && v < 10, InvalidArgument, topo,
+                  ": field 'host_sync_skew': entry ", k, " must be in [0, 10), got ", v);
+  }
   for (const auto& [algorithm, regimes] : defaults.algorithms) {
     validate_regimes(regimes, source + ": algorithms." + algorithm_name(algorithm));
   }
@@ -286,6 +294,7 @@ std::string ClusterSpec::to_json() const {
   if (!topology.host_compute_slowdown.empty()) {
     topo["host_compute_slowdown"] = topology.host_compute_slowdown;
   }
+  if (!topology.host_sync_skew.empty()) topo["host_sync_skew"] = topology.host_sync_skew;
   json root = {{"schema", kSchema},
                {"name", name},
                {"topology", std::move(topo)},
@@ -339,6 +348,14 @@ std::string cluster_difference(const ClusterSpec& a, const ClusterSpec& b, doubl
   for (size_t k = 0; k < x.host_compute_slowdown.size(); ++k) {
     if (!close(x.host_compute_slowdown[k], y.host_compute_slowdown[k], rel_tol)) {
       return "topology.host_compute_slowdown[" + std::to_string(k) + "] differs";
+    }
+  }
+  if (x.host_sync_skew.size() != y.host_sync_skew.size()) {
+    return "topology.host_sync_skew differs in length";
+  }
+  for (size_t k = 0; k < x.host_sync_skew.size(); ++k) {
+    if (std::abs(x.host_sync_skew[k] - y.host_sync_skew[k]) > rel_tol) {
+      return "topology.host_sync_skew[" + std::to_string(k) + "] differs";
     }
   }
   std::string diff = params_difference(a.defaults, b.defaults, "algorithms", rel_tol);

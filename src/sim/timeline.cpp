@@ -71,7 +71,7 @@ struct P2PQueues {
 struct Event {
   double t;
   uint64_t seq;  // tie-break: first scheduled, first processed (deterministic)
-  int type;      // kComputeDone or kCommDone
+  int type;      // kComputeDone, kCommDone or kSyncDone
   int a;         // rank (compute) or instance (comm)
   int b;         // node (compute)
   uint32_t gen;  // compute: generation, stale events are skipped
@@ -79,6 +79,7 @@ struct Event {
 };
 constexpr int kComputeDone = 0;
 constexpr int kCommDone = 1;
+constexpr int kSyncDone = 2;  // a communication op's straggler wait is over (host_sync_skew)
 
 struct RunningCompute {
   int node;
@@ -108,6 +109,9 @@ struct RankState {
   double t_compute = 0, t_exposed = 0, t_wait = 0, t_idle = 0, t_overlapped = 0;
   double slowdown_extra = 0;
   double finish = 0;
+  // Time spent computing since the rank's last communication op started
+  // (host_sync_skew scales it).
+  double since_sync = 0;
 };
 
 class Simulator {
@@ -143,6 +147,9 @@ class Simulator {
   void on_ready(int rank, int node, double t);
   void issue_collective(int rank, int node, double t);
   void issue_p2p(int rank, int node, double t);
+  // All members have issued: starts the instance now, or after the
+  // straggler wait (host_sync_skew).
+  void members_ready(int index, double t);
   void start_instance(int index, double t);
   void finish_instance(int index, double t);
   void finish_compute(int rank, int node, uint32_t gen, double t);
@@ -262,6 +269,7 @@ void Simulator::account(RankState& rs, double t) {
   if (dt > 0) {
     if (!rs.compute.empty()) {
       rs.t_compute += dt;
+      rs.since_sync += dt;
       if (!rs.comms.empty()) rs.t_overlapped += dt;
     } else if (!rs.comms.empty()) {
       rs.t_exposed += dt;
@@ -425,7 +433,7 @@ void Simulator::issue_collective(int rank, int node, double t) {
   if (static_cast<int>(inst.members.size()) == inst.expected) {
     const int index = it->second;
     pending_collectives_.erase(it);
-    start_instance(index, t);
+    members_ready(index, t);
   }
 }
 
@@ -460,7 +468,25 @@ void Simulator::issue_p2p(int rank, int node, double t) {
   inst.members = {{other_rank, other_node}, {rank, node}};
   inst.shape = options_.collectives->shape_of({rank, other_rank});
   instances_.push_back(std::move(inst));
-  start_instance(static_cast<int>(instances_.size()) - 1, t);
+  members_ready(static_cast<int>(instances_.size()) - 1, t);
+}
+
+void Simulator::members_ready(int index, double t) {
+  const Instance& inst = instances_[index];
+  const double share = options_.collectives->cluster().topology.sync_skew(inst.expected);
+  double computed = 0;
+  if (share > 0) {
+    for (const auto& [rank, node] : inst.members) {
+      RankState& rs = ranks_[rank];
+      account(rs, t);
+      computed = std::max(computed, rs.since_sync);
+    }
+  }
+  if (share * computed > 0) {
+    push(t + share * computed, kSyncDone, index, 0, 0);
+  } else {
+    start_instance(index, t);
+  }
 }
 
 void Simulator::start_instance(int index, double t) {
@@ -471,6 +497,7 @@ void Simulator::start_instance(int index, double t) {
     RankState& rs = ranks_[rank];
     account(rs, t);
     --rs.waiting;
+    rs.since_sync = 0;
     rs.comms.push_back(ActiveComm{index, inst.op, inst.bytes, inst.shape.ranks});
     if (!events_.empty()) events_[rank][node].start = Microseconds(t);
     retime(rank, t);
@@ -665,6 +692,8 @@ SimulationResult Simulator::run() {
     heap_.pop();
     if (e.type == kComputeDone) {
       finish_compute(e.a, e.b, e.gen, e.t);
+    } else if (e.type == kSyncDone) {
+      start_instance(e.a, e.t);
     } else {
       finish_instance(e.a, e.t);
     }

@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <chrono>
 #include <fstream>
+#include <map>
 #include <set>
+#include <tuple>
 
 #include "tessera/core/error.h"
 #include "tessera/core/log.h"
@@ -75,10 +77,13 @@ std::map<std::string, std::vector<std::vector<int>>> layout_partitions(
 std::vector<std::vector<int>> rank_classes(const TrainingJobConfig& config) {
   const ParallelLayout& l = config.layout;
   const bool uneven_vocab = config.model.vocab_size % l.tp != 0;
-  std::map<std::pair<int, int>, std::vector<int>> classes;
+  // MoE: data-parallel ranks route different tokens to the experts, so
+  // their compute differs too.
+  const bool moe = config.model.num_experts > 0;
+  std::map<std::tuple<int, int, int>, std::vector<int>> classes;
   for (int r = 0; r < l.world_size(); ++r) {
     const RankCoords c = coords_of(l, r);
-    classes[{c.ep, uneven_vocab ? c.tp : 0}].push_back(r);
+    classes[{c.ep, uneven_vocab ? c.tp : 0, moe ? c.dp : 0}].push_back(r);
   }
   std::vector<std::vector<int>> out;
   for (auto& [key, ranks] : classes) out.push_back(std::move(ranks));

@@ -355,6 +355,74 @@ double median_of(std::vector<double> v) {
 
 }  // namespace
 
+void CommunicationClock::on_issue(const dist::CollectiveCall& call) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!open_) return;
+  if (outstanding_.empty()) busy_since_ = Clock::now();
+  outstanding_.push_back(call.id);
+  ++calls_;
+}
+
+void CommunicationClock::on_complete(const dist::CollectiveCall& call) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = std::find(outstanding_.begin(), outstanding_.end(), call.id);
+  if (it == outstanding_.end()) return;  // issued before the window
+  outstanding_.erase(it);
+  if (outstanding_.empty()) {
+    total_ += std::chrono::duration<double>(Clock::now() - busy_since_).count();
+  }
+}
+
+void CommunicationClock::start() {
+  std::lock_guard<std::mutex> lock(mu_);
+  open_ = true;
+  outstanding_.clear();
+  total_ = 0;
+  calls_ = 0;
+}
+
+double CommunicationClock::stop() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!outstanding_.empty()) {
+    total_ += std::chrono::duration<double>(Clock::now() - busy_since_).count();
+    outstanding_.clear();
+  }
+  open_ = false;
+  return total_;
+}
+
+int CommunicationClock::calls() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return calls_;
+}
+
+namespace {
+
+// Per measured step: the slowest rank's communication time, and the rest of
+// its step.
+std::pair<std::vector<double>, std::vector<double>> slowest_rank_split(const StepTimings& t) {
+  std::vector<double> comm, compute;
+  for (size_t s = 0; s < t.rank_step_seconds.size() && s < t.rank_comm_seconds.size(); ++s) {
+    const auto& steps = t.rank_step_seconds[s];
+    if (steps.empty() || t.rank_comm_seconds[s].size() != steps.size()) continue;
+    const size_t r =
+        static_cast<size_t>(std::max_element(steps.begin(), steps.end()) - steps.begin());
+    comm.push_back(t.rank_comm_seconds[s][r]);
+    compute.push_back(steps[r] - t.rank_comm_seconds[s][r]);
+  }
+  return {comm, compute};
+}
+
+}  // namespace
+
+double StepTimings::median_comm_seconds() const {
+  return median_of(slowest_rank_split(*this).first);
+}
+
+double StepTimings::median_compute_seconds() const {
+  return median_of(slowest_rank_split(*this).second);
+}
+
 StepTimings run_timed_steps(TrainingJob& job, const RunOptions& options) {
   TESSERA_CHECK(options.warmup_steps >= 0 && options.measured_steps >= 1, InvalidArgument,
                 "run_timed_steps: warmup_steps must be >= 0 and measured_steps >= 1");
@@ -363,16 +431,30 @@ StepTimings run_timed_steps(TrainingJob& job, const RunOptions& options) {
   t.world_size = world.size();
   t.layout = job.config().layout.to_string();
   const int total = options.warmup_steps + options.measured_steps;
+  const int n = world.size();
+  const int me = world.rank();
   for (int s = 0; s < total; ++s) {
     nn::TokenDataset::Batch b = job.batch(s);
     world.barrier().wait();
+    if (options.clock) options.clock->start();
     Stopwatch watch;
     nn::StepStats stats = job.step(b);
-    at::Tensor seconds = at::full({1}, watch.seconds(), at::kDouble);
-    world.all_reduce(seconds, dist::ReduceOp::kMax).wait();
+    const double elapsed = watch.seconds();
+    const double comm = options.clock ? options.clock->stop() : 0.0;
+    // Every rank's step and communication times, gathered by a sum over
+    // slots only the owning rank fills.
+    at::Tensor times = at::zeros({2, n}, at::kDouble);
+    times[0][me] = elapsed;
+    times[1][me] = comm;
+    world.all_reduce(times, dist::ReduceOp::kSum).wait();
     if (s >= options.warmup_steps) {
-      t.step_seconds.push_back(seconds.item<double>());
+      auto* p = times.data_ptr<double>();
+      t.step_seconds.push_back(*std::max_element(p, p + n));
       t.losses.push_back(stats.loss);
+      if (options.clock) {
+        t.rank_step_seconds.emplace_back(p, p + n);
+        t.rank_comm_seconds.emplace_back(p + n, p + 2 * n);
+      }
     }
   }
   t.median_seconds = median_of(t.step_seconds);
@@ -392,6 +474,10 @@ std::string StepTimings::to_json(int warmup_steps) const {
   j["median_seconds"] = median_seconds;
   j["min_seconds"] = min_seconds;
   j["max_seconds"] = max_seconds;
+  if (!rank_step_seconds.empty()) {
+    j["rank_step_seconds"] = rank_step_seconds;
+    j["rank_comm_seconds"] = rank_comm_seconds;
+  }
   return j.dump(2) + "\n";
 }
 
@@ -419,6 +505,31 @@ StepTimings StepTimings::parse(std::string_view text, const std::string& source)
   t.median_seconds = o.get_double("median_seconds");
   t.min_seconds = o.get_double("min_seconds");
   t.max_seconds = o.get_double("max_seconds");
+  // Per step, one number per rank (optional; written with a clock).
+  auto per_rank = [&](const char* key) {
+    std::vector<std::vector<double>> out;
+    if (!o.has(key)) return out;
+    for (const auto& step : o.get_array(key)) {
+      if (!step.is_array() || static_cast<int>(step.size()) != t.world_size) {
+        o.fail(key, "expected one list of " + std::to_string(t.world_size) +
+                        " numbers per step, found " + step.dump());
+      }
+      std::vector<double> row;
+      for (const auto& v : step) {
+        if (!v.is_number()) o.fail(key, "expected numbers, found " + v.dump());
+        row.push_back(v.get<double>());
+      }
+      out.push_back(std::move(row));
+    }
+    return out;
+  };
+  t.rank_step_seconds = per_rank("rank_step_seconds");
+  t.rank_comm_seconds = per_rank("rank_comm_seconds");
+  TESSERA_CHECK(
+      t.rank_step_seconds.size() == t.rank_comm_seconds.size() &&
+          (t.rank_step_seconds.empty() || t.rank_step_seconds.size() == t.step_seconds.size()),
+      InvalidArgument, source,
+      ": rank_step_seconds and rank_comm_seconds need one entry per measured step");
   o.check_keys();
   return t;
 }

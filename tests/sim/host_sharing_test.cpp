@@ -106,6 +106,35 @@ TEST(HostSharing, FourRanksBeyondTheTable) {
   for (int r = 0; r < 4; ++r) EXPECT_DOUBLE_EQ(res.events[r][0].end.count(), 90) << r;
 }
 
+TEST(HostSharing, SyncSkewDelaysTheCollectiveByTheStragglerShare) {
+  // Two ranks, 100 us of compute each at slowdown 1, then the all_reduce
+  // (10 + 20 us). With host_sync_skew [0, 0.1] the pair starts 10 % of the
+  // 100 us computed since the last communication later: 110, ends 140; the
+  // tails (10 us) end at 150. The wait counts as sync_wait. The tail's
+  // compute is after the collective started, so a second collective would
+  // see only those 10 us.
+  ClusterSpec c = host_cluster({1.0, 1.0});
+  c.topology.host_sync_skew = {0, 0.1};
+  const std::string entries = rank_entry(0, 100, "[0, 1]") + ", " + rank_entry(1, 100, "[0, 1]");
+  const SimulationResult r = run(entries, 2, c);
+  EXPECT_DOUBLE_EQ(r.events[0][1].ready.count(), 100);
+  EXPECT_DOUBLE_EQ(r.events[0][1].start.count(), 110);
+  EXPECT_DOUBLE_EQ(r.events[1][1].start.count(), 110);
+  EXPECT_DOUBLE_EQ(r.events[0][1].end.count(), 140);
+  EXPECT_DOUBLE_EQ(r.step_time.count(), 150);
+  EXPECT_DOUBLE_EQ(r.ranks[0].sync_wait.count(), 10);
+  // The k = 1 entry and an absent list add nothing; beyond the list, the
+  // last entry.
+  Topology t;
+  EXPECT_DOUBLE_EQ(t.sync_skew(4), 0.0);
+  t.host_sync_skew = {0, 0.05, 0.08};
+  EXPECT_DOUBLE_EQ(t.sync_skew(1), 0.0);
+  EXPECT_DOUBLE_EQ(t.sync_skew(3), 0.08);
+  EXPECT_DOUBLE_EQ(t.sync_skew(8), 0.08);
+  const SimulationResult plain = run(entries, 2, host_cluster({1.0, 1.0}));
+  EXPECT_DOUBLE_EQ(plain.step_time.count(), 140);
+}
+
 const char* kClusterDoc = R"({
   "schema": "tessera.sim.cluster/1", "name": "cpu",
   "topology": {"devices_per_node": 4, "num_nodes": 1, "nics_per_node": 1,
@@ -130,6 +159,10 @@ TEST(HostSharing, ClusterFieldRoundTrips) {
   ClusterSpec other = again;
   other.topology.host_compute_slowdown[3] = 2.3;
   EXPECT_NE(cluster_difference(c, other, 1e-6).find("host_compute_slowdown[3]"), std::string::npos);
+  const ClusterSpec skewed =
+      ClusterSpec::parse(cluster_doc(R"(, "host_sync_skew": [0, 0.04, 0.07, 0.1])"), "c");
+  ASSERT_EQ(skewed.topology.host_sync_skew.size(), 4u);
+  EXPECT_DOUBLE_EQ(ClusterSpec::parse(skewed.to_json(), "again").topology.host_sync_skew[3], 0.1);
   // Absent: empty, and not written back.
   const ClusterSpec plain = ClusterSpec::parse(cluster_doc(""), "plain");
   EXPECT_TRUE(plain.topology.host_compute_slowdown.empty());
@@ -139,14 +172,18 @@ TEST(HostSharing, ClusterFieldRoundTrips) {
 TEST(HostSharing, ClusterFieldErrorsNameTheField) {
   for (const char* bad :
        {R"(, "host_compute_slowdown": [1.0, 0])", R"(, "host_compute_slowdown": [1.0, -2])",
-        R"(, "host_compute_slowdown": [1.0, "x"])", R"(, "host_compute_slowdown": 2)"}) {
+        R"(, "host_compute_slowdown": [1.0, "x"])", R"(, "host_compute_slowdown": 2)",
+        R"(, "host_sync_skew": [0, -0.1])", R"(, "host_sync_skew": [0, "x"])"}) {
     SCOPED_TRACE(bad);
     try {
       ClusterSpec::parse(cluster_doc(bad), "cpu.json");
       FAIL() << "accepted";
     } catch (const InvalidArgument& e) {
       EXPECT_NE(std::string(e.what()).find("cpu.json"), std::string::npos) << e.what();
-      EXPECT_NE(std::string(e.what()).find("host_compute_slowdown"), std::string::npos) << e.what();
+      const std::string field = std::string(bad).find("skew") != std::string::npos
+                                    ? "host_sync_skew"
+                                    : "host_compute_slowdown";
+      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
     }
   }
 }

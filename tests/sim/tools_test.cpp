@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -119,6 +120,17 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
   EXPECT_EQ(t.world_size, 2);
   EXPECT_EQ(t.layout, "dp=2");
   EXPECT_GT(t.median_seconds, 0);
+  // Each rank's step split: a dp=2 step all-reduces its gradients, so some
+  // of it is communication, never more than the step.
+  ASSERT_EQ(t.rank_comm_seconds.size(), 3u);
+  for (size_t s = 0; s < 3; ++s) {
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_GT(t.rank_comm_seconds[s][r], 0);
+      EXPECT_LT(t.rank_comm_seconds[s][r], t.rank_step_seconds[s][r]);
+    }
+    EXPECT_DOUBLE_EQ(t.step_seconds[s],
+                     std::max(t.rank_step_seconds[s][0], t.rank_step_seconds[s][1]));
+  }
   // A two-case suite, end to end.
   std::ofstream(dir + "/suite.json") << R"({"schema": "tessera.sim.validation/1",
     "clusters": {"2": "gloo_local_np2"}, "warmup_steps": 1, "measured_steps": 3,

@@ -142,10 +142,14 @@ TEST(Calibration, MeasuresCollectivesOverlapAndHostSharing) {
   HostSharingOptions h;
   h.job = job_for("llama", "dp=1", false);
   h.repeats = 1;
-  const std::vector<double> slow = measure_host_sharing(*g_world, h);
+  const HostSharing sharing = measure_host_sharing(*g_world, h);
+  const std::vector<double>& slow = sharing.compute_slowdown;
   ASSERT_EQ(slow.size(), static_cast<size_t>(g_world->size()));
   EXPECT_DOUBLE_EQ(slow[0], 1.0);
   for (double x : slow) EXPECT_GT(x, 0);
+  ASSERT_EQ(sharing.sync_skew.size(), slow.size());
+  EXPECT_DOUBLE_EQ(sharing.sync_skew[0], 0.0);  // one rank is its own mean
+  for (double x : sharing.sync_skew) EXPECT_GE(x, 0);
 }
 
 }  // namespace

@@ -322,6 +322,14 @@ TEST(Tracer, UnevenVocabularySplitsTensorRanksIntoClasses) {
   EXPECT_EQ(rank_classes(job), (std::vector<std::vector<int>>{{0, 1, 2, 3}}));
 }
 
+TEST(Tracer, MoeDataParallelRanksAreTracedSeparately) {
+  // Their tokens route differently: one class per dp coordinate (tp ranks
+  // of a replica stay together).
+  TrainingJobConfig job = tiny_job("mixtral", {2, 2, 1});
+  ASSERT_GT(job.model.num_experts, 0);
+  EXPECT_EQ(rank_classes(job), (std::vector<std::vector<int>>{{0, 1}, {2, 3}}));
+}
+
 TEST(Tracer, PartitionsOfALayout) {
   const auto p = layout_partitions({2, 2, 1});
   EXPECT_EQ(p.at("tp"), (std::vector<std::vector<int>>{{0, 1}, {2, 3}}));

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include "tessera/core/error.h"
 #include "tessera/sim/synth.h"
@@ -174,6 +175,62 @@ TEST(StepTimings, RoundTripsAndRejectsBadFiles) {
   std::string text = t.to_json(2);
   text.insert(1, "\"extra\": 1, ");
   expect_error(error_of([&] { StepTimings::parse(text, "t.json"); }), {"t.json", "extra"});
+  EXPECT_EQ(back.median_comm_seconds(), 0);  // no per-rank split
+}
+
+TEST(StepTimings, SplitsTheSlowestRanksStepIntoCommunicationAndTheRest) {
+  StepTimings t;
+  t.step_seconds = {2, 3, 4};
+  t.losses = {1, 1, 1};
+  t.median_seconds = 3;
+  t.min_seconds = 2;
+  t.max_seconds = 4;
+  t.world_size = 2;
+  t.layout = "dp=2";
+  t.rank_step_seconds = {{1, 2}, {3, 1}, {4, 3.5}};
+  t.rank_comm_seconds = {{0.5, 0.5}, {1, 0.2}, {0.25, 3}};
+  // Slowest ranks 1, 0, 0: communication 0.5, 1, 0.25; the rest 1.5, 2, 3.75.
+  EXPECT_DOUBLE_EQ(t.median_comm_seconds(), 0.5);
+  EXPECT_DOUBLE_EQ(t.median_compute_seconds(), 2);
+  const StepTimings back = StepTimings::parse(t.to_json(2), "t.json");
+  EXPECT_EQ(back.rank_step_seconds, t.rank_step_seconds);
+  EXPECT_EQ(back.rank_comm_seconds, t.rank_comm_seconds);
+  std::string text = t.to_json(2);
+  const std::string row = "[\n    [\n      0.5,\n      0.5\n    ]";
+  ASSERT_NE(text.find(row), std::string::npos) << text;
+  text.replace(text.find(row), row.size(), "[\n    [\n      0.5\n    ]");
+  expect_error(error_of([&] { StepTimings::parse(text, "t.json"); }),
+               {"t.json", "rank_comm_seconds", "2 numbers per step"});
+}
+
+TEST(CommunicationClock, CountsTheUnionOfOperationsIssuedInTheWindow) {
+  using namespace std::chrono_literals;
+  CommunicationClock clock;
+  dist::CollectiveCall a, b, before;
+  a.id = 1;
+  b.id = 2;
+  before.id = 3;
+  clock.on_issue(before);  // before the window: never counted
+  clock.start();
+  const auto t0 = std::chrono::steady_clock::now();
+  clock.on_issue(a);
+  std::this_thread::sleep_for(20ms);
+  clock.on_issue(b);  // overlaps a: counted once
+  clock.on_complete(a);
+  clock.on_complete(before);
+  std::this_thread::sleep_for(20ms);
+  clock.on_complete(b);
+  const double busy = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::this_thread::sleep_for(30ms);  // outside any operation
+  const double total = clock.stop();
+  EXPECT_GE(total, 0.04);
+  EXPECT_LE(total, busy);
+  EXPECT_EQ(clock.calls(), 2);
+  // An operation still running at stop() counts until then.
+  clock.start();
+  clock.on_issue(before);
+  std::this_thread::sleep_for(10ms);
+  EXPECT_GE(clock.stop(), 0.01);
 }
 
 const char* kSuite = R"({"schema": "tessera.sim.validation/1",

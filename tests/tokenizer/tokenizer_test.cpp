@@ -21,10 +21,7 @@ namespace {
 // ../shared/testdata beside the repository, or $TESSERA_TESTDATA.
 std::string testdata_dir() {
   if (const char* env = std::getenv("TESSERA_TESTDATA")) return env;
-  std::string file = __FILE__;
-  const size_t slash = file.find_last_of('/');
-  const std::string dir = slash == std::string::npos ? "." : file.substr(0, slash);
-  return dir + "/../../../shared/testdata";
+  return std::string(TESSERA_SOURCE_DIR) + "/../shared/testdata";
 }
 
 bool file_exists(const std::string& path) { return std::ifstream(path).good(); }

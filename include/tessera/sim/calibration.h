@@ -12,7 +12,8 @@
 //
 // Timing follows tessera-train's steps: before each timed call the ranks
 // meet in a barrier, each times its own call (issue to the end of wait()),
-// and the slowest rank's time counts; the median over repetitions is kept.
+// and the slowest rank's time counts (for collectives with compute_ms, the
+// mean: see there); the median over repetitions is kept.
 //
 // Not thread-safe (one call at a time per group); sets LibTorch's intra-op
 // thread count for its duration (restored afterwards).
@@ -49,6 +50,20 @@ struct CollectiveSweepOptions {
   int group_size = 0;
   // Intra-op threads (0: usable cores / world size, at least 1).
   int threads = 0;
+  // 0: time the collectives back to back (each call starts right after a
+  // barrier; the slowest rank's time counts). > 0: time them as a training
+  // step meets them: after the barrier every rank first computes (fp32
+  // GEMMs, about compute_ms alone), then issues the call; each rank times
+  // its own call, from its issue to its completion, and the mean over the
+  // ranks counts. That holds what a rank waits in an in-step collective
+  // beyond the transfer: a process that blocked gave its core away and must
+  // be scheduled again (milliseconds when 4 ranks share 2 cores), and the
+  // wait for the last rank of a compute_ms-long segment. The straggler wait
+  // of longer segments is Topology::host_sync_skew's (which, for a segment
+  // of compute_ms, this already holds: skew x compute_ms, a small
+  // overlap). Cluster files for a host whose ranks share cores are fitted
+  // from these (data/sim/gloo_local).
+  double compute_ms = 0;
 };
 
 // One Measurement per (op, size): shape = the group's size on one node.
@@ -85,11 +100,19 @@ struct HostSharingOptions {
   int threads = 0;  // as CollectiveSweepOptions::threads
 };
 
+struct HostSharing {
+  // Entry k-1: the mean over the k running ranks of their time, over the
+  // time alone (median over repeats); entry 0 is 1.
+  std::vector<double> compute_slowdown;
+  // Entry k-1: how much later than the mean of the k running ranks the
+  // slowest finished, as a share of that mean (median over repeats); entry 0
+  // is 0. Topology::host_sync_skew.
+  std::vector<double> sync_skew;
+};
+
 // Compute slowed by other ranks computing on the same host: for k = 1 ..
 // world size, ranks 0 .. k-1 run the work at the same time while the others
-// wait in a barrier; slowdown[k - 1] = (rank 0's median time with k
-// running) / (its time alone). slowdown[0] is 1.
-std::vector<double> measure_host_sharing(dist::ProcessGroup& world,
-                                         const HostSharingOptions& options);
+// wait in a barrier, `repeats` times.
+HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOptions& options);
 
 }  // namespace tessera::sim

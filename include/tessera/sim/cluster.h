@@ -14,7 +14,8 @@
 //       "nics_per_node": 8,
 //       "intra_node": {"bandwidth_gbps": 300, "latency_us": 1.0},   // nominal, per device
 //       "inter_node": {"bandwidth_gbps": 25, "latency_us": 5.0},    // nominal, per NIC
-//       "host_compute_slowdown": [1.0, 1.1, 1.6, 2.1]   // optional, see below
+//       "host_compute_slowdown": [1.0, 1.1, 1.6, 2.1],  // optional, see below
+//       "host_sync_skew": [0, 0.03, 0.06, 0.1]          // optional, see below
 //     },
 //     "algorithms": {                    // shared by every collective
 //       "ring":   [ {regime}, ... ],
@@ -38,6 +39,13 @@
 // (measured by `tessera-sim calibrate host`; every entry > 0, the first
 // normally 1). Beyond the list, the last entry grows in proportion to k.
 // Absent or empty (accelerators): ranks never slow each other.
+// host_sync_skew goes with it: entry k-1 is how much later than their mean
+// the slowest of k ranks finishes the same compute when they run it at once
+// on the host (0.05: 5 % of the compute), measured by the same calibration.
+// A collective (or p2p pair) of k ranks then starts that share of its
+// members' compute since their previous communication later than the last
+// member issues it: the wait for a straggler that identical traced ranks do
+// not show. Beyond the list, the last entry; absent: 0.
 //
 // A regime applies to messages of at most max_bytes (0 = no bound; regimes are
 // listed by increasing max_bytes and only the last is unbounded). What the
@@ -56,6 +64,7 @@
 // ClusterSpec is a plain value: thread-compatible.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -104,6 +113,9 @@ struct Topology {
   // CPU hosts: compute slowdown with k ranks of a node computing, k = 1, 2,
   // ... (see above); empty: none.
   std::vector<double> host_compute_slowdown;
+  // CPU hosts: the slowest of k ranks' compute beyond their mean, k = 1, 2,
+  // ... (see above); empty: 0.
+  std::vector<double> host_sync_skew;
 
   // The node of a global rank (ranks fill nodes in order).
   int node_of(int rank) const { return rank / devices_per_node; }
@@ -116,6 +128,13 @@ struct Topology {
     const int n = static_cast<int>(host_compute_slowdown.size());
     if (computing <= n) return host_compute_slowdown[computing - 1];
     return host_compute_slowdown.back() * computing / n;
+  }
+  // The straggler share for a group of `ranks` (see above): 0 without
+  // host_sync_skew.
+  double sync_skew(int ranks) const {
+    if (host_sync_skew.empty() || ranks < 1) return 0.0;
+    const size_t k = std::min(host_sync_skew.size(), static_cast<size_t>(ranks));
+    return host_sync_skew[k - 1];
   }
 };
 

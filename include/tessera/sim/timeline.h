@@ -25,6 +25,12 @@
 //   * The k-th p2p_send from a to b with tag t pairs with the k-th p2p_recv
 //     at b from a with tag t; the pair starts when both are issued and lasts
 //     the model's send_recv time.
+//   * With host_sync_skew (CPU hosts, cluster.h), a collective or p2p pair
+//     of k ranks starts sync_skew(k) x (the longest time any member spent
+//     computing since its previous communication op started) after the last
+//     member issued it: the straggler among ranks that run the same compute
+//     at once, which identical traced ranks do not show. That wait counts
+//     as sync_wait.
 //   * If some rank can never finish (a collective that some member never
 //     issues, a send without its recv, a cross-rank cycle), simulate()
 //     throws InvalidArgument starting "<trace>: deadlock:" that names the

@@ -22,9 +22,11 @@
 // `measured_steps` steps after `warmup_steps`; the node structure must be
 // the same in every step (else Internal, naming the step and the node).
 //
-// Ranks that behave alike share one trace entry: ranks differing only in
-// their data-parallel coordinate are traced once; expert-parallel ranks
-// (different experts and routing) are traced separately, and so are tensor-
+// Ranks that behave alike share one trace entry: ranks of a dense model
+// differing only in their data-parallel coordinate are traced once;
+// expert-parallel ranks (different experts and routing) are traced
+// separately, so are the data-parallel ranks of an MoE model (their tokens
+// route differently, so their expert compute differs), and so are tensor-
 // parallel ranks when the vocabulary does not split evenly over tp (their
 // shards differ in size). Groups are written as named partitions ("tp",
 // "dp", "ep", "world") so one entry serves all its ranks. An uneven

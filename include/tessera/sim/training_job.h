@@ -49,6 +49,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -162,6 +163,32 @@ class TrainingJob {
   std::unique_ptr<Impl> impl_;
 };
 
+// Time one rank spends in communication: the union of the intervals from an
+// operation's issue to its completion (the first successful wait), counted
+// between start() and stop(). Install it as the world group's observer
+// (InitOptions::group.observer; sub-groups inherit it) and pass it in
+// RunOptions::clock. Operations issued outside the window are not counted;
+// one still running at stop() counts until then. Thread-safe.
+class CommunicationClock : public dist::CollectiveObserver {
+ public:
+  void on_issue(const dist::CollectiveCall& call) override;
+  void on_complete(const dist::CollectiveCall& call) override;
+  void start();
+  // Seconds in communication since start(); closes the window.
+  double stop();
+  // Operations issued in the last window.
+  int calls() const;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  mutable std::mutex mu_;
+  bool open_ = false;                  // guarded by mu_
+  std::vector<uint64_t> outstanding_;  // ids issued in the window, not yet complete
+  Clock::time_point busy_since_;       // when outstanding_ became non-empty
+  double total_ = 0;
+  int calls_ = 0;
+};
+
 // Step times of a real run.
 struct StepTimings {
   // Wall time of each measured step: every rank times Trainer::step between
@@ -173,8 +200,19 @@ struct StepTimings {
   double max_seconds = 0;
   int world_size = 1;
   std::string layout;
+  // With a CommunicationClock (RunOptions::clock), per measured step and
+  // rank: the rank's own step time and its time in communication (issue to
+  // completion, waiting for peers included); empty without one. What the
+  // rest of the step holds is the rank's compute as it ran in the job.
+  std::vector<std::vector<double>> rank_step_seconds;
+  std::vector<std::vector<double>> rank_comm_seconds;
+  // Medians over the measured steps of the slowest rank's communication
+  // time and of the rest of its step (0 without a clock).
+  double median_comm_seconds() const;
+  double median_compute_seconds() const;
   // {"schema": "tessera.sim.step_timings/1", "job": ..., "layout": ..., "world_size": ...,
-  //  "warmup_steps": ..., "step_seconds": [...], "losses": [...], "median_seconds": ...}
+  //  "warmup_steps": ..., "step_seconds": [...], "losses": [...], "median_seconds": ...,
+  //  "rank_step_seconds": [[...]], "rank_comm_seconds": [[...]]}  (the last two optional)
   std::string to_json(int warmup_steps) const;
   // Reads what to_json wrote; InvalidArgument naming the source and field.
   static StepTimings parse(std::string_view text, const std::string& source = "<timings>");
@@ -183,6 +221,9 @@ struct StepTimings {
 struct RunOptions {
   int warmup_steps = 2;     // run first, not timed
   int measured_steps = 10;  // timed
+  // The world group's observer, when the run should also split each step
+  // into communication and compute (StepTimings::rank_comm_seconds).
+  std::shared_ptr<CommunicationClock> clock;
 };
 
 // Runs warmup + measured steps of `job` (steps 0, 1, ...) and times the

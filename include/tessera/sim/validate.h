@@ -94,6 +94,11 @@ struct ValidationRow {
   double compute_s = 0;
   double exposed_comm_s = 0;
   double sync_wait_s = 0;
+  // The measured slowest rank's split (medians over the steps; 0 when the
+  // timings have none): time in communication, waiting for peers included,
+  // and the rest of its step.
+  double measured_comm_s = 0;
+  double measured_compute_s = 0;
   int collective_calls = 0;  // per step, all ranks
   double trace_seconds = 0;  // time tracing took
   // Share of the host's CPU time other processes used during the kept

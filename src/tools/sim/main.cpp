@@ -209,6 +209,11 @@ int main(int argc, char** argv) {
                    "collectives: ranks per concurrently running group (0: the world)")
       ->check(tessera::examples::at_least(0));
   calibrate_cmd->add_option("--max-bytes", sweep_max, "collectives: largest size");
+  calibrate_cmd
+      ->add_option("--compute-ms", sweep_options.compute_ms,
+                   "collectives: compute this long before each call and count each rank's own "
+                   "wait, as in a training step (0: back to back)")
+      ->check(CLI::Range(0.0, 10000.0));
   calibrate_cmd->add_option("--job", calibrate_job, "host: the training job whose step is the work")
       ->check(CLI::ExistingFile);
   calibrate_cmd->add_option("--repeats", host_repeats, "host: timed steps per count of ranks")
@@ -375,13 +380,15 @@ int main(int argc, char** argv) {
         ts::HostSharingOptions host;
         host.job = ts::TrainingJobConfig::load_file(calibrate_job);
         host.repeats = host_repeats;
-        std::vector<double> slowdown = ts::measure_host_sharing(*world, host);
+        const ts::HostSharing sharing = ts::measure_host_sharing(*world, host);
+        auto list = [](const std::vector<double>& v) {
+          std::string s = "[";
+          for (size_t k = 0; k < v.size(); ++k) s += (k ? ", " : "") + std::to_string(v[k]);
+          return s + "]";
+        };
         text = "{\"schema\": \"tessera.sim.host_sharing/1\", \"job\": \"" + calibrate_job +
-               "\", \"compute_slowdown\": [";
-        for (size_t k = 0; k < slowdown.size(); ++k) {
-          text += (k ? ", " : "") + std::to_string(slowdown[k]);
-        }
-        text += "]}\n";
+               "\", \"compute_slowdown\": " + list(sharing.compute_slowdown) +
+               ", \"sync_skew\": " + list(sharing.sync_skew) + "}\n";
       }
       if (world->rank() == 0) {
         write_text(calibrate_out, text);

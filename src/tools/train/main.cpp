@@ -9,7 +9,8 @@
 // loss every --log-every steps (rank 0). With --timings it runs --warmup
 // untimed and --measure timed steps instead and writes their wall times
 // (the slowest rank's, each step started after a barrier) as JSON, the
-// measurements `tessera-sim validate` compares predictions with.
+// measurements `tessera-sim validate` compares predictions with, together
+// with each rank's time in communication per step.
 // --layout replaces the file's layout ("dp=2,tp=2").
 //
 // Exit codes: 0 success, 2 usage, 3 any other error.
@@ -55,7 +56,12 @@ int main(int argc, char** argv) {
       config.layout = tessera::sim::ParallelLayout::parse(layout_text);
       config.validate();
     }
-    auto world = tessera::dist::init_process_group();
+    // With --timings every step is also split into communication and
+    // compute per rank (StepTimings::rank_comm_seconds).
+    auto clock = std::make_shared<tessera::sim::CommunicationClock>();
+    tessera::dist::InitOptions init;
+    if (!timings_path.empty()) init.group.observer = clock;
+    auto world = tessera::dist::init_process_group(init);
     auto job = tessera::sim::TrainingJob::create(config, world);
     const bool lead = world->rank() == 0;
     if (lead) {
@@ -68,14 +74,18 @@ int main(int argc, char** argv) {
       tessera::sim::RunOptions run;
       run.warmup_steps = warmup;
       run.measured_steps = measure;
+      run.clock = clock;
       tessera::sim::StepTimings t = tessera::sim::run_timed_steps(*job, run);
       if (lead) {
         tessera::AtomicFileWriter out(timings_path);
         const std::string text = t.to_json(warmup);
         out.append(text.data(), text.size());
         out.commit();
-        std::printf("median step %.4f s (min %.4f, max %.4f) over %d steps -> %s\n",
-                    t.median_seconds, t.min_seconds, t.max_seconds, measure, timings_path.c_str());
+        std::printf(
+            "median step %.4f s (min %.4f, max %.4f; slowest rank: %.4f s communication, %.4f s "
+            "the rest) over %d steps -> %s\n",
+            t.median_seconds, t.min_seconds, t.max_seconds, t.median_comm_seconds(),
+            t.median_compute_seconds(), measure, timings_path.c_str());
       }
     } else {
       tessera::Stopwatch watch;
