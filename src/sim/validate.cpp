@@ -174,7 +174,41 @@ void wait_until_quiet(double idle, std::chrono::seconds timeout) {
   }
 }
 
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 }  // namespace
+
+ValidationRow combine_rounds(const std::vector<ValidationRow>& rounds) {
+  TESSERA_CHECK(!rounds.empty(), InvalidArgument, "combine_rounds: no rounds");
+  if (rounds.size() == 1) return rounds.front();
+  // The round whose measurement is the median carries the breakdowns.
+  std::vector<size_t> order(rounds.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return rounds[a].measured_s < rounds[b].measured_s; });
+  ValidationRow row = rounds[order[(order.size() - 1) / 2]];
+  std::vector<double> measured, predicted;
+  row.run_attempts = 0;
+  row.trace_seconds = 0;
+  for (const ValidationRow& r : rounds) {
+    measured.push_back(r.measured_s);
+    predicted.push_back(r.predicted_s);
+    row.run_attempts += r.run_attempts;
+    row.trace_seconds += r.trace_seconds;
+  }
+  row.round_measured_s = measured;
+  row.round_predicted_s = predicted;
+  row.measured_s = median_of(measured);
+  row.predicted_s = median_of(predicted);
+  row.measured_min_s = *std::min_element(measured.begin(), measured.end());
+  row.measured_max_s = *std::max_element(measured.begin(), measured.end());
+  row.error = (row.predicted_s - row.measured_s) / row.measured_s;
+  return row;
+}
 
 void summarize(ValidationReport& report) {
   std::vector<double> errors;
@@ -197,12 +231,10 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
   std::unique_ptr<OverlapModel> overlap;
   if (!suite.overlap.empty()) overlap = load_overlap_model(find(suite.overlap, "overlap model"));
   std::map<int, std::unique_ptr<CollectiveModel>> models;
-  ValidationReport report;
-  for (const ValidationCase& vc : suite.cases) {
-    if (!options.only.empty() &&
-        std::find(options.only.begin(), options.only.end(), vc.name) == options.only.end()) {
-      continue;
-    }
+  TESSERA_CHECK(options.rounds >= 1, InvalidArgument, "validate: rounds must be >= 1, got ",
+                options.rounds);
+  // One round of one case: trace, predict, measure.
+  auto run_case = [&](const ValidationCase& vc, int round) {
     TrainingJobConfig job = TrainingJobConfig::load_file(vc.job_file);
     if (vc.layout) job.layout = *vc.layout;
     if (vc.zero1) job.zero1 = *vc.zero1;
@@ -217,7 +249,8 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
       model = std::make_unique<CollectiveModel>(
           ClusterSpec::load_file(find(cluster_it->second, "cluster")));
     }
-    const std::string stem = (fs::path(options.work_dir) / file_stem(vc.name)).string();
+    std::string stem = (fs::path(options.work_dir) / file_stem(vc.name)).string();
+    if (options.rounds > 1) stem += ".r" + std::to_string(round + 1);
     const std::string job_path = stem + ".job.json";
     const std::string trace_path = stem + ".trace.json";
     const std::string timings_path = stem + ".timings.json";
@@ -327,7 +360,29 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
     row.error = (row.predicted_s - row.measured_s) / row.measured_s;
     TESSERA_LOG(Info, "sim") << vc.name << ": measured " << row.measured_s << " s, predicted "
                              << row.predicted_s << " s (" << 100 * row.error << " %)";
-    if (options.on_row) options.on_row(row);
+    return row;
+  };
+
+  std::vector<const ValidationCase*> cases;
+  for (const ValidationCase& vc : suite.cases) {
+    if (options.only.empty() ||
+        std::find(options.only.begin(), options.only.end(), vc.name) != options.only.end()) {
+      cases.push_back(&vc);
+    }
+  }
+  // Rounds go over every case in turn, so a drift of the machine's speed
+  // spreads over all cases instead of landing on some.
+  std::vector<std::vector<ValidationRow>> per_case(cases.size());
+  for (int round = 0; round < options.rounds; ++round) {
+    for (size_t i = 0; i < cases.size(); ++i) {
+      per_case[i].push_back(run_case(*cases[i], round));
+      if (options.rounds == 1 && options.on_row) options.on_row(per_case[i].back());
+    }
+  }
+  ValidationReport report;
+  for (std::vector<ValidationRow>& rounds : per_case) {
+    ValidationRow row = combine_rounds(rounds);
+    if (options.rounds > 1 && options.on_row) options.on_row(row);
     report.rows.push_back(std::move(row));
   }
   summarize(report);
@@ -335,22 +390,36 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
 }
 
 std::string ValidationReport::to_markdown() const {
-  std::string out =
-      "| case | ranks | layout | measured ms (min-max) | predicted ms | error | compute ms "
-      "predicted / measured | communication ms predicted / measured | sync wait ms | calls "
-      "|\n"
-      "|---|---|---|---|---|---|---|---|---|---|\n";
+  const bool rounds = std::any_of(
+      rows.begin(), rows.end(), [](const ValidationRow& r) { return !r.round_measured_s.empty(); });
+  // With rounds, "min-max" is over the rounds' medians, and a last column
+  // lists each round's measured / predicted step.
+  std::string out = std::string("| case | ranks | layout | measured ms (min-max") +
+                    (rounds ? " over rounds" : "") +
+                    ") | predicted ms | error | compute ms predicted / measured | communication ms "
+                    "predicted / measured | sync wait ms | calls |" +
+                    (rounds ? " rounds: measured / predicted ms |" : "") + "\n" +
+                    "|---|---|---|---|---|---|---|---|---|---|" + (rounds ? "---|" : "") + "\n";
   // Predicted communication: exposed plus waiting for peers, which is what
   // the measured split counts (issue to completion).
   for (const ValidationRow& r : rows) {
     out += detail::format(
         "| %s | %d | %s%s | %.1f (%.1f-%.1f) | %.1f | %+.1f %% | %.1f / %.1f | %.1f / %.1f | %.1f "
-        "| %d |\n",
+        "| %d |",
         r.name.c_str(), r.world_size, r.layout.c_str(), r.zero1 ? " ZeRO-1" : "",
         r.measured_s * 1e3, r.measured_min_s * 1e3, r.measured_max_s * 1e3, r.predicted_s * 1e3,
         100 * r.error, r.compute_s * 1e3, r.measured_compute_s * 1e3,
         (r.exposed_comm_s + r.sync_wait_s) * 1e3, r.measured_comm_s * 1e3, r.sync_wait_s * 1e3,
         r.collective_calls);
+    if (rounds) {
+      std::string cell;
+      for (size_t k = 0; k < r.round_measured_s.size(); ++k) {
+        cell += detail::format("%s%.0f / %.0f", k ? ", " : " ", r.round_measured_s[k] * 1e3,
+                               r.round_predicted_s[k] * 1e3);
+      }
+      out += cell + " |";
+    }
+    out += "\n";
   }
   out += detail::format("\n%zu configurations: median |error| %.1f %%, mean %.1f %%, max %.1f %%\n",
                         rows.size(), 100 * median_abs_error, 100 * mean_abs_error,
@@ -382,7 +451,9 @@ std::string ValidationReport::to_json() const {
                          {"trace_foreign_cpu", r.trace_foreign_cpu},
                          {"run_foreign_cpu", r.run_foreign_cpu},
                          {"run_attempts", r.run_attempts},
-                         {"simulate_seconds", r.simulate_seconds}});
+                         {"simulate_seconds", r.simulate_seconds},
+                         {"round_measured_s", r.round_measured_s},
+                         {"round_predicted_s", r.round_predicted_s}});
   }
   nlohmann::ordered_json j;
   j["schema"] = "tessera.sim.validation_report/1";

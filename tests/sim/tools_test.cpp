@@ -164,6 +164,17 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
   const auto report2 = nlohmann::json::parse(read(dir + "/report2.json"));
   EXPECT_EQ(report2.at("rows")[1].at("measured_s"), report.at("rows")[1].at("measured_s"));
   EXPECT_EQ(report2.at("rows")[1].at("predicted_s"), report.at("rows")[1].at("predicted_s"));
+  // Two rounds of one case: two traces and runs, the row holds both rounds.
+  const auto rounds =
+      run({TESSERA_SIM_BIN, "validate", dir + "/suite.json", "--work-dir", dir + "/work2", "--only",
+           "tiny dp2", "--rounds", "2", "--quiet-idle", "0", "--attempts", "1", "--json",
+           dir + "/report3.json", "--max-error", "10", "--max-median-error", "10"},
+          600);
+  ASSERT_TRUE(rounds.status.success()) << rounds.output;
+  const auto report3 = nlohmann::json::parse(read(dir + "/report3.json"));
+  ASSERT_EQ(report3.at("rows").size(), 1u);
+  EXPECT_EQ(report3.at("rows")[0].at("round_measured_s").size(), 2u);
+  EXPECT_TRUE(fs::exists(dir + "/work2/tiny_dp2.r2.timings.json"));
   fs::remove_all(dir);
 }
 

@@ -286,6 +286,33 @@ TEST(ValidationReport, SummarizesAbsoluteErrors) {
   EXPECT_NE(r.to_markdown().find("median |error| 2.5 %"), std::string::npos) << r.to_markdown();
 }
 
+TEST(ValidationReport, CombinesRoundsIntoMedians) {
+  std::vector<ValidationRow> rounds(3);
+  const double measured[] = {0.30, 0.40, 0.35}, predicted[] = {0.33, 0.32, 0.36};
+  for (int k = 0; k < 3; ++k) {
+    rounds[k].name = "c";
+    rounds[k].measured_s = measured[k];
+    rounds[k].predicted_s = predicted[k];
+    rounds[k].compute_s = k;  // tells which round's breakdown is kept
+    rounds[k].run_attempts = 1;
+  }
+  const ValidationRow row = combine_rounds(rounds);
+  EXPECT_DOUBLE_EQ(row.measured_s, 0.35);
+  EXPECT_DOUBLE_EQ(row.predicted_s, 0.33);
+  EXPECT_DOUBLE_EQ(row.error, (0.33 - 0.35) / 0.35);
+  EXPECT_DOUBLE_EQ(row.measured_min_s, 0.30);
+  EXPECT_DOUBLE_EQ(row.measured_max_s, 0.40);
+  EXPECT_DOUBLE_EQ(row.compute_s, 2);  // the round measuring the median, 0.35
+  EXPECT_EQ(row.run_attempts, 3);
+  EXPECT_EQ(row.round_measured_s, (std::vector<double>{0.30, 0.40, 0.35}));
+  ValidationReport r;
+  r.rows.push_back(row);
+  summarize(r);
+  EXPECT_NE(r.to_markdown().find("300 / 330, 400 / 320, 350 / 360"), std::string::npos)
+      << r.to_markdown();
+  EXPECT_THROW(combine_rounds({}), InvalidArgument);
+}
+
 const char* kDevice = R"({"schema": "tessera.sim.device/1", "name": "gpu",
   "matmul_tflops": {"fp32": 10, "bf16": 100}, "memory_gbps": 1000, "memory_bytes": 1024,
   "matmul_efficiency": 0.5, "memory_efficiency": 0.5, "kernel_overhead_us": 2})";

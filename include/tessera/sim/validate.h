@@ -107,6 +107,13 @@ struct ValidationRow {
   double run_foreign_cpu = 0;
   int run_attempts = 0;
   double simulate_seconds = 0;  // time the prediction took
+  // With several rounds (ValidationOptions::rounds): each round's measured
+  // median step and prediction. The row's measured_s and predicted_s are
+  // then the medians over rounds, measured_min_s / max_s the smallest and
+  // largest round, and the breakdowns those of the round whose measurement
+  // is the median. Empty with one round.
+  std::vector<double> round_measured_s;
+  std::vector<double> round_predicted_s;
 };
 
 struct ValidationOptions {
@@ -134,7 +141,12 @@ struct ValidationOptions {
   // in all; the least disturbed attempt is kept.
   double max_foreign_cpu = 0.1;
   int max_attempts = 3;
-  // Called after each case with its row (progress output).
+  // Every case is traced, predicted and measured this many times, round by
+  // round over all cases (files get a .rN suffix when > 1); see
+  // ValidationRow::round_measured_s.
+  int rounds = 1;
+  // Called after each case with its row (progress output); with several
+  // rounds, after the last round with the combined row.
   std::function<void(const ValidationRow&)> on_row;
 };
 
@@ -156,5 +168,9 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
 
 // Summary statistics over rows (also used by run_validation).
 void summarize(ValidationReport& report);
+
+// One case's rounds as one row (see ValidationRow::round_measured_s);
+// InvalidArgument for none.
+ValidationRow combine_rounds(const std::vector<ValidationRow>& rounds);
 
 }  // namespace tessera::sim

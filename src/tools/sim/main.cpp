@@ -302,6 +302,11 @@ int main(int argc, char** argv) {
                    "repeat a run or tracing during which other processes used more than this "
                    "share of the CPU")
       ->check(CLI::Range(0.0, 1.0));
+  validate_cmd
+      ->add_option("--rounds", validation.rounds,
+                   "trace, predict and measure every case this many times, round by round; "
+                   "compare the medians")
+      ->check(tessera::examples::positive());
   validate_cmd->add_option("--attempts", validation.max_attempts, "attempts per run and tracing")
       ->check(tessera::examples::positive());
 
