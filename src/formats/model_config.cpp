@@ -49,23 +49,32 @@ bool ModelConfig::is_moe_layer(int64_t layer) const {
   return (layer + 1) % decoder_sparse_step == 0;
 }
 
-int64_t ModelConfig::num_parameters() const {
-  const int64_t h = hidden_size, hd = head_size();
-  int64_t attn =
-      h * hd * (num_attention_heads + 2 * num_key_value_heads) + hd * num_attention_heads * h;
-  if (attention_bias) attn += hd * (num_attention_heads + 2 * num_key_value_heads);
-  int64_t total = vocab_size * h * (tie_word_embeddings ? 1 : 2) + h;
-  for (int64_t l = 0; l < num_hidden_layers; ++l) {
-    total += attn + 2 * h;
-    if (is_moe_layer(l)) {
-      total += num_experts * 3 * h * expert_intermediate() + num_experts * h;
-      if (shared_expert_intermediate_size > 0) total += 3 * h * shared_expert_intermediate_size + h;
-    } else {
-      total += 3 * h * intermediate_size;
-    }
-  }
+namespace {
+
+// The parameter count in T: int64_t for the answer, double to check first
+// that the answer fits (a config may name any sizes).
+template <typename T>
+T count_parameters(const ModelConfig& c) {
+  const T h = T(c.hidden_size), hd = T(c.head_size());
+  const T heads = T(c.num_attention_heads), kv = T(c.num_key_value_heads);
+  T attn = h * hd * (heads + 2 * kv) + hd * heads * h;
+  if (c.attention_bias) attn += hd * (heads + 2 * kv);
+  T total = T(c.vocab_size) * h * T(c.tie_word_embeddings ? 1 : 2) + h;
+  T moe_layers = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.is_moe_layer(l) ? 1 : 0;
+  const T dense_layers = T(c.num_hidden_layers) - moe_layers;
+  const T moe =
+      T(c.num_experts) * 3 * h * T(c.expert_intermediate()) + T(c.num_experts) * h +
+      (c.shared_expert_intermediate_size > 0 ? 3 * h * T(c.shared_expert_intermediate_size) + h
+                                             : T(0));
+  total += T(c.num_hidden_layers) * (attn + 2 * h) + moe_layers * moe +
+           dense_layers * 3 * h * T(c.intermediate_size);
   return total;
 }
+
+}  // namespace
+
+int64_t ModelConfig::num_parameters() const { return count_parameters<int64_t>(*this); }
 
 int64_t ModelConfig::num_active_parameters() const {
   if (num_experts == 0) return num_parameters();
@@ -121,6 +130,17 @@ void ModelConfig::validate() const {
   }
   TESSERA_CHECK(capacity_factor >= 0, InvalidArgument,
                 "model config: capacity_factor must be >= 0");
+  // Sizes whose parameter count does not fit 64 bits describe no model
+  // (and would overflow num_parameters()); the layer count bounds the loops
+  // over layers.
+  TESSERA_CHECK(num_hidden_layers <= (int64_t{1} << 20), InvalidArgument,
+                "model config: num_hidden_layers ", num_hidden_layers,
+                " is more than the 1048576 supported");
+  const double params = count_parameters<double>(*this);
+  TESSERA_CHECK(params < 1e18, InvalidArgument, "model config: the sizes give ", params,
+                " parameters (vocab_size ", vocab_size, ", hidden_size ", hidden_size,
+                ", num_hidden_layers ", num_hidden_layers, ", num_experts ", num_experts,
+                "); at most 1e18 are supported");
 }
 
 ModelConfig ModelConfig::from_config(const ConfigObject& cfg) {

@@ -404,7 +404,10 @@ struct Tokenizer::Impl {
   void add_merges(const std::vector<std::pair<std::string, std::string>>& pairs,
                   const std::string& source);
   // Writes the added tokens over their ids (and flags the special ones).
-  void place_added(const std::vector<AddedToken>& added, size_t vocab_count);
+  // InvalidArgument when an added token takes the id of a vocabulary token
+  // with other bytes.
+  void place_added(const std::vector<AddedToken>& added, size_t vocab_count,
+                   const std::string& source);
   // The bytes decode() emits per id, and with ignore_merges their index.
   void build_pieces(const std::vector<AddedToken>& added, size_t vocab_count, size_t total);
   // Keeps `added` and indexes it by first byte, longest first.
@@ -455,7 +458,7 @@ std::shared_ptr<const Tokenizer::Impl> Tokenizer::Impl::build(TokenizerSpec spec
   impl->add_merges(spec.merges, source);
   spec.merges.clear();
   spec.merges.shrink_to_fit();
-  impl->place_added(spec.added, vocab_count);
+  impl->place_added(spec.added, vocab_count, source);
   impl->build_pieces(spec.added, vocab_count, total);
   impl->index_added(std::move(spec.added));
   impl->set_special_ids(spec, total, source);
@@ -520,10 +523,20 @@ void Tokenizer::Impl::add_merges(const std::vector<std::pair<std::string, std::s
   }
 }
 
-void Tokenizer::Impl::place_added(const std::vector<AddedToken>& added, size_t vocab_count) {
+void Tokenizer::Impl::place_added(const std::vector<AddedToken>& added, size_t vocab_count,
+                                  const std::string& source) {
   special.assign(tokens.size(), 0);
   for (const AddedToken& t : added) {
     std::string& slot = tokens[t.id];
+    // An added token inside the vocabulary names the same token (the same
+    // bytes, its string possibly in the byte-level alphabet). Otherwise the
+    // id would encode as one token and decode as the other; Hugging Face's
+    // loader moves such a token to another id with a warning, so the file's
+    // ids are not what it runs with either.
+    TESSERA_CHECK(
+        size_t(t.id) >= vocab_count || slot == t.content || token_to_bytes(slot) == t.content,
+        InvalidArgument, source, ": added token ", quote_token(t.content), " has id ", t.id,
+        ", which the vocabulary gives to ", quote_token(slot));
     if (size_t(t.id) < vocab_count && slot != t.content) {
       auto it = token_ids.find(slot);
       if (it != token_ids.end() && it->second == t.id) token_ids.erase(it);

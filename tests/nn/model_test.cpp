@@ -97,6 +97,16 @@ TEST(ModelConfig, RejectsWhatItDoesNotImplement) {
       "sliding-window");
   expect_error(R"({"model_type": "llama", "num_key_value_heads": 3, )" + base + "}",
                "multiple of num_key_value_heads");
+  // Found by fuzz/model_config_fuzz.cpp: sizes whose parameter count
+  // overflows 64 bits (signed overflow in num_parameters) and layer counts
+  // that would make every loop over the layers run for ever.
+  expect_error(
+      R"({"model_type": "mixtral", "num_local_experts": 6011111111111111111, )" + base + "}",
+      "at most 1e18 are supported");
+  expect_error(R"({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+      "intermediate_size": 8, "num_hidden_layers": 6011111111111111111,
+      "num_attention_heads": 2})",
+               "num_hidden_layers 6011111111111111111 is more than");
 }
 
 TEST(Model, ForwardShapesAndDeterminism) {

@@ -677,6 +677,29 @@ TEST(TokenizerJson, ReadsSpecialTokensFromTheConfigBesideIt) {
   EXPECT_FALSE(tok.pad_id().has_value());
 }
 
+// Found by fuzz/tokenizer_json_fuzz.cpp: an added token whose id belongs
+// to another vocabulary token ("!" here) made encode("!") and decode() of
+// that id disagree.
+TEST(TokenizerJson, AddedTokenOnAnotherVocabularyIdIsRefused) {
+  TempDir dir;
+  std::string text = tokenizer_json(kByteLevel);
+  const std::string eos = R"({"id": 257, "content": "<eos>")";
+  ASSERT_NE(text.find(eos), std::string::npos);
+  text.replace(text.find(eos), eos.size(), R"({"id": 33, "content": "<eos>")");
+  const std::string path = dir.write("tokenizer.json", text);
+  const std::string message = error_of([&] { (void)Tokenizer::from_tokenizer_json(path); });
+  EXPECT_NE(message.find(path + ": added token '<eos>' has id 33, which the vocabulary gives to "
+                                "'!'"),
+            std::string::npos)
+      << message;
+  // The same id for the same token (as GPT-2's file lists <|endoftext|>),
+  // here "lo" at 256, is fine.
+  text = tokenizer_json(kByteLevel);
+  text.replace(text.find(eos), eos.size(), R"({"id": 256, "content": "lo")");
+  const Tokenizer tok = Tokenizer::from_tokenizer_json(dir.write("same.json", text));
+  EXPECT_EQ(tok.decode(tok.encode("lo!")), "lo!");
+}
+
 TEST(TokenizerJson, MalformedJsonNamesFileAndPosition) {
   TempDir dir;
   const std::string path = dir.write("tokenizer.json", "{\n  \"model\": {,\n}");
