@@ -16,7 +16,10 @@
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <string>
 #include <thread>
+#include <tuple>
+#include <vector>
 
 #include "../../src/ckpt/crc32c.h"
 #include "tessera/core/error.h"
@@ -801,6 +804,39 @@ TEST(Metadata, FuzzNumberTooLargeForADoubleIsDataLoss) {
     EXPECT_NE(e.message().find("'ckpt/metadata.json' is not valid JSON"), std::string::npos)
         << e.message();
   }
+}
+
+// Regression (found by fuzz/ckpt_metadata_fuzz.cpp): an integer field
+// holding a float out of range (4.2e34 for step) went through nlohmann's
+// static_cast (undefined behaviour, UBSan); other non-integers were
+// truncated or wrapped. Each is DataLoss naming the field.
+TEST(Metadata, FuzzNonIntegerNumbersAreDataLoss) {
+  Metadata m;
+  m.world_size = 2;
+  m.step = 7;
+  m.checksum_block = 1 << 20;
+  m.files.push_back({"rank0.bin", 16});
+  const nlohmann::json good = nlohmann::json::parse(m.to_json());
+  EXPECT_EQ(Metadata::parse(good.dump(), "m.json").step, 7);
+  for (const auto& [field, value, needle] :
+       std::vector<std::tuple<std::string, nlohmann::json, std::string>>{
+           {"step", 4.24444e+34, "step must be an integer"},
+           {"world_size", 2.5, "world_size must be an integer"},
+           {"world_size", int64_t{1} << 40, "world_size must be an integer in [-2147483648"},
+           {"checksum_block", -1, "checksum_block must be an integer in [0"}}) {
+    SCOPED_TRACE(field + " = " + value.dump());
+    nlohmann::json bad = good;
+    bad[field] = value;
+    try {
+      Metadata::parse(bad.dump(), "m.json");
+      FAIL() << "no exception";
+    } catch (const DataLoss& e) {
+      EXPECT_NE(e.message().find("'m.json': " + needle), std::string::npos) << e.message();
+    }
+  }
+  nlohmann::json bad = good;
+  bad["files"][0]["bytes"] = -16;
+  EXPECT_THROW(Metadata::parse(bad.dump(), "m.json"), DataLoss);
 }
 
 }  // namespace
