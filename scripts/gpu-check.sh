@@ -72,8 +72,10 @@ if [ $rc -ne 0 ]; then
   step "fallback: kernels and their tests alone"
   mkdir -p build/gpu-kernels
   if nvcc -O2 -std=c++17 -arch=sm_90 -Ikernels -I"$deps/usr/include" \
-       kernels/moe/permute.cu kernels/lora/bgmv.cu tests/kernels/moe_permute_test.cpp \
-       tests/kernels/lora_bgmv_test.cpp -L"$deps/usr/lib/x86_64-linux-gnu" -lgtest_main -lgtest \
+       kernels/moe/permute.cu kernels/lora/bgmv.cu kernels/attention/paged_attention.cu \
+       tests/kernels/moe_permute_test.cpp tests/kernels/lora_bgmv_test.cpp \
+       tests/kernels/paged_attention_test.cpp \
+       -L"$deps/usr/lib/x86_64-linux-gnu" -lgtest_main -lgtest \
        -o build/gpu-kernels/kernel_tests >> "$log" 2>&1; then
     build/gpu-kernels/kernel_tests >> "$log" 2>&1; record "kernel tests (fallback build)" $?
   else
