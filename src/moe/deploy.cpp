@@ -56,9 +56,10 @@ PriceSheet PriceSheet::aws_lambda() { return from_json(kAwsLambda, "aws_lambda_p
 
 double PriceSheet::billed_seconds(double seconds) const {
   const double ms = std::max(seconds * 1e3, minimum_billed_ms);
-  // Round up to the granularity (with a tolerance for values that are
-  // already whole multiples up to floating-point noise).
-  const double units = std::ceil(ms / billing_granularity_ms - 1e-9);
+  // Round up to the granularity, with a relative tolerance for values that
+  // are whole multiples up to floating-point noise (an absolute one would
+  // round a run far shorter than one unit down to nothing).
+  const double units = std::ceil(ms / billing_granularity_ms * (1 - 1e-12));
   return units * billing_granularity_ms / 1e3;
 }
 

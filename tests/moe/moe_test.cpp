@@ -42,6 +42,20 @@ TEST(Billing, MatchesAHandComputation) {
   EXPECT_THROW(meter.record("bad", 0, 1.0), InvalidArgument);
 }
 
+// Found by fuzz/moe_price_sheet_fuzz.cpp: with a billing granularity far
+// above the run time (and no minimum), the absolute rounding tolerance
+// rounded the run down to zero units, billing nothing.
+TEST(Billing, ARunShorterThanOneUnitIsBilledOneUnit) {
+  PriceSheet p = PriceSheet::aws_lambda();
+  p.minimum_billed_ms = 0;
+  p.billing_granularity_ms = 1e12;
+  EXPECT_DOUBLE_EQ(p.billed_seconds(0.002), 1e9);
+  EXPECT_DOUBLE_EQ(p.billed_seconds(0.0), 0.0);
+  p.billing_granularity_ms = 100;  // whole multiples stay as they are
+  EXPECT_DOUBLE_EQ(p.billed_seconds(0.3), 0.3);
+  EXPECT_DOUBLE_EQ(p.billed_seconds(0.3001), 0.4);
+}
+
 TEST(PriceSheet, ShippedFileEqualsTheBuiltInSheetAndUnknownKeysAreRefused) {
   const PriceSheet file =
       PriceSheet::from_json_file(std::string(TESSERA_SOURCE_DIR) + "/data/aws_lambda_prices.json");
