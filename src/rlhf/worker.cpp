@@ -85,8 +85,11 @@ struct HostedRole {
 // Rows [offset, offset + rows) of every tensor of a batch (views).
 Batch slice_rows(const Batch& batch, int64_t offset, int64_t rows, const std::string& what) {
   const int64_t have = batch.empty() ? 0 : batch_rows(batch);
-  TESSERA_CHECK(offset >= 0 && rows >= 0 && offset + rows <= have, InvalidArgument, what,
-                ": rows [", offset, ", ", offset + rows, ") requested, ", have, " held");
+  // rows <= have - offset rather than offset + rows <= have: both come from
+  // a request and their sum may overflow.
+  TESSERA_CHECK(offset >= 0 && rows >= 0 && offset <= have && rows <= have - offset,
+                InvalidArgument, what, ": ", rows, " rows from row ", offset, " requested, ", have,
+                " held");
   Batch out;
   for (const auto& [k, t] : batch) out[k] = t.narrow(0, offset, rows);
   return out;

@@ -36,11 +36,7 @@ int thread_count(int requested, const dist::ProcessGroup& world) {
   return requested > 0 ? requested : std::max(1, usable_cores() / world.size());
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+using detail::median;
 
 // The slowest rank's value.
 double world_max(dist::ProcessGroup& world, double value) {

@@ -180,11 +180,7 @@ class StepRecorder : public dist::CollectiveObserver {
   int64_t last_compute_ = -1;
 };
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+using detail::median;
 
 int64_t median_int(std::vector<int64_t> v) {
   std::sort(v.begin(), v.end());

@@ -344,16 +344,7 @@ nn::StepStats TrainingJob::step(const nn::TokenDataset::Batch& b) {
 // ---------------------------------------------------------------------------
 // Timed runs
 
-namespace {
-
-double median_of(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-}  // namespace
+using detail::median;
 
 void CommunicationClock::on_issue(const dist::CollectiveCall& call) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -415,12 +406,10 @@ std::pair<std::vector<double>, std::vector<double>> slowest_rank_split(const Ste
 
 }  // namespace
 
-double StepTimings::median_comm_seconds() const {
-  return median_of(slowest_rank_split(*this).first);
-}
+double StepTimings::median_comm_seconds() const { return median(slowest_rank_split(*this).first); }
 
 double StepTimings::median_compute_seconds() const {
-  return median_of(slowest_rank_split(*this).second);
+  return median(slowest_rank_split(*this).second);
 }
 
 StepTimings run_timed_steps(TrainingJob& job, const RunOptions& options) {
@@ -457,7 +446,7 @@ StepTimings run_timed_steps(TrainingJob& job, const RunOptions& options) {
       }
     }
   }
-  t.median_seconds = median_of(t.step_seconds);
+  t.median_seconds = median(t.step_seconds);
   t.min_seconds = *std::min_element(t.step_seconds.begin(), t.step_seconds.end());
   t.max_seconds = *std::max_element(t.step_seconds.begin(), t.step_seconds.end());
   return t;

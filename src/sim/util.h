@@ -1,6 +1,7 @@
-// Internal to src/sim: small formatting helpers for messages and tables.
+// Internal to src/sim: small helpers for messages, tables and statistics.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -30,6 +31,15 @@ inline std::string format_ranks(const std::vector<int>& ranks) {
     i = j + 1;
   }
   return out + "]";
+}
+
+// The median (the mean of the two middle values for an even count); 0 for
+// none.
+inline double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 // printf-style formatting into a std::string.

@@ -174,12 +174,6 @@ void wait_until_quiet(double idle, std::chrono::seconds timeout) {
   }
 }
 
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 }  // namespace
 
 ValidationRow combine_rounds(const std::vector<ValidationRow>& rounds) {
@@ -202,8 +196,8 @@ ValidationRow combine_rounds(const std::vector<ValidationRow>& rounds) {
   }
   row.round_measured_s = measured;
   row.round_predicted_s = predicted;
-  row.measured_s = median_of(measured);
-  row.predicted_s = median_of(predicted);
+  row.measured_s = detail::median(measured);
+  row.predicted_s = detail::median(predicted);
   row.measured_min_s = *std::min_element(measured.begin(), measured.end());
   row.measured_max_s = *std::max_element(measured.begin(), measured.end());
   row.error = (row.predicted_s - row.measured_s) / row.measured_s;
@@ -214,13 +208,11 @@ void summarize(ValidationReport& report) {
   std::vector<double> errors;
   for (const ValidationRow& r : report.rows) errors.push_back(std::abs(r.error));
   if (errors.empty()) return;
-  std::sort(errors.begin(), errors.end());
-  const size_t n = errors.size();
-  report.median_abs_error = n % 2 ? errors[n / 2] : 0.5 * (errors[n / 2 - 1] + errors[n / 2]);
-  report.max_abs_error = errors.back();
+  report.median_abs_error = detail::median(errors);
+  report.max_abs_error = *std::max_element(errors.begin(), errors.end());
   double sum = 0;
   for (double e : errors) sum += e;
-  report.mean_abs_error = sum / static_cast<double>(n);
+  report.mean_abs_error = sum / static_cast<double>(errors.size());
 }
 
 ValidationReport run_validation(const ValidationSuite& suite, const ValidationOptions& options) {

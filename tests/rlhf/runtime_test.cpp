@@ -11,6 +11,7 @@
 #include "test_main.h"
 
 #include <chrono>
+#include <limits>
 #include <thread>
 
 #include "tessera/core/error.h"
@@ -206,6 +207,28 @@ TEST(Runtime, SplitPoolsMoveRowsBetweenPoolsAndRejectBadRequests) {
   t->set_dtype("float32");
   t->set_data(std::string(100 << 10, 'x'));  // over the 64 KiB limit
   EXPECT_EQ(send(req).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  // Fetch of rows a worker holds, with a range whose end overflows int64
+  // (found by fuzz/rlhf_worker_request_fuzz.cpp: offset + rows overflowed,
+  // undefined behaviour): refused, as is a range past the rows held.
+  const BatchRef held = a.call("scale", {x}, Args().set("factor", 1.0)).get().output;
+  ASSERT_FALSE(held.parts.empty());
+  auto fetch = [&](int64_t offset, int64_t rows) {
+    auto owner = tessera::rlhf::proto::Worker::NewStub(
+        rpc::channel(driver.processes().at(held.parts[0].process).address, {}));
+    grpc::ClientContext ctx;
+    rpc::set_deadline(ctx, std::chrono::seconds(10));
+    tessera::rlhf::proto::FetchRequest fr;
+    fr.set_batch(held.name);
+    fr.set_offset(offset);
+    fr.set_rows(rows);
+    tessera::rlhf::proto::FetchReply reply;
+    return owner->Fetch(&ctx, fr, &reply);
+  };
+  const int64_t part_rows = held.parts[0].end - held.parts[0].begin;
+  EXPECT_TRUE(fetch(held.parts[0].offset, part_rows).ok());
+  EXPECT_EQ(fetch(5, std::numeric_limits<int64_t>::max() - 2).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(fetch(0, 1 << 20).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   // The workers are unharmed.
   EXPECT_EQ(b.call("scale", {x}, Args().set("factor", 1.0)).get().output.rows, 5);
   driver.shutdown();
