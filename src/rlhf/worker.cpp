@@ -75,6 +75,13 @@ std::unique_ptr<Role> RoleRegistry::create(const std::string& type) const {
 
 namespace {
 
+// Padding (InputRef.repeat_last): the driver pads a data-parallel chunk
+// with fewer rows than the chunk holds. A request may ask for at most this
+// many rows, and at most this many bytes of them (checked once the rows'
+// size is known), before anything is allocated.
+constexpr int64_t kMaxPaddingRows = int64_t{1} << 20;
+constexpr double kMaxPaddingBytes = double(int64_t{1} << 30);
+
 struct HostedRole {
   std::string name;
   std::unique_ptr<Role> role;
@@ -221,6 +228,8 @@ class WorkerService final : public proto::Worker::Service {
     for (const proto::InputRef& in : request.inputs()) {
       TESSERA_CHECK(!in.batch().empty() && in.repeat_last() >= 0, InvalidArgument,
                     "input without a batch name or with negative padding");
+      TESSERA_CHECK(in.repeat_last() <= kMaxPaddingRows, InvalidArgument, "input '", in.batch(),
+                    "': padding of ", in.repeat_last(), " rows; at most ", kMaxPaddingRows);
       for (const proto::BatchPart& part : in.parts()) {
         TESSERA_CHECK(part.offset() >= 0 && part.rows() >= 0, InvalidArgument, "input '",
                       in.batch(), "': negative row range");
@@ -293,6 +302,15 @@ class WorkerService final : public proto::Worker::Service {
         if (in.repeat_last() > 0) {
           TESSERA_CHECK(t.size(0) > 0, InvalidArgument, "input '", in.batch(),
                         "': padding an empty batch");
+          // The driver pads a data-parallel chunk with fewer rows than the
+          // chunk holds; a request asking for more than kMaxPaddingBytes of
+          // copies is refused before allocating them.
+          const double row_bytes =
+              static_cast<double>(t.numel() / t.size(0)) * static_cast<double>(t.element_size());
+          TESSERA_CHECK(row_bytes * static_cast<double>(in.repeat_last()) <= kMaxPaddingBytes,
+                        ResourceExhausted, "input '", in.batch(), "': padding with ",
+                        in.repeat_last(), " copies of its last row (", row_bytes,
+                        " bytes each) is more than ", kMaxPaddingBytes, " bytes");
           std::vector<int64_t> reps(t.dim(), 1);
           reps[0] = in.repeat_last();
           t = at::cat({t, t.narrow(0, t.size(0) - 1, 1).repeat(reps)}, 0);

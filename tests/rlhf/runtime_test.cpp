@@ -207,6 +207,16 @@ TEST(Runtime, SplitPoolsMoveRowsBetweenPoolsAndRejectBadRequests) {
   t->set_dtype("float32");
   t->set_data(std::string(100 << 10, 'x'));  // over the 64 KiB limit
   EXPECT_EQ(send(req).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  // Padding of 2^40 copies of the last row (found by
+  // fuzz/rlhf_worker_request_fuzz.cpp: the worker allocated them, 6 GB for
+  // a smaller count): refused before anything is allocated.
+  t->set_data(std::string(24, 'x'));
+  in->set_repeat_last(int64_t{1} << 40);
+  st = send(req);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("padding of 1099511627776 rows"), std::string::npos)
+      << st.error_message();
+  in->set_repeat_last(0);
   // Fetch of rows a worker holds, with a range whose end overflows int64
   // (found by fuzz/rlhf_worker_request_fuzz.cpp: offset + rows overflowed,
   // undefined behaviour): refused, as is a range past the rows held.
