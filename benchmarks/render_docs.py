@@ -48,7 +48,7 @@ TARGETS = {
     "llama_beat_batch": 8,          # and > 1x at every batch >= 8
     "qspec_speedup": 1.3,           # QSPEC >= 1.3x W4A16 somewhere (compute-bound batches)
     "qspec_floor": 0.95,            # adaptive QSPEC never below 0.95x W4A16
-    "qspec_memory": 0.05,           # QSPEC's peak RSS at most 5 % over W4A16's
+    "qspec_memory": 0.05,           # QSPEC's weights + KV cache at most 5 % over W4A16's
     "rlhf_colocated": 1.5,          # colocated >= 1.5x the best split (pools own CPUs)
     "moe_vs_cluster": 0.7567,       # ours at least 75.67 % cheaper than the CPU cluster
     "moe_vs_lambdaml": 0.4341,      # and 43.41 % cheaper than LambdaML
@@ -67,6 +67,7 @@ SECTIONS = {
     "rlhf": ["rlhf"],
     "moe": ["moe"],
     "serve": ["serve"],
+    "serve_workloads": ["serve_workloads"],
 }
 
 
@@ -510,6 +511,17 @@ def lora_section(results, plots):
     if ties:
         parts.append("the seeds' ranges overlap (no difference shown) at LoRA r = " + ", ".join(map(str, ties)))
     p["lora.verdict"] = "; ".join(parts) + "."
+    # A chosen rate at the edge of the sweep: the method's best rate may lie beyond it.
+    edges = {"lora": [], "mos": []}
+    for b in c["budget_configs"]:
+        for method in edges:
+            if b[method + "_best_lr"] in (min(c["lrs"]), max(c["lrs"])):
+                edges[method].append(f"r={b['lora_rank']} (lr {b[method + '_best_lr']:g})")
+    notes = [f"{'LoRA' if m == 'lora' else 'MoS'} at {', '.join(e)}" for m, e in edges.items() if e]
+    if notes:
+        p["lora.verdict"] += (" The chosen learning rate lies at an edge of the sweep for " + "; ".join(notes) +
+                              ": a rate beyond the sweep may do better there, so these comparisons hold for the "
+                              "swept rates only.")
     p["lora.setup"] = (f"{c['steps']} fine-tuning steps per run, batch {c['batch']}, {c['seeds']} seeds "
                        f"(adapter initialisation and batch order), learning rates {', '.join(f'{x:g}' for x in c['lrs'])}; "
                        f"base: {c['base']}, pretrained {c['pretrain_steps']} steps on arithmetic text "
@@ -535,6 +547,13 @@ def lora_section(results, plots):
                              table(["adapter", "trainable", "loss before", "loss after", "seconds"],
                                    [[x["name"], x["trainable"], f"{x['loss_before']:.4f}", f"{x['loss_after']:.4f}",
                                      f"{x['seconds']:.0f}"] for x in smol], ["---", "---:", "---:", "---:", "---:"]))
+        if len(smol) == 2:
+            lo_, mo_ = smol
+            better = "MoS" if mo_["loss_after"] < lo_["loss_after"] else "LoRA"
+            p["lora.smollm2"] += (f"\n\n{better} ends at the lower held-out loss ({mo_['loss_after']:.4f} for MoS, "
+                                  f"{lo_['loss_after']:.4f} for LoRA), with MoS training "
+                                  f"{lo_['trainable'] / mo_['trainable']:.1f}x fewer parameters: one seed and "
+                                  "unmatched budgets, so this shows both run on a real model, not which is better.")
     else:
         p["lora.smollm2"] = "_(not run: this run had no `--smollm2`)_"
     base = r.values("serving.base")
@@ -594,7 +613,7 @@ def paired(r, a, b):
 
 def ckpt_section(results, plots):
     p = {}
-    parts, verdicts = [], []
+    parts, verdicts, above = [], [], []
     for name in SECTIONS["ckpt"]:
         if name not in results:
             continue
@@ -647,6 +666,7 @@ def ckpt_section(results, plots):
         if r.has("fio.write"):
             sw = r.med("fio.write") / r.med("save")
             lr_ = r.med("fio.read") / r.med("load")
+            above += [f"{what} with {n} ranks ({x:.2f}x)" for what, x in (("save", sw), ("load", lr_)) if x > 1.0]
             v.append(f"save ≥ {TARGETS['ckpt_vs_disk']}x fio's write rate: {verdict(sw >= TARGETS['ckpt_vs_disk'])} "
                      f"({sw:.2f}x); load ≥ {TARGETS['ckpt_vs_disk']}x fio's read rate: "
                      f"{verdict(lr_ >= TARGETS['ckpt_vs_disk'])} ({lr_:.2f}x)")
@@ -668,6 +688,14 @@ def ckpt_section(results, plots):
         verdicts.append(f"- {n} ranks: " + "; ".join(v) + ".")
     p["ckpt.tables"] = "\n\n".join(parts)
     p["ckpt.verdicts"] = "\n".join(verdicts)
+    if above:
+        p["ckpt.verdicts"] += (
+            "\n\nThe disk anchor is not the disk's ceiling here: ours moves the bytes faster than fio in the same "
+            "rounds for the " + ", ".join(above) + ", with the same streams, request sizes and direct I/O, and with "
+            "the checkpoint files dropped from the page cache before every load. So the anchor verdicts say "
+            "that ours is not slower than a plain direct-I/O writer and reader of this virtual disk, not that it "
+            "reaches the disk's limit; what makes the disk faster for our access pattern than for fio's was "
+            "not measured.")
     if plots is not None:
         plots.append(("ckpt", plot_ckpt, [results[n] for n in SECTIONS["ckpt"] if n in results]))
     p["ckpt.plot"] = "![checkpoint throughput against fio](img/bench_ckpt.png)"
@@ -683,7 +711,7 @@ def qspec_section(results, plots):
     c = r.config
     p = {}
     parts, mem_parts = [], []
-    speedups, floors, mem_extra = [], [], []
+    speedups, floors, mem_extra, kv_extra, own = [], [], [], [], []
     for model, info in c["models"].items():
         rows, mrows = [], []
         for b in c["batches"]:
@@ -701,8 +729,14 @@ def qspec_section(results, plots):
                 peak, loaded = f_[pre + m + ".peak_rss_mib"], f_[pre + m + ".rss_after_load_mib"]
                 mrows.append([b, label, f"{peak:.0f}", f"{loaded:.0f}", f"{peak - loaded:.1f}",
                               f"{mib(f_[pre + m + '.kv_cache_bytes']):.2f}"])
-            extra = r.facts[pre + "qspec.peak_rss_mib"] / r.facts[pre + "w4a16.peak_rss_mib"] - 1
+            # Peak RSS is set while loading (see qspec.memory_note), so the
+            # target is judged on what the modes allocate: weights + KV cache.
+            kv = {m: r.facts[pre + m + ".kv_cache_bytes"] for m in ("qspec", "w4a16")}
+            extra = (info["packed_bytes"] + kv["qspec"]) / (info["packed_bytes"] + kv["w4a16"]) - 1
             mem_extra.append((extra, model, b))
+            kv_extra.append(kv["qspec"] / kv["w4a16"] - 1)
+            for m, _ in QSPEC_MODES:
+                own.append(r.facts[pre + m + ".peak_rss_mib"] - r.facts[pre + m + ".rss_after_load_mib"])
         parts.append(f"**{info['title']}** (packed weights {mib(info['packed_bytes']):.1f} MiB, int4 groups of "
                      f"{info['group_size']}), decode tokens/s, median (min–max) of {c['reps']}:\n\n" +
                      table(["batch", *[label for _, label in QSPEC_MODES], "QSPEC / W4A16", "adaptive / W4A16",
@@ -713,7 +747,12 @@ def qspec_section(results, plots):
                                 "generation's own MiB (peak − loaded)", "KV cache MiB"], mrows,
                                ["---:", "---", "---:", "---:", "---:", "---:"]))
     p["qspec.tables"] = "\n\n".join(parts)
-    p["qspec.memory"] = "\n\n".join(mem_parts)
+    p["qspec.memory"] = "\n\n".join(mem_parts) + (
+        f"\n\nIn every process the peak is reached while loading (peak − loaded is at most {max(own):.1f} MiB): "
+        "the benchmark reads the float weights before packing them and the allocator keeps the memory they "
+        "freed, so peak RSS does not separate the modes. What the modes allocate differently is the KV "
+        f"cache: QSPEC's is {pct(min(kv_extra), 0)}–{pct(max(kv_extra), 0)} larger than W4A16's (room for "
+        "the γ draft tokens of every sequence); the target below is judged on packed weights + KV cache.")
     p["qspec.setup"] = (f"{c['threads']} threads, quant kernels {c['quant_isa']}, {c['tokens']} new tokens per "
                         f"sequence (no stop tokens), γ = {c['gamma']}, draft {c['draft'].upper()}"
                         + (", smoothing α = " + f"{c['smooth']:g}" if c["smooth"] >= 0 else "")
@@ -767,7 +806,7 @@ def qspec_section(results, plots):
     v.append(f"adaptive QSPEC never below {TARGETS['qspec_floor']}x W4A16: {verdict(worst_a[0] >= TARGETS['qspec_floor'])} "
              f"(lowest {worst_a[0]:.2f}x, {worst_a[1]} batch {worst_a[2]})")
     worst_m = max(mem_extra)
-    v.append(f"QSPEC's peak RSS at most {pct(TARGETS['qspec_memory'], 0)} above W4A16's (own processes): "
+    v.append(f"QSPEC's packed weights + KV cache at most {pct(TARGETS['qspec_memory'], 0)} above W4A16's: "
              f"{verdict(worst_m[0] <= TARGETS['qspec_memory'])} (largest {pct(worst_m[0])}, {worst_m[1]} batch {worst_m[2]})")
     p["qspec.verdicts"] = "\n".join(f"- {x}." for x in v)
     p["qspec.explanation"] = "" if best_q[0] >= TARGETS["qspec_speedup"] else (
@@ -875,6 +914,21 @@ def moe_section(results, plots):
     p["moe.prediction"] = table(["model", "Bayesian", "token-only", "historical",
                                  "profiling + held-out batches x tokens"], prow,
                                 ["---", "---:", "---:", "---:", "---"])
+    # Which predictor is best per model (lowest mean error), in words.
+    best_text = []
+    for model, name in (("small", "the small MoE"), ("smollm2", "SmolLM2")):
+        if not r.has(f"prediction.{model}.bayesian"):
+            continue
+        means = {k: statistics.mean(r.values(f"prediction.{model}.{k}"))
+                 for k in ("bayesian", "token_only", "historical")}
+        best = min(means, key=means.get)
+        words = {"bayesian": "Bayesian", "token_only": "token-only", "historical": "historical"}
+        best_text.append(f"on {name} the lowest mean error is the {words[best]} predictor's"
+                         + ("" if best == "bayesian" else
+                            f" (Bayesian {means['bayesian'] / means[best]:.2f}x its error)"))
+    if best_text:
+        text = "; ".join(best_text)
+        p["moe.prediction"] += "\n\n" + text[0].upper() + text[1:] + "."
     lo = c["local"]
     lrows = []
     for pol in lo["policies"]:
@@ -946,6 +1000,12 @@ def pctl(values, q):
     return v[i] + (v[j] - v[i]) * (x - i)
 
 
+def mean_median_p99(values, digits):
+    """'mean / median / p99' of per-request values."""
+    return (f"{statistics.mean(values):.{digits}f} / {median(values):.{digits}f} / "
+            f"{pctl(values, 0.99):.{digits}f}")
+
+
 def serve_section(results, plots):
     r = results["serve"]
     c = r.config
@@ -968,7 +1028,7 @@ def serve_section(results, plots):
                     if r.has(sid):
                         v = [x * scale for x in r.values(sid)]
                         d = {"ttft": 0, "tpot": 1, "itl": 1, "e2e": 2}[m]
-                        row.append(f"{statistics.mean(v):.{d}f} / {median(v):.{d}f} / {pctl(v, 0.99):.{d}f}")
+                        row.append(mean_median_p99(v, d))
                     else:
                         row.append("—")
             else:
@@ -1004,6 +1064,150 @@ def serve_section(results, plots):
                      f"median TTFT: {verdict(ok)} ({a:.1f} vs {b:.1f} tokens/s, {a / b:.2f}x; median TTFT "
                      f"{ta * 1e3:.0f} ms vs {tb * 1e3:.0f} ms)")
     p["serve.verdicts"] = "\n".join(f"- {x}" for x in v) if v else "_(no llama-server rows)_"
+    p["serve.reading"] = serve_reading(r, results.get("qspec"))
+    return p
+
+
+def serve_reading(r, q):
+    """What the serving table shows, in words computed from it (and from the
+    QSPEC benchmark's batch-1 decode of the same weights, where present)."""
+    def med(side, load, m):
+        sid = f"{side}.{load}.{m}"
+        return median(r.values(sid)) if r.has(sid) else None
+
+    a, b = med("tessera", "c1", "tpot"), med("llama.cpp", "c1", "tpot")
+    if a is None or b is None:
+        return ""
+    out = []
+    faster = "llama-server" if b < a else "tessera-serve"
+    out.append(f"With one client {faster} decodes faster (median TPOT {a * 1e3:.1f} ms for tessera-serve, "
+               f"{b * 1e3:.1f} ms for llama-server).")
+    if q is not None and q.has("smollm2.b1.w4a16.tokens_per_s"):
+        ours = 1e3 / q.med("smollm2.b1.w4a16.tokens_per_s")
+        lc = [q.med(sid) for sid in ("smollm2.b1.llama_bench.fa0.tokens_per_s", "smollm2.b1.llama_bench.fa1.tokens_per_s",
+                                     "smollm2.b1.llama_batched.fa0.tokens_per_s",
+                                     "smollm2.b1.llama_batched.fa1.tokens_per_s") if q.has(sid)]
+        if lc and b < a:
+            theirs = 1e3 / max(lc)
+            kernels = ("so the matrix kernels are not what makes tessera-serve slower here"
+                       if ours <= theirs else "so part of the gap is in the decoding loop itself")
+            out.append(f"Outside the server, on the same weights and threads, Tessera's W4A16 decoding loop "
+                       f"makes a token every {ours:.1f} ms at batch 1 and llama.cpp's fastest setting every "
+                       f"{theirs:.1f} ms (QSPEC section), {kernels}: the serving engine spends the difference per "
+                       "step outside the matrix products (scheduling, the paged KV cache's attention, sampling, "
+                       "streaming); how it divides among those has not been measured.")
+    ta, tb = med("tessera", "c1", "ttft"), med("llama.cpp", "c1", "ttft")
+    if ta is not None and tb is not None:
+        out.append(f"The median time to first token of a single client is {ta * 1e3:.0f} ms for tessera-serve and "
+                   f"{tb * 1e3:.0f} ms for llama-server.")
+    x, y = med("tessera", "c8", "output_throughput"), med("llama.cpp", "c8", "output_throughput")
+    tx, ty = med("tessera", "c8", "ttft"), med("llama.cpp", "c8", "ttft")
+    if None not in (x, y, tx, ty):
+        out.append(f"With 8 clients tessera-serve's engine puts every running decode and the prefill chunks "
+                   f"into one model step (continuous batching over the paged KV cache): {x / y:.2f}x "
+                   f"llama-server's output throughput, with a median TTFT of {tx * 1e3:.0f} ms against "
+                   f"{ty * 1e3:.0f} ms. The client runs on the same two cores as the servers.")
+    return " ".join(out)
+
+
+def serve_workloads_section(results, plots):
+    r = results["serve_workloads"]
+    c = r.config
+    p = {}
+
+    def lat(sid, scale, digits):
+        return mean_median_p99([x * scale for x in r.values(sid)], digits)
+
+    def done(key):
+        ok, bad = sum(r.values(f"{key}.completed")), sum(r.values(f"{key}.failed"))
+        return f"{ok}/{ok + bad}"
+
+    names = {"tessera": "tessera-serve", "tessera-no-prefix-cache": "tessera-serve `--no-prefix-caching`",
+             "llama.cpp": "llama-server"}
+    rows = []
+    for side in c["servers"]:
+        key = f"prefix.{side}"
+        if not r.has(f"{key}.completed"):
+            continue
+        if not r.has(f"{key}.ttft"):
+            rows.append([names.get(side, side), done(key)] + ["—"] * 4)
+            continue
+        rows.append([names.get(side, side), done(key),
+                     cell(r, f"{key}.hit_rate", 2) if r.has(f"{key}.hit_rate") else "—",
+                     cell(r, f"{key}.output_throughput", 1), lat(f"{key}.ttft", 1e3, 0), lat(f"{key}.e2e", 1.0, 2)])
+    f_ = r.facts
+    p["serve_workloads.prefix_setup"] = (
+        f"{c['model']}, {c['threads']} threads, `--quant {c['quant']}`; every request is one system prompt of "
+        f"{c['system_words']} random words and a question of {c['question_words']} words of its own "
+        f"({f_.get('prefix.tessera.prompt_tokens', '?')} prompt tokens in all), {c['prefix_tokens']} output tokens; "
+        f"{c['clients']} clients in a closed loop ({c['clients']} sequences at once on every server), "
+        f"{c['prefix_requests']} requests per repetition after one untimed request with the same system prompt; "
+        f"{c['reps']} repetitions. Hit rate: prompt tokens served from the cache over prompt tokens.")
+    p["serve_workloads.prefix"] = table(
+        ["server", "completed", "hit rate", "output tokens/s", "TTFT ms (mean / median / p99)",
+         "e2e s (mean / median / p99)"], rows, ["---", "---:", "---:", "---:", "---:", "---:"])
+    lines = []
+    on, off = "prefix.tessera", "prefix.tessera-no-prefix-cache"
+    if r.has(f"{on}.ttft") and r.has(f"{off}.ttft"):
+        a, b = r.med(f"{on}.ttft"), r.med(f"{off}.ttft")
+        lines.append(f"Prefix caching changes tessera-serve's median TTFT from {b * 1e3:.0f} ms to {a * 1e3:.0f} ms "
+                     f"({b / a:.2f}x shorter) and its output throughput by "
+                     f"{r.med(f'{on}.output_throughput') / r.med(f'{off}.output_throughput'):.2f}x")
+    ll = "prefix.llama.cpp"
+    if r.has(f"{on}.ttft") and r.has(f"{ll}.ttft"):
+        a, b = r.med(f"{on}.ttft"), r.med(f"{ll}.ttft")
+        hit = f", hit rate {r.med(f'{ll}.hit_rate'):.2f}" if r.has(f"{ll}.hit_rate") else ""
+        lines.append(f"against llama-server (median TTFT {b * 1e3:.0f} ms{hit}) tessera-serve's median TTFT is "
+                     f"{a / b:.2f}x llama-server's and its output throughput "
+                     f"{r.med(f'{on}.output_throughput') / r.med(f'{ll}.output_throughput'):.2f}x")
+    p["serve_workloads.prefix_summary"] = ("; ".join(lines) + ".") if lines else ""
+
+    base = "adapters.base"
+    arows = []
+    configs = [("base", "base model, no adapter (one merged adapter costs the same)")]
+    for n in c["adapter_counts"]:
+        configs.append((f"lora_x{n}", f"{n} LoRA adapter{'s' if n > 1 else ''} in one batch"))
+    for n in c["adapter_counts"]:
+        if n > 1:
+            configs.append((f"merged_x{n}", f"{n} adapters merged one at a time (merge time left out)"))
+    for name, text in configs:
+        key = f"adapters.{name}"
+        if not r.has(f"{key}.completed"):
+            continue
+        if not r.has(f"{key}.output_throughput"):
+            arows.append([text, done(key)] + ["—"] * 4)
+            continue
+        rel = r.med(f"{key}.output_throughput") / r.med(f"{base}.output_throughput") if r.has(
+            f"{base}.output_throughput") else None
+        arows.append([text, done(key), cell(r, f"{key}.output_throughput", 1),
+                      f"{rel:.2f}x" if rel is not None else "—", lat(f"{key}.ttft", 1e3, 0),
+                      lat(f"{key}.tpot", 1e3, 1)])
+    p["serve_workloads.adapters_setup"] = (
+        f"One tessera-serve (`--quant {c['quant']}`, {c['threads']} threads, {c['clients']} sequences at once) with "
+        f"{max(c['adapter_counts'])} LoRA adapters of rank {c['rank']} on {', '.join(c['adapter_targets'])} "
+        f"(random weights); {c['adapter_requests']} requests per configuration and repetition, prompts of "
+        f"{c['adapter_words']} random words, {c['adapter_tokens']} output tokens, {c['clients']} clients in a closed "
+        f"loop, request i naming adapter i mod N; {c['reps']} repetitions. \"vs base\": median output throughput "
+        f"over the base model's.")
+    p["serve_workloads.adapters"] = table(
+        ["configuration", "completed", "output tokens/s", "vs base", "TTFT ms (mean / median / p99)",
+         "TPOT ms (mean / median / p99)"], arows, ["---", "---:", "---:", "---:", "---:", "---:"])
+    lines = []
+    big = max(c["adapter_counts"])
+    if r.has(f"adapters.lora_x{big}.output_throughput") and r.has(f"{base}.output_throughput"):
+        g = r.med(f"adapters.lora_x{big}.output_throughput")
+        lines.append(f"with {big} adapters in one batch the server keeps {g / r.med(f'{base}.output_throughput'):.2f}x "
+                     f"the base model's output throughput")
+        if r.has(f"adapters.merged_x{big}.output_throughput"):
+            m = r.med(f"adapters.merged_x{big}.output_throughput")
+            if m < g:
+                lines.append(f"merging one adapter at a time serves the same requests at {m:.1f} tokens/s, so "
+                             f"batching the adapters is {g / m:.2f}x faster even before any merge time is counted")
+            else:
+                lines.append(f"merging one adapter at a time serves the same requests at {m:.1f} tokens/s, "
+                             f"{m / g:.2f}x what the engine serves with the adapters in one batch, before any merge time "
+                             "is counted")
+    p["serve_workloads.adapters_summary"] = ("Reading the table: " + "; ".join(lines) + ".") if lines else ""
     return p
 
 
@@ -1016,6 +1220,7 @@ RENDERERS = {
     "rlhf": rlhf_section,
     "moe": moe_section,
     "serve": serve_section,
+    "serve_workloads": serve_workloads_section,
 }
 
 

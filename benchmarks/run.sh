@@ -9,7 +9,7 @@
 #                 runs and writes valid JSON (CI smoke); the numbers are not
 #                 measurements
 #   --only NAME   run only these (collectives, model, lora, ckpt, qspec, rlhf,
-#                 moe, serve); repeatable
+#                 moe, serve, serve_workloads); repeatable
 #   --out DIR     where the results go (default benchmarks/results)
 #   --build DIR   the build to run (default build/release; nothing is built)
 #   --no-render   leave docs/benchmarks.md alone (default: re-render it when
@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-all=(collectives model lora ckpt qspec rlhf moe serve)
+all=(collectives model lora ckpt qspec rlhf moe serve serve_workloads)
 [ ${#only[@]} -eq 0 ] && only=("${all[@]}")
 for name in "${only[@]}"; do
   [[ " ${all[*]} " == *" $name "* ]] || { echo "run.sh: unknown benchmark '$name' (${all[*]})" >&2; exit 2; }
@@ -169,17 +169,20 @@ for name in "${only[@]}"; do
       else
         echo "run.sh: moe_bench not built (TESSERA_WITH_GRPC off); skipped" >&2
       fi ;;
-    serve)
+    serve|serve_workloads)
       if [ -z "$smollm2" ]; then
-        echo "run.sh: no SmolLM2 GGUF (scripts/install-deps.sh); serve skipped" >&2
+        echo "run.sh: no SmolLM2 GGUF (scripts/install-deps.sh); $name skipped" >&2
       else
+        script=serve_bench.py
+        [ "$name" = serve_workloads ] && script=serve_workloads_bench.py
         args=(--tessera-serve "$bin/tessera-serve" --model "$smollm2" --logs "$logs")
         if [ $quick -eq 1 ]; then
           args+=(--quick)
-        elif [ -n "$llama_cpp" ] && [ -x "$llama_cpp/llama-server" ]; then
-          args+=(--llama-server "$llama_cpp/llama-server")
+        else
+          args+=(--reps 5)
+          [ -n "$llama_cpp" ] && [ -x "$llama_cpp/llama-server" ] && args+=(--llama-server "$llama_cpp/llama-server")
         fi
-        run serve "$out/serve.json" "$py" "$root/benchmarks/serve_bench.py" "${args[@]}" --json "$out/serve.json"
+        run "$name" "$out/$name.json" "$py" "$root/benchmarks/$script" "${args[@]}" --json "$out/$name.json"
       fi ;;
   esac
 done

@@ -94,10 +94,15 @@ class Server:
         self.log.close()
 
 
-def stream_request(port, prompt, max_tokens, timeout=600):
-    """One streamed /v1/completions request: (ttft, chunk times, e2e, output text) or an error."""
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True}).encode()
+def stream_request(port, prompt, max_tokens, timeout=600, extra=None):
+    """One streamed /v1/completions request: (ttft, chunk times, e2e, output text) or an error.
+
+    `extra`: more body fields (e.g. "model" naming an adapter). The result
+    also holds the last "timings" object a chunk carried (llama-server's
+    cache_n / prompt_n), or None."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    body.update(extra or {})
+    body = json.dumps(body).encode()
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -105,7 +110,7 @@ def stream_request(port, prompt, max_tokens, timeout=600):
         resp = conn.getresponse()
         if resp.status != 200:
             return {"error": f"HTTP {resp.status}: {resp.read()[:200]!r}"}
-        times, text = [], []
+        times, text, timings = [], [], None
         while True:
             line = resp.readline()
             if not line:
@@ -117,6 +122,7 @@ def stream_request(port, prompt, max_tokens, timeout=600):
             if data == b"[DONE]":
                 break
             chunk = json.loads(data)
+            timings = chunk.get("timings", timings)
             piece = "".join(c.get("text", "") for c in chunk.get("choices", []))
             if piece:
                 times.append(time.perf_counter())
@@ -128,7 +134,8 @@ def stream_request(port, prompt, max_tokens, timeout=600):
         conn.close()
     if not times:
         return {"error": "no tokens streamed"}
-    return {"start": start, "first": times[0], "times": times, "end": end, "text": "".join(text)}
+    return {"start": start, "first": times[0], "times": times, "end": end, "text": "".join(text),
+            "timings": timings}
 
 
 def count_tokens(port, prompt, max_tokens):
@@ -142,48 +149,53 @@ def count_tokens(port, prompt, max_tokens):
     return usage.get("prompt_tokens"), usage.get("completion_tokens")
 
 
+def closed_loop(port, jobs, clients, max_tokens):
+    """jobs: (prompt, extra body fields) pairs; `clients` threads each send the
+    next job when their last one ends. Returns (per-job results, wall seconds)."""
+    results = [None] * len(jobs)
+    next_i = [0]
+    lock = threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                i = next_i[0]
+                next_i[0] += 1
+            if i >= len(jobs):
+                return
+            results[i] = stream_request(port, jobs[i][0], max_tokens, extra=jobs[i][1])
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(min(clients, len(jobs)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - start
+
+
 def run_load(port, prompts, max_tokens, load):
     """Sends the prompts as the load says; returns (per-request results, wall seconds)."""
+    if load.startswith("c"):
+        return closed_loop(port, [(p, None) for p in prompts], int(load[1:]), max_tokens)
     results = [None] * len(prompts)
 
     def one(i):
         results[i] = stream_request(port, prompts[i], max_tokens)
 
+    # Open loop: Poisson arrivals at the rate, or every request at once.
+    rate = float("inf") if load == "burst" else float(load.split("=")[1])
+    rng = random.Random(7)
     start = time.perf_counter()
-    if load == "c1":
-        for i in range(len(prompts)):
-            one(i)
-    elif load.startswith("c"):
-        clients = int(load[1:])
-        next_i = [0]
-        lock = threading.Lock()
-
-        def client():
-            while True:
-                with lock:
-                    i = next_i[0]
-                    next_i[0] += 1
-                if i >= len(prompts):
-                    return
-                one(i)
-
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    else:
-        rate = float("inf") if load == "burst" else float(load.split("=")[1])
-        rng = random.Random(7)
-        threads = []
-        for i in range(len(prompts)):
-            if rate != float("inf") and i > 0:
-                time.sleep(rng.expovariate(rate))
-            t = threading.Thread(target=one, args=(i,))
-            t.start()
-            threads.append(t)
-        for t in threads:
-            t.join()
+    threads = []
+    for i in range(len(prompts)):
+        if rate != float("inf") and i > 0:
+            time.sleep(rng.expovariate(rate))
+        t = threading.Thread(target=one, args=(i,))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
     return results, time.perf_counter() - start
 
 

@@ -62,15 +62,6 @@ double max_metric(const CallResult& r, const std::string& key) {
   return m;
 }
 
-double sum_metric(const CallResult& r, const std::string& key) {
-  double s = 0;
-  for (const auto& w : r.metrics) {
-    auto it = w.find(key);
-    if (it != w.end()) s += it->second;
-  }
-  return s;
-}
-
 bool has_role(Driver& driver, const std::string& role) {
   for (const ProcessInfo& p : driver.processes()) {
     for (const std::string& r : p.roles) {
@@ -126,9 +117,14 @@ struct Step {
   IterationStats stats;
 };
 
+// The tokens of the real responses: the workers' own counts would include the
+// rows that padding added to even out a batch the pool does not divide.
+void count_generated_tokens(IterationStats& s, const Batch& generated) {
+  s.new_tokens = generated.at("response_lengths").sum().item<int64_t>();
+}
+
 void fill_generation_stats(IterationStats& s, const CallResult& gen) {
   s.generate_seconds = max_metric(gen, "generate_seconds");
-  s.new_tokens = static_cast<int64_t>(sum_metric(gen, "new_tokens"));
   s.transition_seconds = max_metric(gen, "transition_seconds");
   s.transition_bytes = max_metric(gen, "transition_bytes");
   s.generation_weight_bytes = max_metric(gen, "generation_weight_bytes");
@@ -190,6 +186,7 @@ std::vector<IterationStats> run_grpo(Driver& driver, const nn::Tokenizer& tokeni
           driver.group("reference").call("compute_logprobs", {gen.output}, {}, named(it, "ref", o));
     CallResult scores = reward.call("score", {gen.output}, {}, named(it, "scores", o)).get();
     Batch g = driver.get(gen.output);
+    count_generated_tokens(s, g);
     const at::Tensor score = driver.get(scores.output).at("scores");
     const at::Tensor mask =
         response_mask(g.at("prompt_lengths"), g.at("response_lengths"), g.at("sequences").size(1));
@@ -232,6 +229,7 @@ std::vector<IterationStats> run_ppo(Driver& driver, const nn::Tokenizer& tokeniz
     auto score_f = reward.call("score", {gen.output}, {}, named(it, "scores", o));
     CallResult old = old_f.get(), ref = ref_f.get(), values = val_f.get(), scores = score_f.get();
     Batch g = driver.get(gen.output);
+    count_generated_tokens(s, g);
     const at::Tensor mask =
         response_mask(g.at("prompt_lengths"), g.at("response_lengths"), g.at("sequences").size(1));
     const at::Tensor score = driver.get(scores.output).at("scores");

@@ -116,6 +116,27 @@ TEST(Pipeline, HybridEngineMovesTheFormulasBytes) {
   EXPECT_GT(stats[0].new_tokens, 0);
 }
 
+// 4 prompts over a pool of 3: the driver pads the batch to 2 prompts per
+// worker, and the padded rows generate too. Counting the workers' tokens
+// reported 12 responses' worth (72 here, almost every response reaches
+// max_new_tokens) where 8 responses exist; the count is now the real
+// responses' lengths, at most 4 x 2 x 6.
+TEST(Pipeline, GeneratedTokensLeaveOutBatchPadding) {
+  const Fixture& f = *g_fixture;
+  DriverOptions o = f.options(false);
+  o.pools = {{"all", 3}};
+  o.roles[0].config_json =
+      "{\"model\": " + f.model_json +
+      ", \"tp\": 1, \"gen_tp\": 1, \"lr\": 1e-3, \"max_new_tokens\": 6, \"seed\": 5}";
+  Driver driver(o);
+  auto p = f.run("");
+  p.iterations = 1;
+  auto stats = run_grpo(driver, tokenizer(), p);
+  ASSERT_EQ(stats.size(), 1u);
+  EXPECT_GT(stats[0].new_tokens, 0);
+  EXPECT_LE(stats[0].new_tokens, p.prompts_per_iteration * p.samples * 6);
+}
+
 TEST(Pipeline, GrpoKilledWorkerThenResumeRepeatsTheLosses) {
   const Fixture& f = *g_fixture;
   std::vector<IterationStats> reference;
