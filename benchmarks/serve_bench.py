@@ -199,6 +199,15 @@ def run_load(port, prompts, max_tokens, load):
     return results, time.perf_counter() - start
 
 
+def write_results(doc, path):
+    """Writes a results document whole or not at all (a temporary file, then a rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def command_line():
     """This command with the source tree's path, the home folder and the
     SmolLM2 install location made generic (results files name no machine paths)."""
@@ -337,11 +346,7 @@ def main():
                       "servers": list(sides), "max_model_len": ctx},
            "facts": facts, "machine": machine or {}, "series": list(series.values())}
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        write_results(doc, args.json)
 
 
 if __name__ == "__main__":

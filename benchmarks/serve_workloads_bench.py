@@ -292,11 +292,7 @@ def main():
                       "adapter_tokens": args.adapter_tokens},
            "facts": rec.facts, "machine": machine, "series": list(rec.series.values())}
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        serve_bench.write_results(doc, args.json)
 
 
 if __name__ == "__main__":
