@@ -28,7 +28,8 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: tessera-launch --nproc N [--nnodes N --node-rank I] [--master-addr A] "
-    "[--master-port P] [--agent-port P] [--grace SECONDS] [--no-prefix] -- PROGRAM [ARGS...]\n"
+    "[--master-port P] [--agent-port P] [--grace SECONDS] [--no-prefix] [--drain-on-signal] --\n"
+    "PROGRAM [ARGS...]\n"
     "Under Slurm (one launcher per node), --nnodes and --node-rank default to SLURM_NNODES and\n"
     "SLURM_NODEID; --master-addr and --master-port to MASTER_ADDR and MASTER_PORT.";
 
@@ -51,6 +52,9 @@ constexpr const char* kOptionsHelp =
     "                    (default master port + 1)\n"
     "  --grace SECONDS   delay between SIGTERM and SIGKILL when stopping ranks (default 5)\n"
     "  --no-prefix       do not prefix every output line with \"[rank N] \"\n"
+    "  --drain-on-signal SIGINT/SIGTERM still go to the ranks, as a request to finish: the\n"
+    "                    exit code is then theirs (0 when all exit 0), not 130 (for servers\n"
+    "                    that drain, e.g. tessera-serve --tp)\n"
     "  -h, --help        print this help and exit\n"
     "\n"
     "Exit code: 0 when every rank exits 0; else the first failed rank's code (128 + signal for\n"
@@ -268,6 +272,8 @@ LaunchOptions parse_launch_args(const std::vector<std::string>& args) {
       o.grace = std::chrono::milliseconds(std::llround(parse_seconds(a, value(a)) * 1000));
     } else if (a == "--no-prefix") {
       o.prefix_output = false;
+    } else if (a == "--drain-on-signal") {
+      o.signal_ends_successfully = true;
     } else if (a == "-h" || a == "--help") {
       o.help = true;
       return o;
@@ -412,7 +418,11 @@ class RankSupervisor {
     while (read(g_signal_pipe[0], &sig, 1) == 1) {
     }
     begin_stop(std::string("tessera-launch received signal ") + std::to_string(sig));
-    if (result_ == 0) result_ = 130;
+    if (o_.signal_ends_successfully) {
+      stopped_by_signal_ = true;
+    } else if (result_ == 0) {
+      result_ = 130;
+    }
   }
 
   // Reads what is ready on rank `r`'s stdout or stderr (`fd`) and writes
@@ -455,6 +465,10 @@ class RankSupervisor {
              << status->describe() << "; stopping the other ranks" << std::endl;
         agents_.report_failure(result_, what);
         begin_stop(what);
+      } else if (!status->success() && stopped_by_signal_ && result_ == 0) {
+        // LaunchOptions::signal_ends_successfully: a rank that did not
+        // finish cleanly after the forwarded signal decides the exit code.
+        result_ = status->shell_code();
       }
     }
   }
@@ -495,6 +509,7 @@ class RankSupervisor {
   const LaunchOptions& o_;
   std::ostream& log_;
   NodeAgents& agents_;
+  bool stopped_by_signal_ = false;
   std::vector<Rank>& ranks_;
   int result_ = 0;
   bool stopping_ = false;

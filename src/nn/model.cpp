@@ -253,11 +253,15 @@ void attend_heads(const float* q, float* out, int64_t row, int64_t nh, int64_t f
 // ---------------------------------------------------------------------------
 // PagedKVCache
 
-PagedKVCache::PagedKVCache(const ModelConfig& config, int64_t num_blocks, int64_t block_size)
+PagedKVCache::PagedKVCache(const ModelConfig& config, int64_t num_blocks, int64_t block_size,
+                           int tp_size)
     : num_blocks_(num_blocks), block_size_(block_size) {
   TESSERA_CHECK(num_blocks >= 1 && block_size >= 1, InvalidArgument, "paged KV cache: num_blocks (",
                 num_blocks, ") and block_size (", block_size, ") must be positive");
-  const int64_t heads = config.num_key_value_heads, hd = config.head_size();
+  TESSERA_CHECK(tp_size >= 1 && config.num_key_value_heads % tp_size == 0, InvalidArgument,
+                "paged KV cache: ", config.num_key_value_heads,
+                " kv heads do not split over tp=", tp_size);
+  const int64_t heads = config.num_key_value_heads / tp_size, hd = config.head_size();
   for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
     keys_.push_back(at::zeros({num_blocks, heads, block_size, hd}, at::kFloat));
     values_.push_back(at::zeros({num_blocks, heads, block_size, hd}, at::kFloat));
@@ -300,9 +304,9 @@ int64_t PagedKVCache::bytes() const {
   return n;
 }
 
-int64_t PagedKVCache::bytes_per_block(const ModelConfig& config, int64_t block_size) {
-  return 2 * config.num_hidden_layers * config.num_key_value_heads * block_size *
-         config.head_size() * static_cast<int64_t>(sizeof(float));
+int64_t PagedKVCache::bytes_per_block(const ModelConfig& config, int64_t block_size, int tp_size) {
+  return 2 * config.num_hidden_layers * (config.num_key_value_heads / std::max(tp_size, 1)) *
+         block_size * config.head_size() * static_cast<int64_t>(sizeof(float));
 }
 
 // ---------------------------------------------------------------------------
@@ -602,7 +606,8 @@ struct Transformer::Impl {
                              const std::vector<int64_t>& seq_of) {
     const ModelConfig& c = config;
     const int64_t N = h.size(0), hd = c.head_size();
-    const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, rep = nh / nkv;
+    const int64_t nh = c.num_attention_heads / groups.tp_size();
+    const int64_t nkv = c.num_key_value_heads / groups.tp_size(), rep = nh / nkv;
     PagedKVCache& cache = *batch.cache;
     const int64_t bs = cache.block_size();
     auto [q, k, v] = qkv_invariant(w, h, positions);
@@ -939,8 +944,8 @@ struct Transformer::Impl {
   ForwardOutput forward_paged(const at::Tensor& input_ids, const ForwardOptions& options) {
     const ModelConfig& c = config;
     const PagedBatch& batch = *options.paged;
-    TESSERA_CHECK(groups.tp_size() == 1 && groups.ep_size() == 1, InvalidArgument,
-                  "paged forward: single-rank models only (tp = ep = 1)");
+    TESSERA_CHECK(groups.ep_size() == 1, InvalidArgument,
+                  "paged forward: expert-parallel models are not supported (ep = 1)");
     TESSERA_CHECK(dtype == at::kFloat && embed.device().is_cpu(), InvalidArgument,
                   "paged forward: fp32 CPU models only");
     TESSERA_CHECK(!options.cache && !options.lengths.defined() && !options.last_logits_only &&
@@ -952,7 +957,7 @@ struct Transformer::Impl {
                   "paged forward: PagedBatch::cache is null");
     PagedKVCache& cache = *batch.cache;
     TESSERA_CHECK(cache.num_layers() == c.num_hidden_layers &&
-                      cache.key(0).size(1) == c.num_key_value_heads &&
+                      cache.key(0).size(1) == c.num_key_value_heads / groups.tp_size() &&
                       cache.key(0).size(3) == c.head_size(),
                   InvalidArgument, "paged forward: the cache was made for another model config");
     TESSERA_CHECK(input_ids.size(0) == 1, InvalidArgument,
@@ -1005,21 +1010,33 @@ struct Transformer::Impl {
     adapter_context.batch_invariant = true;
     if (adapter) adapter_context.token_adapters = at::tensor(token_adapters, at::kLong);
 
-    at::Tensor x = options.input_embeds.defined()
-                       ? checked_input_embeds(options.input_embeds, {1, N, c.hidden_size}, dtype)
-                             .reshape({N, c.hidden_size})
-                       : at::embedding(embed, ids);  // [N, H]
+    // Under tp the embedding is vocabulary-parallel: each rank looks up the
+    // ids of its shard (zero rows for the others), and the rank-order sum is
+    // exact (one non-zero term per element).
+    at::Tensor x;
+    if (options.input_embeds.defined()) {
+      x = checked_input_embeds(options.input_embeds, {1, N, c.hidden_size}, dtype)
+              .reshape({N, c.hidden_size});
+    } else if (groups.tp_size() > 1) {
+      at::Tensor local = ids - vocab_start;
+      at::Tensor inside = (local >= 0) & (local < vocab_local);
+      at::Tensor part = at::embedding(embed, at::where(inside, local, at::zeros_like(local)));
+      x = detail::sum_in_rank_order(part * inside.unsqueeze(-1).to(part.scalar_type()), groups.tp);
+    } else {
+      x = at::embedding(embed, ids);  // [N, H]
+    }
     ForwardOutput out;
     std::vector<at::Tensor> loads;
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const LayerWeights& w = layers[l];
       at::Tensor h = rms_norm_invariant(x, w.input_norm, c.rms_norm_eps);
-      x = x + attention_paged(w, h, l, batch, positions, seq_of);
+      x = x +
+          detail::sum_in_rank_order(attention_paged(w, h, l, batch, positions, seq_of), groups.tp);
       h = rms_norm_invariant(x, w.post_norm, c.rms_norm_eps);
       at::Tensor y = w.moe ? moe(w, h, l, out, false, loads)
                            : mlp(h, {w.gate, w.up, w.down}, w.prefix + "mlp.gate_proj",
                                  w.prefix + "mlp.up_proj", w.prefix + "mlp.down_proj");
-      x = x + y;
+      x = x + detail::sum_in_rank_order(y, groups.tp);
     }
     at::Tensor rows = at::tensor(batch.logits_rows, at::kLong);
     at::Tensor h = rms_norm_invariant(x.index_select(0, rows), final_norm, c.rms_norm_eps);
@@ -1031,6 +1048,7 @@ struct Transformer::Impl {
     at::Tensor logits;
     if (linear_override) logits = linear_override->linear("lm_head", h);
     if (!logits.defined()) logits = linear_invariant(h, lm_head);
+    if (groups.tp_size() > 1) logits = detail::gather_last_dim(logits, groups.tp, vocab_sizes);
     out.logits = logits.unsqueeze(0);
     return out;
   }

@@ -177,4 +177,15 @@ at::Tensor vocab_parallel_cross_entropy(const at::Tensor& logits, const at::Tens
   return VocabParallelCE::apply(logits, targets, vocab_start, group.get());
 }
 
+at::Tensor sum_in_rank_order(const at::Tensor& x, const GroupPtr& group) {
+  if (trivial(group)) return x;
+  const at::Tensor flat = x.contiguous().view({-1});
+  const int64_t n = flat.numel();
+  at::Tensor parts = at::empty({group->size() * n}, flat.options());
+  group->all_gather(parts, flat).wait();
+  at::Tensor sum = parts.narrow(0, 0, n).clone();
+  for (int r = 1; r < group->size(); ++r) sum.add_(parts.narrow(0, r * n, n));
+  return sum.view(x.sizes());
+}
+
 }  // namespace tessera::nn::detail

@@ -19,6 +19,12 @@ using GroupPtr = std::shared_ptr<dist::ProcessGroup>;
 at::Tensor copy_to_group(const at::Tensor& x, const GroupPtr& group);
 // all_reduce(sum) forward, identity backward: after a row-parallel linear.
 at::Tensor reduce_from_group(const at::Tensor& x, const GroupPtr& group);
+// The sum of every rank's x, added in rank order on every rank (all_gather,
+// then part 0 + part 1 + ...): each element's value does not depend on the
+// tensor's size, unlike a ring all_reduce whose chunking decides the order
+// for more than two ranks. Forward only (the batch-invariant inference
+// paths); identity with a null group.
+at::Tensor sum_in_rank_order(const at::Tensor& x, const GroupPtr& group);
 // Concatenates each rank's x along the last dimension; backward keeps this
 // rank's slice. `sizes` are every rank's last-dimension sizes.
 at::Tensor gather_last_dim(const at::Tensor& x, const GroupPtr& group,

@@ -166,10 +166,23 @@ void Engine::Impl::load(const EngineOptions& o) {
   TESSERA_CHECK(o.max_images_per_request >= 0, InvalidArgument,
                 "EngineOptions.max_images_per_request must be >= 0");
 
+  if (o.tensor_parallel && o.tensor_parallel->size() > 1) {
+    tp = o.tensor_parallel;
+    TESSERA_CHECK(o.quantization == "fp", InvalidArgument,
+                  "tensor-parallel serving runs float weights (quantization fp), not '",
+                  o.quantization, "'");
+    TESSERA_CHECK(o.adapters.empty(), InvalidArgument,
+                  "tensor-parallel serving does not serve adapters (", o.adapters.size(),
+                  " given)");
+  }
+  const nn::ParallelGroups groups{tp, nullptr};
+
   const fs::path path(o.model);
   TESSERA_CHECK(fs::exists(path), NotFound, "model '", o.model, "' does not exist");
   at::NoGradGuard no_grad;
   if (fs::is_directory(path) && is_vlm_folder(path)) {
+    TESSERA_CHECK(!tp, InvalidArgument, "model folder '", o.model,
+                  "' is a vision-language model: tensor-parallel serving runs text models");
     TESSERA_CHECK(o.tokenizer.empty(), InvalidArgument, "model folder '", o.model,
                   "' is a vision-language model: its tokenizer.json is used, not "
                   "EngineOptions.tokenizer");
@@ -177,7 +190,7 @@ void Engine::Impl::load(const EngineOptions& o) {
     model = &vlm->model->language_model();
     tokenizer = vlm->tokenizer;
   } else if (fs::is_directory(path)) {
-    owned_model = std::make_unique<nn::Transformer>(nn::load_hf_model(o.model));
+    owned_model = std::make_unique<nn::Transformer>(nn::load_hf_model(o.model, groups));
     model = owned_model.get();
     const std::string tok = o.tokenizer.empty() ? (path / "tokenizer.json").string() : o.tokenizer;
     TESSERA_CHECK(fs::exists(tok), NotFound, "model folder '", o.model,
@@ -185,13 +198,15 @@ void Engine::Impl::load(const EngineOptions& o) {
     tokenizer = nn::Tokenizer::from_tokenizer_json(tok);
     chat_template = folder_chat_template(path);
   } else if (ends_with(o.model, ".gguf")) {
-    nn::LoadedModel loaded = nn::load_gguf_model(o.model);
+    nn::LoadedModel loaded = nn::load_gguf_model(o.model, groups);
     owned_model = std::move(loaded.model);
     model = owned_model.get();
     tokenizer = std::move(loaded.tokenizer);
     chat_template = std::move(loaded.chat_template);
   } else if (ends_with(o.model, ".safetensors")) {
     // A packed model written by quant::QuantizedModel::save.
+    TESSERA_CHECK(!tp, InvalidArgument, "packed model '", o.model,
+                  "': tensor-parallel serving runs float weights (a folder or GGUF file)");
     quant::QuantizedModel::Loaded loaded = quant::QuantizedModel::load(o.model);
     owned_model = std::make_unique<nn::Transformer>(std::move(loaded.model));
     model = owned_model.get();
@@ -206,8 +221,9 @@ void Engine::Impl::load(const EngineOptions& o) {
   }
   if (!o.chat_template.empty()) chat_template = o.chat_template;
   const nn::ModelConfig& c = model->config();
-  TESSERA_CHECK(model->groups().tp_size() == 1 && model->groups().ep_size() == 1, InvalidArgument,
-                "the engine runs single-rank models");
+  TESSERA_CHECK(
+      model->groups().ep_size() == 1 && model->groups().tp_size() == (tp ? tp->size() : 1),
+      InvalidArgument, "the engine's model must span EngineOptions::tensor_parallel");
 
   if (o.quantization == "fp") {
     model->set_linear_override(nullptr);
@@ -243,7 +259,8 @@ void Engine::Impl::load(const EngineOptions& o) {
   }
 
   // The KV pool: the scheduler's blocks, then QSPEC's scratch blocks.
-  const int64_t per_block = nn::PagedKVCache::bytes_per_block(c, o.block_size);
+  const int tp_size = tp ? tp->size() : 1;
+  const int64_t per_block = nn::PagedKVCache::bytes_per_block(c, o.block_size, tp_size);
   manager_blocks =
       o.num_blocks > 0
           ? o.num_blocks
@@ -253,7 +270,7 @@ void Engine::Impl::load(const EngineOptions& o) {
       qspec ? o.max_num_seqs * ((o.qspec_gamma + o.block_size - 1) / o.block_size) : 0;
   TESSERA_CHECK(manager_blocks + scratch <= std::numeric_limits<int32_t>::max(), InvalidArgument,
                 "EngineOptions: ", manager_blocks, " KV blocks do not fit in a block id");
-  cache = std::make_unique<nn::PagedKVCache>(c, manager_blocks + scratch, o.block_size);
+  cache = std::make_unique<nn::PagedKVCache>(c, manager_blocks + scratch, o.block_size, tp_size);
   for (int64_t b = manager_blocks + scratch - 1; b >= manager_blocks; --b) {
     free_scratch.push_back(static_cast<int32_t>(b));
   }
@@ -300,7 +317,8 @@ void Engine::Impl::load(const EngineOptions& o) {
   for (FinishReason r : {FinishReason::kStop, FinishReason::kLength, FinishReason::kAbort})
     success(r);
   TESSERA_LOG(Info, kLog) << "engine '" << name << "': " << c.summary() << ", " << o.quantization
-                          << ", " << manager_blocks << " KV blocks of " << o.block_size << " ("
+                          << (tp ? ", tp " + std::to_string(tp_size) : std::string()) << ", "
+                          << manager_blocks << " KV blocks of " << o.block_size << " ("
                           << (manager_blocks * per_block >> 20) << " MiB), max_model_len "
                           << max_len;
 }
@@ -385,6 +403,9 @@ const JsonTokenMasker& Engine::Impl::json() {
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 std::unique_ptr<Engine> Engine::create(const EngineOptions& options) {
+  TESSERA_CHECK(!options.tensor_parallel || options.tensor_parallel->rank() == 0, InvalidArgument,
+                "Engine::create on tensor-parallel rank ", options.tensor_parallel->rank(),
+                ": rank 0 creates the engine, the others call run_tensor_parallel_rank");
   auto impl = std::make_unique<Impl>();
   translate_errors(
       "Engine::create", [&] { impl->load(options); }, ErrorCode::kInvalidArgument);
@@ -394,6 +415,32 @@ std::unique_ptr<Engine> Engine::create(const EngineOptions& options) {
   std::unique_ptr<Engine> engine(new Engine(std::move(impl)));
   raw->thread = std::thread([raw] { raw->run(); });
   return engine;
+}
+
+void Engine::run_tensor_parallel_rank(const EngineOptions& options) {
+  TESSERA_CHECK(options.tensor_parallel && options.tensor_parallel->size() > 1 &&
+                    options.tensor_parallel->rank() > 0,
+                InvalidArgument,
+                "Engine::run_tensor_parallel_rank: EngineOptions::tensor_parallel must be a group "
+                "of two or more ranks, and this rank not its rank 0");
+  Impl impl;
+  translate_errors(
+      "Engine::run_tensor_parallel_rank", [&] { impl.load(options); }, ErrorCode::kInvalidArgument);
+  at::init_num_threads();
+  at::set_num_threads(options.num_threads > 0 ? options.num_threads : at::get_num_threads());
+  at::NoGradGuard no_grad;
+  while (true) {
+    const detail::StepMessage message = detail::receive_step(*impl.tp);
+    if (message.stop) return;
+    try {
+      detail::run_step(*impl.model, *impl.cache, message);
+    } catch (const Error& e) {
+      // Rank 0 meets the same error in the same place (the same checks on
+      // the same batch) and fails the step's requests; carry on with it.
+      if (e.code() == ErrorCode::kUnavailable || e.code() == ErrorCode::kDeadlineExceeded) throw;
+      TESSERA_LOG(Warn, kLog) << "tensor-parallel step failed: " << e.what();
+    }
+  }
 }
 
 Engine::~Engine() {
@@ -552,6 +599,8 @@ bool Engine::drain(std::chrono::milliseconds deadline) {
 }
 
 void Engine::load_adapter(const std::string& name, const std::string& path) {
+  TESSERA_CHECK(!impl_->tp, FailedPrecondition, "adapter '", name,
+                "': tensor-parallel serving does not serve adapters");
   impl_->adapters->load(name, path);
 }
 

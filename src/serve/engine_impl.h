@@ -20,6 +20,7 @@
 
 #include "adapters.h"
 #include "sampling.h"
+#include "tensor_parallel.h"
 #include "tessera/core/metrics.h"
 #include "tessera/lora/lora.h"
 #include "tessera/nn/model.h"
@@ -129,6 +130,10 @@ struct Engine::Impl {
   std::string chat_template;
   std::vector<int64_t> eos_ids;
   std::unique_ptr<nn::PagedKVCache> cache;
+  // Tensor parallelism (EngineOptions::tensor_parallel of more than one
+  // rank), else null. Rank 0 runs the engine thread and sends each step to
+  // the others (tensor_parallel.h).
+  std::shared_ptr<dist::ProcessGroup> tp;
   int64_t manager_blocks = 0;  // blocks the scheduler hands out: [0, manager_blocks)
   std::vector<int32_t>
       free_scratch;  // QSPEC scratch blocks: [manager_blocks, total); engine thread

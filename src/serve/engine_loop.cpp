@@ -229,7 +229,10 @@ StepResult Loop::execute(const SchedulerStep& step, const std::vector<SampleStat
     nn::PagedKVCache& cache = *m_.cache;
     const int64_t bs = cache.block_size();
     const int64_t V = m_.vocab;
-    for (const BlockCopy& c : step.copies) cache.copy_block(c.src, c.dst);
+    // (Under tensor parallelism the copies travel with the step's forward.)
+    if (!m_.tp) {
+      for (const BlockCopy& c : step.copies) cache.copy_block(c.src, c.dst);
+    }
     m_.model->set_adapter(m_.bank_members.empty() ? nullptr : m_.bank);
 
     // Which sequences skip the model (QSPEC-decided tokens with their keys
@@ -363,7 +366,22 @@ StepResult Loop::execute(const SchedulerStep& step, const std::vector<SampleStat
     }
     at::Tensor logits;
     const float* lp = nullptr;
-    if (!ids.empty()) {
+    if (m_.tp) {
+      // Text models in fp32 only (no drafts, images or adapters): the other
+      // ranks run the same copies and forward on their shards.
+      detail::StepMessage message;
+      message.copies = step.copies;
+      message.ids = ids;
+      message.batch = batch;
+      message.batch.cache = nullptr;
+      message.hidden_only = batch.logits_rows.empty();
+      detail::broadcast_step(*m_.tp, message);
+      at::Tensor out = detail::run_step(*m_.model, cache, message);
+      if (out.defined()) {
+        logits = out.squeeze(0).contiguous();
+        lp = logits.data_ptr<float>();
+      }
+    } else if (!ids.empty()) {
       nn::ForwardOptions fo;
       fo.paged = &batch;
       if (batch.logits_rows.empty()) fo.hidden_only = true;  // nothing to sample: skip the LM head
@@ -699,8 +717,23 @@ void Loop::publish_stats() {
 void Engine::Impl::run() {
   try {
     Loop(*this).run();
+    if (tp) {
+      // Release the other ranks.
+      detail::StepMessage stop;
+      stop.stop = true;
+      detail::broadcast_step(*tp, stop);
+    }
   } catch (const std::exception& e) {
     TESSERA_LOG(Error, kLog) << "engine thread stopped: " << e.what();
+    if (tp) {
+      try {
+        detail::StepMessage stop;
+        stop.stop = true;
+        detail::broadcast_step(*tp, stop);
+      } catch (const std::exception&) {
+        // The group itself failed: the other ranks see that too.
+      }
+    }
     std::lock_guard<std::mutex> lock(mu);
     accepting = false;
     for (const auto& [id, r] : requests) {

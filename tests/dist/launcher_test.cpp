@@ -138,6 +138,31 @@ TEST_F(LauncherTest, InterruptStopsEveryRank) {
   expect_all_gone(pids);
 }
 
+// --drain-on-signal: SIGTERM still reaches every rank, and the launcher
+// returns the ranks' own code (0 after a clean drain, not 130).
+TEST_F(LauncherTest, DrainOnSignalReturnsTheRanksCode) {
+  for (int code : {0, 5}) {
+    SCOPED_TRACE(code);
+    fs::remove_all(dir_ / "pids");
+    fs::create_directories(dir_ / "pids");
+    std::string out = (dir_ / "out.txt").string();
+    Subprocess launcher =
+        start({TESSERA_LAUNCH_BIN, "--nproc", "2", "--grace", "5", "--drain-on-signal", "--",
+               TESSERA_HELPER_BIN, "drain", std::to_string(code)},
+              {piddir_env()}, out);
+    for (int i = 0; i < 200 && recorded_pids(dir_ / "pids").size() < 4; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    auto pids = recorded_pids(dir_ / "pids");
+    ASSERT_EQ(pids.size(), 4u);
+    kill(launcher.pid(), SIGTERM);
+    Result r = finish(launcher, out);
+    EXPECT_EQ(r.exit_code, code) << r.output;
+    EXPECT_NE(r.output.find("[rank 1] rank 1 drained"), std::string::npos) << r.output;
+    expect_all_gone(pids);
+  }
+}
+
 TEST_F(LauncherTest, RanksRendezvousAndReduce) {
   std::string out = (dir_ / "out.txt").string();
   Result r = finish(

@@ -3,11 +3,13 @@
 //                             $TESSERA_TEST_PIDDIR; rank R exits with CODE,
 //                             the others sleep until killed
 //   rank_helper sleep         record pids, sleep until killed
+//   rank_helper drain CODE    record pids, sleep; on SIGTERM exit with CODE
 //   rank_helper rendezvous    join the world, all_reduce, print the sum
 //   rank_helper peer-dies     rank 1 exits right after joining; rank 0's next
 //                             collective must fail with a tessera::Error
 //   rank_helper --help        the modes (a bad command line exits 64)
 #include <ATen/ATen.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -63,6 +65,10 @@ int main(int argc, char** argv) {
   fail_cmd->add_option("R", fail_rank, "the rank that fails")->required();
   fail_cmd->add_option("CODE", fail_code, "its exit code")->required();
   CLI::App* sleep_cmd = app.add_subcommand("sleep", "record pids, sleep until killed");
+  int drain_code = 0;
+  CLI::App* drain_cmd =
+      app.add_subcommand("drain", "record pids, sleep; on SIGTERM exit with CODE");
+  drain_cmd->add_option("CODE", drain_code, "the exit code after SIGTERM")->required();
   CLI::App* rendezvous_cmd =
       app.add_subcommand("rendezvous", "join the world, all_reduce, print the sum");
   CLI::App* peer_dies_cmd = app.add_subcommand(
@@ -90,6 +96,17 @@ int main(int argc, char** argv) {
       record_pids();
       sleep_forever();
       return 0;
+    }
+    if (drain_cmd->parsed()) {
+      sigset_t term;
+      sigemptyset(&term);
+      sigaddset(&term, SIGTERM);
+      pthread_sigmask(SIG_BLOCK, &term, nullptr);
+      record_pids();
+      int sig = 0;
+      sigwait(&term, &sig);
+      std::cout << "rank " << env_rank() << " drained" << std::endl;
+      return drain_code;
     }
     if (rendezvous_cmd->parsed()) {
       auto world = tessera::dist::init_process_group();

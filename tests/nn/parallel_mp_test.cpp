@@ -74,6 +74,56 @@ TEST(TensorParallel, LogitsEqualOneRank) {
   }
 }
 
+// The serving engine's paged forward under tp: each rank keeps its own kv
+// heads in the block pool, the logits match the single-rank paged forward,
+// and a sequence's logits are the same bits whatever else shares the batch.
+TEST(TensorParallel, PagedForwardMatchesOneRankAndIsBatchInvariant) {
+  at::NoGradGuard no_grad;
+  for (const std::string type : {"llama", "qwen2", "mixtral", "qwen2_moe"}) {
+    SCOPED_TRACE(type);
+    const ModelConfig c = tiny(type);
+    Transformer single(c);
+    single.init_random(31);
+    Transformer sharded(c, ParallelGroups{g_world, nullptr});
+    sharded.init_random(31);
+    const int tp = g_world->size();
+    PagedKVCache one(c, 8, 4), mine(c, 8, 4, tp);
+    EXPECT_EQ(mine.key(0).size(1), c.num_key_value_heads / tp);
+    EXPECT_EQ(PagedKVCache::bytes_per_block(c, 4, tp) * tp, PagedKVCache::bytes_per_block(c, 4));
+
+    // Three sequences of 7, 5 and 3 tokens; logits for every last token
+    // and two inner ones.
+    const at::Tensor ids = ids_for(7, 1, 15);
+    PagedBatch batch;
+    batch.sequences = {{7, 0, {0, 1}, -1}, {5, 0, {2, 3}, -1}, {3, 0, {4}, -1}};
+    batch.logits_rows = {6, 3, 11, 14};
+    auto run = [&](Transformer& model, PagedKVCache& cache, PagedBatch b, const at::Tensor& x) {
+      b.cache = &cache;
+      ForwardOptions f;
+      f.paged = &b;
+      return model.forward(x, f).logits[0];
+    };
+    const at::Tensor got = run(sharded, mine, batch, ids);
+    expect_close(got, run(single, one, batch, ids));
+
+    // The second sequence alone, in other blocks: the same bits.
+    PagedKVCache fresh(c, 8, 4, tp);
+    PagedBatch alone;
+    alone.sequences = {{5, 0, {6, 5}, -1}};
+    alone.logits_rows = {4};
+    const at::Tensor by_itself = run(sharded, fresh, alone, ids.narrow(1, 7, 5));
+    EXPECT_TRUE(at::equal(by_itself[0], got[2])) << "batch-dependent logits under tp";
+
+    // A decode step on the cached prefix: the next token of sequence 2
+    // sees the keys and values the batch wrote into this rank's heads.
+    PagedBatch decode;
+    decode.sequences = {{1, 3, {4}, -1}};
+    decode.logits_rows = {0};
+    const at::Tensor next = ids_for(8, 1, 1);
+    expect_close(run(sharded, mine, decode, next), run(single, one, decode, next));
+  }
+}
+
 TEST(TensorParallel, LoadsAHuggingFaceFolderIntoShards) {
   std::string dir = ::testing::TempDir() + "/tessera_tp_load_" + std::to_string(getppid());
   if (g_world->rank() == 0) write_random_model(dir, tiny("qwen2"), 33, 30000);

@@ -9,7 +9,10 @@ whose outputs equal the same prompts served one at a time; a client that
 disconnects mid-stream (its request is aborted and its KV blocks freed);
 20 kinds of malformed request (4xx with an OpenAI error object, server
 still healthy); API keys; runtime adapter loading; /metrics moving; and a
-SIGTERM drain that finishes the running request and exits 0.
+SIGTERM drain that finishes the running request and exits 0. Then the same
+model tensor-parallel over three processes (--tp 3, fp32): the answer,
+concurrent streams equal to sequential ones, the blocks freed, and a SIGTERM
+drain after which every rank is gone.
 
 Exit 0: passed; 1: a check failed; 77: skipped (SmolLM2 or the openai
 package missing outside CI).
@@ -18,13 +21,11 @@ import argparse
 import concurrent.futures
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -65,6 +66,58 @@ def http(method, url, body=None, key=None, timeout=60):
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+def wait_healthy(server, base):
+    """Until /health answers 200, the server exits, or 5 minutes pass."""
+    for _ in range(600):
+        if server.poll() is not None:
+            return
+        try:
+            if http("GET", base + "/health", timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
+def concurrent_equals_sequential(client, model, prompts):
+    """Indices of prompts whose streamed output, all streamed at once, differs from the prompt served alone."""
+    alone = [client.completions.create(model=model, prompt=p, max_tokens=6, temperature=0).choices[0].text
+             for p in prompts]
+
+    def streamed(p):
+        out = ""
+        for chunk in client.completions.create(model=model, prompt=p, max_tokens=6, temperature=0, stream=True):
+            out += chunk.choices[0].text if chunk.choices else ""
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(streamed, prompts))
+    return [i for i in range(len(prompts)) if together[i] != alone[i]]
+
+
+def check_sigterm_drain(client, model, server, tokens, label):
+    """SIGTERM while a request runs: it finishes (all `tokens`), then the server exits 0."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.completions.create, model=model, prompt="Once upon a time", max_tokens=tokens,
+                              temperature=0, extra_body={"ignore_eos": True})
+        time.sleep(1.0)
+        server.send_signal(signal.SIGTERM)
+        result = running.result(timeout=120)
+        check(result.choices[0].finish_reason == "length" and result.usage.completion_tokens == tokens,
+              label + "a request running at SIGTERM finishes")
+    check(server.wait(timeout=120) == 0, label + "SIGTERM: the server drains and exits 0")
+
+
+def stop_server(server, log, scratch):
+    """Kills a server still running and shows the end of its log when a check failed."""
+    if server.poll() is None:
+        server.kill()
+        server.wait()
+    log.close()
+    if FAILURES:
+        print(open(os.path.join(scratch, "server.log")).read()[-4000:])
 
 
 def metric(base, key, name, labels=""):
@@ -119,38 +172,47 @@ def main():
                                "--drain-seconds", "60"], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            if server.poll() is not None:
-                break
-            try:
-                if http("GET", base + "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(server, base)
         check(http("GET", base + "/health")[0] == 200, "server starts and answers /health")
         run_checks(openai, base, key, adapters)
         # SIGTERM drains: a running request finishes, the process exits 0.
         client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
         model = client.models.list().data[0].id
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            running = pool.submit(client.completions.create, model=model, prompt="Once upon a time", max_tokens=64,
-                                  temperature=0, extra_body={"ignore_eos": True})
-            time.sleep(1.0)
-            server.send_signal(signal.SIGTERM)
-            result = running.result(timeout=120)
-            check(result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 64,
-                  "a request running at SIGTERM finishes")
-        check(server.wait(timeout=120) == 0, "SIGTERM: the server drains and exits 0")
+        check_sigterm_drain(client, model, server, 64, "")
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        log.close()
-        if FAILURES:
-            print(open(os.path.join(scratch, "server.log")).read()[-4000:])
+        stop_server(server, log, scratch)
+    check_tensor_parallel(openai, args.server, gguf)
     print(f"{len(FAILURES)} check(s) failed" if FAILURES else "all checks passed")
     return 1 if FAILURES else 0
+
+
+def check_tensor_parallel(openai, server_bin, gguf):
+    """tessera-serve --tp 3 (SmolLM2 has 3 kv heads): it starts its ranks itself."""
+    port = free_port()
+    scratch = tempfile.mkdtemp(prefix="tessera-serve-tp-test-")
+    log = open(os.path.join(scratch, "server.log"), "w")
+    server = subprocess.Popen([server_bin, "--model", gguf, "--tp", "3", "--port", str(port), "--max-num-seqs", "8",
+                               "--drain-seconds", "60"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    ranks = lambda: subprocess.run(["pgrep", "-f", "--", f"--tp 3 --port {port}"], capture_output=True,
+                                   text=True).stdout.split()
+    try:
+        wait_healthy(server, base)
+        check(http("GET", base + "/health")[0] == 200, "--tp 3: the server starts and answers /health")
+        check(len(ranks()) == 4, f"--tp 3: the launcher and three ranks run ({len(ranks())} processes)")
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is the capital "
+                                                                   "of France?"}], max_tokens=24, temperature=0)
+        check("Paris" in r.choices[0].message.content, f"--tp 3: chat answers ({r.choices[0].message.content!r})")
+        prompts = [f"Item {i}: the number after {i * 7} is" for i in range(8)]
+        check(not concurrent_equals_sequential(client, model, prompts),
+              "--tp 3: 8 concurrent streams equal their sequential outputs")
+        check(metric(base, None, "vllm:kv_cache_usage_perc") == 0, "--tp 3: every KV block free afterwards")
+        check_sigterm_drain(client, model, server, 32, "--tp 3: ")
+        check(not ranks(), "--tp 3: no rank is left running")
+    finally:
+        stop_server(server, log, scratch)
 
 
 def run_checks(openai, base, key, adapter_root):
@@ -211,18 +273,7 @@ def run_checks(openai, base, key, adapter_root):
 
     # 64 concurrent streams: each equals the same prompt served alone.
     prompts = [f"Item {i}: the number after {i * 7} is" for i in range(64)]
-    alone = [client.completions.create(model=model, prompt=p, max_tokens=6, temperature=0).choices[0].text
-             for p in prompts]
-
-    def streamed(p):
-        out = ""
-        for chunk in client.completions.create(model=model, prompt=p, max_tokens=6, temperature=0, stream=True):
-            out += chunk.choices[0].text if chunk.choices else ""
-        return out
-
-    with concurrent.futures.ThreadPoolExecutor(64) as pool:
-        together = list(pool.map(streamed, prompts))
-    mismatches = [i for i in range(64) if together[i] != alone[i]]
+    mismatches = concurrent_equals_sequential(client, model, prompts)
     check(not mismatches, f"64 concurrent streams equal their sequential outputs (mismatches: {mismatches[:5]})")
 
     # A client that disconnects mid-stream: aborted, blocks freed.

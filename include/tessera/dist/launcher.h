@@ -38,7 +38,12 @@ struct LaunchOptions {
   int agent_port = 0;                     // launchers' store (several nodes); 0: master_port + 1
   std::chrono::milliseconds grace{5000};  // SIGTERM -> SIGKILL delay
   bool prefix_output = true;              // "[rank N] " before every line
-  std::vector<std::string> command;       // program and arguments
+  // SIGINT/SIGTERM to the launcher are still forwarded to the ranks, but
+  // the launcher then returns what they return (0 when all exit 0) rather
+  // than 130: for ranks that take the signal as a request to finish (a
+  // server draining its requests).
+  bool signal_ends_successfully = false;
+  std::vector<std::string> command;  // program and arguments
   // -h/--help came before the program: tessera-launch prints launch_usage()
   // and starts nothing (the other fields are then not checked).
   bool help = false;

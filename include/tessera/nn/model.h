@@ -78,13 +78,15 @@ class KVCache {
 
 // The KV cache of a serving engine: per layer, a pool of fixed-size blocks
 // of key and value rows, [num_blocks, kv_heads_local, block_size, head_dim]
-// fp32 each. Which block holds which positions of which sequence is the
-// caller's business (serve::BlockManager decides it); a forward reads and
+// fp32 each (kv_heads_local = num_key_value_heads / tp_size: a
+// tensor-parallel rank keeps its own heads' keys and values). Which block holds which positions of
+// which sequence is the caller's business (serve::BlockManager decides it); a forward reads and
 // writes the pools through a PagedBatch. Not thread-safe.
 class PagedKVCache {
  public:
-  // InvalidArgument for num_blocks or block_size < 1.
-  PagedKVCache(const ModelConfig& config, int64_t num_blocks, int64_t block_size);
+  // InvalidArgument for num_blocks or block_size < 1, or kv heads that do
+  // not split over tp_size.
+  PagedKVCache(const ModelConfig& config, int64_t num_blocks, int64_t block_size, int tp_size = 1);
 
   int64_t num_blocks() const { return num_blocks_; }
   int64_t block_size() const { return block_size_; }
@@ -100,8 +102,9 @@ class PagedKVCache {
   void copy_slots(int64_t src_block, int64_t src_slot, int64_t dst_block, int64_t dst_slot,
                   int64_t count);
   int64_t bytes() const;
-  // Bytes one block takes over all layers: what a memory budget divides by.
-  static int64_t bytes_per_block(const ModelConfig& config, int64_t block_size);
+  // Bytes one block takes over all layers on one rank: what a memory
+  // budget divides by.
+  static int64_t bytes_per_block(const ModelConfig& config, int64_t block_size, int tp_size = 1);
 
  private:
   int64_t num_blocks_, block_size_;
@@ -244,8 +247,12 @@ struct ForwardOptions {
   // A paged forward (the serving engine's): input_ids [1, N] are the
   // tokens of paged->sequences, read and written through paged->cache, with
   // logits only for paged->logits_rows. Always batch-invariant (fp32 CPU
-  // models, single rank); cache, lengths, last_logits_only,
-  // sequence_adapters and record_routing must be left unset.
+  // models); cache, lengths, last_logits_only, sequence_adapters and
+  // record_routing must be left unset. Tensor-parallel models (no ep) run
+  // it too: every tp rank passes the same batch and token ids, its cache
+  // holds its own kv heads, the row-parallel outputs are summed in rank
+  // order (detail::sum_in_rank_order, so the result stays batch-invariant
+  // for any tp) and the logits come back gathered on every rank.
   const PagedBatch* paged = nullptr;
 };
 

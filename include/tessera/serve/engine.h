@@ -62,6 +62,9 @@
 namespace tessera {
 class MetricsRegistry;
 }
+namespace tessera::dist {
+class ProcessGroup;
+}
 
 namespace tessera::serve {
 
@@ -116,6 +119,16 @@ struct EngineOptions {
   int64_t max_logprobs = 20;
   // Vision-language models: images one request may carry.
   int64_t max_images_per_request = 8;
+  // Tensor-parallel serving (Megatron-style shards, as nn::Transformer
+  // splits them): the ranks that hold one model. Null or one rank: the
+  // engine runs alone. Otherwise the group's rank 0 calls create() and
+  // serves requests; every other rank calls Engine::run_tensor_parallel_rank
+  // with the same options. Rank 0 schedules; each step it sends the batch
+  // (tokens, positions, block tables, copy-on-write copies) to the other
+  // ranks, and all run the forward on their shards and their heads' part
+  // of the KV cache. Float weights ("fp") of text models without adapters;
+  // the model's kv heads must split over the group. Not read from JSON.
+  std::shared_ptr<dist::ProcessGroup> tensor_parallel;
 
   // Reads the keys above from a JSON object (strict: unknown keys are
   // InvalidArgument naming them; "adapters" is an object of name: folder).
@@ -240,7 +253,14 @@ class Engine {
   // options, NotFound / DataLoss for model files (naming them).
   static std::unique_ptr<Engine> create(const EngineOptions& options);
   // Finishes nothing: running requests are aborted (finish_reason "abort").
+  // Under tensor parallelism, also releases the other ranks.
   ~Engine();
+  // A tensor-parallel rank other than 0 (EngineOptions::tensor_parallel):
+  // loads this rank's shards with the options rank 0 gave create(), then
+  // runs rank 0's steps until rank 0's Engine is destroyed, and returns.
+  // The same errors as create() for bad options (every rank checks them
+  // alike); Unavailable / DeadlineExceeded when rank 0 is gone.
+  static void run_tensor_parallel_rank(const EngineOptions& options);
 
   // Queues a request. InvalidArgument (nothing queued) for an empty prompt,
   // bad parameters, an unknown adapter, or a prompt + max_tokens longer

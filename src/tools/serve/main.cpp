@@ -12,19 +12,29 @@
 // SIGTERM or SIGINT drains: new requests get 503 (gRPC: FAILED_PRECONDITION),
 // running ones finish for up to --drain-seconds (the rest are aborted),
 // then the server exits 0.
+//
+// --tp N serves the model tensor-parallel over N processes on this host:
+// tessera-serve starts them itself through the launcher (or runs as one of
+// them under tessera-launch --nproc N). Rank 0 serves HTTP and schedules;
+// the others hold their shards and follow its steps, ignoring SIGTERM until
+// rank 0 has drained and lets them go.
 #include <signal.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include "command_line.h"
 #include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
+#include "tessera/dist/launcher.h"
+#include "tessera/dist/rendezvous.h"
 #include "tessera/serve/engine.h"
 #include "tessera/serve/http_server.h"
 #ifdef TESSERA_SERVE_GRPC
@@ -39,6 +49,7 @@ int main(int argc, char** argv) {
   double drain_seconds = 30;
   bool no_prefix_caching = false;
   int grpc_port = -1;
+  int tp = 1;
   CLI::App app{
       "An OpenAI-compatible server (completions, chat, streaming, adapters, metrics) for one "
       "model.",
@@ -64,6 +75,10 @@ int main(int argc, char** argv) {
                  "-1: off)")
       ->check(CLI::Range(-1, 65535));
 #endif
+  app.add_option("--tp", tp,
+                 "tensor-parallel processes on this host (fp weights, text models, no adapters; "
+                 "the model's kv heads must split over them)")
+      ->check(CLI::Range(1, 256));
   app.add_option("--max-num-seqs", eo.max_num_seqs, "sequences decoding at once")
       ->check(tessera::examples::positive());
   app.add_option("--max-batched-tokens", eo.max_num_batched_tokens,
@@ -110,6 +125,34 @@ int main(int argc, char** argv) {
     eo.adapters[a.substr(0, eq)] = a.substr(eq + 1);
   }
 
+  std::optional<tessera::dist::EnvInfo> env;
+  try {
+    env = tessera::dist::EnvInfo::from_env();
+    if (tp > 1 && !env->distributed) {
+      // Start the ranks: this program again, tp times, under the launcher
+      // (which forwards SIGTERM and stops every rank when one fails). Rank
+      // 0 needs up to --drain-seconds after SIGTERM.
+      tessera::dist::LaunchOptions lo;
+      lo.nproc = tp;
+      lo.prefix_output = false;
+      lo.signal_ends_successfully = true;
+      lo.grace = std::chrono::milliseconds(static_cast<int64_t>(drain_seconds * 1000) + 15000);
+      char self[4096];
+      const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+      lo.command.push_back(n > 0 ? std::string(self, static_cast<size_t>(n)) : argv[0]);
+      for (int i = 1; i < argc; ++i) lo.command.emplace_back(argv[i]);
+      return tessera::dist::launch(lo, std::cerr);
+    }
+    if (env->distributed && env->world_size != tp) {
+      std::cerr << "tessera-serve: --tp " << tp << " but the launcher started " << env->world_size
+                << " ranks\n";
+      return 2;
+    }
+  } catch (const tessera::Error& e) {
+    std::cerr << "tessera-serve: " << e.what() << "\n";
+    return 1;
+  }
+
   // SIGTERM / SIGINT are taken by a waiting thread, not a handler: block
   // them before any thread starts (every thread inherits the mask).
   sigset_t signals;
@@ -121,6 +164,20 @@ int main(int argc, char** argv) {
     tessera::RuntimeOptions ro;
     ro.num_threads = eo.num_threads;
     const tessera::RuntimeInfo info = tessera::init_runtime(ro);
+    if (tp > 1) {
+      // An idle server sends no steps for as long as no request comes: the
+      // group may wait for days (a rank that dies closes its connections,
+      // which the others see at once).
+      tessera::dist::InitOptions io;
+      io.group.name = "tp";
+      io.group.timeout = std::chrono::hours(24 * 365);
+      eo.tensor_parallel = tessera::dist::init_process_group(io);
+      if (eo.tensor_parallel->rank() != 0) {
+        // SIGTERM stays blocked: rank 0 drains, then releases this rank.
+        tessera::serve::Engine::run_tensor_parallel_rank(eo);
+        return 0;
+      }
+    }
     std::cerr << "tessera-serve: " << info.summary() << "\n";
     auto engine = tessera::serve::Engine::create(eo);
     auto server = tessera::serve::HttpServer::start(*engine, ho);
