@@ -2,8 +2,8 @@
 # Calibrates the simulator's cluster files for this machine: Gloo collective
 # times on 2 and 4 local ranks, measured as a training step meets them
 # (`tessera-sim calibrate collectives --compute-ms`), and compute slowed by
-# other ranks sharing the host's cores and the straggler among them
-# (`calibrate host`); then fits
+# other ranks sharing the host's cores, the straggler among them, and the
+# same compute in lock step after each collective (`calibrate host`); then fits
 # gloo_local_np2.json and gloo_local_np4.json from them with the recipes in
 # data/sim.
 #
@@ -19,7 +19,7 @@
 # Run it on a quiet machine (nothing else running): the measurements are the
 # timings of this host as it is now. A cloud VM's collective times drift
 # from day to day, so calibrate right before `tessera-sim validate`.
-# Takes about 5 minutes on 2 cores.
+# Takes about 4 minutes on 2 cores.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -62,12 +62,14 @@ recipe = json.load(open(recipe_path))
 host = json.load(open(host_path))
 recipe["topology"]["host_compute_slowdown"] = [round(v, 3) for v in host["compute_slowdown"]]
 recipe["topology"]["host_sync_skew"] = [round(v, 4) for v in host["sync_skew"]]
+recipe["topology"]["host_lockstep_slowdown"] = [round(v, 3) for v in host["lockstep_slowdown"]]
+recipe["topology"]["host_sync_us"] = [round(v, 1) for v in host["sync_us"]]
 n = recipe["topology"]["devices_per_node"]
 groups = " and pairs running concurrently (--group-size 2, gloo_local/np4_groups2.json)" if n == 4 else ""
 recipe["provenance"] = (
     f"collective times from `tessera-sim calibrate collectives --compute-ms {compute_ms}` under "
-    f"tessera-launch --nproc {n} (gloo_local/np{n}_groups{n}.json){groups}; host_compute_slowdown "
-    f"and host_sync_skew from `tessera-sim calibrate host --job jobs/dense-s.json` "
+    f"tessera-launch --nproc {n} (gloo_local/np{n}_groups{n}.json){groups}; host_compute_slowdown, "
+    f"host_sync_skew, host_lockstep_slowdown and host_sync_us from `tessera-sim calibrate host --job jobs/dense-s.json` "
     f"(gloo_local/np{n}_host.json); "
     "written by scripts/sim_calibrate_local.sh")
 text = json.dumps(recipe, indent=2) + "\n"

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <map>
 
 #include "tessera/core/error.h"
 #include "tessera/core/log.h"
@@ -37,6 +38,23 @@ int thread_count(int requested, const dist::ProcessGroup& world) {
 }
 
 using detail::median;
+
+// Square fp32 GEMMs, as many as take about `ms` on this rank alone: the
+// compute of the collective calibration (--compute-ms).
+std::function<void()> gemm_segment(int rank, double ms) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(17 + rank);
+  at::Tensor a = at::randn({256, 256}, gen);
+  at::Tensor b = at::randn({256, 256}, gen);
+  at::Tensor c = at::empty({256, 256});
+  at::mm_out(c, a, b);  // warm-up
+  Stopwatch probe;
+  for (int i = 0; i < 5; ++i) at::mm_out(c, a, b);
+  const double one = probe.seconds() / 5;
+  const int reps = static_cast<int>(std::max(1.0, std::round(ms * 1e-3 / std::max(one, 1e-9))));
+  return [a, b, c, reps]() mutable {
+    for (int i = 0; i < reps; ++i) at::mm_out(c, a, b);
+  };
+}
 
 // The slowest rank's value.
 double world_max(dist::ProcessGroup& world, double value) {
@@ -111,25 +129,9 @@ std::vector<Measurement> measure_collectives(dist::ProcessGroup& world,
       if (sub) group = sub;
     }
   }
-  // The compute before each call (compute_ms): square fp32 GEMMs, as many
-  // as take about compute_ms on this rank alone.
+  // The compute before each call (compute_ms).
   std::function<void()> compute;
-  at::Tensor ga, gb, gc;
-  if (options.compute_ms > 0) {
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(17 + world.rank());
-    ga = at::randn({256, 256}, gen);
-    gb = at::randn({256, 256}, gen);
-    gc = at::empty({256, 256});
-    at::mm_out(gc, ga, gb);  // warm-up
-    Stopwatch probe;
-    for (int i = 0; i < 5; ++i) at::mm_out(gc, ga, gb);
-    const double one = probe.seconds() / 5;
-    const int reps = static_cast<int>(
-        std::max(1.0, std::round(options.compute_ms * 1e-3 / std::max(one, 1e-9))));
-    compute = [&ga, &gb, &gc, reps] {
-      for (int i = 0; i < reps; ++i) at::mm_out(gc, ga, gb);
-    };
-  }
+  if (options.compute_ms > 0) compute = gemm_segment(world.rank(), options.compute_ms);
   std::vector<Measurement> out;
   for (CollectiveKind op : options.ops) {
     TESSERA_CHECK(op != CollectiveKind::kSendRecv, InvalidArgument,
@@ -247,45 +249,200 @@ std::vector<OverlapSample> measure_overlap(dist::ProcessGroup& world,
   return samples;
 }
 
+namespace {
+
+// Turns a placeholder group's collectives into synchronisation points of
+// the real ranks: every wait for a placeholder result also waits, when
+// enabled, for an all_reduce of one number over `world`, so the ranks
+// leave each collective together as they would in the real job.
+class SyncAtCollectives : public dist::CollectiveObserver {
+ public:
+  explicit SyncAtCollectives(dist::ProcessGroup& world) : group(&world) {}
+  void on_issue(const dist::CollectiveCall&) override {}
+  void on_complete(const dist::CollectiveCall&) override {
+    ++completed;
+    if (!enabled) return;
+    const double segment = since_.seconds();
+    Stopwatch w;
+    group->all_reduce(token_).wait();
+    const double wait = w.seconds();
+    waited += wait;
+    samples.emplace_back(segment, wait);
+    since_ = Stopwatch();
+  }
+  // Starts a step: the first segment is timed from here.
+  void start(bool in_step) {
+    enabled = in_step;
+    waited = 0;
+    since_ = Stopwatch();
+  }
+  dist::ProcessGroup* group;  // the ranks that synchronise (the world by default)
+  bool enabled = false;
+  int completed = 0;
+  double waited = 0;  // seconds in the synchronising all_reduces of this step
+  // (compute seconds since the previous synchronisation, seconds waited)
+  // of every synchronisation while enabled, until cleared.
+  std::vector<std::pair<double, double>> samples;
+
+ private:
+  at::Tensor token_ = at::zeros({1}, at::kFloat);
+  Stopwatch since_;
+};
+
+// Least-squares fit of wait = a + b x segment: (a, b); (mean, 0) when the
+// segments do not vary.
+std::pair<double, double> wait_fit(const std::vector<std::pair<double, double>>& samples) {
+  const double n = static_cast<double>(samples.size());
+  if (samples.empty()) return {0.0, 0.0};
+  double sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (const auto& [x, y] : samples) {
+    sx += x;
+    sy += y;
+    sxx += x * x;
+    sxy += x * y;
+  }
+  const double var = n * sxx - sx * sx;
+  if (var <= 1e-18 * n * n) return {sy / n, 0.0};
+  const double b = (n * sxy - sx * sy) / var;
+  return {(sy - b * sx) / n, b};
+}
+
+}  // namespace
+
 HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOptions& options) {
   TESSERA_CHECK(options.repeats >= 1, InvalidArgument,
                 "measure_host_sharing: repeats must be >= 1");
   ThreadScope threads(thread_count(options.threads, world));
+  const int n = world.size();
+
+  // Out of step: the job's whole single-rank step.
   TrainingJobConfig config = options.job.with_layout(ParallelLayout{});
   config.zero1 = false;
   auto solo = dist::ProcessGroup::create_placeholder(0, 1);
   auto job = TrainingJob::create(config, solo);
   const nn::TokenDataset::Batch batch = job->batch(0);
   job->step(batch);  // warm-up
-  HostSharing out;
-  double alone = 0;
-  const int n = world.size();
-  for (int k = 1; k <= n; ++k) {
-    std::vector<double> means, skews;
-    for (int r = 0; r < options.repeats; ++r) {
-      world.barrier().wait();
-      // Every rank's time in its own slot (0 for the ranks that wait).
-      at::Tensor times = at::zeros({n}, at::kDouble);
-      if (world.rank() < k) {
-        Stopwatch w;
+
+  // In step: rank 0 of lockstep_layout on a placeholder group whose
+  // collectives synchronise the real ranks when enabled.
+  TrainingJobConfig split = options.job.with_layout(options.lockstep_layout);
+  split.zero1 = false;
+  auto sync = std::make_shared<SyncAtCollectives>(world);
+  dist::ProcessGroupOptions group;
+  group.observer = sync;
+  auto placeholder =
+      dist::ProcessGroup::create_placeholder(0, options.lockstep_layout.world_size(), group);
+  auto split_job = TrainingJob::create(split, placeholder);
+  const nn::TokenDataset::Batch split_batch = split_job->batch(0);
+  split_job->step(split_batch);  // warm-up; counts the collectives of a step
+  const int per_step = sync->completed;
+  TESSERA_CHECK(per_step > 0, InvalidArgument, "calibrate host: layout ",
+                options.lockstep_layout.to_string(),
+                " issues no collective, so its compute never runs in step; choose one that does "
+                "(e.g. tp=2)");
+
+  // One run on ranks 0 .. k-1 (the others wait, or take part in the
+  // synchronising all_reduces only): every rank's time in its own slot, the
+  // waits for those all_reduces left out.
+  auto run = [&](int k, bool split_step, bool in_step) {
+    world.barrier().wait();
+    at::Tensor times = at::zeros({n}, at::kDouble);
+    if (world.rank() < k) {
+      sync->start(in_step);
+      Stopwatch w;
+      if (split_step) {
+        split_job->step(split_batch);
+      } else {
         job->step(batch);
-        times[world.rank()] = w.seconds();
       }
-      world.all_reduce(times, dist::ReduceOp::kSum).wait();
-      const double* p = times.data_ptr<double>();
-      double sum = 0, slowest = 0;
-      for (int i = 0; i < k; ++i) {
-        sum += p[i];
-        slowest = std::max(slowest, p[i]);
-      }
-      const double mean = sum / k;
-      means.push_back(mean);
-      skews.push_back(mean > 0 ? slowest / mean - 1 : 0.0);
+      times[world.rank()] = w.seconds() - sync->waited;
+      sync->enabled = false;
+    } else if (in_step) {
+      at::Tensor token = at::zeros({1}, at::kFloat);
+      for (int i = 0; i < per_step; ++i) world.all_reduce(token).wait();
     }
-    const double t = median(means);
-    if (k == 1) alone = t;
-    out.compute_slowdown.push_back(t / alone);
-    out.sync_skew.push_back(k == 1 ? 0.0 : median(skews));
+    world.all_reduce(times, dist::ReduceOp::kSum).wait();
+    return times;
+  };
+  // Every measurement in every repeat, so a drift of the machine's speed
+  // lands on all of them alike instead of on the later ones.
+  const size_t kn = static_cast<size_t>(n);
+  std::vector<std::vector<double>> means(kn), skews(kn), apart(kn), together(kn);
+  const int repeats = std::max(options.repeats, options.lockstep_repeats);
+  for (int r = 0; r < repeats; ++r) {
+    for (int k = 1; k <= n; ++k) {
+      const size_t i = static_cast<size_t>(k - 1);
+      auto mean_of = [k](const at::Tensor& times) {
+        return times.narrow(0, 0, k).sum().item<double>() / k;
+      };
+      if (r < options.repeats) {
+        const at::Tensor times = run(k, false, false);
+        const double mean = mean_of(times);
+        const double slowest = times.narrow(0, 0, k).max().item<double>();
+        means[i].push_back(mean);
+        skews[i].push_back(mean > 0 ? slowest / mean - 1 : 0.0);
+      }
+      if (r < options.lockstep_repeats) {
+        apart[i].push_back(mean_of(run(k, true, false)));
+        together[i].push_back(mean_of(run(k, true, true)));
+      }
+    }
+  }
+  // The wait per synchronisation after the job's compute against that after
+  // the collective calibration's GEMMs, every rank computing, both at the
+  // GEMM segment's length: the job's from each rank's fit wait = a + b x
+  // segment over its in-step synchronisations, the GEMMs' a median over
+  // segments. Synchronising the world, and pairs of neighbouring ranks when
+  // the world is larger (the tensor-parallel pairs of a dp x tp job).
+  std::vector<std::pair<int, std::shared_ptr<dist::ProcessGroup>>> sync_groups;
+  sync_groups.emplace_back(n,
+                           std::shared_ptr<dist::ProcessGroup>(&world, [](dist::ProcessGroup*) {}));
+  if (n > 2 && n % 2 == 0) {
+    std::shared_ptr<dist::ProcessGroup> pair;
+    for (int first = 0; first < n; first += 2) {
+      auto sub = world.new_subgroup({first, first + 1},
+                                    world.name() + "/host-sync" + std::to_string(first));
+      if (sub) pair = sub;
+    }
+    sync_groups.emplace_back(2, pair);
+  }
+  auto gemms = gemm_segment(world.rank(), options.sync_compute_ms);
+  at::Tensor token = at::zeros({1}, at::kFloat);
+  std::map<int, double> excess_us;  // by group size
+  for (const auto& [size, g] : sync_groups) {
+    sync->group = g.get();
+    sync->samples.clear();
+    std::vector<double> gemm_waits;
+    for (int r = 0; r < std::max(1, options.lockstep_repeats); ++r) {
+      world.barrier().wait();
+      sync->start(true);
+      split_job->step(split_batch);
+      sync->enabled = false;
+      world.barrier().wait();
+      for (int s = 0; s < per_step; ++s) {
+        gemms();
+        Stopwatch w;
+        g->all_reduce(token).wait();
+        gemm_waits.push_back(w.seconds());
+      }
+    }
+    const auto [a, b] = wait_fit(sync->samples);
+    at::Tensor excess =
+        at::full({1}, a + b * options.sync_compute_ms * 1e-3 - median(gemm_waits), at::kDouble);
+    world.all_reduce(excess, dist::ReduceOp::kSum).wait();
+    excess_us[size] = std::max(0.0, excess.item<double>() / n * 1e6);
+  }
+  sync->group = &world;
+  HostSharing out;
+  const double alone = median(means[0]);
+  const double split_alone = median(apart[0]);
+  for (size_t i = 0; i < kn; ++i) {
+    out.compute_slowdown.push_back(median(means[i]) / alone);
+    out.sync_skew.push_back(i == 0 ? 0.0 : median(skews[i]));
+    out.lockstep_slowdown.push_back(median(together[i]) / split_alone);
+    out.lockstep_ratio.push_back(median(together[i]) / median(apart[i]));
+    // Groups of i + 1 ranks: the smallest measured group at least as large.
+    out.sync_us.push_back(i == 0 ? 0.0 : excess_us.lower_bound(static_cast<int>(i + 1))->second);
   }
   return out;
 }

@@ -213,6 +213,8 @@ ClusterSpec ClusterSpec::parse(std::string_view text, std::string source) {
   };
   c.topology.host_compute_slowdown = numbers("host_compute_slowdown");
   c.topology.host_sync_skew = numbers("host_sync_skew");
+  c.topology.host_lockstep_slowdown = numbers("host_lockstep_slowdown");
+  c.topology.host_sync_us = numbers("host_sync_us");
   topo.check_keys();
 
   c.defaults = parse_algorithms(top.get_object("algorithms"));
@@ -265,6 +267,16 @@ void ClusterSpec::validate(const std::string& source) const {
     TESSERA_CHECK(std::isfinite(v) && v > 0, InvalidArgument, topo,
                   ": field 'host_compute_slowdown': entry ", k, " must be > 0, got ", v);
   }
+  for (size_t k = 0; k < topology.host_lockstep_slowdown.size(); ++k) {
+    const double v = topology.host_lockstep_slowdown[k];
+    TESSERA_CHECK(std::isfinite(v) && v > 0, InvalidArgument, topo,
+                  ": field 'host_lockstep_slowdown': entry ", k, " must be > 0, got ", v);
+  }
+  for (size_t k = 0; k < topology.host_sync_us.size(); ++k) {
+    const double v = topology.host_sync_us[k];
+    TESSERA_CHECK(std::isfinite(v) && v >= 0 && v < 1e7, InvalidArgument, topo,
+                  ": field 'host_sync_us': entry ", k, " must be in [0, 1e7), got ", v);
+  }
   for (size_t k = 0; k < topology.host_sync_skew.size(); ++k) {
     const double v = topology.host_sync_skew[k];
     TESSERA_CHECK(std::isfinite(v) && v >= 0 && v < 10, InvalidArgument, topo,
@@ -295,6 +307,10 @@ std::string ClusterSpec::to_json() const {
     topo["host_compute_slowdown"] = topology.host_compute_slowdown;
   }
   if (!topology.host_sync_skew.empty()) topo["host_sync_skew"] = topology.host_sync_skew;
+  if (!topology.host_lockstep_slowdown.empty()) {
+    topo["host_lockstep_slowdown"] = topology.host_lockstep_slowdown;
+  }
+  if (!topology.host_sync_us.empty()) topo["host_sync_us"] = topology.host_sync_us;
   json root = {{"schema", kSchema},
                {"name", name},
                {"topology", std::move(topo)},
@@ -342,21 +358,25 @@ std::string cluster_difference(const ClusterSpec& a, const ClusterSpec& b, doubl
       !close(x.inter_node.latency_us, y.inter_node.latency_us, rel_tol)) {
     return "topology.inter_node differs";
   }
-  if (x.host_compute_slowdown.size() != y.host_compute_slowdown.size()) {
-    return "topology.host_compute_slowdown differs in length";
-  }
-  for (size_t k = 0; k < x.host_compute_slowdown.size(); ++k) {
-    if (!close(x.host_compute_slowdown[k], y.host_compute_slowdown[k], rel_tol)) {
-      return "topology.host_compute_slowdown[" + std::to_string(k) + "] differs";
+  // Slowdowns compare relatively, the skew shares (near 0) absolutely.
+  auto list_difference = [rel_tol](const std::vector<double>& u, const std::vector<double>& v,
+                                   const char* key, bool relative) -> std::string {
+    if (u.size() != v.size()) return std::string("topology.") + key + " differs in length";
+    for (size_t k = 0; k < u.size(); ++k) {
+      if (relative ? !close(u[k], v[k], rel_tol) : std::abs(u[k] - v[k]) > rel_tol) {
+        return std::string("topology.") + key + "[" + std::to_string(k) + "] differs";
+      }
     }
-  }
-  if (x.host_sync_skew.size() != y.host_sync_skew.size()) {
-    return "topology.host_sync_skew differs in length";
-  }
-  for (size_t k = 0; k < x.host_sync_skew.size(); ++k) {
-    if (std::abs(x.host_sync_skew[k] - y.host_sync_skew[k]) > rel_tol) {
-      return "topology.host_sync_skew[" + std::to_string(k) + "] differs";
-    }
+    return "";
+  };
+  for (const std::string& diff :
+       {list_difference(x.host_compute_slowdown, y.host_compute_slowdown, "host_compute_slowdown",
+                        true),
+        list_difference(x.host_sync_skew, y.host_sync_skew, "host_sync_skew", false),
+        list_difference(x.host_lockstep_slowdown, y.host_lockstep_slowdown,
+                        "host_lockstep_slowdown", true),
+        list_difference(x.host_sync_us, y.host_sync_us, "host_sync_us", true)}) {
+    if (!diff.empty()) return diff;
   }
   std::string diff = params_difference(a.defaults, b.defaults, "algorithms", rel_tol);
   if (!diff.empty()) return diff;

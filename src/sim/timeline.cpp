@@ -28,6 +28,9 @@ struct EntryPlan {
   std::vector<std::string> streams;
   std::vector<int> explicit_group;  // collective with a member list: its group id; else -1
   std::vector<int> partition;       // collective with a named group: partition index; else -1
+  // Compute that depends on a communication node: it starts when a wait
+  // ends, in step with the op's other members (Topology::host_lockstep_slowdown).
+  std::vector<char> after_comm;
 };
 
 struct GroupInfo {
@@ -79,7 +82,7 @@ struct Event {
 };
 constexpr int kComputeDone = 0;
 constexpr int kCommDone = 1;
-constexpr int kSyncDone = 2;  // a communication op's straggler wait is over (host_sync_skew)
+constexpr int kSyncDone = 2;  // a communication op's straggler wait is over (host_sync_*)
 
 struct RunningCompute {
   int node;
@@ -135,7 +138,7 @@ class Simulator {
   void account(RankState& rs, double t);
   double overlap_rate(const TraceNode& node, const RankState& rs);
   // The overlap slowdown times the host-sharing slowdown of the rank's node.
-  double rate_for(int rank, const TraceNode& node, const RankState& rs);
+  double rate_for(int rank, int node, const RankState& rs);
   void retime(int rank, double t);
   // Re-times every computing rank of a node whose count of computing ranks
   // changed (host sharing).
@@ -218,6 +221,7 @@ void Simulator::plan() {
     p.stream_of.assign(n, 0);
     p.explicit_group.assign(n, -1);
     p.partition.assign(n, -1);
+    p.after_comm.assign(n, 0);
     std::map<std::string, int> stream_ids;
     std::vector<int> last_on_stream;
     for (size_t i = 0; i < n; ++i) {
@@ -235,8 +239,10 @@ void Simulator::plan() {
       }
       last_on_stream[s] = static_cast<int>(i);
       for (int64_t dep : node.deps) {
-        succs[index_of.at(dep)].push_back(static_cast<int>(i));
+        const int d = index_of.at(dep);
+        succs[d].push_back(static_cast<int>(i));
         ++p.indegree[i];
+        if (!node.is_communication() && rt.nodes[d].is_communication()) p.after_comm[i] = 1;
       }
       if (node.kind == NodeKind::kCollective) {
         if (node.group.partition.empty()) {
@@ -282,11 +288,12 @@ void Simulator::account(RankState& rs, double t) {
   rs.last_change = t;
 }
 
-double Simulator::rate_for(int rank, const TraceNode& node, const RankState& rs) {
-  const double overlap = overlap_rate(node, rs);
+double Simulator::rate_for(int rank, int node, const RankState& rs) {
+  const double overlap = overlap_rate(node_at(rank, node), rs);
   if (!host_sharing_) return overlap;
   const Topology& topo = options_.collectives->cluster().topology;
-  return overlap * topo.host_slowdown(host_computing_[rank / devices_per_node_]);
+  const bool lockstep = plans_[rs.entry].after_comm[static_cast<size_t>(node)] != 0;
+  return overlap * topo.host_slowdown(host_computing_[rank / devices_per_node_], lockstep);
 }
 
 double Simulator::overlap_rate(const TraceNode& node, const RankState& rs) {
@@ -331,7 +338,7 @@ void Simulator::retime(int rank, double t) {
   if (options_.overlap == nullptr && !host_sharing_) return;
   RankState& rs = ranks_[rank];
   for (RunningCompute& c : rs.compute) {
-    const double new_rate = rate_for(rank, node_at(rank, c.node), rs);
+    const double new_rate = rate_for(rank, c.node, rs);
     if (new_rate == c.rate) continue;
     c.remaining = std::max(0.0, c.remaining - (t - c.last) / c.rate);
     c.last = t;
@@ -378,7 +385,7 @@ void Simulator::on_ready(int rank, int node, double t) {
       const bool starts_computing = rs.compute.empty();
       RunningCompute c{node, n.duration.count(), 1.0, t, 0, t};
       if (starts_computing && host_sharing_) ++host_computing_[rank / devices_per_node_];
-      c.rate = rate_for(rank, n, rs);
+      c.rate = rate_for(rank, node, rs);
       rs.compute.push_back(c);
       if (!events_.empty()) events_[rank][node].start = Microseconds(t);
       push(t + c.remaining * c.rate, kComputeDone, rank, node, 0);
@@ -473,17 +480,22 @@ void Simulator::issue_p2p(int rank, int node, double t) {
 
 void Simulator::members_ready(int index, double t) {
   const Instance& inst = instances_[index];
-  const double share = options_.collectives->cluster().topology.sync_skew(inst.expected);
+  const Topology& topo = options_.collectives->cluster().topology;
+  const double share = topo.sync_skew(inst.expected);
+  const double fixed = topo.sync_fixed_us(inst.expected);
   double computed = 0;
-  if (share > 0) {
+  if (share > 0 || fixed > 0) {
     for (const auto& [rank, node] : inst.members) {
       RankState& rs = ranks_[rank];
       account(rs, t);
       computed = std::max(computed, rs.since_sync);
     }
   }
-  if (share * computed > 0) {
-    push(t + share * computed, kSyncDone, index, 0, 0);
+  // Members that computed nothing since their previous op left it together:
+  // no straggler, no fixed wait either.
+  const double wait = computed > 0 ? fixed + share * computed : 0.0;
+  if (wait > 0) {
+    push(t + wait, kSyncDone, index, 0, 0);
   } else {
     start_instance(index, t);
   }

@@ -59,6 +59,34 @@ TEST(HostSharing, SlowdownTable) {
   EXPECT_DOUBLE_EQ(t.host_slowdown(4), 3.0);  // beyond the table: 1.5 * 4 / 2
 }
 
+TEST(HostSharing, LockstepTableFallsBackToTheComputeTable) {
+  Topology t;
+  t.host_compute_slowdown = {1.0, 1.5};
+  EXPECT_DOUBLE_EQ(t.host_slowdown(2, /*lockstep=*/true), 1.5);  // no lock-step table
+  t.host_lockstep_slowdown = {1.0, 1.8};
+  EXPECT_DOUBLE_EQ(t.host_slowdown(2, true), 1.8);
+  EXPECT_DOUBLE_EQ(t.host_slowdown(2, false), 1.5);
+  EXPECT_DOUBLE_EQ(t.host_slowdown(4, true), 3.6);  // beyond the table: 1.8 * 4 / 2
+}
+
+TEST(HostSharing, LockstepSlowdownAppliesToComputeAfterCommunication) {
+  // Two ranks compute 100 us at the out-of-step slowdown 1 (the first node
+  // waits for no communication): both end at 100. The all_reduce (10 + 20
+  // us) ends at 130. The tails (10 us each) wait for it, so they run in
+  // step: slowdown 2 with both computing, 20 us, ending at 150 (140 without
+  // the lock-step table).
+  ClusterSpec c = host_cluster({1.0, 1.0});
+  c.topology.host_lockstep_slowdown = {1.0, 2.0};
+  const std::string entries = rank_entry(0, 100, "[0, 1]") + ", " + rank_entry(1, 100, "[0, 1]");
+  const SimulationResult r = run(entries, 2, c);
+  EXPECT_DOUBLE_EQ(r.events[0][0].end.count(), 100);
+  EXPECT_DOUBLE_EQ(r.events[0][1].end.count(), 130);
+  EXPECT_DOUBLE_EQ(r.events[0][2].slowdown, 2.0);
+  EXPECT_DOUBLE_EQ(r.events[1][2].end.count(), 150);
+  EXPECT_DOUBLE_EQ(r.step_time.count(), 150);
+  EXPECT_DOUBLE_EQ(run(entries, 2, host_cluster({1.0, 1.0})).step_time.count(), 140);
+}
+
 TEST(HostSharing, WaitingRankFreesItsShare) {
   // Both ranks compute from 0 at half speed (slowdown 2 with 2 computing).
   // Rank 1's 50 us of work end at 100; rank 0 has done 50 of its 100 by
@@ -135,6 +163,39 @@ TEST(HostSharing, SyncSkewDelaysTheCollectiveByTheStragglerShare) {
   EXPECT_DOUBLE_EQ(plain.step_time.count(), 140);
 }
 
+TEST(HostSharing, SyncFixedWaitOnlyAfterCompute) {
+  // 100 us of compute on both ranks, then two all_reduces (10 + 20 us each)
+  // and a 10 us tail. host_sync_us [0, 15]: the first starts 15 us after
+  // the last member issued it (115, ends 145); the second follows it with
+  // no compute between, so it starts at once (145-175); the tail ends at
+  // 185.
+  ClusterSpec c = host_cluster({1.0, 1.0});
+  c.topology.host_sync_us = {0, 15};
+  std::string entries;
+  for (int r = 0; r < 2; ++r) {
+    if (r) entries += ", ";
+    entries += R"({"ranks": [)" + std::to_string(r) + R"(], "nodes": [
+      {"id": 0, "kind": "compute", "name": "work", "duration_us": 100},
+      {"id": 1, "kind": "collective", "name": "ar", "op": "all_reduce", "group": [0, 1],
+       "bytes": 20000, "deps": [0]},
+      {"id": 2, "kind": "collective", "name": "ar2", "op": "all_reduce", "group": [0, 1],
+       "bytes": 20000, "deps": [1]},
+      {"id": 3, "kind": "compute", "name": "tail", "duration_us": 10, "deps": [2]}]})";
+  }
+  const SimulationResult r = run(entries, 2, c);
+  EXPECT_DOUBLE_EQ(r.events[0][1].start.count(), 115);
+  EXPECT_DOUBLE_EQ(r.events[0][1].end.count(), 145);
+  EXPECT_DOUBLE_EQ(r.events[0][2].start.count(), 145);
+  EXPECT_DOUBLE_EQ(r.step_time.count(), 185);
+  EXPECT_DOUBLE_EQ(r.ranks[0].sync_wait.count(), 15);
+  Topology t;
+  EXPECT_DOUBLE_EQ(t.sync_fixed_us(2), 0.0);
+  t.host_sync_us = {0, 15, 40};
+  EXPECT_DOUBLE_EQ(t.sync_fixed_us(1), 0.0);
+  EXPECT_DOUBLE_EQ(t.sync_fixed_us(3), 40.0);
+  EXPECT_DOUBLE_EQ(t.sync_fixed_us(8), 40.0);  // beyond the list: the last entry
+}
+
 const char* kClusterDoc = R"({
   "schema": "tessera.sim.cluster/1", "name": "cpu",
   "topology": {"devices_per_node": 4, "num_nodes": 1, "nics_per_node": 1,
@@ -163,26 +224,45 @@ TEST(HostSharing, ClusterFieldRoundTrips) {
       ClusterSpec::parse(cluster_doc(R"(, "host_sync_skew": [0, 0.04, 0.07, 0.1])"), "c");
   ASSERT_EQ(skewed.topology.host_sync_skew.size(), 4u);
   EXPECT_DOUBLE_EQ(ClusterSpec::parse(skewed.to_json(), "again").topology.host_sync_skew[3], 0.1);
+  const ClusterSpec in_step = ClusterSpec::parse(
+      cluster_doc(R"(, "host_compute_slowdown": [1.0, 1.1], "host_lockstep_slowdown": [1.0, 1.2])"),
+      "c");
+  ASSERT_EQ(in_step.topology.host_lockstep_slowdown.size(), 2u);
+  const ClusterSpec in_step_again = ClusterSpec::parse(in_step.to_json(), "again");
+  EXPECT_EQ(cluster_difference(in_step, in_step_again, 0), "");
+  ClusterSpec in_step_other = in_step_again;
+  in_step_other.topology.host_lockstep_slowdown[1] = 1.3;
+  EXPECT_NE(cluster_difference(in_step, in_step_other, 1e-6).find("host_lockstep_slowdown[1]"),
+            std::string::npos);
+  const ClusterSpec fixed = ClusterSpec::parse(cluster_doc(R"(, "host_sync_us": [0, 900])"), "c");
+  ASSERT_EQ(fixed.topology.host_sync_us.size(), 2u);
+  EXPECT_DOUBLE_EQ(ClusterSpec::parse(fixed.to_json(), "again").topology.host_sync_us[1], 900);
   // Absent: empty, and not written back.
   const ClusterSpec plain = ClusterSpec::parse(cluster_doc(""), "plain");
   EXPECT_TRUE(plain.topology.host_compute_slowdown.empty());
   EXPECT_EQ(plain.to_json().find("host_compute_slowdown"), std::string::npos);
+  EXPECT_EQ(plain.to_json().find("host_lockstep_slowdown"), std::string::npos);
+  EXPECT_EQ(plain.to_json().find("host_sync_us"), std::string::npos);
 }
 
 TEST(HostSharing, ClusterFieldErrorsNameTheField) {
   for (const char* bad :
        {R"(, "host_compute_slowdown": [1.0, 0])", R"(, "host_compute_slowdown": [1.0, -2])",
         R"(, "host_compute_slowdown": [1.0, "x"])", R"(, "host_compute_slowdown": 2)",
-        R"(, "host_sync_skew": [0, -0.1])", R"(, "host_sync_skew": [0, "x"])"}) {
+        R"(, "host_sync_skew": [0, -0.1])", R"(, "host_sync_skew": [0, "x"])",
+        R"(, "host_lockstep_slowdown": [1.0, 0])", R"(, "host_lockstep_slowdown": [true])",
+        R"(, "host_sync_us": [0, -5])", R"(, "host_sync_us": [0, "x"])"}) {
     SCOPED_TRACE(bad);
     try {
       ClusterSpec::parse(cluster_doc(bad), "cpu.json");
       FAIL() << "accepted";
     } catch (const InvalidArgument& e) {
       EXPECT_NE(std::string(e.what()).find("cpu.json"), std::string::npos) << e.what();
-      const std::string field = std::string(bad).find("skew") != std::string::npos
-                                    ? "host_sync_skew"
-                                    : "host_compute_slowdown";
+      const std::string b = bad;
+      const std::string field = b.find("skew") != std::string::npos       ? "host_sync_skew"
+                                : b.find("lockstep") != std::string::npos ? "host_lockstep_slowdown"
+                                : b.find("sync_us") != std::string::npos  ? "host_sync_us"
+                                                                          : "host_compute_slowdown";
       EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
     }
   }

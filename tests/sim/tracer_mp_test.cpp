@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "tessera/core/error.h"
 #include "tessera/core/runtime.h"
 #include "tessera/dist/rendezvous.h"
 #include "tessera/sim/calibration.h"
@@ -142,7 +143,33 @@ TEST(Calibration, MeasuresCollectivesOverlapAndHostSharing) {
   HostSharingOptions h;
   h.job = job_for("llama", "dp=1", false);
   h.repeats = 1;
+  h.lockstep_layout = ParallelLayout::parse("tp=2");
+  h.lockstep_repeats = 2;
+  // The collectives one tp=2 step issues (placeholder group, recorded).
+  auto counter = std::make_shared<CallRecorder>();
+  dist::ProcessGroupOptions po;
+  po.observer = counter;
+  auto tp_job = TrainingJob::create(h.job.with_layout(h.lockstep_layout),
+                                    dist::ProcessGroup::create_placeholder(0, 2, po));
+  tp_job->step(tp_job->batch(0));
+  const size_t per_step = counter->calls().size();
+  ASSERT_GT(per_step, 0u);
+  g_world->barrier().wait();
+  g_recorder->clear();
   const HostSharing sharing = measure_host_sharing(*g_world, h);
+  // Every in-step run synchronised this rank at each of the step's
+  // collectives, and so did each run of GEMM segments: one 4-byte float
+  // all_reduce each (the other calls of the measurement are barriers,
+  // double-precision sums and the pair groups' creation).
+  size_t syncs = 0;
+  for (const dist::CollectiveCall& c : g_recorder->calls()) {
+    syncs += c.op == "all_reduce" && c.dtype == at::kFloat && c.bytes == 4;
+  }
+  // In-step runs for each k; then a job step and GEMM segments per sync
+  // group (the world, and pairs in a world of 4).
+  const int sync_groups = g_world->size() > 2 ? 2 : 1;
+  EXPECT_EQ(syncs, per_step * static_cast<size_t>(h.lockstep_repeats *
+                                                  (g_world->size() + 2 * sync_groups)));
   const std::vector<double>& slow = sharing.compute_slowdown;
   ASSERT_EQ(slow.size(), static_cast<size_t>(g_world->size()));
   EXPECT_DOUBLE_EQ(slow[0], 1.0);
@@ -150,6 +177,20 @@ TEST(Calibration, MeasuresCollectivesOverlapAndHostSharing) {
   ASSERT_EQ(sharing.sync_skew.size(), slow.size());
   EXPECT_DOUBLE_EQ(sharing.sync_skew[0], 0.0);  // one rank is its own mean
   for (double x : sharing.sync_skew) EXPECT_GE(x, 0);
+  ASSERT_EQ(sharing.lockstep_ratio.size(), slow.size());
+  ASSERT_EQ(sharing.lockstep_slowdown.size(), slow.size());
+  for (size_t k = 0; k < slow.size(); ++k) {
+    EXPECT_GT(sharing.lockstep_ratio[k], 0);
+    EXPECT_GT(sharing.lockstep_slowdown[k], 0);
+  }
+  ASSERT_EQ(sharing.sync_us.size(), slow.size());
+  EXPECT_DOUBLE_EQ(sharing.sync_us[0], 0.0);
+  for (double x : sharing.sync_us) EXPECT_GE(x, 0);
+  // One rank: both are in step over out of step alone.
+  EXPECT_DOUBLE_EQ(sharing.lockstep_slowdown[0], sharing.lockstep_ratio[0]);
+  // A layout without collectives cannot run in step.
+  h.lockstep_layout = ParallelLayout{};
+  EXPECT_THROW(measure_host_sharing(*g_world, h), InvalidArgument);
 }
 
 }  // namespace

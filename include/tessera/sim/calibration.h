@@ -96,8 +96,16 @@ struct HostSharingOptions {
   // The work each rank runs: one optimiser step of this job on a single
   // rank (its layout is ignored), repeated.
   TrainingJobConfig job;
-  int repeats = 5;
+  int repeats = 9;
   int threads = 0;  // as CollectiveSweepOptions::threads
+  // The lock-step measurement (HostSharing::lockstep_slowdown): the job's
+  // step as rank 0 of this layout runs it (it must issue collectives),
+  // lockstep_repeats steps per mode.
+  ParallelLayout lockstep_layout{1, 2, 1};
+  int lockstep_repeats = 9;
+  // HostSharing::sync_us compares with GEMM segments this long (the
+  // collective calibration's --compute-ms).
+  double sync_compute_ms = 10;
 };
 
 struct HostSharing {
@@ -108,11 +116,33 @@ struct HostSharing {
   // slowest finished, as a share of that mean (median over repeats); entry 0
   // is 0. Topology::host_sync_skew.
   std::vector<double> sync_skew;
+  // Entry k-1: the lock-step layout's step run by k ranks in step (see
+  // measure_host_sharing), over the same step run by one rank alone.
+  // Topology::host_lockstep_slowdown.
+  std::vector<double> lockstep_slowdown;
+  // Entry k-1: in step over out of step, both with k ranks.
+  std::vector<double> lockstep_ratio;
+  // Entry k-1 (microseconds; entry 0 is 0): how much longer a rank waits
+  // per synchronisation of a group of k ranks, every rank of the world
+  // computing, after a segment of the job's compute than after
+  // sync_compute_ms of GEMMs (what the collective calibration times its
+  // collectives after), at that segment length: the job's wait from each
+  // rank's fit a + b x segment over its in-step synchronisations, the
+  // GEMMs' a median; mean over ranks, at least 0. Measured for the world
+  // and, in a larger even world, for pairs of neighbouring ranks; a size in
+  // between takes the next larger measured one. Topology::host_sync_us.
+  std::vector<double> sync_us;
 };
 
 // Compute slowed by other ranks computing on the same host: for k = 1 ..
 // world size, ranks 0 .. k-1 run the work at the same time while the others
-// wait in a barrier, `repeats` times.
+// wait in a barrier (out of step). In step: ranks 0 .. k-1 each run the
+// step of rank 0 of `lockstep_layout` on a placeholder group, once on their
+// own and once with every wait for a collective also waiting for an
+// all_reduce of one number over all ranks (so they leave each collective
+// together, as in the real job), the times of those waits left out. Every
+// repeat runs every measurement for every k, so a drift of the machine's
+// speed lands on all of them alike; each figure is a median over repeats.
 HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOptions& options);
 
 }  // namespace tessera::sim

@@ -15,7 +15,9 @@
 //       "intra_node": {"bandwidth_gbps": 300, "latency_us": 1.0},   // nominal, per device
 //       "inter_node": {"bandwidth_gbps": 25, "latency_us": 5.0},    // nominal, per NIC
 //       "host_compute_slowdown": [1.0, 1.1, 1.6, 2.1],  // optional, see below
-//       "host_sync_skew": [0, 0.03, 0.06, 0.1]          // optional, see below
+//       "host_sync_skew": [0, 0.03, 0.06, 0.1],         // optional, see below
+//       "host_lockstep_slowdown": [1.05, 1.12],          // optional, see below
+//       "host_sync_us": [0, 900]                         // optional, see below
 //     },
 //     "algorithms": {                    // shared by every collective
 //       "ring":   [ {regime}, ... ],
@@ -45,7 +47,22 @@
 // A collective (or p2p pair) of k ranks then starts that share of its
 // members' compute since their previous communication later than the last
 // member issues it: the wait for a straggler that identical traced ranks do
-// not show. Beyond the list, the last entry; absent: 0.
+// not show. Beyond the list, the last entry; absent: 0. host_sync_us adds a
+// fixed part to that wait: entry k-1 microseconds for a collective (or p2p
+// pair) of k ranks whose members computed since their previous
+// communication op (beyond the list, the last entry; absent: 0). Measured
+// by `calibrate host` as the wait per collective of k ranks computing in
+// step beyond that of one rank computing while the others wait (whose
+// wake-up the collective times already hold).
+// host_lockstep_slowdown replaces host_compute_slowdown for compute that
+// starts when a communication op it waited for completes: ranks that leave
+// a collective together run the same kernels at the same moment, and on a
+// shared host that costs more than ranks computing out of step (measured
+// here: 1.03 out of step, 1.09-1.14 in step for 2 ranks on 2 cores).
+// Entry k-1 with k ranks of the node computing, measured by `calibrate
+// host`; beyond the list it grows in proportion to k like
+// host_compute_slowdown; absent: host_compute_slowdown applies to all
+// compute.
 //
 // A regime applies to messages of at most max_bytes (0 = no bound; regimes are
 // listed by increasing max_bytes and only the last is unbounded). What the
@@ -116,25 +133,39 @@ struct Topology {
   // CPU hosts: the slowest of k ranks' compute beyond their mean, k = 1, 2,
   // ... (see above); empty: 0.
   std::vector<double> host_sync_skew;
+  // CPU hosts: compute slowdown after a communication wait with k ranks of a
+  // node computing (see above); empty: host_compute_slowdown.
+  std::vector<double> host_lockstep_slowdown;
+  // CPU hosts: the straggler wait's fixed part for k ranks, microseconds
+  // (see above); empty: 0.
+  std::vector<double> host_sync_us;
 
   // The node of a global rank (ranks fill nodes in order).
   int node_of(int rank) const { return rank / devices_per_node; }
   // The compute slowdown with `computing` (>= 1) ranks of a node computing
   // at once: 1 without host_compute_slowdown.
-  double host_slowdown(int computing) const {
-    if (host_compute_slowdown.empty() || computing <= 1) {
-      return host_compute_slowdown.empty() ? 1.0 : host_compute_slowdown.front();
-    }
-    const int n = static_cast<int>(host_compute_slowdown.size());
-    if (computing <= n) return host_compute_slowdown[computing - 1];
-    return host_compute_slowdown.back() * computing / n;
+  // With `lockstep`, for compute that started when a communication op it
+  // waited for completed (host_lockstep_slowdown when given).
+  double host_slowdown(int computing, bool lockstep = false) const {
+    const std::vector<double>& table = lockstep && !host_lockstep_slowdown.empty()
+                                           ? host_lockstep_slowdown
+                                           : host_compute_slowdown;
+    if (table.empty() || computing <= 1) return table.empty() ? 1.0 : table.front();
+    const int n = static_cast<int>(table.size());
+    if (computing <= n) return table[computing - 1];
+    return table.back() * computing / n;
   }
   // The straggler share for a group of `ranks` (see above): 0 without
   // host_sync_skew.
-  double sync_skew(int ranks) const {
-    if (host_sync_skew.empty() || ranks < 1) return 0.0;
-    const size_t k = std::min(host_sync_skew.size(), static_cast<size_t>(ranks));
-    return host_sync_skew[k - 1];
+  double sync_skew(int ranks) const { return by_ranks(host_sync_skew, ranks); }
+  // The straggler wait's fixed part for a group of `ranks` (see above): 0
+  // without host_sync_us.
+  double sync_fixed_us(int ranks) const { return by_ranks(host_sync_us, ranks); }
+
+ private:
+  static double by_ranks(const std::vector<double>& table, int ranks) {
+    if (table.empty() || ranks < 1) return 0.0;
+    return table[std::min(table.size(), static_cast<size_t>(ranks)) - 1];
   }
 };
 

@@ -15,7 +15,10 @@
 //     ranks share cores, cluster.h), a compute node is further stretched by
 //     host_slowdown(k), k = the ranks of its node with a compute node
 //     running, and re-timed whenever k changes: a rank waiting in a
-//     collective frees its share of the cores.
+//     collective frees its share of the cores. A compute node that depends
+//     on a communication node (it starts when a wait ends, in step with the
+//     op's other members) takes host_slowdown(k, lockstep = true), which is
+//     host_lockstep_slowdown where the cluster gives it.
 //   * A collective is *issued* when ready. The k-th collective a rank issues
 //     on a group (same members, and same partition name when named) is the
 //     same call as the k-th of every other member; it starts when the last

@@ -192,7 +192,8 @@ int main(int argc, char** argv) {
   std::string calibrate_what, calibrate_out, calibrate_job;
   ts::CollectiveSweepOptions sweep_options;
   std::string sweep_max = "64M";
-  int host_repeats = 5;
+  int host_repeats = 9;
+  std::string lockstep_layout = "tp=2";
   CLI::App* calibrate_cmd = app.add_subcommand(
       "calibrate",
       "measure this machine under tessera-launch: collective times (collectives), compute "
@@ -216,8 +217,14 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 10000.0));
   calibrate_cmd->add_option("--job", calibrate_job, "host: the training job whose step is the work")
       ->check(CLI::ExistingFile);
-  calibrate_cmd->add_option("--repeats", host_repeats, "host: timed steps per count of ranks")
+  calibrate_cmd
+      ->add_option("--repeats", host_repeats, "host: timed steps per count of ranks and mode")
       ->check(tessera::examples::positive());
+  calibrate_cmd
+      ->add_option("--lockstep-layout", lockstep_layout,
+                   "host: the layout whose rank-0 step is timed in and out of step "
+                   "(it must issue collectives)")
+      ->capture_default_str();
 
   // fit-cluster
   std::string recipe_path, fit_out;
@@ -385,6 +392,8 @@ int main(int argc, char** argv) {
         ts::HostSharingOptions host;
         host.job = ts::TrainingJobConfig::load_file(calibrate_job);
         host.repeats = host_repeats;
+        host.lockstep_repeats = host_repeats;
+        host.lockstep_layout = ts::ParallelLayout::parse(lockstep_layout);
         const ts::HostSharing sharing = ts::measure_host_sharing(*world, host);
         auto list = [](const std::vector<double>& v) {
           std::string s = "[";
@@ -393,7 +402,10 @@ int main(int argc, char** argv) {
         };
         text = "{\"schema\": \"tessera.sim.host_sharing/1\", \"job\": \"" + calibrate_job +
                "\", \"compute_slowdown\": " + list(sharing.compute_slowdown) +
-               ", \"sync_skew\": " + list(sharing.sync_skew) + "}\n";
+               ", \"sync_skew\": " + list(sharing.sync_skew) +
+               ", \"lockstep_slowdown\": " + list(sharing.lockstep_slowdown) +
+               ", \"lockstep_ratio\": " + list(sharing.lockstep_ratio) +
+               ", \"sync_us\": " + list(sharing.sync_us) + "}\n";
       }
       if (world->rank() == 0) {
         write_text(calibrate_out, text);
