@@ -485,11 +485,16 @@ void Simulator::members_ready(int index, double t) {
   const double fixed = topo.sync_fixed_us(inst.expected);
   double computed = 0;
   if (share > 0 || fixed > 0) {
+    const int entry = ranks_[inst.members.front().first].entry;
+    bool identical = true;
     for (const auto& [rank, node] : inst.members) {
       RankState& rs = ranks_[rank];
       account(rs, t);
       computed = std::max(computed, rs.since_sync);
+      identical = identical && rs.entry == entry;
     }
+    // Ranks traced separately carry their differences in the trace.
+    if (!identical) computed = 0;
   }
   // Members that computed nothing since their previous op left it together:
   // no straggler, no fixed wait either.

@@ -40,14 +40,19 @@ SimulationResult run(const std::string& entries, int world, const ClusterSpec& c
   return simulate(trace, o);
 }
 
-std::string rank_entry(int rank, double compute_us, const std::string& group) {
-  return R"({"ranks": [)" + std::to_string(rank) + R"(], "nodes": [
+// One trace entry for `ranks` (e.g. "0" or "0, 1": ranks traced once).
+std::string rank_entry(const std::string& ranks, double compute_us, const std::string& group) {
+  return R"({"ranks": [)" + ranks + R"(], "nodes": [
       {"id": 0, "kind": "compute", "name": "work", "duration_us": )" +
          std::to_string(compute_us) + R"(},
       {"id": 1, "kind": "collective", "name": "ar", "op": "all_reduce", "group": )" +
          group +
          R"(, "bytes": 20000, "deps": [0]},
       {"id": 2, "kind": "compute", "name": "tail", "duration_us": 10, "deps": [1]}]})";
+}
+
+std::string rank_entry(int rank, double compute_us, const std::string& group) {
+  return rank_entry(std::to_string(rank), compute_us, group);
 }
 
 TEST(HostSharing, SlowdownTable) {
@@ -143,7 +148,7 @@ TEST(HostSharing, SyncSkewDelaysTheCollectiveByTheStragglerShare) {
   // see only those 10 us.
   ClusterSpec c = host_cluster({1.0, 1.0});
   c.topology.host_sync_skew = {0, 0.1};
-  const std::string entries = rank_entry(0, 100, "[0, 1]") + ", " + rank_entry(1, 100, "[0, 1]");
+  const std::string entries = rank_entry("0, 1", 100, "[0, 1]");
   const SimulationResult r = run(entries, 2, c);
   EXPECT_DOUBLE_EQ(r.events[0][1].ready.count(), 100);
   EXPECT_DOUBLE_EQ(r.events[0][1].start.count(), 110);
@@ -171,23 +176,26 @@ TEST(HostSharing, SyncFixedWaitOnlyAfterCompute) {
   // 185.
   ClusterSpec c = host_cluster({1.0, 1.0});
   c.topology.host_sync_us = {0, 15};
-  std::string entries;
-  for (int r = 0; r < 2; ++r) {
-    if (r) entries += ", ";
-    entries += R"({"ranks": [)" + std::to_string(r) + R"(], "nodes": [
+  const std::string entries = R"({"ranks": [0, 1], "nodes": [
       {"id": 0, "kind": "compute", "name": "work", "duration_us": 100},
       {"id": 1, "kind": "collective", "name": "ar", "op": "all_reduce", "group": [0, 1],
        "bytes": 20000, "deps": [0]},
       {"id": 2, "kind": "collective", "name": "ar2", "op": "all_reduce", "group": [0, 1],
        "bytes": 20000, "deps": [1]},
       {"id": 3, "kind": "compute", "name": "tail", "duration_us": 10, "deps": [2]}]})";
-  }
   const SimulationResult r = run(entries, 2, c);
   EXPECT_DOUBLE_EQ(r.events[0][1].start.count(), 115);
   EXPECT_DOUBLE_EQ(r.events[0][1].end.count(), 145);
   EXPECT_DOUBLE_EQ(r.events[0][2].start.count(), 145);
   EXPECT_DOUBLE_EQ(r.step_time.count(), 185);
   EXPECT_DOUBLE_EQ(r.ranks[0].sync_wait.count(), 15);
+  // Ranks traced separately (two entries with the same nodes) carry their
+  // differences in the trace: no straggler wait, 100 + 30 + 10.
+  c.topology.host_sync_skew = {0, 0.1};
+  const std::string split = rank_entry(0, 100, "[0, 1]") + ", " + rank_entry(1, 100, "[0, 1]");
+  EXPECT_DOUBLE_EQ(run(split, 2, c).step_time.count(), 140);
+  EXPECT_DOUBLE_EQ(run(rank_entry("0, 1", 100, "[0, 1]"), 2, c).step_time.count(),
+                   100 + 15 + 10 + 30 + 10);
   Topology t;
   EXPECT_DOUBLE_EQ(t.sync_fixed_us(2), 0.0);
   t.host_sync_us = {0, 15, 40};

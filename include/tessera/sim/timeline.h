@@ -31,9 +31,12 @@
 //   * With host_sync_skew (CPU hosts, cluster.h), a collective or p2p pair
 //     of k ranks starts sync_skew(k) x (the longest time any member spent
 //     computing since its previous communication op started) after the last
-//     member issued it: the straggler among ranks that run the same compute
-//     at once, which identical traced ranks do not show. That wait counts
-//     as sync_wait.
+//     member issued it, plus host_sync_us's fixed part when that time is
+//     above 0: the straggler among ranks that run the same compute at once,
+//     which identical traced ranks do not show. Only when every member
+//     plays the same trace entry: ranks traced separately (expert-parallel
+//     ranks, MoE data-parallel ranks) carry their differences in the trace
+//     already. That wait counts as sync_wait.
 //   * If some rank can never finish (a collective that some member never
 //     issues, a send without its recv, a cross-rank cycle), simulate()
 //     throws InvalidArgument starting "<trace>: deadlock:" that names the
