@@ -2,8 +2,9 @@
 # Calibrates the simulator's cluster files for this machine: Gloo collective
 # times on 2 and 4 local ranks, measured as a training step meets them
 # (`tessera-sim calibrate collectives --compute-ms`), and compute slowed by
-# other ranks sharing the host's cores, the straggler among them, and the
-# same compute in lock step after each collective (`calibrate host`); then fits
+# other ranks sharing the host's cores, the straggler among them, the
+# same compute in lock step after each collective, and the cores that
+# communicating ranks take (4 ranks; `calibrate host`); then fits
 # gloo_local_np2.json and gloo_local_np4.json from them with the recipes in
 # data/sim.
 #
@@ -64,12 +65,17 @@ recipe["topology"]["host_compute_slowdown"] = [round(v, 3) for v in host["comput
 recipe["topology"]["host_sync_skew"] = [round(v, 4) for v in host["sync_skew"]]
 recipe["topology"]["host_lockstep_slowdown"] = [round(v, 3) for v in host["lockstep_slowdown"]]
 recipe["topology"]["host_sync_us"] = [round(v, 1) for v in host["sync_us"]]
+if host.get("comm_load"):
+    recipe["topology"]["host_comm_load"] = [
+        {"bytes": p["bytes"], "load": round(p["load"], 3)} for p in host["comm_load"]]
 n = recipe["topology"]["devices_per_node"]
+host_fields = ("host_sync_skew, host_lockstep_slowdown, host_sync_us and host_comm_load" if n == 4
+               else "host_sync_skew, host_lockstep_slowdown and host_sync_us")
 groups = " and pairs running concurrently (--group-size 2, gloo_local/np4_groups2.json)" if n == 4 else ""
 recipe["provenance"] = (
     f"collective times from `tessera-sim calibrate collectives --compute-ms {compute_ms}` under "
     f"tessera-launch --nproc {n} (gloo_local/np{n}_groups{n}.json){groups}; host_compute_slowdown, "
-    f"host_sync_skew, host_lockstep_slowdown and host_sync_us from `tessera-sim calibrate host --job jobs/dense-s.json` "
+    f"{host_fields} from `tessera-sim calibrate host --job jobs/dense-s.json` "
     f"(gloo_local/np{n}_host.json); "
     "written by scripts/sim_calibrate_local.sh")
 text = json.dumps(recipe, indent=2) + "\n"

@@ -307,11 +307,28 @@ std::pair<double, double> wait_fit(const std::vector<std::pair<double, double>>&
   return {(sy - b * sx) / n, b};
 }
 
+// The k >= c at which the slowdown table, interpolated as the simulator
+// does, covers `share` of its way from entry c to entry n (beyond n it grows
+// in proportion to k, as Topology::host_slowdown extrapolates).
+double computing_ranks_at(const std::vector<double>& table, int c, int n, double share) {
+  Topology t;
+  t.host_compute_slowdown = table;
+  const double from = t.host_slowdown(c);
+  const double to = t.host_slowdown(n);
+  const double target = from + share * (to - from);
+  if (share <= 0) return c;
+  for (int k = c; k < n; ++k) {
+    const double a = t.host_slowdown(k), b = t.host_slowdown(k + 1);
+    if (target <= b) return b > a ? k + (target - a) / (b - a) : k + 1.0;
+  }
+  return static_cast<double>(n) * target / to;
+}
+
 }  // namespace
 
 HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOptions& options) {
-  TESSERA_CHECK(options.repeats >= 1, InvalidArgument,
-                "measure_host_sharing: repeats must be >= 1");
+  TESSERA_CHECK(options.repeats >= 1 && options.lockstep_repeats >= 1, InvalidArgument,
+                "measure_host_sharing: repeats and lockstep_repeats must be >= 1");
   ThreadScope threads(thread_count(options.threads, world));
   const int n = world.size();
 
@@ -397,8 +414,8 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
   std::vector<std::pair<int, std::shared_ptr<dist::ProcessGroup>>> sync_groups;
   sync_groups.emplace_back(n,
                            std::shared_ptr<dist::ProcessGroup>(&world, [](dist::ProcessGroup*) {}));
+  std::shared_ptr<dist::ProcessGroup> pair;  // this rank's pair of neighbours
   if (n > 2 && n % 2 == 0) {
-    std::shared_ptr<dist::ProcessGroup> pair;
     for (int first = 0; first < n; first += 2) {
       auto sub = world.new_subgroup({first, first + 1},
                                     world.name() + "/host-sync" + std::to_string(first));
@@ -433,6 +450,57 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     excess_us[size] = std::max(0.0, excess.item<double>() / n * 1e6);
   }
   sync->group = &world;
+
+  // Communication's load: GEMM segments on ranks 0 .. c-1 while the pairs
+  // of ranks c .. n-1 are idle, busy computing, or running all_reduces.
+  const int c = 2 * (n / 4);
+  const bool measure_load = n >= 4 && n % 2 == 0 && !options.comm_load_bytes.empty();
+  std::vector<double> idle, busy;
+  std::vector<std::vector<double>> comm(options.comm_load_bytes.size());
+  if (measure_load) {
+    auto segment = gemm_segment(world.rank(), options.comm_load_compute_ms);
+    std::vector<at::Tensor> buffers;
+    for (int64_t bytes : options.comm_load_bytes) {
+      TESSERA_CHECK(bytes >= 4, InvalidArgument, "measure_host_sharing: comm_load_bytes entry ",
+                    bytes, " < 4");
+      buffers.push_back(at::zeros({bytes / 4}, at::kFloat));
+    }
+    // mode: -2 idle, -1 busy, else the size's index; the computing ranks'
+    // mean segment time. The pairs keep communicating for `seconds`: the
+    // first element of each all_reduce carries the members' "past it"
+    // flags, so both leave after the same call.
+    auto run_load = [&](int mode, double seconds) {
+      world.barrier().wait();
+      double mine = 0;
+      if (world.rank() < c || mode == -1) {
+        Stopwatch w;
+        segment();
+        mine = w.seconds();
+      } else if (mode >= 0) {
+        at::Tensor& buf = buffers[static_cast<size_t>(mode)];
+        float* flag = buf.data_ptr<float>();
+        Stopwatch w;
+        do {
+          *flag = w.seconds() > seconds ? 1.0f : 0.0f;
+          pair->all_reduce(buf).wait();
+        } while (*flag == 0.0f);
+      }
+      at::Tensor t = at::full({1}, world.rank() < c ? mine : 0.0, at::kDouble);
+      world.all_reduce(t, dist::ReduceOp::kSum).wait();
+      return t.item<double>() / c;
+    };
+    for (int r = 0; r < options.repeats; ++r) {
+      busy.push_back(run_load(-1, 0));
+      idle.push_back(run_load(-2, 0));
+      // Longer than the segment under full load, so the computing ranks
+      // never run without the communication beside them.
+      const double seconds = 1.5 * busy.back();
+      for (size_t i = 0; i < comm.size(); ++i) {
+        comm[i].push_back(run_load(static_cast<int>(i), seconds));
+      }
+    }
+  }
+
   HostSharing out;
   const double alone = median(means[0]);
   const double split_alone = median(apart[0]);
@@ -443,6 +511,21 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     out.lockstep_ratio.push_back(median(together[i]) / median(apart[i]));
     // Groups of i + 1 ranks: the smallest measured group at least as large.
     out.sync_us.push_back(i == 0 ? 0.0 : excess_us.lower_bound(static_cast<int>(i + 1))->second);
+  }
+  if (measure_load) {
+    const double base = median(idle);
+    out.busy_slowdown = median(busy) / base;
+    for (size_t i = 0; i < comm.size(); ++i) {
+      const double slowdown = median(comm[i]) / base;
+      out.comm_load_slowdown.push_back(slowdown);
+      double load = 0;
+      if (out.busy_slowdown > 1.02) {
+        const double share = std::max(0.0, (slowdown - 1) / (out.busy_slowdown - 1));
+        load = (computing_ranks_at(out.compute_slowdown, c, n, share) - c) / (n - c);
+      }
+      out.comm_load.push_back(
+          CommLoadPoint{options.comm_load_bytes[i] / 4 * 4, std::clamp(load, 0.0, 4.0)});
+    }
   }
   return out;
 }

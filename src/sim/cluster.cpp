@@ -1,5 +1,6 @@
 #include "tessera/sim/cluster.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -215,6 +216,15 @@ ClusterSpec ClusterSpec::parse(std::string_view text, std::string source) {
   c.topology.host_sync_skew = numbers("host_sync_skew");
   c.topology.host_lockstep_slowdown = numbers("host_lockstep_slowdown");
   c.topology.host_sync_us = numbers("host_sync_us");
+  if (topo.has("host_comm_load")) {
+    const json& points = topo.get_array("host_comm_load");
+    for (size_t i = 0; i < points.size(); ++i) {
+      JsonObject point(points[i], source, "topology.host_comm_load[" + std::to_string(i) + "]");
+      c.topology.host_comm_load.push_back(
+          CommLoadPoint{point.get_int("bytes"), point.get_double("load")});
+      point.check_keys();
+    }
+  }
   topo.check_keys();
 
   c.defaults = parse_algorithms(top.get_object("algorithms"));
@@ -282,6 +292,15 @@ void ClusterSpec::validate(const std::string& source) const {
     TESSERA_CHECK(std::isfinite(v) && v >= 0 && v < 10, InvalidArgument, topo,
                   ": field 'host_sync_skew': entry ", k, " must be in [0, 10), got ", v);
   }
+  for (size_t k = 0; k < topology.host_comm_load.size(); ++k) {
+    const CommLoadPoint& p = topology.host_comm_load[k];
+    TESSERA_CHECK(p.bytes > 0 && (k == 0 || p.bytes > topology.host_comm_load[k - 1].bytes),
+                  InvalidArgument, topo, ".host_comm_load[", k,
+                  "]: field 'bytes': must be > 0 and ", "above the previous point's, got ",
+                  p.bytes);
+    TESSERA_CHECK(std::isfinite(p.load) && p.load >= 0 && p.load <= 4, InvalidArgument, topo,
+                  ".host_comm_load[", k, "]: field 'load': must be in [0, 4], got ", p.load);
+  }
   for (const auto& [algorithm, regimes] : defaults.algorithms) {
     validate_regimes(regimes, source + ": algorithms." + algorithm_name(algorithm));
   }
@@ -311,6 +330,13 @@ std::string ClusterSpec::to_json() const {
     topo["host_lockstep_slowdown"] = topology.host_lockstep_slowdown;
   }
   if (!topology.host_sync_us.empty()) topo["host_sync_us"] = topology.host_sync_us;
+  if (!topology.host_comm_load.empty()) {
+    json points = json::array();
+    for (const CommLoadPoint& p : topology.host_comm_load) {
+      points.push_back({{"bytes", p.bytes}, {"load", p.load}});
+    }
+    topo["host_comm_load"] = std::move(points);
+  }
   json root = {{"schema", kSchema},
                {"name", name},
                {"topology", std::move(topo)},
@@ -325,6 +351,18 @@ std::string ClusterSpec::to_json() const {
     root["collectives"] = std::move(colls);
   }
   return root.dump(2) + "\n";
+}
+
+double Topology::comm_load(int64_t bytes) const {
+  if (host_comm_load.empty()) return 0.0;
+  if (bytes <= host_comm_load.front().bytes) return host_comm_load.front().load;
+  if (bytes >= host_comm_load.back().bytes) return host_comm_load.back().load;
+  auto hi = std::upper_bound(host_comm_load.begin(), host_comm_load.end(), bytes,
+                             [](int64_t b, const CommLoadPoint& p) { return b < p.bytes; });
+  auto lo = hi - 1;
+  const double f = std::log(static_cast<double>(bytes) / static_cast<double>(lo->bytes)) /
+                   std::log(static_cast<double>(hi->bytes) / static_cast<double>(lo->bytes));
+  return lo->load + f * (hi->load - lo->load);
 }
 
 const AlgorithmParams* ClusterSpec::params(CollectiveKind op, Algorithm algorithm) const {
@@ -377,6 +415,15 @@ std::string cluster_difference(const ClusterSpec& a, const ClusterSpec& b, doubl
                         "host_lockstep_slowdown", true),
         list_difference(x.host_sync_us, y.host_sync_us, "host_sync_us", true)}) {
     if (!diff.empty()) return diff;
+  }
+  if (x.host_comm_load.size() != y.host_comm_load.size()) {
+    return "topology.host_comm_load differs in length";
+  }
+  for (size_t k = 0; k < x.host_comm_load.size(); ++k) {
+    if (x.host_comm_load[k].bytes != y.host_comm_load[k].bytes ||
+        std::abs(x.host_comm_load[k].load - y.host_comm_load[k].load) > rel_tol) {
+      return "topology.host_comm_load[" + std::to_string(k) + "] differs";
+    }
   }
   std::string diff = params_difference(a.defaults, b.defaults, "algorithms", rel_tol);
   if (!diff.empty()) return diff;

@@ -115,6 +115,9 @@ struct RankState {
   // Time spent computing since the rank's last communication op started
   // (host_sync_skew scales it).
   double since_sync = 0;
+  // What the rank counts toward its node's computing ranks (host sharing):
+  // 1 while computing, Topology::comm_load while only communicating, else 0.
+  double host_share = 0;
 };
 
 class Simulator {
@@ -143,8 +146,12 @@ class Simulator {
   // Re-times every computing rank of a node whose count of computing ranks
   // changed (host sharing).
   void retime_host(int host, double t);
-  // Counts a rank in or out of its node's computing ranks.
-  void set_computing(int rank, bool computing, double t);
+  // Re-counts the rank's share of its node after its compute or its
+  // communication changed; true when the node's count changed.
+  bool update_host_share(int rank);
+  // update_host_share, then re-times the node's computing ranks if its count
+  // changed, else the rank's own compute (the overlap model).
+  void after_change(int rank, double t);
   double collective_time(CollectiveKind op, const GroupShape& shape, int64_t bytes);
 
   void on_ready(int rank, int node, double t);
@@ -176,11 +183,11 @@ class Simulator {
   uint64_t event_seq_ = 0;
   std::unordered_map<std::string, double> rate_cache_;
   std::unordered_map<std::string, double> time_cache_;
-  // Host sharing (Topology::host_compute_slowdown non-empty): ranks of each
-  // node that have a compute node running.
+  // Host sharing (Topology::host_compute_slowdown non-empty): the computing
+  // ranks of each node, communicating ones counting their load.
   bool host_sharing_ = false;
   int devices_per_node_ = 1;
-  std::vector<int> host_computing_;
+  std::vector<double> host_computing_;
 };
 
 int Simulator::intern_group(const std::string& partition, const std::vector<int>& members) {
@@ -356,11 +363,36 @@ void Simulator::retime_host(int host, double t) {
   }
 }
 
-void Simulator::set_computing(int rank, bool computing, double t) {
-  if (!host_sharing_) return;
+bool Simulator::update_host_share(int rank) {
+  if (!host_sharing_) return false;
+  RankState& rs = ranks_[rank];
+  double share = 0;
+  if (!rs.compute.empty()) {
+    share = 1;
+  } else if (!rs.comms.empty()) {
+    int64_t bytes = 0;
+    for (const ActiveComm& c : rs.comms) bytes = std::max(bytes, c.bytes);
+    share = options_.collectives->cluster().topology.comm_load(bytes);
+  }
+  if (share == rs.host_share) return false;
+  rs.host_share = share;
+  // Summed afresh rather than adjusted, so fractional loads leave no
+  // rounding residue behind.
   const int host = rank / devices_per_node_;
-  host_computing_[host] += computing ? 1 : -1;
-  retime_host(host, t);
+  const int first = host * devices_per_node_;
+  const int last = std::min(static_cast<int>(ranks_.size()), first + devices_per_node_);
+  double total = 0;
+  for (int r = first; r < last; ++r) total += ranks_[r].host_share;
+  host_computing_[host] = total;
+  return true;
+}
+
+void Simulator::after_change(int rank, double t) {
+  if (update_host_share(rank)) {
+    retime_host(rank / devices_per_node_, t);
+  } else {
+    retime(rank, t);
+  }
 }
 
 double Simulator::collective_time(CollectiveKind op, const GroupShape& shape, int64_t bytes) {
@@ -382,15 +414,14 @@ void Simulator::on_ready(int rank, int node, double t) {
   switch (n.kind) {
     case NodeKind::kCompute: {
       account(rs, t);
-      const bool starts_computing = rs.compute.empty();
-      RunningCompute c{node, n.duration.count(), 1.0, t, 0, t};
-      if (starts_computing && host_sharing_) ++host_computing_[rank / devices_per_node_];
+      rs.compute.push_back(RunningCompute{node, n.duration.count(), 1.0, t, 0, t});
+      const bool share_changed = update_host_share(rank);
+      RunningCompute& c = rs.compute.back();
       c.rate = rate_for(rank, node, rs);
-      rs.compute.push_back(c);
       if (!events_.empty()) events_[rank][node].start = Microseconds(t);
       push(t + c.remaining * c.rate, kComputeDone, rank, node, 0);
       // The other computing ranks of the node slow down.
-      if (starts_computing && host_sharing_) retime_host(rank / devices_per_node_, t);
+      if (share_changed) retime_host(rank / devices_per_node_, t);
       break;
     }
     case NodeKind::kCollective:
@@ -517,7 +548,7 @@ void Simulator::start_instance(int index, double t) {
     rs.since_sync = 0;
     rs.comms.push_back(ActiveComm{index, inst.op, inst.bytes, inst.shape.ranks});
     if (!events_.empty()) events_[rank][node].start = Microseconds(t);
-    retime(rank, t);
+    after_change(rank, t);
   }
   push(t + duration, kCommDone, index, 0, 0);
 }
@@ -532,7 +563,7 @@ void Simulator::finish_instance(int index, double t) {
                            [&](const ActiveComm& c) { return c.instance == index; });
     rs.comms.erase(it);
     if (!events_.empty()) events_[rank][node].end = Microseconds(t);
-    retime(rank, t);
+    after_change(rank, t);
   }
   for (const auto& [rank, node] : members) complete(rank, node, t);
 }
@@ -547,7 +578,7 @@ void Simulator::finish_compute(int rank, int node, uint32_t gen, double t) {
   rs.compute.erase(it);
   const double measured = node_at(rank, node).duration.count();
   rs.slowdown_extra += std::max(0.0, (t - start) - measured);
-  if (rs.compute.empty()) set_computing(rank, false, t);
+  if (update_host_share(rank)) retime_host(rank / devices_per_node_, t);
   if (!events_.empty()) {
     SimEvent& e = events_[rank][node];
     e.end = Microseconds(t);
@@ -686,7 +717,7 @@ SimulationResult Simulator::run() {
   host_sharing_ = !topo.host_compute_slowdown.empty();
   devices_per_node_ = topo.devices_per_node;
   host_computing_.assign(static_cast<size_t>((world + devices_per_node_ - 1) / devices_per_node_),
-                         0);
+                         0.0);
   size_t total_nodes = 0;
   for (int r = 0; r < world; ++r) {
     RankState& rs = ranks_[r];

@@ -204,6 +204,55 @@ TEST(HostSharing, SyncFixedWaitOnlyAfterCompute) {
   EXPECT_DOUBLE_EQ(t.sync_fixed_us(8), 40.0);  // beyond the list: the last entry
 }
 
+TEST(HostSharing, CommLoadTable) {
+  Topology t;
+  EXPECT_DOUBLE_EQ(t.comm_load(1000), 0.0);  // absent: communication takes no cores
+  t.host_comm_load = {{1024, 0.2}, {int64_t{1} << 20, 0.5}};
+  EXPECT_DOUBLE_EQ(t.comm_load(512), 0.2);  // held beyond the ends
+  EXPECT_DOUBLE_EQ(t.comm_load(1024), 0.2);
+  EXPECT_NEAR(t.comm_load(int64_t{1} << 15), 0.35, 1e-12);  // halfway in log(bytes)
+  EXPECT_DOUBLE_EQ(t.comm_load(int64_t{1} << 24), 0.5);
+  // A fractional count of computing ranks interpolates the slowdown table,
+  // also beyond its end (3 ranks: 2.5, 4 ranks: 2.5 x 4 / 3).
+  t.host_compute_slowdown = {1.0, 1.5, 2.5};
+  EXPECT_DOUBLE_EQ(t.host_slowdown(1.2), 1.1);
+  EXPECT_DOUBLE_EQ(t.host_slowdown(2.5), 2.0);
+  EXPECT_NEAR(t.host_slowdown(3.5), (2.5 + 2.5 * 4 / 3) / 2, 1e-12);
+}
+
+TEST(HostSharing, CommunicatingRanksTakeTheirLoad) {
+  // Rank 0 computes 100 us while ranks 1 and 2 of its node run an
+  // all_reduce (10 + 20 us) from time 0. Each counts 0.5 of a computing
+  // rank, so rank 0 runs at host_slowdown(2) = 2 for 30 us (15 us of its
+  // work) and alone for the other 85: it ends at 115 instead of 100.
+  ClusterSpec c = host_cluster({1.0, 2.0, 3.0}, 3);
+  const std::string entries = R"({"ranks": [0], "nodes": [
+      {"id": 0, "kind": "compute", "name": "work", "duration_us": 100}]},
+    {"ranks": [1, 2], "nodes": [
+      {"id": 0, "kind": "collective", "name": "ar", "op": "all_reduce", "group": [1, 2],
+       "bytes": 20000}]})";
+  EXPECT_DOUBLE_EQ(run(entries, 3, c).step_time.count(), 100);
+  c.topology.host_comm_load = {{1, 0.5}};
+  const SimulationResult r = run(entries, 3, c);
+  EXPECT_DOUBLE_EQ(r.step_time.count(), 115);
+  EXPECT_DOUBLE_EQ(r.events[1][0].end.count(), 30);  // the collective itself is not slowed
+  // A rank that computes while its own collective runs counts once (the
+  // overlap model covers what its communication costs it): ranks 0 and 1
+  // compute 100 us each while rank 1's all_reduce with rank 2 runs, rank 2
+  // counts 0.5: host_slowdown(2.5) = 2.5 for 30 us, then 2 (ranks 0 and 1)
+  // for the rest: 12 us of work by 30, 88 more at half speed, end 206.
+  const std::string overlapped = R"({"ranks": [0], "nodes": [
+      {"id": 0, "kind": "compute", "name": "work", "duration_us": 100}]},
+    {"ranks": [1], "nodes": [
+      {"id": 0, "kind": "collective", "name": "ar", "op": "all_reduce", "group": [1, 2],
+       "bytes": 20000, "stream": "comm"},
+      {"id": 1, "kind": "compute", "name": "work", "duration_us": 100}]},
+    {"ranks": [2], "nodes": [
+      {"id": 0, "kind": "collective", "name": "ar", "op": "all_reduce", "group": [1, 2],
+       "bytes": 20000}]})";
+  EXPECT_DOUBLE_EQ(run(overlapped, 3, c).step_time.count(), 206);
+}
+
 const char* kClusterDoc = R"({
   "schema": "tessera.sim.cluster/1", "name": "cpu",
   "topology": {"devices_per_node": 4, "num_nodes": 1, "nics_per_node": 1,
@@ -245,12 +294,25 @@ TEST(HostSharing, ClusterFieldRoundTrips) {
   const ClusterSpec fixed = ClusterSpec::parse(cluster_doc(R"(, "host_sync_us": [0, 900])"), "c");
   ASSERT_EQ(fixed.topology.host_sync_us.size(), 2u);
   EXPECT_DOUBLE_EQ(ClusterSpec::parse(fixed.to_json(), "again").topology.host_sync_us[1], 900);
+  const ClusterSpec loaded = ClusterSpec::parse(
+      cluster_doc(
+          R"(, "host_comm_load": [{"bytes": 4096, "load": 0.3}, {"bytes": 65536, "load": 0.5}])"),
+      "c");
+  ASSERT_EQ(loaded.topology.host_comm_load.size(), 2u);
+  EXPECT_EQ(loaded.topology.host_comm_load[1].bytes, 65536);
+  const ClusterSpec loaded_again = ClusterSpec::parse(loaded.to_json(), "again");
+  EXPECT_EQ(cluster_difference(loaded, loaded_again, 0), "");
+  ClusterSpec loaded_other = loaded_again;
+  loaded_other.topology.host_comm_load[0].load = 0.4;
+  EXPECT_NE(cluster_difference(loaded, loaded_other, 1e-6).find("host_comm_load[0]"),
+            std::string::npos);
   // Absent: empty, and not written back.
   const ClusterSpec plain = ClusterSpec::parse(cluster_doc(""), "plain");
   EXPECT_TRUE(plain.topology.host_compute_slowdown.empty());
   EXPECT_EQ(plain.to_json().find("host_compute_slowdown"), std::string::npos);
   EXPECT_EQ(plain.to_json().find("host_lockstep_slowdown"), std::string::npos);
   EXPECT_EQ(plain.to_json().find("host_sync_us"), std::string::npos);
+  EXPECT_EQ(plain.to_json().find("host_comm_load"), std::string::npos);
 }
 
 TEST(HostSharing, ClusterFieldErrorsNameTheField) {
@@ -259,7 +321,13 @@ TEST(HostSharing, ClusterFieldErrorsNameTheField) {
         R"(, "host_compute_slowdown": [1.0, "x"])", R"(, "host_compute_slowdown": 2)",
         R"(, "host_sync_skew": [0, -0.1])", R"(, "host_sync_skew": [0, "x"])",
         R"(, "host_lockstep_slowdown": [1.0, 0])", R"(, "host_lockstep_slowdown": [true])",
-        R"(, "host_sync_us": [0, -5])", R"(, "host_sync_us": [0, "x"])"}) {
+        R"(, "host_sync_us": [0, -5])", R"(, "host_sync_us": [0, "x"])",
+        R"(, "host_comm_load": [{"bytes": 4096, "load": -0.1}])",
+        R"(, "host_comm_load": [{"bytes": 4096, "load": 5}])",
+        R"(, "host_comm_load": [{"bytes": 0, "load": 0.1}])",
+        R"(, "host_comm_load": [{"bytes": 4096, "load": 0.1}, {"bytes": 4096, "load": 0.2}])",
+        R"(, "host_comm_load": [{"bytes": 4096, "load": 0.1, "kind": "x"}])",
+        R"(, "host_comm_load": [{"bytes": 4096}])", R"(, "host_comm_load": [0.5])"}) {
     SCOPED_TRACE(bad);
     try {
       ClusterSpec::parse(cluster_doc(bad), "cpu.json");
@@ -270,7 +338,9 @@ TEST(HostSharing, ClusterFieldErrorsNameTheField) {
       const std::string field = b.find("skew") != std::string::npos       ? "host_sync_skew"
                                 : b.find("lockstep") != std::string::npos ? "host_lockstep_slowdown"
                                 : b.find("sync_us") != std::string::npos  ? "host_sync_us"
-                                                                          : "host_compute_slowdown";
+                                : b.find("comm_load") != std::string::npos
+                                    ? "host_comm_load"
+                                    : "host_compute_slowdown";
       EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
     }
   }

@@ -145,6 +145,8 @@ TEST(Calibration, MeasuresCollectivesOverlapAndHostSharing) {
   h.repeats = 1;
   h.lockstep_layout = ParallelLayout::parse("tp=2");
   h.lockstep_repeats = 2;
+  h.comm_load_bytes = {4096, 65536};
+  h.comm_load_compute_ms = 5;
   // The collectives one tp=2 step issues (placeholder group, recorded).
   auto counter = std::make_shared<CallRecorder>();
   dist::ProcessGroupOptions po;
@@ -186,6 +188,32 @@ TEST(Calibration, MeasuresCollectivesOverlapAndHostSharing) {
   ASSERT_EQ(sharing.sync_us.size(), slow.size());
   EXPECT_DOUBLE_EQ(sharing.sync_us[0], 0.0);
   for (double x : sharing.sync_us) EXPECT_GE(x, 0);
+  // Communication's load: measured in a world of 4 (ranks 2 and 3 run the
+  // all_reduces of each size in their pair while ranks 0 and 1 compute).
+  if (g_world->size() == 4) {
+    ASSERT_EQ(sharing.comm_load.size(), 2u);
+    EXPECT_EQ(sharing.comm_load[0].bytes, 4096);
+    EXPECT_EQ(sharing.comm_load[1].bytes, 65536);
+    for (const CommLoadPoint& p : sharing.comm_load) {
+      EXPECT_GE(p.load, 0);
+      EXPECT_LE(p.load, 4);
+    }
+    ASSERT_EQ(sharing.comm_load_slowdown.size(), 2u);
+    EXPECT_GT(sharing.busy_slowdown, 0);
+    size_t transfers = 0;
+    for (const dist::CollectiveCall& c : g_recorder->calls()) {
+      transfers += c.op == "all_reduce" && (c.bytes == 4096 || c.bytes == 65536);
+    }
+    // At least one call per size and repeat on the communicating ranks, none
+    // on the computing ones.
+    if (g_world->rank() >= 2) {
+      EXPECT_GE(transfers, 2u * static_cast<size_t>(h.repeats));
+    } else {
+      EXPECT_EQ(transfers, 0u);
+    }
+  } else {
+    EXPECT_TRUE(sharing.comm_load.empty());
+  }
   // One rank: both are in step over out of step alone.
   EXPECT_DOUBLE_EQ(sharing.lockstep_slowdown[0], sharing.lockstep_ratio[0]);
   // A layout without collectives cannot run in step.

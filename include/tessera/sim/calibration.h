@@ -106,6 +106,11 @@ struct HostSharingOptions {
   // HostSharing::sync_us compares with GEMM segments this long (the
   // collective calibration's --compute-ms).
   double sync_compute_ms = 10;
+  // HostSharing::comm_load: the all_reduce sizes (bytes, increasing) and
+  // the computing ranks' GEMM segment (about this long alone).
+  std::vector<int64_t> comm_load_bytes = {int64_t{4} << 10, int64_t{64} << 10, int64_t{1} << 20,
+                                          int64_t{8} << 20};
+  double comm_load_compute_ms = 150;
 };
 
 struct HostSharing {
@@ -132,6 +137,20 @@ struct HostSharing {
   // and, in a larger even world, for pairs of neighbouring ranks; a size in
   // between takes the next larger measured one. Topology::host_sync_us.
   std::vector<double> sync_us;
+  // Topology::host_comm_load, measured in an even world of 4 or more ranks
+  // (empty otherwise): ranks 0 .. c-1 (c = 2 x floor(world / 4)) time a GEMM
+  // segment while the others wait in a barrier (idle), compute the same
+  // (busy), or run all_reduces of one size back to back in pairs of
+  // neighbouring ranks (comm). The comm slowdown's share of the busy one,
+  // (comm / idle - 1) / (busy / idle - 1), is placed on compute_slowdown
+  // between c and world computing ranks: load = (k - c) / (world - c) for
+  // the k at which compute_slowdown covers that share of the way from
+  // entry c to entry world. 0 where busy is within 2 % of idle (no shared
+  // cores to measure).
+  std::vector<CommLoadPoint> comm_load;
+  // The medians behind comm_load: comm / idle per size, busy / idle.
+  std::vector<double> comm_load_slowdown;
+  double busy_slowdown = 0;
 };
 
 // Compute slowed by other ranks computing on the same host: for k = 1 ..

@@ -17,7 +17,8 @@
 //       "host_compute_slowdown": [1.0, 1.1, 1.6, 2.1],  // optional, see below
 //       "host_sync_skew": [0, 0.03, 0.06, 0.1],         // optional, see below
 //       "host_lockstep_slowdown": [1.05, 1.12],          // optional, see below
-//       "host_sync_us": [0, 900]                         // optional, see below
+//       "host_sync_us": [0, 900],                        // optional, see below
+//       "host_comm_load": [{"bytes": 4096, "load": 0.35}, ...]  // optional, see below
 //     },
 //     "algorithms": {                    // shared by every collective
 //       "ring":   [ {regime}, ... ],
@@ -63,6 +64,17 @@
 // host`; beyond the list it grows in proportion to k like
 // host_compute_slowdown; absent: host_compute_slowdown applies to all
 // compute.
+// host_comm_load is the host's cores that communication takes: a rank of
+// the node running a communication op (after its straggler wait) and no
+// compute counts as `load` of a computing rank in the k above, so ranks
+// computing while others of the node communicate slow down more than with
+// those ranks blocked (Gloo's transfers over loopback copy through the
+// kernel; measured here: two ranks computing while two others run 786 KB
+// all_reduces back to back slow by 1.3x, by 2.0x while those compute).
+// Points by strictly increasing message size, the load interpolated in
+// log(bytes) between them and held beyond the ends; a fractional k
+// interpolates host_compute_slowdown linearly. Measured by `calibrate host`
+// on 4 or more ranks; absent: communicating ranks take no cores.
 //
 // A regime applies to messages of at most max_bytes (0 = no bound; regimes are
 // listed by increasing max_bytes and only the last is unbounded). What the
@@ -82,6 +94,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -121,6 +134,13 @@ struct LinkSpec {
   double latency_us = 0;      // >= 0
 };
 
+// One point of Topology::host_comm_load.
+struct CommLoadPoint {
+  int64_t bytes = 0;  // > 0
+  double load = 0;    // in [0, 4]
+  bool operator==(const CommLoadPoint& o) const { return bytes == o.bytes && load == o.load; }
+};
+
 struct Topology {
   int devices_per_node = 8;  // >= 1
   int num_nodes = 0;         // 0 = unbounded
@@ -139,22 +159,30 @@ struct Topology {
   // CPU hosts: the straggler wait's fixed part for k ranks, microseconds
   // (see above); empty: 0.
   std::vector<double> host_sync_us;
+  // CPU hosts: the share of a computing rank that a rank communicating a
+  // message of `bytes` takes (see above); empty: 0.
+  std::vector<CommLoadPoint> host_comm_load;
 
   // The node of a global rank (ranks fill nodes in order).
   int node_of(int rank) const { return rank / devices_per_node; }
   // The compute slowdown with `computing` (>= 1) ranks of a node computing
-  // at once: 1 without host_compute_slowdown.
+  // at once: 1 without host_compute_slowdown. A fractional count (ranks
+  // communicating, host_comm_load) interpolates between the integer ones.
   // With `lockstep`, for compute that started when a communication op it
   // waited for completed (host_lockstep_slowdown when given).
-  double host_slowdown(int computing, bool lockstep = false) const {
+  double host_slowdown(double computing, bool lockstep = false) const {
     const std::vector<double>& table = lockstep && !host_lockstep_slowdown.empty()
                                            ? host_lockstep_slowdown
                                            : host_compute_slowdown;
-    if (table.empty() || computing <= 1) return table.empty() ? 1.0 : table.front();
-    const int n = static_cast<int>(table.size());
-    if (computing <= n) return table[computing - 1];
-    return table.back() * computing / n;
+    if (table.empty()) return 1.0;
+    const double lower = std::floor(computing);
+    const double a = slowdown_at(table, static_cast<int>(lower));
+    if (computing <= lower) return a;
+    return a + (computing - lower) * (slowdown_at(table, static_cast<int>(lower) + 1) - a);
   }
+  // The load of a rank communicating a message of `bytes` (see above): 0
+  // without host_comm_load.
+  double comm_load(int64_t bytes) const;
   // The straggler share for a group of `ranks` (see above): 0 without
   // host_sync_skew.
   double sync_skew(int ranks) const { return by_ranks(host_sync_skew, ranks); }
@@ -163,6 +191,12 @@ struct Topology {
   double sync_fixed_us(int ranks) const { return by_ranks(host_sync_us, ranks); }
 
  private:
+  static double slowdown_at(const std::vector<double>& table, int computing) {
+    if (computing <= 1) return table.front();
+    const int n = static_cast<int>(table.size());
+    if (computing <= n) return table[computing - 1];
+    return table.back() * computing / n;
+  }
   static double by_ranks(const std::vector<double>& table, int ranks) {
     if (table.empty() || ranks < 1) return 0.0;
     return table[std::min(table.size(), static_cast<size_t>(ranks)) - 1];

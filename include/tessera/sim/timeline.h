@@ -15,7 +15,9 @@
 //     ranks share cores, cluster.h), a compute node is further stretched by
 //     host_slowdown(k), k = the ranks of its node with a compute node
 //     running, and re-timed whenever k changes: a rank waiting in a
-//     collective frees its share of the cores. A compute node that depends
+//     collective frees its share of the cores. With host_comm_load, a rank
+//     running a communication op and no compute counts comm_load(bytes) in
+//     k (its largest running op's size; a fractional k interpolates). A compute node that depends
 //     on a communication node (it starts when a wait ends, in step with the
 //     op's other members) takes host_slowdown(k, lockstep = true), which is
 //     host_lockstep_slowdown where the cluster gives it.

@@ -405,7 +405,17 @@ int main(int argc, char** argv) {
                ", \"sync_skew\": " + list(sharing.sync_skew) +
                ", \"lockstep_slowdown\": " + list(sharing.lockstep_slowdown) +
                ", \"lockstep_ratio\": " + list(sharing.lockstep_ratio) +
-               ", \"sync_us\": " + list(sharing.sync_us) + "}\n";
+               ", \"sync_us\": " + list(sharing.sync_us);
+        // Communication's load (4 or more ranks): points as in the cluster file.
+        std::string points = "[";
+        for (size_t k = 0; k < sharing.comm_load.size(); ++k) {
+          points += (k ? ", " : "") + std::string("{\"bytes\": ") +
+                    std::to_string(sharing.comm_load[k].bytes) +
+                    ", \"load\": " + std::to_string(sharing.comm_load[k].load) + "}";
+        }
+        text += ", \"comm_load\": " + points + "]" +
+                ", \"comm_load_slowdown\": " + list(sharing.comm_load_slowdown) +
+                ", \"busy_slowdown\": " + std::to_string(sharing.busy_slowdown) + "}\n";
       }
       if (world->rank() == 0) {
         write_text(calibrate_out, text);
