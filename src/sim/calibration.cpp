@@ -8,6 +8,7 @@
 #include <functional>
 #include <map>
 
+#include "host_cpu.h"
 #include "tessera/core/error.h"
 #include "tessera/core/log.h"
 #include "tessera/core/metrics.h"
@@ -307,6 +308,46 @@ std::pair<double, double> wait_fit(const std::vector<std::pair<double, double>>&
   return {(sy - b * sx) / n, b};
 }
 
+// The share of the host's CPU time that processes other than the world's
+// ranks used between two snapshots every rank took at about the same
+// moments (rank 0's view of the host).
+double world_foreign_share(dist::ProcessGroup& world, const detail::CpuSnapshot& a,
+                           const detail::CpuSnapshot& b) {
+  at::Tensor t = at::zeros({3}, at::kDouble);
+  if (world.rank() == 0) {
+    t[0] = b.host_busy_s - a.host_busy_s;
+    t[2] = std::chrono::duration<double>(b.at - a.at).count();
+  }
+  t[1] = b.mine_s - a.mine_s;
+  world.all_reduce(t, dist::ReduceOp::kSum).wait();
+  const double wall = t[2].item<double>();
+  if (wall <= 0) return 0.0;
+  return std::max(0.0, t[0].item<double>() - t[1].item<double>()) / (wall * detail::host_cpus());
+}
+
+// The repeats whose foreign share is at most `max_share`; at least the
+// min(3, all) quietest.
+std::vector<size_t> quiet_repeats(const std::vector<double>& foreign, double max_share) {
+  std::vector<size_t> order(foreign.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t x, size_t y) { return foreign[x] < foreign[y]; });
+  size_t keep = std::min<size_t>(3, order.size());
+  while (keep < order.size() && foreign[order[keep]] <= max_share) ++keep;
+  order.resize(keep);
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+// The entries of `values` (one per repeat, possibly fewer) at `kept`.
+std::vector<double> at_repeats(const std::vector<double>& values, const std::vector<size_t>& kept) {
+  std::vector<double> out;
+  for (size_t i : kept) {
+    if (i < values.size()) out.push_back(values[i]);
+  }
+  return out.empty() ? values : out;
+}
+
 // The k >= c at which the slowdown table, interpolated as the simulator
 // does, covers `share` of its way from entry c to entry n (beyond n it grows
 // in proportion to k, as Topology::host_slowdown extrapolates).
@@ -386,7 +427,10 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
   const size_t kn = static_cast<size_t>(n);
   std::vector<std::vector<double>> means(kn), skews(kn), apart(kn), together(kn);
   const int repeats = std::max(options.repeats, options.lockstep_repeats);
+  std::vector<double> foreign;  // per repeat
   for (int r = 0; r < repeats; ++r) {
+    world.barrier().wait();
+    const detail::CpuSnapshot before = detail::CpuSnapshot::take();
     for (int k = 1; k <= n; ++k) {
       const size_t i = static_cast<size_t>(k - 1);
       auto mean_of = [k](const at::Tensor& times) {
@@ -404,7 +448,9 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
         together[i].push_back(mean_of(run(k, true, true)));
       }
     }
+    foreign.push_back(world_foreign_share(world, before, detail::CpuSnapshot::take()));
   }
+  const std::vector<size_t> kept = quiet_repeats(foreign, options.max_foreign_cpu);
   // The wait per synchronisation after the job's compute against that after
   // the collective calibration's GEMMs, every rank computing, both at the
   // GEMM segment's length: the job's from each rank's fit wait = a + b x
@@ -455,7 +501,7 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
   // of ranks c .. n-1 are idle, busy computing, or running all_reduces.
   const int c = 2 * (n / 4);
   const bool measure_load = n >= 4 && n % 2 == 0 && !options.comm_load_bytes.empty();
-  std::vector<double> idle, busy;
+  std::vector<double> idle, busy, load_foreign;
   std::vector<std::vector<double>> comm(options.comm_load_bytes.size());
   if (measure_load) {
     auto segment = gemm_segment(world.rank(), options.comm_load_compute_ms);
@@ -490,6 +536,8 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
       return t.item<double>() / c;
     };
     for (int r = 0; r < options.repeats; ++r) {
+      world.barrier().wait();
+      const detail::CpuSnapshot before = detail::CpuSnapshot::take();
       busy.push_back(run_load(-1, 0));
       idle.push_back(run_load(-2, 0));
       // Longer than the segment under full load, so the computing ranks
@@ -498,25 +546,31 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
       for (size_t i = 0; i < comm.size(); ++i) {
         comm[i].push_back(run_load(static_cast<int>(i), seconds));
       }
+      load_foreign.push_back(world_foreign_share(world, before, detail::CpuSnapshot::take()));
     }
   }
 
   HostSharing out;
-  const double alone = median(means[0]);
-  const double split_alone = median(apart[0]);
+  out.foreign_cpu = foreign;
+  out.repeats_kept = static_cast<int>(kept.size());
+  auto med = [&kept](const std::vector<double>& v) { return median(at_repeats(v, kept)); };
+  const double alone = med(means[0]);
+  const double split_alone = med(apart[0]);
   for (size_t i = 0; i < kn; ++i) {
-    out.compute_slowdown.push_back(median(means[i]) / alone);
-    out.sync_skew.push_back(i == 0 ? 0.0 : median(skews[i]));
-    out.lockstep_slowdown.push_back(median(together[i]) / split_alone);
-    out.lockstep_ratio.push_back(median(together[i]) / median(apart[i]));
+    out.compute_slowdown.push_back(med(means[i]) / alone);
+    out.sync_skew.push_back(i == 0 ? 0.0 : med(skews[i]));
+    out.lockstep_slowdown.push_back(med(together[i]) / split_alone);
+    out.lockstep_ratio.push_back(med(together[i]) / med(apart[i]));
     // Groups of i + 1 ranks: the smallest measured group at least as large.
     out.sync_us.push_back(i == 0 ? 0.0 : excess_us.lower_bound(static_cast<int>(i + 1))->second);
   }
   if (measure_load) {
-    const double base = median(idle);
-    out.busy_slowdown = median(busy) / base;
+    const std::vector<size_t> quiet = quiet_repeats(load_foreign, options.max_foreign_cpu);
+    auto load_med = [&quiet](const std::vector<double>& v) { return median(at_repeats(v, quiet)); };
+    const double base = load_med(idle);
+    out.busy_slowdown = load_med(busy) / base;
     for (size_t i = 0; i < comm.size(); ++i) {
-      const double slowdown = median(comm[i]) / base;
+      const double slowdown = load_med(comm[i]) / base;
       out.comm_load_slowdown.push_back(slowdown);
       double load = 0;
       if (out.busy_slowdown > 1.02) {

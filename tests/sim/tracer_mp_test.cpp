@@ -214,6 +214,12 @@ TEST(Calibration, MeasuresCollectivesOverlapAndHostSharing) {
   } else {
     EXPECT_TRUE(sharing.comm_load.empty());
   }
+  // Every repeat's share of foreign CPU time is recorded; the medians keep
+  // at least min(3, repeats) of them.
+  ASSERT_EQ(sharing.foreign_cpu.size(),
+            static_cast<size_t>(std::max(h.repeats, h.lockstep_repeats)));
+  for (double x : sharing.foreign_cpu) EXPECT_GE(x, 0);
+  EXPECT_EQ(sharing.repeats_kept, 2);  // two repeats: both, however busy the host
   // One rank: both are in step over out of step alone.
   EXPECT_DOUBLE_EQ(sharing.lockstep_slowdown[0], sharing.lockstep_ratio[0]);
   // A layout without collectives cannot run in step.

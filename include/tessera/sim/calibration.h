@@ -111,6 +111,10 @@ struct HostSharingOptions {
   std::vector<int64_t> comm_load_bytes = {int64_t{4} << 10, int64_t{64} << 10, int64_t{1} << 20,
                                           int64_t{8} << 20};
   double comm_load_compute_ms = 150;
+  // Repeats during which other processes (or the hypervisor) took more than
+  // this share of the host's CPU time are left out of the medians, keeping
+  // at least the three quietest.
+  double max_foreign_cpu = 0.05;
 };
 
 struct HostSharing {
@@ -151,6 +155,10 @@ struct HostSharing {
   // The medians behind comm_load: comm / idle per size, busy / idle.
   std::vector<double> comm_load_slowdown;
   double busy_slowdown = 0;
+  // Per repeat of the slowdown measurements: the share of the host's CPU
+  // time other processes used; and how many repeats the medians kept.
+  std::vector<double> foreign_cpu;
+  int repeats_kept = 0;
 };
 
 // Compute slowed by other ranks computing on the same host: for k = 1 ..
@@ -161,7 +169,8 @@ struct HostSharing {
 // all_reduce of one number over all ranks (so they leave each collective
 // together, as in the real job), the times of those waits left out. Every
 // repeat runs every measurement for every k, so a drift of the machine's
-// speed lands on all of them alike; each figure is a median over repeats.
+// speed lands on all of them alike; each figure is a median over the
+// repeats that other processes left alone (max_foreign_cpu).
 HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOptions& options);
 
 }  // namespace tessera::sim

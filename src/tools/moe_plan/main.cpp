@@ -4,8 +4,9 @@
 // serverless deployment meeting the latency SLO with its predicted cost and
 // latency — and what that deployment costs on the batch's real routing.
 //
-//   tessera-moe-plan --model /tmp/tessera-quickstart/pretrained \
+//   tessera-moe-plan --model /tmp/tessera-quickstart/pretrained
 //                    --tokens /tmp/tessera-quickstart/arithmetic.tokens [--slo 2.0]
+//   (one command line)
 //
 // Options (--help lists them): --batches N (profiling batches, 100),
 // --batch-tokens N (2048), --seq N (64), --slo S (seconds, end to end over

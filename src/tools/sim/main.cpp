@@ -415,7 +415,9 @@ int main(int argc, char** argv) {
         }
         text += ", \"comm_load\": " + points + "]" +
                 ", \"comm_load_slowdown\": " + list(sharing.comm_load_slowdown) +
-                ", \"busy_slowdown\": " + std::to_string(sharing.busy_slowdown) + "}\n";
+                ", \"busy_slowdown\": " + std::to_string(sharing.busy_slowdown) +
+                ", \"foreign_cpu\": " + list(sharing.foreign_cpu) +
+                ", \"repeats_kept\": " + std::to_string(sharing.repeats_kept) + "}\n";
       }
       if (world->rank() == 0) {
         write_text(calibrate_out, text);
