@@ -102,6 +102,11 @@ void HttpServer::Impl::routes() {
   const size_t threads = static_cast<size_t>(options.threads);
   server.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   server.set_keep_alive_max_count(1000);
+  // Idle keep-alive connections stay open longer than clients keep them in
+  // their pools (httpx and aiohttp: 5 s, cpp-httplib's own default too):
+  // when both sides give up at the same moment, a client can send a request
+  // on a connection the server is closing and get no response.
+  server.set_keep_alive_timeout(60);
   server.set_read_timeout(std::chrono::seconds(60));
   server.set_write_timeout(std::chrono::seconds(60));
   // The API key guards every route but /health.
