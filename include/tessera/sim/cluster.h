@@ -69,8 +69,8 @@
 // compute counts as `load` of a computing rank in the k above, so ranks
 // computing while others of the node communicate slow down more than with
 // those ranks blocked (Gloo's transfers over loopback copy through the
-// kernel; measured here: two ranks computing while two others run 786 KB
-// all_reduces back to back slow by 1.3x, by 2.0x while those compute).
+// kernel; see data/sim/gloo_local/np4_host.json for this machine's
+// figures).
 // Points by strictly increasing message size, the load interpolated in
 // log(bytes) between them and held beyond the ends; a fractional k
 // interpolates host_compute_slowdown linearly. Measured by `calibrate host`
