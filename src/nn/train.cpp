@@ -41,6 +41,12 @@ struct AdamW::Impl {
   // ZeRO-1: the flattened parameters [padded], this rank's slice.
   int64_t total = 0, padded = 0, shard = 0, begin = 0;
   at::Tensor master, m_flat, v_flat, decay_mask;  // [shard]
+  // Step buffers, made at the first step and reused: the flattened
+  // gradients and the gathered parameters [padded], the averaged gradient
+  // slice [shard]. Fresh tensors of this size each step would come from
+  // mmap and pay a page fault per page every step (see
+  // ProcessGroup::Impl::scratch).
+  at::Tensor flat_grad, gathered, grad_shard;
 
   bool decays(const at::Tensor& p) const { return p.dim() >= 2; }
 };
@@ -170,12 +176,23 @@ double AdamW::step(double lr, double max_grad_norm) {
         }
         // ZeRO-1: average-reduce-scatter the flat gradients, update this slice,
         // all_gather the parameters.
-        std::vector<at::Tensor> flat;
-        for (const auto& p : s.params) flat.push_back(grad_of(p).reshape({-1}));
-        at::Tensor all = at::cat(flat);
-        if (s.padded > s.total) all = at::cat({all, at::zeros({s.padded - s.total})});
-        at::Tensor g = at::empty({s.shard});
-        s.zero->reduce_scatter(g, all, dist::ReduceOp::kAvg).wait();
+        if (!s.flat_grad.defined()) {
+          s.flat_grad = at::zeros({s.padded});  // the padding stays zero
+          s.gathered = at::empty({s.padded});
+          s.grad_shard = at::empty({s.shard});
+        }
+        int64_t at_elem = 0;
+        for (const auto& p : s.params) {
+          at::Tensor dst = s.flat_grad.narrow(0, at_elem, p.numel());
+          if (p.grad().defined()) {
+            dst.copy_(p.grad().reshape({-1}));
+          } else {
+            dst.zero_();
+          }
+          at_elem += p.numel();
+        }
+        at::Tensor& g = s.grad_shard;
+        s.zero->reduce_scatter(g, s.flat_grad, dist::ReduceOp::kAvg).wait();
         at::Tensor sq = (g.pow(2) * s.norm_weight_flat).sum().to(at::kDouble).view({1});
         s.zero->all_reduce(sq).wait();
         double norm = s.global_norm(sq.item<double>());
@@ -184,11 +201,10 @@ double AdamW::step(double lr, double max_grad_norm) {
         s.v_flat.mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
         s.master.mul_(1 - lr * o.weight_decay * s.decay_mask);
         s.master.addcdiv_(s.m_flat / bc1, (s.v_flat / bc2).sqrt_().add_(o.eps), -lr);
-        at::Tensor gathered = at::empty({s.padded});
-        s.zero->all_gather(gathered, s.master).wait();
+        s.zero->all_gather(s.gathered, s.master).wait();
         int64_t offset = 0;
         for (auto& p : s.params) {
-          p.detach().copy_(gathered.narrow(0, offset, p.numel()).view(p.sizes()));
+          p.detach().copy_(s.gathered.narrow(0, offset, p.numel()).view(p.sizes()));
           offset += p.numel();
         }
         return norm;

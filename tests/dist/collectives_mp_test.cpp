@@ -136,6 +136,38 @@ TEST(Collectives, ReduceScatter) {
   }
 }
 
+// Operations stage data in buffers the group reuses (ProcessGroup::Impl::
+// scratch). Several issued before any is waited on, larger and smaller
+// than earlier ones, must each keep their own: a buffer handed to a second
+// operation while the first still runs would mix their data.
+TEST(Collectives, StagingBuffersOfOperationsInFlight) {
+  const int n = g_world->size();
+  for (int round = 0; round < 3; ++round) {
+    std::vector<std::vector<at::Tensor>> rs_inputs, ag_inputs;
+    std::vector<at::Tensor> rs_out, ag_out;
+    std::vector<Work> works;
+    for (int k = 0; k < 6; ++k) {
+      const int64_t rows = (k % 3 + 1) * 4 * n;
+      rs_inputs.push_back(all_inputs({rows, 5}, at::kFloat, 700 + 10 * round + k));
+      rs_out.push_back(at::empty({rows / n, 5}, dev()));
+      works.push_back(g_world->reduce_scatter(rs_out.back(), rs_inputs.back()[g_world->rank()]));
+      ag_inputs.push_back(all_inputs({rows / n + k, 3}, at::kFloat, 800 + 10 * round + k));
+      ag_out.push_back(at::empty({n * (rows / n + k), 3}, dev()));
+      works.push_back(g_world->all_gather(ag_out.back(), ag_inputs.back()[g_world->rank()]));
+    }
+    for (auto& w : works) w.wait();
+    for (size_t k = 0; k < rs_out.size(); ++k) {
+      SCOPED_TRACE("round " + std::to_string(round) + " operation " + std::to_string(k));
+      const int64_t rows = rs_out[k].size(0);
+      expect_close(
+          rs_out[k],
+          reference_reduce(rs_inputs[k], ReduceOp::kSum).narrow(0, rows * g_world->rank(), rows),
+          at::kFloat);
+      ASSERT_TRUE(same(ag_out[k], at::cat(ag_inputs[k], 0)));
+    }
+  }
+}
+
 TEST(Collectives, AllToAllEqualAndUneven) {
   const int n = g_world->size();
   const int me = g_world->rank();

@@ -17,7 +17,9 @@
 // Thread-safe; later calls re-apply the options.
 #pragma once
 
+#include <cstddef>
 #include <string>
+#include <utility>
 
 namespace tessera {
 
@@ -27,10 +29,11 @@ struct RuntimeOptions {
   int num_threads = 0;
   // Warn when LibTorch runs on the reference BLAS.
   bool check_blas = true;
-  // Keep freed large blocks (up to 1 GiB) in the allocator instead of
-  // returning them to the OS, so buffers of a repeated size are not
-  // page-faulted in on every step. Costs resident memory equal to the
-  // largest buffers' high-water mark.
+  // Install a CPU allocator that keeps freed blocks of 1 MiB and more and
+  // hands them out again for a request of about their size, so buffers of a
+  // repeated size are not page-faulted in on every step. The idle blocks
+  // take at most an eighth of the host's memory (up to 4 GiB) of resident
+  // memory; tensors allocated before init_runtime are unaffected.
   bool reuse_large_allocations = true;
   // A TESSERA_LOG_LEVEL-style spec ("info", "warn,dist=debug"); empty keeps
   // the environment's.
@@ -44,6 +47,11 @@ struct RuntimeInfo {
   std::string blas_name;      // "OpenBLAS", "reference BLAS", "MKL", "unknown"
   std::string blas_library;   // resolved path of the library providing sgemm_
   bool blas_is_reference = false;
+  // OpenBLAS only: the kernel set it chose ("SkylakeX", "Haswell", ...), and
+  // the OPENBLAS_CORETYPE to set when it fell back to its generic kernels
+  // on a CPU it does not know (empty otherwise; init_runtime warns).
+  std::string blas_core;
+  std::string blas_core_advice;
   bool cuda = false;  // LibTorch sees a CUDA device
 
   std::string summary() const;  // one line for logs
@@ -57,5 +65,9 @@ RuntimeInfo runtime_info();
 // Cores this process may run on: the affinity mask, capped by a cgroup v2
 // CPU quota when one is set.
 int usable_cores();
+
+// The CPU allocator of RuntimeOptions::reuse_large_allocations: bytes and
+// blocks it holds freed for reuse now.
+std::pair<size_t, size_t> cpu_allocator_idle();
 
 }  // namespace tessera
