@@ -57,7 +57,7 @@ launch 4 calibrate host --job jobs/dense-s.json -o "$out/gloo_local/np4_host.jso
 for n in 2 4; do
   /usr/bin/python3 - "$root/data/sim/gloo_local_np$n.fit.json" "$out/gloo_local/np${n}_host.json" \
     "$out/gloo_local_np$n.fit.json" "$compute_ms" <<'EOF'
-import json, sys
+import json, os, sys
 recipe_path, host_path, out_path, compute_ms = sys.argv[1:]
 recipe = json.load(open(recipe_path))
 host = json.load(open(host_path))
@@ -69,6 +69,11 @@ if host.get("comm_load"):
     recipe["topology"]["host_comm_load"] = [
         {"bytes": p["bytes"], "load": round(p["load"], 3)} for p in host["comm_load"]]
 n = recipe["topology"]["devices_per_node"]
+cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+            if line.startswith("model name")), "unknown CPU")
+cores = len(os.sched_getaffinity(0))
+recipe["description"] = (f"This machine running {n} ranks: {n} processes on a {cores}-core host "
+                         f"({cpu}), Gloo over loopback")
 host_fields = ("host_sync_skew, host_lockstep_slowdown, host_sync_us and host_comm_load" if n == 4
                else "host_sync_skew, host_lockstep_slowdown and host_sync_us")
 groups = " and pairs running concurrently (--group-size 2, gloo_local/np4_groups2.json)" if n == 4 else ""
