@@ -4,8 +4,7 @@ validation case moved between runs of `tessera-sim validate` on the same
 machine: the median step of each run, the spread (largest / smallest - 1)
 and each run's prediction error.
 
-    scripts/sim_validation_spread.py data/sim/results/runs/validation_report_{a,b,c,d,e,f}.json \
-        data/sim/results/validation_report.json
+    scripts/sim_validation_spread.py data/sim/results/runs/validation_report_{a,b,c,d,e,f,g}.json
 """
 import json
 import sys
