@@ -131,52 +131,6 @@ struct ProcessGroup::Impl {
   }
 
   bool gloo() const { return options.backend == Backend::kGloo; }
-
-  // A contiguous tensor of `shape` for staging data inside one operation
-  // (reduce_scatter's exchange, all_gather's fan-out on Gloo), taken from
-  // buffers this group reuses. Fresh tensors of tens of MB each call cost
-  // more than the transfer on some hosts: glibc serves allocations above
-  // 32 MiB with mmap and returns them on free, so every call pays a page
-  // fault per 4 KiB page (measured on a 2-core KVM guest: a 45 MiB Gloo
-  // all_gather between two ranks took 90-670 ms with fresh buffers, 40 ms
-  // without). A buffer is free again once no tensor uses its storage (the
-  // operation's Work and every view released); the group keeps at most
-  // kScratchBuffers, dropping the smallest free one to make room.
-  at::Tensor scratch(at::IntArrayRef shape, const at::TensorOptions& like) {
-    static constexpr size_t kScratchBuffers = 4;
-    int64_t numel = 1;
-    for (int64_t d : shape) numel *= d;
-    std::lock_guard<std::mutex> lock(scratch_mu);
-    at::Tensor* pick = nullptr;
-    for (at::Tensor& b : scratch_buffers) {
-      const bool free = b.storage().use_count() == 1;
-      if (free && b.scalar_type() == like.dtype() && b.device() == like.device() &&
-          b.numel() >= numel && (!pick || b.numel() < pick->numel())) {
-        pick = &b;
-      }
-    }
-    if (!pick) {
-      if (scratch_buffers.size() >= kScratchBuffers) {
-        auto smallest = scratch_buffers.end();
-        for (auto it = scratch_buffers.begin(); it != scratch_buffers.end(); ++it) {
-          if (it->storage().use_count() == 1 &&
-              (smallest == scratch_buffers.end() || it->numel() < smallest->numel())) {
-            smallest = it;
-          }
-        }
-        // All busy: a one-off tensor, not kept.
-        if (smallest == scratch_buffers.end()) return at::empty(shape, like);
-        scratch_buffers.erase(smallest);
-      }
-      scratch_buffers.push_back(at::empty({numel}, like));
-      pick = &scratch_buffers.back();
-    }
-    return pick->narrow(0, 0, numel).view(shape);
-  }
-
- private:
-  std::mutex scratch_mu;
-  std::vector<at::Tensor> scratch_buffers;  // guarded by scratch_mu
 };
 
 namespace {
@@ -503,13 +457,11 @@ Work ProcessGroup::all_gather(at::Tensor& output, const at::Tensor& input) {
       // third of its all_to_all's bandwidth for large tensors on loopback
       // (docs/benchmarks.md); sending the input to every peer with one
       // all_to_all costs one extra local copy and is faster at every size.
-      std::vector<int64_t> per_peer = input.sizes().vec();
-      per_peer.insert(per_peer.begin(), g.size);
+      std::vector<int64_t> expanded(in.dim() + 1, -1);
+      expanded[0] = g.size;
       std::vector<int64_t> shape = input.sizes().vec();
       shape[0] *= g.size;
-      at::Tensor fanout = g.scratch(shape, in.options());
-      at::NoGradGuard no_grad;  // the pooled buffer takes no autograd history
-      fanout.view(per_peer).copy_(in.unsqueeze(0).expand(per_peer));
+      at::Tensor fanout = in.unsqueeze(0).expand(expanded).reshape(shape);
       return run_all_to_all(g, output, fanout, plan_all_to_all(g, output, fanout, {}, {}));
     }
     bool copy_back = !output.is_contiguous();
@@ -551,7 +503,7 @@ Work ProcessGroup::reduce_scatter(at::Tensor& output, const at::Tensor& input, R
     // on every backend and dtype; the reduction order is fixed (rank order),
     // so results are deterministic.
     at::Tensor in = input.contiguous();
-    at::Tensor gathered = g.scratch(in.sizes(), in.options());
+    at::Tensor gathered = at::empty_like(in, at::MemoryFormat::Contiguous);
     Work exchange = run_all_to_all(g, gathered, in, plan_all_to_all(g, gathered, in, {}, {}));
     int size = g.size;
     at::Tensor target = output;

@@ -136,10 +136,12 @@ TEST(Collectives, ReduceScatter) {
   }
 }
 
-// Operations stage data in buffers the group reuses (ProcessGroup::Impl::
-// scratch). Several issued before any is waited on, larger and smaller
-// than earlier ones, must each keep their own: a buffer handed to a second
-// operation while the first still runs would mix their data.
+// reduce_scatter (an all_to_all into a staging buffer, then a local
+// reduction) and Gloo's all_gather (a fan-out buffer) stage data inside the
+// operation, in blocks the runtime's allocator recycles once freed.
+// Several issued before any is waited on, larger and smaller than earlier
+// ones, must each keep their own: a block handed to a second operation
+// while the first still runs would mix their data.
 TEST(Collectives, StagingBuffersOfOperationsInFlight) {
   const int n = g_world->size();
   for (int round = 0; round < 3; ++round) {
