@@ -90,8 +90,10 @@ BlasInfo detect_blas() {
 // that allocates the same large activations and communication buffers
 // every time page-faults all of them in again (on a 2-core KVM guest,
 // 11,463 faults and tens of ms per 45 MiB buffer). Smaller blocks go to
-// malloc as before. The idle cache holds at most an eighth of the host's
-// memory (up to 4 GiB); beyond that freed blocks go back to the OS.
+// malloc as before, freed straight back to it. The idle cache holds at most
+// an eighth of the host's memory (up to 4 GiB), shared out among the
+// LOCAL_WORLD_SIZE ranks of the host; beyond that freed blocks go back to
+// the OS.
 class LargeBlockCache final : public c10::Allocator {
  public:
   static constexpr size_t kMinBytes = size_t{1} << 20;
@@ -111,9 +113,12 @@ class LargeBlockCache final : public c10::Allocator {
       TESSERA_CHECK(posix_memalign(&data, kAlignment, bytes) == 0, ResourceExhausted,
                     "CPU allocator: out of memory allocating ", bytes, " bytes");
     }
-    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+    return {data, data, bytes >= kMinBytes ? &release : &release_small,
+            c10::Device(c10::DeviceType::CPU)};
   }
 
+  // For raw_allocate()'s blocks of any size: release() frees what it does
+  // not hold.
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
   // Cached (idle) bytes and blocks, for tests.
@@ -126,7 +131,8 @@ class LargeBlockCache final : public c10::Allocator {
   LargeBlockCache() {
     struct sysinfo si {};
     size_t ram = sysinfo(&si) == 0 ? static_cast<size_t>(si.totalram) * si.mem_unit : 0;
-    cap_ = std::min<size_t>(size_t{4} << 30, ram / 8);
+    const size_t local_ranks = static_cast<size_t>(std::max(1, env_int("LOCAL_WORLD_SIZE", 1)));
+    cap_ = std::min<size_t>(size_t{4} << 30, ram / 8) / local_ranks;
   }
 
   // A free block of at least `bytes` and at most 1/8 more, else a new one
@@ -151,6 +157,8 @@ class LargeBlockCache final : public c10::Allocator {
     live_[data] = rounded;
     return data;
   }
+
+  static void release_small(void* data) { std::free(data); }
 
   static void release(void* data) {
     if (!data) return;

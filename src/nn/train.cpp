@@ -43,10 +43,12 @@ struct AdamW::Impl {
   at::Tensor master, m_flat, v_flat, decay_mask;  // [shard]
   // Step buffers, made at the first step and reused: the flattened
   // gradients and the gathered parameters [padded], the averaged gradient
-  // slice [shard]. Fresh tensors of this size each step would come from
-  // mmap and pay a page fault per page every step (see
-  // ProcessGroup::Impl::scratch).
+  // slice [shard]. With init_runtime's allocator fresh tensors would be
+  // recycled too (core/runtime.cpp, LargeBlockCache); kept here, the step
+  // does not depend on it.
   at::Tensor flat_grad, gathered, grad_shard;
+  // Per parameter, its place in flat_grad and in gathered, shaped like it.
+  std::vector<at::Tensor> grad_slots, param_slots;
 
   bool decays(const at::Tensor& p) const { return p.dim() >= 2; }
 };
@@ -180,16 +182,20 @@ double AdamW::step(double lr, double max_grad_norm) {
           s.flat_grad = at::zeros({s.padded});  // the padding stays zero
           s.gathered = at::empty({s.padded});
           s.grad_shard = at::empty({s.shard});
-        }
-        int64_t at_elem = 0;
-        for (const auto& p : s.params) {
-          at::Tensor dst = s.flat_grad.narrow(0, at_elem, p.numel());
-          if (p.grad().defined()) {
-            dst.copy_(p.grad().reshape({-1}));
-          } else {
-            dst.zero_();
+          int64_t offset = 0;
+          for (const auto& p : s.params) {
+            s.grad_slots.push_back(s.flat_grad.narrow(0, offset, p.numel()).view(p.sizes()));
+            s.param_slots.push_back(s.gathered.narrow(0, offset, p.numel()).view(p.sizes()));
+            offset += p.numel();
           }
-          at_elem += p.numel();
+        }
+        for (size_t i = 0; i < s.params.size(); ++i) {
+          const at::Tensor& grad = s.params[i].grad();
+          if (grad.defined()) {
+            s.grad_slots[i].copy_(grad);
+          } else {
+            s.grad_slots[i].zero_();
+          }
         }
         at::Tensor& g = s.grad_shard;
         s.zero->reduce_scatter(g, s.flat_grad, dist::ReduceOp::kAvg).wait();
@@ -202,11 +208,7 @@ double AdamW::step(double lr, double max_grad_norm) {
         s.master.mul_(1 - lr * o.weight_decay * s.decay_mask);
         s.master.addcdiv_(s.m_flat / bc1, (s.v_flat / bc2).sqrt_().add_(o.eps), -lr);
         s.zero->all_gather(s.gathered, s.master).wait();
-        int64_t offset = 0;
-        for (auto& p : s.params) {
-          p.detach().copy_(s.gathered.narrow(0, offset, p.numel()).view(p.sizes()));
-          offset += p.numel();
-        }
+        for (size_t i = 0; i < s.params.size(); ++i) s.params[i].detach().copy_(s.param_slots[i]);
         return norm;
       },
       ErrorCode::kInvalidArgument);

@@ -32,8 +32,9 @@ struct RuntimeOptions {
   // Install a CPU allocator that keeps freed blocks of 1 MiB and more and
   // hands them out again for a request of about their size, so buffers of a
   // repeated size are not page-faulted in on every step. The idle blocks
-  // take at most an eighth of the host's memory (up to 4 GiB) of resident
-  // memory; tensors allocated before init_runtime are unaffected.
+  // take at most an eighth of the host's memory (up to 4 GiB), divided by
+  // LOCAL_WORLD_SIZE, of resident memory; tensors allocated before
+  // init_runtime are unaffected.
   bool reuse_large_allocations = true;
   // A TESSERA_LOG_LEVEL-style spec ("info", "warn,dist=debug"); empty keeps
   // the environment's.
