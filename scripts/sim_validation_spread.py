@@ -5,18 +5,30 @@ machine: the median step of each run, the spread (largest / smallest - 1)
 and each run's prediction error.
 
     scripts/sim_validation_spread.py data/sim/results/runs/validation_report_{a,b,c,d,e,f,g}.json
+
+A report named validation_report_X.json is labelled run X, one given as
+X=PATH too; others take the letters a, b, ... in the order given.
 """
 import json
+import os
+import re
 import sys
 
 
+def label(path, index):
+    if re.match(r"^[a-z]=", path):
+        return path[0]
+    m = re.search(r"_([a-z])\.json$", os.path.basename(path))
+    return m.group(1) if m else chr(ord("a") + index)
+
+
 def main(paths):
-    runs = [json.load(open(p))["rows"] for p in paths]
+    runs = [json.load(open(re.sub(r"^[a-z]=", "", p)))["rows"] for p in paths]
     names = [r["name"] for r in runs[0]]
     for rows in runs[1:]:
         if [r["name"] for r in rows] != names:
             sys.exit("sim_validation_spread.py: the reports hold different cases")
-    letters = [chr(ord("a") + i) for i in range(len(runs))]
+    letters = [label(p, i) for i, p in enumerate(paths)]
     print("| case | " + " | ".join(f"measured ms, run {x}" for x in letters) +
           " | spread | " + " | ".join(f"error, run {x}" for x in letters) + " |")
     print("|---" * (2 + 2 * len(runs)) + "|")

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include "host_cpu.h"
 #include "tessera/core/error.h"
@@ -71,30 +72,54 @@ double from_rank0(dist::ProcessGroup& world, double value) {
   return t.item<double>();
 }
 
-// The mean over ranks.
-double world_mean(dist::ProcessGroup& world, double value) {
-  at::Tensor t = at::full({1}, value, at::kDouble);
-  world.all_reduce(t, dist::ReduceOp::kSum).wait();
-  return t.item<double>() / world.size();
-}
-
-// Median over repetitions of fn()'s time (seconds), each repetition started
-// after a barrier; repetitions as in CollectiveSweepOptions. Without
-// `compute`, the slowest rank's time; with it, every rank runs compute()
-// first and the mean over ranks of their own fn() times counts.
+// Median over repetitions of fn()'s time (seconds), repetitions as in
+// CollectiveSweepOptions.
+//
+// Without `compute`: each repetition starts after a barrier and the slowest
+// rank's time counts (collectives back to back, as nccl-tests times them).
+//
+// With it: the ranks loop compute(), fn(), compute(), fn(), ... with no
+// other synchronisation between them, as a training step meets its
+// collectives; each rank times its own fn() and the mean over ranks of a
+// repetition counts. Nothing else may run between the calls: a barrier or a
+// reduction of the samples after each call (as the back-to-back timing
+// does) lines the ranks up before their compute and changes what the next
+// call waits for (on a 2-core host, a 8 KiB all_reduce after 10 ms of GEMMs
+// waited 3.5 ms on average that way against 1.3 ms in the plain loop). The
+// count of repetitions is fixed up front from one timed repetition on rank 0.
 double time_collective(dist::ProcessGroup& world, const std::function<void()>& fn, int min_repeats,
                        int max_repeats, double target_seconds,
                        const std::function<void()>& compute = nullptr) {
   fn();  // warm-up: connections, allocations
+  if (compute) {
+    world.barrier().wait();
+    Stopwatch one;
+    compute();
+    fn();
+    const double per_repeat = from_rank0(world, one.seconds());
+    const int repeats =
+        std::clamp(static_cast<int>(std::ceil(target_seconds / std::max(per_repeat, 1e-6))),
+                   min_repeats, max_repeats);
+    at::Tensor mine = at::zeros({repeats}, at::kDouble);
+    double* out = mine.data_ptr<double>();
+    for (int r = 0; r < repeats; ++r) {
+      compute();
+      Stopwatch watch;
+      fn();
+      out[r] = watch.seconds();
+    }
+    world.all_reduce(mine, dist::ReduceOp::kSum).wait();
+    std::vector<double> samples(mine.data_ptr<double>(), mine.data_ptr<double>() + repeats);
+    for (double& s : samples) s /= world.size();
+    return median(samples);
+  }
   std::vector<double> samples;
   Stopwatch total;
   while (static_cast<int>(samples.size()) < max_repeats) {
     world.barrier().wait();
-    if (compute) compute();
     Stopwatch watch;
     fn();
-    const double seconds = watch.seconds();
-    samples.push_back(compute ? world_mean(world, seconds) : world_max(world, seconds));
+    samples.push_back(world_max(world, watch.seconds()));
     if (static_cast<int>(samples.size()) >= min_repeats &&
         from_rank0(world, total.seconds()) >= target_seconds) {
       break;
@@ -582,6 +607,26 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     }
   }
   return out;
+}
+
+std::string host_sharing_to_json(const HostSharing& sharing, const std::string& job) {
+  nlohmann::json points = nlohmann::json::array();
+  for (const CommLoadPoint& p : sharing.comm_load) {
+    points.push_back({{"bytes", p.bytes}, {"load", p.load}});
+  }
+  nlohmann::json root = {{"schema", "tessera.sim.host_sharing/1"},
+                         {"job", job},
+                         {"compute_slowdown", sharing.compute_slowdown},
+                         {"sync_skew", sharing.sync_skew},
+                         {"lockstep_slowdown", sharing.lockstep_slowdown},
+                         {"lockstep_ratio", sharing.lockstep_ratio},
+                         {"sync_us", sharing.sync_us},
+                         {"comm_load", std::move(points)},
+                         {"comm_load_slowdown", sharing.comm_load_slowdown},
+                         {"busy_slowdown", sharing.busy_slowdown},
+                         {"foreign_cpu", sharing.foreign_cpu},
+                         {"repeats_kept", sharing.repeats_kept}};
+  return root.dump() + "\n";
 }
 
 }  // namespace tessera::sim

@@ -194,12 +194,17 @@ TEST(Calibration, MeasuresCollectivesOverlapAndHostSharing) {
     ASSERT_EQ(sharing.comm_load.size(), 2u);
     EXPECT_EQ(sharing.comm_load[0].bytes, 4096);
     EXPECT_EQ(sharing.comm_load[1].bytes, 65536);
-    for (const CommLoadPoint& p : sharing.comm_load) {
-      EXPECT_GE(p.load, 0);
-      EXPECT_LE(p.load, 4);
-    }
     ASSERT_EQ(sharing.comm_load_slowdown.size(), 2u);
     EXPECT_GT(sharing.busy_slowdown, 0);
+    // A load follows from its slowdown: none where communicating did not
+    // slow the computing ranks, or where computing did not either (no
+    // shared cores to measure on).
+    for (size_t i = 0; i < sharing.comm_load.size(); ++i) {
+      EXPECT_GT(sharing.comm_load_slowdown[i], 0);
+      if (sharing.comm_load_slowdown[i] <= 1 || sharing.busy_slowdown <= 1.02) {
+        EXPECT_EQ(sharing.comm_load[i].load, 0) << "size " << sharing.comm_load[i].bytes;
+      }
+    }
     size_t transfers = 0;
     for (const dist::CollectiveCall& c : g_recorder->calls()) {
       transfers += c.op == "all_reduce" && (c.bytes == 4096 || c.bytes == 65536);

@@ -10,10 +10,10 @@
 //   auto m = tessera::sim::measure_collectives(*world, {});
 //   if (world->rank() == 0) write(collective_bench_to_json(m, world->size()));
 //
-// Timing follows tessera-train's steps: before each timed call the ranks
-// meet in a barrier, each times its own call (issue to the end of wait()),
-// and the slowest rank's time counts (for collectives with compute_ms, the
-// mean: see there); the median over repetitions is kept.
+// Timing: before each timed call the ranks meet in a barrier, each times its
+// own call (issue to the end of wait()), and the slowest rank's time counts
+// (for collectives with compute_ms: compute and calls in a plain loop, the
+// mean over ranks; see there); the median over repetitions is kept.
 //
 // Not thread-safe (one call at a time per group); sets LibTorch's intra-op
 // thread count for its duration (restored afterwards).
@@ -52,17 +52,15 @@ struct CollectiveSweepOptions {
   int threads = 0;
   // 0: time the collectives back to back (each call starts right after a
   // barrier; the slowest rank's time counts). > 0: time them as a training
-  // step meets them: after the barrier every rank first computes (fp32
-  // GEMMs, about compute_ms alone), then issues the call; each rank times
-  // its own call, from its issue to its completion, and the mean over the
-  // ranks counts. That holds what a rank waits in an in-step collective
-  // beyond the transfer: a process that blocked gave its core away and must
-  // be scheduled again (milliseconds when 4 ranks share 2 cores), and the
-  // wait for the last rank of a compute_ms-long segment. The straggler wait
-  // of longer segments is Topology::host_sync_skew's (which, for a segment
-  // of compute_ms, this already holds: skew x compute_ms, a small
-  // overlap). Cluster files for a host whose ranks share cores are fitted
-  // from these (data/sim/gloo_local).
+  // step meets them: every rank loops compute (fp32 GEMMs, about compute_ms
+  // alone) and the call, with nothing else synchronising the ranks in
+  // between; each rank times its own call, from its issue to its
+  // completion, and the mean over the ranks counts. That holds what a rank waits in an in-step
+  // collective beyond the transfer: a process that blocked gave its core away and must be scheduled
+  // again (milliseconds when 4 ranks share 2 cores), and the wait for the last rank of a
+  // compute_ms-long segment. The straggler wait of longer segments is Topology::host_sync_skew's
+  // (which, for a segment of compute_ms, this already holds: skew x compute_ms, a small overlap).
+  // Cluster files for a host whose ranks share cores are fitted from these (data/sim/gloo_local).
   double compute_ms = 0;
 };
 
@@ -172,5 +170,9 @@ struct HostSharing {
 // speed lands on all of them alike; each figure is a median over the
 // repeats that other processes left alone (max_foreign_cpu).
 HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOptions& options);
+
+// The measurement as `tessera-sim calibrate host` writes it (schema
+// tessera.sim.host_sharing/1; `job` names the work's config file).
+std::string host_sharing_to_json(const HostSharing& sharing, const std::string& job);
 
 }  // namespace tessera::sim

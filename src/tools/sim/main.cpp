@@ -394,30 +394,7 @@ int main(int argc, char** argv) {
         host.repeats = host_repeats;
         host.lockstep_repeats = host_repeats;
         host.lockstep_layout = ts::ParallelLayout::parse(lockstep_layout);
-        const ts::HostSharing sharing = ts::measure_host_sharing(*world, host);
-        auto list = [](const std::vector<double>& v) {
-          std::string s = "[";
-          for (size_t k = 0; k < v.size(); ++k) s += (k ? ", " : "") + std::to_string(v[k]);
-          return s + "]";
-        };
-        text = "{\"schema\": \"tessera.sim.host_sharing/1\", \"job\": \"" + calibrate_job +
-               "\", \"compute_slowdown\": " + list(sharing.compute_slowdown) +
-               ", \"sync_skew\": " + list(sharing.sync_skew) +
-               ", \"lockstep_slowdown\": " + list(sharing.lockstep_slowdown) +
-               ", \"lockstep_ratio\": " + list(sharing.lockstep_ratio) +
-               ", \"sync_us\": " + list(sharing.sync_us);
-        // Communication's load (4 or more ranks): points as in the cluster file.
-        std::string points = "[";
-        for (size_t k = 0; k < sharing.comm_load.size(); ++k) {
-          points += (k ? ", " : "") + std::string("{\"bytes\": ") +
-                    std::to_string(sharing.comm_load[k].bytes) +
-                    ", \"load\": " + std::to_string(sharing.comm_load[k].load) + "}";
-        }
-        text += ", \"comm_load\": " + points + "]" +
-                ", \"comm_load_slowdown\": " + list(sharing.comm_load_slowdown) +
-                ", \"busy_slowdown\": " + std::to_string(sharing.busy_slowdown) +
-                ", \"foreign_cpu\": " + list(sharing.foreign_cpu) +
-                ", \"repeats_kept\": " + std::to_string(sharing.repeats_kept) + "}\n";
+        text = ts::host_sharing_to_json(ts::measure_host_sharing(*world, host), calibrate_job);
       }
       if (world->rank() == 0) {
         write_text(calibrate_out, text);
