@@ -84,7 +84,7 @@ double from_rank0(dist::ProcessGroup& world, double value) {
 // repetition counts. Nothing else may run between the calls: a barrier or a
 // reduction of the samples after each call (as the back-to-back timing
 // does) lines the ranks up before their compute and changes what the next
-// call waits for (on a 2-core host, a 8 KiB all_reduce after 10 ms of GEMMs
+// call waits for (on a 2-core host, an 8 KiB all_reduce after 10 ms of GEMMs
 // waited 3.5 ms on average that way against 1.3 ms in the plain loop). The
 // count of repetitions is fixed up front from one timed repetition on rank 0.
 double time_collective(dist::ProcessGroup& world, const std::function<void()>& fn, int min_repeats,

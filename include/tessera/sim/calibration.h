@@ -55,12 +55,14 @@ struct CollectiveSweepOptions {
   // step meets them: every rank loops compute (fp32 GEMMs, about compute_ms
   // alone) and the call, with nothing else synchronising the ranks in
   // between; each rank times its own call, from its issue to its
-  // completion, and the mean over the ranks counts. That holds what a rank waits in an in-step
-  // collective beyond the transfer: a process that blocked gave its core away and must be scheduled
-  // again (milliseconds when 4 ranks share 2 cores), and the wait for the last rank of a
-  // compute_ms-long segment. The straggler wait of longer segments is Topology::host_sync_skew's
-  // (which, for a segment of compute_ms, this already holds: skew x compute_ms, a small overlap).
-  // Cluster files for a host whose ranks share cores are fitted from these (data/sim/gloo_local).
+  // completion, and the mean over the ranks counts. That holds what a rank
+  // waits in an in-step collective beyond the transfer: a process that
+  // blocked gave its core away and must be scheduled again (milliseconds
+  // when 4 ranks share 2 cores), and the wait for the last rank of a
+  // compute_ms-long segment. The straggler wait of longer segments is
+  // Topology::host_sync_skew's (which, for a segment of compute_ms, this
+  // already holds: skew x compute_ms, a small overlap). Cluster files for a
+  // host whose ranks share cores are fitted from these (data/sim/gloo_local).
   double compute_ms = 0;
 };
 
