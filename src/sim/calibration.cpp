@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "host_cpu.h"
+#include "json_reader.h"
 #include "tessera/core/error.h"
 #include "tessera/core/log.h"
 #include "tessera/core/metrics.h"
@@ -392,6 +393,19 @@ double computing_ranks_at(const std::vector<double>& table, int c, int n, double
 
 }  // namespace
 
+double comm_load_from_slowdowns(const std::vector<double>& compute_slowdown, int computing,
+                                double busy_slowdown, double comm_slowdown) {
+  const int n = static_cast<int>(compute_slowdown.size());
+  TESSERA_CHECK(computing >= 1 && computing < n, InvalidArgument,
+                "comm_load_from_slowdowns: computing ranks ", computing,
+                " must be in [1, world size) with world size ", n);
+  if (busy_slowdown <= 1.02) return 0.0;  // no shared cores to measure
+  const double share = std::max(0.0, (comm_slowdown - 1) / (busy_slowdown - 1));
+  const double load =
+      (computing_ranks_at(compute_slowdown, computing, n, share) - computing) / (n - computing);
+  return std::clamp(load, 0.0, 4.0);
+}
+
 HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOptions& options) {
   TESSERA_CHECK(options.repeats >= 1 && options.lockstep_repeats >= 1, InvalidArgument,
                 "measure_host_sharing: repeats and lockstep_repeats must be >= 1");
@@ -597,13 +611,9 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     for (size_t i = 0; i < comm.size(); ++i) {
       const double slowdown = load_med(comm[i]) / base;
       out.comm_load_slowdown.push_back(slowdown);
-      double load = 0;
-      if (out.busy_slowdown > 1.02) {
-        const double share = std::max(0.0, (slowdown - 1) / (out.busy_slowdown - 1));
-        load = (computing_ranks_at(out.compute_slowdown, c, n, share) - c) / (n - c);
-      }
-      out.comm_load.push_back(
-          CommLoadPoint{options.comm_load_bytes[i] / 4 * 4, std::clamp(load, 0.0, 4.0)});
+      out.comm_load.push_back(CommLoadPoint{
+          options.comm_load_bytes[i] / 4 * 4,
+          comm_load_from_slowdowns(out.compute_slowdown, c, out.busy_slowdown, slowdown)});
     }
   }
   return out;
@@ -627,6 +637,62 @@ std::string host_sharing_to_json(const HostSharing& sharing, const std::string& 
                          {"foreign_cpu", sharing.foreign_cpu},
                          {"repeats_kept", sharing.repeats_kept}};
   return root.dump() + "\n";
+}
+
+HostSharing parse_host_sharing(std::string_view text, const std::string& source) {
+  const detail::json root = detail::parse_json(text, source);
+  detail::JsonObject top(root, source);
+  const std::string schema = top.get_string("schema");
+  if (schema != "tessera.sim.host_sharing/1") {
+    top.fail("schema", "expected 'tessera.sim.host_sharing/1', got '" + schema + "'");
+  }
+  top.get_string("job");  // provenance only
+  auto numbers = [&top](const char* key) {
+    std::vector<double> out;
+    for (const detail::json& v : top.get_array(key)) {
+      if (!v.is_number()) top.fail(key, "expected a list of numbers, found " + v.dump());
+      out.push_back(v.get<double>());
+    }
+    return out;
+  };
+  HostSharing h;
+  h.compute_slowdown = numbers("compute_slowdown");
+  h.sync_skew = numbers("sync_skew");
+  h.lockstep_slowdown = numbers("lockstep_slowdown");
+  h.lockstep_ratio = numbers("lockstep_ratio");
+  h.sync_us = numbers("sync_us");
+  h.comm_load_slowdown = numbers("comm_load_slowdown");
+  h.busy_slowdown = top.get_nonnegative("busy_slowdown");
+  h.foreign_cpu = numbers("foreign_cpu");
+  h.repeats_kept = static_cast<int>(top.get_size("repeats_kept"));
+  const detail::json& points = top.get_array("comm_load");
+  for (size_t i = 0; i < points.size(); ++i) {
+    detail::JsonObject point(points[i], source, "comm_load[" + std::to_string(i) + "]");
+    h.comm_load.push_back(CommLoadPoint{point.get_int("bytes"), point.get_nonnegative("load")});
+    point.check_keys();
+  }
+  top.check_keys();
+  if (h.compute_slowdown.empty()) top.fail("compute_slowdown", "is empty");
+  const size_t n = h.compute_slowdown.size();
+  for (const auto& [key, list] :
+       {std::pair<const char*, const std::vector<double>*>{"sync_skew", &h.sync_skew},
+        {"lockstep_slowdown", &h.lockstep_slowdown},
+        {"lockstep_ratio", &h.lockstep_ratio},
+        {"sync_us", &h.sync_us}}) {
+    if (list->size() != n) {
+      top.fail(key, "has " + std::to_string(list->size()) + " entries, compute_slowdown " +
+                        std::to_string(n) + " (one per count of ranks)");
+    }
+  }
+  return h;
+}
+
+void apply_host_sharing(const HostSharing& sharing, Topology& topology) {
+  topology.host_compute_slowdown = sharing.compute_slowdown;
+  topology.host_sync_skew = sharing.sync_skew;
+  topology.host_lockstep_slowdown = sharing.lockstep_slowdown;
+  topology.host_sync_us = sharing.sync_us;
+  if (!sharing.comm_load.empty()) topology.host_comm_load = sharing.comm_load;
 }
 
 }  // namespace tessera::sim

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -14,6 +15,7 @@
 #include "tessera/core/file_io.h"
 #include "tessera/core/log.h"
 #include "tessera/core/subprocess.h"
+#include "tessera/sim/calibration.h"
 #include "tessera/sim/collective_model.h"
 #include "tessera/sim/overlap.h"
 #include "tessera/sim/tracer.h"
@@ -180,25 +182,86 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
   fs::create_directories(options.work_dir);
   std::unique_ptr<OverlapModel> overlap;
   if (!suite.overlap.empty()) overlap = load_overlap_model(find(suite.overlap, "overlap model"));
-  std::map<int, std::unique_ptr<CollectiveModel>> models;
   TESSERA_CHECK(options.rounds >= 1, InvalidArgument, "validate: rounds must be >= 1, got ",
                 options.rounds);
-  // One round of one case: trace, predict, measure.
-  auto run_case = [&](const ValidationCase& vc, int round) {
+  TESSERA_CHECK(options.host_repeats >= 1, InvalidArgument,
+                "validate: host_repeats must be >= 1, got ", options.host_repeats);
+  auto load_job = [](const ValidationCase& vc) {
     TrainingJobConfig job = TrainingJobConfig::load_file(vc.job_file);
     if (vc.layout) job.layout = *vc.layout;
     if (vc.zero1) job.zero1 = *vc.zero1;
     job.name = vc.name;
     job.validate();
-    const int world = job.layout.world_size();
-    auto cluster_it = suite.clusters.find(world);
-    TESSERA_CHECK(cluster_it != suite.clusters.end(), InvalidArgument, suite.source, ": case '",
-                  vc.name, "' has ", world, " ranks but 'clusters' has no entry \"", world, "\"");
-    auto& model = models[world];
-    if (!model) {
-      model = std::make_unique<CollectiveModel>(
-          ClusterSpec::load_file(find(cluster_it->second, "cluster")));
+    return job;
+  };
+  std::vector<const ValidationCase*> cases;
+  std::set<int> worlds;
+  for (const ValidationCase& vc : suite.cases) {
+    if (options.only.empty() ||
+        std::find(options.only.begin(), options.only.end(), vc.name) != options.only.end()) {
+      cases.push_back(&vc);
+      const int world = load_job(vc).layout.world_size();
+      TESSERA_CHECK(suite.clusters.count(world) != 0, InvalidArgument, suite.source, ": case '",
+                    vc.name, "' has ", world, " ranks but 'clusters' has no entry \"", world, "\"");
+      worlds.insert(world);
     }
+  }
+  // The collective models by world size: the suite's cluster files, or,
+  // with host_job, those files with this round's host figures.
+  std::map<int, std::unique_ptr<CollectiveModel>> models;
+  auto load_models = [&](int round) {
+    for (int world : worlds) {
+      ClusterSpec cluster = ClusterSpec::load_file(find(suite.clusters.at(world), "cluster"));
+      if (!options.host_job.empty()) {
+        const std::string stem =
+            (fs::path(options.work_dir) /
+             ("host.r" + std::to_string(round + 1) + ".np" + std::to_string(world)))
+                .string();
+        const std::string host_path = stem + ".json";
+        if (!(options.reuse_measurements && fs::exists(host_path))) {
+          wait_until_quiet(options.quiet_idle, options.quiet_timeout);
+          const std::vector<std::string> argv = {options.launch_bin,
+                                                 "--nproc",
+                                                 std::to_string(world),
+                                                 "--",
+                                                 options.sim_bin,
+                                                 "calibrate",
+                                                 "host",
+                                                 "--job",
+                                                 options.host_job,
+                                                 "--repeats",
+                                                 std::to_string(options.host_repeats),
+                                                 "-o",
+                                                 host_path};
+          CommandResult run = run_command(argv, options.run_timeout);
+          TESSERA_CHECK(run.status.success(), Unavailable, "validate: measuring the host for ",
+                        world, " ranks ('", options.launch_bin, " --nproc ", world, " -- ",
+                        options.sim_bin, " calibrate host --job ", options.host_job, " ...') ",
+                        run.status.describe(), ": ", tail(run.output, 2000));
+        }
+        const HostSharing host =
+            parse_host_sharing(detail::read_text_file(host_path, "host measurement"), host_path);
+        TESSERA_CHECK(host.compute_slowdown.size() == static_cast<size_t>(world), InvalidArgument,
+                      host_path, ": measured for ", host.compute_slowdown.size(),
+                      " ranks, expected ", world);
+        apply_host_sharing(host, cluster.topology);
+        cluster.validate(host_path);
+        write_text(stem + ".cluster.json", cluster.to_json());
+        TESSERA_LOG(Info, "sim") << "round " << round + 1 << ", " << world
+                                 << " ranks: host_compute_slowdown "
+                                 << nlohmann::json(host.compute_slowdown).dump() << ", lockstep "
+                                 << nlohmann::json(host.lockstep_slowdown).dump();
+      } else if (models.count(world) != 0) {
+        continue;
+      }
+      models[world] = std::make_unique<CollectiveModel>(std::move(cluster));
+    }
+  };
+  // One round of one case: trace, predict, measure.
+  auto run_case = [&](const ValidationCase& vc, int round) {
+    TrainingJobConfig job = load_job(vc);
+    const int world = job.layout.world_size();
+    const std::unique_ptr<CollectiveModel>& model = models.at(world);
     std::string stem = (fs::path(options.work_dir) / file_stem(vc.name)).string();
     if (options.rounds > 1) stem += ".r" + std::to_string(round + 1);
     const std::string job_path = stem + ".job.json";
@@ -313,17 +376,11 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
     return row;
   };
 
-  std::vector<const ValidationCase*> cases;
-  for (const ValidationCase& vc : suite.cases) {
-    if (options.only.empty() ||
-        std::find(options.only.begin(), options.only.end(), vc.name) != options.only.end()) {
-      cases.push_back(&vc);
-    }
-  }
   // Rounds go over every case in turn, so a drift of the machine's speed
   // spreads over all cases instead of landing on some.
   std::vector<std::vector<ValidationRow>> per_case(cases.size());
   for (int round = 0; round < options.rounds; ++round) {
+    load_models(round);
     for (size_t i = 0; i < cases.size(); ++i) {
       per_case[i].push_back(run_case(*cases[i], round));
       if (options.rounds == 1 && options.on_row) options.on_row(per_case[i].back());

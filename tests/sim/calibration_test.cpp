@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "tessera/core/error.h"
 #include "tessera/sim/calibration.h"
 
 namespace tessera::sim {
@@ -43,4 +44,108 @@ TEST(Calibration, HostSharingJson) {
 }
 
 }  // namespace
+// HostSharing::comm_load from the measured slowdowns, by hand: with
+// compute_slowdown {1, 1.2, 1.6, 2} and 2 of 4 ranks computing, the span
+// runs from 1.2 (2 computing) to 2.0 (4 computing).
+TEST(Calibration, CommLoadFromSlowdowns) {
+  const std::vector<double> table = {1.0, 1.2, 1.6, 2.0};
+  // Busy within 2 % of idle: no shared cores, nothing to measure.
+  EXPECT_EQ(comm_load_from_slowdowns(table, 2, 1.01, 1.3), 0.0);
+  // Communication that slows nothing (or speeds up): no load.
+  EXPECT_EQ(comm_load_from_slowdowns(table, 2, 1.5, 1.0), 0.0);
+  EXPECT_EQ(comm_load_from_slowdowns(table, 2, 1.5, 0.9), 0.0);
+  // Half the busy slowdown: 1.2 + 0.5 x 0.8 = 1.6, three ranks computing,
+  // one of the two others' worth: load 0.5.
+  EXPECT_NEAR(comm_load_from_slowdowns(table, 2, 1.5, 1.25), 0.5, 1e-12);
+  // A quarter: 1.4, half-way between 2 and 3 computing: load 0.25.
+  EXPECT_NEAR(comm_load_from_slowdowns(table, 2, 1.5, 1.125), 0.25, 1e-12);
+  // As slow as busy: all four computing, load 1.
+  EXPECT_NEAR(comm_load_from_slowdowns(table, 2, 1.5, 1.5), 1.0, 1e-12);
+  // Beyond busy the table grows in proportion to the ranks: share 2, 2.8 =
+  // 2.0 x 5.6 / 4, so 5.6 computing, load (5.6 - 2) / 2 = 1.8.
+  EXPECT_NEAR(comm_load_from_slowdowns(table, 2, 1.5, 2.0), 1.8, 1e-12);
+  // Clamped at 4.
+  EXPECT_EQ(comm_load_from_slowdowns(table, 2, 1.5, 10.0), 4.0);
+  // The computing ranks must be some but not all.
+  EXPECT_THROW(comm_load_from_slowdowns(table, 0, 1.5, 1.2), InvalidArgument);
+  EXPECT_THROW(comm_load_from_slowdowns(table, 4, 1.5, 1.2), InvalidArgument);
+}
+
+HostSharing sample_sharing() {
+  HostSharing h;
+  h.compute_slowdown = {1.0, 1.0312345678, 1.61, 2.2};
+  h.sync_skew = {0.0, 0.021, 0.04, 0.05};
+  h.lockstep_slowdown = {1.0, 1.09, 1.7, 2.3};
+  h.lockstep_ratio = {1.0, 1.06, 1.05, 1.04};
+  h.sync_us = {0.0, 850.5, 0.0, 1200.0};
+  h.comm_load = {{4096, 0.65}, {8 << 20, 0.97}};
+  h.comm_load_slowdown = {1.39, 1.63};
+  h.busy_slowdown = 1.66;
+  h.foreign_cpu = {0.01, 0.2};
+  h.repeats_kept = 7;
+  return h;
+}
+
+TEST(Calibration, HostSharingParsesWhatItWrote) {
+  const HostSharing h = sample_sharing();
+  const HostSharing back = parse_host_sharing(host_sharing_to_json(h, "jobs/a.json"), "h.json");
+  EXPECT_EQ(back.compute_slowdown, h.compute_slowdown);
+  EXPECT_EQ(back.sync_skew, h.sync_skew);
+  EXPECT_EQ(back.lockstep_slowdown, h.lockstep_slowdown);
+  EXPECT_EQ(back.lockstep_ratio, h.lockstep_ratio);
+  EXPECT_EQ(back.sync_us, h.sync_us);
+  EXPECT_EQ(back.comm_load, h.comm_load);
+  EXPECT_EQ(back.comm_load_slowdown, h.comm_load_slowdown);
+  EXPECT_EQ(back.busy_slowdown, h.busy_slowdown);
+  EXPECT_EQ(back.foreign_cpu, h.foreign_cpu);
+  EXPECT_EQ(back.repeats_kept, h.repeats_kept);
+}
+
+TEST(Calibration, HostSharingErrorsNameTheField) {
+  nlohmann::json j = nlohmann::json::parse(host_sharing_to_json(sample_sharing(), "jobs/a.json"));
+  auto expect_error = [](const nlohmann::json& doc, const std::string& needle) {
+    try {
+      parse_host_sharing(doc.dump(), "host.json");
+      ADD_FAILURE() << "no error; expected one naming " << needle;
+    } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("host.json"), std::string::npos) << what;
+      EXPECT_NE(what.find(needle), std::string::npos) << what;
+    }
+  };
+  nlohmann::json bad = j;
+  bad["schema"] = "tessera.sim.cluster/1";
+  expect_error(bad, "schema");
+  bad = j;
+  bad["sync_us"] = {0.0, 1.0};
+  expect_error(bad, "sync_us");
+  bad = j;
+  bad["compute_slowdwon"] = bad["compute_slowdown"];
+  expect_error(bad, "compute_slowdwon");
+  bad = j;
+  bad["comm_load"][0]["load"] = -1;
+  expect_error(bad, "comm_load[0]");
+  bad = j;
+  bad.erase("lockstep_slowdown");
+  expect_error(bad, "lockstep_slowdown");
+  EXPECT_THROW(parse_host_sharing("{\"schema\": ", "host.json"), InvalidArgument);
+}
+
+TEST(Calibration, ApplyHostSharingReplacesTheHostFields) {
+  Topology t;
+  t.devices_per_node = 4;
+  t.host_comm_load = {{64, 0.1}};
+  HostSharing h = sample_sharing();
+  h.comm_load.clear();  // not measured (fewer than 4 ranks): kept
+  apply_host_sharing(h, t);
+  EXPECT_EQ(t.devices_per_node, 4);
+  EXPECT_EQ(t.host_compute_slowdown, h.compute_slowdown);
+  EXPECT_EQ(t.host_sync_skew, h.sync_skew);
+  EXPECT_EQ(t.host_lockstep_slowdown, h.lockstep_slowdown);
+  EXPECT_EQ(t.host_sync_us, h.sync_us);
+  EXPECT_EQ(t.host_comm_load, (std::vector<CommLoadPoint>{{64, 0.1}}));
+  apply_host_sharing(sample_sharing(), t);
+  EXPECT_EQ(t.host_comm_load, sample_sharing().comm_load);
+}
+
 }  // namespace tessera::sim

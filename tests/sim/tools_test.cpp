@@ -175,6 +175,20 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
   ASSERT_EQ(report3.at("rows").size(), 1u);
   EXPECT_EQ(report3.at("rows")[0].at("round_measured_s").size(), 2u);
   EXPECT_TRUE(fs::exists(dir + "/work2/tiny_dp2.r2.timings.json"));
+  // The host measured before the round, and the round predicted with it:
+  // the cluster it wrote carries the measured figures.
+  const auto host =
+      run({TESSERA_SIM_BIN, "validate", dir + "/suite.json", "--work-dir", dir + "/work3", "--only",
+           "tiny dp2", "--host-job", dir + "/tiny.json", "--host-repeats", "1", "--quiet-idle", "0",
+           "--attempts", "1", "--max-error", "10", "--max-median-error", "10"},
+          600);
+  ASSERT_TRUE(host.status.success()) << host.output;
+  const auto measured = nlohmann::json::parse(read(dir + "/work3/host.r1.np2.json"));
+  const auto cluster = nlohmann::json::parse(read(dir + "/work3/host.r1.np2.cluster.json"));
+  ASSERT_EQ(measured.at("compute_slowdown").size(), 2u);
+  EXPECT_EQ(cluster.at("topology").at("host_compute_slowdown"), measured.at("compute_slowdown"));
+  EXPECT_EQ(cluster.at("topology").at("host_lockstep_slowdown"), measured.at("lockstep_slowdown"));
+  EXPECT_EQ(cluster.at("topology").at("host_sync_us"), measured.at("sync_us"));
   fs::remove_all(dir);
 }
 

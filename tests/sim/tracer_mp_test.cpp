@@ -196,14 +196,14 @@ TEST(Calibration, MeasuresCollectivesOverlapAndHostSharing) {
     EXPECT_EQ(sharing.comm_load[1].bytes, 65536);
     ASSERT_EQ(sharing.comm_load_slowdown.size(), 2u);
     EXPECT_GT(sharing.busy_slowdown, 0);
-    // A load follows from its slowdown: none where communicating did not
-    // slow the computing ranks, or where computing did not either (no
-    // shared cores to measure on).
+    // Each load is the derivation (tested on fixed numbers in sim_test) of
+    // the slowdowns this measurement recorded, two ranks computing.
     for (size_t i = 0; i < sharing.comm_load.size(); ++i) {
       EXPECT_GT(sharing.comm_load_slowdown[i], 0);
-      if (sharing.comm_load_slowdown[i] <= 1 || sharing.busy_slowdown <= 1.02) {
-        EXPECT_EQ(sharing.comm_load[i].load, 0) << "size " << sharing.comm_load[i].bytes;
-      }
+      EXPECT_EQ(sharing.comm_load[i].load,
+                comm_load_from_slowdowns(sharing.compute_slowdown, 2, sharing.busy_slowdown,
+                                         sharing.comm_load_slowdown[i]))
+          << "size " << sharing.comm_load[i].bytes;
     }
     size_t transfers = 0;
     for (const dist::CollectiveCall& c : g_recorder->calls()) {

@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "tessera/dist/process_group.h"
@@ -173,8 +174,32 @@ struct HostSharing {
 // repeats that other processes left alone (max_foreign_cpu).
 HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOptions& options);
 
+// HostSharing::comm_load's derivation, given the measured slowdowns:
+// `computing` ranks of a world of compute_slowdown.size() ranks computed
+// beside the others being busy (busy_slowdown, over idle) or
+// communicating (comm_slowdown, over idle). The communication's share of
+// the busy slowdown is placed on compute_slowdown between `computing` and
+// all ranks computing; the load is how far along that span it lands, as a
+// share of the ranks that were not computing, clamped to [0, 4]. 0 where
+// busy_slowdown is within 2 % of 1 (the host has cores to spare: nothing
+// to measure). InvalidArgument unless 1 <= computing < world size.
+double comm_load_from_slowdowns(const std::vector<double>& compute_slowdown, int computing,
+                                double busy_slowdown, double comm_slowdown);
+
 // The measurement as `tessera-sim calibrate host` writes it (schema
 // tessera.sim.host_sharing/1; `job` names the work's config file).
 std::string host_sharing_to_json(const HostSharing& sharing, const std::string& job);
+
+// Reads what host_sharing_to_json wrote; InvalidArgument naming `source`
+// and the field for malformed text, a wrong schema, unknown keys, or lists
+// that do not have one entry per count of ranks.
+HostSharing parse_host_sharing(std::string_view text, const std::string& source);
+
+// Writes the measured figures into a cluster's topology, as
+// scripts/sim_calibrate_local.sh does: host_compute_slowdown,
+// host_sync_skew, host_lockstep_slowdown, host_sync_us, and host_comm_load
+// when measured (the others are kept). Used by `tessera-sim validate
+// --host-job` to predict each round with the host as it was then.
+void apply_host_sharing(const HostSharing& sharing, Topology& topology);
 
 }  // namespace tessera::sim

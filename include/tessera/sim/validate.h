@@ -121,6 +121,16 @@ struct ValidationOptions {
   // Programs run for the measurements.
   std::string launch_bin = "tessera-launch";
   std::string train_bin = "tessera-train";
+  std::string sim_bin = "tessera-sim";
+  // When set, before each round: `tessera-sim calibrate host --job
+  // host_job --repeats host_repeats` under tessera-launch for each world
+  // size of the suite (work_dir/host.rN.npW.json), and that round is
+  // predicted with the suite's cluster files carrying those figures
+  // (apply_host_sharing; written to work_dir/cluster.rN.npW.json). A
+  // shared host's speed drifts over a long validation; this predicts each
+  // round with the host as it was then. Empty: the cluster files as they are.
+  std::string host_job;
+  int host_repeats = 9;
   // Resolves cluster and overlap names to files (tessera-sim's bundled data
   // lookup); identity when empty.
   std::function<std::string(const std::string& name, const char* what)> find_data_file;

@@ -316,6 +316,15 @@ int main(int argc, char** argv) {
       ->check(tessera::examples::positive());
   validate_cmd->add_option("--attempts", validation.max_attempts, "attempts per run and tracing")
       ->check(tessera::examples::positive());
+  validate_cmd
+      ->add_option("--host-job", validation.host_job,
+                   "before each round, `calibrate host --job FILE` for each world size, and "
+                   "predict the round with those host figures in the cluster files")
+      ->check(CLI::ExistingFile);
+  validate_cmd
+      ->add_option("--host-repeats", validation.host_repeats,
+                   "with --host-job: calibrate host's --repeats")
+      ->check(tessera::examples::positive());
 
   if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
   try {
@@ -488,6 +497,7 @@ int main(int argc, char** argv) {
       const fs::path bin = fs::path(self_path()).parent_path();
       validation.launch_bin = (bin / "tessera-launch").string();
       validation.train_bin = (bin / "tessera-train").string();
+      validation.sim_bin = self_path();
       validation.find_data_file = find_data_file;
       validation.on_row = [](const ts::ValidationRow& r) {
         std::printf("%-28s %d ranks %-14s measured %8.1f ms  predicted %8.1f ms  %+6.1f %%\n",
