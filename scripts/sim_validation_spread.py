@@ -15,20 +15,22 @@ import re
 import sys
 
 
-def label(path, index):
-    if re.match(r"^[a-z]=", path):
-        return path[0]
-    m = re.search(r"_([a-z])\.json$", os.path.basename(path))
-    return m.group(1) if m else chr(ord("a") + index)
+def split(arg, index):
+    """(label, path) of one argument: X=PATH, or PATH with its letter."""
+    m = re.match(r"^([a-z])=(.*)$", arg)
+    if m:
+        return m.group(1), m.group(2)
+    m = re.search(r"_([a-z])\.json$", os.path.basename(arg))
+    return (m.group(1) if m else chr(ord("a") + index)), arg
 
 
-def main(paths):
-    runs = [json.load(open(re.sub(r"^[a-z]=", "", p)))["rows"] for p in paths]
+def main(args):
+    letters, paths = zip(*(split(a, i) for i, a in enumerate(args)))
+    runs = [json.load(open(p))["rows"] for p in paths]
     names = [r["name"] for r in runs[0]]
     for rows in runs[1:]:
         if [r["name"] for r in rows] != names:
             sys.exit("sim_validation_spread.py: the reports hold different cases")
-    letters = [label(p, i) for i, p in enumerate(paths)]
     print("| case | " + " | ".join(f"measured ms, run {x}" for x in letters) +
           " | spread | " + " | ".join(f"error, run {x}" for x in letters) + " |")
     print("|---" * (2 + 2 * len(runs)) + "|")

@@ -85,8 +85,8 @@ double from_rank0(dist::ProcessGroup& world, double value) {
 // repetition counts. Nothing else may run between the calls: a barrier or a
 // reduction of the samples after each call (as the back-to-back timing
 // does) lines the ranks up before their compute and changes what the next
-// call waits for (on a 2-core host, an 8 KiB all_reduce after 10 ms of GEMMs
-// waited 3.5 ms on average that way against 1.3 ms in the plain loop). The
+// call waits for (several times longer for small all_reduces on a 2-core
+// host; docs/sim.md, Calibration, compares the two with the real step). The
 // count of repetitions is fixed up front from one timed repetition on rank 0.
 double time_collective(dist::ProcessGroup& world, const std::function<void()>& fn, int min_repeats,
                        int max_repeats, double target_seconds,
@@ -685,6 +685,53 @@ HostSharing parse_host_sharing(std::string_view text, const std::string& source)
     }
   }
   return h;
+}
+
+HostSharing median_host_sharing(const std::vector<HostSharing>& measurements) {
+  TESSERA_CHECK(!measurements.empty(), InvalidArgument, "median_host_sharing: no measurements");
+  const HostSharing& first = measurements.front();
+  // Entry by entry, over the measurements.
+  auto entrywise = [&](std::vector<double> HostSharing::*field, const char* name) {
+    const size_t n = (first.*field).size();
+    std::vector<double> out(n);
+    for (size_t k = 0; k < n; ++k) {
+      std::vector<double> values;
+      for (const HostSharing& h : measurements) {
+        TESSERA_CHECK((h.*field).size() == n, InvalidArgument, "median_host_sharing: ", name,
+                      " has ", (h.*field).size(), " entries in one measurement, ", n,
+                      " in the first");
+        values.push_back((h.*field)[k]);
+      }
+      out[k] = median(values);
+    }
+    return out;
+  };
+  HostSharing out;
+  out.compute_slowdown = entrywise(&HostSharing::compute_slowdown, "compute_slowdown");
+  out.sync_skew = entrywise(&HostSharing::sync_skew, "sync_skew");
+  out.lockstep_slowdown = entrywise(&HostSharing::lockstep_slowdown, "lockstep_slowdown");
+  out.lockstep_ratio = entrywise(&HostSharing::lockstep_ratio, "lockstep_ratio");
+  out.sync_us = entrywise(&HostSharing::sync_us, "sync_us");
+  out.comm_load_slowdown = entrywise(&HostSharing::comm_load_slowdown, "comm_load_slowdown");
+  std::vector<double> busy;
+  for (const HostSharing& h : measurements) {
+    busy.push_back(h.busy_slowdown);
+    out.foreign_cpu.insert(out.foreign_cpu.end(), h.foreign_cpu.begin(), h.foreign_cpu.end());
+    out.repeats_kept += h.repeats_kept;
+  }
+  out.busy_slowdown = median(busy);
+  for (size_t k = 0; k < first.comm_load.size(); ++k) {
+    std::vector<double> loads;
+    for (const HostSharing& h : measurements) {
+      TESSERA_CHECK(h.comm_load.size() == first.comm_load.size() &&
+                        h.comm_load[k].bytes == first.comm_load[k].bytes,
+                    InvalidArgument,
+                    "median_host_sharing: the measurements' comm_load sizes differ");
+      loads.push_back(h.comm_load[k].load);
+    }
+    out.comm_load.push_back(CommLoadPoint{first.comm_load[k].bytes, median(loads)});
+  }
+  return out;
 }
 
 void apply_host_sharing(const HostSharing& sharing, Topology& topology) {

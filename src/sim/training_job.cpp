@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <tuple>
 
 #include "json_reader.h"
 #include "tessera/core/config.h"
@@ -347,20 +349,26 @@ nn::StepStats TrainingJob::step(const nn::TokenDataset::Batch& b) {
 using detail::median;
 
 void CommunicationClock::on_issue(const dist::CollectiveCall& call) {
+  const Clock::time_point now = Clock::now();
   std::lock_guard<std::mutex> lock(mu_);
   if (!open_) return;
-  if (outstanding_.empty()) busy_since_ = Clock::now();
-  outstanding_.push_back(call.id);
+  if (outstanding_.empty()) busy_since_ = now;
+  outstanding_.push_back(Pending{
+      call.id, CollectiveTime{call.op, call.bytes, static_cast<int>(call.ranks.size())}, now});
   ++calls_;
 }
 
 void CommunicationClock::on_complete(const dist::CollectiveCall& call) {
+  const Clock::time_point now = Clock::now();
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = std::find(outstanding_.begin(), outstanding_.end(), call.id);
+  auto it = std::find_if(outstanding_.begin(), outstanding_.end(),
+                         [&](const Pending& p) { return p.id == call.id; });
   if (it == outstanding_.end()) return;  // issued before the window
+  it->what.seconds = std::chrono::duration<double>(now - it->issued).count();
+  done_.push_back(std::move(it->what));
   outstanding_.erase(it);
   if (outstanding_.empty()) {
-    total_ += std::chrono::duration<double>(Clock::now() - busy_since_).count();
+    total_ += std::chrono::duration<double>(now - busy_since_).count();
   }
 }
 
@@ -368,6 +376,7 @@ void CommunicationClock::start() {
   std::lock_guard<std::mutex> lock(mu_);
   open_ = true;
   outstanding_.clear();
+  done_.clear();
   total_ = 0;
   calls_ = 0;
 }
@@ -387,6 +396,11 @@ int CommunicationClock::calls() const {
   return calls_;
 }
 
+std::vector<CollectiveTime> CommunicationClock::operations() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return done_;
+}
+
 namespace {
 
 // Per measured step: the slowest rank's communication time, and the rest of
@@ -402,6 +416,58 @@ std::pair<std::vector<double>, std::vector<double>> slowest_rank_split(const Ste
     compute.push_back(steps[r] - t.rank_comm_seconds[s][r]);
   }
   return {comm, compute};
+}
+
+// The operation names a rank may meet (dist::CollectiveCall::op), by the
+// index the ranks exchange; anything else is "other".
+constexpr const char* kOps[] = {"all_reduce", "broadcast", "all_gather", "reduce_scatter",
+                                "all_to_all", "send",      "recv",       "barrier"};
+constexpr int kNumOps = static_cast<int>(sizeof(kOps) / sizeof(kOps[0]));
+
+// Every rank's operations, gathered once after the timed steps (rows of
+// op index, bytes, group size, seconds in slots only the owning rank
+// fills), grouped by kind.
+std::vector<CollectiveTiming> gather_collective_times(dist::ProcessGroup& world,
+                                                      const std::vector<CollectiveTime>& mine) {
+  const int n = world.size();
+  at::Tensor count = at::full({1}, static_cast<double>(mine.size()), at::kDouble);
+  world.all_reduce(count, dist::ReduceOp::kMax).wait();
+  const int64_t rows = static_cast<int64_t>(count.item<double>());
+  if (rows == 0) return {};
+  at::Tensor table = at::zeros({n, rows, 4}, at::kDouble);
+  table.select(0, world.rank()).select(1, 0).fill_(-1);  // op index -1: no row
+  double* p = table.select(0, world.rank()).data_ptr<double>();
+  for (size_t i = 0; i < mine.size(); ++i) {
+    const CollectiveTime& c = mine[i];
+    const int op = static_cast<int>(std::find(kOps, kOps + kNumOps, c.op) - kOps);
+    p[4 * i + 0] = op;
+    p[4 * i + 1] = static_cast<double>(c.bytes);
+    p[4 * i + 2] = c.group_size;
+    p[4 * i + 3] = c.seconds;
+  }
+  // Each rank filled only its own slot (unused rows marked -1), so the sum
+  // over ranks holds every rank's rows.
+  world.all_reduce(table, dist::ReduceOp::kSum).wait();
+  std::map<std::tuple<std::string, int, int64_t>, std::vector<double>> by_kind;
+  const double* all = table.data_ptr<double>();
+  for (int64_t row = 0; row < n * rows; ++row) {
+    const double* r = all + 4 * row;
+    if (r[0] < 0) continue;
+    const int op = static_cast<int>(r[0]);
+    by_kind[{op < kNumOps ? kOps[op] : "other", static_cast<int>(r[2]), static_cast<int64_t>(r[1])}]
+        .push_back(r[3]);
+  }
+  std::vector<CollectiveTiming> out;
+  for (const auto& [key, seconds] : by_kind) {
+    CollectiveTiming c;
+    std::tie(c.op, c.group_size, c.bytes) = key;
+    c.calls = static_cast<int>(seconds.size());
+    c.median_seconds = median(seconds);
+    c.min_seconds = *std::min_element(seconds.begin(), seconds.end());
+    c.max_seconds = *std::max_element(seconds.begin(), seconds.end());
+    out.push_back(std::move(c));
+  }
+  return out;
 }
 
 }  // namespace
@@ -422,6 +488,7 @@ StepTimings run_timed_steps(TrainingJob& job, const RunOptions& options) {
   const int total = options.warmup_steps + options.measured_steps;
   const int n = world.size();
   const int me = world.rank();
+  std::vector<CollectiveTime> mine;  // this rank's operations in the measured steps
   for (int s = 0; s < total; ++s) {
     nn::TokenDataset::Batch b = job.batch(s);
     world.barrier().wait();
@@ -443,9 +510,11 @@ StepTimings run_timed_steps(TrainingJob& job, const RunOptions& options) {
       if (options.clock) {
         t.rank_step_seconds.emplace_back(p, p + n);
         t.rank_comm_seconds.emplace_back(p + n, p + 2 * n);
+        for (CollectiveTime& c : options.clock->operations()) mine.push_back(std::move(c));
       }
     }
   }
+  if (options.clock) t.collectives = gather_collective_times(world, mine);
   t.median_seconds = median(t.step_seconds);
   t.min_seconds = *std::min_element(t.step_seconds.begin(), t.step_seconds.end());
   t.max_seconds = *std::max_element(t.step_seconds.begin(), t.step_seconds.end());
@@ -466,6 +535,19 @@ std::string StepTimings::to_json(int warmup_steps) const {
   if (!rank_step_seconds.empty()) {
     j["rank_step_seconds"] = rank_step_seconds;
     j["rank_comm_seconds"] = rank_comm_seconds;
+  }
+  if (!collectives.empty()) {
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    for (const CollectiveTiming& c : collectives) {
+      list.push_back({{"op", c.op},
+                      {"bytes", c.bytes},
+                      {"group_size", c.group_size},
+                      {"calls", c.calls},
+                      {"median_seconds", c.median_seconds},
+                      {"min_seconds", c.min_seconds},
+                      {"max_seconds", c.max_seconds}});
+    }
+    j["collectives"] = std::move(list);
   }
   return j.dump(2) + "\n";
 }
@@ -519,6 +601,22 @@ StepTimings StepTimings::parse(std::string_view text, const std::string& source)
           (t.rank_step_seconds.empty() || t.rank_step_seconds.size() == t.step_seconds.size()),
       InvalidArgument, source,
       ": rank_step_seconds and rank_comm_seconds need one entry per measured step");
+  if (o.has("collectives")) {
+    const detail::json& list = o.get_array("collectives");
+    for (size_t i = 0; i < list.size(); ++i) {
+      detail::JsonObject e(list[i], source, "collectives[" + std::to_string(i) + "]");
+      CollectiveTiming c;
+      c.op = e.get_string("op");
+      c.bytes = e.get_size("bytes");
+      c.group_size = static_cast<int>(e.get_size("group_size"));
+      c.calls = static_cast<int>(e.get_size("calls"));
+      c.median_seconds = e.get_nonnegative("median_seconds");
+      c.min_seconds = e.get_nonnegative("min_seconds");
+      c.max_seconds = e.get_nonnegative("max_seconds");
+      e.check_keys();
+      t.collectives.push_back(std::move(c));
+    }
+  }
   o.check_keys();
   return t;
 }

@@ -184,6 +184,8 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
   if (!suite.overlap.empty()) overlap = load_overlap_model(find(suite.overlap, "overlap model"));
   TESSERA_CHECK(options.rounds >= 1, InvalidArgument, "validate: rounds must be >= 1, got ",
                 options.rounds);
+  TESSERA_CHECK(!options.host_median || !options.host_job.empty(), InvalidArgument,
+                "validate: host_median needs host_job (the host figures it takes the median of)");
   TESSERA_CHECK(options.host_repeats >= 1, InvalidArgument,
                 "validate: host_repeats must be >= 1, got ", options.host_repeats);
   auto load_job = [](const ValidationCase& vc) {
@@ -206,62 +208,55 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
       worlds.insert(world);
     }
   }
-  // The collective models by world size: the suite's cluster files, or,
-  // with host_job, those files with this round's host figures.
-  std::map<int, std::unique_ptr<CollectiveModel>> models;
-  auto load_models = [&](int round) {
-    for (int world : worlds) {
-      ClusterSpec cluster = ClusterSpec::load_file(find(suite.clusters.at(world), "cluster"));
-      if (!options.host_job.empty()) {
-        const std::string stem =
-            (fs::path(options.work_dir) /
-             ("host.r" + std::to_string(round + 1) + ".np" + std::to_string(world)))
-                .string();
-        const std::string host_path = stem + ".json";
-        if (!(options.reuse_measurements && fs::exists(host_path))) {
-          wait_until_quiet(options.quiet_idle, options.quiet_timeout);
-          const std::vector<std::string> argv = {options.launch_bin,
-                                                 "--nproc",
-                                                 std::to_string(world),
-                                                 "--",
-                                                 options.sim_bin,
-                                                 "calibrate",
-                                                 "host",
-                                                 "--job",
-                                                 options.host_job,
-                                                 "--repeats",
-                                                 std::to_string(options.host_repeats),
-                                                 "-o",
-                                                 host_path};
-          CommandResult run = run_command(argv, options.run_timeout);
-          TESSERA_CHECK(run.status.success(), Unavailable, "validate: measuring the host for ",
-                        world, " ranks ('", options.launch_bin, " --nproc ", world, " -- ",
-                        options.sim_bin, " calibrate host --job ", options.host_job, " ...') ",
-                        run.status.describe(), ": ", tail(run.output, 2000));
-        }
-        const HostSharing host =
-            parse_host_sharing(detail::read_text_file(host_path, "host measurement"), host_path);
-        TESSERA_CHECK(host.compute_slowdown.size() == static_cast<size_t>(world), InvalidArgument,
-                      host_path, ": measured for ", host.compute_slowdown.size(),
-                      " ranks, expected ", world);
-        apply_host_sharing(host, cluster.topology);
-        cluster.validate(host_path);
-        write_text(stem + ".cluster.json", cluster.to_json());
-        TESSERA_LOG(Info, "sim") << "round " << round + 1 << ", " << world
-                                 << " ranks: host_compute_slowdown "
-                                 << nlohmann::json(host.compute_slowdown).dump() << ", lockstep "
-                                 << nlohmann::json(host.lockstep_slowdown).dump();
-      } else if (models.count(world) != 0) {
-        continue;
-      }
-      models[world] = std::make_unique<CollectiveModel>(std::move(cluster));
+  // With host_job: the host's figures before each round, by round and
+  // world size.
+  std::map<std::pair<int, int>, HostSharing> hosts;
+  auto measure_host = [&](int round, int world) {
+    const std::string host_path =
+        (fs::path(options.work_dir) /
+         ("host.r" + std::to_string(round + 1) + ".np" + std::to_string(world) + ".json"))
+            .string();
+    if (!(options.reuse_measurements && fs::exists(host_path))) {
+      wait_until_quiet(options.quiet_idle, options.quiet_timeout);
+      const std::vector<std::string> argv = {options.launch_bin,
+                                             "--nproc",
+                                             std::to_string(world),
+                                             "--",
+                                             options.sim_bin,
+                                             "calibrate",
+                                             "host",
+                                             "--job",
+                                             options.host_job,
+                                             "--repeats",
+                                             std::to_string(options.host_repeats),
+                                             "-o",
+                                             host_path};
+      CommandResult run = run_command(argv, options.run_timeout);
+      TESSERA_CHECK(run.status.success(), Unavailable, "validate: measuring the host for ", world,
+                    " ranks ('", options.launch_bin, " --nproc ", world, " -- ", options.sim_bin,
+                    " calibrate host --job ", options.host_job, " ...') ", run.status.describe(),
+                    ": ", tail(run.output, 2000));
     }
+    HostSharing host =
+        parse_host_sharing(detail::read_text_file(host_path, "host measurement"), host_path);
+    TESSERA_CHECK(host.compute_slowdown.size() == static_cast<size_t>(world), InvalidArgument,
+                  host_path, ": measured for ", host.compute_slowdown.size(), " ranks, expected ",
+                  world);
+    TESSERA_LOG(Info, "sim") << "round " << round + 1 << ", " << world
+                             << " ranks: host_compute_slowdown "
+                             << nlohmann::json(host.compute_slowdown).dump() << ", lockstep "
+                             << nlohmann::json(host.lockstep_slowdown).dump();
+    hosts[{round, world}] = std::move(host);
   };
-  // One round of one case: trace, predict, measure.
+
+  struct Measured {
+    ValidationRow row;
+    std::string stem;  // work_dir/<case>[.rN]: the trace, timings and timeline
+  };
+  // One round of one case: trace and measure (predicted after all rounds).
   auto run_case = [&](const ValidationCase& vc, int round) {
     TrainingJobConfig job = load_job(vc);
     const int world = job.layout.world_size();
-    const std::unique_ptr<CollectiveModel>& model = models.at(world);
     std::string stem = (fs::path(options.work_dir) / file_stem(vc.name)).string();
     if (options.rounds > 1) stem += ".r" + std::to_string(round + 1);
     const std::string job_path = stem + ".job.json";
@@ -277,7 +272,7 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
     row.zero1 = job.zero1;
     row.moe = job.model.num_experts > 0;
 
-    // 1. Trace and predict.
+    // 1. Trace.
     Trace trace;
     if (options.reuse_measurements && fs::exists(trace_path)) {
       trace = Trace::load_file(trace_path);
@@ -309,18 +304,6 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
       for (const TraceNode& n : e.nodes) sum += n.duration.count();
       row.traced_alone_s = std::max(row.traced_alone_s, sum * 1e-6);
     }
-    SimulationOptions sim;
-    sim.collectives = model.get();
-    sim.overlap = overlap.get();
-    SimulationResult result = simulate(trace, sim);
-    write_text(stem + ".timeline.json", chrome_trace_json(trace, result));
-    row.predicted_s = result.step_time.count() * 1e-6;
-    const RankBreakdown& slow = result.ranks[result.slowest_rank];
-    row.compute_s = slow.compute.count() * 1e-6;
-    row.exposed_comm_s = slow.exposed_comm.count() * 1e-6;
-    row.sync_wait_s = slow.sync_wait.count() * 1e-6;
-    row.collective_calls = static_cast<int>(result.collective_calls);
-    row.simulate_seconds = result.wall_seconds;
 
     // 2. Measure.
     if (!(options.reuse_measurements && fs::exists(timings_path))) {
@@ -370,26 +353,76 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
     row.measured_max_s = timings.max_seconds;
     row.measured_comm_s = timings.median_comm_seconds();
     row.measured_compute_s = timings.median_compute_seconds();
-    row.error = (row.predicted_s - row.measured_s) / row.measured_s;
-    TESSERA_LOG(Info, "sim") << vc.name << ": measured " << row.measured_s << " s, predicted "
-                             << row.predicted_s << " s (" << 100 * row.error << " %)";
-    return row;
+    TESSERA_LOG(Info, "sim") << vc.name << ": measured " << row.measured_s << " s";
+    return Measured{std::move(row), stem};
   };
 
   // Rounds go over every case in turn, so a drift of the machine's speed
   // spreads over all cases instead of landing on some.
-  std::vector<std::vector<ValidationRow>> per_case(cases.size());
+  std::vector<std::vector<Measured>> per_case(cases.size());
   for (int round = 0; round < options.rounds; ++round) {
-    load_models(round);
-    for (size_t i = 0; i < cases.size(); ++i) {
-      per_case[i].push_back(run_case(*cases[i], round));
-      if (options.rounds == 1 && options.on_row) options.on_row(per_case[i].back());
+    if (!options.host_job.empty()) {
+      for (int world : worlds) measure_host(round, world);
     }
+    for (size_t i = 0; i < cases.size(); ++i) per_case[i].push_back(run_case(*cases[i], round));
   }
+
+  // The collective model of a round and world size: the suite's cluster
+  // file, with host_job carrying that round's host figures, or with
+  // host_median the median of every round's.
+  std::map<std::pair<int, int>, std::unique_ptr<CollectiveModel>> models;
+  auto model_for = [&](int round, int world) -> const CollectiveModel& {
+    const int key_round = options.host_job.empty() || options.host_median ? 0 : round;
+    std::unique_ptr<CollectiveModel>& model = models[{key_round, world}];
+    if (model) return *model;
+    ClusterSpec cluster = ClusterSpec::load_file(find(suite.clusters.at(world), "cluster"));
+    if (!options.host_job.empty()) {
+      std::string stem = "host.";
+      HostSharing host;
+      if (options.host_median) {
+        std::vector<HostSharing> all;
+        for (int r = 0; r < options.rounds; ++r) all.push_back(hosts.at({r, world}));
+        host = median_host_sharing(all);
+        stem += "median";
+      } else {
+        host = hosts.at({round, world});
+        stem += "r" + std::to_string(round + 1);
+      }
+      stem += ".np" + std::to_string(world);
+      apply_host_sharing(host, cluster.topology);
+      cluster.validate(stem);
+      write_text((fs::path(options.work_dir) / (stem + ".cluster.json")).string(),
+                 cluster.to_json());
+    }
+    model = std::make_unique<CollectiveModel>(std::move(cluster));
+    return *model;
+  };
+  auto predict = [&](Measured& m, int round) {
+    ValidationRow& row = m.row;
+    const Trace trace = Trace::load_file(m.stem + ".trace.json");
+    SimulationOptions sim;
+    sim.collectives = &model_for(round, row.world_size);
+    sim.overlap = overlap.get();
+    SimulationResult result = simulate(trace, sim);
+    write_text(m.stem + ".timeline.json", chrome_trace_json(trace, result));
+    row.predicted_s = result.step_time.count() * 1e-6;
+    const RankBreakdown& slow = result.ranks[result.slowest_rank];
+    row.compute_s = slow.compute.count() * 1e-6;
+    row.exposed_comm_s = slow.exposed_comm.count() * 1e-6;
+    row.sync_wait_s = slow.sync_wait.count() * 1e-6;
+    row.collective_calls = static_cast<int>(result.collective_calls);
+    row.simulate_seconds = result.wall_seconds;
+    row.error = (row.predicted_s - row.measured_s) / row.measured_s;
+  };
   ValidationReport report;
-  for (std::vector<ValidationRow>& rounds : per_case) {
+  for (std::vector<Measured>& measured : per_case) {
+    std::vector<ValidationRow> rounds;
+    for (int round = 0; round < options.rounds; ++round) {
+      predict(measured[static_cast<size_t>(round)], round);
+      rounds.push_back(measured[static_cast<size_t>(round)].row);
+    }
     ValidationRow row = combine_rounds(rounds);
-    if (options.rounds > 1 && options.on_row) options.on_row(row);
+    if (options.on_row) options.on_row(row);
     report.rows.push_back(std::move(row));
   }
   summarize(report);

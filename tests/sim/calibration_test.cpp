@@ -131,6 +131,31 @@ TEST(Calibration, HostSharingErrorsNameTheField) {
   EXPECT_THROW(parse_host_sharing("{\"schema\": ", "host.json"), InvalidArgument);
 }
 
+TEST(Calibration, MedianHostSharingIsEntryByEntry) {
+  HostSharing a = sample_sharing(), b = sample_sharing(), c = sample_sharing();
+  a.compute_slowdown = {1.0, 1.1, 1.5, 2.0};
+  b.compute_slowdown = {1.0, 1.3, 1.4, 2.4};
+  c.compute_slowdown = {1.0, 1.2, 1.9, 1.8};
+  b.comm_load[1].load = 0.5;
+  c.comm_load[1].load = 0.6;
+  a.busy_slowdown = 3;
+  const HostSharing m = median_host_sharing({a, b, c});
+  EXPECT_EQ(m.compute_slowdown, (std::vector<double>{1.0, 1.2, 1.5, 2.0}));
+  EXPECT_EQ(m.sync_us, a.sync_us);
+  ASSERT_EQ(m.comm_load.size(), 2u);
+  EXPECT_EQ(m.comm_load[1].bytes, 8 << 20);
+  EXPECT_EQ(m.comm_load[1].load, 0.6);
+  EXPECT_EQ(m.busy_slowdown, 1.66);
+  EXPECT_EQ(m.foreign_cpu.size(), 6u);
+  EXPECT_EQ(m.repeats_kept, 21);
+  // Different world sizes or comm_load sizes cannot be combined.
+  b.sync_skew.pop_back();
+  EXPECT_THROW(median_host_sharing({a, b}), InvalidArgument);
+  c.comm_load[0].bytes = 1024;
+  EXPECT_THROW(median_host_sharing({a, c}), InvalidArgument);
+  EXPECT_THROW(median_host_sharing({}), InvalidArgument);
+}
+
 TEST(Calibration, ApplyHostSharingReplacesTheHostFields) {
   Topology t;
   t.devices_per_node = 4;

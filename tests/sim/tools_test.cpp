@@ -131,6 +131,19 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
     EXPECT_DOUBLE_EQ(t.step_seconds[s],
                      std::max(t.rank_step_seconds[s][0], t.rank_step_seconds[s][1]));
   }
+  // Each kind of operation over the measured steps and both ranks: a dp=2
+  // step all-reduces its gradients over both ranks, the same calls on
+  // each rank every step.
+  ASSERT_FALSE(t.collectives.empty());
+  bool gradients = false;
+  for (const CollectiveTiming& c : t.collectives) {
+    gradients |= c.op == "all_reduce" && c.group_size == 2 && c.bytes > 1000;
+    EXPECT_EQ(c.calls % 6, 0) << c.op << " " << c.bytes;  // 3 steps x 2 ranks
+    EXPECT_LE(c.min_seconds, c.median_seconds);
+    EXPECT_LE(c.median_seconds, c.max_seconds);
+    EXPECT_LE(c.max_seconds, t.max_seconds);
+  }
+  EXPECT_TRUE(gradients);
   // A two-case suite, end to end.
   std::ofstream(dir + "/suite.json") << R"({"schema": "tessera.sim.validation/1",
     "clusters": {"2": "gloo_local_np2"}, "warmup_steps": 1, "measured_steps": 3,
@@ -189,6 +202,15 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
   EXPECT_EQ(cluster.at("topology").at("host_compute_slowdown"), measured.at("compute_slowdown"));
   EXPECT_EQ(cluster.at("topology").at("host_lockstep_slowdown"), measured.at("lockstep_slowdown"));
   EXPECT_EQ(cluster.at("topology").at("host_sync_us"), measured.at("sync_us"));
+  // The median over rounds, re-predicted from the same measurements: of
+  // one round, that round's figures.
+  const auto median =
+      run({TESSERA_SIM_BIN, "validate", dir + "/suite.json", "--work-dir", dir + "/work3", "--only",
+           "tiny dp2", "--host-job", dir + "/tiny.json", "--host-median", "--reuse", "--quiet-idle",
+           "0", "--max-error", "10", "--max-median-error", "10"});
+  ASSERT_TRUE(median.status.success()) << median.output;
+  const auto pooled = nlohmann::json::parse(read(dir + "/work3/host.median.np2.cluster.json"));
+  EXPECT_EQ(pooled.at("topology").at("host_compute_slowdown"), measured.at("compute_slowdown"));
   fs::remove_all(dir);
 }
 

@@ -201,6 +201,16 @@ TEST(StepTimings, SplitsTheSlowestRanksStepIntoCommunicationAndTheRest) {
   text.replace(text.find(row), row.size(), "[\n    [\n      0.5\n    ]");
   expect_error(error_of([&] { StepTimings::parse(text, "t.json"); }),
                {"t.json", "rank_comm_seconds", "2 numbers per step"});
+  // The per-operation table round-trips; a bad entry names itself.
+  t.collectives = {{"all_reduce", 8192, 2, 40, 0.001, 0.0005, 0.004},
+                   {"all_to_all", 1 << 20, 4, 20, 0.0125, 0.01, 0.02}};
+  EXPECT_EQ(StepTimings::parse(t.to_json(2), "t.json").collectives, t.collectives);
+  text = t.to_json(2);
+  const std::string calls = "\"calls\": 40";
+  ASSERT_NE(text.find(calls), std::string::npos) << text;
+  text.replace(text.find(calls), calls.size(), "\"calls\": -1");
+  expect_error(error_of([&] { StepTimings::parse(text, "t.json"); }),
+               {"t.json", "collectives[0]", "calls"});
 }
 
 TEST(CommunicationClock, CountsTheUnionOfOperationsIssuedInTheWindow) {
@@ -231,6 +241,46 @@ TEST(CommunicationClock, CountsTheUnionOfOperationsIssuedInTheWindow) {
   clock.on_issue(before);
   std::this_thread::sleep_for(10ms);
   EXPECT_GE(clock.stop(), 0.01);
+}
+
+TEST(CommunicationClock, TimesEachOperationOfTheWindow) {
+  using namespace std::chrono_literals;
+  CommunicationClock clock;
+  dist::CollectiveCall a, b;
+  a.id = 1;
+  a.op = "all_reduce";
+  a.bytes = 8192;
+  a.ranks = {0, 1};
+  b.id = 2;
+  b.op = "all_gather";
+  b.bytes = 64;
+  b.ranks = {0, 1, 2, 3};
+  clock.start();
+  const auto t0 = std::chrono::steady_clock::now();
+  clock.on_issue(a);
+  clock.on_issue(b);
+  std::this_thread::sleep_for(10ms);
+  clock.on_complete(b);
+  std::this_thread::sleep_for(20ms);
+  clock.on_complete(a);
+  const double busy = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  clock.stop();
+  const std::vector<CollectiveTime> ops = clock.operations();
+  ASSERT_EQ(ops.size(), 2u);  // in completion order
+  EXPECT_EQ(ops[0].op, "all_gather");
+  EXPECT_EQ(ops[0].bytes, 64);
+  EXPECT_EQ(ops[0].group_size, 4);
+  EXPECT_GE(ops[0].seconds, 0.01);
+  EXPECT_LT(ops[0].seconds, ops[1].seconds);
+  EXPECT_EQ(ops[1].op, "all_reduce");
+  EXPECT_EQ(ops[1].group_size, 2);
+  EXPECT_GE(ops[1].seconds, 0.03);
+  EXPECT_LE(ops[1].seconds, busy);
+  // A new window starts empty; one still running at stop() is not listed.
+  clock.start();
+  clock.on_issue(a);
+  clock.stop();
+  EXPECT_TRUE(clock.operations().empty());
 }
 
 const char* kSuite = R"({"schema": "tessera.sim.validation/1",

@@ -195,6 +195,12 @@ std::string host_sharing_to_json(const HostSharing& sharing, const std::string& 
 // that do not have one entry per count of ranks.
 HostSharing parse_host_sharing(std::string_view text, const std::string& source);
 
+// Several measurements of the same host and world size combined: every
+// figure the median over them, entry by entry (foreign_cpu concatenated,
+// repeats_kept summed). InvalidArgument when they are empty or differ in
+// world size or comm_load sizes.
+HostSharing median_host_sharing(const std::vector<HostSharing>& measurements);
+
 // Writes the measured figures into a cluster's topology, as
 // scripts/sim_calibrate_local.sh does: host_compute_slowdown,
 // host_sync_skew, host_lockstep_slowdown, host_sync_us, and host_comm_load

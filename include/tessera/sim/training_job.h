@@ -163,12 +163,22 @@ class TrainingJob {
   std::unique_ptr<Impl> impl_;
 };
 
+// One operation as a rank met it: issue to completion (the first
+// successful wait), waiting for its peers included.
+struct CollectiveTime {
+  std::string op;  // dist::CollectiveCall::op
+  int64_t bytes = 0;
+  int group_size = 0;
+  double seconds = 0;
+};
+
 // Time one rank spends in communication: the union of the intervals from an
 // operation's issue to its completion (the first successful wait), counted
-// between start() and stop(). Install it as the world group's observer
-// (InitOptions::group.observer; sub-groups inherit it) and pass it in
-// RunOptions::clock. Operations issued outside the window are not counted;
-// one still running at stop() counts until then. Thread-safe.
+// between start() and stop(), and each operation's own interval. Install it
+// as the world group's observer (InitOptions::group.observer; sub-groups
+// inherit it) and pass it in RunOptions::clock. Operations issued outside
+// the window are not counted; one still running at stop() counts until
+// then in the union, and not in operations(). Thread-safe.
 class CommunicationClock : public dist::CollectiveObserver {
  public:
   void on_issue(const dist::CollectiveCall& call) override;
@@ -178,15 +188,41 @@ class CommunicationClock : public dist::CollectiveObserver {
   double stop();
   // Operations issued in the last window.
   int calls() const;
+  // The operations of the last window that completed in it, in completion
+  // order.
+  std::vector<CollectiveTime> operations() const;
 
  private:
   using Clock = std::chrono::steady_clock;
+  struct Pending {
+    uint64_t id;
+    CollectiveTime what;
+    Clock::time_point issued;
+  };
   mutable std::mutex mu_;
-  bool open_ = false;                  // guarded by mu_
-  std::vector<uint64_t> outstanding_;  // ids issued in the window, not yet complete
-  Clock::time_point busy_since_;       // when outstanding_ became non-empty
+  bool open_ = false;                 // guarded by mu_
+  std::vector<Pending> outstanding_;  // issued in the window, not yet complete
+  Clock::time_point busy_since_;      // when outstanding_ became non-empty
   double total_ = 0;
   int calls_ = 0;
+  std::vector<CollectiveTime> done_;
+};
+
+// StepTimings::collectives: one kind of operation over the measured steps
+// and all ranks.
+struct CollectiveTiming {
+  std::string op;
+  int64_t bytes = 0;
+  int group_size = 0;
+  int calls = 0;  // over the measured steps and ranks
+  double median_seconds = 0;
+  double min_seconds = 0;
+  double max_seconds = 0;
+  bool operator==(const CollectiveTiming& o) const {
+    return op == o.op && bytes == o.bytes && group_size == o.group_size && calls == o.calls &&
+           median_seconds == o.median_seconds && min_seconds == o.min_seconds &&
+           max_seconds == o.max_seconds;
+  }
 };
 
 // Step times of a real run.
@@ -206,13 +242,20 @@ struct StepTimings {
   // rest of the step holds is the rank's compute as it ran in the job.
   std::vector<std::vector<double>> rank_step_seconds;
   std::vector<std::vector<double>> rank_comm_seconds;
+  // With a clock: each kind of operation (op, bytes, group size) as the
+  // ranks met it in the measured steps, issue to completion; sorted by op,
+  // group size, bytes. Empty without one.
+  std::vector<CollectiveTiming> collectives;
   // Medians over the measured steps of the slowest rank's communication
   // time and of the rest of its step (0 without a clock).
   double median_comm_seconds() const;
   double median_compute_seconds() const;
   // {"schema": "tessera.sim.step_timings/1", "job": ..., "layout": ..., "world_size": ...,
   //  "warmup_steps": ..., "step_seconds": [...], "losses": [...], "median_seconds": ...,
-  //  "rank_step_seconds": [[...]], "rank_comm_seconds": [[...]]}  (the last two optional)
+  //  "rank_step_seconds": [[...]], "rank_comm_seconds": [[...]],
+  //  "collectives": [{"op": ..., "bytes": ..., "group_size": ..., "calls": ...,
+  //                   "median_seconds": ..., "min_seconds": ..., "max_seconds": ...}]}
+  //  (the last three optional)
   std::string to_json(int warmup_steps) const;
   // Reads what to_json wrote; InvalidArgument naming the source and field.
   static StepTimings parse(std::string_view text, const std::string& source = "<timings>");

@@ -126,11 +126,15 @@ struct ValidationOptions {
   // host_job --repeats host_repeats` under tessera-launch for each world
   // size of the suite (work_dir/host.rN.npW.json), and that round is
   // predicted with the suite's cluster files carrying those figures
-  // (apply_host_sharing; written to work_dir/cluster.rN.npW.json). A
+  // (apply_host_sharing; written to work_dir/host.rN.npW.cluster.json). A
   // shared host's speed drifts over a long validation; this predicts each
   // round with the host as it was then. Empty: the cluster files as they are.
   std::string host_job;
   int host_repeats = 9;
+  // With host_job: predict every round with the median over all rounds of
+  // those figures (median_host_sharing) instead of its own round's; written
+  // to work_dir/host.median.npW.cluster.json.
+  bool host_median = false;
   // Resolves cluster and overlap names to files (tessera-sim's bundled data
   // lookup); identity when empty.
   std::function<std::string(const std::string& name, const char* what)> find_data_file;
@@ -155,8 +159,8 @@ struct ValidationOptions {
   // round over all cases (files get a .rN suffix when > 1); see
   // ValidationRow::round_measured_s.
   int rounds = 1;
-  // Called after each case with its row (progress output); with several
-  // rounds, after the last round with the combined row.
+  // Called with each case's row (combined over the rounds) once every
+  // round is measured and predicted (progress output).
   std::function<void(const ValidationRow&)> on_row;
 };
 

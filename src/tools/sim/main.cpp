@@ -321,6 +321,9 @@ int main(int argc, char** argv) {
                    "before each round, `calibrate host --job FILE` for each world size, and "
                    "predict the round with those host figures in the cluster files")
       ->check(CLI::ExistingFile);
+  validate_cmd->add_flag("--host-median", validation.host_median,
+                         "with --host-job: predict every round with the median over the rounds "
+                         "of the host figures");
   validate_cmd
       ->add_option("--host-repeats", validation.host_repeats,
                    "with --host-job: calibrate host's --repeats")

@@ -38,6 +38,8 @@ int main(int argc, char** argv) {
   app.option_defaults()->always_capture_default();
   app.add_option("JOB", job_path, "the training-job JSON file")->required();
   app.add_option("--layout", layout_text, "replace the file's layout, e.g. dp=2,tp=2");
+  bool zero1 = false;
+  app.add_flag("--zero1", zero1, "shard the optimizer state over the data-parallel ranks (ZeRO-1)");
   app.add_option("--timings", timings_path,
                  "time --warmup + --measure steps instead of training, write the times here "
                  "(JSON, rank 0)");
@@ -52,10 +54,9 @@ int main(int argc, char** argv) {
   try {
     tessera::init_runtime();
     auto config = tessera::sim::TrainingJobConfig::load_file(job_path);
-    if (!layout_text.empty()) {
-      config.layout = tessera::sim::ParallelLayout::parse(layout_text);
-      config.validate();
-    }
+    if (!layout_text.empty()) config.layout = tessera::sim::ParallelLayout::parse(layout_text);
+    if (zero1) config.zero1 = true;
+    config.validate();
     // With --timings every step is also split into communication and
     // compute per rank (StepTimings::rank_comm_seconds).
     auto clock = std::make_shared<tessera::sim::CommunicationClock>();
