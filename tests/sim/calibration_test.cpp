@@ -11,9 +11,8 @@
 namespace tessera::sim {
 namespace {
 
-// What scripts/sim_calibrate_local.sh reads back: every field, numbers at
-// full precision, the job path as a JSON string even when it needs escaping.
-TEST(Calibration, HostSharingJson) {
+// A measurement of 4 ranks with every field set.
+HostSharing sample_sharing() {
   HostSharing h;
   h.compute_slowdown = {1.0, 1.0312345678, 1.61, 2.2};
   h.sync_skew = {0.0, 0.021, 0.04, 0.05};
@@ -25,6 +24,13 @@ TEST(Calibration, HostSharingJson) {
   h.busy_slowdown = 1.66;
   h.foreign_cpu = {0.01, 0.2};
   h.repeats_kept = 7;
+  return h;
+}
+
+// What scripts/sim_calibrate_local.sh reads back: every field, numbers at
+// full precision, the job path as a JSON string even when it needs escaping.
+TEST(Calibration, HostSharingJson) {
+  const HostSharing h = sample_sharing();
   const std::string job = R"(jobs/a "quoted" \dense.json)";
   const nlohmann::json j = nlohmann::json::parse(host_sharing_to_json(h, job));
   EXPECT_EQ(j.at("schema"), "tessera.sim.host_sharing/1");
@@ -69,21 +75,6 @@ TEST(Calibration, CommLoadFromSlowdowns) {
   // The computing ranks must be some but not all.
   EXPECT_THROW(comm_load_from_slowdowns(table, 0, 1.5, 1.2), InvalidArgument);
   EXPECT_THROW(comm_load_from_slowdowns(table, 4, 1.5, 1.2), InvalidArgument);
-}
-
-HostSharing sample_sharing() {
-  HostSharing h;
-  h.compute_slowdown = {1.0, 1.0312345678, 1.61, 2.2};
-  h.sync_skew = {0.0, 0.021, 0.04, 0.05};
-  h.lockstep_slowdown = {1.0, 1.09, 1.7, 2.3};
-  h.lockstep_ratio = {1.0, 1.06, 1.05, 1.04};
-  h.sync_us = {0.0, 850.5, 0.0, 1200.0};
-  h.comm_load = {{4096, 0.65}, {8 << 20, 0.97}};
-  h.comm_load_slowdown = {1.39, 1.63};
-  h.busy_slowdown = 1.66;
-  h.foreign_cpu = {0.01, 0.2};
-  h.repeats_kept = 7;
-  return h;
 }
 
 TEST(Calibration, HostSharingParsesWhatItWrote) {
