@@ -6,7 +6,8 @@
 # same compute in lock step after each collective, and the cores that
 # communicating ranks take (4 ranks; `calibrate host`); then fits
 # gloo_local_np2.json and gloo_local_np4.json from them with the recipes in
-# data/sim.
+# data/sim (`tessera-sim fit-cluster`, which also writes the host figures
+# into the cluster files).
 #
 #   scripts/sim_calibrate_local.sh [--bin DIR] [--out DIR] [--compute-ms MS]
 #
@@ -52,40 +53,21 @@ launch 4 calibrate collectives --compute-ms "$compute_ms" --group-size 2 \
 launch 2 calibrate host --job jobs/dense-s.json -o "$out/gloo_local/np2_host.json"
 launch 4 calibrate host --job jobs/dense-s.json -o "$out/gloo_local/np4_host.json"
 
-# The recipes, with the measured host slowdown and the calibration's
-# settings written in.
+# The recipes name the measurements (the host's through "host_sharing");
+# the fitted files say which machine and settings they describe.
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+cores=$(nproc)
 for n in 2 4; do
-  /usr/bin/python3 - "$root/data/sim/gloo_local_np$n.fit.json" "$out/gloo_local/np${n}_host.json" \
-    "$out/gloo_local_np$n.fit.json" "$compute_ms" <<'EOF'
-import json, os, sys
-recipe_path, host_path, out_path, compute_ms = sys.argv[1:]
-recipe = json.load(open(recipe_path))
-host = json.load(open(host_path))
-recipe["topology"]["host_compute_slowdown"] = [round(v, 3) for v in host["compute_slowdown"]]
-recipe["topology"]["host_sync_skew"] = [round(v, 4) for v in host["sync_skew"]]
-recipe["topology"]["host_lockstep_slowdown"] = [round(v, 3) for v in host["lockstep_slowdown"]]
-recipe["topology"]["host_sync_us"] = [round(v, 1) for v in host["sync_us"]]
-if host.get("comm_load"):
-    recipe["topology"]["host_comm_load"] = [
-        {"bytes": p["bytes"], "load": round(p["load"], 3)} for p in host["comm_load"]]
-n = recipe["topology"]["devices_per_node"]
-cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-            if line.startswith("model name")), "unknown CPU")
-cores = len(os.sched_getaffinity(0))
-recipe["description"] = (f"This machine running {n} ranks: {n} processes on a {cores}-core host "
-                         f"({cpu}), Gloo over loopback")
-host_fields = ("host_sync_skew, host_lockstep_slowdown, host_sync_us and host_comm_load" if n == 4
-               else "host_sync_skew, host_lockstep_slowdown and host_sync_us")
-groups = " and pairs running concurrently (--group-size 2, gloo_local/np4_groups2.json)" if n == 4 else ""
-recipe["provenance"] = (
-    f"collective times from `tessera-sim calibrate collectives --compute-ms {compute_ms}` under "
-    f"tessera-launch --nproc {n} (gloo_local/np{n}_groups{n}.json){groups}; host_compute_slowdown, "
-    f"{host_fields} from `tessera-sim calibrate host --job jobs/dense-s.json` "
-    f"(gloo_local/np{n}_host.json); "
-    "written by scripts/sim_calibrate_local.sh")
-text = json.dumps(recipe, indent=2) + "\n"
-open(out_path, "w").write(text)
-EOF
-  (cd "$out" && "$bin/tessera-sim" fit-cluster "gloo_local_np$n.fit.json" -o "gloo_local_np$n.json")
+  [ "$out" = "$root/data/sim" ] || cp "$root/data/sim/gloo_local_np$n.fit.json" "$out/"
+  if [ "$n" = 4 ]; then
+    groups=" and pairs running concurrently (--group-size 2, gloo_local/np4_groups2.json)"
+    host_fields="host_sync_skew, host_lockstep_slowdown, host_sync_us and host_comm_load"
+  else
+    groups=""
+    host_fields="host_sync_skew, host_lockstep_slowdown and host_sync_us"
+  fi
+  (cd "$out" && "$bin/tessera-sim" fit-cluster "gloo_local_np$n.fit.json" -o "gloo_local_np$n.json" \
+    --description "This machine running $n ranks: $n processes on a $cores-core host (${cpu:-unknown CPU}), Gloo over loopback" \
+    --provenance "collective times from \`tessera-sim calibrate collectives --compute-ms $compute_ms\` under tessera-launch --nproc $n (gloo_local/np${n}_groups$n.json)$groups; host_compute_slowdown, $host_fields from \`tessera-sim calibrate host --job jobs/dense-s.json\` (gloo_local/np${n}_host.json); written by scripts/sim_calibrate_local.sh")
 done
 echo "cluster files: $out/gloo_local_np2.json $out/gloo_local_np4.json"

@@ -12,6 +12,7 @@
 #include "json_reader.h"
 #include "tessera/core/error.h"
 #include "tessera/core/log.h"
+#include "tessera/sim/host_sharing.h"
 #include "util.h"
 
 namespace tessera::sim {
@@ -984,6 +985,13 @@ ClusterRecipe load_cluster_recipe(const std::string& path) {
                {"topology", top.at("topology")},
                {"algorithms", json::object()}};
   o.topology = ClusterSpec::parse(stub.dump(), path).topology;
+  const std::string dir = directory_of(path);
+  if (top.has("host_sharing")) {
+    // A `calibrate host` measurement supplies the topology's host_* figures.
+    const std::string file = dir + "/" + top.get_string("host_sharing");
+    apply_host_sharing(parse_host_sharing(read_file(file, "host sharing measurement"), file),
+                       o.topology);
+  }
 
   if (top.has("fit")) {
     JsonObject fit = top.get_object("fit");
@@ -998,7 +1006,6 @@ ClusterRecipe load_cluster_recipe(const std::string& path) {
     fit.check_keys();
   }
 
-  const std::string dir = directory_of(path);
   const json& logs = top.get_array("nccl_tests");
   for (size_t i = 0; i < logs.size(); ++i) {
     JsonObject entry(logs[i], path, "nccl_tests[" + std::to_string(i) + "]");

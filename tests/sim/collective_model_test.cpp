@@ -513,6 +513,24 @@ TEST(A100Cluster, ShippedFileEqualsItsRegeneration) {
   EXPECT_TRUE(ClusterSpec::parse(file.to_json(), "again") == file);
 }
 
+// The shipped cluster files of this machine are what their recipes fit
+// from the committed measurements (scripts/sim_calibrate_local.sh runs the
+// same fit after measuring), host figures included.
+TEST(GlooLocalCluster, ShippedFilesEqualTheirRegeneration) {
+  for (int n : {2, 4}) {
+    const std::string base = sim_data_dir() + "/gloo_local_np" + std::to_string(n);
+    ClusterSpec regenerated = fit_cluster_from_recipe(base + ".fit.json");
+    const ClusterSpec file = ClusterSpec::load_file(base + ".json");
+    // The script names the machine it measured (fit-cluster --description,
+    // --provenance); the numbers are the recipe's.
+    regenerated.description = file.description;
+    regenerated.provenance = file.provenance;
+    EXPECT_EQ(cluster_difference(file, regenerated, 1e-9), "") << base;
+    EXPECT_FALSE(file.topology.host_compute_slowdown.empty()) << base;
+    EXPECT_EQ(file.topology.host_lockstep_slowdown, regenerated.topology.host_lockstep_slowdown);
+  }
+}
+
 TEST(A100Cluster, PredictsTheMeasuredTables) {
   const ClusterRecipe recipe = load_cluster_recipe(sim_data_dir() + "/a100_ib.fit.json");
   const CollectiveModel model(ClusterSpec::load_file(sim_data_dir() + "/a100_ib.json"));

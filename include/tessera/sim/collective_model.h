@@ -284,9 +284,12 @@ ClusterSpec fit_cluster(const std::vector<Measurement>& measurements,
 //    "nccl_tests": [
 //      {"file": "nccl_tests_a100/nccl_8.log", "op": "all_reduce", "in_place": false},
 //      {"file": "nccl_tests_a100/nccl_32.log", "held_out": true}],  // validation only
-//    "collective_bench": ["bench.json", ...]}      // optional
+//    "collective_bench": ["bench.json", ...],      // optional
+//    "host_sharing": "np4_host.json"}              // optional
 //
 // Paths are relative to the recipe's directory; "op" defaults to all_reduce.
+// "host_sharing" names a `tessera-sim calibrate host` measurement whose
+// figures replace the topology's host_* fields (apply_host_sharing).
 struct ClusterRecipe {
   ClusterFitOptions options;
   std::vector<Measurement> fit_measurements;

@@ -234,6 +234,11 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::ExistingFile);
   fit_cluster_cmd->add_option("-o,--out", fit_out, "the cluster file to write")->required();
+  std::string fit_description, fit_provenance;
+  fit_cluster_cmd->add_option("--description", fit_description,
+                              "the cluster's description (default: the recipe's)");
+  fit_cluster_cmd->add_option("--provenance", fit_provenance,
+                              "how its measurements were taken (default: the recipe's)");
 
   // fit-overlap
   std::string samples_path, overlap_out;
@@ -418,6 +423,8 @@ int main(int argc, char** argv) {
     }
     if (fit_cluster_cmd->parsed()) {
       ts::ClusterRecipe recipe = ts::load_cluster_recipe(recipe_path);
+      if (!fit_description.empty()) recipe.options.description = fit_description;
+      if (!fit_provenance.empty()) recipe.options.provenance = fit_provenance;
       ts::ClusterSpec cluster = ts::fit_cluster(recipe.fit_measurements, recipe.options);
       write_text(fit_out, cluster.to_json());
       ts::CollectiveModel model(cluster);

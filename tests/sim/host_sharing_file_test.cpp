@@ -1,12 +1,15 @@
-// sim: the calibration's result files (the measurements themselves run on
+// sim_core: the host-sharing measurement's file, how it combines, and how
+// it enters a topology and a cluster recipe (the measurement itself runs on
 // real ranks in sim_mp_test).
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 
 #include "tessera/core/error.h"
-#include "tessera/sim/calibration.h"
+#include "tessera/sim/collective_model.h"
+#include "tessera/sim/host_sharing.h"
 
 namespace tessera::sim {
 namespace {
@@ -27,9 +30,9 @@ HostSharing sample_sharing() {
   return h;
 }
 
-// What scripts/sim_calibrate_local.sh reads back: every field, numbers at
+// What cluster recipes and `validate --host-job` read back: every field, numbers at
 // full precision, the job path as a JSON string even when it needs escaping.
-TEST(Calibration, HostSharingJson) {
+TEST(HostSharingFile, HostSharingJson) {
   const HostSharing h = sample_sharing();
   const std::string job = R"(jobs/a "quoted" \dense.json)";
   const nlohmann::json j = nlohmann::json::parse(host_sharing_to_json(h, job));
@@ -53,7 +56,7 @@ TEST(Calibration, HostSharingJson) {
 // HostSharing::comm_load from the measured slowdowns, by hand: with
 // compute_slowdown {1, 1.2, 1.6, 2} and 2 of 4 ranks computing, the span
 // runs from 1.2 (2 computing) to 2.0 (4 computing).
-TEST(Calibration, CommLoadFromSlowdowns) {
+TEST(HostSharingFile, CommLoadFromSlowdowns) {
   const std::vector<double> table = {1.0, 1.2, 1.6, 2.0};
   // Busy within 2 % of idle: no shared cores, nothing to measure.
   EXPECT_EQ(comm_load_from_slowdowns(table, 2, 1.01, 1.3), 0.0);
@@ -77,7 +80,7 @@ TEST(Calibration, CommLoadFromSlowdowns) {
   EXPECT_THROW(comm_load_from_slowdowns(table, 4, 1.5, 1.2), InvalidArgument);
 }
 
-TEST(Calibration, HostSharingParsesWhatItWrote) {
+TEST(HostSharingFile, HostSharingParsesWhatItWrote) {
   const HostSharing h = sample_sharing();
   const HostSharing back = parse_host_sharing(host_sharing_to_json(h, "jobs/a.json"), "h.json");
   EXPECT_EQ(back.compute_slowdown, h.compute_slowdown);
@@ -92,7 +95,7 @@ TEST(Calibration, HostSharingParsesWhatItWrote) {
   EXPECT_EQ(back.repeats_kept, h.repeats_kept);
 }
 
-TEST(Calibration, HostSharingErrorsNameTheField) {
+TEST(HostSharingFile, HostSharingErrorsNameTheField) {
   nlohmann::json j = nlohmann::json::parse(host_sharing_to_json(sample_sharing(), "jobs/a.json"));
   auto expect_error = [](const nlohmann::json& doc, const std::string& needle) {
     try {
@@ -122,7 +125,7 @@ TEST(Calibration, HostSharingErrorsNameTheField) {
   EXPECT_THROW(parse_host_sharing("{\"schema\": ", "host.json"), InvalidArgument);
 }
 
-TEST(Calibration, MedianHostSharingIsEntryByEntry) {
+TEST(HostSharingFile, MedianHostSharingIsEntryByEntry) {
   HostSharing a = sample_sharing(), b = sample_sharing(), c = sample_sharing();
   a.compute_slowdown = {1.0, 1.1, 1.5, 2.0};
   b.compute_slowdown = {1.0, 1.3, 1.4, 2.4};
@@ -147,7 +150,7 @@ TEST(Calibration, MedianHostSharingIsEntryByEntry) {
   EXPECT_THROW(median_host_sharing({}), InvalidArgument);
 }
 
-TEST(Calibration, ApplyHostSharingReplacesTheHostFields) {
+TEST(HostSharingFile, ApplyHostSharingReplacesTheHostFields) {
   Topology t;
   t.devices_per_node = 4;
   t.host_comm_load = {{64, 0.1}};
@@ -162,6 +165,51 @@ TEST(Calibration, ApplyHostSharingReplacesTheHostFields) {
   EXPECT_EQ(t.host_comm_load, (std::vector<CommLoadPoint>{{64, 0.1}}));
   apply_host_sharing(sample_sharing(), t);
   EXPECT_EQ(t.host_comm_load, sample_sharing().comm_load);
+}
+
+// A recipe naming a measurement ("host_sharing") carries its figures into
+// the fitted cluster; a missing or malformed file is named.
+TEST(HostSharingFile, RecipeAppliesTheNamedMeasurement) {
+  const std::string dir = ::testing::TempDir();
+  std::ofstream(dir + "/host4.json") << host_sharing_to_json(sample_sharing(), "jobs/x.json");
+  std::ofstream(dir + "/bench.json") << R"({"schema": "tessera.sim.collective_bench/1",
+    "devices_per_node": 4, "results": [
+      {"op": "all_reduce", "bytes": 1024, "ranks": 4, "nodes": 1, "seconds": 0.0002},
+      {"op": "all_reduce", "bytes": 65536, "ranks": 4, "nodes": 1, "seconds": 0.0004},
+      {"op": "all_reduce", "bytes": 1048576, "ranks": 4, "nodes": 1, "seconds": 0.002},
+      {"op": "all_reduce", "bytes": 16777216, "ranks": 4, "nodes": 1, "seconds": 0.03}]})";
+  auto recipe_naming = [&dir](const std::string& host_file) {
+    const std::string path = dir + "/recipe_" + std::to_string(host_file.size()) + ".json";
+    std::ofstream(path) << R"({"schema": "tessera.sim.cluster_fit/1", "name": "local4",
+      "topology": {"devices_per_node": 4, "num_nodes": 1, "nics_per_node": 1,
+                   "intra_node": {"bandwidth_gbps": 10, "latency_us": 50},
+                   "inter_node": {"bandwidth_gbps": 1, "latency_us": 100},
+                   "host_compute_slowdown": [1, 1.5, 2, 2.5]},
+      "nccl_tests": [], "collective_bench": ["bench.json"], "host_sharing": ")"
+                        << host_file << "\"}";
+    return path;
+  };
+  const HostSharing h = sample_sharing();
+  const ClusterRecipe recipe = load_cluster_recipe(recipe_naming("host4.json"));
+  const Topology& t = recipe.options.topology;
+  EXPECT_EQ(t.host_compute_slowdown, h.compute_slowdown);
+  EXPECT_EQ(t.host_sync_skew, h.sync_skew);
+  EXPECT_EQ(t.host_lockstep_slowdown, h.lockstep_slowdown);
+  EXPECT_EQ(t.host_sync_us, h.sync_us);
+  EXPECT_EQ(t.host_comm_load, h.comm_load);
+  const ClusterSpec fitted = fit_cluster(recipe.fit_measurements, recipe.options);
+  EXPECT_EQ(fitted.topology.host_lockstep_slowdown, h.lockstep_slowdown);
+  EXPECT_EQ(fitted.topology.host_comm_load, h.comm_load);
+
+  EXPECT_THROW(load_cluster_recipe(recipe_naming("absent_host.json")), NotFound);
+  std::ofstream(dir + "/bad_host.json") << R"({"schema": "tessera.sim.host_sharing/1"})";
+  try {
+    load_cluster_recipe(recipe_naming("bad_host.json"));
+    ADD_FAILURE() << "accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("bad_host.json"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("'job'"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace tessera::sim
