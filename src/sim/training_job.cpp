@@ -353,8 +353,9 @@ void CommunicationClock::on_issue(const dist::CollectiveCall& call) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!open_) return;
   if (outstanding_.empty()) busy_since_ = now;
-  outstanding_.push_back(Pending{
-      call.id, CollectiveTime{call.op, call.bytes, static_cast<int>(call.ranks.size())}, now});
+  CollectiveTime what{call.op, call.bytes, static_cast<int>(call.ranks.size())};
+  what.start_seconds = std::chrono::duration<double>(now - window_start_).count();
+  outstanding_.push_back(Pending{call.id, std::move(what), now});
   ++calls_;
 }
 
@@ -375,6 +376,7 @@ void CommunicationClock::on_complete(const dist::CollectiveCall& call) {
 void CommunicationClock::start() {
   std::lock_guard<std::mutex> lock(mu_);
   open_ = true;
+  window_start_ = Clock::now();
   outstanding_.clear();
   done_.clear();
   total_ = 0;
@@ -425,37 +427,57 @@ constexpr const char* kOps[] = {"all_reduce", "broadcast", "all_gather", "reduce
 constexpr int kNumOps = static_cast<int>(sizeof(kOps) / sizeof(kOps[0]));
 
 // Every rank's operations, gathered once after the timed steps (rows of
-// op index, bytes, group size, seconds in slots only the owning rank
-// fills), grouped by kind.
-std::vector<CollectiveTiming> gather_collective_times(dist::ProcessGroup& world,
-                                                      const std::vector<CollectiveTime>& mine) {
+// op index, bytes, group size, seconds, start, step in slots only the
+// owning rank fills), by rank.
+std::vector<MeasuredOperation> gather_operations(dist::ProcessGroup& world,
+                                                 const std::vector<MeasuredOperation>& mine) {
+  constexpr int kCols = 6;
   const int n = world.size();
   at::Tensor count = at::full({1}, static_cast<double>(mine.size()), at::kDouble);
   world.all_reduce(count, dist::ReduceOp::kMax).wait();
   const int64_t rows = static_cast<int64_t>(count.item<double>());
   if (rows == 0) return {};
-  at::Tensor table = at::zeros({n, rows, 4}, at::kDouble);
+  at::Tensor table = at::zeros({n, rows, kCols}, at::kDouble);
   table.select(0, world.rank()).select(1, 0).fill_(-1);  // op index -1: no row
   double* p = table.select(0, world.rank()).data_ptr<double>();
   for (size_t i = 0; i < mine.size(); ++i) {
-    const CollectiveTime& c = mine[i];
+    const CollectiveTime& c = mine[i].what;
     const int op = static_cast<int>(std::find(kOps, kOps + kNumOps, c.op) - kOps);
-    p[4 * i + 0] = op;
-    p[4 * i + 1] = static_cast<double>(c.bytes);
-    p[4 * i + 2] = c.group_size;
-    p[4 * i + 3] = c.seconds;
+    double* row = p + kCols * i;
+    row[0] = op;
+    row[1] = static_cast<double>(c.bytes);
+    row[2] = c.group_size;
+    row[3] = c.seconds;
+    row[4] = c.start_seconds;
+    row[5] = mine[i].step;
   }
   // Each rank filled only its own slot (unused rows marked -1), so the sum
   // over ranks holds every rank's rows.
   world.all_reduce(table, dist::ReduceOp::kSum).wait();
-  std::map<std::tuple<std::string, int, int64_t>, std::vector<double>> by_kind;
+  std::vector<MeasuredOperation> out;
   const double* all = table.data_ptr<double>();
   for (int64_t row = 0; row < n * rows; ++row) {
-    const double* r = all + 4 * row;
+    const double* r = all + kCols * row;
     if (r[0] < 0) continue;
     const int op = static_cast<int>(r[0]);
-    by_kind[{op < kNumOps ? kOps[op] : "other", static_cast<int>(r[2]), static_cast<int64_t>(r[1])}]
-        .push_back(r[3]);
+    MeasuredOperation m;
+    m.rank = static_cast<int>(row / rows);
+    m.step = static_cast<int>(r[5]);
+    m.what.op = op < kNumOps ? kOps[op] : "other";
+    m.what.bytes = static_cast<int64_t>(r[1]);
+    m.what.group_size = static_cast<int>(r[2]);
+    m.what.seconds = r[3];
+    m.what.start_seconds = r[4];
+    out.push_back(std::move(m));
+  }
+  return out;
+}
+
+// The operations grouped by kind (op, group size, bytes).
+std::vector<CollectiveTiming> collective_times(const std::vector<MeasuredOperation>& operations) {
+  std::map<std::tuple<std::string, int, int64_t>, std::vector<double>> by_kind;
+  for (const MeasuredOperation& m : operations) {
+    by_kind[{m.what.op, m.what.group_size, m.what.bytes}].push_back(m.what.seconds);
   }
   std::vector<CollectiveTiming> out;
   for (const auto& [key, seconds] : by_kind) {
@@ -488,7 +510,7 @@ StepTimings run_timed_steps(TrainingJob& job, const RunOptions& options) {
   const int total = options.warmup_steps + options.measured_steps;
   const int n = world.size();
   const int me = world.rank();
-  std::vector<CollectiveTime> mine;  // this rank's operations in the measured steps
+  std::vector<MeasuredOperation> mine;  // this rank's operations in the measured steps
   for (int s = 0; s < total; ++s) {
     nn::TokenDataset::Batch b = job.batch(s);
     world.barrier().wait();
@@ -510,11 +532,16 @@ StepTimings run_timed_steps(TrainingJob& job, const RunOptions& options) {
       if (options.clock) {
         t.rank_step_seconds.emplace_back(p, p + n);
         t.rank_comm_seconds.emplace_back(p + n, p + 2 * n);
-        for (CollectiveTime& c : options.clock->operations()) mine.push_back(std::move(c));
+        for (CollectiveTime& c : options.clock->operations()) {
+          mine.push_back(MeasuredOperation{me, s - options.warmup_steps, std::move(c)});
+        }
       }
     }
   }
-  if (options.clock) t.collectives = gather_collective_times(world, mine);
+  if (options.clock) {
+    t.operations = gather_operations(world, mine);
+    t.collectives = collective_times(t.operations);
+  }
   t.median_seconds = median(t.step_seconds);
   t.min_seconds = *std::min_element(t.step_seconds.begin(), t.step_seconds.end());
   t.max_seconds = *std::max_element(t.step_seconds.begin(), t.step_seconds.end());
@@ -619,6 +646,88 @@ StepTimings StepTimings::parse(std::string_view text, const std::string& source)
   }
   o.check_keys();
   return t;
+}
+
+std::string measured_chrome_trace_json(const StepTimings& timings) {
+  using nlohmann::json;
+  TESSERA_CHECK(!timings.operations.empty(), InvalidArgument,
+                "measured_chrome_trace_json: the timings hold no operations (time the run with a "
+                "CommunicationClock)");
+  // Step s starts after the slowest ranks of the steps before it.
+  std::vector<double> step_start(timings.step_seconds.size() + 1, 0.0);
+  for (size_t s = 0; s < timings.step_seconds.size(); ++s) {
+    step_start[s + 1] = step_start[s] + timings.step_seconds[s];
+  }
+  std::vector<MeasuredOperation> ops = timings.operations;
+  std::stable_sort(ops.begin(), ops.end(),
+                   [](const MeasuredOperation& a, const MeasuredOperation& b) {
+                     return std::tie(a.rank, a.step, a.what.start_seconds) <
+                            std::tie(b.rank, b.step, b.what.start_seconds);
+                   });
+  json events = json::array();
+  auto name_thread = [&events](int rank, int tid, const std::string& name) {
+    events.push_back({{"ph", "M"},
+                      {"name", "thread_name"},
+                      {"pid", rank},
+                      {"tid", tid},
+                      {"args", {{"name", name}}}});
+  };
+  for (int rank = 0; rank < timings.world_size; ++rank) {
+    events.push_back({{"ph", "M"},
+                      {"name", "process_name"},
+                      {"pid", rank},
+                      {"args", {{"name", "rank " + std::to_string(rank) + " (measured)"}}}});
+    name_thread(rank, 0, "step");
+    name_thread(rank, 1, "communication");
+    for (size_t s = 0; s < timings.rank_step_seconds.size(); ++s) {
+      if (static_cast<size_t>(rank) >= timings.rank_step_seconds[s].size()) continue;
+      events.push_back({{"ph", "X"},
+                        {"name", "step " + std::to_string(s)},
+                        {"cat", "step"},
+                        {"pid", rank},
+                        {"tid", 0},
+                        {"ts", step_start[s] * 1e6},
+                        {"dur", timings.rank_step_seconds[s][static_cast<size_t>(rank)] * 1e6}});
+    }
+  }
+  // Operations of one rank that overlap in time go to further threads: the
+  // first whose previous operation has ended.
+  int rank = -1;
+  std::vector<double> lane_end;
+  int named_lanes = 1;
+  for (const MeasuredOperation& m : ops) {
+    TESSERA_CHECK(m.rank >= 0 && m.rank < timings.world_size && m.step >= 0 &&
+                      static_cast<size_t>(m.step) < timings.step_seconds.size(),
+                  InvalidArgument, "measured_chrome_trace_json: an operation of rank ", m.rank,
+                  " in step ", m.step, " is outside the ", timings.world_size, " ranks and ",
+                  timings.step_seconds.size(), " steps");
+    if (m.rank != rank) {
+      rank = m.rank;
+      lane_end.clear();
+      named_lanes = 1;
+    }
+    const double start = (step_start[static_cast<size_t>(m.step)] + m.what.start_seconds) * 1e6;
+    const double end = start + m.what.seconds * 1e6;
+    size_t lane = 0;
+    while (lane < lane_end.size() && lane_end[lane] > start) ++lane;
+    if (lane == lane_end.size()) lane_end.push_back(end);
+    lane_end[lane] = end;
+    const int tid = 1 + static_cast<int>(lane);
+    if (tid > named_lanes) {
+      name_thread(rank, tid, "communication " + std::to_string(tid));
+      named_lanes = tid;
+    }
+    events.push_back(
+        {{"ph", "X"},
+         {"name", m.what.op},
+         {"cat", "communication"},
+         {"pid", rank},
+         {"tid", tid},
+         {"ts", start},
+         {"dur", m.what.seconds * 1e6},
+         {"args", {{"bytes", m.what.bytes}, {"group_size", m.what.group_size}, {"step", m.step}}}});
+  }
+  return json({{"traceEvents", std::move(events)}, {"displayTimeUnit", "ms"}}).dump() + "\n";
 }
 
 }  // namespace tessera::sim

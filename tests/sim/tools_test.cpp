@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -111,9 +112,9 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
       run({TESSERA_SIM_BIN, "predict", "--trace", dir + "/t.json", "--cluster", "gloo_local_np2"});
   ASSERT_TRUE(predict.status.success()) << predict.output;
   // tessera-train for real under tessera-launch.
-  const auto train =
-      run({TESSERA_LAUNCH_BIN, "--nproc", "2", "--", TESSERA_TRAIN_BIN, dir + "/tiny.json",
-           "--timings", dir + "/timings.json", "--warmup", "1", "--measure", "3"});
+  const auto train = run({TESSERA_LAUNCH_BIN, "--nproc", "2", "--", TESSERA_TRAIN_BIN,
+                          dir + "/tiny.json", "--timings", dir + "/timings.json", "--warmup", "1",
+                          "--measure", "3", "--chrome", dir + "/measured.json"});
   ASSERT_TRUE(train.status.success()) << train.output;
   const StepTimings t = StepTimings::parse(read(dir + "/timings.json"), "timings.json");
   EXPECT_EQ(t.step_seconds.size(), 3u);
@@ -144,6 +145,33 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
     EXPECT_LE(c.max_seconds, t.max_seconds);
   }
   EXPECT_TRUE(gradients);
+  // The measured steps as a Chrome trace: per rank three step slices, and
+  // every operation the collectives table counts inside its rank's step.
+  const auto chrome = nlohmann::json::parse(read(dir + "/measured.json")).at("traceEvents");
+  int table_calls = 0;
+  for (const CollectiveTiming& c : t.collectives) table_calls += c.calls;
+  std::map<std::pair<int, int>, std::pair<double, double>> step_span;  // (rank, step) -> [ts, end]
+  for (const auto& e : chrome) {
+    if (e.at("ph") == "X" && e.at("cat") == "step") {
+      const int step = std::stoi(e.at("name").get<std::string>().substr(5));
+      step_span[{e.at("pid").get<int>(), step}] = {
+          e.at("ts").get<double>(), e.at("ts").get<double>() + e.at("dur").get<double>()};
+    }
+  }
+  EXPECT_EQ(step_span.size(), 6u);  // 2 ranks x 3 steps
+  int drawn = 0;
+  for (const auto& e : chrome) {
+    if (e.at("ph") != "X" || e.at("cat") != "communication") continue;
+    ++drawn;
+    const auto span = step_span.at({e.at("pid").get<int>(), e.at("args").at("step").get<int>()});
+    EXPECT_GE(e.at("ts").get<double>(), span.first);
+    EXPECT_LE(e.at("ts").get<double>() + e.at("dur").get<double>(), span.second + 1.0);
+    EXPECT_GE(e.at("tid").get<int>(), 1);
+  }
+  EXPECT_EQ(drawn, table_calls);
+  // --chrome needs --timings (the clock that records the operations).
+  const auto no_timings = run({TESSERA_TRAIN_BIN, dir + "/tiny.json", "--chrome", dir + "/x.json"});
+  EXPECT_EQ(no_timings.status.code, 2) << no_timings.output;
   // A two-case suite, end to end.
   std::ofstream(dir + "/suite.json") << R"({"schema": "tessera.sim.validation/1",
     "clusters": {"2": "gloo_local_np2"}, "warmup_steps": 1, "measured_steps": 3,
@@ -168,6 +196,8 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
   }
   EXPECT_TRUE(fs::exists(dir + "/work/tiny_tp2.trace.json"));
   EXPECT_TRUE(fs::exists(dir + "/work/tiny_tp2.timings.json"));
+  EXPECT_TRUE(fs::exists(dir + "/work/tiny_tp2.measured.json"));  // the measured steps
+  EXPECT_FALSE(fs::exists(dir + "/work/tiny_tp2.measured.attempt.json"));
   EXPECT_TRUE(fs::exists(dir + "/work/tiny_tp2.timeline.json"));
   // Re-predicting from the same traces and timings runs nothing again.
   const auto again = run({TESSERA_SIM_BIN, "validate", dir + "/suite.json", "--work-dir",

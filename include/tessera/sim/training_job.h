@@ -169,7 +169,16 @@ struct CollectiveTime {
   std::string op;  // dist::CollectiveCall::op
   int64_t bytes = 0;
   int group_size = 0;
-  double seconds = 0;
+  double seconds = 0;        // issue to completion
+  double start_seconds = 0;  // issue, after the window's start()
+};
+
+// One operation of a measured step as one rank met it
+// (StepTimings::operations).
+struct MeasuredOperation {
+  int rank = 0;
+  int step = 0;  // index among the measured steps
+  CollectiveTime what;
 };
 
 // Time one rank spends in communication: the union of the intervals from an
@@ -201,6 +210,7 @@ class CommunicationClock : public dist::CollectiveObserver {
   };
   mutable std::mutex mu_;
   bool open_ = false;                 // guarded by mu_
+  Clock::time_point window_start_;    // start()
   std::vector<Pending> outstanding_;  // issued in the window, not yet complete
   Clock::time_point busy_since_;      // when outstanding_ became non-empty
   double total_ = 0;
@@ -246,6 +256,10 @@ struct StepTimings {
   // ranks met it in the measured steps, issue to completion; sorted by op,
   // group size, bytes. Empty without one.
   std::vector<CollectiveTiming> collectives;
+  // With a clock: every rank's operations of the measured steps, by rank,
+  // step and issue time (what measured_chrome_trace_json draws). Kept in
+  // memory only: to_json does not write them.
+  std::vector<MeasuredOperation> operations;
   // Medians over the measured steps of the slowest rank's communication
   // time and of the rest of its step (0 without a clock).
   double median_comm_seconds() const;
@@ -272,5 +286,16 @@ struct RunOptions {
 // Runs warmup + measured steps of `job` (steps 0, 1, ...) and times the
 // measured ones (see StepTimings). Collective over the job's ranks.
 StepTimings run_timed_steps(TrainingJob& job, const RunOptions& options);
+
+// The measured steps as a Chrome trace ({"traceEvents": [...]}, the format
+// of chrome_trace_json in timeline.h, to open beside a predicted step): per
+// rank (pid), a "step" slice per measured step on thread 0 and each
+// communication operation from issue to completion on thread 1 and up
+// (operations that overlap in time take further threads). Steps follow each
+// other on one time axis, step s starting at the sum of the slowest ranks'
+// times of steps 0 .. s-1 (the barrier that starts every step is left out),
+// times in microseconds. InvalidArgument without operations (a run without
+// a clock).
+std::string measured_chrome_trace_json(const StepTimings& timings);
 
 }  // namespace tessera::sim

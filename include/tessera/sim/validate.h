@@ -27,9 +27,10 @@
 // waits until the host is idle (ValidationOptions::quiet_idle), and a run
 // during which other processes used more than max_foreign_cpu of the host's
 // CPU is repeated (up to max_attempts, keeping the least disturbed).
-// Everything is written to the work directory (JOB, trace, timings and
-// predicted timeline per case), so a later run with reuse_measurements
-// re-predicts from the same traces and measurements.
+// Everything is written to the work directory (JOB, trace, timings,
+// predicted timeline and measured steps as Chrome traces per case:
+// <case>.timeline.json, <case>.measured.json), so a later run with
+// reuse_measurements re-predicts from the same traces and measurements.
 //
 //   auto suite = tessera::sim::ValidationSuite::load_file("data/sim/validation.json");
 //   tessera::sim::ValidationOptions opts;

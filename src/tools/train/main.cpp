@@ -10,7 +10,9 @@
 // untimed and --measure timed steps instead and writes their wall times
 // (the slowest rank's, each step started after a barrier) as JSON, the
 // measurements `tessera-sim validate` compares predictions with, together
-// with each rank's time in communication per step.
+// with each rank's time in communication per step; --chrome also writes the
+// measured steps as a Chrome trace (each rank's steps and communication
+// operations, to compare with `tessera-sim predict --chrome`).
 // --layout replaces the file's layout ("dp=2,tp=2").
 //
 // Exit codes: 0 success, 2 usage, 3 any other error.
@@ -28,7 +30,7 @@
 #include "tessera/sim/training_job.h"
 
 int main(int argc, char** argv) {
-  std::string job_path, timings_path, layout_text;
+  std::string job_path, timings_path, layout_text, chrome_path;
   int warmup = 2, measure = 10;
   int64_t log_every = 10;
   CLI::App app{
@@ -40,9 +42,14 @@ int main(int argc, char** argv) {
   app.add_option("--layout", layout_text, "replace the file's layout, e.g. dp=2,tp=2");
   bool zero1 = false;
   app.add_flag("--zero1", zero1, "shard the optimizer state over the data-parallel ranks (ZeRO-1)");
-  app.add_option("--timings", timings_path,
-                 "time --warmup + --measure steps instead of training, write the times here "
-                 "(JSON, rank 0)");
+  CLI::Option* timings_opt =
+      app.add_option("--timings", timings_path,
+                     "time --warmup + --measure steps instead of training, write the times here "
+                     "(JSON, rank 0)");
+  app.add_option("--chrome", chrome_path,
+                 "with --timings: also write the measured steps as a Chrome trace (each rank's "
+                 "steps and communication operations)")
+      ->needs(timings_opt);
   app.add_option("--warmup", warmup, "untimed steps before the timed ones (with --timings)")
       ->check(tessera::examples::at_least(0));
   app.add_option("--measure", measure, "timed steps (with --timings)")
@@ -82,6 +89,12 @@ int main(int argc, char** argv) {
         const std::string text = t.to_json(warmup);
         out.append(text.data(), text.size());
         out.commit();
+        if (!chrome_path.empty()) {
+          tessera::AtomicFileWriter chrome(chrome_path);
+          const std::string trace = tessera::sim::measured_chrome_trace_json(t);
+          chrome.append(trace.data(), trace.size());
+          chrome.commit();
+        }
         std::printf(
             "median step %.4f s (min %.4f, max %.4f; slowest rank: %.4f s communication, %.4f s "
             "the rest) over %d steps -> %s\n",
