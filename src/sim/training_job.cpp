@@ -355,6 +355,10 @@ void CommunicationClock::on_issue(const dist::CollectiveCall& call) {
   if (outstanding_.empty()) busy_since_ = now;
   CollectiveTime what{call.op, call.bytes, static_cast<int>(call.ranks.size())};
   what.start_seconds = std::chrono::duration<double>(now - window_start_).count();
+  std::vector<int> sorted = call.ranks;
+  std::sort(sorted.begin(), sorted.end());
+  if (!sorted.empty()) what.first_rank = sorted[0];
+  if (sorted.size() > 1) what.second_rank = sorted[1];
   outstanding_.push_back(Pending{call.id, std::move(what), now});
   ++calls_;
 }
@@ -427,11 +431,11 @@ constexpr const char* kOps[] = {"all_reduce", "broadcast", "all_gather", "reduce
 constexpr int kNumOps = static_cast<int>(sizeof(kOps) / sizeof(kOps[0]));
 
 // Every rank's operations, gathered once after the timed steps (rows of
-// op index, bytes, group size, seconds, start, step in slots only the
-// owning rank fills), by rank.
+// op index, bytes, group size, seconds, start, step, the group's two lowest
+// ranks, in slots only the owning rank fills), by rank.
 std::vector<MeasuredOperation> gather_operations(dist::ProcessGroup& world,
                                                  const std::vector<MeasuredOperation>& mine) {
-  constexpr int kCols = 6;
+  constexpr int kCols = 8;
   const int n = world.size();
   at::Tensor count = at::full({1}, static_cast<double>(mine.size()), at::kDouble);
   world.all_reduce(count, dist::ReduceOp::kMax).wait();
@@ -450,6 +454,8 @@ std::vector<MeasuredOperation> gather_operations(dist::ProcessGroup& world,
     row[3] = c.seconds;
     row[4] = c.start_seconds;
     row[5] = mine[i].step;
+    row[6] = c.first_rank;
+    row[7] = c.second_rank;
   }
   // Each rank filled only its own slot (unused rows marked -1), so the sum
   // over ranks holds every rank's rows.
@@ -468,6 +474,8 @@ std::vector<MeasuredOperation> gather_operations(dist::ProcessGroup& world,
     m.what.group_size = static_cast<int>(r[2]);
     m.what.seconds = r[3];
     m.what.start_seconds = r[4];
+    m.what.first_rank = static_cast<int>(r[6]);
+    m.what.second_rank = static_cast<int>(r[7]);
     out.push_back(std::move(m));
   }
   return out;
@@ -648,6 +656,18 @@ StepTimings StepTimings::parse(std::string_view text, const std::string& source)
   return t;
 }
 
+namespace {
+
+// "0,2,...": a group by its two lowest ranks (evenly spaced mesh groups).
+std::string group_name(const CollectiveTime& c) {
+  std::string name = std::to_string(c.first_rank);
+  if (c.second_rank >= 0) name += "," + std::to_string(c.second_rank);
+  if (c.group_size > 2) name += ",...";
+  return name;
+}
+
+}  // namespace
+
 std::string measured_chrome_trace_json(const StepTimings& timings) {
   using nlohmann::json;
   TESSERA_CHECK(!timings.operations.empty(), InvalidArgument,
@@ -717,15 +737,18 @@ std::string measured_chrome_trace_json(const StepTimings& timings) {
       name_thread(rank, tid, "communication " + std::to_string(tid));
       named_lanes = tid;
     }
-    events.push_back(
-        {{"ph", "X"},
-         {"name", m.what.op},
-         {"cat", "communication"},
-         {"pid", rank},
-         {"tid", tid},
-         {"ts", start},
-         {"dur", m.what.seconds * 1e6},
-         {"args", {{"bytes", m.what.bytes}, {"group_size", m.what.group_size}, {"step", m.step}}}});
+    events.push_back({{"ph", "X"},
+                      {"name", m.what.op},
+                      {"cat", "communication"},
+                      {"pid", rank},
+                      {"tid", tid},
+                      {"ts", start},
+                      {"dur", m.what.seconds * 1e6},
+                      {"args",
+                       {{"bytes", m.what.bytes},
+                        {"group_size", m.what.group_size},
+                        {"group", group_name(m.what)},
+                        {"step", m.step}}}});
   }
   return json({{"traceEvents", std::move(events)}, {"displayTimeUnit", "ms"}}).dump() + "\n";
 }

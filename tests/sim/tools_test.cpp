@@ -167,6 +167,7 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
     EXPECT_GE(e.at("ts").get<double>(), span.first);
     EXPECT_LE(e.at("ts").get<double>() + e.at("dur").get<double>(), span.second + 1.0);
     EXPECT_GE(e.at("tid").get<int>(), 1);
+    EXPECT_EQ(e.at("args").at("group"), "0,1");  // dp=2: both ranks
   }
   EXPECT_EQ(drawn, table_calls);
   // --chrome needs --timings (the clock that records the operations).

@@ -171,6 +171,10 @@ struct CollectiveTime {
   int group_size = 0;
   double seconds = 0;        // issue to completion
   double start_seconds = 0;  // issue, after the window's start()
+  // The group's two lowest world ranks (second -1 for one rank): with
+  // group_size they name a device-mesh group, whose ranks are evenly spaced.
+  int first_rank = 0;
+  int second_rank = -1;
 };
 
 // One operation of a measured step as one rank met it
