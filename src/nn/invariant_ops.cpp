@@ -12,160 +12,61 @@
 namespace tessera::nn::detail {
 namespace {
 
-// out[m, n] for rows m in [0, M) and outputs n in [n0, n1) of x [M, K] w^T,
-// w [N, K]; out rows are N apart.
-using LinearKernel = void (*)(const float* x, int64_t M, const float* w, int64_t N, int64_t K,
-                              float* out, int64_t n0, int64_t n1);
+// --- The tiled kernel (invariant_tile.inc), once for each instruction set.
+// An Isa supplies the vector type and width, loads (a partial one
+// zero-filled beyond the inputs), the fused multiply-add and a fixed-order
+// sum of the lanes; the tile loop is the same for all, so the two
+// instruction sets differ only in the lane count and their sums' trees.
+// AVX-512: 16 lanes, tiles of up to 4 x 4 outputs (32 vector registers),
+// the tail through a lane mask, _mm512_reduce_add_ps's fixed tree.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,fma")
+namespace avx512 {
+struct Isa {
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  static constexpr int kRows = 4;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static Mask head_mask(int64_t n) { return static_cast<Mask>((1u << n) - 1u); }
+  static V load_head(const float* p, Mask mask) { return _mm512_maskz_loadu_ps(mask, p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#include "invariant_tile.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 
-// --- AVX-512: 16 lanes, one fused multiply-add per lane and step of 16
-// inputs, the tail masked, then _mm512_reduce_add_ps's fixed tree.
-
-#define TESSERA_AVX512 __attribute__((target("avx512f,avx512dq,fma")))
-
-template <int MB, int NB>
-TESSERA_AVX512 inline void tile_avx512(const float* x, const float* w, int64_t K, float* out,
-                                       int64_t ldo, int64_t m0, int64_t n0) {
-  __m512 acc[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(w + (n0 + j) * K + k);
-    for (int i = 0; i < MB; ++i) {
-      const __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  if (k < K) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1u);
-    __m512 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_ps(mask, w + (n0 + j) * K + k);
-    for (int i = 0; i < MB; ++i) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + i) * K + k);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) out[(m0 + i) * ldo + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
-}
-
-template <int MB>
-TESSERA_AVX512 inline void tile_avx512_nb(int nb, const float* x, const float* w, int64_t K,
-                                          float* out, int64_t ldo, int64_t m0, int64_t n0) {
-  switch (nb) {
-    case 4:
-      tile_avx512<MB, 4>(x, w, K, out, ldo, m0, n0);
-      break;
-    case 3:
-      tile_avx512<MB, 3>(x, w, K, out, ldo, m0, n0);
-      break;
-    case 2:
-      tile_avx512<MB, 2>(x, w, K, out, ldo, m0, n0);
-      break;
-    default:
-      tile_avx512<MB, 1>(x, w, K, out, ldo, m0, n0);
-      break;
-  }
-}
-
-TESSERA_AVX512 void linear_avx512(const float* x, int64_t M, const float* w, int64_t N, int64_t K,
-                                  float* out, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; n += 4) {
-    const int nb = static_cast<int>(std::min<int64_t>(4, n1 - n));
-    for (int64_t m = 0; m < M; m += 4) {
-      switch (std::min<int64_t>(4, M - m)) {
-        case 4:
-          tile_avx512_nb<4>(nb, x, w, K, out, N, m, n);
-          break;
-        case 3:
-          tile_avx512_nb<3>(nb, x, w, K, out, N, m, n);
-          break;
-        case 2:
-          tile_avx512_nb<2>(nb, x, w, K, out, N, m, n);
-          break;
-        default:
-          tile_avx512_nb<1>(nb, x, w, K, out, N, m, n);
-          break;
-      }
-    }
-  }
-}
-
-// --- AVX2: 8 lanes, fused multiply-add, the tail in a scalar lane loop
-// folded into lane 0..r-1, then a fixed tree.
-
-#define TESSERA_AVX2 __attribute__((target("avx2,fma")))
-
-TESSERA_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <int MB, int NB>
-TESSERA_AVX2 inline void tile_avx2(const float* x, const float* w, int64_t K, float* out,
-                                   int64_t ldo, int64_t m0, int64_t n0) {
-  __m256 acc[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = _mm256_loadu_ps(w + (n0 + j) * K + k);
-    for (int i = 0; i < MB; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  if (k < K) {
+// AVX2: 8 lanes, tiles of up to 2 x 4 outputs (16 vector registers), the
+// tail through a lane mask, a fixed tree of halvings.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+struct Isa {
+  using V = __m256;
+  using Mask = __m256i;
+  static constexpr int kLanes = 8;
+  static constexpr int kRows = 2;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static Mask head_mask(int64_t n) {
     alignas(32) int32_t lanes[8];
-    for (int l = 0; l < 8; ++l) lanes[l] = k + l < K ? -1 : 0;
-    const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
-    __m256 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = _mm256_maskload_ps(w + (n0 + j) * K + k, mask);
-    for (int i = 0; i < MB; ++i) {
-      const __m256 xv = _mm256_maskload_ps(x + (m0 + i) * K + k, mask);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
+    for (int l = 0; l < 8; ++l) lanes[l] = l < n ? -1 : 0;
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
   }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) out[(m0 + i) * ldo + n0 + j] = hsum256(acc[i][j]);
-}
-
-template <int MB>
-TESSERA_AVX2 inline void tile_avx2_nb(int nb, const float* x, const float* w, int64_t K, float* out,
-                                      int64_t ldo, int64_t m0, int64_t n0) {
-  switch (nb) {
-    case 4:
-      tile_avx2<MB, 4>(x, w, K, out, ldo, m0, n0);
-      break;
-    case 3:
-      tile_avx2<MB, 3>(x, w, K, out, ldo, m0, n0);
-      break;
-    case 2:
-      tile_avx2<MB, 2>(x, w, K, out, ldo, m0, n0);
-      break;
-    default:
-      tile_avx2<MB, 1>(x, w, K, out, ldo, m0, n0);
-      break;
+  static V load_head(const float* p, Mask mask) { return _mm256_maskload_ps(p, mask); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
   }
-}
-
-TESSERA_AVX2 void linear_avx2(const float* x, int64_t M, const float* w, int64_t N, int64_t K,
-                              float* out, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; n += 4) {
-    const int nb = static_cast<int>(std::min<int64_t>(4, n1 - n));
-    for (int64_t m = 0; m < M; m += 2) {
-      if (M - m >= 2) {
-        tile_avx2_nb<2>(nb, x, w, K, out, N, m, n);
-      } else {
-        tile_avx2_nb<1>(nb, x, w, K, out, N, m, n);
-      }
-    }
-  }
-}
+};
+#include "invariant_tile.inc"
+}  // namespace avx2
+#pragma GCC pop_options
 
 // --- Portable: dot_fixed per output.
 
@@ -177,6 +78,8 @@ void linear_generic(const float* x, int64_t M, const float* w, int64_t N, int64_
 }
 
 // --- Dot products and axpy (see invariant_ops.h).
+
+#define TESSERA_AVX512 __attribute__((target("avx512f,avx512dq,fma")))
 
 TESSERA_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
@@ -222,13 +125,17 @@ bool has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
 }
 
-LinearKernel pick_linear_kernel() {
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return linear_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return linear_avx2;
-  return linear_generic;
-}
-
 }  // namespace
+
+std::vector<NamedLinearKernel> linear_kernels() {
+  std::vector<NamedLinearKernel> out;
+  if (has_avx512()) out.push_back({"avx512", avx512::linear});
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    out.push_back({"avx2", avx2::linear});
+  }
+  out.push_back({"generic", linear_generic});
+  return out;
+}
 
 const DotFn dot_fixed_kernel = has_avx512() ? dot_avx512 : dot_generic;
 const AxpyFn axpy_kernel = has_avx512() ? axpy_avx512 : axpy_generic;
@@ -240,7 +147,7 @@ at::Tensor linear_fixed(const at::Tensor& x, const at::Tensor& w) {
   TESSERA_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), InvalidArgument,
                 "batch-invariant linear: input ", shape_string(x.sizes()), " and weight ",
                 shape_string(w.sizes()), " do not match");
-  static const LinearKernel kernel = pick_linear_kernel();
+  static const LinearKernel kernel = linear_kernels().front().fn;
   const int64_t K = w.size(1), N = w.size(0);
   at::Tensor xc = x.reshape({-1, K}).contiguous();
   at::Tensor wc = w.scalar_type() == at::kFloat ? w.contiguous() : w.to(at::kFloat).contiguous();

@@ -21,6 +21,19 @@ namespace tessera::nn::detail {
 // y = x W^T for x [..., K] and w [N, K] (fp32, CPU); returns [..., N].
 at::Tensor linear_fixed(const at::Tensor& x, const at::Tensor& w);
 
+// The kernels behind linear_fixed: out[m * N + n] for rows m < M and
+// outputs n in [n0, n1) of x [M, K] w^T, w [N, K]. Each keeps one order of
+// operations per output whatever M and the range are; instruction sets
+// differ from each other in the last bits.
+using LinearKernel = void (*)(const float* x, int64_t M, const float* w, int64_t N, int64_t K,
+                              float* out, int64_t n0, int64_t n1);
+struct NamedLinearKernel {
+  const char* name;  // "avx512", "avx2", "generic"
+  LinearKernel fn;
+};
+// The kernels this CPU runs, the one linear_fixed uses first.
+std::vector<NamedLinearKernel> linear_kernels();
+
 // The dot product of a and b (n values) in one fixed order, chosen once per
 // process from the CPU: 16 fused multiply-add lanes and _mm512_reduce_add_ps
 // with AVX-512, else 16 interleaved partial sums and a fixed tree.

@@ -204,12 +204,17 @@ TEST(VlmEngine, GreedyWithImagesEqualsGenerateVlmAloneAndUnderLoad) {
   o.max_num_seqs = 8;
   auto engine = Engine::create(o);
   Collector out;
-  std::vector<std::pair<RequestHandle, size_t>> handles;
+  // Every request built before the first is submitted, so they arrive
+  // together and the pool runs short however fast the engine steps.
+  const std::vector<Case> all = cases();
+  std::vector<std::pair<GenerateRequest, size_t>> requests;
   for (int round = 0; round < 3; ++round) {
-    for (size_t i = 0; i < cases().size(); ++i) {
-      handles.emplace_back(engine->submit(request_of(*engine, cases()[i], kMax), out.callback()),
-                           i);
-    }
+    for (size_t i = 0; i < all.size(); ++i)
+      requests.emplace_back(request_of(*engine, all[i], kMax), i);
+  }
+  std::vector<std::pair<RequestHandle, size_t>> handles;
+  for (auto& [request, i] : requests) {
+    handles.emplace_back(engine->submit(std::move(request), out.callback()), i);
   }
   for (auto& [h, i] : handles) {
     ASSERT_TRUE(h.wait(std::chrono::minutes(2)));
