@@ -355,10 +355,14 @@ void CommunicationClock::on_issue(const dist::CollectiveCall& call) {
   if (outstanding_.empty()) busy_since_ = now;
   CollectiveTime what{call.op, call.bytes, static_cast<int>(call.ranks.size())};
   what.start_seconds = std::chrono::duration<double>(now - window_start_).count();
-  std::vector<int> sorted = call.ranks;
-  std::sort(sorted.begin(), sorted.end());
-  if (!sorted.empty()) what.first_rank = sorted[0];
-  if (sorted.size() > 1) what.second_rank = sorted[1];
+  // The group's two lowest ranks, without allocating on the issue path.
+  what.first_rank = call.ranks.empty() ? 0 : call.ranks[0];
+  for (int r : call.ranks) what.first_rank = std::min(what.first_rank, r);
+  for (int r : call.ranks) {
+    if (r != what.first_rank && (what.second_rank < 0 || r < what.second_rank)) {
+      what.second_rank = r;
+    }
+  }
   outstanding_.push_back(Pending{call.id, std::move(what), now});
   ++calls_;
 }
@@ -670,9 +674,11 @@ std::string group_name(const CollectiveTime& c) {
 
 std::string measured_chrome_trace_json(const StepTimings& timings) {
   using nlohmann::json;
-  TESSERA_CHECK(!timings.operations.empty(), InvalidArgument,
-                "measured_chrome_trace_json: the timings hold no operations (time the run with a "
-                "CommunicationClock)");
+  // A clock leaves each step's per-rank times (a one-rank job may still
+  // have no operations to draw).
+  TESSERA_CHECK(!timings.rank_step_seconds.empty(), InvalidArgument,
+                "measured_chrome_trace_json: the timings hold no per-rank steps (time the run "
+                "with a CommunicationClock)");
   // Step s starts after the slowest ranks of the steps before it.
   std::vector<double> step_start(timings.step_seconds.size() + 1, 0.0);
   for (size_t s = 0; s < timings.step_seconds.size(); ++s) {

@@ -340,7 +340,9 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
           best = foreign;
           fs::rename(attempt_path, timings_path);
           // The measured steps beside the predicted timeline.
-          fs::rename(stem + ".measured.attempt.json", stem + ".measured.json");
+          if (fs::exists(stem + ".measured.attempt.json")) {
+            fs::rename(stem + ".measured.attempt.json", stem + ".measured.json");
+          }
         }
         if (foreign <= options.max_foreign_cpu) break;
         TESSERA_LOG(Info, "sim") << vc.name << ": other processes used "

@@ -18,10 +18,8 @@ TEST(InvariantLinear, EveryKernelIsExactAndBatchInvariant) {
   EXPECT_STREQ(kernels.back().name, "generic");
   // K not a multiple of 8 or 16 (the masked tail), M and N not multiples of
   // the tile sizes.
-  for (const auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{7, 13, 83},
-                               {1, 4, 16},
-                               {5, 9, 7},
-                               {9, 6, 200}}) {
+  for (const auto [M, N, K] :
+       {std::tuple<int64_t, int64_t, int64_t>{7, 13, 83}, {1, 4, 16}, {5, 9, 7}, {9, 6, 200}}) {
     const at::Tensor x = at::randn({M, K});
     const at::Tensor w = at::randn({N, K});
     const at::Tensor expect = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());

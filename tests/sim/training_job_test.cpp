@@ -6,8 +6,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 
@@ -254,7 +256,7 @@ TEST(CommunicationClock, TimesEachOperationOfTheWindow) {
   b.id = 2;
   b.op = "all_gather";
   b.bytes = 64;
-  b.ranks = {0, 1, 2, 3};
+  b.ranks = {3, 1, 0, 2};  // in group-rank order, not sorted
   clock.start();
   const auto t0 = std::chrono::steady_clock::now();
   clock.on_issue(a);
@@ -276,11 +278,83 @@ TEST(CommunicationClock, TimesEachOperationOfTheWindow) {
   EXPECT_EQ(ops[1].group_size, 2);
   EXPECT_GE(ops[1].seconds, 0.03);
   EXPECT_LE(ops[1].seconds, busy);
+  // Issued right after the window opened; the groups by their two lowest
+  // ranks.
+  EXPECT_GE(ops[1].start_seconds, 0.0);
+  EXPECT_LT(ops[1].start_seconds, 0.01);
+  EXPECT_EQ(ops[1].first_rank, 0);
+  EXPECT_EQ(ops[1].second_rank, 1);
+  EXPECT_EQ(ops[0].first_rank, 0);
+  EXPECT_EQ(ops[0].second_rank, 1);
   // A new window starts empty; one still running at stop() is not listed.
   clock.start();
   clock.on_issue(a);
   clock.stop();
   EXPECT_TRUE(clock.operations().empty());
+}
+
+// The measured steps drawn by hand-built timings: steps back to back after
+// the slowest rank, operations that overlap on further threads, a one-rank
+// run without operations, and an operation outside the steps refused.
+TEST(MeasuredChromeTrace, PlacesStepsAndOperations) {
+  StepTimings t;
+  t.world_size = 2;
+  t.step_seconds = {0.5, 0.25};
+  t.rank_step_seconds = {{0.5, 0.4}, {0.2, 0.25}};
+  t.rank_comm_seconds = {{0.1, 0.1}, {0.1, 0.1}};
+  auto op = [](int rank, int step, double start, double seconds) {
+    MeasuredOperation m;
+    m.rank = rank;
+    m.step = step;
+    m.what.op = "all_reduce";
+    m.what.bytes = 1024;
+    m.what.group_size = 2;
+    m.what.first_rank = 0;
+    m.what.second_rank = 1;
+    m.what.start_seconds = start;
+    m.what.seconds = seconds;
+    return m;
+  };
+  // Rank 0: two overlapping operations in step 0, one in step 1.
+  t.operations = {op(0, 0, 0.1, 0.2), op(0, 0, 0.15, 0.05), op(0, 1, 0.0, 0.1), op(1, 0, 0.3, 0.1)};
+  const auto events = nlohmann::json::parse(measured_chrome_trace_json(t)).at("traceEvents");
+  std::vector<nlohmann::json> comm, steps;
+  for (const auto& e : events) {
+    if (e.at("ph") != "X") continue;
+    (e.at("cat") == "step" ? steps : comm).push_back(e);
+  }
+  ASSERT_EQ(steps.size(), 4u);
+  ASSERT_EQ(comm.size(), 4u);
+  // Step 1 starts after step 0's slowest rank (0.5 s).
+  for (const auto& e : steps) {
+    if (e.at("name") == "step 1") EXPECT_DOUBLE_EQ(e.at("ts").get<double>(), 0.5e6);
+  }
+  auto find = [&comm](int pid, double ts) {
+    for (const auto& e : comm) {
+      if (e.at("pid") == pid && std::abs(e.at("ts").get<double>() - ts) < 1e-3) return e;
+    }
+    ADD_FAILURE() << "no operation of rank " << pid << " at " << ts;
+    return nlohmann::json();
+  };
+  EXPECT_EQ(find(0, 0.1e6).at("tid"), 1);
+  EXPECT_EQ(find(0, 0.15e6).at("tid"), 2);  // overlaps the first
+  EXPECT_EQ(find(0, 0.5e6).at("tid"), 1);   // step 1, 0.0 s in
+  EXPECT_DOUBLE_EQ(find(0, 0.5e6).at("dur").get<double>(), 0.1e6);
+  EXPECT_EQ(find(1, 0.3e6).at("args").at("group"), "0,1");
+  // One rank, no operations: the steps alone.
+  StepTimings one;
+  one.world_size = 1;
+  one.step_seconds = {0.1};
+  one.rank_step_seconds = {{0.1}};
+  one.rank_comm_seconds = {{0.0}};
+  EXPECT_NO_THROW(measured_chrome_trace_json(one));
+  // Without a clock (no per-rank times), or an operation outside the steps.
+  StepTimings bare;
+  bare.world_size = 1;
+  bare.step_seconds = {0.1};
+  EXPECT_THROW(measured_chrome_trace_json(bare), InvalidArgument);
+  t.operations.push_back(op(1, 2, 0.0, 0.1));
+  EXPECT_THROW(measured_chrome_trace_json(t), InvalidArgument);
 }
 
 const char* kSuite = R"({"schema": "tessera.sim.validation/1",

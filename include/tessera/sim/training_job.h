@@ -298,8 +298,8 @@ StepTimings run_timed_steps(TrainingJob& job, const RunOptions& options);
 // (operations that overlap in time take further threads). Steps follow each
 // other on one time axis, step s starting at the sum of the slowest ranks'
 // times of steps 0 .. s-1 (the barrier that starts every step is left out),
-// times in microseconds. InvalidArgument without operations (a run without
-// a clock).
+// times in microseconds. InvalidArgument without per-rank step times (a
+// run without a clock).
 std::string measured_chrome_trace_json(const StepTimings& timings);
 
 }  // namespace tessera::sim
