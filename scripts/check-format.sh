@@ -14,8 +14,8 @@ if ! command -v clang-format >/dev/null 2>&1; then
   if [ -n "${CI:-}" ] && [ "${CI}" != "false" ]; then exit 1; fi
   exit 77
 fi
-mapfile -t files < <(git ls-files '*.h' '*.hpp' '*.cpp' '*.cc' '*.cu' '*.cuh' 2>/dev/null ||
-                     find include src tests examples benchmarks kernels fuzz -name '*.[ch]pp' -o -name '*.h' -o -name '*.cu')
+mapfile -t files < <(git ls-files '*.h' '*.hpp' '*.cpp' '*.cc' '*.cu' '*.cuh' '*.inc' 2>/dev/null ||
+                     find include src tests examples benchmarks kernels fuzz -name '*.[ch]pp' -o -name '*.h' -o -name '*.cu' -o -name '*.inc')
 if [ "${1:-}" = "--fix" ]; then
   clang-format -i "${files[@]}"
   exit 0
