@@ -4,7 +4,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -16,6 +18,8 @@
 #include "tessera/core/metrics.h"
 #include "tessera/core/runtime.h"
 #include "util.h"
+
+#include <unistd.h>
 
 namespace tessera::sim {
 
@@ -73,23 +77,59 @@ double from_rank0(dist::ProcessGroup& world, double value) {
   return t.item<double>();
 }
 
+// Seconds on the host's steady clock (CLOCK_MONOTONIC on Linux: one clock
+// for every process of the host).
+double steady_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// A 64-bit FNV-1a hash of this boot of this host (Linux's boot_id; the
+// host name where that cannot be read).
+int64_t host_boot_hash() {
+  std::string id;
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  if (!(in >> id)) {
+    char name[256] = {};
+    if (gethostname(name, sizeof(name) - 1) == 0) id = name;
+  }
+  uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : id) h = (h ^ c) * 1099511628211ULL;
+  return static_cast<int64_t>(h >> 1);
+}
+
+// Timing a collective from the last member's issue compares the ranks'
+// clocks: they must be one host's.
+void require_one_host(dist::ProcessGroup& world, const char* what) {
+  const int64_t mine = host_boot_hash();
+  at::Tensor t = at::full({2}, mine, at::kLong);
+  t[1] = -mine;
+  world.all_reduce(t, dist::ReduceOp::kMax).wait();
+  TESSERA_CHECK(t[0].item<int64_t>() == -t[1].item<int64_t>(), InvalidArgument, what,
+                ": the ranks run on more than one host; timing collectives after compute "
+                "compares the ranks' clocks, so every rank must share one host");
+}
+
 // Median over repetitions of fn()'s time (seconds), repetitions as in
-// CollectiveSweepOptions.
+// CollectiveSweepOptions; fn() runs a collective over consecutive groups of
+// group_size ranks.
 //
 // Without `compute`: each repetition starts after a barrier and the slowest
 // rank's time counts (collectives back to back, as nccl-tests times them).
 //
 // With it: the ranks loop compute(), fn(), compute(), fn(), ... with no
 // other synchronisation between them, as a training step meets its
-// collectives; each rank times its own fn() and the mean over ranks of a
-// repetition counts. Nothing else may run between the calls: a barrier or a
-// reduction of the samples after each call (as the back-to-back timing
-// does) lines the ranks up before their compute and changes what the next
-// call waits for (several times longer for small all_reduces on a 2-core
-// host; docs/sim.md, Calibration, compares the two with the real step). The
+// collectives; each rank records when it issued fn() and when fn()
+// returned, and a repetition counts the mean over ranks of the time from
+// the last issue in the rank's group to the rank's return
+// (after_last_arrival): the transfer, the wake-up of ranks that blocked
+// included, without the wait for a late member (the simulator's straggler
+// terms carry that, Topology::host_sync_*). Nothing else may run between
+// the calls: a barrier or a reduction of the samples after each call (as
+// the back-to-back timing does) lines the ranks up before their compute
+// and changes what the next call meets (docs/sim.md, Calibration). The
 // count of repetitions is fixed up front from one timed repetition on rank 0.
 double time_collective(dist::ProcessGroup& world, const std::function<void()>& fn, int min_repeats,
-                       int max_repeats, double target_seconds,
+                       int max_repeats, double target_seconds, int group_size,
                        const std::function<void()>& compute = nullptr) {
   fn();  // warm-up: connections, allocations
   if (compute) {
@@ -101,18 +141,24 @@ double time_collective(dist::ProcessGroup& world, const std::function<void()>& f
     const int repeats =
         std::clamp(static_cast<int>(std::ceil(target_seconds / std::max(per_repeat, 1e-6))),
                    min_repeats, max_repeats);
-    at::Tensor mine = at::zeros({repeats}, at::kDouble);
-    double* out = mine.data_ptr<double>();
+    // [issue | end] x rank x repetition, each rank filling its own slots,
+    // in seconds since rank 0's reading of the clock.
+    const double origin = from_rank0(world, steady_seconds());
+    const int64_t slots = static_cast<int64_t>(world.size()) * repeats;
+    at::Tensor times = at::zeros({2 * slots}, at::kDouble);
+    double* issue = times.data_ptr<double>() + static_cast<int64_t>(world.rank()) * repeats;
+    double* end = issue + slots;
     for (int r = 0; r < repeats; ++r) {
       compute();
-      Stopwatch watch;
+      issue[r] = steady_seconds() - origin;
       fn();
-      out[r] = watch.seconds();
+      end[r] = steady_seconds() - origin;
     }
-    world.all_reduce(mine, dist::ReduceOp::kSum).wait();
-    std::vector<double> samples(mine.data_ptr<double>(), mine.data_ptr<double>() + repeats);
-    for (double& s : samples) s /= world.size();
-    return median(samples);
+    world.all_reduce(times, dist::ReduceOp::kSum).wait();
+    const double* all = times.data_ptr<double>();
+    return median(after_last_arrival(std::vector<double>(all, all + slots),
+                                     std::vector<double>(all + slots, all + 2 * slots),
+                                     world.size(), group_size));
   }
   std::vector<double> samples;
   Stopwatch total;
@@ -158,7 +204,10 @@ std::vector<Measurement> measure_collectives(dist::ProcessGroup& world,
   }
   // The compute before each call (compute_ms).
   std::function<void()> compute;
-  if (options.compute_ms > 0) compute = gemm_segment(world.rank(), options.compute_ms);
+  if (options.compute_ms > 0) {
+    require_one_host(world, "measure_collectives with compute_ms");
+    compute = gemm_segment(world.rank(), options.compute_ms);
+  }
   std::vector<Measurement> out;
   for (CollectiveKind op : options.ops) {
     TESSERA_CHECK(op != CollectiveKind::kSendRecv, InvalidArgument,
@@ -192,7 +241,7 @@ std::vector<Measurement> measure_collectives(dist::ProcessGroup& world,
           break;
       }
       const double seconds = time_collective(world, fn, options.min_repeats, options.max_repeats,
-                                             options.target_seconds, compute);
+                                             options.target_seconds, n, compute);
       Measurement m;
       m.op = op;
       m.shape = GroupShape{n, 1, n};
@@ -200,9 +249,9 @@ std::vector<Measurement> measure_collectives(dist::ProcessGroup& world,
       m.time = Microseconds(seconds * 1e6);
       m.origin = "measure_collectives(" + std::to_string(world_size) + " ranks, groups of " +
                  std::to_string(n) +
-                 (options.compute_ms > 0
-                      ? ", after " + detail::format("%g", options.compute_ms) + " ms of compute"
-                      : std::string()) +
+                 (options.compute_ms > 0 ? ", after " + detail::format("%g", options.compute_ms) +
+                                               " ms of compute, from the last member's issue"
+                                         : std::string()) +
                  ")";
       out.push_back(m);
       TESSERA_LOG(Debug, "sim") << collective_kind_name(op) << " " << m.bytes << " B over " << n
@@ -246,7 +295,8 @@ std::vector<OverlapSample> measure_overlap(dist::ProcessGroup& world,
     for (int64_t bytes : options.comm_bytes) {
       at::Tensor buf = at::ones({std::max<int64_t>(1, bytes / 4)});
       const double t_comm = time_collective(
-          world, [&] { world.all_reduce(buf).wait(); }, options.repeats, options.repeats, 0);
+          world, [&] { world.all_reduce(buf).wait(); }, options.repeats, options.repeats, 0,
+          world.size());
       std::vector<double> with;
       for (int r = 0; r < options.repeats; ++r) {
         world.barrier().wait();
@@ -460,11 +510,13 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     foreign.push_back(world_foreign_share(world, before, detail::CpuSnapshot::take()));
   }
   const std::vector<size_t> kept = quiet_repeats(foreign, options.max_foreign_cpu);
-  // The wait per synchronisation after the job's compute against that after
-  // the collective calibration's GEMMs, every rank computing, both at the
-  // GEMM segment's length: the job's from each rank's fit wait = a + b x
-  // segment over its in-step synchronisations, the GEMMs' a median over
-  // segments. Synchronising the world, and pairs of neighbouring ranks when
+  // The wait per synchronisation after the job's compute, every rank
+  // computing, at the GEMM segment's length (each rank's fit wait = a + b x
+  // segment over its in-step synchronisations), and the synchronisation's
+  // own transfer: the token's all_reduce after GEMM segments, timed as the
+  // collective calibration times (from the last member's issue). Their
+  // difference is the wait for the group's last member (HostSharing::
+  // sync_us). Synchronising the world, and pairs of neighbouring ranks when
   // the world is larger (the tensor-parallel pairs of a dp x tp job).
   std::vector<std::pair<int, std::shared_ptr<dist::ProcessGroup>>> sync_groups;
   sync_groups.emplace_back(n,
@@ -478,14 +530,23 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     }
     sync_groups.emplace_back(2, pair);
   }
+  require_one_host(world, "measure_host_sharing");
   auto gemms = gemm_segment(world.rank(), options.sync_compute_ms);
   at::Tensor token = at::zeros({1}, at::kFloat);
-  std::map<int, double> excess_us;  // by group size
+  const double segment_s = options.sync_compute_ms * 1e-3;
+  std::map<int, double> wait_s;      // by group size: the job's mean wait at segment_s
+  std::map<int, double> transfer_s;  // by group size: the token's transfer after the last issue
   for (const auto& [size, g] : sync_groups) {
     sync->group = g.get();
     sync->samples.clear();
-    std::vector<double> gemm_waits;
-    for (int r = 0; r < std::max(1, options.lockstep_repeats); ++r) {
+    const int repeats = std::max(1, options.lockstep_repeats);
+    const int64_t slots = static_cast<int64_t>(n) * repeats * per_step;
+    at::Tensor times = at::zeros({2 * slots}, at::kDouble);
+    double* issue =
+        times.data_ptr<double>() + static_cast<int64_t>(world.rank()) * repeats * per_step;
+    double* end = issue + slots;
+    const double origin = from_rank0(world, steady_seconds());
+    for (int r = 0; r < repeats; ++r) {
       world.barrier().wait();
       sync->start(true);
       split_job->step(split_batch);
@@ -493,16 +554,20 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
       world.barrier().wait();
       for (int s = 0; s < per_step; ++s) {
         gemms();
-        Stopwatch w;
+        *issue++ = steady_seconds() - origin;
         g->all_reduce(token).wait();
-        gemm_waits.push_back(w.seconds());
+        *end++ = steady_seconds() - origin;
       }
     }
     const auto [a, b] = wait_fit(sync->samples);
-    at::Tensor excess =
-        at::full({1}, a + b * options.sync_compute_ms * 1e-3 - median(gemm_waits), at::kDouble);
-    world.all_reduce(excess, dist::ReduceOp::kSum).wait();
-    excess_us[size] = std::max(0.0, excess.item<double>() / n * 1e6);
+    at::Tensor wait = at::full({1}, a + b * segment_s, at::kDouble);
+    world.all_reduce(wait, dist::ReduceOp::kSum).wait();
+    wait_s[size] = wait.item<double>() / n;
+    world.all_reduce(times, dist::ReduceOp::kSum).wait();
+    const double* all = times.data_ptr<double>();
+    transfer_s[size] =
+        median(after_last_arrival(std::vector<double>(all, all + slots),
+                                  std::vector<double>(all + slots, all + 2 * slots), n, size));
   }
   sync->group = &world;
 
@@ -571,7 +636,13 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     out.lockstep_slowdown.push_back(med(together[i]) / split_alone);
     out.lockstep_ratio.push_back(med(together[i]) / med(apart[i]));
     // Groups of i + 1 ranks: the smallest measured group at least as large.
-    out.sync_us.push_back(i == 0 ? 0.0 : excess_us.lower_bound(static_cast<int>(i + 1))->second);
+    if (i == 0) {
+      out.sync_us.push_back(0.0);
+    } else {
+      const int size = wait_s.lower_bound(static_cast<int>(i + 1))->first;
+      const double excess = wait_s[size] - transfer_s[size] - out.sync_skew[i] * segment_s;
+      out.sync_us.push_back(std::max(0.0, excess * 1e6));
+    }
   }
   if (measure_load) {
     const std::vector<size_t> quiet = quiet_repeats(load_foreign, options.max_foreign_cpu);

@@ -32,6 +32,33 @@ double computing_ranks_at(const std::vector<double>& table, int c, int n, double
 
 }  // namespace
 
+std::vector<double> after_last_arrival(const std::vector<double>& issue,
+                                       const std::vector<double>& end, int ranks, int group_size) {
+  TESSERA_CHECK(ranks >= 1 && group_size >= 1 && ranks % group_size == 0 &&
+                    issue.size() == end.size() && issue.size() % static_cast<size_t>(ranks) == 0,
+                InvalidArgument, "after_last_arrival: need ", ranks, " ranks in groups of ",
+                group_size, " and issue and end times of the same calls (", issue.size(), " and ",
+                end.size(), " times)");
+  const size_t calls = issue.size() / static_cast<size_t>(ranks);
+  std::vector<double> out(calls, 0.0);
+  for (size_t i = 0; i < calls; ++i) {
+    for (int first = 0; first < ranks; first += group_size) {
+      double last = issue[static_cast<size_t>(first) * calls + i];
+      for (int r = first; r < first + group_size; ++r) {
+        last = std::max(last, issue[static_cast<size_t>(r) * calls + i]);
+      }
+      for (int r = first; r < first + group_size; ++r) {
+        const size_t at = static_cast<size_t>(r) * calls + i;
+        // A rank that finished before the last issue (a broadcast's root)
+        // never waited for it: its whole call counts.
+        out[i] += end[at] - (end[at] >= last ? last : issue[at]);
+      }
+    }
+    out[i] /= ranks;
+  }
+  return out;
+}
+
 double comm_load_from_slowdowns(const std::vector<double>& compute_slowdown, int computing,
                                 double busy_slowdown, double comm_slowdown) {
   const int n = static_cast<int>(compute_slowdown.size());

@@ -48,6 +48,7 @@ struct Instance {
   int root_index = -1;
   int expected = 0;                          // members that must issue it
   std::vector<std::pair<int, int>> members;  // (rank, node) in arrival order
+  double first_issue = 0;                    // when the first member issued it
   GroupShape shape;
   bool started = false;
 };
@@ -66,9 +67,15 @@ struct P2PKeyHash {
     return static_cast<size_t>(h);
   }
 };
+// A p2p node issued and not yet matched: (rank, node) and when.
+struct PendingP2P {
+  int rank;
+  int node;
+  double issued;
+};
 struct P2PQueues {
-  std::deque<std::pair<int, int>> sends;  // (rank, node) issued, unmatched
-  std::deque<std::pair<int, int>> recvs;
+  std::deque<PendingP2P> sends;
+  std::deque<PendingP2P> recvs;
 };
 
 struct Event {
@@ -452,6 +459,7 @@ void Simulator::issue_collective(int rank, int node, double t) {
     inst.root_index = n.root_index;
     inst.expected = static_cast<int>(groups_[group].members.size());
     inst.shape = groups_[group].shape;
+    inst.first_issue = t;
     inst.members.reserve(static_cast<size_t>(inst.expected));
     instances_.push_back(std::move(inst));
   }
@@ -486,10 +494,10 @@ void Simulator::issue_p2p(int rank, int node, double t) {
   auto& mine = send ? q.sends : q.recvs;
   auto& theirs = send ? q.recvs : q.sends;
   if (theirs.empty()) {
-    mine.emplace_back(rank, node);
+    mine.push_back(PendingP2P{rank, node, t});
     return;
   }
-  const auto [other_rank, other_node] = theirs.front();
+  const auto [other_rank, other_node, other_issued] = theirs.front();
   theirs.pop_front();
   const TraceNode& o = node_at(other_rank, other_node);
   if (o.bytes != n.bytes) {
@@ -504,6 +512,7 @@ void Simulator::issue_p2p(int rank, int node, double t) {
   inst.bytes = n.bytes;
   inst.expected = 2;
   inst.members = {{other_rank, other_node}, {rank, node}};
+  inst.first_issue = other_issued;
   inst.shape = options_.collectives->shape_of({rank, other_rank});
   instances_.push_back(std::move(inst));
   members_ready(static_cast<int>(instances_.size()) - 1, t);
@@ -516,20 +525,18 @@ void Simulator::members_ready(int index, double t) {
   const double fixed = topo.sync_fixed_us(inst.expected);
   double computed = 0;
   if (share > 0 || fixed > 0) {
-    const int entry = ranks_[inst.members.front().first].entry;
-    bool identical = true;
     for (const auto& [rank, node] : inst.members) {
       RankState& rs = ranks_[rank];
       account(rs, t);
       computed = std::max(computed, rs.since_sync);
-      identical = identical && rs.entry == entry;
     }
-    // Ranks traced separately carry their differences in the trace.
-    if (!identical) computed = 0;
   }
   // Members that computed nothing since their previous op left it together:
-  // no straggler, no fixed wait either.
-  const double wait = computed > 0 ? fixed + share * computed : 0.0;
+  // no straggler, no fixed wait either. Members that already arrived apart
+  // (ranks traced separately: expert-parallel ranks, pipeline stages) have
+  // that much of the straggler's wait behind them.
+  const double wait =
+      computed > 0 ? std::max(0.0, fixed + share * computed - (t - inst.first_issue)) : 0.0;
   if (wait > 0) {
     push(t + wait, kSyncDone, index, 0, 0);
   } else {
@@ -630,7 +637,7 @@ void Simulator::report_deadlock() {
   }
   std::vector<std::string> p2p_lines;
   for (const auto& [key, q] : p2p_) {
-    for (const auto& [rank, node] : q.sends) {
+    for (const auto& [rank, node, issued] : q.sends) {
       const TraceNode& n = node_at(rank, node);
       p2p_lines.push_back("p2p_send '" + n.name + "' from rank " + std::to_string(key.src) +
                           " to rank " + std::to_string(key.dst) + " (tag " +
@@ -638,7 +645,7 @@ void Simulator::report_deadlock() {
       waiting_in.emplace(rank,
                          "waits in p2p_send '" + n.name + "' to rank " + std::to_string(key.dst));
     }
-    for (const auto& [rank, node] : q.recvs) {
+    for (const auto& [rank, node, issued] : q.recvs) {
       const TraceNode& n = node_at(rank, node);
       p2p_lines.push_back("p2p_recv '" + n.name + "' at rank " + std::to_string(key.dst) +
                           " from rank " + std::to_string(key.src) + " (tag " +

@@ -80,6 +80,28 @@ TEST(HostSharingFile, CommLoadFromSlowdowns) {
   EXPECT_THROW(comm_load_from_slowdowns(table, 4, 1.5, 1.2), InvalidArgument);
 }
 
+// Hand-computed: 4 ranks in two pairs, two calls each. Call 0: pair {0, 1}
+// issued at 1.0 and 3.0 (the last at 3.0) and ended at 4.0 and 4.5; pair
+// {2, 3} issued at 2.0 and 2.0 and ended at 2.5 and 3.5: (1.0 + 1.5 + 0.5 +
+// 1.5) / 4 = 1.125. Call 1 of every rank issued at 10 and ended at 10.2:
+// 0.2. As one group of 4, call 0's last issue is 3.0, and rank 2 finished
+// before it (at 2.5, having issued at 2.0: its own 0.5 counts):
+// (1.0 + 1.5 + 0.5 + 0.5) / 4 = 0.875.
+TEST(HostSharingFile, AfterLastArrivalTimesFromTheGroupsLastIssue) {
+  // Rank r's calls at r * 2 + i.
+  const std::vector<double> issue = {1.0, 10.0, 3.0, 10.0, 2.0, 10.0, 2.0, 10.0};
+  const std::vector<double> end = {4.0, 10.2, 4.5, 10.2, 2.5, 10.2, 3.5, 10.2};
+  const std::vector<double> pairs = after_last_arrival(issue, end, 4, 2);
+  ASSERT_EQ(pairs.size(), 2u);
+  EXPECT_DOUBLE_EQ(pairs[0], 1.125);
+  EXPECT_NEAR(pairs[1], 0.2, 1e-12);
+  const std::vector<double> world = after_last_arrival(issue, end, 4, 4);
+  EXPECT_DOUBLE_EQ(world[0], 0.875);
+  EXPECT_THROW(after_last_arrival(issue, end, 4, 3), InvalidArgument);
+  EXPECT_THROW(after_last_arrival(issue, {1.0}, 4, 2), InvalidArgument);
+  EXPECT_THROW(after_last_arrival({1.0, 2.0, 3.0}, {1.0, 2.0, 3.0}, 2, 2), InvalidArgument);
+}
+
 TEST(HostSharingFile, HostSharingParsesWhatItWrote) {
   const HostSharing h = sample_sharing();
   const HostSharing back = parse_host_sharing(host_sharing_to_json(h, "jobs/a.json"), "h.json");

@@ -189,13 +189,19 @@ TEST(HostSharing, SyncFixedWaitOnlyAfterCompute) {
   EXPECT_DOUBLE_EQ(r.events[0][2].start.count(), 145);
   EXPECT_DOUBLE_EQ(r.step_time.count(), 185);
   EXPECT_DOUBLE_EQ(r.ranks[0].sync_wait.count(), 15);
-  // Ranks traced separately (two entries with the same nodes) carry their
-  // differences in the trace: no straggler wait, 100 + 30 + 10.
+  // With host_sync_skew as well: 15 + 10 % of 100 us. Ranks traced
+  // separately (two entries) wait for the straggler too, less the time
+  // between their issues: with the same compute all of it; rank 1 20 us
+  // faster, 5 us; 50 us faster, none.
   c.topology.host_sync_skew = {0, 0.1};
-  const std::string split = rank_entry(0, 100, "[0, 1]") + ", " + rank_entry(1, 100, "[0, 1]");
-  EXPECT_DOUBLE_EQ(run(split, 2, c).step_time.count(), 140);
   EXPECT_DOUBLE_EQ(run(rank_entry("0, 1", 100, "[0, 1]"), 2, c).step_time.count(),
                    100 + 15 + 10 + 30 + 10);
+  auto split = [](double second) {
+    return rank_entry(0, 100, "[0, 1]") + ", " + rank_entry(1, second, "[0, 1]");
+  };
+  EXPECT_DOUBLE_EQ(run(split(100), 2, c).step_time.count(), 100 + 25 + 30 + 10);
+  EXPECT_DOUBLE_EQ(run(split(80), 2, c).step_time.count(), 100 + 5 + 30 + 10);
+  EXPECT_DOUBLE_EQ(run(split(50), 2, c).step_time.count(), 100 + 30 + 10);
   Topology t;
   EXPECT_DOUBLE_EQ(t.sync_fixed_us(2), 0.0);
   t.host_sync_us = {0, 15, 40};

@@ -129,6 +129,21 @@ TEST(Calibration, MeasuresCollectivesOverlapAndHostSharing) {
     c.ops = {CollectiveKind::kAllReduce};
     for (const Measurement& x : measure_collectives(*g_world, c)) EXPECT_EQ(x.shape.ranks, 2);
   }
+  // After compute, from the last member's issue: every time positive, a
+  // broadcast's root (which may finish before the others issue) included,
+  // and the same on every rank (one reduction of every rank's times).
+  c.group_size = 0;
+  c.compute_ms = 1;
+  c.ops = {CollectiveKind::kAllReduce, CollectiveKind::kBroadcast};
+  c.max_bytes = 256;
+  for (const Measurement& x : measure_collectives(*g_world, c)) {
+    EXPECT_GT(x.time.count(), 0) << collective_kind_name(x.op);
+    EXPECT_NE(x.origin.find("from the last member's issue"), std::string::npos) << x.origin;
+    at::Tensor t = at::full({2}, x.time.count(), at::kDouble);
+    t[1] = -x.time.count();
+    g_world->all_reduce(t, dist::ReduceOp::kMax).wait();
+    EXPECT_EQ(t[0].item<double>(), -t[1].item<double>()) << collective_kind_name(x.op);
+  }
   OverlapSweepOptions o;
   o.gemm_sizes = {64};
   o.comm_bytes = {4096};

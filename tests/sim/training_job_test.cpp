@@ -327,7 +327,9 @@ TEST(MeasuredChromeTrace, PlacesStepsAndOperations) {
   ASSERT_EQ(comm.size(), 4u);
   // Step 1 starts after step 0's slowest rank (0.5 s).
   for (const auto& e : steps) {
-    if (e.at("name") == "step 1") EXPECT_DOUBLE_EQ(e.at("ts").get<double>(), 0.5e6);
+    if (e.at("name") == "step 1") {
+      EXPECT_DOUBLE_EQ(e.at("ts").get<double>(), 0.5e6);
+    }
   }
   auto find = [&comm](int pid, double ts) {
     for (const auto& e : comm) {

@@ -13,7 +13,8 @@
 // Timing: before each timed call the ranks meet in a barrier, each times its
 // own call (issue to the end of wait()), and the slowest rank's time counts
 // (for collectives with compute_ms: compute and calls in a plain loop, the
-// mean over ranks; see there); the median over repetitions is kept.
+// mean over ranks from the last member's issue; see there); the median over
+// repetitions is kept.
 //
 // Not thread-safe (one call at a time per group); sets LibTorch's intra-op
 // thread count for its duration (restored afterwards).
@@ -56,15 +57,18 @@ struct CollectiveSweepOptions {
   // barrier; the slowest rank's time counts). > 0: time them as a training
   // step meets them: every rank loops compute (fp32 GEMMs, about compute_ms
   // alone) and the call, with nothing else synchronising the ranks in
-  // between; each rank times its own call, from its issue to its
-  // completion, and the mean over the ranks counts. That holds what a rank
-  // waits in an in-step collective beyond the transfer: a process that
-  // blocked gave its core away and must be scheduled again (milliseconds
-  // when 4 ranks share 2 cores), and the wait for the last rank of a
-  // compute_ms-long segment. The straggler wait of longer segments is
-  // Topology::host_sync_skew's (which, for a segment of compute_ms, this
-  // already holds: skew x compute_ms, a small overlap). Cluster files for a
-  // host whose ranks share cores are fitted from these (data/sim/gloo_local).
+  // between; each rank records when it issued the call and when it
+  // completed, and the mean over ranks of the time from the last issue in
+  // the rank's group to its completion counts (after_last_arrival in
+  // host_sharing.h). That holds what an in-step collective costs once its
+  // last member arrives: the transfer, and the wake-up of a process that
+  // blocked and gave its core away (milliseconds when 4 ranks share 2
+  // cores). The wait for that last member is the simulator's straggler
+  // term (Topology::host_sync_skew and host_sync_us, measured by
+  // measure_host_sharing on the same basis). Compares the ranks' clocks:
+  // every rank must run on one host (InvalidArgument otherwise). Cluster
+  // files for a host whose ranks share cores are fitted from these
+  // (data/sim/gloo_local).
   double compute_ms = 0;
 };
 
@@ -105,8 +109,9 @@ struct HostSharingOptions {
   // lockstep_repeats steps per mode.
   ParallelLayout lockstep_layout{1, 2, 1};
   int lockstep_repeats = 9;
-  // HostSharing::sync_us compares with GEMM segments this long (the
-  // collective calibration's --compute-ms).
+  // HostSharing::sync_us: the segment of compute (the job's, and the GEMMs'
+  // before the timed token all_reduces) it is measured at (the collective
+  // calibration's --compute-ms).
   double sync_compute_ms = 10;
   // HostSharing::comm_load: the all_reduce sizes (bytes, increasing) and
   // the computing ranks' GEMM segment (about this long alone).

@@ -52,9 +52,10 @@
 // fixed part to that wait: entry k-1 microseconds for a collective (or p2p
 // pair) of k ranks whose members computed since their previous
 // communication op (beyond the list, the last entry; absent: 0). Measured
-// by `calibrate host` as the wait per collective of k ranks computing in
-// step beyond that of one rank computing while the others wait (whose
-// wake-up the collective times already hold).
+// by `calibrate host` as the wait of k ranks computing the job in step
+// beyond the synchronisation's own transfer and host_sync_skew's part
+// (HostSharing::sync_us); the collective times are then the transfer after
+// the last member's issue (`calibrate collectives --compute-ms`).
 // host_lockstep_slowdown replaces host_compute_slowdown for compute that
 // starts when a communication op it waited for completes: ranks that leave
 // a collective together run the same kernels at the same moment, and on a

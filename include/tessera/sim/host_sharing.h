@@ -27,15 +27,21 @@ struct HostSharing {
   std::vector<double> lockstep_slowdown;
   // Entry k-1: in step over out of step, both with k ranks.
   std::vector<double> lockstep_ratio;
-  // Entry k-1 (microseconds; entry 0 is 0): how much longer a rank waits
-  // per synchronisation of a group of k ranks, every rank of the world
-  // computing, after a segment of the job's compute than after
-  // sync_compute_ms of GEMMs (what the collective calibration times its
-  // collectives after), at that segment length: the job's wait from each
-  // rank's fit a + b x segment over its in-step synchronisations, the
-  // GEMMs' a median; mean over ranks, at least 0. Measured for the world
-  // and, in a larger even world, for pairs of neighbouring ranks; a size in
-  // between takes the next larger measured one. Topology::host_sync_us.
+  // Entry k-1 (microseconds; entry 0 is 0): the fixed part of the wait for
+  // the group's last member at a synchronisation of k ranks, every rank of
+  // the world computing the job in step: a rank's mean wait after a
+  // segment of sync_compute_ms of the job's compute (each rank's fit
+  // a + b x segment over its in-step synchronisations, mean over ranks)
+  // less the synchronisation's own transfer (the one-number all_reduce
+  // timed after its last member issued it, after_last_arrival, median over
+  // calls after sync_compute_ms of GEMMs) less sync_skew's part for that
+  // segment (sync_skew[k-1] x sync_compute_ms); at least 0. So the
+  // simulator's straggler wait, host_sync_us + host_sync_skew x segment,
+  // equals the measured one at that segment length; the collective
+  // calibration's times hold the transfer only (CollectiveSweepOptions::
+  // compute_ms). Measured for the world and, in a larger even world, for
+  // pairs of neighbouring ranks; a size in between takes the next larger
+  // measured one. Topology::host_sync_us.
   std::vector<double> sync_us;
   // Topology::host_comm_load, measured in an even world of 4 or more ranks
   // (empty otherwise): ranks 0 .. c-1 (c = 2 x floor(world / 4)) time a GEMM
@@ -83,6 +89,20 @@ HostSharing parse_host_sharing(std::string_view text, const std::string& source)
 // repeats_kept summed). InvalidArgument when they are empty or differ in
 // world size or comm_load sizes.
 HostSharing median_host_sharing(const std::vector<HostSharing>& measurements);
+
+// The time of calls to one collective after its group's last member issued
+// it, from every rank's issue and end times on a clock all ranks share (one
+// host's steady clock): issue[r * calls + i] and end[r * calls + i] are rank
+// r's i-th call, the world's ranks form consecutive groups of group_size
+// that each ran the collective once per call index. Entry i is the mean
+// over ranks of end - (the latest issue of the rank's group for call i),
+// or of end - issue for a rank that finished before that latest issue (a
+// broadcast's root): the transfer as the members see it once all have
+// arrived, wake-up included, without the wait for a late member. InvalidArgument unless the
+// lists have the same size, a multiple of `ranks`, and group_size divides
+// ranks.
+std::vector<double> after_last_arrival(const std::vector<double>& issue,
+                                       const std::vector<double>& end, int ranks, int group_size);
 
 // Writes the measured figures into a cluster's topology: host_compute_slowdown,
 // host_sync_skew, host_lockstep_slowdown, host_sync_us, and host_comm_load

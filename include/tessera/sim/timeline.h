@@ -35,10 +35,11 @@
 //     computing since its previous communication op started) after the last
 //     member issued it, plus host_sync_us's fixed part when that time is
 //     above 0: the straggler among ranks that run the same compute at once,
-//     which identical traced ranks do not show. Only when every member
-//     plays the same trace entry: ranks traced separately (expert-parallel
-//     ranks, MoE data-parallel ranks) carry their differences in the trace
-//     already. That wait counts as sync_wait.
+//     which identical traced ranks do not show. Members that issued it
+//     apart (ranks traced separately: expert-parallel ranks, MoE
+//     data-parallel ranks, pipeline stages) have the time between the first
+//     and the last issue of that wait behind them. That wait counts as
+//     sync_wait.
 //   * If some rank can never finish (a collective that some member never
 //     issues, a send without its recv, a cross-rank cycle), simulate()
 //     throws InvalidArgument starting "<trace>: deadlock:" that names the

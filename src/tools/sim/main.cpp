@@ -212,8 +212,9 @@ int main(int argc, char** argv) {
   calibrate_cmd->add_option("--max-bytes", sweep_max, "collectives: largest size");
   calibrate_cmd
       ->add_option("--compute-ms", sweep_options.compute_ms,
-                   "collectives: compute this long before each call and count each rank's own "
-                   "wait, as in a training step (0: back to back)")
+                   "collectives: compute this long before each call, as in a training step, "
+                   "and time each call from its last member's issue (ranks on one host; 0: back "
+                   "to back)")
       ->check(CLI::Range(0.0, 10000.0));
   calibrate_cmd->add_option("--job", calibrate_job, "host: the training job whose step is the work")
       ->check(CLI::ExistingFile);
