@@ -330,18 +330,26 @@ namespace {
 
 // Turns a placeholder group's collectives into synchronisation points of
 // the real ranks: every wait for a placeholder result also waits, when
-// enabled, for an all_reduce of one number over `world`, so the ranks
-// leave each collective together as they would in the real job.
+// enabled, for an all_reduce of one number over `group`, so the ranks
+// leave each collective together as they would in the real job. With
+// `sized`, that all_reduce has the call's size instead (fp32, at least one
+// element), so the ranks also pay the call's transfer as the real job does,
+// and each synchronisation's issue time and the compute before it are
+// recorded.
 class SyncAtCollectives : public dist::CollectiveObserver {
  public:
   explicit SyncAtCollectives(dist::ProcessGroup& world) : group(&world) {}
   void on_issue(const dist::CollectiveCall&) override {}
-  void on_complete(const dist::CollectiveCall&) override {
+  void on_complete(const dist::CollectiveCall& call) override {
     ++completed;
     if (!enabled) return;
     const double segment = since_.seconds();
+    if (sized) {
+      issues.push_back(steady_seconds());
+      segments.push_back(segment);
+    }
     Stopwatch w;
-    group->all_reduce(token_).wait();
+    group->all_reduce(sized ? buffer(call.bytes) : token_).wait();
     const double wait = w.seconds();
     waited += wait;
     samples.emplace_back(segment, wait);
@@ -360,9 +368,21 @@ class SyncAtCollectives : public dist::CollectiveObserver {
   // (compute seconds since the previous synchronisation, seconds waited)
   // of every synchronisation while enabled, until cleared.
   std::vector<std::pair<double, double>> samples;
+  bool sized = false;
+  // With `sized`, per synchronisation until cleared: when it was issued
+  // (steady_seconds) and the compute seconds before it.
+  std::vector<double> issues;
+  std::vector<double> segments;
 
  private:
+  at::Tensor& buffer(int64_t bytes) {
+    const int64_t elems = std::max<int64_t>(1, bytes / 4);
+    auto it = buffers_.find(elems);
+    if (it == buffers_.end()) it = buffers_.emplace(elems, at::zeros({elems}, at::kFloat)).first;
+    return it->second;
+  }
   at::Tensor token_ = at::zeros({1}, at::kFloat);
+  std::map<int64_t, at::Tensor> buffers_;  // by element count
   Stopwatch since_;
 };
 
@@ -510,14 +530,16 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     foreign.push_back(world_foreign_share(world, before, detail::CpuSnapshot::take()));
   }
   const std::vector<size_t> kept = quiet_repeats(foreign, options.max_foreign_cpu);
-  // The wait per synchronisation after the job's compute, every rank
-  // computing, at the GEMM segment's length (each rank's fit wait = a + b x
-  // segment over its in-step synchronisations), and the synchronisation's
-  // own transfer: the token's all_reduce after GEMM segments, timed as the
-  // collective calibration times (from the last member's issue). Their
-  // difference is the wait for the group's last member (HostSharing::
-  // sync_us). Synchronising the world, and pairs of neighbouring ranks when
-  // the world is larger (the tensor-parallel pairs of a dp x tp job).
+  // The wait for a group's last member, every rank computing the job in
+  // step: the in-step step synchronising the world (and, in a larger even
+  // world, pairs of neighbouring ranks: the tensor-parallel pairs of a dp x
+  // tp job) with all_reduces of each call's size, so the ranks pay the
+  // job's transfers too and drift as the real job's ranks do. Per
+  // synchronisation of a group: the last member's issue less the members'
+  // mean issue (one host's clock), against the members' mean compute since
+  // their previous synchronisation; fitted as a + b x segment over every
+  // synchronisation of every group of that size and taken at
+  // sync_compute_ms (HostSharing::sync_us).
   std::vector<std::pair<int, std::shared_ptr<dist::ProcessGroup>>> sync_groups;
   sync_groups.emplace_back(n,
                            std::shared_ptr<dist::ProcessGroup>(&world, [](dist::ProcessGroup*) {}));
@@ -531,44 +553,48 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     sync_groups.emplace_back(2, pair);
   }
   require_one_host(world, "measure_host_sharing");
-  auto gemms = gemm_segment(world.rank(), options.sync_compute_ms);
-  at::Tensor token = at::zeros({1}, at::kFloat);
   const double segment_s = options.sync_compute_ms * 1e-3;
-  std::map<int, double> wait_s;      // by group size: the job's mean wait at segment_s
-  std::map<int, double> transfer_s;  // by group size: the token's transfer after the last issue
+  std::map<int, double> lateness_s;  // by group size, at segment_s
+  sync->sized = true;
   for (const auto& [size, g] : sync_groups) {
     sync->group = g.get();
-    sync->samples.clear();
-    const int repeats = std::max(1, options.lockstep_repeats);
-    const int64_t slots = static_cast<int64_t>(n) * repeats * per_step;
-    at::Tensor times = at::zeros({2 * slots}, at::kDouble);
-    double* issue =
-        times.data_ptr<double>() + static_cast<int64_t>(world.rank()) * repeats * per_step;
-    double* end = issue + slots;
+    sync->issues.clear();
+    sync->segments.clear();
     const double origin = from_rank0(world, steady_seconds());
-    for (int r = 0; r < repeats; ++r) {
+    for (int r = 0; r < std::max(1, options.lockstep_repeats); ++r) {
       world.barrier().wait();
       sync->start(true);
       split_job->step(split_batch);
       sync->enabled = false;
-      world.barrier().wait();
-      for (int s = 0; s < per_step; ++s) {
-        gemms();
-        *issue++ = steady_seconds() - origin;
-        g->all_reduce(token).wait();
-        *end++ = steady_seconds() - origin;
+    }
+    // [issue | segment] x rank x synchronisation; every rank ran the same
+    // step, so the same synchronisations in the same order.
+    const int64_t m = static_cast<int64_t>(sync->issues.size());
+    const int64_t slots = static_cast<int64_t>(n) * m;
+    at::Tensor t = at::zeros({2 * slots}, at::kDouble);
+    double* mine = t.data_ptr<double>() + static_cast<int64_t>(world.rank()) * m;
+    for (int64_t i = 0; i < m; ++i) {
+      mine[i] = sync->issues[static_cast<size_t>(i)] - origin;
+      mine[slots + i] = sync->segments[static_cast<size_t>(i)];
+    }
+    world.all_reduce(t, dist::ReduceOp::kSum).wait();
+    const double* all = t.data_ptr<double>();
+    std::vector<std::pair<double, double>> samples;  // (mean segment, lateness)
+    for (int first = 0; first < n; first += size) {
+      for (int64_t i = 0; i < m; ++i) {
+        double last = all[first * m + i], sum_issue = 0, sum_segment = 0;
+        for (int r = first; r < first + size; ++r) {
+          last = std::max(last, all[r * m + i]);
+          sum_issue += all[r * m + i];
+          sum_segment += all[slots + r * m + i];
+        }
+        samples.emplace_back(sum_segment / size, last - sum_issue / size);
       }
     }
-    const auto [a, b] = wait_fit(sync->samples);
-    at::Tensor wait = at::full({1}, a + b * segment_s, at::kDouble);
-    world.all_reduce(wait, dist::ReduceOp::kSum).wait();
-    wait_s[size] = wait.item<double>() / n;
-    world.all_reduce(times, dist::ReduceOp::kSum).wait();
-    const double* all = times.data_ptr<double>();
-    transfer_s[size] =
-        median(after_last_arrival(std::vector<double>(all, all + slots),
-                                  std::vector<double>(all + slots, all + 2 * slots), n, size));
+    const auto [a, b] = wait_fit(samples);
+    lateness_s[size] = a + b * segment_s;
   }
+  sync->sized = false;
   sync->group = &world;
 
   // Communication's load: GEMM segments on ranks 0 .. c-1 while the pairs
@@ -639,9 +665,8 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     if (i == 0) {
       out.sync_us.push_back(0.0);
     } else {
-      const int size = wait_s.lower_bound(static_cast<int>(i + 1))->first;
-      const double excess = wait_s[size] - transfer_s[size] - out.sync_skew[i] * segment_s;
-      out.sync_us.push_back(std::max(0.0, excess * 1e6));
+      const double late = lateness_s.lower_bound(static_cast<int>(i + 1))->second;
+      out.sync_us.push_back(std::max(0.0, (late - out.sync_skew[i] * segment_s) * 1e6));
     }
   }
   if (measure_load) {

@@ -109,9 +109,8 @@ struct HostSharingOptions {
   // lockstep_repeats steps per mode.
   ParallelLayout lockstep_layout{1, 2, 1};
   int lockstep_repeats = 9;
-  // HostSharing::sync_us: the segment of compute (the job's, and the GEMMs'
-  // before the timed token all_reduces) it is measured at (the collective
-  // calibration's --compute-ms).
+  // HostSharing::sync_us: the segment of the job's compute it is taken at
+  // (the collective calibration's --compute-ms).
   double sync_compute_ms = 10;
   // HostSharing::comm_load: the all_reduce sizes (bytes, increasing) and
   // the computing ranks' GEMM segment (about this long alone).

@@ -52,9 +52,9 @@
 // fixed part to that wait: entry k-1 microseconds for a collective (or p2p
 // pair) of k ranks whose members computed since their previous
 // communication op (beyond the list, the last entry; absent: 0). Measured
-// by `calibrate host` as the wait of k ranks computing the job in step
-// beyond the synchronisation's own transfer and host_sync_skew's part
-// (HostSharing::sync_us); the collective times are then the transfer after
+// by `calibrate host` as how much later than their mean the last of k
+// ranks computing the job in step arrives, beyond host_sync_skew's part
+// (HostSharing::sync_us); the collective times are the transfer after
 // the last member's issue (`calibrate collectives --compute-ms`).
 // host_lockstep_slowdown replaces host_compute_slowdown for compute that
 // starts when a communication op it waited for completes: ranks that leave

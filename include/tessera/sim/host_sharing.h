@@ -29,19 +29,19 @@ struct HostSharing {
   std::vector<double> lockstep_ratio;
   // Entry k-1 (microseconds; entry 0 is 0): the fixed part of the wait for
   // the group's last member at a synchronisation of k ranks, every rank of
-  // the world computing the job in step: a rank's mean wait after a
-  // segment of sync_compute_ms of the job's compute (each rank's fit
-  // a + b x segment over its in-step synchronisations, mean over ranks)
-  // less the synchronisation's own transfer (the one-number all_reduce
-  // timed after its last member issued it, after_last_arrival, median over
-  // calls after sync_compute_ms of GEMMs) less sync_skew's part for that
-  // segment (sync_skew[k-1] x sync_compute_ms); at least 0. So the
-  // simulator's straggler wait, host_sync_us + host_sync_skew x segment,
-  // equals the measured one at that segment length; the collective
-  // calibration's times hold the transfer only (CollectiveSweepOptions::
-  // compute_ms). Measured for the world and, in a larger even world, for
-  // pairs of neighbouring ranks; a size in between takes the next larger
-  // measured one. Topology::host_sync_us.
+  // the world computing the job in step and synchronising at each of its
+  // collectives with an all_reduce of the call's size: how much later than
+  // the members' mean the last member issued (fitted as a + b x the
+  // members' mean compute since their previous synchronisation, over every
+  // synchronisation of every group of k, taken at sync_compute_ms) less
+  // sync_skew's part for that segment (sync_skew[k-1] x sync_compute_ms);
+  // at least 0. So the simulator's straggler wait, host_sync_us +
+  // host_sync_skew x segment, equals the measured lateness at that segment
+  // length; the collective calibration's times hold the transfer after the
+  // last member's issue (CollectiveSweepOptions::compute_ms). Measured for
+  // the world and, in a larger even world, for pairs of neighbouring ranks;
+  // a size in between takes the next larger measured one.
+  // Topology::host_sync_us.
   std::vector<double> sync_us;
   // Topology::host_comm_load, measured in an even world of 4 or more ranks
   // (empty otherwise): ranks 0 .. c-1 (c = 2 x floor(world / 4)) time a GEMM
