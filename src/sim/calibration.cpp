@@ -109,6 +109,24 @@ void require_one_host(dist::ProcessGroup& world, const char* what) {
                 "compares the ranks' clocks, so every rank must share one host");
 }
 
+// Two series of every rank (each rank's of the same length m) on every
+// rank, rank-major ([rank * m + i]), in one reduction.
+std::pair<std::vector<double>, std::vector<double>> gather_series(dist::ProcessGroup& world,
+                                                                  const std::vector<double>& a,
+                                                                  const std::vector<double>& b) {
+  TESSERA_CHECK(a.size() == b.size(), Internal, "gather_series: series of ", a.size(), " and ",
+                b.size(), " values");
+  const int64_t m = static_cast<int64_t>(a.size());
+  const int64_t slots = static_cast<int64_t>(world.size()) * m;
+  at::Tensor t = at::zeros({2 * slots}, at::kDouble);
+  double* mine = t.data_ptr<double>() + static_cast<int64_t>(world.rank()) * m;
+  std::copy(a.begin(), a.end(), mine);
+  std::copy(b.begin(), b.end(), mine + slots);
+  world.all_reduce(t, dist::ReduceOp::kSum).wait();
+  const double* all = t.data_ptr<double>();
+  return {std::vector<double>(all, all + slots), std::vector<double>(all + slots, all + 2 * slots)};
+}
+
 // Median over repetitions of fn()'s time (seconds), repetitions as in
 // CollectiveSweepOptions; fn() runs a collective over consecutive groups of
 // group_size ranks.
@@ -141,24 +159,17 @@ double time_collective(dist::ProcessGroup& world, const std::function<void()>& f
     const int repeats =
         std::clamp(static_cast<int>(std::ceil(target_seconds / std::max(per_repeat, 1e-6))),
                    min_repeats, max_repeats);
-    // [issue | end] x rank x repetition, each rank filling its own slots,
-    // in seconds since rank 0's reading of the clock.
+    // Seconds since rank 0's reading of the clock.
     const double origin = from_rank0(world, steady_seconds());
-    const int64_t slots = static_cast<int64_t>(world.size()) * repeats;
-    at::Tensor times = at::zeros({2 * slots}, at::kDouble);
-    double* issue = times.data_ptr<double>() + static_cast<int64_t>(world.rank()) * repeats;
-    double* end = issue + slots;
-    for (int r = 0; r < repeats; ++r) {
+    std::vector<double> issue(static_cast<size_t>(repeats)), end(static_cast<size_t>(repeats));
+    for (size_t r = 0; r < issue.size(); ++r) {
       compute();
       issue[r] = steady_seconds() - origin;
       fn();
       end[r] = steady_seconds() - origin;
     }
-    world.all_reduce(times, dist::ReduceOp::kSum).wait();
-    const double* all = times.data_ptr<double>();
-    return median(after_last_arrival(std::vector<double>(all, all + slots),
-                                     std::vector<double>(all + slots, all + 2 * slots),
-                                     world.size(), group_size));
+    const auto [issues, ends] = gather_series(world, issue, end);
+    return median(after_last_arrival(issues, ends, world.size(), group_size));
   }
   std::vector<double> samples;
   Stopwatch total;
@@ -567,31 +578,11 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
       split_job->step(split_batch);
       sync->enabled = false;
     }
-    // [issue | segment] x rank x synchronisation; every rank ran the same
-    // step, so the same synchronisations in the same order.
-    const int64_t m = static_cast<int64_t>(sync->issues.size());
-    const int64_t slots = static_cast<int64_t>(n) * m;
-    at::Tensor t = at::zeros({2 * slots}, at::kDouble);
-    double* mine = t.data_ptr<double>() + static_cast<int64_t>(world.rank()) * m;
-    for (int64_t i = 0; i < m; ++i) {
-      mine[i] = sync->issues[static_cast<size_t>(i)] - origin;
-      mine[slots + i] = sync->segments[static_cast<size_t>(i)];
-    }
-    world.all_reduce(t, dist::ReduceOp::kSum).wait();
-    const double* all = t.data_ptr<double>();
-    std::vector<std::pair<double, double>> samples;  // (mean segment, lateness)
-    for (int first = 0; first < n; first += size) {
-      for (int64_t i = 0; i < m; ++i) {
-        double last = all[first * m + i], sum_issue = 0, sum_segment = 0;
-        for (int r = first; r < first + size; ++r) {
-          last = std::max(last, all[r * m + i]);
-          sum_issue += all[r * m + i];
-          sum_segment += all[slots + r * m + i];
-        }
-        samples.emplace_back(sum_segment / size, last - sum_issue / size);
-      }
-    }
-    const auto [a, b] = wait_fit(samples);
+    // Every rank ran the same step, so the same synchronisations in the
+    // same order.
+    for (double& t : sync->issues) t -= origin;
+    const auto [issues, segments] = gather_series(world, sync->issues, sync->segments);
+    const auto [a, b] = wait_fit(arrival_lateness(issues, segments, n, size));
     lateness_s[size] = a + b * segment_s;
   }
   sync->sized = false;

@@ -32,14 +32,23 @@ double computing_ranks_at(const std::vector<double>& table, int c, int n, double
 
 }  // namespace
 
+namespace {
+
+// after_last_arrival's and arrival_lateness's layout check; the calls per rank.
+size_t calls_per_rank(size_t first, size_t second, int ranks, int group_size, const char* what) {
+  TESSERA_CHECK(ranks >= 1 && group_size >= 1 && ranks % group_size == 0 && first == second &&
+                    first % static_cast<size_t>(ranks) == 0,
+                InvalidArgument, what, ": need ", ranks, " ranks in groups of ", group_size,
+                " and two series of the same calls (", first, " and ", second, " values)");
+  return first / static_cast<size_t>(ranks);
+}
+
+}  // namespace
+
 std::vector<double> after_last_arrival(const std::vector<double>& issue,
                                        const std::vector<double>& end, int ranks, int group_size) {
-  TESSERA_CHECK(ranks >= 1 && group_size >= 1 && ranks % group_size == 0 &&
-                    issue.size() == end.size() && issue.size() % static_cast<size_t>(ranks) == 0,
-                InvalidArgument, "after_last_arrival: need ", ranks, " ranks in groups of ",
-                group_size, " and issue and end times of the same calls (", issue.size(), " and ",
-                end.size(), " times)");
-  const size_t calls = issue.size() / static_cast<size_t>(ranks);
+  const size_t calls =
+      calls_per_rank(issue.size(), end.size(), ranks, group_size, "after_last_arrival");
   std::vector<double> out(calls, 0.0);
   for (size_t i = 0; i < calls; ++i) {
     for (int first = 0; first < ranks; first += group_size) {
@@ -55,6 +64,27 @@ std::vector<double> after_last_arrival(const std::vector<double>& issue,
       }
     }
     out[i] /= ranks;
+  }
+  return out;
+}
+
+std::vector<std::pair<double, double>> arrival_lateness(const std::vector<double>& issue,
+                                                        const std::vector<double>& compute,
+                                                        int ranks, int group_size) {
+  const size_t calls =
+      calls_per_rank(issue.size(), compute.size(), ranks, group_size, "arrival_lateness");
+  std::vector<std::pair<double, double>> out;
+  for (int first = 0; first < ranks; first += group_size) {
+    for (size_t i = 0; i < calls; ++i) {
+      double last = issue[static_cast<size_t>(first) * calls + i], issued = 0, computed = 0;
+      for (int r = first; r < first + group_size; ++r) {
+        const size_t at = static_cast<size_t>(r) * calls + i;
+        last = std::max(last, issue[at]);
+        issued += issue[at];
+        computed += compute[at];
+      }
+      out.emplace_back(computed / group_size, last - issued / group_size);
+    }
   }
   return out;
 }

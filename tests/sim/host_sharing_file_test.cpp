@@ -102,6 +102,20 @@ TEST(HostSharingFile, AfterLastArrivalTimesFromTheGroupsLastIssue) {
   EXPECT_THROW(after_last_arrival({1.0, 2.0, 3.0}, {1.0, 2.0, 3.0}, 2, 2), InvalidArgument);
 }
 
+// The same issue times with the compute before each call: pair {0, 1}'s
+// call 0 has its last member 1.0 behind the mean issue 2.0 after a mean
+// 6.0 of compute; every other call's members issued together.
+TEST(HostSharingFile, ArrivalLatenessIsTheLastIssueBehindTheMean) {
+  const std::vector<double> issue = {1.0, 10.0, 3.0, 10.0, 2.0, 10.0, 2.0, 10.0};
+  const std::vector<double> compute = {5.0, 1.0, 7.0, 1.0, 4.0, 2.0, 6.0, 2.0};
+  const std::vector<std::pair<double, double>> expected = {
+      {6.0, 1.0}, {1.0, 0.0}, {5.0, 0.0}, {2.0, 0.0}};
+  EXPECT_EQ(arrival_lateness(issue, compute, 4, 2), expected);
+  // One group of 4: call 0's last issue 3.0 is 1.0 behind the mean 2.0.
+  EXPECT_EQ(arrival_lateness(issue, compute, 4, 4)[0], std::make_pair(5.5, 1.0));
+  EXPECT_THROW(arrival_lateness(issue, {1.0}, 4, 2), InvalidArgument);
+}
+
 TEST(HostSharingFile, HostSharingParsesWhatItWrote) {
   const HostSharing h = sample_sharing();
   const HostSharing back = parse_host_sharing(host_sharing_to_json(h, "jobs/a.json"), "h.json");

@@ -7,6 +7,7 @@
 
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "tessera/sim/cluster.h"
@@ -103,6 +104,16 @@ HostSharing median_host_sharing(const std::vector<HostSharing>& measurements);
 // ranks.
 std::vector<double> after_last_arrival(const std::vector<double>& issue,
                                        const std::vector<double>& end, int ranks, int group_size);
+
+// How late the last member of a group arrives at calls to one collective,
+// from every rank's issue times (a clock all ranks share) and the compute
+// each did before the call, laid out as for after_last_arrival. One entry
+// per group and call: (the members' mean compute, the last member's issue
+// less the members' mean issue). HostSharing::sync_us is fitted to these.
+// InvalidArgument as after_last_arrival.
+std::vector<std::pair<double, double>> arrival_lateness(const std::vector<double>& issue,
+                                                        const std::vector<double>& compute,
+                                                        int ranks, int group_size);
 
 // Writes the measured figures into a cluster's topology: host_compute_slowdown,
 // host_sync_skew, host_lockstep_slowdown, host_sync_us, and host_comm_load
