@@ -1353,12 +1353,31 @@ def plot_qspec(r, path):
 # ---------------------------------------------------------------------------
 
 
+def gpu_section(results_dir):
+    """The GPU check's summaries as the scripts wrote them on the GPU machine
+    (results/gpu/*.md, scripts/gpu-check.sh and scripts/gpu-kernel-tests.sh),
+    without their title and with their headings under this page's."""
+    p = {}
+    for key, name in (("gpu.check", "gpu-check-summary.md"), ("gpu.kernel_tests", "gpu-kernel-tests.md")):
+        path = os.path.join(results_dir, "gpu", name)
+        if not os.path.exists(path):
+            p[key] = f"_(not run: no `benchmarks/results/gpu/{name}`)_"
+            continue
+        with open(path) as fh:
+            lines = fh.read().strip().split("\n")
+        if lines and lines[0].startswith("# "):
+            lines = lines[1:]
+        p[key] = "\n".join("###" + l[2:] if l.startswith("## ") else l for l in lines).strip()
+    return p
+
+
 def render(results_dir, template_path, plots):
     results = load_results(results_dir)
     run = load_run(results_dir)
     with open(template_path) as fh:
         template = fh.read()
     values = status_section(results, run)
+    values.update(gpu_section(results_dir))
     for section, names in SECTIONS.items():
         present = [n for n in names if n in results]
         if present:

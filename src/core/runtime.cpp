@@ -12,6 +12,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <mutex>
@@ -105,7 +106,17 @@ class LargeBlockCache final : public c10::Allocator {
     return *cache;
   }
 
-  c10::DataPtr allocate(size_t bytes) const override {
+  // LibTorch 2.3 made allocate() non-const and added copy_data().
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+  c10::DataPtr allocate(size_t bytes) override { return allocate_block(bytes); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    if (count > 0) std::memcpy(dest, src, count);
+  }
+#else
+  c10::DataPtr allocate(size_t bytes) const override { return allocate_block(bytes); }
+#endif
+
+  c10::DataPtr allocate_block(size_t bytes) const {
     void* data = nullptr;
     if (bytes >= kMinBytes) {
       data = const_cast<LargeBlockCache*>(this)->take(bytes);

@@ -1,6 +1,7 @@
 #include "tessera/quant/model.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard (not in ATen.h since LibTorch 2.x)
 
 #include "tessera/core/error.h"
 #include "tessera/formats/safetensors.h"

@@ -4,6 +4,7 @@
 // results on random inputs with ragged sizes. Skipped without a device.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard (not in ATen.h since LibTorch 2.x)
 #include <gtest/gtest.h>
 
 #include "tessera/lora/lora.h"
