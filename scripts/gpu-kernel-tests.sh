@@ -66,7 +66,8 @@ case "${1:-}" in
       if [ -n "$sanitizer" ]; then
         "$sanitizer" --tool memcheck --error-exitcode 9 "$pack_dir/bin/$t" > "$out/$t.memcheck.log" 2>&1
         mrc=$?
-        memcheck=$([ $mrc -eq 0 ] && echo "no errors" || { status=1; echo "FAIL (exit $mrc)"; })
+        memcheck="no errors"
+        if [ $mrc -ne 0 ]; then memcheck="FAIL (exit $mrc)"; status=1; fi
       fi
       echo "| $t | $ran | $skipped | $result | $memcheck |" >> "$summary"
     done

@@ -116,6 +116,18 @@ class LargeBlockCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t bytes) const override { return allocate_block(bytes); }
 #endif
 
+  // For raw_allocate()'s blocks of any size: release() frees what it does
+  // not hold.
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  // Cached (idle) bytes and blocks, for tests.
+  std::pair<size_t, size_t> idle() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {idle_bytes_, idle_.size()};
+  }
+
+ private:
+  // allocate() for either LibTorch signature.
   c10::DataPtr allocate_block(size_t bytes) const {
     void* data = nullptr;
     if (bytes >= kMinBytes) {
@@ -128,17 +140,6 @@ class LargeBlockCache final : public c10::Allocator {
             c10::Device(c10::DeviceType::CPU)};
   }
 
-  // For raw_allocate()'s blocks of any size: release() frees what it does
-  // not hold.
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
-
-  // Cached (idle) bytes and blocks, for tests.
-  std::pair<size_t, size_t> idle() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return {idle_bytes_, idle_.size()};
-  }
-
- private:
   LargeBlockCache() {
     struct sysinfo si {};
     size_t ram = sysinfo(&si) == 0 ? static_cast<size_t>(si.totalram) * si.mem_unit : 0;
