@@ -463,29 +463,33 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
   ThreadScope threads(thread_count(options.threads, world));
   const int n = world.size();
 
-  // Out of step: the job's whole single-rank step.
-  TrainingJobConfig config = options.job.with_layout(ParallelLayout{});
-  config.zero1 = false;
-  auto solo = dist::ProcessGroup::create_placeholder(0, 1);
-  auto job = TrainingJob::create(config, solo);
-  const nn::TokenDataset::Batch batch = job->batch(0);
-  job->step(batch);  // warm-up
+  const bool own = options.own_layout;
+  const ParallelLayout split_layout = own ? options.job.layout : options.lockstep_layout;
+  // Out of step: the job's whole single-rank step (with own_layout, the
+  // runs of the split step below without synchronisation instead).
+  std::unique_ptr<TrainingJob> job;
+  nn::TokenDataset::Batch batch;
+  if (!own) {
+    TrainingJobConfig config = options.job.with_layout(ParallelLayout{});
+    config.zero1 = false;
+    job = TrainingJob::create(config, dist::ProcessGroup::create_placeholder(0, 1));
+    batch = job->batch(0);
+    job->step(batch);  // warm-up
+  }
 
-  // In step: rank 0 of lockstep_layout on a placeholder group whose
+  // In step: rank 0 of the split layout on a placeholder group whose
   // collectives synchronise the real ranks when enabled.
-  TrainingJobConfig split = options.job.with_layout(options.lockstep_layout);
-  split.zero1 = false;
+  TrainingJobConfig split = options.job.with_layout(split_layout);
+  if (!own) split.zero1 = false;
   auto sync = std::make_shared<SyncAtCollectives>(world);
   dist::ProcessGroupOptions group;
   group.observer = sync;
-  auto placeholder =
-      dist::ProcessGroup::create_placeholder(0, options.lockstep_layout.world_size(), group);
+  auto placeholder = dist::ProcessGroup::create_placeholder(0, split_layout.world_size(), group);
   auto split_job = TrainingJob::create(split, placeholder);
   const nn::TokenDataset::Batch split_batch = split_job->batch(0);
   split_job->step(split_batch);  // warm-up; counts the collectives of a step
   const int per_step = sync->completed;
-  TESSERA_CHECK(per_step > 0, InvalidArgument, "calibrate host: layout ",
-                options.lockstep_layout.to_string(),
+  TESSERA_CHECK(per_step > 0, InvalidArgument, "calibrate host: layout ", split_layout.to_string(),
                 " issues no collective, so its compute never runs in step; choose one that does "
                 "(e.g. tp=2)");
 
@@ -516,7 +520,8 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
   // lands on all of them alike instead of on the later ones.
   const size_t kn = static_cast<size_t>(n);
   std::vector<std::vector<double>> means(kn), skews(kn), apart(kn), together(kn);
-  const int repeats = std::max(options.repeats, options.lockstep_repeats);
+  const int lockstep_repeats = own ? options.repeats : options.lockstep_repeats;
+  const int repeats = std::max(options.repeats, lockstep_repeats);
   std::vector<double> foreign;  // per repeat
   for (int r = 0; r < repeats; ++r) {
     world.barrier().wait();
@@ -526,15 +531,17 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
       auto mean_of = [k](const at::Tensor& times) {
         return times.narrow(0, 0, k).sum().item<double>() / k;
       };
-      if (r < options.repeats) {
-        const at::Tensor times = run(k, false, false);
+      auto out_of_step = [&](const at::Tensor& times) {
         const double mean = mean_of(times);
         const double slowest = times.narrow(0, 0, k).max().item<double>();
         means[i].push_back(mean);
         skews[i].push_back(mean > 0 ? slowest / mean - 1 : 0.0);
-      }
-      if (r < options.lockstep_repeats) {
-        apart[i].push_back(mean_of(run(k, true, false)));
+      };
+      if (r < options.repeats && !own) out_of_step(run(k, false, false));
+      if (r < lockstep_repeats) {
+        const at::Tensor times = run(k, true, false);
+        if (own) out_of_step(times);
+        apart[i].push_back(mean_of(times));
         together[i].push_back(mean_of(run(k, true, true)));
       }
     }
@@ -552,8 +559,10 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
   // synchronisation of every group of that size and taken at
   // sync_compute_ms (HostSharing::sync_us).
   std::vector<std::pair<int, std::shared_ptr<dist::ProcessGroup>>> sync_groups;
-  sync_groups.emplace_back(n,
-                           std::shared_ptr<dist::ProcessGroup>(&world, [](dist::ProcessGroup*) {}));
+  if (!options.compute_only) {
+    sync_groups.emplace_back(
+        n, std::shared_ptr<dist::ProcessGroup>(&world, [](dist::ProcessGroup*) {}));
+  }
   std::shared_ptr<dist::ProcessGroup> pair;  // this rank's pair of neighbours
   if (n > 2 && n % 2 == 0) {
     for (int first = 0; first < n; first += 2) {
@@ -561,7 +570,7 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
                                     world.name() + "/host-sync" + std::to_string(first));
       if (sub) pair = sub;
     }
-    sync_groups.emplace_back(2, pair);
+    if (!options.compute_only) sync_groups.emplace_back(2, pair);
   }
   require_one_host(world, "measure_host_sharing");
   const double segment_s = options.sync_compute_ms * 1e-3;
@@ -572,7 +581,7 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     sync->issues.clear();
     sync->segments.clear();
     const double origin = from_rank0(world, steady_seconds());
-    for (int r = 0; r < std::max(1, options.lockstep_repeats); ++r) {
+    for (int r = 0; r < std::max(1, lockstep_repeats); ++r) {
       world.barrier().wait();
       sync->start(true);
       split_job->step(split_batch);
@@ -591,7 +600,8 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
   // Communication's load: GEMM segments on ranks 0 .. c-1 while the pairs
   // of ranks c .. n-1 are idle, busy computing, or running all_reduces.
   const int c = 2 * (n / 4);
-  const bool measure_load = n >= 4 && n % 2 == 0 && !options.comm_load_bytes.empty();
+  const bool measure_load =
+      n >= 4 && n % 2 == 0 && !options.comm_load_bytes.empty() && !options.compute_only;
   std::vector<double> idle, busy, load_foreign;
   std::vector<std::vector<double>> comm(options.comm_load_bytes.size());
   if (measure_load) {
@@ -653,7 +663,7 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
     out.lockstep_slowdown.push_back(med(together[i]) / split_alone);
     out.lockstep_ratio.push_back(med(together[i]) / med(apart[i]));
     // Groups of i + 1 ranks: the smallest measured group at least as large.
-    if (i == 0) {
+    if (i == 0 || options.compute_only) {
       out.sync_us.push_back(0.0);
     } else {
       const double late = lateness_s.lower_bound(static_cast<int>(i + 1))->second;

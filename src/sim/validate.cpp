@@ -186,6 +186,9 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
                 options.rounds);
   TESSERA_CHECK(!options.host_median || !options.host_job.empty(), InvalidArgument,
                 "validate: host_median needs host_job (the host figures it takes the median of)");
+  TESSERA_CHECK(!options.host_per_case || options.host_job.empty(), InvalidArgument,
+                "validate: host_per_case and host_job are exclusive (per-case figures or one "
+                "job's per round)");
   TESSERA_CHECK(options.host_repeats >= 1, InvalidArgument,
                 "validate: host_repeats must be >= 1, got ", options.host_repeats);
   auto load_job = [](const ValidationCase& vc) {
@@ -208,6 +211,38 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
       worlds.insert(world);
     }
   }
+  // `calibrate host` for `world` ranks with the step of `job_file` (and
+  // the extra flags) into host_path, unless re-used; the figures.
+  auto calibrate_host = [&](int world, const std::string& job_file,
+                            const std::vector<std::string>& flags, const std::string& host_path) {
+    if (!(options.reuse_measurements && fs::exists(host_path))) {
+      wait_until_quiet(options.quiet_idle, options.quiet_timeout);
+      std::vector<std::string> argv = {options.launch_bin,
+                                       "--nproc",
+                                       std::to_string(world),
+                                       "--",
+                                       options.sim_bin,
+                                       "calibrate",
+                                       "host",
+                                       "--job",
+                                       job_file,
+                                       "--repeats",
+                                       std::to_string(options.host_repeats)};
+      argv.insert(argv.end(), flags.begin(), flags.end());
+      argv.insert(argv.end(), {"-o", host_path});
+      CommandResult run = run_command(argv, options.run_timeout);
+      TESSERA_CHECK(run.status.success(), Unavailable, "validate: measuring the host for ", world,
+                    " ranks ('", options.launch_bin, " --nproc ", world, " -- ", options.sim_bin,
+                    " calibrate host --job ", job_file, " ...') ", run.status.describe(), ": ",
+                    tail(run.output, 2000));
+    }
+    HostSharing host =
+        parse_host_sharing(detail::read_text_file(host_path, "host measurement"), host_path);
+    TESSERA_CHECK(host.compute_slowdown.size() == static_cast<size_t>(world), InvalidArgument,
+                  host_path, ": measured for ", host.compute_slowdown.size(), " ranks, expected ",
+                  world);
+    return host;
+  };
   // With host_job: the host's figures before each round, by round and
   // world size.
   std::map<std::pair<int, int>, HostSharing> hosts;
@@ -216,37 +251,27 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
         (fs::path(options.work_dir) /
          ("host.r" + std::to_string(round + 1) + ".np" + std::to_string(world) + ".json"))
             .string();
-    if (!(options.reuse_measurements && fs::exists(host_path))) {
-      wait_until_quiet(options.quiet_idle, options.quiet_timeout);
-      const std::vector<std::string> argv = {options.launch_bin,
-                                             "--nproc",
-                                             std::to_string(world),
-                                             "--",
-                                             options.sim_bin,
-                                             "calibrate",
-                                             "host",
-                                             "--job",
-                                             options.host_job,
-                                             "--repeats",
-                                             std::to_string(options.host_repeats),
-                                             "-o",
-                                             host_path};
-      CommandResult run = run_command(argv, options.run_timeout);
-      TESSERA_CHECK(run.status.success(), Unavailable, "validate: measuring the host for ", world,
-                    " ranks ('", options.launch_bin, " --nproc ", world, " -- ", options.sim_bin,
-                    " calibrate host --job ", options.host_job, " ...') ", run.status.describe(),
-                    ": ", tail(run.output, 2000));
-    }
-    HostSharing host =
-        parse_host_sharing(detail::read_text_file(host_path, "host measurement"), host_path);
-    TESSERA_CHECK(host.compute_slowdown.size() == static_cast<size_t>(world), InvalidArgument,
-                  host_path, ": measured for ", host.compute_slowdown.size(), " ranks, expected ",
-                  world);
+    HostSharing host = calibrate_host(world, options.host_job, {}, host_path);
     TESSERA_LOG(Info, "sim") << "round " << round + 1 << ", " << world
                              << " ranks: host_compute_slowdown "
                              << nlohmann::json(host.compute_slowdown).dump() << ", lockstep "
                              << nlohmann::json(host.lockstep_slowdown).dump();
     hosts[{round, world}] = std::move(host);
+  };
+  // With host_per_case: each case's own figures, by case index.
+  std::map<size_t, HostSharing> case_hosts;
+  auto measure_case_host = [&](size_t index) {
+    const ValidationCase& vc = *cases[index];
+    TrainingJobConfig job = load_job(vc);
+    const std::string stem = (fs::path(options.work_dir) / file_stem(vc.name)).string();
+    job.source = stem + ".host-job.json";
+    write_text(job.source, job.to_json());
+    HostSharing host = calibrate_host(job.layout.world_size(), job.source,
+                                      {"--own-layout", "--compute-only"}, stem + ".host.json");
+    TESSERA_LOG(Info, "sim") << vc.name << ": host_compute_slowdown "
+                             << nlohmann::json(host.compute_slowdown).dump() << ", lockstep "
+                             << nlohmann::json(host.lockstep_slowdown).dump();
+    case_hosts[index] = std::move(host);
   };
 
   struct Measured {
@@ -367,6 +392,9 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
   // Rounds go over every case in turn, so a drift of the machine's speed
   // spreads over all cases instead of landing on some.
   std::vector<std::vector<Measured>> per_case(cases.size());
+  if (options.host_per_case) {
+    for (size_t i = 0; i < cases.size(); ++i) measure_case_host(i);
+  }
   for (int round = 0; round < options.rounds; ++round) {
     if (!options.host_job.empty()) {
       for (int world : worlds) measure_host(round, world);
@@ -377,8 +405,25 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
   // The collective model of a round and world size: the suite's cluster
   // file, with host_job carrying that round's host figures, or with
   // host_median the median of every round's.
+  // With host_per_case, the case's: its own slowdowns in the cluster file.
   std::map<std::pair<int, int>, std::unique_ptr<CollectiveModel>> models;
-  auto model_for = [&](int round, int world) -> const CollectiveModel& {
+  std::map<size_t, std::unique_ptr<CollectiveModel>> case_models;
+  auto model_for = [&](int round, int world, size_t index) -> const CollectiveModel& {
+    if (options.host_per_case) {
+      std::unique_ptr<CollectiveModel>& model = case_models[index];
+      if (!model) {
+        ClusterSpec cluster = ClusterSpec::load_file(find(suite.clusters.at(world), "cluster"));
+        const HostSharing& host = case_hosts.at(index);
+        cluster.topology.host_compute_slowdown = host.compute_slowdown;
+        cluster.topology.host_lockstep_slowdown = host.lockstep_slowdown;
+        const std::string stem =
+            (fs::path(options.work_dir) / file_stem(cases[index]->name)).string();
+        cluster.validate(stem + ".host.cluster.json");
+        write_text(stem + ".host.cluster.json", cluster.to_json());
+        model = std::make_unique<CollectiveModel>(std::move(cluster));
+      }
+      return *model;
+    }
     const int key_round = options.host_job.empty() || options.host_median ? 0 : round;
     std::unique_ptr<CollectiveModel>& model = models[{key_round, world}];
     if (model) return *model;
@@ -404,11 +449,11 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
     model = std::make_unique<CollectiveModel>(std::move(cluster));
     return *model;
   };
-  auto predict = [&](Measured& m, int round) {
+  auto predict = [&](Measured& m, int round, size_t index) {
     ValidationRow& row = m.row;
     const Trace trace = Trace::load_file(m.stem + ".trace.json");
     SimulationOptions sim;
-    sim.collectives = &model_for(round, row.world_size);
+    sim.collectives = &model_for(round, row.world_size, index);
     sim.overlap = overlap.get();
     SimulationResult result = simulate(trace, sim);
     write_text(m.stem + ".timeline.json", chrome_trace_json(trace, result));
@@ -422,10 +467,11 @@ ValidationReport run_validation(const ValidationSuite& suite, const ValidationOp
     row.error = (row.predicted_s - row.measured_s) / row.measured_s;
   };
   ValidationReport report;
-  for (std::vector<Measured>& measured : per_case) {
+  for (size_t index = 0; index < per_case.size(); ++index) {
+    std::vector<Measured>& measured = per_case[index];
     std::vector<ValidationRow> rounds;
     for (int round = 0; round < options.rounds; ++round) {
-      predict(measured[static_cast<size_t>(round)], round);
+      predict(measured[static_cast<size_t>(round)], round, index);
       rounds.push_back(measured[static_cast<size_t>(round)].row);
     }
     ValidationRow row = combine_rounds(rounds);

@@ -242,6 +242,33 @@ TEST(TesseraSim, TraceHereTrainForRealAndValidate) {
   ASSERT_TRUE(median.status.success()) << median.output;
   const auto pooled = nlohmann::json::parse(read(dir + "/work3/host.median.np2.cluster.json"));
   EXPECT_EQ(pooled.at("topology").at("host_compute_slowdown"), measured.at("compute_slowdown"));
+  // Per case: the case's own step measured once, its two slowdowns in the
+  // case's cluster, the cluster file's straggler and load figures kept.
+  const auto per_case =
+      run({TESSERA_SIM_BIN, "validate", dir + "/suite.json", "--work-dir", dir + "/work3", "--only",
+           "tiny dp2", "--host-per-case", "--host-repeats", "1", "--reuse", "--quiet-idle", "0",
+           "--max-error", "10", "--max-median-error", "10"},
+          600);
+  ASSERT_TRUE(per_case.status.success()) << per_case.output;
+  const auto own = nlohmann::json::parse(read(dir + "/work3/tiny_dp2.host.json"));
+  const auto own_cluster = nlohmann::json::parse(read(dir + "/work3/tiny_dp2.host.cluster.json"));
+  const auto shipped = nlohmann::json::parse(read(kData + "/gloo_local_np2.json"));
+  ASSERT_EQ(own.at("compute_slowdown").size(), 2u);
+  EXPECT_EQ(own.at("sync_us"), nlohmann::json::array({0.0, 0.0}));  // --compute-only
+  EXPECT_TRUE(own.at("comm_load").empty());
+  EXPECT_EQ(own_cluster.at("topology").at("host_compute_slowdown"), own.at("compute_slowdown"));
+  EXPECT_EQ(own_cluster.at("topology").at("host_lockstep_slowdown"), own.at("lockstep_slowdown"));
+  EXPECT_EQ(own_cluster.at("topology").at("host_sync_us"),
+            shipped.at("topology").at("host_sync_us"));
+  EXPECT_EQ(own_cluster.at("topology").at("host_sync_skew"),
+            shipped.at("topology").at("host_sync_skew"));
+  // One job's figures per round and per-case figures do not mix.
+  const auto both =
+      run({TESSERA_SIM_BIN, "validate", dir + "/suite.json", "--work-dir", dir + "/work3",
+           "--host-per-case", "--host-job", dir + "/tiny.json", "--reuse", "--quiet-idle", "0"});
+  EXPECT_EQ(both.status.code, 3) << both.output;
+  EXPECT_NE(both.output.find("host_per_case and host_job are exclusive"), std::string::npos)
+      << both.output;
   fs::remove_all(dir);
 }
 

@@ -253,9 +253,33 @@ TEST(Calibration, MeasuresCollectivesOverlapAndHostSharing) {
   EXPECT_EQ(sharing.repeats_kept, 2);  // two repeats: both, however busy the host
   // One rank: both are in step over out of step alone.
   EXPECT_DOUBLE_EQ(sharing.lockstep_slowdown[0], sharing.lockstep_ratio[0]);
+  // The job's own layout, compute only: the slowdowns of its rank-0 step,
+  // no straggler wait, no communication load.
+  HostSharingOptions own;
+  own.job = job_for("llama", "tp=2", false);
+  own.own_layout = true;
+  own.compute_only = true;
+  own.repeats = 2;
+  own.lockstep_repeats = 5;  // ignored: own_layout takes repeats
+  own.comm_load_bytes = {4096};
+  const HostSharing mine = measure_host_sharing(*g_world, own);
+  ASSERT_EQ(mine.compute_slowdown.size(), static_cast<size_t>(g_world->size()));
+  EXPECT_DOUBLE_EQ(mine.compute_slowdown[0], 1.0);
+  ASSERT_EQ(mine.lockstep_slowdown.size(), mine.compute_slowdown.size());
+  for (size_t k = 0; k < mine.compute_slowdown.size(); ++k) {
+    EXPECT_GT(mine.compute_slowdown[k], 0);
+    EXPECT_GT(mine.lockstep_slowdown[k], 0);
+  }
+  // Out of step alone is the same runs as the lock-step figures' base.
+  EXPECT_DOUBLE_EQ(mine.lockstep_slowdown[0], mine.lockstep_ratio[0]);
+  EXPECT_EQ(mine.sync_us, std::vector<double>(mine.compute_slowdown.size(), 0.0));
+  EXPECT_TRUE(mine.comm_load.empty());
+  EXPECT_EQ(mine.foreign_cpu.size(), 2u);
   // A layout without collectives cannot run in step.
   h.lockstep_layout = ParallelLayout{};
   EXPECT_THROW(measure_host_sharing(*g_world, h), InvalidArgument);
+  own.job = job_for("llama", "dp=1", false);
+  EXPECT_THROW(measure_host_sharing(*g_world, own), InvalidArgument);
 }
 
 }  // namespace

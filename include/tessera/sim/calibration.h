@@ -109,6 +109,19 @@ struct HostSharingOptions {
   // lockstep_repeats steps per mode.
   ParallelLayout lockstep_layout{1, 2, 1};
   int lockstep_repeats = 9;
+  // The job's own layout (and ZeRO-1 setting), as a validation case runs
+  // it: the out-of-step and the in-step measurements both time rank 0's
+  // step of job.layout on a placeholder group (lockstep_layout is ignored),
+  // and compute_slowdown and sync_skew come from the out-of-step runs of
+  // that step, repeats times (lockstep_repeats is ignored). How much ranks
+  // sharing cores slow each other depends on what they run: a
+  // data-parallel rank's share of the batch shares them better than the
+  // whole batch does. job.layout must issue collectives.
+  bool own_layout = false;
+  // Only the slowdowns and the straggler share: no sync_us (left at 0) and
+  // no comm_load (left empty), the minutes of those measurements saved
+  // (validate's per-case figures keep the cluster file's).
+  bool compute_only = false;
   // HostSharing::sync_us: the segment of the job's compute it is taken at
   // (the collective calibration's --compute-ms).
   double sync_compute_ms = 10;

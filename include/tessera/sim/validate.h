@@ -136,6 +136,16 @@ struct ValidationOptions {
   // those figures (median_host_sharing) instead of its own round's; written
   // to work_dir/host.median.npW.cluster.json.
   bool host_median = false;
+  // When set (not with host_job): before the first round, for each case,
+  // `tessera-sim calibrate host --job <case>.host-job.json --own-layout
+  // --compute-only --repeats host_repeats` under tessera-launch
+  // (work_dir/<case>.host.json): host_compute_slowdown and
+  // host_lockstep_slowdown measured with rank 0's step of the case itself,
+  // and every round of the case is predicted with the cluster file carrying
+  // those two (work_dir/<case>.host.cluster.json; the cluster's straggler
+  // and communication-load figures stay). With reuse_measurements an
+  // existing <case>.host.json is re-used.
+  bool host_per_case = false;
   // Resolves cluster and overlap names to files (tessera-sim's bundled data
   // lookup); identity when empty.
   std::function<std::string(const std::string& name, const char* what)> find_data_file;

@@ -194,6 +194,7 @@ int main(int argc, char** argv) {
   std::string sweep_max = "64M";
   int host_repeats = 9;
   std::string lockstep_layout = "tp=2";
+  bool host_own_layout = false, host_compute_only = false;
   CLI::App* calibrate_cmd = app.add_subcommand(
       "calibrate",
       "measure this machine under tessera-launch: collective times (collectives), compute "
@@ -226,6 +227,12 @@ int main(int argc, char** argv) {
                    "host: the layout whose rank-0 step is timed in and out of step "
                    "(it must issue collectives)")
       ->capture_default_str();
+  calibrate_cmd->add_flag("--own-layout", host_own_layout,
+                          "host: time rank 0's step of the job's own layout (and ZeRO-1), out of "
+                          "and in step, instead of the whole batch and --lockstep-layout");
+  calibrate_cmd->add_flag("--compute-only", host_compute_only,
+                          "host: only the slowdowns and the straggler share (no sync_us, no "
+                          "comm_load)");
 
   // fit-cluster
   std::string recipe_path, fit_out;
@@ -330,9 +337,13 @@ int main(int argc, char** argv) {
   validate_cmd->add_flag("--host-median", validation.host_median,
                          "with --host-job: predict every round with the median over the rounds "
                          "of the host figures");
+  validate_cmd->add_flag("--host-per-case", validation.host_per_case,
+                         "before the first round, `calibrate host --own-layout --compute-only` "
+                         "with each case's own step, and predict the case with those slowdowns "
+                         "in its cluster file");
   validate_cmd
       ->add_option("--host-repeats", validation.host_repeats,
-                   "with --host-job: calibrate host's --repeats")
+                   "with --host-job or --host-per-case: calibrate host's --repeats")
       ->check(tessera::examples::positive());
 
   if (auto code = tessera::examples::parse_command_line(app, argc, argv)) return *code;
@@ -412,6 +423,8 @@ int main(int argc, char** argv) {
         host.repeats = host_repeats;
         host.lockstep_repeats = host_repeats;
         host.lockstep_layout = ts::ParallelLayout::parse(lockstep_layout);
+        host.own_layout = host_own_layout;
+        host.compute_only = host_compute_only;
         text = ts::host_sharing_to_json(ts::measure_host_sharing(*world, host), calibrate_job);
       }
       if (world->rank() == 0) {
