@@ -558,19 +558,21 @@ HostSharing measure_host_sharing(dist::ProcessGroup& world, const HostSharingOpt
   // their previous synchronisation; fitted as a + b x segment over every
   // synchronisation of every group of that size and taken at
   // sync_compute_ms (HostSharing::sync_us).
+  // With compute_only neither this nor communication's load below is
+  // measured, so no pair groups are created either.
   std::vector<std::pair<int, std::shared_ptr<dist::ProcessGroup>>> sync_groups;
+  std::shared_ptr<dist::ProcessGroup> pair;  // this rank's pair of neighbours
   if (!options.compute_only) {
     sync_groups.emplace_back(
         n, std::shared_ptr<dist::ProcessGroup>(&world, [](dist::ProcessGroup*) {}));
-  }
-  std::shared_ptr<dist::ProcessGroup> pair;  // this rank's pair of neighbours
-  if (n > 2 && n % 2 == 0) {
-    for (int first = 0; first < n; first += 2) {
-      auto sub = world.new_subgroup({first, first + 1},
-                                    world.name() + "/host-sync" + std::to_string(first));
-      if (sub) pair = sub;
+    if (n > 2 && n % 2 == 0) {
+      for (int first = 0; first < n; first += 2) {
+        auto sub = world.new_subgroup({first, first + 1},
+                                      world.name() + "/host-sync" + std::to_string(first));
+        if (sub) pair = sub;
+      }
+      sync_groups.emplace_back(2, pair);
     }
-    if (!options.compute_only) sync_groups.emplace_back(2, pair);
   }
   require_one_host(world, "measure_host_sharing");
   const double segment_s = options.sync_compute_ms * 1e-3;
