@@ -7,6 +7,7 @@
 #include <deque>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <queue>
 #include <unordered_map>
 
@@ -48,7 +49,6 @@ struct Instance {
   int root_index = -1;
   int expected = 0;                          // members that must issue it
   std::vector<std::pair<int, int>> members;  // (rank, node) in arrival order
-  double first_issue = 0;                    // when the first member issued it
   GroupShape shape;
   bool started = false;
 };
@@ -71,7 +71,6 @@ struct P2PKeyHash {
 struct PendingP2P {
   int rank;
   int node;
-  double issued;
 };
 struct P2PQueues {
   std::deque<PendingP2P> sends;
@@ -459,7 +458,6 @@ void Simulator::issue_collective(int rank, int node, double t) {
     inst.root_index = n.root_index;
     inst.expected = static_cast<int>(groups_[group].members.size());
     inst.shape = groups_[group].shape;
-    inst.first_issue = t;
     inst.members.reserve(static_cast<size_t>(inst.expected));
     instances_.push_back(std::move(inst));
   }
@@ -494,10 +492,10 @@ void Simulator::issue_p2p(int rank, int node, double t) {
   auto& mine = send ? q.sends : q.recvs;
   auto& theirs = send ? q.recvs : q.sends;
   if (theirs.empty()) {
-    mine.push_back(PendingP2P{rank, node, t});
+    mine.push_back(PendingP2P{rank, node});
     return;
   }
-  const auto [other_rank, other_node, other_issued] = theirs.front();
+  const auto [other_rank, other_node] = theirs.front();
   theirs.pop_front();
   const TraceNode& o = node_at(other_rank, other_node);
   if (o.bytes != n.bytes) {
@@ -512,7 +510,6 @@ void Simulator::issue_p2p(int rank, int node, double t) {
   inst.bytes = n.bytes;
   inst.expected = 2;
   inst.members = {{other_rank, other_node}, {rank, node}};
-  inst.first_issue = other_issued;
   inst.shape = options_.collectives->shape_of({rank, other_rank});
   instances_.push_back(std::move(inst));
   members_ready(static_cast<int>(instances_.size()) - 1, t);
@@ -532,11 +529,14 @@ void Simulator::members_ready(int index, double t) {
     }
   }
   // Members that computed nothing since their previous op left it together:
-  // no straggler, no fixed wait either. Members that already arrived apart
-  // (ranks traced separately: expert-parallel ranks, pipeline stages) have
-  // that much of the straggler's wait behind them.
-  const double wait =
-      computed > 0 ? std::max(0.0, fixed + share * computed - (t - inst.first_issue)) : 0.0;
+  // no straggler, no fixed wait either. Members that arrived apart (ranks
+  // traced separately: expert-parallel ranks, pipeline stages) wait the whole
+  // of it after the last one too: the host's scheduling noise delays the
+  // last member as much as any (measured with moe-s ep4, docs/sim.md: a
+  // segment whose ranks compute different amounts ends its members further
+  // apart than one of identical work by the traced difference plus about the
+  // identical segment's spread).
+  const double wait = computed > 0 ? fixed + share * computed : 0.0;
   if (wait > 0) {
     push(t + wait, kSyncDone, index, 0, 0);
   } else {
@@ -637,7 +637,7 @@ void Simulator::report_deadlock() {
   }
   std::vector<std::string> p2p_lines;
   for (const auto& [key, q] : p2p_) {
-    for (const auto& [rank, node, issued] : q.sends) {
+    for (const auto& [rank, node] : q.sends) {
       const TraceNode& n = node_at(rank, node);
       p2p_lines.push_back("p2p_send '" + n.name + "' from rank " + std::to_string(key.src) +
                           " to rank " + std::to_string(key.dst) + " (tag " +
@@ -645,7 +645,7 @@ void Simulator::report_deadlock() {
       waiting_in.emplace(rank,
                          "waits in p2p_send '" + n.name + "' to rank " + std::to_string(key.dst));
     }
-    for (const auto& [rank, node, issued] : q.recvs) {
+    for (const auto& [rank, node] : q.recvs) {
       const TraceNode& n = node_at(rank, node);
       p2p_lines.push_back("p2p_recv '" + n.name + "' at rank " + std::to_string(key.dst) +
                           " from rank " + std::to_string(key.src) + " (tag " +
@@ -797,8 +797,33 @@ SimulationResult Simulator::run() {
 }  // namespace
 
 SimulationResult simulate(const Trace& trace, const SimulationOptions& options) {
-  Simulator sim(trace, options);
-  return sim.run();
+  const int steps = trace.measured_steps();
+  if (!options.replay_steps || steps < 2) {
+    Simulator sim(trace, options);
+    return sim.run();
+  }
+  const auto wall_start = std::chrono::steady_clock::now();
+  std::vector<SimulationResult> results;
+  results.reserve(static_cast<size_t>(steps));
+  for (int k = 0; k < steps; ++k) {
+    const Trace one = trace.step(k);
+    Simulator sim(one, options);
+    results.push_back(sim.run());
+  }
+  std::vector<int> order(static_cast<size_t>(steps));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return results[static_cast<size_t>(a)].step_time < results[static_cast<size_t>(b)].step_time;
+  });
+  std::vector<Microseconds> times;
+  for (const SimulationResult& r : results) times.push_back(r.step_time);
+  const int chosen = order[static_cast<size_t>((steps - 1) / 2)];
+  SimulationResult out = std::move(results[static_cast<size_t>(chosen)]);
+  out.replayed_step_times = std::move(times);
+  out.replayed_step = chosen;
+  out.wall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  return out;
 }
 
 std::string chrome_trace_json(const Trace& trace, const SimulationResult& result,
@@ -841,7 +866,12 @@ std::string chrome_trace_json(const Trace& trace, const SimulationResult& result
       const int tid = tids.at(n.stream);
       json args = {{"kind", node_kind_name(n.kind)}, {"id", n.id}};
       if (n.kind == NodeKind::kCompute) {
-        args["measured_us"] = n.duration.count();
+        // A replayed step's own duration (see simulate()).
+        const bool replayed = result.replayed_step >= 0 &&
+                              static_cast<size_t>(result.replayed_step) < n.step_durations.size();
+        args["measured_us"] =
+            replayed ? n.step_durations[static_cast<size_t>(result.replayed_step)].count()
+                     : n.duration.count();
         args["slowdown"] = e.slowdown;
       } else {
         args["op"] = collective_kind_name(n.op);
@@ -875,6 +905,11 @@ std::string chrome_trace_json(const Trace& trace, const SimulationResult& result
 std::string format_breakdown(const SimulationResult& result, size_t max_ranks) {
   std::string out = detail::format("step time %.3f us (slowest rank %d)\n",
                                    result.step_time.count(), result.slowest_rank);
+  if (!result.replayed_step_times.empty()) {
+    out += detail::format("replayed %zu measured steps (us):", result.replayed_step_times.size());
+    for (Microseconds t : result.replayed_step_times) out += detail::format(" %.0f", t.count());
+    out += detail::format("; shown: step %d, the median\n", result.replayed_step);
+  }
   out += detail::format("%6s %12s %12s %12s %12s %12s %12s\n", "rank", "finish", "compute",
                         "exposed", "overlapped", "sync_wait", "idle");
   std::vector<const RankBreakdown*> order;

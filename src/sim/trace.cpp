@@ -76,6 +76,15 @@ TraceNode parse_node(const json& value, const std::string& source, const std::st
   switch (node.kind) {
     case NodeKind::kCompute: {
       node.duration = Microseconds(obj.get_nonnegative("duration_us"));
+      if (obj.has("step_durations_us")) {
+        for (const json& x : obj.get_array("step_durations_us")) {
+          if (!x.is_number() || !std::isfinite(x.get<double>()) || x.get<double>() < 0) {
+            obj.fail("step_durations_us", "expected a list of numbers >= 0, found " + x.dump());
+          }
+          node.step_durations.emplace_back(x.get<double>());
+        }
+        if (node.step_durations.empty()) obj.fail("step_durations_us", "empty list");
+      }
       node.compute_kind = obj.get_string("compute_kind", "other");
       node.flops = obj.get_nonnegative("flops", 0.0);
       break;
@@ -343,6 +352,7 @@ void Trace::validate() {
                   " has no entry in 'ranks' (world_size is ", world, ")");
   }
 
+  int measured_steps = -1;  // set by the first compute node
   for (size_t e = 0; e < entries.size(); ++e) {
     const RankTrace& rt = entries[e];
     const size_t n = rt.nodes.size();
@@ -384,6 +394,17 @@ void Trace::validate() {
                         node.duration.count());
           TESSERA_CHECK(std::isfinite(node.flops) && node.flops >= 0, InvalidArgument, where(),
                         ": field 'flops' must be >= 0, got ", node.flops);
+          for (Microseconds d : node.step_durations) {
+            TESSERA_CHECK(std::isfinite(d.count()) && d.count() >= 0, InvalidArgument, where(),
+                          ": field 'step_durations_us' must hold numbers >= 0, got ", d.count());
+          }
+          if (measured_steps < 0) measured_steps = static_cast<int>(node.step_durations.size());
+          TESSERA_CHECK(static_cast<int>(node.step_durations.size()) == measured_steps,
+                        InvalidArgument, where(), ": field 'step_durations_us' gives ",
+                        node.step_durations.size(),
+                        " measured steps, the trace's first compute "
+                        "node ",
+                        measured_steps, " (every compute node gives all of them or none)");
           break;
         case NodeKind::kCollective: {
           TESSERA_CHECK(node.op != CollectiveKind::kSendRecv, InvalidArgument, where(),
@@ -479,6 +500,23 @@ void Trace::validate() {
     TESSERA_CHECK(ordered == n, InvalidArgument, entry_where(source, e, rt.ranks),
                   ": dependency cycle: ", describe_cycle(rt, preds, stream_pred, indegree));
   }
+  measured_steps_ = std::max(measured_steps, 0);
+}
+
+Trace Trace::step(int step) const {
+  TESSERA_CHECK(step >= 0 && step < measured_steps_, InvalidArgument, source, ": step ", step,
+                " is outside the trace's ", measured_steps_, " measured steps");
+  Trace out = *this;
+  out.source = source + " (measured step " + std::to_string(step) + ")";
+  for (RankTrace& rt : out.entries) {
+    for (TraceNode& node : rt.nodes) {
+      if (node.kind != NodeKind::kCompute) continue;
+      node.duration = node.step_durations[static_cast<size_t>(step)];
+      node.step_durations.clear();
+    }
+  }
+  out.measured_steps_ = 0;
+  return out;
 }
 
 int Trace::entry_of(int rank) const {
@@ -525,6 +563,11 @@ std::string Trace::to_json() const {
       switch (node.kind) {
         case NodeKind::kCompute:
           j["duration_us"] = node.duration.count();
+          if (!node.step_durations.empty()) {
+            json steps = json::array();
+            for (Microseconds d : node.step_durations) steps.push_back(d.count());
+            j["step_durations_us"] = std::move(steps);
+          }
           j["compute_kind"] = node.compute_kind.empty() ? "other" : node.compute_kind;
           if (node.flops > 0) j["flops"] = node.flops;
           break;

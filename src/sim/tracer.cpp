@@ -239,7 +239,10 @@ TraceNode make_node(const std::vector<std::vector<RecordedNode>>& steps, size_t 
     n.stream = "compute";
     n.compute_kind = "step";
     std::vector<double> us;
-    for (const auto& s : steps) us.push_back(s[i].us);
+    for (const auto& s : steps) {
+      us.push_back(s[i].us);
+      n.step_durations.emplace_back(s[i].us);
+    }
     n.duration = Microseconds(median(us));
     return n;
   }

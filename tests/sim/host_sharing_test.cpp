@@ -190,9 +190,9 @@ TEST(HostSharing, SyncFixedWaitOnlyAfterCompute) {
   EXPECT_DOUBLE_EQ(r.step_time.count(), 185);
   EXPECT_DOUBLE_EQ(r.ranks[0].sync_wait.count(), 15);
   // With host_sync_skew as well: 15 + 10 % of 100 us. Ranks traced
-  // separately (two entries) wait for the straggler too, less the time
-  // between their issues: with the same compute all of it; rank 1 20 us
-  // faster, 5 us; 50 us faster, none.
+  // separately (two entries) wait for the straggler too, after the last
+  // issue whatever the time between their issues: rank 1 with the same
+  // compute, 20 us or 50 us faster, the call starts 25 us after rank 0's.
   c.topology.host_sync_skew = {0, 0.1};
   EXPECT_DOUBLE_EQ(run(rank_entry("0, 1", 100, "[0, 1]"), 2, c).step_time.count(),
                    100 + 15 + 10 + 30 + 10);
@@ -200,8 +200,10 @@ TEST(HostSharing, SyncFixedWaitOnlyAfterCompute) {
     return rank_entry(0, 100, "[0, 1]") + ", " + rank_entry(1, second, "[0, 1]");
   };
   EXPECT_DOUBLE_EQ(run(split(100), 2, c).step_time.count(), 100 + 25 + 30 + 10);
-  EXPECT_DOUBLE_EQ(run(split(80), 2, c).step_time.count(), 100 + 5 + 30 + 10);
-  EXPECT_DOUBLE_EQ(run(split(50), 2, c).step_time.count(), 100 + 30 + 10);
+  EXPECT_DOUBLE_EQ(run(split(80), 2, c).step_time.count(), 100 + 25 + 30 + 10);
+  EXPECT_DOUBLE_EQ(run(split(50), 2, c).step_time.count(), 100 + 25 + 30 + 10);
+  // The faster rank waits its lead and the straggler's share.
+  EXPECT_DOUBLE_EQ(run(split(50), 2, c).ranks[1].sync_wait.count(), 50 + 25);
   Topology t;
   EXPECT_DOUBLE_EQ(t.sync_fixed_us(2), 0.0);
   t.host_sync_us = {0, 15, 40};

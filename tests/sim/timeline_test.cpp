@@ -94,6 +94,53 @@ TEST(Timeline, CollectiveWaitsForTheLastRank) {
   EXPECT_EQ(r.simulated_nodes, 6u);
 }
 
+// Two ranks traced apart, three measured steps: rank 0's forward took 100,
+// 300 and 200 us, rank 1's 300, 100 and 200 (medians 200 and 200).
+const char* kStepsTrace = R"(
+  {"ranks": [0], "nodes": [
+    {"id": 0, "kind": "compute", "name": "fwd", "duration_us": 200,
+     "step_durations_us": [100, 300, 200]},
+    {"id": 1, "kind": "collective", "name": "ar", "op": "all_reduce", "group": [0, 1],
+     "bytes": 20000, "deps": [0]},
+    {"id": 2, "kind": "compute", "name": "opt", "duration_us": 50,
+     "step_durations_us": [50, 50, 50], "deps": [1]}]},
+  {"ranks": [1], "nodes": [
+    {"id": 0, "kind": "compute", "name": "fwd", "duration_us": 200,
+     "step_durations_us": [300, 100, 200]},
+    {"id": 1, "kind": "collective", "name": "ar", "op": "all_reduce", "group": [0, 1],
+     "bytes": 20000, "deps": [0]},
+    {"id": 2, "kind": "compute", "name": "opt", "duration_us": 50,
+     "step_durations_us": [50, 50, 60], "deps": [1]}]})";
+
+TEST(Timeline, ReplaysEachMeasuredStepAndReportsTheMedian) {
+  // Step 0: the all_reduce waits for rank 1 until 300, runs 300-330, opt
+  // ends at 380. Step 1 the same with the ranks swapped: 380. Step 2: both
+  // issue at 200, 200-230, rank 1's opt ends at 290. Sorted 290, 380, 380:
+  // the median is step 0's (the first of the two equal ones).
+  const SimulationResult r = run(trace_doc(2, kStepsTrace));
+  ASSERT_EQ(r.replayed_step_times.size(), 3u);
+  EXPECT_DOUBLE_EQ(r.replayed_step_times[0].count(), 380);
+  EXPECT_DOUBLE_EQ(r.replayed_step_times[1].count(), 380);
+  EXPECT_DOUBLE_EQ(r.replayed_step_times[2].count(), 290);
+  EXPECT_EQ(r.replayed_step, 0);
+  EXPECT_DOUBLE_EQ(r.step_time.count(), 380);
+  // The result is step 0's own: rank 0 waited 200 us for rank 1.
+  EXPECT_DOUBLE_EQ(r.events[0][1].ready.count(), 100);
+  EXPECT_DOUBLE_EQ(r.events[0][1].start.count(), 300);
+  expect_breakdown(r.ranks[0], /*compute=*/150, /*exposed=*/30, /*sync_wait=*/200, /*idle=*/0, 0);
+
+  // Composing the per-node medians instead: both issue at 200, step 280.
+  const Trace trace = Trace::parse(trace_doc(2, kStepsTrace), "t.json");
+  const CollectiveModel model(hand_cluster());
+  SimulationOptions o;
+  o.collectives = &model;
+  o.replay_steps = false;
+  const SimulationResult medians = simulate(trace, o);
+  EXPECT_DOUBLE_EQ(medians.step_time.count(), 280);
+  EXPECT_TRUE(medians.replayed_step_times.empty());
+  EXPECT_EQ(medians.replayed_step, -1);
+}
+
 std::unique_ptr<OverlapModel> constant_slowdown(double s) {
   // slowdown = 1 + f·w0 with every other weight 0; no compute kinds seen,
   // so the encoding has 6 numeric + 6 communication one-hot features.

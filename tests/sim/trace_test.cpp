@@ -131,6 +131,37 @@ TEST(TraceValidation, FieldErrorsNameFileEntryNodeAndField) {
                {"step.json: malformed JSON at line 2"});
 }
 
+TEST(Trace, MeasuredStepsParseRoundTripAndSplit) {
+  // Both compute nodes with two measured steps.
+  const std::string text =
+      edit(R"("duration_us": 12.5,)", R"("duration_us": 12.5, "step_durations_us": [10, 15],)");
+  std::string both = text;
+  both.replace(both.find(R"("duration_us": 3,)"), 17,
+               R"("duration_us": 3, "step_durations_us": [2, 4],)");
+  const Trace t = Trace::parse(both, "step.json");
+  EXPECT_EQ(t.measured_steps(), 2);
+  EXPECT_EQ(Trace::parse(kTrace, "step.json").measured_steps(), 0);
+  EXPECT_EQ(Trace::parse(t.to_json(), "again.json").to_json(), t.to_json());
+  const Trace second = t.step(1);
+  EXPECT_EQ(second.measured_steps(), 0);
+  EXPECT_DOUBLE_EQ(second.entries[0].nodes[0].duration.count(), 15);
+  EXPECT_DOUBLE_EQ(second.entries[1].nodes[1].duration.count(), 4);
+  EXPECT_TRUE(second.entries[0].nodes[0].step_durations.empty());
+  EXPECT_EQ(second.entries[0].nodes[1].bytes, 4096);  // communication unchanged
+  EXPECT_DOUBLE_EQ(t.step(0).entries[0].nodes[0].duration.count(), 10);
+  EXPECT_THROW(t.step(2), InvalidArgument);
+  EXPECT_THROW(Trace::parse(kTrace, "step.json").step(0), InvalidArgument);
+
+  // Only one compute node with them: the other has 0 of the 2 steps.
+  expect_error(text, {"rank entry 1", "node 1 (id 1 'fwd2')", "field 'step_durations_us'",
+                      "gives 0 measured steps", "first compute node 2"});
+  expect_error(
+      edit(R"("duration_us": 12.5,)", R"("duration_us": 12.5, "step_durations_us": [10, -1],)"),
+      {"node 0 (id 10)", "field 'step_durations_us'", "numbers >= 0"});
+  expect_error(edit(R"("duration_us": 12.5,)", R"("duration_us": 12.5, "step_durations_us": [],)"),
+               {"node 0 (id 10)", "field 'step_durations_us'", "empty"});
+}
+
 TEST(TraceValidation, GraphErrorsNameTheNodes) {
   expect_error(edit(R"("deps": [10])", R"("deps": [99])"),
                {"rank entry 0", "node 1 (id 11 'tp.ar')", "field 'deps'", "id 99 does not name"});

@@ -218,9 +218,23 @@ TEST(Tracer, DenseTensorAndDataParallelStepHasTheTrainersCollectives) {
   const CollectiveModel model(cluster);
   SimulationOptions so;
   so.collectives = &model;
+  // Every compute node keeps both measured steps, their mean its duration;
+  // the simulation replays both and reports the faster (the lower middle).
+  EXPECT_EQ(r.trace.measured_steps(), 2);
+  for (const TraceNode& n : nodes) {
+    if (n.is_communication()) continue;
+    ASSERT_EQ(n.step_durations.size(), 2u);
+    EXPECT_NEAR(n.duration.count(), 0.5 * (n.step_durations[0] + n.step_durations[1]).count(),
+                1e-6);
+  }
   const SimulationResult sim = simulate(r.trace, so);
+  ASSERT_EQ(sim.replayed_step_times.size(), 2u);
+  EXPECT_EQ(sim.step_time, std::min(sim.replayed_step_times[0], sim.replayed_step_times[1]));
   double compute = 0;
-  for (const TraceNode& n : nodes) compute += n.duration.count();
+  for (const TraceNode& n : nodes) {
+    if (!n.is_communication())
+      compute += n.step_durations[static_cast<size_t>(sim.replayed_step)].count();
+  }
   EXPECT_GT(sim.step_time.count(), compute);
   EXPECT_EQ(sim.collective_calls, 4 * seq.size() / 2);  // tp and dp groups of 2
 }

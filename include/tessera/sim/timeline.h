@@ -37,14 +37,26 @@
 //     above 0: the straggler among ranks that run the same compute at once,
 //     which identical traced ranks do not show. Members that issued it
 //     apart (ranks traced separately: expert-parallel ranks, MoE
-//     data-parallel ranks, pipeline stages) have the time between the first
-//     and the last issue of that wait behind them. That wait counts as
-//     sync_wait.
+//     data-parallel ranks, pipeline stages) wait it in full after the last
+//     one as well: on a shared host the last member's own scheduling noise
+//     adds to the traced difference. That wait counts as sync_wait.
 //   * If some rank can never finish (a collective that some member never
 //     issues, a send without its recv, a cross-rank cycle), simulate()
 //     throws InvalidArgument starting "<trace>: deadlock:" that names the
 //     pending operations, the ranks that issued them, the ranks that did not,
 //     and where each of those is stuck.
+//
+// Measured steps: a trace whose compute nodes carry their duration in each
+// measured step (Trace::measured_steps() >= 2; the tracer writes them) is
+// composed once per measured step (Trace::step), and the result is that of
+// the step with the median time (the lower middle one for an even count;
+// replayed_step_times lists them all). Composing the per-node medians
+// instead would give every rank its typical compute between two
+// synchronisations, while a real step waits at each for the member that was
+// slowest there: with MoE routing the load moves between expert ranks from
+// layer to layer and from step to step, and the median of each rank's
+// compute misses those waits. SimulationOptions::replay_steps = false
+// composes the medians.
 //
 // Output: the step time (latest finish over ranks), per-rank breakdown,
 // per-rank event lists (optional) and a Chrome trace ("traceEvents" JSON for
@@ -99,6 +111,9 @@ struct SimulationOptions {
   bool record_events = true;
   // Passed to the overlap model as comm_threads.
   int comm_threads = 0;
+  // Compose each measured step of the trace and report the median one (see
+  // the top); false: compose the per-node medians (duration) once.
+  bool replay_steps = true;
 };
 
 // The times of one node on one rank.
@@ -132,7 +147,12 @@ struct SimulationResult {
   std::vector<int> out_of_memory_ranks;
   size_t simulated_nodes = 0;   // over all ranks
   size_t collective_calls = 0;  // collective and p2p instances
-  double wall_seconds = 0;      // time simulate() took
+  double wall_seconds = 0;      // time simulate() took (all replayed steps)
+  // With replayed measured steps: each step's composed time, in trace order,
+  // and the index of the one this result is (its events and breakdown).
+  // Empty and -1 when the per-node medians were composed.
+  std::vector<Microseconds> replayed_step_times;
+  int replayed_step = -1;
 };
 
 // Composes the step. InvalidArgument for a missing collective model, a

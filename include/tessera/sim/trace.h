@@ -38,7 +38,10 @@
 //   call_site     free text (optional).
 //   compute:      duration_us (>= 0, measured alone), compute_kind (category
 //                 for the overlap model, default "other"), flops (>= 0, 0 =
-//                 unknown).
+//                 unknown), step_durations_us (optional: the duration in
+//                 each measured step when duration_us is their median; either
+//                 no compute node of the trace has it or all have the same
+//                 number of entries, see Trace::measured_steps).
 //   collective:   op ("all_reduce", "all_gather", "reduce_scatter",
 //                 "all_to_all", "broadcast"), group (a list of global ranks,
 //                 or the name of a partition in metadata.groups: the member of
@@ -106,6 +109,8 @@ struct TraceNode {
 
   // kCompute only.
   Microseconds duration{0};  // measured alone, without concurrent communication
+  // The duration in each measured step (empty: only `duration` is known).
+  std::vector<Microseconds> step_durations;
   std::string compute_kind;  // "gemm", "attention", ...; "other" when not given
   double flops = 0;          // 0 = unknown
 
@@ -165,6 +170,16 @@ class Trace {
   // JSON text in the format above (parse(to_json()) gives an equal trace).
   std::string to_json() const;
 
+  // How many measured steps the compute nodes' step_durations hold (0: none
+  // has any). Valid after validate(), which checks that every compute node
+  // of every entry has this many.
+  int measured_steps() const { return measured_steps_; }
+
+  // This trace with every compute node's duration replaced by its duration in
+  // measured step `step` (and no step_durations): one real step, as it ran.
+  // InvalidArgument for a step outside [0, measured_steps()).
+  Trace step(int step) const;
+
   // Index into `entries` of the entry standing for `rank`. Valid after
   // validate(); InvalidArgument for a rank outside [0, world_size).
   int entry_of(int rank) const;
@@ -175,6 +190,7 @@ class Trace {
 
  private:
   std::vector<int> entry_of_rank_;
+  int measured_steps_ = 0;
   // partition name -> rank -> index of its group in metadata.groups (-1: none)
   std::map<std::string, std::vector<int>, std::less<>> partition_index_;
 };

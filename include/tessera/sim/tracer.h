@@ -19,8 +19,12 @@
 //
 // Placeholder collectives finish at once; the time they spend making their
 // placeholder results is in neither node. Durations are the median over
-// `measured_steps` steps after `warmup_steps`; the node structure must be
-// the same in every step (else Internal, naming the step and the node).
+// `measured_steps` steps after `warmup_steps`, and each compute node keeps
+// its duration in every measured step too (step_durations; the simulator
+// replays the steps one by one, timeline.h); the node structure must be the
+// same in every step (else Internal, naming the step and the node). Ranks
+// traced separately run the same steps of the same data, so step k of one
+// entry and step k of another are the same training step.
 //
 // Ranks that behave alike share one trace entry: ranks of a dense model
 // differing only in their data-parallel coordinate are traced once;

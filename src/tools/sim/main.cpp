@@ -158,6 +158,7 @@ int main(int argc, char** argv) {
   // predict
   std::string trace_path, cluster_name = "gloo_local_np2", overlap_name, chrome_path;
   int show_ranks = 8;
+  bool medians_only = false;
   CLI::App* predict_cmd =
       app.add_subcommand("predict", "simulate a trace on a cluster and print the step time");
   predict_cmd->add_option("--trace", trace_path, "the trace file")->required();
@@ -167,6 +168,9 @@ int main(int argc, char** argv) {
   predict_cmd->add_option("--chrome", chrome_path, "write the per-rank timelines (Chrome trace)");
   predict_cmd->add_option("--ranks", show_ranks, "ranks listed in the breakdown (slowest first)")
       ->check(tessera::examples::positive());
+  predict_cmd->add_flag("--medians", medians_only,
+                        "compose the per-node median durations once instead of replaying each "
+                        "measured step of the trace and reporting the median step");
 
   // collective
   std::string op = "all_reduce", bytes_text, algorithm, dtype = "float";
@@ -394,6 +398,7 @@ int main(int argc, char** argv) {
       options.collectives = &collectives;
       options.overlap = overlap.get();
       options.record_events = !chrome_path.empty();
+      options.replay_steps = !medians_only;
       ts::SimulationResult result = ts::simulate(trace, options);
       std::printf("%s: %d ranks on %s: step %.3f ms (slowest rank %d), simulated in %.3f s\n",
                   trace_path.c_str(), trace.metadata.world_size, collectives.cluster().name.c_str(),
