@@ -6,7 +6,6 @@
 #include <atomic>
 #include <mutex>
 #include <numeric>
-#include <thread>
 
 #include "c10d_compat.h"
 #include "tessera/core/error.h"
@@ -292,33 +291,6 @@ Work run_all_to_all(ProcessGroup::Impl& g, at::Tensor& output, const at::Tensor&
   });
 }
 
-// Returns once every member of the group `name` has finished creating its
-// end. Gloo's connecting side returns from its constructor as soon as the
-// kernel completed the TCP handshake, while the listening side accepts the
-// connection later on its own event thread. A member that returned and
-// destroyed the group at once (a sub-group it only needed briefly, or an
-// error on its side) closed the socket before its peer accepted it, and the
-// peer's creation then failed with "Connection closed by peer". Like the
-// store-based barrier torch.distributed runs after new_group, no member
-// returns before all have connected.
-void wait_for_all_members(Store& store, const std::string& name, int size,
-                          std::chrono::milliseconds timeout, const std::string& where) {
-  const std::string base = "tessera/created/" + name + "/";
-  if (store.add(base + "count", 1) == size) store.set(base + "all", "1");
-  const auto start = std::chrono::steady_clock::now();
-  auto pause = std::chrono::microseconds(50);
-  while (!store.check({base + "all"})) {
-    if (std::chrono::steady_clock::now() - start > timeout) {
-      const int64_t arrived = store.add(base + "count", 0);
-      TESSERA_THROW(DeadlineExceeded, where, ": only ", arrived, " of ", size,
-                    " members finished connecting within ", timeout.count() / 1000.0,
-                    " s (a member failed or never called create)");
-    }
-    std::this_thread::sleep_for(pause);
-    pause = std::min(pause * 2, std::chrono::microseconds(5000));
-  }
-}
-
 }  // namespace
 
 ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -387,7 +359,18 @@ std::shared_ptr<ProcessGroup> ProcessGroup::create(std::shared_ptr<Store> store,
         }
       },
       ErrorCode::kUnavailable);
-  wait_for_all_members(*store, options.name, size, options.timeout, where);
+  // Gloo's connecting side returns from its constructor as soon as the
+  // kernel completed the TCP handshake, while the listening side accepts the
+  // connection later on its own event thread. A member that returned and
+  // destroyed the group at once (a sub-group it only needed briefly) closed
+  // the socket before its peer accepted it, and the peer's creation failed
+  // with "Connection closed by peer". Like torch.distributed's store-based
+  // barrier after new_group, no member returns before all have connected.
+  try {
+    rendezvous_barrier(*store, "group-created/" + options.name, rank, size, options.timeout);
+  } catch (const DeadlineExceeded& e) {
+    TESSERA_THROW(DeadlineExceeded, where, ": not every member finished connecting: ", e.message());
+  }
   TESSERA_LOG(Debug, "dist") << "created " << backend_name(options.backend) << " group '"
                              << options.name << "' of " << size << " ranks";
   return std::shared_ptr<ProcessGroup>(new ProcessGroup(std::move(impl)));
